@@ -1,0 +1,165 @@
+"""Schema of the recipe's `data:` section: sources, caption rules, buckets, caches.
+
+Pure pydantic, no torch: it is imported while the recipe is validated.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from finetune.sections import StrictModel
+
+
+class CaptionRules(StrictModel):
+    template: str = Field(
+        "{caption}",
+        description="How the training caption is built; '{caption}' is the image's caption, '{trigger}' the trigger word.",
+    )
+    trigger: str | None = Field(None, description="Trigger word(s) substituted for '{trigger}'.")
+    shuffle_tags: bool = Field(False, description="Shuffle comma-separated tags each time an image is seen.")
+    keep_tokens: int = Field(0, ge=0, description="Tags at the front that never move or drop when shuffling.")
+    separator: str = Field(",", min_length=1, description="Tag separator for shuffling and tag dropout.")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of training on an empty caption (helps CFG)."
+    )
+    tag_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Probability of dropping each non-kept tag.")
+
+    @model_validator(mode="after")
+    def _template(self):
+        if "{trigger}" in self.template and not self.trigger:
+            raise ValueError("template uses {trigger} but 'trigger' is not set")
+        try:
+            self.template.format(caption="", trigger="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"template {self.template!r} has a placeholder other than {{caption}} and {{trigger}} ({e})"
+            ) from None
+        return self
+
+    @property
+    def varies(self) -> bool:
+        """True when the same image can get a different caption each time it is seen."""
+        return self.shuffle_tags or self.caption_dropout > 0 or self.tag_dropout > 0
+
+
+class _Source(StrictModel):
+    repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
+    caption: CaptionRules | None = Field(None, description="Caption rules for this source (default: data.caption).")
+    name: str | None = Field(None, description="Label of this subset in summaries; default its path.")
+
+
+class FolderSource(_Source):
+    type: Literal["folder"] = "folder"
+    path: str = Field(description="Folder of images with same-stem caption files.")
+    caption_ext: str = Field(".txt", description="Extension of caption files.")
+    recursive: bool = Field(False, description="Also read sub-folders.")
+
+
+class MetadataSource(_Source):
+    type: Literal["metadata"] = "metadata"
+    path: str = Field(description="Folder holding images and metadata.jsonl or metadata.csv.")
+    file: str | None = Field(None, description="Metadata file name; default metadata.jsonl, then metadata.csv.")
+    caption_column: str = Field("text", description="Column holding the caption.")
+
+
+class KohyaSource(_Source):
+    type: Literal["kohya"] = "kohya"
+    path: str = Field(description="Folder of 'N_prompt' sub-folders (kohya layout).")
+    caption_ext: str = Field(".txt", description="Extension of sidecar caption files.")
+
+
+class HFSource(_Source):
+    type: Literal["hf"] = "hf"
+    path: str = Field(description="Dataset name on the hub, a local dataset folder, or a save_to_disk folder.")
+    split: str = Field("train", description="Split to read.")
+    image_column: str = Field("image", description="Column holding the image.")
+    caption_column: str = Field("text", description="Column holding the caption.")
+    revision: str | None = Field(None, description="Hub revision.")
+
+
+class InstanceSource(_Source):
+    type: Literal["instance"] = "instance"
+    path: str = Field(description="Folder of subject images (DreamBooth instance images).")
+    instance_prompt: str = Field(description="Prompt for every instance image, e.g. 'a photo of sks dog'.")
+    caption_ext: str = Field(".txt", description="Optional per-image captions; used instead of the prompt.")
+
+
+class ToySource(_Source):
+    type: Literal["toy"] = "toy"
+    subject: str = Field(
+        "world", description="'world' for captioned world images, or the name of a held-out toy subject."
+    )
+    count: int = Field(16, ge=1, le=100_000, description="How many images to draw.")
+    seed: int = Field(0, ge=0, description="Seed of the drawing.")
+    prompt: str | None = Field(None, description="Caption for every image; default the world's own captions.")
+
+
+Source = Annotated[
+    FolderSource | MetadataSource | KohyaSource | HFSource | InstanceSource | ToySource,
+    Field(discriminator="type"),
+]
+
+
+class BucketSection(StrictModel):
+    enabled: bool = Field(True, description="Group images into aspect-ratio buckets of about resolution^2 pixels.")
+    min_side: int | None = Field(
+        None, ge=64, multiple_of=64, description="Smallest bucket side in pixels; default resolution/2."
+    )
+    max_side: int | None = Field(
+        None, ge=64, multiple_of=64, description="Largest bucket side in pixels; default resolution*2."
+    )
+    max_aspect: float = Field(2.0, ge=1.0, le=8.0, description="Largest long/short side ratio.")
+
+    def sides(self, resolution: int) -> tuple[int, int]:
+        """(min_side, max_side) with the defaults filled in from the resolution."""
+        lo = self.min_side or max(64, resolution // 2 // 64 * 64)
+        hi = self.max_side or resolution * 2
+        return lo, hi
+
+
+class PriorSection(StrictModel):
+    class_prompt: str = Field(description="Prompt of the class, e.g. 'a photo of a dog'.")
+    class_dir: str = Field(description="Folder of class images; missing ones are generated there.")
+    num_class_images: int = Field(100, ge=1, description="How many class images prior preservation uses.")
+    loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
+    generate_steps: int = Field(30, ge=1, description="Denoising steps when generating class images.")
+    generate_batch_size: int = Field(4, ge=1, description="Batch size when generating class images.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale when generating class images.")
+
+
+class DataSection(StrictModel):
+    sources: list[Source] = Field(min_length=1, description="Image sets to train on (subsets).")
+    resolution: int = Field(512, ge=64, le=4096, multiple_of=64, description="Training resolution (side of the pixel-area budget).")
+    buckets: BucketSection = Field(default_factory=BucketSection, description="Aspect-ratio bucketing.")
+    crop: Literal["center", "random"] = Field("center", description="Crop after resizing to cover the bucket.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random.")
+    caption: CaptionRules = Field(default_factory=CaptionRules, description="Default caption rules.")
+    cache_latents: bool = Field(False, description="Encode images with the VAE once and reuse the latents.")
+    cache_text: bool = Field(False, description="Encode captions once and reuse the text-encoder outputs.")
+    cache_dir: str | None = Field(None, description="Cache folder; default <output_dir>/cache.")
+    cache_in_memory: bool = Field(False, description="Keep caches in memory instead of on disk.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="A corrupt or unusable image: stop with an error, or skip it with a warning."
+    )
+    prior: PriorSection | None = Field(None, description="DreamBooth prior preservation (class images).")
+
+    @model_validator(mode="after")
+    def _rules(self):
+        if self.cache_latents and self.crop == "random":
+            raise ValueError(
+                "cache_latents with crop: random would freeze one crop forever; use crop: center or turn caching off"
+            )
+        lo, hi = self.buckets.sides(self.resolution)
+        if lo > hi:
+            raise ValueError(f"buckets.min_side {lo} is larger than buckets.max_side {hi}")
+        if lo > self.resolution or hi < self.resolution:
+            raise ValueError(
+                f"buckets.min_side {lo} .. max_side {hi} must include the resolution {self.resolution}"
+            )
+        return self
+
+    def caption_rules(self, source) -> CaptionRules:
+        return source.caption or self.caption

@@ -1,0 +1,75 @@
+"""What a method is: a config class (pure pydantic, registered by name) and an object that sets up
+what trains. The trainer talks to methods only through `Method`; adding one needs no trainer edits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from finetune.sections import StrictModel
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    from pathlib import Path
+
+    import torch
+
+    from finetune.models.components import Components
+
+
+class MethodConfig(StrictModel):
+    """Base of every method's recipe section. `name` selects the method."""
+
+    name: str
+    #: export formats this method can write (checked against `export.formats` at recipe time)
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers"})
+
+    def trains_text_encoder(self) -> bool:
+        """True when text-encoder weights or embeddings change (text caching is then impossible)."""
+        return False
+
+    def build(self) -> Method:
+        raise NotImplementedError
+
+
+class Method(Protocol):
+    """The small surface the trainer uses."""
+
+    config: MethodConfig
+
+    def setup(self, comps: Components, train_lr: float) -> list[dict[str, Any]]:
+        """Unfreeze or inject what trains; return optimizer parameter groups ({'params', 'lr'})."""
+        ...
+
+    def trained_modules(self) -> list[str]:
+        """Names of component modules that hold trained parameters ('unet', 'text_encoder', ...)."""
+        ...
+
+    def after_step(self, comps: Components) -> None:
+        """Called after every optimizer step (e.g. restore frozen embedding rows)."""
+        ...
+
+    def trainable_state(self, comps: Components) -> dict[str, torch.Tensor]:
+        """The trained tensors, by stable names: what checkpoints compare and exports write."""
+        ...
+
+    def export(self, comps: Components, out_dir: Path, ctx: Any) -> list[Path]:
+        """Write the final artifacts through finetune.export; return the written paths."""
+        ...
+
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: register a method config under its `name` literal. Duplicates are refused."""
+    name = cls.model_fields["name"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__}.name needs a default literal")
+    if name in _REGISTRY:
+        raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_methods() -> dict[str, type[MethodConfig]]:
+    return dict(_REGISTRY)

@@ -1,0 +1,67 @@
+"""Command line: train from a recipe.
+
+    accelerate launch finetune/run.py recipes/lora.yaml [key.path=value ...]
+    python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
+    finetune recipes/lora.yaml --print                  # show the fully resolved recipe
+
+User mistakes print one or two lines on stderr and exit with code 2; nothing is written. torch and
+diffusers are imported only after the recipe has validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):
+    # Run as a script (accelerate launch finetune/run.py): Python put finetune/ itself on sys.path,
+    # where our sub-packages (data, models, ...) could shadow other modules. Put the repo root there.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune a text-to-image diffusion model from a recipe YAML.",
+        epilog="Overrides use dotted keys: train.lr=1e-4 data.sources.0.path=/data/dog method.rank=32",
+    )
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="validate the recipe, scan the data, and exit")
+    mode.add_argument("--print", dest="print_", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_intermixed_args(argv)
+    from finetune.errors import UserError
+    from finetune.recipe import dump_recipe, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_:
+            print(dump_recipe(recipe), end="")
+            return
+        if args.check:
+            from finetune.data.check import check_data
+
+            print(check_data(recipe))
+            return
+        from finetune.train.trainer import train
+
+        train(recipe)
+    except UserError as e:
+        _fail(str(e), e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Typed schemas of the recipe sections `model`, `train`, `validation`, `export` and `logging`.
+
+The `data` section lives in `finetune/data/config.py` and each method's section beside its method in
+`finetune/methods/`. Every class here is pure pydantic: importing this module must stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(StrictModel):
+    base: str = Field(
+        "toy",
+        description="Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, "
+        "or 'toy' for the built-in toy base.",
+    )
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
+        "auto", description="Model architecture; 'auto' detects it from the base."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
+    variant: str | None = Field(None, description="Weight variant to load from the hub, e.g. 'fp16'.")
+    vae: str | None = Field(None, description="Optional replacement VAE (hub id or folder).")
+    vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="dtype of the frozen VAE; 'auto' uses fp32 where the family's VAE overflows in fp16."
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="Training target; 'auto' reads the base's scheduler config."
+    )
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa", description="Attention kernel: torch scaled-dot-product attention or the plain implementation."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Allow pickle checkpoints (.ckpt/.bin/.pt); they are then read with weights_only=True.",
+    )
+
+
+class EMASection(StrictModel):
+    enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters.")
+    decay: float = Field(0.9999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
+    update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
+class TrainSection(StrictModel):
+    output_dir: str = Field("output/run", description="Folder for checkpoints, samples, logs and exports.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Images per process per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Learning rate of the trained parameters.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant", description="Learning-rate schedule (diffusers' get_scheduler).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw", description="Optimizer: torch AdamW, bitsandbytes 8-bit AdamW, or transformers Adafactor."
+    )
+    weight_decay: float = Field(1e-2, ge=0.0, description="Decoupled weight decay.")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip gradients to this norm; null disables.")
+    seed: int = Field(42, ge=0, description="Seed for everything random in the run.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="Compute precision through accelerate; trained parameters stay fp32."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the U-Net.")
+    min_snr_gamma: float | None = Field(
+        None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
+    )
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05-0.1 is usual).")
+    ema: EMASection = Field(default_factory=EMASection, description="EMA of trained parameters.")
+    checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
+    keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
+    resume: str | None = Field(
+        None, description="'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."
+    )
+    resume_force: bool = Field(
+        False, description="Resume even if the recipe or dataset changed since the checkpoint."
+    )
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop", description="Non-finite loss or gradients: stop with an error, or skip the batch."
+    )
+    max_nan_skips: int = Field(10, ge=1, description="With on_nan: skip, stop after this many skipped batches.")
+    overwrite: bool = Field(
+        False, description="Allow writing into an output_dir that already holds a finished run."
+    )
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be 'latest', a checkpoint folder, or null")
+        return v
+
+
+class ValidationSection(StrictModel):
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered into the sample grid.")
+    negative_prompt: str = Field("", description="Negative prompt for every sample.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="One grid column per seed.")
+    every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
+    at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
+    steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
+    height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
+    scheduler: Literal["ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
+        "ddim", description="Sampler for validation images; 'base' keeps the base's scheduler."
+    )
+
+
+ExportFormat = Literal["diffusers", "kohya", "a1111"]
+
+
+class ExportSection(StrictModel):
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["diffusers", "kohya"],
+        description="What the run writes: 'diffusers' (peft/diffusers files), 'kohya' (ComfyUI/A1111 LoRA), "
+        "'a1111' (A1111/ComfyUI embedding).",
+    )
+    name: str | None = Field(None, description="File stem for the kohya/A1111 exports; default the run folder's name.")
+    dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights.")
+    model_card: bool = Field(True, description="Write a README.md model card beside the weights.")
+    use_ema: bool = Field(True, description="Export the EMA weights when EMA is enabled.")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a format twice")
+        return v
+
+
+class LoggingSection(StrictModel):
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers; [] logs only to the console and loss.png."
+    )
+    every: int = Field(10, ge=1, description="Log scalars every N steps.")
+    project: str = Field("finetune", description="Project name for the trackers.")
+    progress: bool = Field(True, description="Show a progress bar.")
