@@ -26,6 +26,11 @@ class ModelSection(StrictModel):
     family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
         "auto", description="Model architecture; 'auto' detects it from the base."
     )
+    config: str | None = Field(
+        None,
+        description="For a single-file base: a diffusers folder or cached hub id with the matching configs "
+        "(needed offline).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
     variant: str | None = Field(None, description="Weight variant to load from the hub, e.g. 'fp16'.")
     vae: str | None = Field(None, description="Optional replacement VAE (hub id or folder).")

@@ -69,6 +69,83 @@ class LoRAConfig(MethodConfig):
         return list(UNET_TARGETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
 
     def build(self):
-        from finetune.methods.lora_method import LoRAMethod
-
         return LoRAMethod(self)
+
+
+def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str]):
+    """The peft config of one adapter (U-Net or text encoder) for the chosen adapter type."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if cfg.adapter == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
+    if cfg.adapter == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=cfg.dropout,
+        use_dora=cfg.use_dora, init_lora_weights="gaussian",
+    )
+
+
+class LoRAMethod:
+    """Injects peft adapters; trains only them (U-Net, optionally the text encoders)."""
+
+    def __init__(self, config: LoRAConfig):
+        self.config = config
+        self.adapted: list[str] = []
+
+    def setup(self, comps, train_lr: float) -> list[dict]:
+        cfg = self.config
+        alpha = cfg.alpha or cfg.rank
+        try:
+            comps.unet.add_adapter(peft_adapter_config(cfg, cfg.rank, alpha, cfg.unet_targets()))
+        except ValueError as e:
+            if "not found" not in str(e):
+                raise
+            raise _no_targets(cfg) from None
+        groups = [{"params": _trainable(comps.unet), "lr": train_lr}]
+        self.adapted = ["unet"]
+        te = cfg.text_encoder
+        if te.enabled:
+            rank = te.rank or cfg.rank
+            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+                encoder.add_adapter(peft_adapter_config(cfg, rank, te.alpha or rank, te.targets))
+                groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})
+                self.adapted.append(name)
+        for g in groups:
+            if not g["params"]:
+                raise _no_targets(cfg)
+        return groups
+
+    def trained_modules(self) -> list[str]:
+        return list(self.adapted)
+
+    def after_step(self, comps) -> None:
+        pass
+
+    def trainable_state(self, comps) -> dict:
+        from peft.utils import get_peft_model_state_dict
+
+        modules = comps.named_modules()
+        state = {}
+        for name in self.adapted:
+            for k, v in get_peft_model_state_dict(modules[name]).items():
+                state[f"{name}.{k}"] = v
+        return state
+
+    def export(self, comps, out_dir, ctx) -> list:
+        from finetune.export.lora import export_lora
+
+        return export_lora(comps, self, out_dir, ctx)
+
+
+def _trainable(module) -> list:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _no_targets(cfg: LoRAConfig):
+    from finetune.errors import ModelError
+
+    return ModelError(
+        f"method.targets {cfg.targets!r} matched no module of the base; use a preset "
+        "(attention, attention_ff, locon) or module-name suffixes such as to_q"
+    )

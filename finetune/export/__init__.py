@@ -1,0 +1,1 @@
+"""The one place that writes model files: safetensors only, written atomically, with metadata."""

@@ -1,0 +1,58 @@
+"""The model card: README.md beside the weights, telling what the files are and how to use them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from finetune.export.io import write_text_atomic
+
+LOAD_SNIPPETS = {
+    "lora": (
+        "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+        "pipe.load_lora_weights(\"{folder}\")\n"
+    ),
+}
+
+
+def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
+    triggers = ", ".join(f"`{w}`" for w in ctx.trigger_words) or "(none)"
+    prompt = ctx.trigger_words[0] if ctx.trigger_words else "a photo"
+    listing = "\n".join(f"- `{Path(f).name}`" for f in files)
+    grid = ""
+    if ctx.sample_grid and Path(ctx.sample_grid).is_file():
+        grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
+    snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name)
+    recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
+    text = f"""---
+base_model: {ctx.base}
+tags: [text-to-image, diffusers, {ctx.method}, finetune]
+---
+# {ctx.name}
+
+A {ctx.method} ({kind}) for `{ctx.base}` ({ctx.family}), trained with finetune for {ctx.steps} steps
+at {ctx.resolution} px.
+
+**Trigger words:** {triggers}
+
+{grid}
+## Files
+{listing}
+
+The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).
+
+## Use with diffusers
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+{snippet}image = pipe("{prompt}").images[0]
+```
+
+## Recipe
+```yaml
+{recipe}```
+"""
+    return write_text_atomic(out_dir / "README.md", text)

@@ -1,0 +1,133 @@
+"""LoRA-family exports.
+
+- `pytorch_lora_weights.safetensors`: diffusers/peft form (`unet.<module>.lora_A.weight`, ...), with the peft
+  config in the `lora_adapter_metadata` header so `pipe.load_lora_weights(folder)` keeps alpha. LoRA and DoRA.
+- `peft_adapter.safetensors`: LoHa / LoKr (which diffusers cannot load) in peft form with their configs,
+  loaded back by `load_peft_adapter`.
+- `<name>.safetensors`: the kohya form that ComfyUI and AUTOMATIC1111 load (finetune.export.kohya).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import ModelError
+from finetune.export.card import write_model_card
+from finetune.export.context import ExportContext, json_compact
+from finetune.export.io import save_safetensors
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_FILE = "peft_adapter.safetensors"
+ADAPTER_META = "lora_adapter_metadata"  # the header key diffusers reads the peft config from
+PEFT_META = "finetune.peft_config"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def adapter_states(comps, module_names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Trained adapter tensors prefixed by module name, and each module's peft config as a dict."""
+    from peft.utils import get_peft_model_state_dict
+
+    modules = comps.named_modules()
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, dict] = {}
+    for name in module_names:
+        module = modules[name]
+        for k, v in get_peft_model_state_dict(module).items():
+            tensors[f"{name}.{k}"] = v
+        configs[name] = _config_dict(module.peft_config["default"])
+    return tensors, configs
+
+
+def _config_dict(config) -> dict[str, Any]:
+    data = config.to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
+
+
+def common_metadata(ctx: ExportContext, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    meta = {
+        "format": "pt",
+        "finetune.version": _version(),
+        "finetune.method": ctx.method,
+        "finetune.family": ctx.family,
+        "finetune.base_model": ctx.base,
+        "finetune.base_model_hash": ctx.base_hash,
+        "finetune.steps": str(ctx.steps),
+        "finetune.dataset_fingerprint": ctx.dataset_fingerprint,
+        "finetune.trigger_words": json.dumps(ctx.trigger_words),
+        "finetune.recipe": json_compact(ctx.recipe),
+        "finetune.created": ctx.created,
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def _version() -> str:
+    from finetune import __version__
+
+    return __version__
+
+
+def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
+    cfg = method.config
+    tensors, configs = adapter_states(comps, method.trained_modules())
+    dtype = DTYPES[ctx.dtype]
+    tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
+    lora_meta = {
+        "finetune.adapter": cfg.adapter,
+        "finetune.rank": cfg.rank,
+        "finetune.alpha": cfg.alpha or cfg.rank,
+        "finetune.targets": json.dumps(cfg.unet_targets()),
+        "finetune.use_dora": cfg.use_dora,
+    }
+    written: list[Path] = []
+    if "diffusers" in ctx.formats:
+        written.append(save_diffusers_lora(tensors, configs, out_dir, common_metadata(ctx, lora_meta), cfg.adapter))
+    if "kohya" in ctx.formats:
+        from finetune.export.kohya import kohya_metadata, peft_to_kohya
+
+        kohya = peft_to_kohya(tensors, configs, comps.family)
+        meta = common_metadata(ctx, lora_meta) | kohya_metadata(ctx, cfg)
+        written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", meta))
+    if ctx.model_card:
+        written.append(write_model_card(out_dir, ctx, written, kind="lora"))
+    return written
+
+
+def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], adapter: str) -> Path:
+    """LoRA/DoRA: the file diffusers' load_lora_weights reads. LoHa/LoKr: a peft file for our loader."""
+    packed = {f"{module}.{key}": value for module, cfg in configs.items() for key, value in cfg.items()}
+    if adapter == "lora":
+        return save_safetensors(tensors, out_dir / DIFFUSERS_FILE, meta | {ADAPTER_META: json.dumps(packed)})
+    return save_safetensors(tensors, out_dir / PEFT_FILE, meta | {PEFT_META: json.dumps(configs)})
+
+
+def load_peft_adapter(path: str | Path, modules: dict[str, torch.nn.Module], adapter_name: str = "default") -> list[str]:
+    """Load a `peft_adapter.safetensors` (any peft adapter type) into the named modules; returns module names."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / PEFT_FILE
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(PEFT_META)
+    if not raw:
+        raise ModelError(f"{path}: no '{PEFT_META}' header; not a finetune peft adapter file")
+    state = load_file(str(path))
+    loaded = []
+    for name, cfg in json.loads(raw).items():
+        if name not in modules:
+            raise ModelError(f"{path}: adapter for '{name}', which the pipeline does not have")
+        config = PeftConfig.from_peft_type(**cfg)
+        inject_adapter_in_model(config, modules[name], adapter_name=adapter_name)
+        sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        result = set_peft_model_state_dict(modules[name], sub, adapter_name=adapter_name)
+        if getattr(result, "unexpected_keys", None):
+            raise ModelError(f"{path}: {len(result.unexpected_keys)} tensors do not fit '{name}' (another base?)")
+        loaded.append(name)
+    return loaded

@@ -1,0 +1,207 @@
+"""Load the base model's components from the recipe, and freeze them.
+
+`model.base` may be a hub id, a local diffusers folder, a single-file checkpoint (.safetensors; pickle
+formats only with `model.allow_pickle`) or `toy`. Everything is loaded frozen in fp32; the trainer casts
+frozen parts to the compute dtype after the method has chosen what trains (`cast_frozen`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import ModelError
+from finetune.models.family import FAMILIES, Family, family_from_configs
+from finetune.sections import ModelSection
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+@dataclass
+class Components:
+    """The frozen base and what the trainer needs to know about it."""
+
+    unet: Any
+    vae: Any
+    text_encoders: list[Any]
+    tokenizers: list[Any]
+    scheduler: Any  # the training noise scheduler (DDPM, from the base's scheduler config)
+    family: Family
+    base: str  # the recipe's model.base
+    source: str  # where it was loaded from (resolved folder, file or hub id)
+    prediction_type: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    def named_modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet, "vae": self.vae}
+        for name, enc in zip(self.family.text_encoder_names, self.text_encoders, strict=True):
+            mods[name] = enc
+        return mods
+
+    def pipeline(self, unet=None, text_encoders=None):
+        """A diffusers pipeline over these components (for validation and class-image generation)."""
+        import diffusers
+
+        cls = getattr(diffusers, self.family.pipeline_class)
+        encoders = text_encoders or self.text_encoders
+        parts: dict[str, Any] = {"unet": unet or self.unet, "vae": self.vae, "scheduler": self.scheduler}
+        for name, enc in zip(self.family.text_encoder_names, encoders, strict=True):
+            parts[name] = enc
+        for name, tok in zip(self.family.tokenizer_names, self.tokenizers, strict=True):
+            parts[name] = tok
+        if self.family.pipeline_class == "StableDiffusionPipeline":
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return cls(**parts)
+
+
+def resolve_base(base: str) -> tuple[str, str]:
+    """('folder' | 'file' | 'hub', location) for a model.base value."""
+    if base == "toy":
+        from finetune.toy import toy_base_path
+
+        return "folder", str(toy_base_path())
+    path = Path(base).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(
+                f"model.base '{base}': folder has no model_index.json; point it at a diffusers model folder "
+                "(the one holding unet/, vae/, text_encoder/ ...) or at a single .safetensors file"
+            )
+        return "folder", str(path)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise ModelError(f"model.base '{base}': file does not exist; check the path")
+        return "file", str(path)
+    if base.startswith((".", "/", "~")) or os.sep in base.strip("/").replace("/", "", 1):
+        raise ModelError(f"model.base '{base}': no such folder or file; check the path")
+    return "hub", base
+
+
+def load_components(model: ModelSection) -> Components:
+    """Load and freeze the base named by the recipe's `model` section."""
+    kind, where = resolve_base(model.base)
+    if kind == "file":
+        pipe = _load_single_file(model, where)
+    else:
+        pipe = _load_pretrained(model, kind, where)
+    family = FAMILIES[model.family] if model.family != "auto" else _detect(pipe)
+    comps = _from_pipeline(pipe, family, model, where)
+    freeze(comps)
+    return comps
+
+
+def _detect(pipe) -> Family:
+    index = {k: v for k, v in pipe.config.items() if not k.startswith("_")}
+    return family_from_configs(index, dict(pipe.unet.config))
+
+
+def _pipeline_class(model: ModelSection):
+    import diffusers
+
+    if model.family != "auto":
+        return getattr(diffusers, FAMILIES[model.family].pipeline_class)
+    return diffusers.DiffusionPipeline
+
+
+def _load_pretrained(model: ModelSection, kind: str, where: str):
+    cls = _pipeline_class(model)
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "revision": model.revision, "variant": model.variant}
+    if kind == "folder":
+        index = json.loads((Path(where) / "model_index.json").read_text())
+        if "safety_checker" in index:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+    else:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return cls.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(_load_failure(model.base, kind, e)) from None
+
+
+def _load_failure(base: str, kind: str, e: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if kind == "hub" and offline:
+        return (
+            f"model.base '{base}' is not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1): download it once with `hf download {base}` or set model.base to a local folder"
+        )
+    if kind == "hub":
+        return f"model.base '{base}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
+    return f"model.base '{base}' could not be loaded: {str(e).splitlines()[0]}"
+
+
+def _load_single_file(model: ModelSection, where: str):
+    if where.lower().endswith(PICKLE_SUFFIXES) and not model.allow_pickle:
+        raise ModelError(
+            f"model.base '{model.base}' is a pickle checkpoint, which can run code when loaded; convert it to "
+            ".safetensors, or set model.allow_pickle: true to load it with weights_only=True"
+        )
+    import diffusers
+
+    cls = getattr(diffusers, FAMILIES[model.family].pipeline_class) if model.family != "auto" else None
+    cls = cls or diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if model.config:
+        kwargs["config"] = str(resolve_base(model.config)[1])
+    try:
+        return cls.from_single_file(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(
+            f"model.base '{model.base}': single-file checkpoint could not be loaded ({str(e).splitlines()[0]}); "
+            "offline, set model.config to a diffusers folder (or cached hub id) of the same architecture"
+        ) from None
+
+
+def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Components:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = model.prediction_type
+    if prediction == "auto":
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+    scheduler.register_to_config(prediction_type=prediction)
+    unet = pipe.unet
+    if model.attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    return Components(
+        unet=unet,
+        vae=pipe.vae,
+        text_encoders=[getattr(pipe, n) for n in family.text_encoder_names],
+        tokenizers=[getattr(pipe, n) for n in family.tokenizer_names],
+        scheduler=scheduler,
+        family=family,
+        base=model.base,
+        source=where,
+        prediction_type=prediction,
+    )
+
+
+def freeze(comps: Components) -> None:
+    """Freeze everything; methods unfreeze or inject what they train."""
+    for module in comps.named_modules().values():
+        module.requires_grad_(False)
+        module.eval()
+
+
+def cast_frozen(comps: Components, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+    """Frozen weights to the compute dtype; trained parameters stay (or become) fp32."""
+    for name, module in comps.named_modules().items():
+        target = vae_dtype if name == "vae" else dtype
+        for p in module.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad else target)

@@ -1,0 +1,1 @@
+"""The training loop (trainer.py) and its parts: loss, optimizers, checkpoints, validation, progress."""

@@ -1,0 +1,200 @@
+"""The outer loop: resume, epochs, logging, checkpoints, validation grids, interrupts, and the export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.errors import UserError
+from finetune.train import checkpoint as ckpt
+from finetune.train.setup import flat_config
+from finetune.train.tracking import LossLog, Progress, plot_loss
+
+
+def run_loop(t) -> None:
+    """`t` is a finetune.train.trainer.Trainer, fully set up."""
+    acc, cfg, recipe = t.acc, t.cfg, t.recipe
+    resumed = _maybe_resume(t)
+    main = acc.is_main_process
+    if main and recipe.logging.report_to:
+        acc.init_trackers(recipe.logging.project, config=flat_config(recipe.resolved()))
+    t.progress = Progress(cfg.max_steps, t.state.step, main and recipe.logging.progress)
+    t.loss_log = LossLog(t.out / "logs" / "loss.csv", t.state.step if resumed else None) if main else None
+    if main:
+        t.progress.write(_banner(t))
+    if not resumed and recipe.validation.at_start and recipe.validation.prompts:
+        validate(t, step=0)
+    t.stop.install()
+    try:
+        finished = _epochs(t)
+    finally:
+        t.stop.restore()
+        t.progress.close()
+    if not finished:
+        _interrupted(t)
+        return
+    finish(t)
+
+
+def _banner(t) -> str:
+    d = t.data
+    trainable = sum(p.numel() for p in t.params.values())
+    return (
+        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.comps.prediction_type}); "
+        f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
+        f"{t.acc.num_processes} process(es) on {t.acc.device}; first step after "
+        f"{time.perf_counter() - t.t_start:.1f}s of set-up"
+    )
+
+
+def _maybe_resume(t) -> bool:
+    cfg = t.cfg
+    if not cfg.resume:
+        return False
+    path = ckpt.find_resume(t.out, cfg.resume)
+    if path is None:
+        if t.acc.is_main_process:
+            print(f"train.resume: no complete checkpoint in {ckpt.checkpoint_root(t.out)}; starting from step 0")
+        return False
+    saved = ckpt.load_checkpoint(t.acc, path, t.params, t.ema)
+    changed = []
+    if saved.recipe_fingerprint != t.state.recipe_fingerprint:
+        changed.append("the recipe (training settings)")
+    if saved.dataset_fingerprint != t.state.dataset_fingerprint:
+        changed.append("the dataset (images, captions or repeats)")
+    if changed and not cfg.resume_force:
+        raise UserError(
+            f"cannot resume from {path}: {' and '.join(changed)} changed since it was written; "
+            "restore them, or set train.resume_force=true to continue anyway"
+        )
+    saved.recipe_fingerprint, saved.dataset_fingerprint = t.state.recipe_fingerprint, t.state.dataset_fingerprint
+    t.state = saved
+    if t.ema is not None:
+        t.ema.optimization_step = saved.step
+    if t.acc.is_main_process:
+        print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, batch {saved.batch_in_epoch})")
+    return True
+
+
+def _epochs(t) -> bool:
+    """Train until max_steps; False when interrupted by a signal."""
+    cfg, state = t.cfg, t.state
+    while state.step < cfg.max_steps:
+        for batch in t.data.loader(state.epoch, start_batch=state.batch_in_epoch):
+            stepped, logs = t.train_step(batch)
+            state.batch_in_epoch += 1
+            if stepped:
+                state.step += 1
+                _after_step(t, logs)
+                if t._all_agree(t.stop.requested) or state.step >= cfg.max_steps:
+                    break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        if state.step < cfg.max_steps:  # left the epoch early: a stop was requested
+            return False
+    return True
+
+
+def _after_step(t, logs) -> None:
+    cfg, step, acc = t.cfg, t.state.step, t.acc
+    if acc.is_main_process:
+        loss = float(logs["loss"])
+        lr = t.lr_scheduler.get_last_lr()[0]
+        t.progress.update(loss, lr)
+        t.loss_log.add(step, loss, lr)  # every step: the plot wants them all, and a CSV row is cheap
+        if step % t.recipe.logging.every == 0 or step == cfg.max_steps:
+            scalars = {k: float(v) for k, v in logs.items()} | {"lr": lr}
+            if t.recipe.logging.report_to:
+                acc.log(scalars, step=step)
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+        save(t)
+    every = t.recipe.validation.every
+    if every and step % every == 0 and step < cfg.max_steps and t.recipe.validation.prompts:
+        validate(t, step)
+
+
+def save(t) -> Path:
+    path = ckpt.save_checkpoint(t.acc, ckpt.checkpoint_root(t.out), t.state, t.params, t.ema, t.cfg.keep_last)
+    if t.acc.is_main_process:
+        t.progress.write(f"checkpoint: {path}")
+    return path
+
+
+def _interrupted(t) -> None:
+    path = save(t)
+    if t.acc.is_main_process:
+        recipe = t.recipe.path or "RECIPE.yaml"
+        print(
+            f"stopped by {t.stop.signal_name or 'request'} at step {t.state.step}/{t.cfg.max_steps}; "
+            f"checkpoint saved to {path}\nresume with: python -m finetune {recipe} train.resume=latest"
+        )
+    t.acc.end_training()
+
+
+@torch.no_grad()
+def validate(t, step: int) -> Path | None:
+    """Render the validation grid on the main process (the others wait)."""
+    from finetune.train.validation import grid, make_pipeline, render, save_grid
+
+    acc, v = t.acc, t.recipe.validation
+    path = None
+    if acc.is_main_process:
+        unet = acc.unwrap_model(t.wrapped["unet"]) if "unet" in t.wrapped else t.comps.unet
+        encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
+                    for n, e in zip(t.comps.family.text_encoder_names, t.comps.text_encoders, strict=True)]
+        modules = [unet, *encoders]
+        modes = [m.training for m in modules]
+        pipe = make_pipeline(t.comps, v, unet=unet, text_encoders=encoders)
+        res = t.recipe.data.resolution
+        with acc.autocast():
+            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device)
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+        image = grid(rows, v.prompts, title=f"step {step}")
+        path = save_grid(image, t.out / "samples", step)
+        _log_image(t, image, step)
+        t.last_grid = path
+    acc.wait_for_everyone()
+    return path
+
+
+def _log_image(t, image, step: int) -> None:
+    import numpy as np
+
+    if "tensorboard" in t.recipe.logging.report_to:
+        tracker = t.acc.get_tracker("tensorboard", unwrap=True)
+        tracker.add_image("samples", np.asarray(image), step, dataformats="HWC")
+    if "wandb" in t.recipe.logging.report_to:
+        import wandb
+
+        t.acc.get_tracker("wandb", unwrap=True).log({"samples": wandb.Image(image)}, step=step)
+
+
+def finish(t) -> None:
+    """Final grid, loss plot and export (main process), with a guard against exporting NaN weights."""
+    from finetune.train.trainer import NonFiniteError, nonfinite_state
+
+    acc = t.acc
+    if t.recipe.validation.prompts and t.recipe.validation.every != -1:
+        validate(t, t.state.step)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        plot_loss(t.loss_log.read(), t.out / "loss.png")
+        if t.ema is not None and t.recipe.export.use_ema:
+            t.ema.copy_to(list(t.params.values()))
+        bad = nonfinite_state(t.params)
+        if bad:
+            raise NonFiniteError(f"trained weights hold non-finite values ({bad[0]}); nothing exported")
+        from finetune.export.context import ExportContext
+
+        ctx = ExportContext.from_trainer(t)
+        written = t.method.export(t.comps, t.out, ctx)
+        for p in written:
+            t.progress.write(f"wrote {p}")
+        print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
+    acc.wait_for_everyone()
+    acc.end_training()

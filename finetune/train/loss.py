@@ -1,0 +1,82 @@
+"""The diffusion training objective: noise, timesteps, prediction target, Min-SNR weighting, prior split.
+
+Noise and timesteps are drawn per example from a generator seeded by (seed, step, example position in the
+global batch). That makes a run reproducible on resume without restoring RNG streams, and makes N processes
+with batch B draw exactly the noise one process with batch N*B would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+
+def example_noise(
+    latents: torch.Tensor, num_timesteps: int, seed: int, step: int, first_index: int, noise_offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise and integer timesteps for each example, reproducible from its global position."""
+    noises, steps = [], []
+    shape = latents.shape[1:]
+    for i in range(latents.shape[0]):
+        g = torch.Generator().manual_seed(hash_seed(seed, step, first_index + i))
+        noise = torch.randn(shape, generator=g)
+        if noise_offset:
+            # offset noise: a per-channel constant shift, so the model learns to change overall brightness
+            noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=g)
+        noises.append(noise)
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+    noise = torch.stack(noises).to(latents.device, latents.dtype)
+    return noise, torch.cat(steps).to(latents.device)
+
+
+def hash_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64 over the parts)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def target_for(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction type {kind!r} is not supported")
+
+
+def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma loss weights (Hang et al. 2023); None when disabled."""
+    if gamma is None:
+        return None
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None,
+    is_prior: torch.Tensor | None,
+    prior_weight: float,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean-squared error per example, weighted, split into instance and prior-preservation parts."""
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    if weights is not None:
+        per_example = per_example * weights.float()
+    if is_prior is None or not bool(is_prior.any()):
+        loss = per_example.mean()
+        return loss, {"loss": loss.detach()}
+    prior = is_prior.to(per_example.device)
+    inst_loss = per_example[~prior].mean() if bool((~prior).any()) else per_example.new_zeros(())
+    prior_loss = per_example[prior].mean()
+    loss = inst_loss + prior_weight * prior_loss
+    return loss, {"loss": loss.detach(), "loss_instance": inst_loss.detach(), "loss_prior": prior_loss.detach()}

@@ -1,0 +1,46 @@
+"""Optimizers (AdamW, bitsandbytes 8-bit AdamW, Adafactor) and learning-rate schedules (diffusers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.sections import TrainSection
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainSection) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except Exception as e:  # noqa: BLE001 - bitsandbytes fails in many ways on unsupported machines
+            raise UserError(
+                f"train.optimizer: adamw8bit needs bitsandbytes, which failed to load ({e}); use adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(
+            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+    from transformers.optimization import Adafactor
+
+    # fixed learning rate (no relative step) so the recipe's lr and schedule mean what they say
+    return Adafactor(
+        groups, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def build_lr_scheduler(optimizer, cfg: TrainSection):
+    """One schedule step per optimizer step (the accelerator is built with step_scheduler_with_optimizer off)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )

@@ -1,0 +1,124 @@
+"""Everything the loop needs before its first step: accelerator, output folder, components, data, optimizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe, dump_recipe
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RUN_FILES = ("recipe.yaml", "pytorch_lora_weights.safetensors")
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(recipe.train.output_dir)
+    try:
+        acc = Accelerator(
+            gradient_accumulation_steps=recipe.train.gradient_accumulation,
+            mixed_precision=recipe.train.mixed_precision,
+            log_with=list(recipe.logging.report_to) or None,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer step ourselves
+        )
+    except (ValueError, RuntimeError) as e:
+        raise UserError(
+            f"train.mixed_precision: {recipe.train.mixed_precision!r} is not available here ({e}); "
+            "use 'bf16' or 'no' on a CPU, 'fp16' or 'bf16' on a GPU"
+        ) from None
+    return acc
+
+
+def check_output_dir(recipe: Recipe) -> None:
+    """Refuse to write over a finished or running run unless resuming or told to overwrite."""
+    out = Path(recipe.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir '{out}' is a file; choose a folder")
+    if recipe.train.resume or recipe.train.overwrite or not out.is_dir():
+        return
+    if any((out / name).exists() for name in RUN_FILES) or (out / "checkpoints").is_dir():
+        raise UserError(
+            f"train.output_dir '{out}' already holds a run; continue it with train.resume=latest, "
+            "pick a new train.output_dir, or set train.overwrite=true"
+        )
+
+
+def write_run_files(recipe: Recipe) -> None:
+    from finetune.export.io import write_text_atomic
+
+    out = Path(recipe.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+
+
+def flat_config(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten the recipe for tracker hyper-parameters (scalars only)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat_config(v, f"{prefix}{k}."))
+        return out
+    if isinstance(data, bool | int | float | str):
+        return {prefix[:-1]: data}
+    return {prefix[:-1]: json.dumps(data)}
+
+
+def resume_fingerprint(recipe: Recipe) -> str:
+    """The recipe hash that must match on resume: what changes the training math, not how long or how
+    often we sample, log or checkpoint."""
+    import hashlib
+
+    data = recipe.resolved()
+    for key in ("resume", "resume_force", "max_steps", "overwrite", "checkpoint_every", "keep_last", "output_dir"):
+        data["train"].pop(key, None)
+    for section in ("validation", "logging", "export"):
+        data.pop(section, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to finish the current step, checkpoint and exit cleanly."""
+
+    requested: bool = False
+    signal_name: str = ""
+    _previous: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker): leave default handling
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress bar: silence library info chatter and per-step warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,229 @@
+"""The training loop. Read it top to bottom: `train()` sets up, `Trainer.run()` loops, `finish()` exports.
+
+The method decides what trains (finetune/methods); the family how prompts become U-Net conditioning
+(finetune/models/family.py); the data pipeline what a batch is (finetune/data). The loop only does the
+diffusion step, and keeps the run safe: checkpoints, clean interrupts, non-finite guards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe
+from finetune.train import checkpoint as ckpt
+from finetune.train.loss import diffusion_loss, example_noise, snr_weights, target_for
+from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+
+
+class NonFiniteError(UserError):
+    exit_code = 3
+
+
+def train(recipe: Recipe) -> Path:
+    """Run the recipe end to end; returns the output folder."""
+    from finetune.train.setup import check_output_dir, make_accelerator, quiet_libraries, write_run_files
+
+    check_output_dir(recipe)
+    quiet_libraries()
+    acc = make_accelerator(recipe)
+    if acc.is_main_process:
+        write_run_files(recipe)
+    trainer = Trainer(recipe, acc)
+    trainer.run()
+    return Path(recipe.train.output_dir)
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, acc):
+        from accelerate.utils import set_seed
+
+        from finetune.models.components import cast_frozen, load_components
+
+        self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
+        self.out = Path(self.cfg.output_dir)
+        self.t_start = time.perf_counter()
+        set_seed(self.cfg.seed)
+        self.dtype = DTYPES[self.cfg.mixed_precision]
+        comps = load_components(recipe.model)
+        self.method = recipe.method.build()
+        groups = self.method.setup(comps, self.cfg.lr)
+        vae_dtype = self._vae_dtype(comps)
+        cast_frozen(comps, self.dtype, vae_dtype)
+        if self.cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        device = acc.device
+        comps.unet.to(device)
+        comps.vae.to(device)
+        for enc in comps.text_encoders:
+            enc.to(device)
+        self.comps = comps
+        self.data = self._build_data(vae_dtype)
+        self._build_optimization(groups)
+        self.state = ckpt.TrainState(dataset_fingerprint=self.data.fingerprint,
+                                     recipe_fingerprint=resume_fingerprint(recipe))
+        self.stop = StopFlag()
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _vae_dtype(self, comps) -> torch.dtype:
+        choice = self.recipe.model.vae_dtype
+        if choice != "auto":
+            return DTYPES[choice]
+        return torch.float32 if comps.family.vae_fp16_unsafe else self.dtype
+
+    def _build_data(self, vae_dtype):
+        from finetune.data import build_train_data
+
+        comps, acc = self.comps, self.acc
+        key = f"{comps.source}|{type(comps.vae).__name__}|{vae_dtype}|{dict(comps.vae.config)}"
+        text_key = f"{comps.source}|{comps.family.name}|{[t.name_or_path for t in comps.tokenizers]}"
+        return build_train_data(
+            self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
+            latent_encoder=self.encode_latents, latent_key=key,
+            text_encoder=self.encode_text_frozen, text_key=text_key,
+            show_progress=acc.is_main_process and self.recipe.logging.progress,
+        )
+
+    def _build_optimization(self, groups) -> None:
+        from diffusers.training_utils import EMAModel
+
+        from finetune.train.optim import build_lr_scheduler, build_optimizer
+
+        acc = self.acc
+        modules = self.comps.named_modules()
+        self.trained_names = self.method.trained_modules()
+        optimizer = build_optimizer(groups, self.cfg)
+        scheduler = build_lr_scheduler(optimizer, self.cfg)
+        # accelerate writes optimizer/scheduler/RNG; trained weights we save ourselves (trainable only)
+        acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+        acc.register_load_state_pre_hook(lambda models, inp: models.clear())
+        prepared = acc.prepare(*[modules[n] for n in self.trained_names], optimizer, scheduler)
+        self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
+        self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
+        self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})
+        self.ema = None
+        if self.cfg.ema.enabled:
+            self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay)
+            self.ema.to(acc.device)
+
+    # ------------------------------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the distribution's mean: deterministic, cache-friendly)."""
+        vae = self.comps.vae
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents.float() - shift) * vae.config.scaling_factor
+        if not torch.isfinite(latents).all():
+            raise NonFiniteError(
+                "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"
+            )
+        return latents
+
+    @torch.no_grad()
+    def encode_text_frozen(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
+
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoders = [self.wrapped.get(n, e) for n, e in zip(self.comps.family.text_encoder_names,
+                                                            self.comps.text_encoders, strict=True)]
+        comps = self.comps
+        view = comps if encoders == comps.text_encoders else _with_encoders(comps, encoders)
+        return comps.family.encode_prompt(view, captions, self.acc.device)
+
+    # ---------------------------------------------------------------------------------------- a step
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        comps, acc, cfg = self.comps, self.acc, self.cfg
+        if "latents" in batch:
+            latents = batch["latents"].to(acc.device, torch.float32)
+        else:
+            latents = self.encode_latents(batch["pixel_values"])
+        text = batch.get("text") or self.encode_text(batch["captions"])
+        text = {k: v.to(acc.device) for k, v in text.items()}
+        bsz = latents.shape[0]
+        first = (self.state.step * acc.num_processes + acc.process_index) * bsz * cfg.gradient_accumulation
+        first += (self.state.batch_in_epoch % cfg.gradient_accumulation) * bsz
+        noise, timesteps = example_noise(latents, comps.scheduler.config.num_train_timesteps, cfg.seed,
+                                         self.state.step, first, cfg.noise_offset)
+        noisy = comps.scheduler.add_noise(latents, noise, timesteps)
+        unet = self.wrapped.get("unet", comps.unet)
+        with acc.autocast():
+            pred = unet(noisy, timesteps, **comps.family.unet_kwargs(text, batch), return_dict=False)[0]
+        target = target_for(comps.scheduler, latents, noise, timesteps)
+        weights = snr_weights(comps.scheduler, timesteps, cfg.min_snr_gamma)
+        prior = self.recipe.data.prior
+        return diffusion_loss(pred, target, weights, batch.get("is_prior"), prior.loss_weight if prior else 1.0)
+
+    def _all_agree(self, flag: bool) -> bool:
+        """True on every process when any process says True (keeps DDP processes in lock-step)."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
+    def train_step(self, batch) -> tuple[bool, dict[str, Any]]:
+        """One micro-batch; returns (an optimizer step happened, logs)."""
+        acc, cfg = self.acc, self.cfg
+        with acc.accumulate(*self.wrapped.values()):
+            loss, logs = self.compute_loss(batch)
+            if self._all_agree(not torch.isfinite(loss).item()):
+                self._non_finite("loss", batch, float(loss))
+                self.optimizer.zero_grad(set_to_none=True)
+                return False, logs
+            acc.backward(loss)
+            if not acc.sync_gradients:
+                return False, logs
+            norm = self._grad_norm()
+            if not math.isfinite(norm):
+                self._non_finite("gradient norm", batch, norm)
+                self.optimizer.zero_grad(set_to_none=True)
+                return False, logs
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(self.comps)
+        if self.ema is not None and (self.state.step + 1) % cfg.ema.update_every == 0:
+            self.ema.step(list(self.params.values()))
+        logs["grad_norm"] = norm
+        return True, logs
+
+    def _grad_norm(self) -> float:
+        params = list(self.params.values())
+        if self.cfg.max_grad_norm:
+            return float(self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def _non_finite(self, what: str, batch, value: float) -> None:
+        self.state.nan_skips += 1
+        files = ", ".join(batch.get("paths", [])[:4])
+        where = f"step {self.state.step + 1}: non-finite {what} ({value}) on a batch of {files}"
+        if self.cfg.on_nan == "stop" or self.state.nan_skips > self.cfg.max_nan_skips:
+            last = ckpt.complete_checkpoints(ckpt.checkpoint_root(self.out))
+            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
+            hint = ("lower train.lr, check those images, or set train.on_nan: skip"
+                    if self.cfg.on_nan == "stop" else f"more than {self.cfg.max_nan_skips} batches skipped")
+            raise NonFiniteError(f"{where}; stopped, nothing exported ({kept}); {hint}")
+        if self.acc.is_main_process:
+            self.progress.write(f"warning: {where}; batch skipped ({self.state.nan_skips} so far)")
+
+    # ------------------------------------------------------------------------------------- the loop
+    def run(self) -> None:
+        from finetune.train.loop import run_loop
+
+        run_loop(self)
+
+
+def _with_encoders(comps, encoders):
+    from dataclasses import replace
+
+    return replace(comps, text_encoders=list(encoders))
+
+
+def nonfinite_state(params: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in params.items() if not torch.isfinite(v).all()]

@@ -1,0 +1,74 @@
+"""Sample grids: the recipe's validation prompts x fixed seeds, rendered with the current weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from finetune.sections import ValidationSection
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def make_pipeline(comps, cfg: ValidationSection, unet=None, text_encoders=None, device=None, dtype=None):
+    import diffusers
+
+    pipe = comps.pipeline(unet=unet, text_encoders=text_encoders)
+    if cfg.scheduler != "base":
+        cls = getattr(diffusers, SCHEDULERS[cfg.scheduler])
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+@torch.no_grad()
+def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device) -> list[list[Image.Image]]:
+    """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps."""
+    width, height = size
+    rows = []
+    for prompt in prompts:
+        gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        out = pipe(
+            [prompt] * len(seeds), negative_prompt=[cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None,
+            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=gens,
+            width=width, height=height, output_type="pil",
+        )
+        rows.append(list(out.images))
+    return rows
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
+    """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row."""
+    w, h = rows[0][0].size
+    label_h = 14
+    top = label_h if title else 0
+    cols = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (max(cols * w, 8 * len(title)), top + len(rows) * (h + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 1), title, fill="black")
+    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+        y = top + i * (h + label_h)
+        draw.text((2, y + 1), label[: max(8, cols * w // 6)], fill="black")
+        for j, img in enumerate(row):
+            canvas.paste(img.convert("RGB"), (j * w, y + label_h))
+    return canvas
+
+
+def save_grid(image: Image.Image, samples_dir: Path, step: int) -> Path:
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    path = samples_dir / f"step-{step:06d}.png"
+    tmp = path.with_suffix(".png.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
