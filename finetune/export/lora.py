@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def common_metadata(ctx: ExportContext, extra: dict[str, Any] | None = None) -> 
         "finetune.base_model": ctx.base,
         "finetune.base_model_hash": ctx.base_hash,
         "finetune.steps": str(ctx.steps),
+        "finetune.resolution": str(ctx.resolution),
         "finetune.dataset_fingerprint": ctx.dataset_fingerprint,
         "finetune.trigger_words": json.dumps(ctx.trigger_words),
         "finetune.recipe": json_compact(ctx.recipe),
@@ -71,27 +73,37 @@ def _version() -> str:
     return __version__
 
 
+def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
+    """rank / alpha / targets of the run, per trained module too (text encoders may differ)."""
+    per_module = {
+        name: {"r": c.get("r"), "alpha": c.get("lora_alpha", c.get("alpha")), "targets": c.get("target_modules")}
+        for name, c in configs.items()
+    }
+    return {
+        "finetune.adapter": cfg.adapter,
+        "finetune.rank": str(cfg.rank),
+        "finetune.alpha": str(cfg.alpha or cfg.rank),
+        "finetune.targets": json.dumps(cfg.unet_targets()),
+        "finetune.use_dora": str(cfg.use_dora),
+        "finetune.modules": json.dumps(per_module),
+    }
+
+
 def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
     cfg = method.config
     tensors, configs = adapter_states(comps, method.trained_modules())
     dtype = DTYPES[ctx.dtype]
     tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
-    lora_meta = {
-        "finetune.adapter": cfg.adapter,
-        "finetune.rank": cfg.rank,
-        "finetune.alpha": cfg.alpha or cfg.rank,
-        "finetune.targets": json.dumps(cfg.unet_targets()),
-        "finetune.use_dora": cfg.use_dora,
-    }
+    meta = common_metadata(ctx, lora_metadata(cfg, configs))
     written: list[Path] = []
     if "diffusers" in ctx.formats:
-        written.append(save_diffusers_lora(tensors, configs, out_dir, common_metadata(ctx, lora_meta), cfg.adapter))
+        written.append(save_diffusers_lora(tensors, configs, out_dir, meta, cfg.adapter))
     if "kohya" in ctx.formats:
         from finetune.export.kohya import kohya_metadata, peft_to_kohya
 
         kohya = peft_to_kohya(tensors, configs, comps.family)
-        meta = common_metadata(ctx, lora_meta) | kohya_metadata(ctx, cfg)
-        written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", meta))
+        kmeta = meta | kohya_metadata(ctx, cfg) | {PEFT_META: json.dumps(configs)}
+        written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", kmeta))
     if ctx.model_card:
         written.append(write_model_card(out_dir, ctx, written, kind="lora"))
     return written
@@ -105,20 +117,73 @@ def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], a
     return save_safetensors(tensors, out_dir / PEFT_FILE, meta | {PEFT_META: json.dumps(configs)})
 
 
+def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None) -> Path:
+    """Write an `Adapter` (finetune.export.adapters) as 'kohya' (a file) or 'diffusers' (a folder or file)."""
+    meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META)}
+    if fmt == "kohya":
+        from finetune.export.kohya import layers_to_kohya
+
+        configs = configs_for(adapter.layers)
+        return save_safetensors(layers_to_kohya(adapter.layers, family), out, meta | {PEFT_META: json.dumps(configs)})
+    configs = configs_for(adapter.layers)
+    tensors = {f"{name}.{k}": v for name, layer in adapter.layers.items() for k, v in layer.tensors.items()}
+    kind = adapter.kind
+    if kind == "mixed":
+        raise ModelError(f"{adapter.path}: mixes adapter types; cannot write one peft config per module")
+    if out.suffix != ".safetensors":
+        return save_diffusers_lora(tensors, configs, out, meta, kind)
+    key = ADAPTER_META if kind == "lora" else PEFT_META
+    packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()} if kind == "lora" else configs
+    return save_safetensors(tensors, out, meta | {key: json.dumps(packed)})
+
+
+def configs_for(layers: dict) -> dict[str, dict]:
+    """peft configs (as dicts) that rebuild exactly these layers: most common rank/alpha, patterns for the rest."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    by_component: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        component, path = name.split(".", 1)
+        by_component.setdefault(component, {})[path] = layer
+    configs = {}
+    for component, group in by_component.items():
+        ranks = {p: _peft_rank(layer) for p, layer in group.items()}
+        alphas = {p: layer.scale * ranks[p] for p, layer in group.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        alpha = Counter(alphas.values()).most_common(1)[0][0]
+        common = dict(r=r, target_modules=sorted(group), rank_pattern={p: v for p, v in ranks.items() if v != r})
+        first = next(iter(group.values()))
+        if first.kind == "lora":
+            cfg = LoraConfig(**common, lora_alpha=alpha, alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
+                             use_dora=first.dora)
+        else:
+            cls = LoHaConfig if first.kind == "loha" else LoKrConfig
+            extra = {"decompose_both": any("lokr_w1_a" in v.tensors for v in group.values())} if cls is LoKrConfig else {}
+            cfg = cls(**common, alpha=alpha, alpha_pattern={p: a for p, a in alphas.items() if a != alpha}, **extra)
+        configs[component] = _config_dict(cfg)
+    return configs
+
+
+def _peft_rank(layer) -> int:
+    if layer.rank:
+        return int(layer.rank)
+    w2 = layer.tensors["lokr_w2"]  # LoKr of two full factors: any r >= half the factor keeps it full in peft
+    return int(max(w2.shape[:2]))
+
+
 def load_peft_adapter(path: str | Path, modules: dict[str, torch.nn.Module], adapter_name: str = "default") -> list[str]:
     """Load a `peft_adapter.safetensors` (any peft adapter type) into the named modules; returns module names."""
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+
+    from finetune.export.io import read_tensors
 
     path = Path(path)
     if path.is_dir():
         path = path / PEFT_FILE
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(PEFT_META)
+    state, meta = read_tensors(path)
+    raw = meta.get(PEFT_META)
     if not raw:
         raise ModelError(f"{path}: no '{PEFT_META}' header; not a finetune peft adapter file")
-    state = load_file(str(path))
     loaded = []
     for name, cfg in json.loads(raw).items():
         if name not in modules:

@@ -22,6 +22,11 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    from accelerate.state import AcceleratorState, GradientState
+
+    # a fresh state per run, so several runs can share one Python process (tests, notebooks)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     out = Path(recipe.train.output_dir)
     try:
         acc = Accelerator(

@@ -1,0 +1,96 @@
+"""Shared fixtures: tests never touch the network, and build or use small models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tokenizer_dir() -> Path:
+    from finetune.toy import toy_base_path
+
+    path = toy_base_path() / "tokenizer"
+    return path if path.is_dir() else Path("/tmp/toy_build/tokenizer")  # TODO(lead): drop once toy lands
+
+
+def build_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """A random, very small SD-1-shaped pipeline (plumbing tests that need no learning)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), latent_channels=4,
+        norm_num_groups=8, sample_size=32,
+    )
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir())
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+    ))
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=te, tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+def draw_images(folder: Path, n: int = 6, caption: str = "a sks circle", size: int = 64) -> Path:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(im).ellipse([8 + i, 8, size - 12, size - 10 + i % 3], fill=(200, 30 + 10 * i, 30))
+        im.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    return draw_images(tmp_path / "images")
+
+
+def write_recipe(tmp_path: Path, base: Path | str, images: Path, **sections) -> Path:
+    """A small LoRA recipe over `images`; `sections` deep-update it (train={"max_steps": 3}, ...)."""
+    from finetune.recipe import deep_merge
+
+    data = {
+        "model": {"base": str(base)},
+        "data": {"sources": [{"type": "folder", "path": str(images)}], "resolution": 64,
+                 "buckets": {"enabled": False}},
+        "method": {"name": "lora", "rank": 4, "alpha": 2, "targets": "attention_ff"},
+        "train": {"output_dir": str(tmp_path / "out"), "max_steps": 4, "batch_size": 2, "lr": 1e-3,
+                  "checkpoint_every": 0, "seed": 1},
+        "validation": {"prompts": [], "at_start": False},
+        "export": {"formats": ["diffusers"], "model_card": False},
+        "logging": {"report_to": [], "progress": False},
+    }
+    data = deep_merge(data, sections)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

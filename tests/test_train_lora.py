@@ -1,0 +1,155 @@
+"""The trainer with the LoRA family: what trains, what is written, and that exports reload exactly."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.recipe import load_recipe
+from tests.conftest import write_recipe
+
+
+def run_trainer(recipe_path: Path, *overrides: str):
+    from finetune.train.setup import check_output_dir, make_accelerator, write_run_files
+    from finetune.train.trainer import Trainer
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    check_output_dir(recipe)
+    acc = make_accelerator(recipe)
+    write_run_files(recipe)
+    t = Trainer(recipe, acc)
+    t.run()
+    return t
+
+
+def digest(module: torch.nn.Module, skip: str = "lora_") -> str:
+    """Hash of every base weight (adapter tensors excluded); peft renames wrapped weights '.base_layer.'."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if skip in name or "hada_" in name or "lokr_" in name:
+            continue
+        h.update(name.replace(".base_layer", "").encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fixed_unet_output(unet, text_encoder, tokenizer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    ids = tokenizer(["a sks circle", "a blue square"], padding="max_length", max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+        return unet(latents, torch.tensor([500, 250]), encoder_hidden_states=text).sample
+
+
+def fresh_pipe(base: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+
+
+def test_only_adapter_parameters_change(tmp_path, tiny_base, images):
+    before = fresh_pipe(tiny_base)
+    expected = {n: digest(getattr(before, n)) for n in ("unet", "vae", "text_encoder")}
+    t = run_trainer(write_recipe(tmp_path, tiny_base, images, method={"text_encoder": {"enabled": True}}))
+    after = {"unet": t.comps.unet, "vae": t.comps.vae, "text_encoder": t.comps.text_encoder}
+    assert {n: digest(m) for n, m in after.items()} == expected
+    trained = [n for n, p in t.comps.unet.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    # and the adapters did move: LoRA B starts at zero, so a trained B is non-zero
+    ups = [p for n, p in t.comps.unet.named_parameters() if "lora_B" in n]
+    assert max(float(p.detach().abs().max()) for p in ups) > 0
+    out = Path(t.cfg.output_dir)
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_diffusers_export_reloads_exactly(tmp_path, tiny_base, images, use_dora):
+    recipe = write_recipe(tmp_path, tiny_base, images,
+                          method={"rank": 4, "alpha": 2, "use_dora": use_dora, "targets": "attention_ff",
+                                  "text_encoder": {"enabled": True, "rank": 2, "alpha": 8}})
+    t = run_trainer(recipe)
+    trained = fixed_unet_output(t.comps.unet, t.comps.text_encoder, t.comps.tokenizer)
+    pipe = fresh_pipe(tiny_base)
+    base_out = fixed_unet_output(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    pipe.load_lora_weights(t.cfg.output_dir)
+    reloaded = fixed_unet_output(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert (trained - base_out).abs().max() > 1e-3, "training changed nothing; the comparison would be empty"
+    assert (trained - reloaded).abs().max() < 1e-4
+    # every module that trained got its adapter back (diffusers can silently skip some, e.g. proj_in/out)
+    def adapted(module):
+        return {n.split(".lora_A")[0] for n, _ in module.named_parameters() if ".lora_A." in n}
+    assert adapted(pipe.unet) == adapted(t.comps.unet)
+    assert adapted(pipe.text_encoder) == adapted(t.comps.text_encoder)
+    assert len(adapted(pipe.unet)) > 10
+
+
+@pytest.mark.parametrize("adapter", ["loha", "lokr"])
+def test_loha_lokr_round_trip_through_their_loader(tmp_path, tiny_base, images, adapter):
+    from finetune.export.lora import load_peft_adapter
+
+    t = run_trainer(write_recipe(tmp_path, tiny_base, images, method={"adapter": adapter, "rank": 4, "alpha": 2}))
+    trained = fixed_unet_output(t.comps.unet, t.comps.text_encoder, t.comps.tokenizer)
+    pipe = fresh_pipe(tiny_base)
+    loaded = load_peft_adapter(Path(t.cfg.output_dir) / "peft_adapter.safetensors", {"unet": pipe.unet})
+    assert loaded == ["unet"]
+    reloaded = fixed_unet_output(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    assert (trained - reloaded).abs().max() < 1e-5
+
+
+def test_run_writes_grids_plot_logs_and_card(tmp_path, tiny_base, images):
+    recipe = write_recipe(
+        tmp_path, tiny_base, images,
+        validation={"prompts": ["a sks circle", "a blue square"], "seeds": [0, 1], "steps": 2, "every": 2,
+                    "at_start": True},
+        export={"formats": ["diffusers", "kohya"], "model_card": True, "name": "mylora"},
+        logging={"report_to": ["tensorboard"]},
+    )
+    t = run_trainer(recipe)
+    out = Path(t.cfg.output_dir)
+    grids = sorted(p.name for p in (out / "samples").glob("*.png"))
+    assert grids == ["step-000000.png", "step-000002.png", "step-000004.png"]
+    from PIL import Image
+
+    with Image.open(out / "samples" / "step-000004.png") as im:
+        assert im.width >= 2 * 64 and im.height >= 2 * 64  # 2 prompts x 2 seeds
+    assert (out / "loss.png").stat().st_size > 1000
+    rows = (out / "logs" / "loss.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    card = (out / "README.md").read_text()
+    assert "load_lora_weights" in card and "mylora.safetensors" in card
+    assert (out / "mylora.safetensors").is_file()
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, tiny_base, images):
+    from finetune.errors import UserError
+
+    recipe = write_recipe(tmp_path, tiny_base, images, train={"max_steps": 1})
+    run_trainer(recipe)
+    weights = Path(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    stamp = weights.stat().st_mtime_ns
+    with pytest.raises(UserError, match="already holds a run"):
+        run_trainer(recipe)
+    assert weights.stat().st_mtime_ns == stamp
+
+
+def test_adamw8bit_trains_on_cpu(tmp_path, tiny_base, images):
+    pytest.importorskip("bitsandbytes")
+    t = run_trainer(write_recipe(tmp_path, tiny_base, images, train={"optimizer": "adamw8bit", "max_steps": 3}))
+    assert type(t.optimizer.optimizer).__name__ == "AdamW8bit"
+    ups = [p for n, p in t.comps.unet.named_parameters() if "lora_B" in n]
+    assert max(float(p.detach().abs().max()) for p in ups) > 0
+
+
+def test_adafactor_and_min_snr_and_accumulation(tmp_path, tiny_base, images):
+    t = run_trainer(write_recipe(
+        tmp_path, tiny_base, images,
+        train={"optimizer": "adafactor", "min_snr_gamma": 5.0, "gradient_accumulation": 2, "max_steps": 2,
+               "noise_offset": 0.05, "lr_scheduler": "cosine", "warmup_steps": 1},
+    ))
+    assert t.state.step == 2 and t.state.batch_in_epoch + t.state.epoch * t.data.batches_per_epoch == 4
