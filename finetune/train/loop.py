@@ -174,14 +174,28 @@ def _log_image(t, image, step: int) -> None:
         t.acc.get_tracker("wandb", unwrap=True).log({"samples": wandb.Image(image)}, step=step)
 
 
+def _check_in_sync(t) -> None:
+    """Data-parallel processes must end with identical weights; a mismatch is a bug worth stopping on."""
+    acc = t.acc
+    if acc.num_processes == 1:
+        return
+    with torch.no_grad():
+        mix = sum(float(p.double().sum()) * (i + 1) for i, p in enumerate(t.params.values()))
+        sums = acc.gather(torch.tensor([mix], dtype=torch.float64, device=acc.device)).cpu()
+    if not torch.all(sums == sums[0]):
+        raise RuntimeError(f"processes ended with different weights (checksums {sums.tolist()})")
+    if acc.is_main_process:
+        t.progress.write(f"{acc.num_processes} processes hold identical weights (checksum {float(sums[0]):.10g})")
+
+
 def finish(t) -> None:
     """Final grid, loss plot and export (main process), with a guard against exporting NaN weights."""
     from finetune.train.trainer import NonFiniteError, nonfinite_state
 
     acc = t.acc
-    if t.recipe.validation.prompts and t.recipe.validation.every != -1:
+    if t.recipe.validation.prompts:
         validate(t, t.state.step)
-    acc.wait_for_everyone()
+    _check_in_sync(t)
     if acc.is_main_process:
         plot_loss(t.loss_log.read(), t.out / "loss.png")
         if t.ema is not None and t.recipe.export.use_ema:

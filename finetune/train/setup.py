@@ -20,9 +20,8 @@ RUN_FILES = ("recipe.yaml", "pytorch_lora_weights.safetensors")
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
 
     # a fresh state per run, so several runs can share one Python process (tests, notebooks)
     AcceleratorState._reset_state(reset_partial_state=False)

@@ -82,12 +82,14 @@ class Trainer:
         comps, acc = self.comps, self.acc
         key = f"{comps.source}|{type(comps.vae).__name__}|{vae_dtype}|{dict(comps.vae.config)}"
         text_key = f"{comps.source}|{comps.family.name}|{[t.name_or_path for t in comps.tokenizers]}"
-        return build_train_data(
-            self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
-            latent_encoder=self.encode_latents, latent_key=key,
-            text_encoder=self.encode_text_frozen, text_key=text_key,
-            show_progress=acc.is_main_process and self.recipe.logging.progress,
-        )
+        # the main process fills the caches first; the others then read its files instead of re-encoding
+        with acc.main_process_first():
+            return build_train_data(
+                self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
+                latent_encoder=self.encode_latents, latent_key=key,
+                text_encoder=self.encode_text_frozen, text_key=text_key,
+                show_progress=acc.is_main_process and self.recipe.logging.progress,
+            )
 
     def _build_optimization(self, groups) -> None:
         from diffusers.training_utils import EMAModel

@@ -1,0 +1,243 @@
+"""The trainer's view of the data: `build_train_data(recipe, ...)` -> TrainData with a per-epoch loader.
+
+    data = build_train_data(recipe, num_replicas, rank, latent_encoder=vae_encode, latent_key="vae:ab12:fp16")
+    for batch in data.loader(epoch, start_batch=k): ...
+
+Each DataLoader item is a whole batch (planned in plan.py), so skipping batches on resume costs nothing
+and one bucket per batch holds by construction. Decoding and resizing happen once per image per process
+while a memory budget allows (small sets stay decoded across epochs); crop and flip are per sighting.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.data.cache import Cache, entry_key, fill, split_batch
+from finetune.data.captions import apply_rules
+from finetune.data.images import BadImage, Cover, cover, crop_flip, decode, resize
+from finetune.data.plan import Example, Planner
+from finetune.data.scan import Scan, scan_data, summarize
+from finetune.errors import DataError
+
+MEMO_BYTES = 1 << 30  # decoded, resized images kept per process; beyond this, decode again each sighting
+
+
+class Render:
+    """Turns planned examples into tensors. Lives in DataLoader workers, so it holds only picklable state."""
+
+    def __init__(self, records, crop: str, latents: Cache | None, latent_key: str, flips: bool,
+                 text: Cache | None, text_key: str):
+        self.records, self.crop = records, crop
+        self.latents, self.latent_key, self.flips = latents, latent_key, flips
+        self.text, self.text_key = text, text_key
+        self.memo: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
+        self.memo_bytes = 0
+
+    def cover(self, ex_record: int, bucket, seed: int = 0) -> Cover:
+        return cover(self.records[ex_record].size, bucket, self.crop, seed)
+
+    def latent_entry(self, record: int, bucket) -> str:
+        rec, c = self.records[record], self.cover(record, bucket)
+        return entry_key("latents", rec.digest, bucket, [c.rh, c.rw, c.top, c.left], self.flips, self.latent_key)
+
+    def text_entry(self, caption: str) -> str:
+        return entry_key("text", caption, self.text_key)
+
+    def resized(self, record: int, bucket, c: Cover) -> np.ndarray:
+        """The image resized to cover the bucket: decoded once, then reused while the budget allows."""
+        arr = self.memo.get((record, bucket))
+        if arr is not None:
+            return arr
+        rec = self.records[record]
+        try:
+            arr = resize(decode(rec.read(), need=(c.rh, c.rw)), c.rh, c.rw)
+        except (BadImage, OSError) as e:
+            raise DataError(f"{rec.key}: {e}; it changed since the data was scanned, fix it and restart") from None
+        if self.memo_bytes + arr.nbytes <= MEMO_BYTES:
+            self.memo[(record, bucket)] = arr
+            self.memo_bytes += arr.nbytes
+        return arr
+
+    def pixels(self, record: int, bucket, flip: bool = False, seed: int = 0) -> tuple[torch.Tensor, int, int]:
+        """[3,H,W] in [-1, 1], and the crop's (top, left) as SDXL conditioning sees it."""
+        c = self.cover(record, bucket, seed)
+        arr, left = crop_flip(self.resized(record, bucket, c), c, bucket, flip)
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
+        return t.div_(127.5).sub_(1.0), c.top, left
+
+    def batch(self, examples: list[Example]) -> dict:
+        tops, pix, lat = [], [], []
+        for ex in examples:
+            if self.latents is not None:
+                c = self.cover(ex.record, ex.bucket)
+                entry = self.latents.get(self.latent_entry(ex.record, ex.bucket))
+                lat.append(entry["latents_flip" if ex.flip else "latents"].float())
+                tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
+            else:
+                t, top, left = self.pixels(ex.record, ex.bucket, ex.flip, ex.crop_seed)
+                pix.append(t)
+                tops.append((top, left))
+        out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
+        out["captions"] = [ex.caption for ex in examples]
+        if self.text is not None:
+            entries = [self.text.get(self.text_entry(ex.caption)) for ex in examples]
+            out["text"] = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+        out["original_size"] = torch.tensor([self.records[ex.record].size for ex in examples], dtype=torch.long)
+        out["crop_top_left"] = torch.tensor(tops, dtype=torch.long)
+        out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
+        out["paths"] = [self.records[ex.record].key for ex in examples]
+        out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
+        return out
+
+
+class _Batches(Dataset):
+    def __init__(self, render: Render, plan: list[list[Example]]):
+        self.render, self.plan = render, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.render.batch(self.plan[i])
+
+
+class _Loader:
+    """A DataLoader whose user errors stay one line: a worker's DataError arrives wrapped in its
+    traceback text, and we keep the original message (its last line)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        try:
+            yield from it
+        except DataError as e:
+            # stop the workers now: the traceback keeps the iterator alive, and its shutdown at garbage
+            # collection waits seconds per worker
+            getattr(it, "_shutdown_workers", lambda: None)()
+            lines = str(e).strip().splitlines()
+            if len(lines) == 1:
+                raise
+            raise DataError(lines[-1].removeprefix("finetune.errors.DataError: ")) from None
+
+
+class TrainData:
+    """What the trainer iterates. Batches per epoch are the same on every rank and every epoch."""
+
+    def __init__(self, scan: Scan, planner: Planner, render: Render, num_workers: int, notes: list[str]):
+        self.scan, self.planner, self.render = scan, planner, render
+        self.num_workers, self.notes = num_workers, notes
+        self.fingerprint = scan.fingerprint()
+        self.num_images = scan.num_images
+        self.num_examples_per_epoch = scan.num_examples
+        self.batches_per_epoch = planner.batches_per_epoch
+
+    def plan(self, epoch: int) -> list[list[Example]]:
+        return self.planner.epoch(epoch)
+
+    def loader(self, epoch: int, start_batch: int = 0) -> Iterable[dict]:
+        """This rank's batches of `epoch` from `start_batch` on; the skipped ones are never decoded."""
+        if not 0 <= start_batch <= self.batches_per_epoch:
+            raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches_per_epoch}")
+        plan = self.plan(epoch)[start_batch:]
+        workers = min(self.num_workers, len(plan))
+        return _Loader(DataLoader(
+            _Batches(self.render, plan), batch_size=None, shuffle=False, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
+        ))
+
+    def summary(self) -> str:
+        p = self.planner
+        per = f"{p.batch_size} + {p.batch_size} class images" if p.prior else str(p.batch_size)
+        extra = [f"batches per epoch: {self.batches_per_epoch} per rank x {p.num_replicas} rank(s), "
+                 f"batch size {per}, last batch of a bucket filled from the same bucket"] + self.notes
+        return summarize(self.scan, p.seed, extra)
+
+
+def _cache_root(recipe, sub: str) -> Path | None:
+    d = recipe.data
+    if d.cache_in_memory:
+        return None
+    return Path(d.cache_dir or Path(recipe.train.output_dir) / "cache") / sub
+
+
+def _latent_jobs(planner: Planner, render: Render):
+    pairs = [(r, b) for b, members in planner.groups.items() for r in dict.fromkeys(members)]
+    pairs += [(r, b) for r in planner.prior for b in planner.groups]  # class images meet every bucket
+    return [(render.latent_entry(r, b), b, (r, b)) for r, b in pairs]
+
+
+def _encode_latents(render: Render, encoder: Callable, flips: bool):
+    def run(payloads):
+        px = torch.stack([render.pixels(r, b)[0] for r, b in payloads])
+        out = {"latents": encoder(px)}
+        if flips:
+            out["latents_flip"] = encoder(px.flip(-1))
+        return split_batch(out, len(payloads))
+
+    return run
+
+
+def _fixed_captions(planner: Planner) -> set[str]:
+    """Every caption training will use; fixed because the recipe refuses text caching with varying rules
+    (class images keep their class prompt as is)."""
+    return {rec.caption if rules is None else apply_rules(rec.caption, rules)
+            for rec, rules in zip(planner.records, planner.rules, strict=True)}
+
+
+def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show) -> list[str]:
+    notes, bs = [], recipe.train.batch_size
+    if render.latents is not None:
+        jobs = _latent_jobs(planner, render)
+        if latent_encoder is None and any(not render.latents.has(k) for k, _, _ in jobs):
+            raise ValueError("data.cache_latents needs a latent_encoder to fill missing cache entries")
+        n = fill(render.latents, jobs, bs, _encode_latents(render, latent_encoder, render.flips),
+                 "caching latents", show)
+        notes.append(f"latent cache: {len({k for k, _, _ in jobs})} entries, {n} encoded now "
+                     f"({render.latents.root or 'in memory'})")
+        render.memo.clear()  # pixels are not needed again once latents exist
+        render.memo_bytes = 0
+    if render.text is not None:
+        jobs = [(render.text_entry(c), 0, c) for c in sorted(_fixed_captions(planner))]
+        if text_encoder is None and any(not render.text.has(k) for k, _, _ in jobs):
+            raise ValueError("data.cache_text needs a text_encoder to fill missing cache entries")
+        n = fill(render.text, jobs, bs, lambda caps: split_batch(text_encoder(list(caps)), len(caps)),
+                 "caching text embeddings", show)
+        notes.append(f"text cache: {len(jobs)} captions, {n} encoded now ({render.text.root or 'in memory'})")
+    return notes
+
+
+def build_train_data(
+    recipe,
+    num_replicas: int = 1,
+    rank: int = 0,
+    latent_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    latent_key: str = "",
+    text_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+    text_key: str = "",
+    show_progress: bool = True,
+) -> TrainData:
+    """Scan the sources, plan batches for this rank and fill the caches the recipe asks for.
+    Only rank 0 writes cache files; other ranks encode what is missing into memory, so run rank 0
+    first (accelerate's main_process_first) to have them read rank 0's files instead."""
+    d = recipe.data
+    scan = scan_data(d, verbose=show_progress)
+    planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank)
+    latents = Cache(_cache_root(recipe, "latents"), write=rank == 0) if d.cache_latents else None
+    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text else None
+    render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)
+    notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress)
+    data = TrainData(scan, planner, render, d.num_workers, notes)
+    if show_progress:
+        print(data.summary(), file=sys.stderr)
+    return data

@@ -1,0 +1,103 @@
+"""The order of an epoch: which examples form each batch, with their caption, flip and crop seed.
+
+Pure Python and cheap, so an epoch is planned whole in the main process: a resumed run plans the
+same epoch and skips batches without decoding a single image, and every rank agrees on the plan.
+
+- An example is one sighting of a record; a record is seen `repeats` times per epoch.
+- The epoch is cut into *global* batches of batch_size x num_replicas examples of one bucket; a
+  bucket's last global batch is filled up with other examples of the same bucket (drawn at random),
+  so every example is seen each epoch and every batch is full.
+- Rank r takes slice r of every global batch. The global batches depend only on the product
+  batch_size x num_replicas, so 2 processes at batch 4 see exactly what 1 process at batch 8 sees
+  (same examples, captions, flips and crops): data-parallel runs reproduce single-process ones.
+- With prior preservation every batch gets `batch_size` class images appended (is_prior=True), drawn
+  in a per-epoch shuffled cycle and rendered at the batch's bucket: the classic DreamBooth 1:1 batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from finetune.data.captions import apply_rules, rng_for
+from finetune.data.records import Record
+
+
+@dataclass(frozen=True)
+class Example:
+    record: int  # index into Planner.records
+    bucket: tuple[int, int]  # (h, w)
+    caption: str  # after the caption rules
+    flip: bool
+    crop_seed: int
+    is_prior: bool = False
+
+
+class Planner:
+    def __init__(self, scan, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        self.batch_size, self.seed = batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.random_flip = scan.data.random_flip
+        self.records: list[Record] = []
+        self.rules = []  # per record
+        self.groups: dict[tuple[int, int], list[int]] = {}  # bucket -> record indices, repeats included
+        for i, sub in enumerate(scan.subsets):
+            for rec, bucket in zip(sub.records, scan.assigned[i], strict=True):
+                self.groups.setdefault(bucket, []).extend([len(self.records)] * sub.repeats)
+                self.records.append(rec)
+                self.rules.append(sub.rules)
+        self.prior: list[int] = []
+        if scan.prior is not None:
+            self.prior = list(range(len(self.records), len(self.records) + len(scan.prior.records)))
+            self.records += scan.prior.records
+            self.rules += [None] * len(scan.prior.records)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    @property
+    def total_batches(self) -> int:
+        """Global batches per epoch (each is one optimizer micro-step on every rank)."""
+        return sum(math.ceil(len(g) / self.global_batch) for g in self.groups.values())
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.total_batches
+
+    def _global_order(self, epoch: int) -> list[tuple[tuple[int, int], list[int]]]:
+        rng = rng_for("order", self.seed, epoch)
+        size = self.global_batch
+        batches = []
+        for bucket in sorted(self.groups):
+            group = list(self.groups[bucket])
+            rng.shuffle(group)
+            group += [rng.choice(self.groups[bucket]) for _ in range(-len(group) % size)]
+            batches += [(bucket, group[i : i + size]) for i in range(0, len(group), size)]
+        rng.shuffle(batches)
+        return batches
+
+    def _example(self, epoch: int, j: int, k: int, record: int, bucket, prior: bool) -> Example:
+        rng = rng_for("example", self.seed, epoch, j, k)
+        rec = self.records[record]
+        caption = rec.caption if prior else apply_rules(rec.caption, self.rules[record], rng)
+        flip = self.random_flip and rng.random() < 0.5
+        return Example(record, bucket, caption, flip, rng.getrandbits(32), prior)
+
+    def epoch(self, epoch: int) -> list[list[Example]]:
+        """This rank's batches of the epoch, in order."""
+        size, first = self.global_batch, self.rank * self.batch_size
+        cycle = list(self.prior)
+        rng_for("prior", self.seed, epoch).shuffle(cycle)
+        out = []
+        for j, (bucket, members) in enumerate(self._global_order(epoch)):
+            # k: the example's position in the global batch, so its randomness ignores how it is split
+            mine = range(first, first + self.batch_size)
+            batch = [self._example(epoch, j, k, members[k], bucket, False) for k in mine]
+            for k in mine if cycle else ():
+                r = cycle[(j * size + k) % len(cycle)]
+                batch.append(self._example(epoch, j, size + k, r, bucket, True))
+            out.append(batch)
+        return out

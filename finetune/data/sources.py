@@ -1,0 +1,286 @@
+"""Sources: turn each `data.sources` entry into subsets of records. PIL only, no torch.
+
+One function per source type, registered in SCANNERS. A kohya tree gives one subset per `N_prompt`
+folder (its own repeats and prompt); every other source gives one subset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from finetune.data.captions import apply_rules
+from finetune.data.records import (
+    Problems,
+    Record,
+    Subset,
+    blob_record,
+    confined,
+    image_files,
+    load_images,
+    need_dir,
+    read_caption,
+)
+from finetune.errors import DataError
+
+_SIDECARS = (".txt", ".caption", ".cap", ".tags", ".json")
+
+
+def _subset(src, data, probs: Problems, name: str | None = None, repeats: int | None = None) -> Subset:
+    return Subset(
+        name=name or src.name or getattr(src, "path", None) or f"toy:{src.subject}",
+        kind=src.type,
+        repeats=repeats or src.repeats,
+        rules=data.caption_rules(src),
+    )
+
+
+def _with_captions(files: list[Path], ext: str, default: str, probs: Problems) -> tuple[list, list[Path]]:
+    """(path, caption) pairs from same-stem sidecars; files without one get `default` and are listed."""
+    pairs, missing = [], []
+    for f in files:
+        side = f.with_suffix(ext)
+        if not side.is_file():
+            missing.append(f)
+            pairs.append((f, default))
+            continue
+        text = read_caption(side, probs)
+        if text is not None:
+            pairs.append((f, text))
+    return pairs, missing
+
+
+def _wrong_ext_hint(files: list[Path], ext: str) -> str | None:
+    """The sidecar extension the images do have, when it is not the configured one."""
+    found = Counter(
+        alt for f in files for alt in _SIDECARS if alt != ext and f.with_suffix(alt).is_file()
+    )
+    return found.most_common(1)[0][0] if found else None
+
+
+def _no_images(root: Path, recursive: bool) -> DataError:
+    nested = not recursive and any(image_files(root, recursive=True))
+    hint = "; the images are in sub-folders: set recursive: true" if nested else "; add .png/.jpg/.webp images"
+    return DataError(f"{root}: no images found{hint}")
+
+
+def _missing_note(sub: Subset, missing: list[Path], ext: str, fallback: str) -> None:
+    if missing:
+        sub.notes.append(
+            f"{len(missing)} image(s) without a {ext} caption train on {fallback}, e.g. {missing[0].name}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
+    root = need_dir(src.path, key)
+    files = image_files(root, src.recursive)
+    if not files:
+        raise _no_images(root, src.recursive)
+    sub = _subset(src, data, probs)
+    pairs, missing = _with_captions(files, src.caption_ext, "", probs)
+    if len(missing) == len(files):
+        other = _wrong_ext_hint(files, src.caption_ext)
+        if other:
+            raise DataError(
+                f"{root}: no {src.caption_ext} caption files, but the images have {other} captions; "
+                f"set caption_ext: '{other}' in {key}"
+            )
+    empty = apply_rules("", sub.rules) or "an empty caption"
+    _missing_note(sub, missing, src.caption_ext, f"the template alone ({empty!r})")
+    sub.records = load_images(pairs, probs)
+    return [sub]
+
+
+def scan_instance(src, data, probs: Problems, key: str) -> list[Subset]:
+    root = need_dir(src.path, key)
+    files = image_files(root)
+    if not files:
+        raise _no_images(root, False)
+    sub = _subset(src, data, probs)
+    pairs, _ = _with_captions(files, src.caption_ext, src.instance_prompt, probs)
+    sub.records = load_images(pairs, probs)
+    return [sub]
+
+
+def scan_kohya(src, data, probs: Problems, key: str) -> list[Subset]:
+    root = need_dir(src.path, key)
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    named = [d for d in dirs if re.fullmatch(r"\d+_.+", d.name)]
+    if not named and (root / "img").is_dir():  # pointed at the project folder instead of its img/
+        return scan_kohya(src.model_copy(update={"path": str(root / "img")}), data, probs, key)
+    if not named:
+        raise DataError(
+            f"{root}: no kohya sub-folders named like '10_sks dog' (repeats_prompt); "
+            "use type: folder for a flat folder of images"
+        )
+    subsets = []
+    for d in named:
+        count, prompt = d.name.split("_", 1)
+        if int(count) < 1:
+            raise DataError(f"{d}: repeats in the folder name must be at least 1; rename it to 1_{prompt}")
+        files = image_files(d)
+        if not files:
+            raise DataError(f"{d}: kohya folder holds no images; add images or remove the folder")
+        sub = _subset(src, data, probs, name=str(d), repeats=int(count) * src.repeats)
+        pairs, missing = _with_captions(files, src.caption_ext, prompt, probs)
+        _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
+        sub.records = load_images(pairs, probs)
+        subsets.append(sub)
+    ignored = [d.name for d in dirs if d not in named]
+    if ignored:
+        subsets[0].notes.append(f"ignored sub-folders not named 'N_prompt': {', '.join(ignored[:5])}")
+    return subsets
+
+
+def _metadata_rows(path: Path) -> list[tuple[int, dict]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; re-save it as UTF-8") from None
+    if path.suffix == ".csv":
+        return [(i + 2, row) for i, row in enumerate(csv.DictReader(io.StringIO(text)))]
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: not a JSON object ({e.msg}); one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: expected a JSON object like {{\"file_name\": ..., \"text\": ...}}")
+        rows.append((i, row))
+    return rows
+
+
+def _metadata_file(src, root: Path) -> Path:
+    names = [src.file] if src.file else ["metadata.jsonl", "metadata.csv"]
+    for name in names:
+        if (root / name).is_file():
+            return confined(root, name, str(root))
+    raise DataError(f"{root}: no {' or '.join(names)}; add one with file_name and {src.caption_column} columns")
+
+
+def scan_metadata(src, data, probs: Problems, key: str) -> list[Subset]:
+    root = need_dir(src.path, key)
+    meta = _metadata_file(src, root)
+    rows = _metadata_rows(meta)
+    if not rows:
+        raise DataError(f"{meta}: has no rows; add one line per image")
+    pairs = []
+    for line, row in rows:
+        where = f"{meta}:{line}"
+        for col in ("file_name", src.caption_column):
+            if col not in row:
+                raise DataError(
+                    f"{where}: no '{col}' column (columns: {', '.join(map(str, row))}); "
+                    f"set caption_column in {key} or fix the file"
+                )
+        path = confined(root, str(row["file_name"]), where)
+        if not path.is_file():
+            probs.bad(f"{where}", f"file_name '{row['file_name']}' does not exist in {root}", "fix the row")
+            continue
+        caption = row[src.caption_column]
+        pairs.append((path, " ".join(str(caption if caption is not None else "").split())))
+    sub = _subset(src, data, probs)
+    sub.records = load_images(pairs, probs)
+    unlisted = len(image_files(root, recursive=True)) - len(pairs)
+    if unlisted > 0:
+        sub.notes.append(f"{unlisted} image(s) in {root} are not listed in {meta.name} and are not used")
+    return [sub]
+
+
+def _load_hf(src):
+    import datasets
+
+    local = Path(src.path)
+    try:
+        if local.is_dir() and any((local / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise DataError(f"{local}: no split '{src.split}'; splits: {', '.join(ds)}")
+                ds = ds[src.split]
+            return ds
+        return datasets.load_dataset(src.path, split=src.split, revision=src.revision)
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types (offline, missing split, bad files)
+        raise DataError(
+            f"{src.path}: could not load the dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "check the name/path and split (offline runs need a local copy)"
+        ) from None
+
+
+def scan_hf(src, data, probs: Problems, key: str) -> list[Subset]:
+    import datasets
+
+    ds = _load_hf(src)
+    for col in (src.image_column, src.caption_column):
+        if col not in ds.column_names:
+            raise DataError(
+                f"{src.path}: no column '{col}' (columns: {', '.join(ds.column_names)}); "
+                f"set image_column / caption_column in {key}"
+            )
+    if isinstance(ds.features[src.image_column], datasets.Image):
+        # keep the encoded bytes: we decode ourselves (EXIF, modes, draft) and hash them for the caches
+        ds = ds.cast_column(src.image_column, datasets.Image(decode=False))
+    if not len(ds):
+        raise DataError(f"{src.path}: split '{src.split}' has no rows")
+    sub = _subset(src, data, probs)
+    for i, row in enumerate(ds.select_columns([src.image_column, src.caption_column])):
+        rec = _hf_record(src, i, row, probs)
+        if rec is not None:
+            sub.records.append(rec)
+    return [sub]
+
+
+def _hf_record(src, i: int, row: dict, probs: Problems) -> Record | None:
+    cell, caption = row[src.image_column], row[src.caption_column]
+    where = f"hf:{src.path}#{i}"
+    if isinstance(cell, dict) and cell.get("bytes"):
+        data = cell["bytes"]
+    elif isinstance(cell, dict) and cell.get("path") or isinstance(cell, str):
+        path = cell["path"] if isinstance(cell, dict) else cell
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            probs.bad(where, f"image file {path} cannot be read ({e.strerror})", "fix the dataset")
+            return None
+    else:
+        probs.bad(where, f"column '{src.image_column}' holds no image", "set image_column to the image column")
+        return None
+    return blob_record(where, " ".join(str(caption or "").split()), data, probs)
+
+
+def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
+    from finetune.toy import world  # lazy: drawing code is only needed for toy runs
+
+    if src.subject == "world":
+        pairs = world.world_images(src.count, src.seed)
+    else:
+        pairs = world.subject_images(src.subject, src.count, src.seed)
+    sub = _subset(src, data, probs)
+    for i, (img, caption) in enumerate(pairs):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption,
+                          buf.getvalue(), probs)
+        if rec is not None:
+            sub.records.append(rec)
+    return [sub]
+
+
+SCANNERS = {
+    "folder": scan_folder,
+    "metadata": scan_metadata,
+    "kohya": scan_kohya,
+    "hf": scan_hf,
+    "instance": scan_instance,
+    "toy": scan_toy,
+}
