@@ -28,3 +28,9 @@ def did_you_mean(word: str, options) -> str:
     options = [str(o) for o in options]
     close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class RunError(UserError):
+    """The run cannot go on (non-finite loss, a failed checkpoint write); what was saved is intact."""
+
+    exit_code = 3

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import UserError
+from finetune.errors import RunError, UserError
 from finetune.train import checkpoint as ckpt
 from finetune.train.setup import flat_config
 from finetune.train.tracking import LossLog, Progress, plot_loss
@@ -118,7 +118,13 @@ def _after_step(t, logs) -> None:
 
 
 def save(t) -> Path:
-    path = ckpt.save_checkpoint(t.acc, ckpt.checkpoint_root(t.out), t.state, t.params, t.ema, t.cfg.keep_last)
+    root = ckpt.checkpoint_root(t.out)
+    try:
+        path = ckpt.save_checkpoint(t.acc, root, t.state, t.params, t.ema, t.cfg.keep_last)
+    except OSError as e:
+        done = ckpt.complete_checkpoints(root)
+        kept = f"the previous checkpoint {done[-1]} is intact" if done else "no earlier checkpoint exists"
+        raise RunError(f"could not write the step-{t.state.step} checkpoint in {root} ({e}); {kept}") from None
     if t.acc.is_main_process:
         t.progress.write(f"checkpoint: {path}")
     return path

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from finetune.errors import UserError
+from finetune.errors import RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import diffusion_loss, example_noise, snr_weights, target_for
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 
 
-class NonFiniteError(UserError):
-    exit_code = 3
+class NonFiniteError(RunError):
+    """Loss, gradients or weights went NaN/inf."""
 
 
 def train(recipe: Recipe) -> Path:
@@ -174,7 +174,7 @@ class Trainer:
         with acc.accumulate(*self.wrapped.values()):
             loss, logs = self.compute_loss(batch)
             if self._all_agree(not torch.isfinite(loss).item()):
-                self._non_finite("loss", batch, float(loss))
+                self._non_finite("loss", batch, float(loss.detach()))
                 self.optimizer.zero_grad(set_to_none=True)
                 return False, logs
             acc.backward(loss)
