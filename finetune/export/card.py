@@ -14,6 +14,18 @@ LOAD_SNIPPETS = {
         "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
+    "embedding": (
+        "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+        "pipe.load_textual_inversion(\"{folder}\")\n"
+    ),
+    "full": "pipe = StableDiffusionPipeline.from_pretrained(\"{folder}/model\")\n",
+}
+UI_NOTES = {
+    "lora": "The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).",
+    "embedding": "The `.safetensors` named after the run goes in ComfyUI's and AUTOMATIC1111's `embeddings/` "
+    "folder; write its file name in the prompt.",
+    "full": "The single `.safetensors` checkpoint loads in ComfyUI (`models/checkpoints`) and AUTOMATIC1111 "
+    "(`models/Stable-diffusion`); diffusers opens it with `from_single_file(path, config=\"{folder}/model\")`.",
 }
 
 
@@ -26,6 +38,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
         grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
     snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name)
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
+    ui = UI_NOTES.get(kind, "").format(folder=out_dir.name)
     text = f"""---
 base_model: {ctx.base}
 tags: [text-to-image, diffusers, {ctx.method}, finetune]
@@ -41,7 +54,7 @@ at {ctx.resolution} px.
 ## Files
 {listing}
 
-The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).
+{ui}
 
 ## Use with diffusers
 ```python

@@ -42,3 +42,53 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a weights file; a clear UserError for anything we cannot read.
+
+    Pickle files (.ckpt/.pt/.bin) run code when loaded: refused unless `allow_pickle`, then read with
+    `torch.load(weights_only=True)`, which unpickles tensors and plain containers only.
+    """
+    from finetune.errors import ModelError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(f"{path}: pickle file, which can run code when loaded; convert it to .safetensors "
+                             "or pass --allow-pickle to read it with weights_only=True")
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
+            raise ModelError(f"{path}: cannot be read as a weights-only pickle ({str(e).splitlines()[0]})") from None
+        data = data.get("state_dict", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise ModelError(f"{path}: pickle does not hold a flat dict of tensors")
+        return dict(data), {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file (truncated or corrupt? {str(e).splitlines()[0]})") from None
+    return tensors, meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Only the header of a safetensors file (cheap); {} for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    from finetune.errors import ModelError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None

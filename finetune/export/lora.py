@@ -113,8 +113,16 @@ def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], a
     """LoRA/DoRA: the file diffusers' load_lora_weights reads. LoHa/LoKr: a peft file for our loader."""
     packed = {f"{module}.{key}": value for module, cfg in configs.items() for key, value in cfg.items()}
     if adapter == "lora":
-        return save_safetensors(tensors, out_dir / DIFFUSERS_FILE, meta | {ADAPTER_META: json.dumps(packed)})
+        return save_safetensors(transformers_dora_keys(tensors), out_dir / DIFFUSERS_FILE,
+                                meta | {ADAPTER_META: json.dumps(packed)})
     return save_safetensors(tensors, out_dir / PEFT_FILE, meta | {PEFT_META: json.dumps(configs)})
+
+
+def transformers_dora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text encoders load through transformers, which keeps a DoRA magnitude only under '...magnitude_vector
+    .weight' (diffusers' U-Net path, through peft, takes the bare name): name them so both load it."""
+    return {(f"{k}.weight" if not k.startswith("unet.") and k.endswith(".lora_magnitude_vector") else k): v
+            for k, v in tensors.items()}
 
 
 def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None) -> Path:
@@ -134,6 +142,8 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
         return save_diffusers_lora(tensors, configs, out, meta, kind)
     key = ADAPTER_META if kind == "lora" else PEFT_META
     packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()} if kind == "lora" else configs
+    if kind == "lora":
+        tensors = transformers_dora_keys(tensors)
     return save_safetensors(tensors, out, meta | {key: json.dumps(packed)})
 
 

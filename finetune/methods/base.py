@@ -48,6 +48,9 @@ class Method(Protocol):
         """Called after every optimizer step (e.g. restore frozen embedding rows)."""
         ...
 
+    # Optional: `prepare_captions(self, captions: list[str]) -> list[str]` rewrites captions before they
+    # are tokenized (e.g. expanding a multi-vector placeholder); the trainer calls it when present.
+
     def trainable_state(self, comps: Components) -> dict[str, torch.Tensor]:
         """The trained tensors, by stable names: what checkpoints compare and exports write."""
         ...

@@ -87,7 +87,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
     accelerator.save_state(str(tmp))  # optimizer, scheduler, scaler, RNG of every process (models skipped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_safetensors({k: v.detach() for k, v in params.items()}, tmp / TRAINABLE)
+        save_safetensors({k: _full(v) for k, v in params.items()}, tmp / TRAINABLE)
         if ema is not None:
             save_safetensors(dict(zip(params, ema.shadow_params, strict=True)), tmp / EMA)
         (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
@@ -100,6 +100,12 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
         rotate(root, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a parameter that may be sharded (FSDP2 DTensor)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _fsync_dir(path: Path) -> None:

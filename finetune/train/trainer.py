@@ -63,6 +63,8 @@ class Trainer:
         for enc in comps.text_encoders:
             enc.to(device)
         self.comps = comps
+        if recipe.data.prior is not None:
+            self._ensure_class_images()
         self.data = self._build_data(vae_dtype)
         self._build_optimization(groups)
         self.state = ckpt.TrainState(dataset_fingerprint=self.data.fingerprint,
@@ -75,6 +77,13 @@ class Trainer:
         if choice != "auto":
             return DTYPES[choice]
         return torch.float32 if comps.family.vae_fp16_unsafe else self.dtype
+
+    def _ensure_class_images(self) -> None:
+        """DreamBooth: generate the missing class images with the untouched base (main process first)."""
+        from finetune.data.prior import ensure_class_images
+
+        with self.acc.main_process_first():
+            ensure_class_images(self.recipe, self.comps, self.acc)
 
     def _build_data(self, vae_dtype):
         from finetune.data import build_train_data
@@ -132,6 +141,9 @@ class Trainer:
         return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
 
     def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors)
+        prepare = getattr(self.method, "prepare_captions", None)
+        captions = prepare(captions) if prepare else captions
         encoders = [self.wrapped.get(n, e) for n, e in zip(self.comps.family.text_encoder_names,
                                                             self.comps.text_encoders, strict=True)]
         comps = self.comps

@@ -1,0 +1,58 @@
+"""Format conversions: LoRA diffusers <-> kohya, embeddings diffusers <-> AUTOMATIC1111.
+
+Tensors are copied, not recomputed, so a round trip is bit-for-bit; the one exception is a LoKr whose two
+Kronecker factors are both full, where the kohya file bakes peft's alpha/r into lokr_w1 (see kohya.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import ModelError
+
+KEPT_PREFIXES = ("finetune.", "ss_", "modelspec.")
+
+
+def kept_metadata(meta: dict[str, str]) -> dict[str, str]:
+    """The story a converted file keeps: our keys and the UI keys (format-specific configs are rebuilt)."""
+    from finetune.export.lora import PEFT_META
+
+    return {k: v for k, v in meta.items() if k.startswith(KEPT_PREFIXES) and k != PEFT_META}
+
+
+def lora_target(src: Path, dst: Path, fmt: str) -> Path:
+    """Where a conversion writes: a kohya .safetensors file, or a diffusers folder (or .safetensors file)."""
+    if fmt == "kohya" and dst.suffix != ".safetensors":
+        dst = dst / f"{src.stem if src.is_file() else src.name}.safetensors"
+    if dst.resolve() == src.resolve():
+        raise ModelError(f"{dst}: is the input file; choose another output")
+    return dst
+
+
+def convert_lora(src: str | Path, dst: str | Path, fmt: str, allow_pickle: bool = False, family=None) -> Path:
+    """Rewrite a LoRA/DoRA/LoHa/LoKr file as 'kohya' or 'diffusers'; returns the written path."""
+    from finetune.export.adapters import read_adapter
+    from finetune.export.lora import save_adapter
+
+    if fmt not in ("kohya", "diffusers"):
+        raise ModelError(f"unknown LoRA format '{fmt}'; use kohya or diffusers")
+    src, dst = Path(src), Path(dst)
+    adapter = read_adapter(src, allow_pickle=allow_pickle, family=family)
+    meta = kept_metadata(adapter.metadata)
+    meta["finetune.converted_from"] = f"{adapter.format}:{adapter.path.name}"
+    return save_adapter(adapter, lora_target(src, dst, fmt), fmt, meta, family)
+
+
+def convert_embedding(src: str | Path, dst: str | Path, fmt: str, allow_pickle: bool = False,
+                      family=None) -> Path:
+    """Rewrite a textual-inversion file as 'a1111' (emb_params / clip_l+clip_g) or 'diffusers' ({token: rows})."""
+    from finetune.export.embeddings import read_embeddings, write_embedding_file
+
+    src, dst = Path(src), Path(dst)
+    emb = read_embeddings(src, allow_pickle=allow_pickle, family=family)
+    if dst.suffix != ".safetensors":
+        dst = dst / (f"{emb.token}.safetensors" if fmt == "a1111" else "learned_embeds.safetensors")
+    if dst.resolve() == src.resolve():
+        raise ModelError(f"{dst}: is the input file; choose another output")
+    meta = kept_metadata(emb.metadata) | {"finetune.converted_from": f"{emb.format}:{src.name}"}
+    return write_embedding_file(emb.vectors, emb.token, dst, fmt, meta, family)

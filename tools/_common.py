@@ -1,0 +1,69 @@
+"""Shared plumbing of the tools/ CLIs: import path, one-line errors (exit 2), base loading."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+# `python tools/inspect.py` puts tools/ first on sys.path, where our inspect.py would shadow the standard
+# library's `inspect` (which torch imports): take tools/ off the path before anything heavy is imported.
+_TOOLS = pathlib.Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _TOOLS]
+sys.path.insert(0, str(_TOOLS.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(main, argv=None) -> int:
+    """Call main(argv); a UserError (or a missing file) prints one line and returns 2, no traceback."""
+    from finetune.errors import UserError
+
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except FileNotFoundError as e:
+        print(f"error: {e.filename or e}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing more written", file=sys.stderr)
+        return 130
+
+
+def quiet() -> None:
+    """Library chatter off: the tools print what matters themselves."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def load_base(base: str, family: str = "auto", config: str | None = None, allow_pickle: bool = False):
+    """Components of a base, accepting every form recipe `model.base` accepts (incl. 'toy')."""
+    from finetune.models.components import load_components
+    from finetune.sections import ModelSection
+
+    quiet()
+    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle,
+                                        attention="default"))
+
+
+def add_base_args(p) -> None:
+    p.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors file or 'toy'")
+    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"], help="model family")
+    p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read .ckpt/.pt/.bin files (weights_only=True); refused otherwise")

@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Prompts -> images from a base plus any number of LoRAs and embeddings, saved as a labelled grid.
+
+    python tools/generate.py "a sks circle" "a (red:1.3) square" --base toy --lora out/run:0.8 --seeds 0 1 2
+    python tools/generate.py "a sks circle" --base toy --embedding out/ti/sks.safetensors --out grid.png
+    python tools/generate.py "a watercolor" --base toy --init-image photo.png --strength 0.6
+
+LoRAs (diffusers, kohya, DoRA, LoHa, LoKr; `PATH[:SCALE]`) are fused into the weights before sampling.
+Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import _common
+
+SCHEDULER_CHOICES = ["ddim", "euler", "euler_a", "dpm++", "pndm", "base"]
+A1111_WEIGHT = re.compile(r"\(([^():]+):\s*([0-9.]+)\)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("prompts", nargs="+", help="one grid row per prompt")
+    _common.add_base_args(p)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="LoRA to apply (repeat)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
+                   help="textual-inversion embedding (repeat); TOKEN overrides the file's token")
+    p.add_argument("--negative", default="", help="negative prompt for every image")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one grid column per seed")
+    p.add_argument("--seed", type=int, default=0, help="first seed when --seeds is not given")
+    p.add_argument("--batch", type=int, default=2, help="images per prompt when --seeds is not given")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="ddim", help="sampler")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda when available)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the base's)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the base's)")
+    p.add_argument("--init-image", type=Path, help="image-to-image: the starting image")
+    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
+    p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid image to write")
+    p.add_argument("--save-images", type=Path, help="also save every image into this folder")
+    return p.parse_args(argv)
+
+
+def to_compel(prompt: str) -> str:
+    """A1111 '(word:1.3)' -> compel '(word)1.3'; other text unchanged."""
+    return A1111_WEIGHT.sub(lambda m: f"({m[1]}){m[2]}", prompt)
+
+
+def build_pipeline(args):
+    import torch
+
+    from finetune.errors import ModelError
+    from finetune.export.embeddings import load_into_pipeline
+    from finetune.export.merge import LoraSpec, fuse_all, read_all
+    from finetune.train.validation import SCHEDULERS
+
+    comps = _common.load_base(args.base, args.family, args.config, args.allow_pickle)
+    specs = [LoraSpec.parse(s) for s in args.lora]
+    fuse_all(comps, read_all(specs, args.allow_pickle, comps.family), [s.weight for s in specs])
+    pipe = comps.pipeline()
+    if args.scheduler != "base":
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    tokens = []
+    for item in args.embedding:
+        path, _, token = item.partition(":") if not Path(item).exists() else (item, "", "")
+        tokens.append(load_into_pipeline(pipe, path, token or None, args.allow_pickle, comps.family))
+    if args.init_image is not None:
+        if not args.init_image.is_file():
+            raise ModelError(f"{args.init_image}: no such image")
+        if not 0.0 < args.strength <= 1.0:
+            raise ModelError(f"--strength {args.strength}: must be in (0, 1]")
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, comps, tokens
+
+
+def encode(pipe, prompt: str, negative: str):
+    """Weighted prompt embeddings through compel (plain prompts go straight to the pipeline)."""
+    from compel import Compel, DiffusersTextualInversionManager
+
+    if not re.search(r"[()+\-\[\]]", prompt + negative):
+        return {"prompt": prompt, "negative_prompt": negative or None}
+    compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False,
+                    textual_inversion_manager=DiffusersTextualInversionManager(pipe))
+    cond, neg = compel([to_compel(prompt), to_compel(negative)])
+    cond, neg = compel.pad_conditioning_tensors_to_same_length([cond[None], neg[None]])
+    return {"prompt_embeds": cond, "negative_prompt_embeds": neg}
+
+
+def main(argv=None) -> int:
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
+    pipe, comps, _ = build_pipeline(args)
+    extra = {}
+    if args.init_image is not None:
+        extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
+    else:
+        size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        extra = {"width": args.width or size, "height": args.height or size}
+    rows = []
+    for prompt in tqdm(args.prompts, desc="prompts", disable=len(args.prompts) < 2):
+        text = encode(pipe, prompt, args.negative)
+        images = []
+        for seed in seeds:
+            g = torch.Generator("cpu").manual_seed(seed)
+            with torch.no_grad():
+                out = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=g,
+                           **extra)
+            images.append(out.images[0])
+        rows.append(images)
+    _save(args, rows, seeds)
+    return 0
+
+
+def _save(args, rows, seeds) -> None:
+    from finetune.train.validation import grid
+
+    title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
+    image = grid(rows, args.prompts, title=f"{title} | seeds {seeds}"[:200])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(args.out)
+    print(f"wrote {args.out}")
+    if args.save_images:
+        args.save_images.mkdir(parents=True, exist_ok=True)
+        for i, row in enumerate(rows):
+            for seed, img in zip(seeds, row, strict=True):
+                img.save(args.save_images / f"p{i:02d}-s{seed}.png")
+        print(f"wrote {sum(len(r) for r in rows)} images to {args.save_images}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(_common.run(main))
