@@ -78,6 +78,8 @@ class TrainSection(StrictModel):
         "no", description="Compute precision through accelerate; trained parameters stay fp32."
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the U-Net.")
+    compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
+    channels_last: bool = Field(False, description="Keep U-Net convolutions in channels-last memory format.")
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
     )
@@ -122,14 +124,14 @@ class ValidationSection(StrictModel):
     )
 
 
-ExportFormat = Literal["diffusers", "kohya", "a1111"]
+ExportFormat = Literal["diffusers", "kohya", "a1111", "single_file"]
 
 
 class ExportSection(StrictModel):
     formats: list[ExportFormat] = Field(
         default_factory=lambda: ["diffusers", "kohya"],
         description="What the run writes: 'diffusers' (peft/diffusers files), 'kohya' (ComfyUI/A1111 LoRA), "
-        "'a1111' (A1111/ComfyUI embedding).",
+        "'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors).",
     )
     name: str | None = Field(None, description="File stem for the kohya/A1111 exports; default the run folder's name.")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights.")

@@ -82,14 +82,18 @@ def _epochs(t) -> bool:
     """Train until max_steps; False when interrupted by a signal."""
     cfg, state = t.cfg, t.state
     while state.step < cfg.max_steps:
+        waited = time.perf_counter()
         for batch in t.data.loader(state.epoch, start_batch=state.batch_in_epoch):
+            t.timer.add("data", time.perf_counter() - waited)
             stepped, logs = t.train_step(batch)
             state.batch_in_epoch += 1
             if stepped:
                 state.step += 1
-                _after_step(t, logs)
+                with t.timer("logging_validation"):
+                    _after_step(t, logs)
                 if t._all_agree(t.stop.requested) or state.step >= cfg.max_steps:
                     break
+            waited = time.perf_counter()
         else:
             state.epoch += 1
             state.batch_in_epoch = 0

@@ -19,6 +19,7 @@ from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import diffusion_loss, example_noise, snr_weights, target_for
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+from finetune.train.timing import PhaseTimer
 
 
 class NonFiniteError(RunError):
@@ -57,6 +58,10 @@ class Trainer:
         cast_frozen(comps, self.dtype, vae_dtype)
         if self.cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
+        if self.cfg.channels_last:
+            comps.unet.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            comps.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
         device = acc.device
         comps.unet.to(device)
         comps.vae.to(device)
@@ -70,6 +75,7 @@ class Trainer:
         self.state = ckpt.TrainState(dataset_fingerprint=self.data.fingerprint,
                                      recipe_fingerprint=resume_fingerprint(recipe))
         self.stop = StopFlag()
+        self.timer = PhaseTimer(enabled=False)  # tools/bench.py switches it on
 
     # ------------------------------------------------------------------------------------------ set-up
     def _vae_dtype(self, comps) -> torch.dtype:
@@ -153,12 +159,15 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- a step
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         comps, acc, cfg = self.comps, self.acc, self.cfg
-        if "latents" in batch:
-            latents = batch["latents"].to(acc.device, torch.float32)
-        else:
-            latents = self.encode_latents(batch["pixel_values"])
-        text = batch.get("text") or self.encode_text(batch["captions"])
-        text = {k: v.to(acc.device) for k, v in text.items()}
+        timer = self.timer
+        with timer("vae_encode"):
+            if "latents" in batch:
+                latents = batch["latents"].to(acc.device, torch.float32)
+            else:
+                latents = self.encode_latents(batch["pixel_values"])
+        with timer("text_encode"):
+            text = batch.get("text") or self.encode_text(batch["captions"])
+            text = {k: v.to(acc.device) for k, v in text.items()}
         bsz = latents.shape[0]
         first = (self.state.step * acc.num_processes + acc.process_index) * bsz * cfg.gradient_accumulation
         first += (self.state.batch_in_epoch % cfg.gradient_accumulation) * bsz
@@ -166,7 +175,7 @@ class Trainer:
                                          self.state.step, first, cfg.noise_offset)
         noisy = comps.scheduler.add_noise(latents, noise, timesteps)
         unet = self.wrapped.get("unet", comps.unet)
-        with acc.autocast():
+        with timer("unet_forward"), acc.autocast():
             pred = unet(noisy, timesteps, **comps.family.unet_kwargs(text, batch), return_dict=False)[0]
         target = target_for(comps.scheduler, latents, noise, timesteps)
         weights = snr_weights(comps.scheduler, timesteps, cfg.min_snr_gamma)
@@ -189,7 +198,8 @@ class Trainer:
                 self._non_finite("loss", batch, float(loss.detach()))
                 self.optimizer.zero_grad(set_to_none=True)
                 return False, logs
-            acc.backward(loss)
+            with self.timer("backward"):
+                acc.backward(loss)
             if not acc.sync_gradients:
                 return False, logs
             norm = self._grad_norm()
@@ -197,9 +207,10 @@ class Trainer:
                 self._non_finite("gradient norm", batch, norm)
                 self.optimizer.zero_grad(set_to_none=True)
                 return False, logs
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            with self.timer("optimizer"):
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(self.comps)
         if self.ema is not None and (self.state.step + 1) % cfg.ema.update_every == 0:
             self.ema.step(list(self.params.values()))
