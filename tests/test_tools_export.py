@@ -18,7 +18,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def tool(name: str):
-    """Import tools/<name>.py under a private module name (tools/inspect.py must not shadow the stdlib)."""
+    """Import tools/<name>.py under a private module name (a private name keeps tools/ apart from imported modules)."""
     if str(TOOLS) not in sys.path:
         sys.path.append(str(TOOLS))
     spec = importlib.util.spec_from_file_location(f"finetune_tool_{name}", TOOLS / f"{name}.py")
@@ -120,7 +120,7 @@ def test_convert_round_trip_is_bit_for_bit(tmp_path, two_loras):
 
 def test_inspect_says_what_a_file_is(two_loras, capsys):
     a, _, _ = two_loras
-    assert run_tool("inspect", a) == 0
+    assert run_tool("inspect_file", a) == 0
     out = capsys.readouterr().out
     assert "kohya lora" in out and "sks" in out and "ranks" in out and "sd1" in out
 

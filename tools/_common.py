@@ -6,8 +6,8 @@ import os
 import pathlib
 import sys
 
-# `python tools/inspect.py` puts tools/ first on sys.path, where our inspect.py would shadow the standard
-# library's `inspect` (which torch imports): take tools/ off the path before anything heavy is imported.
+# `python tools/x.py` puts tools/ first on sys.path, where a tool named like a module (merge, convert, ...)
+# could shadow a library import: take tools/ off the path and put the repository root there instead.
 _TOOLS = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _TOOLS]
 sys.path.insert(0, str(_TOOLS.parent))

@@ -1,4 +1,4 @@
-"""What a weights file is (for tools/inspect.py): format, family, method, ranks, targets, trigger words."""
+"""What a weights file is (for tools/inspect_file.py): format, family, method, ranks, targets, trigger words."""
 
 from __future__ import annotations
 

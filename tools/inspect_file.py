@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Say what a safetensors file is: format, family, method, ranks, targets, trigger words, metadata.
 
-    python tools/inspect.py out/run/my_lora.safetensors
-    python tools/inspect.py out/ti/learned_embeds.safetensors --json
+    python tools/inspect_file.py out/run/my_lora.safetensors
+    python tools/inspect_file.py out/ti/learned_embeds.safetensors --json
 """
 
 from __future__ import annotations
