@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m finetune recipes/toy/lora.yaml train.output_dir=output/demo
+	$(PY) -m finetune recipes/toy/lora.yaml train.output_dir=output/demo train.overwrite=true
 
 lint: setup
 	$(VENV)/bin/ruff check .

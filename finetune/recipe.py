@@ -63,6 +63,9 @@ class Recipe(StrictModel):
                     f"data.cache_text with shuffled or dropped captions (data.sources.{i}) would cache one "
                     "variant forever; turn off shuffle_tags/caption_dropout/tag_dropout or data.cache_text"
                 )
+        m.check_recipe(self)
+        if self.export.formats is None:  # every format the method writes, diffusers first
+            self.export.formats = sorted(m.export_formats, key=lambda f: (f != "diffusers", f))
         bad = [f for f in self.export.formats if f not in m.export_formats]
         if bad:
             raise ValueError(

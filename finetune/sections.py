@@ -122,16 +122,34 @@ class ValidationSection(StrictModel):
     scheduler: Literal["ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "ddim", description="Sampler for validation images; 'base' keeps the base's scheduler."
     )
+    score_subject: str | None = Field(
+        None,
+        description="Toy base only: score every grid with the toy scorer's similarity to this held-out subject "
+        "(printed, logged and kept in samples/scores.json).",
+    )
+
+    @field_validator("score_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None:
+            from finetune.toy.world import SUBJECTS  # numpy + PIL only: cheap enough at recipe time
+
+            if v not in SUBJECTS:
+                from finetune.errors import did_you_mean
+
+                raise ValueError(f"unknown toy subject{did_you_mean(v, SUBJECTS)}; choose one of {', '.join(SUBJECTS)}")
+        return v
 
 
 ExportFormat = Literal["diffusers", "kohya", "a1111", "single_file"]
 
 
 class ExportSection(StrictModel):
-    formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["diffusers", "kohya"],
+    formats: list[ExportFormat] | None = Field(
+        None,
         description="What the run writes: 'diffusers' (peft/diffusers files), 'kohya' (ComfyUI/A1111 LoRA), "
-        "'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors).",
+        "'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors); "
+        "default: every format the method writes.",
     )
     name: str | None = Field(None, description="File stem for the kohya/A1111 exports; default the run folder's name.")
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights.")
@@ -140,8 +158,8 @@ class ExportSection(StrictModel):
 
     @field_validator("formats")
     @classmethod
-    def _formats(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
+    def _formats(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
             raise ValueError("lists a format twice")
         return v
 

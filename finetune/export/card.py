@@ -11,19 +11,26 @@ from finetune.export.io import write_text_atomic
 
 LOAD_SNIPPETS = {
     "lora": (
-        "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
     "embedding": (
-        "pipe = StableDiffusionPipeline.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
     ),
-    "full": "pipe = StableDiffusionPipeline.from_pretrained(\"{folder}/model\")\n",
+    "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\")\n",
+    "pivotal": (
+        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe.load_textual_inversion(\"{folder}\")\n"
+        "pipe.load_lora_weights(\"{folder}\")\n"
+    ),
 }
 UI_NOTES = {
     "lora": "The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).",
     "embedding": "The `.safetensors` named after the run goes in ComfyUI's and AUTOMATIC1111's `embeddings/` "
     "folder; write its file name in the prompt.",
+    "pivotal": "For ComfyUI and AUTOMATIC1111 use both `.safetensors`: the one named after the run is the LoRA "
+    "(`models/Lora`), the `_emb` one the embedding (`embeddings/`, write its file name where the token goes).",
     "full": "The single `.safetensors` checkpoint loads in ComfyUI (`models/checkpoints`) and AUTOMATIC1111 "
     "(`models/Stable-diffusion`); diffusers opens it with `from_single_file(path, config=\"{folder}/model\")`.",
 }
@@ -36,7 +43,16 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
     grid = ""
     if ctx.sample_grid and Path(ctx.sample_grid).is_file():
         grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
-    snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name)
+    from finetune.models.family import FAMILIES
+
+    family = FAMILIES.get(ctx.family)
+    pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
+    snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name, pipeline=pipeline)
+    if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
+        # one load per text encoder: finetune's helper does both (diffusers needs text_encoder_2= etc.)
+        snippet = snippet.replace(f'pipe.load_textual_inversion("{out_dir.name}")\n',
+                                  "from finetune.export.embeddings import load_into_pipeline\n"
+                                  f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
     ui = UI_NOTES.get(kind, "").format(folder=out_dir.name)
     text = f"""---
@@ -59,7 +75,7 @@ at {ctx.resolution} px.
 ## Use with diffusers
 ```python
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 
 {snippet}image = pipe("{prompt}").images[0]
 ```

@@ -61,7 +61,7 @@ def save_single_file(unet, vae, text_encoder, path: str | Path, meta: dict[str, 
 
 def export_full(comps, out_dir: Path, ctx, unet=None, text_encoders=None) -> list[Path]:
     """What a full fine-tune (DreamBooth) run writes: `model/` (diffusers), `<name>.safetensors` (single
-    file, with the kohya/a1111 formats) and the model card."""
+    file, with the single_file format; kohya/a1111 accepted too) and the model card."""
     from finetune.export.card import write_model_card
     from finetune.export.kohya import MODELSPEC_ARCH
     from finetune.export.lora import common_metadata
@@ -81,7 +81,7 @@ def export_full(comps, out_dir: Path, ctx, unet=None, text_encoders=None) -> lis
         written.append(save_diffusers_folder(pipe, out_dir / "model", meta, overwrite=True))
         if dtype != torch.float32:
             pipe.to(torch.float32)
-    if {"kohya", "a1111"} & set(ctx.formats):
+    if {"single_file", "kohya", "a1111"} & set(ctx.formats):
         written.append(save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out_dir / f"{ctx.name}.safetensors",
                                         meta, ctx.dtype))
     if ctx.model_card:

@@ -27,6 +27,9 @@ class MethodConfig(StrictModel):
         """True when text-encoder weights or embeddings change (text caching is then impossible)."""
         return False
 
+    def check_recipe(self, recipe) -> None:
+        """Checks that need the rest of the recipe (e.g. the base's vocabulary); raise ValueError naming the key."""
+
     def build(self) -> Method:
         raise NotImplementedError
 

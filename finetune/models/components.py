@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
+from finetune.models.detect import family_of_checkpoint
 from finetune.models.family import FAMILIES, Family, family_from_configs
 from finetune.sections import ModelSection
 
@@ -63,9 +64,24 @@ class Components:
             parts[name] = enc
         for name, tok in zip(self.family.tokenizer_names, self.tokenizers, strict=True):
             parts[name] = tok
-        if self.family.pipeline_class == "StableDiffusionPipeline":
-            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        return cls(**parts)
+        decode_in_own_dtype(self.vae)
+        return cls(**parts, **self.family.pipeline_kwargs)
+
+
+def decode_in_own_dtype(vae) -> None:
+    """Make `vae.decode` run outside autocast, in the VAE's own dtype. Validation grids and class images are
+    rendered under the trainer's autocast, which would decode an fp32 SDXL VAE in fp16 anyway (overflow:
+    NaN latents, black images); diffusers' own upcast only looks at the VAE's dtype, not at autocast."""
+    if getattr(vae, "_decodes_in_own_dtype", False):
+        return
+    decode = vae.decode
+
+    def own_dtype(z, *args, **kwargs):
+        with torch.autocast(z.device.type, enabled=False):
+            return decode(z.to(vae.dtype), *args, **kwargs)
+
+    vae.decode = own_dtype
+    vae._decodes_in_own_dtype = True
 
 
 def resolve_base(base: str) -> tuple[str, str]:
@@ -94,19 +110,32 @@ def resolve_base(base: str) -> tuple[str, str]:
 def load_components(model: ModelSection) -> Components:
     """Load and freeze the base named by the recipe's `model` section."""
     kind, where = resolve_base(model.base)
+    vae = _load_vae(model) if model.vae else None
     if kind == "file":
-        pipe = _load_single_file(model, where)
+        _refuse_pickle(model, where)
+        family = _chosen(model) or family_of_checkpoint(where, model.allow_pickle)
+        pipe = _load_single_file(model, where, family, vae)
+        family = _chosen(model) or family
     else:
-        pipe = _load_pretrained(model, kind, where)
-    family = FAMILIES[model.family] if model.family != "auto" else _detect(pipe)
+        pipe = _load_pretrained(model, kind, where, vae)
+        family = _chosen(model) or _detect(pipe, model.base)
     comps = _from_pipeline(pipe, family, model, where)
     freeze(comps)
     return comps
 
 
-def _detect(pipe) -> Family:
+def _chosen(model: ModelSection) -> Family | None:
+    return FAMILIES[model.family] if model.family != "auto" else None
+
+
+def _detect(pipe, base: str) -> Family:
     index = {k: v for k, v in pipe.config.items() if not k.startswith("_")}
-    return family_from_configs(index, dict(pipe.unet.config))
+    encoder = getattr(pipe, "text_encoder", None)
+    encoder_config = encoder.config.to_dict() if encoder is not None else {}
+    try:
+        return family_from_configs(index, dict(pipe.unet.config), encoder_config)
+    except NotImplementedError as e:
+        raise ModelError(f"model.base '{base}': {e}") from None
 
 
 def _pipeline_class(model: ModelSection):
@@ -117,9 +146,25 @@ def _pipeline_class(model: ModelSection):
     return diffusers.DiffusionPipeline
 
 
-def _load_pretrained(model: ModelSection, kind: str, where: str):
+def _load_vae(model: ModelSection):
+    """`model.vae`: a replacement VAE (e.g. an fp16-safe SDXL VAE), a diffusers folder or hub id."""
+    from diffusers import AutoencoderKL
+
+    path = Path(model.vae).expanduser()
+    kind, where = ("folder", str(path)) if path.is_dir() else ("hub", model.vae)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ModelError(f"model.vae '{model.vae}': give a diffusers VAE folder or hub id, not a single file")
+    try:
+        return AutoencoderKL.from_pretrained(where, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(_load_failure(model.vae, kind, e, key="model.vae")) from None
+
+
+def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None):
     cls = _pipeline_class(model)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "revision": model.revision, "variant": model.variant}
+    if vae is not None:
+        kwargs["vae"] = vae
     if kind == "folder":
         index = json.loads((Path(where) / "model_index.json").read_text())
         if "safety_checker" in index:
@@ -132,44 +177,54 @@ def _load_pretrained(model: ModelSection, kind: str, where: str):
         raise ModelError(_load_failure(model.base, kind, e)) from None
 
 
-def _load_failure(base: str, kind: str, e: Exception) -> str:
+def _load_failure(base: str, kind: str, e: Exception, key: str = "model.base") -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if kind == "hub" and offline:
         return (
-            f"model.base '{base}' is not in the local Hugging Face cache and the hub is offline "
-            f"(HF_HUB_OFFLINE=1): download it once with `hf download {base}` or set model.base to a local folder"
+            f"{key} '{base}' is not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1): download it once with `hf download {base}` or set {key} to a local folder"
         )
     if kind == "hub":
-        return f"model.base '{base}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
-    return f"model.base '{base}' could not be loaded: {str(e).splitlines()[0]}"
+        return f"{key} '{base}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
+    return f"{key} '{base}' could not be loaded: {str(e).splitlines()[0]}"
 
 
-def _load_single_file(model: ModelSection, where: str):
+def _refuse_pickle(model: ModelSection, where: str) -> None:
     if where.lower().endswith(PICKLE_SUFFIXES) and not model.allow_pickle:
         raise ModelError(
             f"model.base '{model.base}' is a pickle checkpoint, which can run code when loaded; convert it to "
             ".safetensors, or set model.allow_pickle: true to load it with weights_only=True"
         )
+
+
+def _load_single_file(model: ModelSection, where: str, family: Family, vae=None):
+    """An original-layout checkpoint through diffusers' from_single_file, as the detected family's pipeline.
+    diffusers needs the matching diffusers configs: `model.config`, else it fetches the family's reference
+    repo from the hub (impossible offline, and wrong for v-prediction SD 2.x bases without the config)."""
     import diffusers
 
-    cls = getattr(diffusers, FAMILIES[model.family].pipeline_class) if model.family != "auto" else None
-    cls = cls or diffusers.StableDiffusionPipeline
+    cls = getattr(diffusers, family.pipeline_class)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if vae is not None:
+        kwargs["vae"] = vae
     if model.config:
         kwargs["config"] = str(resolve_base(model.config)[1])
     try:
         return cls.from_single_file(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(
-            f"model.base '{model.base}': single-file checkpoint could not be loaded ({str(e).splitlines()[0]}); "
-            "offline, set model.config to a diffusers folder (or cached hub id) of the same architecture"
+            f"model.base '{model.base}': single-file {family.name} checkpoint could not be loaded "
+            f"({str(e).splitlines()[0]}); offline, set model.config to a diffusers folder (or cached hub id) "
+            "of the same architecture"
         ) from None
 
 
 def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Components:
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # no x0 clipping: no SD model wants it, and samplers built from this config (validation, class images)
+    # would otherwise inherit DDPM's default and clip latents to [-1, 1] for bases whose config omits it (SDXL)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     prediction = model.prediction_type
     if prediction == "auto":
         prediction = scheduler.config.get("prediction_type", "epsilon")

@@ -1,7 +1,11 @@
 """Model families: what differs between SD 1.x, SD 2.x and SDXL, asked for by the trainer and exporters.
 
 The trainer never branches on a family name: it calls `encode_prompt` and `unet_kwargs`, and the exporters
-read `kohya_prefixes`. A family is detected from the base (`detect_family`) or set in the recipe.
+read `kohya_prefixes` / `embedding_keys`. A family is detected from the base (finetune/models/detect.py)
+or set in the recipe (`model.family`).
+
+SD 2.x shares SD 1.x's code path (one CLIP-style encoder, last hidden state); what differs is the text
+encoder (OpenCLIP-H) and, for the 768 px models, v-prediction, which is a scheduler setting of the base.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ class Family:
     embedding_keys: dict[str, str] = field(default_factory=lambda: {"text_encoder": "emb_params"})
     #: the VAE overflows in fp16 (SDXL): keep it in fp32 unless the recipe says otherwise
     vae_fp16_unsafe: bool = False
+    #: extra constructor arguments of `pipeline_class` when we assemble it from components
+    pipeline_kwargs: dict[str, Any] = field(
+        default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    )
 
     def tokenize(self, comps: Components, captions: list[str]) -> list[torch.Tensor]:
         out = []
@@ -49,18 +57,73 @@ class Family:
         return {"encoder_hidden_states": text["prompt_embeds"]}
 
 
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    """Two text encoders (CLIP-L and OpenCLIP-bigG with a projection), pooled text embeddings and the
+    size/crop micro-conditioning; computed exactly as diffusers' StableDiffusionXLPipeline does, so what
+    trains is what the pipeline (and the validation grids) will feed the U-Net."""
+
+    def encode_prompt(self, comps: Components, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
+        """Penultimate hidden states of both encoders, concatenated on the feature axis (768 + 1280 = 2048
+        for SDXL), and the pooled, projected output (text_embeds) of the second."""
+        import torch
+
+        hidden, pooled = [], None
+        for ids, encoder in zip(self.tokenize(comps, captions), comps.text_encoders, strict=True):
+            out = encoder(ids.to(device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder is a CLIPTextModelWithProjection: out[0] is text_embeds
+        if pooled is None or pooled.ndim != 2:
+            raise ValueError(f"{self.text_encoder_names[-1]} must return pooled text_embeds [batch, dim] "
+                             "(a CLIPTextModelWithProjection), as SDXL's second text encoder does")
+        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
+
+    def unet_kwargs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
+        """+ added_cond_kwargs: pooled text and time_ids = (original h, w, crop top, left, target h, w),
+        per example, from the batch (the data pipeline records them for every image)."""
+        import torch
+
+        embeds = text["prompt_embeds"]
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        time_ids = time_ids.to(embeds.device, embeds.dtype)
+        pooled = text["pooled_prompt_embeds"].to(embeds.device)
+        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
 SD1 = Family("sd1")
 SD2 = Family("sd2")
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2)}
+SDXL = SDXLFamily(
+    "sdxl",
+    pipeline_class="StableDiffusionXLPipeline",
+    text_encoder_names=("text_encoder", "text_encoder_2"),
+    tokenizer_names=("tokenizer", "tokenizer_2"),
+    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
+    vae_fp16_unsafe=True,
+    # no invisible watermark on validation grids (and no dependency on the package for them)
+    pipeline_kwargs={"add_watermarker": False},
+)
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
 
 
-def family_from_configs(model_index: dict[str, Any], unet_config: dict[str, Any]) -> Family:
-    """Detect the family of a diffusers folder from its model_index.json and unet/config.json."""
+def family_from_configs(model_index: dict[str, Any], unet_config: dict[str, Any],
+                        text_encoder_config: dict[str, Any] | None = None) -> Family:
+    """The family of a diffusers model from its model_index.json, unet/config.json and (optionally)
+    text_encoder/config.json. Real signals only: SDXL has a second text encoder and the U-Net's
+    'text_time' added conditioning; SD 2.x has an OpenCLIP text encoder (gelu activation, where OpenAI's
+    CLIP uses quick_gelu) and, at full size, 1024-wide cross-attention."""
     if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        if "sdxl" in FAMILIES:
-            return FAMILIES["sdxl"]
-        raise NotImplementedError("SDXL bases are not supported yet")
-    # SD 2.x: OpenCLIP-H text encoder (1024-wide cross-attention) and per-head attention dims
+        if "text_encoder" in model_index and _missing(model_index["text_encoder"]):
+            raise NotImplementedError("an SDXL refiner (one OpenCLIP text encoder) is not supported; "
+                                      "use an SDXL base model")
+        return SDXL
     if unet_config.get("cross_attention_dim") == 1024:
         return SD2
+    if (text_encoder_config or {}).get("hidden_act") == "gelu":
+        return SD2
     return SD1
+
+
+def _missing(entry: Any) -> bool:
+    """A model_index entry that names no component: absent, null or [null, null] (an SDXL refiner's)."""
+    return entry is None or (isinstance(entry, (list, tuple)) and not any(entry))

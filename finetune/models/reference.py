@@ -27,12 +27,38 @@ CLIP_L = dict(
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
+# SD 2.1 (768 px, v-prediction): OpenCLIP-H text encoder, per-block head dims, linear projections
+SD21_UNET = SD15_UNET | dict(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                             use_linear_projection=True, upcast_attention=True)
+OPENCLIP_H = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+)
+
+# SDXL base 1.0: three levels, 1/2/10 transformer layers, 2048-wide cross-attention over CLIP-L + OpenCLIP-bigG,
+# 'text_time' added conditioning: 6 size/crop ids x 256 + 1280 pooled = 2816
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = SD_VAE | dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+OPENCLIP_BIGG = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+SDXL_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                      steps_offset=1, timestep_spacing="leading")
+
 
 def build_reference_base(model: str, path: Path) -> Path:
-    """Write (once) a diffusers folder of `model` ('sd15') with random weights; return its path."""
+    """Write (once) a diffusers folder of `model` ('sd15', 'sd21', 'sdxl') with random weights; return its path."""
     if (path / "model_index.json").is_file():
         return path
-    builders = {"sd15": _sd15}
+    builders = {"sd15": _sd15, "sd21": _sd21, "sdxl": _sdxl}
     if model not in builders:
         raise ValueError(f"no reference config for {model!r}; known: {sorted(builders)}")
     pipe = builders[model]()
@@ -56,4 +82,51 @@ def _sd15():
         tokenizer=CLIPTokenizer.from_pretrained(toy_base_path() / "tokenizer"),
         scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def _sd21():
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from finetune.toy import toy_base_path
+
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD21_UNET), vae=AutoencoderKL(**(SD_VAE | dict(sample_size=768))),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**OPENCLIP_H)),
+        tokenizer=CLIPTokenizer.from_pretrained(toy_base_path() / "tokenizer", pad_token="!"),
+        scheduler=DDIMScheduler(**SCHEDULER, prediction_type="v_prediction"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def sdxl_modules(device: str = "cpu") -> dict:
+    """SDXL base's U-Net, VAE and both text encoders with random weights (`device="meta"`: shapes only)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.device(device):
+        return {
+            "unet": UNet2DConditionModel(**SDXL_UNET), "vae": AutoencoderKL(**SDXL_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG)),
+        }
+
+
+def _sdxl():
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from finetune.toy import toy_base_path
+
+    torch.manual_seed(0)
+    tokenizer = toy_base_path() / "tokenizer"
+    return StableDiffusionXLPipeline(
+        **sdxl_modules(), tokenizer=CLIPTokenizer.from_pretrained(tokenizer),
+        tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer, pad_token="!"),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=True, add_watermarker=False,
     )

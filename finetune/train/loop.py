@@ -167,9 +167,31 @@ def validate(t, step: int) -> Path | None:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
         _log_image(t, image, step)
+        if v.score_subject:
+            _score(t, rows, step)
         t.last_grid = path
     acc.wait_for_everyone()
     return path
+
+
+def _score(t, rows, step: int) -> None:
+    """Toy runs: how close each prompt's samples are to the held-out subject (mean over seeds)."""
+    import json
+
+    from finetune.export.io import write_text_atomic
+    from finetune.toy.score import subject_similarity
+
+    v = t.recipe.validation
+    scores = {p: sum(subject_similarity(im, v.score_subject) for im in row) / len(row)
+              for p, row in zip(v.prompts, rows, strict=True)}
+    t.progress.write(f"step {step}: {v.score_subject} similarity " +
+                     ", ".join(f"'{p}' {s:.3f}" for p, s in scores.items()))
+    path = t.out / "samples" / "scores.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    history[str(step)] = scores
+    write_text_atomic(path, json.dumps(history, indent=2))
+    if t.recipe.logging.report_to:
+        t.acc.log({f"subject_similarity/{p}": s for p, s in scores.items()}, step=step)
 
 
 def _log_image(t, image, step: int) -> None:

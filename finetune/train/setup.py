@@ -58,9 +58,15 @@ def check_output_dir(recipe: Recipe) -> None:
 
 
 def write_run_files(recipe: Recipe) -> None:
+    import shutil
+
     from finetune.export.io import write_text_atomic
 
     out = Path(recipe.train.output_dir)
+    if recipe.train.overwrite and not recipe.train.resume:
+        # a fresh run in an old folder: drop the old run's checkpoints, grids and logs so nothing mixes
+        for sub in ("checkpoints", "samples", "logs"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
 

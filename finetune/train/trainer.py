@@ -150,8 +150,9 @@ class Trainer:
         # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors)
         prepare = getattr(self.method, "prepare_captions", None)
         captions = prepare(captions) if prepare else captions
-        encoders = [self.wrapped.get(n, e) for n, e in zip(self.comps.family.text_encoder_names,
-                                                            self.comps.text_encoders, strict=True)]
+        wrapped = getattr(self, "wrapped", {})  # data.cache_text encodes before accelerate wraps anything
+        encoders = [wrapped.get(n, e) for n, e in zip(self.comps.family.text_encoder_names,
+                                                       self.comps.text_encoders, strict=True)]
         comps = self.comps
         view = comps if encoders == comps.text_encoders else _with_encoders(comps, encoders)
         return comps.family.encode_prompt(view, captions, self.acc.device)
@@ -192,6 +193,7 @@ class Trainer:
     def train_step(self, batch) -> tuple[bool, dict[str, Any]]:
         """One micro-batch; returns (an optimizer step happened, logs)."""
         acc, cfg = self.acc, self.cfg
+        self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
         with acc.accumulate(*self.wrapped.values()):
             loss, logs = self.compute_loss(batch)
             if self._all_agree(not torch.isfinite(loss).item()):

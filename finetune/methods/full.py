@@ -1,0 +1,77 @@
+"""`full`: the whole U-Net trains (DreamBooth's original form), optionally the text encoder(s) too.
+
+Config is pure pydantic; torch is imported only when the method runs. Every trained weight is an fp32
+parameter (the trainer's `cast_frozen` keeps trained parameters fp32 under mixed precision), so memory
+is the limit: `train.gradient_checkpointing`, `train.optimizer: adamw8bit` and `train.ema` all apply.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from finetune.methods.base import MethodConfig, register_method
+
+
+@register_method
+class FullConfig(MethodConfig):
+    name: Literal["full"] = "full"
+    # a whole model: a diffusers folder, and one original-SD .safetensors for ComfyUI / A1111
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "single_file"})
+
+    train_text_encoder: bool = Field(
+        False, description="Also train the whole text encoder(s): binds the identifier faster, overfits sooner."
+    )
+    text_encoder_lr: float | None = Field(
+        None, gt=0.0, le=1.0, description="Learning rate of the text encoder(s); default train.lr."
+    )
+
+    @model_validator(mode="after")
+    def _text_encoder_lr(self):
+        if self.text_encoder_lr is not None and not self.train_text_encoder:
+            raise ValueError("text_encoder_lr is set but train_text_encoder is false; set one or remove the other")
+        return self
+
+    def trains_text_encoder(self) -> bool:
+        return self.train_text_encoder
+
+    def build(self):
+        return FullMethod(self)
+
+
+class FullMethod:
+    """Unfreezes the U-Net (and the text encoders when asked); nothing is injected."""
+
+    def __init__(self, config: FullConfig):
+        self.config = config
+        self.trained: list[str] = []
+
+    def setup(self, comps, train_lr: float) -> list[dict]:
+        cfg = self.config
+        comps.unet.requires_grad_(True)
+        groups = [{"params": list(comps.unet.parameters()), "lr": train_lr}]
+        self.trained = ["unet"]
+        if cfg.train_text_encoder:
+            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+                encoder.requires_grad_(True)
+                groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or train_lr})
+                self.trained.append(name)
+        return groups
+
+    def trained_modules(self) -> list[str]:
+        return list(self.trained)
+
+    def after_step(self, comps) -> None:
+        pass
+
+    def trainable_state(self, comps) -> dict:
+        modules = comps.named_modules()
+        return {f"{name}.{k}": p for name in self.trained
+                for k, p in modules[name].named_parameters() if p.requires_grad}
+
+    def export(self, comps, out_dir, ctx) -> list:
+        # the components hold the trained weights (EMA already copied in by the loop when enabled)
+        from finetune.export.full import export_full
+
+        return export_full(comps, out_dir, ctx)

@@ -1,0 +1,113 @@
+"""`pivotal`: pivotal tuning, new tokens (Textual Inversion) and a LoRA trained together.
+
+It composes the two methods: `embedding` is a textual_inversion concept (`NewTokens`), `lora` a full lora
+section (`LoRAMethod`). With `token_steps: 0` both train from the first step, each with its learning rate
+(embedding.lr and train.lr); with `token_steps: N` the tokens train alone for N steps and then hold still
+while the LoRA trains (the "pivot": the LoRA learns around words that already mean the subject).
+
+Config is pure pydantic; torch and peft are imported only when the method is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from finetune.methods.base import MethodConfig, register_method
+from finetune.methods.lora import LoRAConfig, LoRAMethod
+from finetune.methods.textual_inversion import NewTokens, TokenSettings
+
+
+@register_method
+class PivotalConfig(MethodConfig):
+    name: Literal["pivotal"] = "pivotal"
+    # diffusers: LoRA + learned_embeds.safetensors; kohya: the LoRA for the UIs, with the A1111 embedding
+    # it needs beside it; a1111: the A1111 embedding
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya", "a1111"})
+
+    embedding: TokenSettings = Field(description="The new token(s), as in the textual_inversion method.")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="The LoRA, as in the lora method.")
+    token_steps: int = Field(
+        0, ge=0, description="0: tokens and LoRA train together; N: tokens alone for N steps, then the LoRA alone."
+    )
+
+    def trains_text_encoder(self) -> bool:
+        return True
+
+    @property
+    def tokens(self) -> list[str]:
+        return [self.embedding.token]
+
+    def check_recipe(self, recipe) -> None:
+        self.embedding.check_base(recipe.model.base, "method.embedding")
+        self.embedding.template_check(recipe, "method.embedding")
+        if self.token_steps >= recipe.train.max_steps:
+            raise ValueError(f"method.token_steps ({self.token_steps}) leaves no step for the LoRA "
+                             f"(train.max_steps {recipe.train.max_steps}); lower it, or 0 to train both together")
+
+    def build(self):
+        return PivotalMethod(self)
+
+
+class PivotalMethod:
+    def __init__(self, config: PivotalConfig):
+        self.config = config
+        self.lora = LoRAMethod(config.lora)
+        self.tokens = NewTokens(config.embedding, "method.embedding")
+        self.lora_start: list[tuple] = []  # (parameter, its initial value) while the LoRA waits
+
+    def setup(self, comps, train_lr: float) -> list[dict]:
+        self.tokens.add(comps)
+        # the LoRA first: peft's injection freezes every non-adapter weight, the embeddings included
+        groups = self.lora.setup(comps, train_lr)
+        self.tokens.train(comps)
+        groups += self.tokens.param_groups(comps, train_lr)
+        if self.config.token_steps:
+            self.lora_start = [(p, p.detach().clone()) for g in groups[:-len(self.tokens.ids)] for p in g["params"]]
+        return groups
+
+    def trained_modules(self) -> list[str]:
+        return list(dict.fromkeys(self.lora.trained_modules() + list(self.tokens.ids)))
+
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        return self.tokens.prepare_captions(captions)
+
+    def after_step(self, comps) -> None:
+        """Undo what the current phase keeps still. Restoring (rather than not computing gradients) keeps
+        the optimizer, DDP and checkpoints unaware of phases; the step count comes from the trainer."""
+        import torch
+
+        steps = self.config.token_steps
+        if steps and "step" not in comps.extras:
+            raise RuntimeError("pivotal with token_steps needs the trainer to set comps.extras['step']")
+        done = comps.extras.get("step", 0) + 1  # the trainer's count is of the steps before this one
+        tokens_phase = not steps or done <= steps
+        self.tokens.restore(comps, keep_new=tokens_phase)
+        if steps and done <= steps:  # tokens alone: the LoRA goes back to where it started
+            with torch.no_grad():
+                for p, start in self.lora_start:
+                    p.copy_(start.to(p.device))
+
+    def trainable_state(self, comps) -> dict:
+        state = self.lora.trainable_state(comps)
+        for name, v in self.tokens.vectors(comps).items():
+            state[f"{name}.{self.config.embedding.token}"] = v
+        return state
+
+    def export(self, comps, out_dir, ctx) -> list:
+        """The LoRA (diffusers and/or kohya) and the embedding (diffusers and/or A1111), one model card."""
+        from finetune.export.card import write_model_card
+        from finetune.export.embeddings import save_embeddings
+        from finetune.export.lora import export_lora
+
+        quiet = replace(ctx, model_card=False)
+        written = export_lora(comps, self.lora, out_dir, quiet) if {"diffusers", "kohya"} & set(ctx.formats) else []
+        forms = [f for f in ("diffusers", "a1111") if f in ctx.formats or (f == "a1111" and "kohya" in ctx.formats)]
+        # the kohya LoRA is '<name>.safetensors'; the A1111 embedding beside it needs another name
+        written += save_embeddings(self.tokens.vectors(comps), self.config.embedding.token, out_dir,
+                                   replace(quiet, name=f"{ctx.name}_emb"), formats=forms, family=comps.family)
+        if ctx.model_card:
+            written.append(write_model_card(out_dir, ctx, written, kind="pivotal"))
+        return written

@@ -1,0 +1,92 @@
+"""Which family a base is, read from its files without loading any weights.
+
+- a diffusers folder: model_index.json, unet/config.json and text_encoder/config.json
+  (`family_from_configs` decides);
+- a single-file checkpoint: the key names of its state dict. The text-conditioning stack names the
+  architecture unambiguously:
+
+      conditioner.embedders.1.model.*      SDXL base (CLIP-L in embedders.0, OpenCLIP-bigG in embedders.1)
+      cond_stage_model.model.*             SD 2.x (OpenCLIP-H)
+      cond_stage_model.transformer.*       SD 1.x (OpenAI CLIP-L)
+
+v-prediction (SD 2.x 768 px) is not visible in the weights: it is a scheduler setting, which for a single
+file comes from `model.config` (or `model.prediction_type`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from finetune.errors import ModelError
+from finetune.models.family import FAMILIES, Family, family_from_configs
+
+# (key prefix, family), checked in order: the first prefix any key starts with decides
+SINGLE_FILE_SIGNS: tuple[tuple[str, str], ...] = (
+    ("conditioner.embedders.1.model.", "sdxl"),
+    ("cond_stage_model.model.", "sd2"),
+    ("cond_stage_model.transformer.", "sd1"),
+)
+SDXL_REFINER_SIGN = "conditioner.embedders.0.model."
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable config ({e}); re-download or fix the model folder") from None
+
+
+def family_of_folder(path: str | Path) -> Family:
+    """The family of a diffusers model folder, from its config files alone."""
+    path = Path(path)
+    index = _read_json(path / "model_index.json")
+    if not index:
+        raise ModelError(f"{path}: no model_index.json; not a diffusers model folder")
+    try:
+        return family_from_configs(index, _read_json(path / "unet" / "config.json"),
+                                   _read_json(path / "text_encoder" / "config.json"))
+    except NotImplementedError as e:
+        raise ModelError(f"{path}: {e}") from None
+
+
+def family_of_keys(keys: Iterable[str], source: str = "checkpoint") -> Family:
+    """The family of an original-layout (LDM/SGM) state dict, from its key names."""
+    keys = list(keys)
+    for prefix, name in SINGLE_FILE_SIGNS:
+        if any(k.startswith(prefix) for k in keys):
+            return FAMILIES[name]
+    if any(k.startswith(SDXL_REFINER_SIGN) for k in keys):
+        raise ModelError(f"{source}: an SDXL refiner checkpoint (one OpenCLIP text encoder) is not supported; "
+                         "use an SDXL base model")
+    raise ModelError(
+        f"{source}: not a Stable Diffusion 1.x / 2.x / SDXL checkpoint we recognise (no cond_stage_model.* or "
+        "conditioner.embedders.* text-encoder keys); set model.family and model.config if it is one"
+    )
+
+
+def checkpoint_keys(path: str | Path, allow_pickle: bool = False) -> list[str]:
+    """Key names of a single-file checkpoint; .safetensors reads only the header."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise ModelError(f"{path}: not a readable .safetensors file ({e})") from None
+    if not allow_pickle:
+        raise ModelError(f"{path}: a pickle checkpoint; set model.allow_pickle: true to read it (weights_only)")
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return list(state)
+
+
+def family_of_checkpoint(path: str | Path, allow_pickle: bool = False) -> Family:
+    return family_of_keys(checkpoint_keys(path, allow_pickle), str(path))

@@ -1,0 +1,53 @@
+"""Does LoRA really learn? The toy recipe teaches the toy base a held-out subject (slow: minutes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_train_lora import run_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+UNRELATED = "a red circle"
+
+
+@pytest.mark.slow
+def test_toy_lora_learns_the_held_out_subject(tmp_path):
+    from finetune.toy.score import colour_of, shape_of, subject_similarity
+
+    t = run_trainer(ROOT / "recipes" / "toy" / "lora.yaml", f"train.output_dir={tmp_path / 'run'}",
+                    "logging.report_to=[]", "logging.progress=false")
+    scores = json.loads((tmp_path / "run" / "samples" / "scores.json").read_text())
+    steps = sorted(scores, key=int)
+    subject = t.recipe.validation.score_subject
+    trigger = t.recipe.validation.prompts[0]
+    before, after = scores[steps[0]][trigger], scores[steps[-1]][trigger]
+    print(f"{subject} similarity for '{trigger}': base {before:.3f} -> LoRA {after:.3f}")
+    assert steps[0] == "0" and int(steps[-1]) == t.recipe.train.max_steps
+    assert after > before + 0.2, (before, after)
+
+    # the unrelated prompt still draws what the base draws: a red circle, similar pixels
+    from finetune.train.validation import make_pipeline, render
+
+    v = t.recipe.validation
+    lora_rows = render(make_pipeline(t.comps, v), [UNRELATED], v.seeds, v, (64, 64), "cpu")[0]
+    base = _base_components()
+    base_rows = render(make_pipeline(base, v), [UNRELATED], v.seeds, v, (64, 64), "cpu")[0]
+    right = sum(colour_of(im) == "red" and shape_of(im) == "circle" for im in lora_rows)
+    diff = np.mean([np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() / 255
+                    for a, b in zip(lora_rows, base_rows, strict=True)])
+    unrelated_sim = np.mean([subject_similarity(im, subject) for im in lora_rows])
+    print(f"'{UNRELATED}': {right}/{len(lora_rows)} red circles, mean |pixel diff| to base {diff:.3f}, "
+          f"{subject} similarity {unrelated_sim:.3f}")
+    assert right >= len(lora_rows) - 1
+    assert diff < 0.15
+
+
+def _base_components():
+    from finetune.models.components import load_components
+    from finetune.sections import ModelSection
+
+    return load_components(ModelSection(base="toy"))

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Train the toy base model from scratch on the toy world and write it as a diffusers folder.
+
+The committed finetune/toy/base/ was built with (about 65 min on a shared 2-core CPU):
+
+    python tools/make_toy_model.py --stage vae                                   # tokenizer + VAE
+    python tools/make_toy_model.py --stage unet                                  # U-Net, 1st cosine cycle
+    python tools/make_toy_model.py --stage unet --resume --seed 1 --unet-steps 2500 --unet-lr 5e-4
+    python tools/make_toy_model.py --stage unet --resume --seed 2 --unet-steps 1800 --unet-lr 4e-4
+    python tools/make_toy_model.py --eval-only                                   # numbers + README grid
+
+Every U-Net stage ends with the evaluation. The model folder is replaced atomically (written to a
+temp folder, then renamed). The tokenizer comes from the real CLIP BPE file inside the open_clip_torch
+wheel (pip download, build time only). Same seeds, same machine, same model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# A script in tools/ named like a stdlib module (inspect.py) would shadow it: keep tools/ off the path,
+# and put the repository root on it instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import pathlib  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from finetune.toy import toy_base_path
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="which part to (re)train")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
+    p.add_argument(
+        "--out", type=pathlib.Path, default=toy_base_path(), help="model folder to write / evaluate"
+    )
+    p.add_argument(
+        "--workdir",
+        type=pathlib.Path,
+        default=pathlib.Path("/tmp/toy_build"),
+        help="where the VAE and the tokenizer are kept between stages",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE steps at batch 16")
+    p.add_argument("--unet-steps", type=int, default=2600, help="U-Net steps at batch 32")
+    p.add_argument("--unet-lr", type=float, default=8e-4, help="peak U-Net learning rate (cosine decay)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="start the U-Net from the model in --out (a warm restart) instead of from scratch",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a shared 2-core machine 2 threads oversubscribe and run slower)",
+    )
+    p.add_argument(
+        "--grid",
+        type=pathlib.Path,
+        default=pathlib.Path("docs/images/toy_base_grid.png"),
+        help="sample grid written by the evaluation",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from finetune.toy import build, build_unet, evaluate
+
+    if args.eval_only:
+        evaluate.report(args.out, grid_path=args.grid)
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("vae", "all"):
+        build.build_vae_stage(args.workdir, steps=args.vae_steps, seed=args.seed)
+    if args.stage in ("unet", "all"):
+        build_unet.build_unet_stage(
+            args.workdir, args.out, steps=args.unet_steps, seed=args.seed, lr=args.unet_lr, resume=args.resume
+        )
+        evaluate.report(args.out, grid_path=args.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
