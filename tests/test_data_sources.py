@@ -138,7 +138,7 @@ def test_kohya_repeats_come_from_folder_names(tmp_path):
 
 
 def test_toy_source(tmp_path):
-    world = pytest.importorskip("finetune.toy.world")
+    from finetune.toy import world
     subject = next(iter(world.SUBJECTS))
     r = recipe(tmp_path, [{"type": "toy", "count": 3}, {"type": "toy", "subject": subject, "count": 2,
                                                          "prompt": "a sks thing"}])

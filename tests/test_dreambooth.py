@@ -226,8 +226,19 @@ def test_full_export_reloads_with_the_trained_output(tmp_path, tiny_base, images
     assert "from_pretrained" in (out / "README.md").read_text()
 
 
+def test_full_export_under_mixed_precision_keeps_the_frozen_parts_exact(tmp_path, tiny_base, images):
+    # bf16 training casts the frozen VAE / text encoder down; the export must still carry the base's weights
+    path = db_recipe(tmp_path, tiny_base, images, train={"max_steps": 1, "mixed_precision": "bf16"},
+                     export={"formats": ["diffusers"], "dtype": "fp32"})
+    t = run_trainer(path)
+    assert next(t.comps.vae.parameters()).dtype == torch.bfloat16
+    exported, before = fresh_pipe(Path(t.cfg.output_dir) / "model"), fresh_pipe(tiny_base)
+    assert digest(exported.vae) == digest(before.vae)
+    assert digest(exported.text_encoder) == digest(before.text_encoder)
+    assert next(exported.unet.parameters()).dtype == torch.float32
+
+
 def test_full_with_checkpointing_ema_and_8bit_adamw(tmp_path, tiny_base, images):
-    pytest.importorskip("bitsandbytes")
     path = db_recipe(tmp_path, tiny_base, images,
                      train={"gradient_checkpointing": True, "optimizer": "adamw8bit", "max_steps": 2,
                             "ema": {"enabled": True, "decay": 0.5}})
@@ -248,13 +259,7 @@ SEEDS = tuple(range(12))
 _runs: dict[tuple, Path] = {}
 
 
-def _toy_base_ready() -> bool:
-    from finetune.toy import toy_base_path
 
-    return (toy_base_path() / "model_index.json").is_file()
-
-
-needs_toy = pytest.mark.skipif(not _toy_base_ready(), reason="the toy base (finetune/toy/base) is not built yet")
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +309,6 @@ def base_samples() -> dict[str, list]:
 
 
 @pytest.mark.slow
-@needs_toy
 @pytest.mark.parametrize("recipe", ["dreambooth_lora", "dreambooth"])
 def test_toy_dreambooth_learns_the_subject(toy_dir, base_samples, recipe):
     out = toy_run(toy_dir, recipe)
@@ -327,7 +331,6 @@ def class_drift(images, base_images) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@needs_toy
 def test_toy_prior_preservation_keeps_the_class(toy_dir, base_samples):
     base = base_samples[CLASS]
     drift = {}

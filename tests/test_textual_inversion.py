@@ -238,13 +238,7 @@ def test_pivotal_resume_after_the_pivot_is_exact(tmp_path, tiny_base):
 
 
 # ---------------------------------------------------------------------------------- learning (toy base)
-def toy_ready() -> bool:
-    from finetune.toy import toy_base_path
 
-    return (toy_base_path() / "model_index.json").is_file()
-
-
-needs_toy = pytest.mark.skipif(not toy_ready(), reason="the toy base is not built (tools/make_toy_model.py)")
 EVAL_SEEDS = range(8)
 
 
@@ -269,7 +263,6 @@ def toy_pipe():
 
 
 @pytest.mark.slow
-@needs_toy
 def test_toy_textual_inversion_learns_the_subject(tmp_path):
     out = toy_train("textual_inversion", tmp_path)
     subject = load_recipe(out / "recipe.yaml").data.sources[0].subject
@@ -283,7 +276,6 @@ def test_toy_textual_inversion_learns_the_subject(tmp_path):
 
 
 @pytest.mark.slow
-@needs_toy
 def test_toy_pivotal_is_at_least_as_good_as_lora_alone(tmp_path):
     pivotal = toy_train("pivotal", tmp_path)
     lora = toy_train("lora", tmp_path)  # same subject, steps, rank, targets and LoRA learning rate

@@ -123,7 +123,7 @@ def test_toy_data_rejects_an_unknown_subject_with_exit_2(tmp_path):
 # ---------------------------------------------------------------------------------------------- base model
 @pytest.fixture(scope="module")
 def pipe():
-    torch = pytest.importorskip("torch")
+    import torch
     from diffusers import StableDiffusionPipeline
 
     if not (toy_base_path() / "model_index.json").exists():

@@ -139,7 +139,6 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, tiny_base, images):
 
 
 def test_adamw8bit_trains_on_cpu(tmp_path, tiny_base, images):
-    pytest.importorskip("bitsandbytes")
     t = run_trainer(write_recipe(tmp_path, tiny_base, images, train={"optimizer": "adamw8bit", "max_steps": 3}))
     assert type(t.optimizer.optimizer).__name__ == "AdamW8bit"
     ups = [p for n, p in t.comps.unet.named_parameters() if "lora_B" in n]

@@ -74,4 +74,24 @@ class FullMethod:
         # the components hold the trained weights (EMA already copied in by the loop when enabled)
         from finetune.export.full import export_full
 
-        return export_full(comps, out_dir, ctx)
+        return export_full(_with_full_precision_frozen(comps, self.trained, ctx), out_dir, ctx)
+
+
+def _with_full_precision_frozen(comps, trained: list[str], ctx):
+    """Under mixed precision the frozen VAE / text encoders were cast down for training; the exported model
+    must carry the base's own weights, so frozen parts are reloaded from the base in fp32."""
+    import dataclasses
+
+    import torch
+
+    frozen = {n: m for n, m in comps.named_modules().items() if n not in trained}
+    if all(p.dtype == torch.float32 for m in frozen.values() for p in m.parameters()):
+        return comps
+    from finetune.models.components import load_components
+    from finetune.sections import ModelSection
+
+    fresh = load_components(ModelSection(**ctx.recipe["model"]))
+    names = comps.family.text_encoder_names
+    encoders = [enc if name in trained else fresh.text_encoders[i]
+                for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]
+    return dataclasses.replace(comps, vae=fresh.vae, text_encoders=encoders)
