@@ -120,7 +120,9 @@ def bare_unet(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str,
     cast_frozen(comps, dtype, dtype)
     unet = comps.unet.to(device)
     opt = build_optimizer(groups, recipe.train)
-    b, res = recipe.train.batch_size, recipe.data.resolution // 8
+    # latent side = image side / the VAE's downsampling (8 for SD, 4 for the toy VAE)
+    factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    b, res = recipe.train.batch_size, recipe.data.resolution // factor
     channels = unet.config.in_channels
     latents = torch.randn(b, channels, res, res, device=device)
     text = torch.randn(b, 77, unet.config.cross_attention_dim, device=device)
@@ -132,6 +134,8 @@ def bare_unet(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str,
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             pred = unet(latents, t, encoder_hidden_states=text).sample
         torch.nn.functional.mse_loss(pred.float(), latents).backward()
+        if recipe.train.max_grad_norm:  # the trainer clips too: same work on both sides
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], recipe.train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync()
