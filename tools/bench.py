@@ -25,7 +25,8 @@ from finetune.recipe import deep_merge  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["toy", "sd15"], default="toy", help="base to train (sd15: random weights)")
+    p.add_argument("--model", choices=["toy", "sd15", "sdxl"], default="toy",
+                   help="base to train (sd15, sdxl: public configs with random weights; use a GPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8 toy, 1 sd15)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
