@@ -10,6 +10,7 @@ import torch
 from finetune.export.adapters import delta, factors_delta, read_adapter
 from finetune.export.context import ExportContext
 from finetune.export.lora import export_lora
+from tests.test_train_lora import fixed_unet_output as unet_out
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
@@ -64,16 +65,6 @@ def adapted(base: Path, adapter: str = "lora", dora: bool = False, te: bool = Tr
     for i, n in enumerate(names):
         randomise(comps.named_modules()[n], seed + i)
     return comps, FakeMethod(cfg, names)
-
-
-def unet_out(unet, text_encoder, tokenizer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8, generator=g)
-    ids = tokenizer(["a sks circle", "a blue square"], padding="max_length", max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = text_encoder(ids)[0]
-        return unet(latents, torch.tensor([500, 250]), encoder_hidden_states=text).sample
 
 
 def fresh_pipe(base: Path):
