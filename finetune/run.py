@@ -43,6 +43,10 @@ def _fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_intermixed_args(argv)
+    import logging
+
+    # bitsandbytes warns at import about optional CPU kernels it cannot find; that is not the user's concern
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from finetune.errors import UserError
     from finetune.recipe import dump_recipe, load_recipe
 

@@ -33,9 +33,9 @@ def train(recipe: Recipe) -> Path:
     check_output_dir(recipe)
     quiet_libraries()
     acc = make_accelerator(recipe)
+    trainer = Trainer(recipe, acc)  # base and data load first: a mistake there leaves no run folder behind
     if acc.is_main_process:
         write_run_files(recipe)
-    trainer = Trainer(recipe, acc)
     trainer.run()
     return Path(recipe.train.output_dir)
 
