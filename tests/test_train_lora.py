@@ -152,3 +152,16 @@ def test_adafactor_and_min_snr_and_accumulation(tmp_path, tiny_base, images):
                "noise_offset": 0.05, "lr_scheduler": "cosine", "warmup_steps": 1},
     ))
     assert t.state.step == 2 and t.state.batch_in_epoch + t.state.epoch * t.data.batches_per_epoch == 4
+
+
+def test_accumulation_reproduces_the_larger_batch(tmp_path, tiny_base, images):
+    # batch 2 accumulated twice trains on the same examples, noise and timesteps as batch 4 in one go
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path, tiny_base, images, train={"max_steps": 4, "max_grad_norm": None})
+    run_trainer(recipe, f"train.output_dir={tmp_path / 'big'}", "train.batch_size=4")
+    run_trainer(recipe, f"train.output_dir={tmp_path / 'acc'}", "train.batch_size=2",
+                "train.gradient_accumulation=2")
+    a = load_file(tmp_path / "big" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "acc" / "pytorch_lora_weights.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

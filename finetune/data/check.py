@@ -14,9 +14,10 @@ def check_data(recipe) -> str:
     rules, problems found. Fatal problems raise DataError; with on_bad_image: skip, bad files are counted."""
     data = recipe.data
     scan = scan_data(data, verbose=True, need_prior=False)
-    bs = recipe.train.batch_size
-    planner = Planner(scan, bs, recipe.train.seed)
-    extra = [f"batches per epoch on one process (batch size {bs}, one bucket per batch): {planner.total_batches}"]
+    bs, accum = recipe.train.batch_size, recipe.train.gradient_accumulation
+    planner = Planner(scan, bs, recipe.train.seed, accumulation=accum)
+    extra = [f"optimizer steps per epoch on one process (batch size {bs} x {accum} accumulated, one bucket "
+             f"per batch): {planner.total_batches}"]
     if data.prior is not None:
         missing = data.prior.num_class_images - count_class_images(data.prior)
         if missing > 0:

@@ -232,7 +232,8 @@ def build_train_data(
     first (accelerate's main_process_first) to have them read rank 0's files instead."""
     d = recipe.data
     scan = scan_data(d, verbose=show_progress)
-    planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank)
+    planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
+                      recipe.train.gradient_accumulation)
     latents = Cache(_cache_root(recipe, "latents"), write=rank == 0) if d.cache_latents else None
     text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text else None
     render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)

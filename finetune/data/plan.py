@@ -4,12 +4,13 @@ Pure Python and cheap, so an epoch is planned whole in the main process: a resum
 same epoch and skips batches without decoding a single image, and every rank agrees on the plan.
 
 - An example is one sighting of a record; a record is seen `repeats` times per epoch.
-- The epoch is cut into *global* batches of batch_size x num_replicas examples of one bucket; a
-  bucket's last global batch is filled up with other examples of the same bucket (drawn at random),
-  so every example is seen each epoch and every batch is full.
-- Rank r takes slice r of every global batch. The global batches depend only on the product
-  batch_size x num_replicas, so 2 processes at batch 4 see exactly what 1 process at batch 8 sees
-  (same examples, captions, flips and crops): data-parallel runs reproduce single-process ones.
+- The epoch is cut into *global* batches (one optimizer step: batch_size x num_replicas x
+  accumulation examples of one bucket); a bucket's last global batch is filled up with other examples
+  of the same bucket (drawn at random), so every example is seen each epoch and every batch is full.
+- Micro-batch m of rank r is slice (m x num_replicas + r) of its global batch. The global batches
+  depend only on that product, so 2 processes at batch 4, or 1 process at batch 4 accumulating 2, see
+  exactly what 1 process at batch 8 sees (same examples, captions, flips and crops), and an epoch always
+  ends on an optimizer step.
 - With prior preservation every batch gets `batch_size` class images appended (is_prior=True), drawn
   in a per-epoch shuffled cycle and rendered at the batch's bucket: the classic DreamBooth 1:1 batch.
 """
@@ -34,11 +35,12 @@ class Example:
 
 
 class Planner:
-    def __init__(self, scan, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, scan, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 accumulation: int = 1):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
         self.batch_size, self.seed = batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.accumulation = num_replicas, rank, accumulation
         self.random_flip = scan.data.random_flip
         self.records: list[Record] = []
         self.rules = []  # per record
@@ -56,16 +58,17 @@ class Planner:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.num_replicas
+        return self.batch_size * self.num_replicas * self.accumulation
 
     @property
     def total_batches(self) -> int:
-        """Global batches per epoch (each is one optimizer micro-step on every rank)."""
+        """Global batches per epoch (each is one optimizer step)."""
         return sum(math.ceil(len(g) / self.global_batch) for g in self.groups.values())
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.total_batches
+        """Micro-batches per epoch on each rank."""
+        return self.total_batches * self.accumulation
 
     def _global_order(self, epoch: int) -> list[tuple[tuple[int, int], list[int]]]:
         rng = rng_for("order", self.seed, epoch)
@@ -88,16 +91,18 @@ class Planner:
 
     def epoch(self, epoch: int) -> list[list[Example]]:
         """This rank's batches of the epoch, in order."""
-        size, first = self.global_batch, self.rank * self.batch_size
+        size, b = self.global_batch, self.batch_size
         cycle = list(self.prior)
         rng_for("prior", self.seed, epoch).shuffle(cycle)
         out = []
         for j, (bucket, members) in enumerate(self._global_order(epoch)):
-            # k: the example's position in the global batch, so its randomness ignores how it is split
-            mine = range(first, first + self.batch_size)
-            batch = [self._example(epoch, j, k, members[k], bucket, False) for k in mine]
-            for k in mine if cycle else ():
-                r = cycle[(j * size + k) % len(cycle)]
-                batch.append(self._example(epoch, j, size + k, r, bucket, True))
-            out.append(batch)
+            for m in range(self.accumulation):
+                # k: the example's position in the global batch, so its randomness ignores how it is split
+                first = (m * self.num_replicas + self.rank) * b
+                mine = range(first, first + b)
+                batch = [self._example(epoch, j, k, members[k], bucket, False) for k in mine]
+                for k in mine if cycle else ():
+                    r = cycle[(j * size + k) % len(cycle)]
+                    batch.append(self._example(epoch, j, size + k, r, bucket, True))
+                out.append(batch)
         return out

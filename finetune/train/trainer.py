@@ -169,9 +169,11 @@ class Trainer:
         with timer("text_encode"):
             text = batch.get("text") or self.encode_text(batch["captions"])
             text = {k: v.to(acc.device) for k, v in text.items()}
-        bsz = latents.shape[0]
-        first = (self.state.step * acc.num_processes + acc.process_index) * bsz * cfg.gradient_accumulation
-        first += (self.state.batch_in_epoch % cfg.gradient_accumulation) * bsz
+        # the first example's position among all examples of the run, laid out as the data planner lays
+        # out a step: micro-batch m of rank r is slice (m * processes + r) of the step's global batch
+        bsz, accum = latents.shape[0], cfg.gradient_accumulation
+        micro = self.state.batch_in_epoch % accum  # epochs end on optimizer steps (see finetune/data/plan.py)
+        first = (self.state.step * accum * acc.num_processes + micro * acc.num_processes + acc.process_index) * bsz
         noise, timesteps = example_noise(latents, comps.scheduler.config.num_train_timesteps, cfg.seed,
                                          self.state.step, first, cfg.noise_offset)
         noisy = comps.scheduler.add_noise(latents, noise, timesteps)
