@@ -165,3 +165,16 @@ def test_accumulation_reproduces_the_larger_batch(tmp_path, tiny_base, images):
     a = load_file(tmp_path / "big" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "acc" / "pytorch_lora_weights.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.parametrize(("override", "key"), [("method.targets=[nope]", "method.targets"),
+                                               ("method.text_encoder.targets=[nope]", "method.text_encoder.targets")])
+def test_targets_matching_nothing_name_their_key_and_write_nothing(tmp_path, tiny_base, images, override, key):
+    from finetune.errors import ModelError
+    from finetune.train.trainer import train
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, images, method={"text_encoder": {"enabled": True}}),
+                         [override])
+    with pytest.raises(ModelError, match=f"^{key} "):
+        train(recipe)
+    assert not (tmp_path / "out" / "recipe.yaml").exists()

@@ -96,24 +96,18 @@ class LoRAMethod:
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
         alpha = cfg.alpha or cfg.rank
-        try:
-            comps.unet.add_adapter(peft_adapter_config(cfg, cfg.rank, alpha, cfg.unet_targets()))
-        except ValueError as e:
-            if "not found" not in str(e):
-                raise
-            raise _no_targets(cfg) from None
+        _add_adapter(comps.unet, peft_adapter_config(cfg, cfg.rank, alpha, cfg.unet_targets()),
+                     "method.targets", cfg.targets)
         groups = [{"params": _trainable(comps.unet), "lr": train_lr}]
         self.adapted = ["unet"]
         te = cfg.text_encoder
         if te.enabled:
             rank = te.rank or cfg.rank
             for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
-                encoder.add_adapter(peft_adapter_config(cfg, rank, te.alpha or rank, te.targets))
+                _add_adapter(encoder, peft_adapter_config(cfg, rank, te.alpha or rank, te.targets),
+                             "method.text_encoder.targets", te.targets)
                 groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})
                 self.adapted.append(name)
-        for g in groups:
-            if not g["params"]:
-                raise _no_targets(cfg)
         return groups
 
     def trained_modules(self) -> list[str]:
@@ -142,10 +136,18 @@ def _trainable(module) -> list:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _no_targets(cfg: LoRAConfig):
+def _add_adapter(module, config, key: str, targets) -> None:
+    """Inject one adapter; targets that match no module are the user's mistake, named by their key."""
     from finetune.errors import ModelError
 
-    return ModelError(
-        f"method.targets {cfg.targets!r} matched no module of the base; use a preset "
-        "(attention, attention_ff, locon) or module-name suffixes such as to_q"
-    )
+    try:
+        module.add_adapter(config)
+    except ValueError as e:
+        if "not found" not in str(e):
+            raise
+        raise ModelError(
+            f"{key} {targets!r} matched no module of the base; use a preset (attention, attention_ff, locon) "
+            "or module-name suffixes such as to_q (text encoders: q_proj, k_proj, v_proj, out_proj)"
+        ) from None
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ModelError(f"{key} {targets!r} matched no trainable module of the base; check the names")
