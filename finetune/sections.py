@@ -120,7 +120,7 @@ class ValidationSection(StrictModel):
     width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
     scheduler: Literal["ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
-        "ddim", description="Sampler for validation images; 'base' keeps the base's scheduler."
+        "ddim", description="Sampler for validation images; 'base' uses the base's own sampler."
     )
     score_subject: str | None = Field(
         None,

@@ -244,6 +244,8 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         base=model.base,
         source=where,
         prediction_type=prediction,
+        # the base's own sampler, for `validation.scheduler: base`
+        extras={"sampler": type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)},
     )
 
 

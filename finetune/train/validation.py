@@ -22,7 +22,9 @@ def make_pipeline(comps, cfg: ValidationSection, unet=None, text_encoders=None, 
     import diffusers
 
     pipe = comps.pipeline(unet=unet, text_encoders=text_encoders)
-    if cfg.scheduler != "base":
+    if cfg.scheduler == "base":
+        pipe.scheduler = comps.extras.get("sampler", pipe.scheduler)
+    else:
         cls = getattr(diffusers, SCHEDULERS[cfg.scheduler])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
