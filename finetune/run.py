@@ -3,6 +3,7 @@
     accelerate launch finetune/run.py recipes/lora.yaml [key.path=value ...]
     python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
     finetune recipes/lora.yaml --print                  # show the fully resolved recipe
+    finetune env                                        # versions and device, for bug reports
 
 User mistakes print one or two lines on stderr and exit with code 2; nothing is written. torch and
 diffusers are imported only after the recipe has validated.
@@ -42,6 +43,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["env"] or argv[:1] == ["--env"]:
+        from finetune.env import main as env_main
+
+        raise SystemExit(env_main(argv[1:]))
     args = _parser().parse_intermixed_args(argv)
     import logging
 
@@ -60,8 +66,10 @@ def main(argv: list[str] | None = None) -> None:
 
             print(check_data(recipe))
             return
+        from finetune.env import check_compatibility
         from finetune.train.trainer import train
 
+        check_compatibility()  # a known-bad package pair fails here, before any model loads
         train(recipe)
     except UserError as e:
         _fail(str(e), e.exit_code)

@@ -16,9 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def run(main, argv=None) -> int:
     """Call main(argv); a UserError (or a missing file) prints one line and returns 2, no traceback."""
+    from finetune.env import check_compatibility
     from finetune.errors import UserError
 
     try:
+        check_compatibility()  # metadata only: milliseconds, before any model or file is read
         return main(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,20 +11,22 @@ from finetune.export.io import write_text_atomic
 
 LOAD_SNIPPETS = {
     "lora": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
     "embedding": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
     ),
-    "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\")\n",
+    "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\", torch_dtype={dtype}).to(device)\n",
     "pivotal": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
 }
+# the dtype the snippet loads in: the run's compute precision (fp32 runs anywhere, the toy base on a CPU too)
+SNIPPET_DTYPES = {"no": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}
 UI_NOTES = {
     "lora": "The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).",
     "embedding": "The `.safetensors` named after the run goes in ComfyUI's and AUTOMATIC1111's `embeddings/` "
@@ -47,7 +49,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
-    snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name, pipeline=pipeline)
+    base, imports = _base_expression(ctx.base)
+    dtype = SNIPPET_DTYPES.get(ctx.recipe.get("train", {}).get("mixed_precision", "no"), "torch.float32")
+    snippet = LOAD_SNIPPETS.get(kind, "").format(base=base, folder=out_dir.name, pipeline=pipeline, dtype=dtype)
     if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
         # one load per text encoder: finetune's helper does both (diffusers needs text_encoder_2= etc.)
         snippet = snippet.replace(f'pipe.load_textual_inversion("{out_dir.name}")\n',
@@ -76,7 +80,8 @@ at {ctx.resolution} px.
 ```python
 import torch
 from diffusers import {pipeline}
-
+{imports}
+device = "cuda" if torch.cuda.is_available() else "cpu"
 {snippet}image = pipe("{prompt}").images[0]
 ```
 
@@ -85,3 +90,11 @@ from diffusers import {pipeline}
 {recipe}```
 """
     return write_text_atomic(out_dir / "README.md", text)
+
+
+def _base_expression(base: str) -> tuple[str, str]:
+    """The Python expression that names the base in the snippet, and the import it needs.
+    The toy base lives inside the installed package: its folder comes from `toy_base_path()`."""
+    if base == "toy":
+        return "toy_base_path()", "from finetune.toy import toy_base_path\n"
+    return repr(base), ""

@@ -1,47 +1,89 @@
-"""Atomic safetensors writes: a file appears complete or not at all."""
+"""Atomic writes: a file appears complete or not at all, readable like any other file.
+
+Every file the project writes (exports, model cards, checkpoints, caches, class images) goes through
+`atomic_open`: a hidden temporary file in the destination folder, fsynced, then renamed into place. The
+temporary file is created with mode 0666 minus the umask (0644 usually), as `open()` would, so a ComfyUI or
+web server running as another user can read the result (`tempfile.mkstemp` would leave it 0600).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import torch
-from safetensors.torch import save_file
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to `path` via a temporary file in the same folder and an atomic rename."""
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """Create a new hidden temporary file next to `path`; the umask applies to its mode."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
-        save_file(clean, tmp, metadata=meta or None)
+        yield tmp
+        # the writer may have replaced our file with its own (safetensors does, with mode 0600)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """`open(path, mode)` that writes a temporary file and renames it into place only on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` to `path` atomically."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta or None)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a small text file (model card, recipe) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
