@@ -51,14 +51,19 @@ class Recipe(StrictModel):
     @model_validator(mode="after")
     def _cross_rules(self):
         m, d = self.method, self.data
-        if d.cache_text and m.trains_text_encoder():
+        from finetune.models.detect import family_for
+
+        family = family_for(self.model)  # None for a hub id that is not cached: the loader checks then
+        if family is not None:
+            family.check_recipe(self)
+        if d.cache_text is True and m.trains_text_encoder():
             raise ValueError(
                 f"data.cache_text cannot be used with method '{m.name}' training the text encoder: "
                 "cached text embeddings would never change; set data.cache_text: false"
             )
         for i, src in enumerate(d.sources):
             rules = d.caption_rules(src)
-            if d.cache_text and rules.varies:
+            if d.cache_text is True and rules.varies:
                 raise ValueError(
                     f"data.cache_text with shuffled or dropped captions (data.sources.{i}) would cache one "
                     "variant forever; turn off shuffle_tags/caption_dropout/tag_dropout or data.cache_text"

@@ -23,8 +23,8 @@ class ModelSection(StrictModel):
         description="Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, "
         "or 'toy' for the built-in toy base.",
     )
-    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
-        "auto", description="Model architecture; 'auto' detects it from the base."
+    family: str = Field(
+        "auto", description="Model architecture (sd1, sd2, sdxl, sd3, ...); 'auto' detects it from the base."
     )
     config: str | None = Field(
         None,
@@ -47,12 +47,51 @@ class ModelSection(StrictModel):
         False,
         description="Allow pickle checkpoints (.ckpt/.bin/.pt); they are then read with weights_only=True.",
     )
+    drop_text_encoders: list[str] = Field(
+        default_factory=list,
+        description="Optional text encoders not to load, e.g. [text_encoder_3] trains SD3 without T5-XXL.",
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=4096, description="Tokens per caption for T5-style encoders; default the family's."
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from finetune.models.family import FAMILIES  # pure Python: registering families imports no torch
+
+        if v != "auto" and v not in FAMILIES:
+            from finetune.errors import did_you_mean
+
+            raise ValueError(f"unknown family{did_you_mean(v, FAMILIES)}; choose auto or one of {', '.join(FAMILIES)}")
+        return v
 
 
 class EMASection(StrictModel):
     enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters.")
     decay: float = Field(0.9999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
     update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
+class FlowSection(StrictModel):
+    """Rectified-flow options (SD3, FLUX and later families); refused for DDPM families."""
+
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = Field(
+        "auto", description="Timestep density; 'auto' uses the family's default (logit_normal for SD3 and FLUX)."
+    )
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal.")
+    logit_std: float = Field(1.0, gt=0.0, le=10.0, description="logit_normal: standard deviation.")
+    mode_scale: float = Field(1.29, ge=-1.0, le=10.0, description="mode: the SD3 paper's scale s.")
+    sigmoid_scale: float = Field(1.0, gt=0.0, le=10.0, description="sigmoid: u = sigmoid(scale * N(0, 1)).")
+    shift: float | None = Field(
+        None, gt=0.0, le=100.0, description="Static timestep shift; null uses the base scheduler's (SD3: 3.0)."
+    )
+    resolution_shift: bool | None = Field(
+        None, description="Shift by the image's token count (FLUX's dynamic shift); null: the family's default."
+    )
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Loss weighting over noise levels (diffusers' compute_loss_weighting_for_sd3)."
+    )
 
 
 class TrainSection(StrictModel):
@@ -84,6 +123,7 @@ class TrainSection(StrictModel):
         None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
     )
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05-0.1 is usual).")
+    flow: FlowSection = Field(default_factory=FlowSection, description="Rectified-flow objective options.")
     ema: EMASection = Field(default_factory=EMASection, description="EMA of trained parameters.")
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
     keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
@@ -119,8 +159,9 @@ class ValidationSection(StrictModel):
     guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
     width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
-    scheduler: Literal["ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
-        "ddim", description="Sampler for validation images; 'base' uses the base's own sampler."
+    scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
+        "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
+        "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."
     )
     score_subject: str | None = Field(
         None,

@@ -257,7 +257,7 @@ def test_sdxl_dreambooth_lora_in_bf16_with_an_fp32_vae(tmp_path, images, tiny_sd
     ("tiny_base", "auto", "epsilon"),
 ])
 def test_training_target_follows_the_base(tmp_path, images, monkeypatch, request, base, override, expected):
-    import finetune.train.trainer as trainer
+    import finetune.train.objectives as trainer  # where the DDPM objective looks it up
 
     seen = []
     real = trainer.target_for

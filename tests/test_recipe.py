@@ -63,7 +63,7 @@ def test_minimal_recipe_gets_defaults(tmp_path):
     r = load_recipe(write(tmp_path, MINIMAL))
     assert r.train.lr == 1e-4 and r.train.mixed_precision == "no"
     assert r.export.formats == ["diffusers", "kohya"]  # what the lora method writes
-    assert r.method.rank == 16 and r.method.unet_targets()[:2] == ["to_q", "to_k"]
+    assert r.method.rank == 16 and r.method.denoiser_targets()[:2] == ["to_q", "to_k"]
 
 
 # (overrides applied to MINIMAL, substring the message must hold)

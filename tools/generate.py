@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     if args.init_image is not None:
         extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
     else:
-        size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
         extra = {"width": args.width or size, "height": args.height or size}
     rows = []
     for prompt in tqdm(args.prompts, desc="prompts", disable=len(args.prompts) < 2):

@@ -235,7 +235,7 @@ def build_train_data(
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
                       recipe.train.gradient_accumulation)
     latents = Cache(_cache_root(recipe, "latents"), write=rank == 0) if d.cache_latents else None
-    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text else None
+    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text is True else None
     render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)
     notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress)
     data = TrainData(scan, planner, render, d.num_workers, notes)

@@ -66,7 +66,7 @@ def export_full(comps, out_dir: Path, ctx, unet=None, text_encoders=None) -> lis
     from finetune.export.kohya import MODELSPEC_ARCH
     from finetune.export.lora import common_metadata
 
-    pipe = comps.pipeline(unet=unet, text_encoders=text_encoders)
+    pipe = comps.pipeline(denoiser=unet, text_encoders=text_encoders)
     dtype = DTYPES[ctx.dtype]
     meta = common_metadata(ctx) | {
         "modelspec.architecture": MODELSPEC_ARCH.get(ctx.family, ctx.family),

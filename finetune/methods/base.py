@@ -27,6 +27,10 @@ class MethodConfig(StrictModel):
         """True when text-encoder weights or embeddings change (text caching is then impossible)."""
         return False
 
+    def adds_tokens(self) -> bool:
+        """True when the method adds new token embeddings (families must support Textual Inversion)."""
+        return False
+
     def check_recipe(self, recipe) -> None:
         """Checks that need the rest of the recipe (e.g. the base's vocabulary); raise ValueError naming the key."""
 
@@ -44,7 +48,7 @@ class Method(Protocol):
         ...
 
     def trained_modules(self) -> list[str]:
-        """Names of component modules that hold trained parameters ('unet', 'text_encoder', ...)."""
+        """Names of component modules that hold trained parameters (the denoiser's, 'text_encoder', ...)."""
         ...
 
     def after_step(self, comps: Components) -> None:

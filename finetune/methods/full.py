@@ -1,4 +1,4 @@
-"""`full`: the whole U-Net trains (DreamBooth's original form), optionally the text encoder(s) too.
+"""`full`: the whole denoiser trains (DreamBooth's original form), optionally the text encoder(s) too.
 
 Config is pure pydantic; torch is imported only when the method runs. Every trained weight is an fp32
 parameter (the trainer's `cast_frozen` keeps trained parameters fp32 under mixed precision), so memory
@@ -41,7 +41,7 @@ class FullConfig(MethodConfig):
 
 
 class FullMethod:
-    """Unfreezes the U-Net (and the text encoders when asked); nothing is injected."""
+    """Unfreezes the denoiser (and the text encoders when asked); nothing is injected."""
 
     def __init__(self, config: FullConfig):
         self.config = config
@@ -49,11 +49,11 @@ class FullMethod:
 
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
-        comps.unet.requires_grad_(True)
-        groups = [{"params": list(comps.unet.parameters()), "lr": train_lr}]
-        self.trained = ["unet"]
+        comps.denoiser.requires_grad_(True)
+        groups = [{"params": list(comps.denoiser.parameters()), "lr": train_lr}]
+        self.trained = [comps.denoiser_name]
         if cfg.train_text_encoder:
-            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+            for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
                 encoder.requires_grad_(True)
                 groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or train_lr})
                 self.trained.append(name)
@@ -91,7 +91,7 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.sections import ModelSection
 
     fresh = load_components(ModelSection(**ctx.recipe["model"]))
-    names = comps.family.text_encoder_names
+    names = comps.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]
     return dataclasses.replace(comps, vae=fresh.vae, text_encoders=encoders)

@@ -1,4 +1,4 @@
-"""`lora`: low-rank adapters through peft (LoRA, DoRA, LoHa, LoKr) on the U-Net, optionally the text encoder.
+"""`lora`: low-rank adapters through peft (LoRA, DoRA, LoHa, LoKr) on the denoiser, optionally the text encoders.
 
 Config is pure pydantic; torch and peft are imported only when the method is built.
 """
@@ -12,18 +12,7 @@ from pydantic import Field, model_validator
 from finetune.methods.base import MethodConfig, register_method
 from finetune.sections import StrictModel
 
-# Target-module presets for the U-Net. Names are module-name suffixes as peft matches them.
-UNET_TARGETS: dict[str, list[str]] = {
-    # the diffusers default: attention projections only
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    # + transformer feed-forward and the 1x1 projections into/out of each transformer block
-    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-    # LoCon: + the ResNet convolutions, time-embedding projections and shortcut convs
-    "locon": [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
-    ],
-}
+# Denoiser target presets belong to each family (finetune/models/families: `lora_presets`).
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -49,8 +38,10 @@ class LoRAConfig(MethodConfig):
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank (dimension).")
     alpha: float | None = Field(None, gt=0.0, description="Scaling alpha (scale = alpha/rank); default the rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    targets: Literal["attention", "attention_ff", "locon"] | list[str] = Field(
-        "attention", description="U-Net modules: a preset (attention, attention_ff, locon) or module-name suffixes."
+    targets: str | list[str] = Field(
+        "attention",
+        description="Denoiser modules: a preset of the family (U-Nets: attention, attention_ff, locon; SD3/FLUX "
+        "transformers: attention, attention_mlp, ...) or a list of module-name suffixes.",
     )
     text_encoder: TextEncoderLoRA = Field(default_factory=TextEncoderLoRA, description="Text-encoder LoRA.")
 
@@ -60,13 +51,35 @@ class LoRAConfig(MethodConfig):
             raise ValueError(f"use_dora works with adapter: lora only, not adapter: {self.adapter}")
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; name modules or use a preset")
+        if isinstance(self.targets, str):
+            from finetune.models.family import FAMILIES
+
+            presets = sorted({p for f in FAMILIES.values() for p in f.lora_presets})
+            if self.targets not in presets:
+                from finetune.errors import did_you_mean
+
+                raise ValueError(f"targets '{self.targets}' is not a preset{did_you_mean(self.targets, presets)}; "
+                                 f"presets: {', '.join(presets)}, or a list of module-name suffixes")
         return self
 
     def trains_text_encoder(self) -> bool:
         return self.text_encoder.enabled
 
-    def unet_targets(self) -> list[str]:
-        return list(UNET_TARGETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
+    def denoiser_targets(self, family=None) -> list[str]:
+        """Module-name suffixes to adapt in the denoiser: the family's preset, or the recipe's own list."""
+        if isinstance(self.targets, list):
+            return list(self.targets)
+        from finetune.models.family import SD1
+
+        return (family or SD1).lora_targets(self.targets)
+
+    def check_recipe(self, recipe) -> None:
+        from finetune.models.detect import family_for
+
+        family = family_for(recipe.model)
+        if family is not None and isinstance(self.targets, str) and self.targets not in family.lora_presets:
+            raise ValueError(f"method.targets '{self.targets}' is not a preset of the {family.name} family; its "
+                             f"presets are {', '.join(family.lora_presets)}, or list module-name suffixes")
 
     def build(self):
         return LoRAMethod(self)
@@ -96,14 +109,14 @@ class LoRAMethod:
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
         alpha = cfg.alpha or cfg.rank
-        _add_adapter(comps.unet, peft_adapter_config(cfg, cfg.rank, alpha, cfg.unet_targets()),
+        _add_adapter(comps.denoiser, peft_adapter_config(cfg, cfg.rank, alpha, cfg.denoiser_targets(comps.family)),
                      "method.targets", cfg.targets)
-        groups = [{"params": _trainable(comps.unet), "lr": train_lr}]
-        self.adapted = ["unet"]
+        groups = [{"params": _trainable(comps.denoiser), "lr": train_lr}]
+        self.adapted = [comps.denoiser_name]
         te = cfg.text_encoder
         if te.enabled:
             rank = te.rank or cfg.rank
-            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+            for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
                 _add_adapter(encoder, peft_adapter_config(cfg, rank, te.alpha or rank, te.targets),
                              "method.text_encoder.targets", te.targets)
                 groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})

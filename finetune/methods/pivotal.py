@@ -33,6 +33,9 @@ class PivotalConfig(MethodConfig):
         0, ge=0, description="0: tokens and LoRA train together; N: tokens alone for N steps, then the LoRA alone."
     )
 
+    def adds_tokens(self) -> bool:
+        return True
+
     def trains_text_encoder(self) -> bool:
         return True
 

@@ -134,6 +134,9 @@ class TextualInversionConfig(TokenSettings, MethodConfig):
     name: Literal["textual_inversion"] = "textual_inversion"
     export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "a1111"})
 
+    def adds_tokens(self) -> bool:
+        return True
+
     def trains_text_encoder(self) -> bool:
         return True
 
@@ -174,7 +177,7 @@ class NewTokens:
 
         self.extras = comps.extras
         words = self.settings.placeholder_tokens()
-        for name, tok, enc in zip(comps.family.text_encoder_names, comps.tokenizers, comps.text_encoders, strict=True):
+        for name, tok, enc in zip(comps.text_encoder_names, comps.tokenizers, comps.text_encoders, strict=True):
             self._check(tok, f"model.base '{comps.base}' ({name})")
             init = self._initializer_row(tok, enc)
             tok.add_tokens(words)
@@ -273,7 +276,7 @@ class NewTokens:
         return out
 
     def _encoders(self, comps):
-        return [(n, e) for n, e in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True)
+        return [(n, e) for n, e in zip(comps.text_encoder_names, comps.text_encoders, strict=True)
                 if n in self.ids]
 
 

@@ -42,7 +42,7 @@ def _banner(t) -> str:
     d = t.data
     trainable = sum(p.numel() for p in t.params.values())
     return (
-        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.comps.prediction_type}); "
+        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
         f"{t.acc.num_processes} process(es) on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"
@@ -153,15 +153,17 @@ def validate(t, step: int) -> Path | None:
     acc, v = t.acc, t.recipe.validation
     path = None
     if acc.is_main_process:
-        unet = acc.unwrap_model(t.wrapped["unet"]) if "unet" in t.wrapped else t.comps.unet
+        name = t.comps.denoiser_name
+        denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
         encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
-                    for n, e in zip(t.comps.family.text_encoder_names, t.comps.text_encoders, strict=True)]
-        modules = [unet, *encoders]
+                    for n, e in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)]
+        modules = [denoiser, *encoders]
         modes = [m.training for m in modules]
-        pipe = make_pipeline(t.comps, v, unet=unet, text_encoders=encoders)
+        pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         res = t.recipe.data.resolution
         with acc.autocast():
-            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device)
+            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
+                          text=t.prompt_cache, family=t.comps.family)
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
         image = grid(rows, v.prompts, title=f"step {step}")

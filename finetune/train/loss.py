@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 
+def example_generators(seed: int, step: int, first_index: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per example, seeded by the example's global position in the run."""
+    return [torch.Generator().manual_seed(hash_seed(seed, step, first_index + i)) for i in range(n)]
+
+
 def example_noise(
     latents: torch.Tensor, num_timesteps: int, seed: int, step: int, first_index: int, noise_offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
 """The training loop. Read it top to bottom: `train()` sets up, `Trainer.run()` loops, `finish()` exports.
 
-The method decides what trains (finetune/methods); the family how prompts become U-Net conditioning
-(finetune/models/family.py); the data pipeline what a batch is (finetune/data). The loop only does the
-diffusion step, and keeps the run safe: checkpoints, clean interrupts, non-finite guards.
+The method decides what trains (finetune/methods); the family how prompts become conditioning and a batch
+the denoiser's inputs (finetune/models/families); the objective how a clean latent becomes a noisy example
+and its target (finetune/train/objectives.py); the data pipeline what a batch is (finetune/data). The loop
+only does the step, and keeps the run safe: checkpoints, clean interrupts, non-finite guards.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from finetune.errors import RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
-from finetune.train.loss import diffusion_loss, example_noise, snr_weights, target_for
+from finetune.train.loss import diffusion_loss, example_generators
+from finetune.train.objectives import build_objective
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.timing import PhaseTimer
 
@@ -56,21 +58,25 @@ class Trainer:
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps)
         cast_frozen(comps, self.dtype, vae_dtype)
+        self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
+        denoiser = comps.denoiser
         if self.cfg.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
         if self.cfg.channels_last:
-            comps.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
         if self.cfg.compile:
-            comps.unet.compile()  # in place: parameter names (checkpoints, exports) stay the same
+            denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same
         device = acc.device
-        comps.unet.to(device)
+        denoiser.to(device)
         comps.vae.to(device)
         for enc in comps.text_encoders:
             enc.to(device)
         self.comps = comps
         if recipe.data.prior is not None:
             self._ensure_class_images()
+        self._resolve_text_cache()
         self.data = self._build_data(vae_dtype)
+        self.prompt_cache = self._release_text_encoders()
         self._build_optimization(groups)
         self.state = ckpt.TrainState(dataset_fingerprint=self.data.fingerprint,
                                      recipe_fingerprint=resume_fingerprint(recipe))
@@ -90,6 +96,27 @@ class Trainer:
 
         with self.acc.main_process_first():
             ensure_class_images(self.recipe, self.comps, self.acc)
+
+    def _resolve_text_cache(self) -> None:
+        """`data.cache_text: auto`: cache where the family's encoders are large and captions never change."""
+        d = self.recipe.data
+        if d.cache_text == "auto":
+            varies = any(d.caption_rules(src).varies for src in d.sources)
+            d.cache_text = bool(self.comps.family.cache_text_by_default and not self.method.config.trains_text_encoder()
+                                and not varies and not hasattr(self.method, "prepare_captions"))
+
+    def _release_text_encoders(self) -> dict | None:
+        """With every caption cached and no encoder trained, the encoders are only needed for the validation
+        prompts: encode those once, then move the encoders to the CPU so training holds only the denoiser.
+        Returns {prompt: embeddings} (None when the encoders stay)."""
+        if not (self.recipe.data.cache_text is True and self.comps.family.cache_text_by_default):
+            return None
+        v = self.recipe.validation
+        prompts = list(dict.fromkeys([*v.prompts, v.negative_prompt]))
+        cache = {p: self.encode_text_frozen([p]) for p in prompts} if prompts else {}
+        for enc in self.comps.text_encoders:
+            enc.to("cpu")
+        return cache
 
     def _build_data(self, vae_dtype):
         from finetune.data import build_train_data
@@ -151,7 +178,7 @@ class Trainer:
         prepare = getattr(self.method, "prepare_captions", None)
         captions = prepare(captions) if prepare else captions
         wrapped = getattr(self, "wrapped", {})  # data.cache_text encodes before accelerate wraps anything
-        encoders = [wrapped.get(n, e) for n, e in zip(self.comps.family.text_encoder_names,
+        encoders = [wrapped.get(n, e) for n, e in zip(self.comps.text_encoder_names,
                                                        self.comps.text_encoders, strict=True)]
         comps = self.comps
         view = comps if encoders == comps.text_encoders else _with_encoders(comps, encoders)
@@ -174,16 +201,13 @@ class Trainer:
         bsz, accum = latents.shape[0], cfg.gradient_accumulation
         micro = self.state.batch_in_epoch % accum  # epochs end on optimizer steps (see finetune/data/plan.py)
         first = (self.state.step * accum * acc.num_processes + micro * acc.num_processes + acc.process_index) * bsz
-        noise, timesteps = example_noise(latents, comps.scheduler.config.num_train_timesteps, cfg.seed,
-                                         self.state.step, first, cfg.noise_offset)
-        noisy = comps.scheduler.add_noise(latents, noise, timesteps)
-        unet = self.wrapped.get("unet", comps.unet)
-        with timer("unet_forward"), acc.autocast():
-            pred = unet(noisy, timesteps, **comps.family.unet_kwargs(text, batch), return_dict=False)[0]
-        target = target_for(comps.scheduler, latents, noise, timesteps)
-        weights = snr_weights(comps.scheduler, timesteps, cfg.min_snr_gamma)
+        example = self.objective.example(latents, example_generators(cfg.seed, self.state.step, first, bsz))
+        denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
+        with timer("denoiser_forward"), acc.autocast():
+            pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         prior = self.recipe.data.prior
-        return diffusion_loss(pred, target, weights, batch.get("is_prior"), prior.loss_weight if prior else 1.0)
+        return diffusion_loss(pred, example.target, example.weights, batch.get("is_prior"),
+                              prior.loss_weight if prior else 1.0)
 
     def _all_agree(self, flag: bool) -> bool:
         """True on every process when any process says True (keeps DDP processes in lock-step)."""
