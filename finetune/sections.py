@@ -54,6 +54,10 @@ class ModelSection(StrictModel):
     max_sequence_length: int | None = Field(
         None, ge=1, le=4096, description="Tokens per caption for T5-style encoders; default the family's."
     )
+    guidance: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0.",
+    )
 
     @field_validator("family")
     @classmethod
@@ -156,7 +160,11 @@ class ValidationSection(StrictModel):
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
     at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
     steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
-    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the family's usual value "
+        "(SD 7.5, SD3 7.0, FLUX 3.5).",
+    )
     width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(

@@ -157,7 +157,8 @@ def kohya_layers(tensors: dict[str, torch.Tensor], path: Path, family=None) -> d
 def kohya_metadata(ctx, cfg) -> dict[str, str]:
     """The ss_* keys kohya-trained files carry, and the Stability modelspec keys, that UIs read."""
     algo = cfg.adapter
-    conv = any(t in ("conv1", "conv2", "conv_shortcut") for t in cfg.denoiser_targets())
+    targets = cfg.targets if isinstance(cfg.targets, list) else [cfg.targets]
+    conv = any(t in ("locon", "conv1", "conv2", "conv_shortcut") for t in targets)
     args: dict[str, Any] = {}
     if algo != "lora" or conv:
         args = {"algo": "locon" if algo == "lora" else algo, "conv_dim": str(cfg.rank),

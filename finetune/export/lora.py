@@ -83,7 +83,7 @@ def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
         "finetune.adapter": cfg.adapter,
         "finetune.rank": str(cfg.rank),
         "finetune.alpha": str(cfg.alpha or cfg.rank),
-        "finetune.targets": json.dumps(cfg.denoiser_targets()),
+        "finetune.targets": json.dumps(cfg.targets),
         "finetune.use_dora": str(cfg.use_dora),
         "finetune.modules": json.dumps(per_module),
     }

@@ -43,6 +43,10 @@ class LoRAConfig(MethodConfig):
         description="Denoiser modules: a preset of the family (U-Nets: attention, attention_ff, locon; SD3/FLUX "
         "transformers: attention, attention_mlp, ...) or a list of module-name suffixes.",
     )
+    blocks: list[str] | None = Field(
+        None, description="Adapt only modules inside these blocks, by module path: e.g. [transformer_blocks.0, "
+        "single_transformer_blocks.7]; null adapts every block the targets match.",
+    )
     text_encoder: TextEncoderLoRA = Field(default_factory=TextEncoderLoRA, description="Text-encoder LoRA.")
 
     @model_validator(mode="after")
@@ -65,13 +69,13 @@ class LoRAConfig(MethodConfig):
     def trains_text_encoder(self) -> bool:
         return self.text_encoder.enabled
 
-    def denoiser_targets(self, family=None) -> list[str]:
-        """Module-name suffixes to adapt in the denoiser: the family's preset, or the recipe's own list."""
-        if isinstance(self.targets, list):
-            return list(self.targets)
+    def denoiser_targets(self, family=None) -> list[str] | str:
+        """What to adapt in the denoiser, as peft takes it: module-name suffixes (the family's preset or the
+        recipe's list) or one regex, narrowed to `blocks` when given."""
         from finetune.models.family import SD1
 
-        return (family or SD1).lora_targets(self.targets)
+        targets = list(self.targets) if isinstance(self.targets, list) else (family or SD1).lora_targets(self.targets)
+        return within_blocks(targets, self.blocks) if self.blocks else targets
 
     def check_recipe(self, recipe) -> None:
         from finetune.models.detect import family_for
@@ -83,6 +87,16 @@ class LoRAConfig(MethodConfig):
 
     def build(self):
         return LoRAMethod(self)
+
+
+def within_blocks(targets: list[str] | str, blocks: list[str]) -> str:
+    """One regex (peft full-matches it against module names) for `targets` inside the named blocks."""
+    import re
+
+    inside = "(?:" + "|".join(re.escape(b.strip(".")) for b in blocks) + r")\."
+    if isinstance(targets, str):
+        return f"(?={inside})(?:{targets})"
+    return inside + r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
 
 
 def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str]):

@@ -53,10 +53,12 @@ class Family:
     pipeline_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
-    #: LoRA target presets (module-name suffixes as peft matches them); the first is the default
-    lora_presets: dict[str, list[str]] = field(default_factory=dict)
+    #: LoRA target presets: module-name suffixes as peft matches them, or one regex peft full-matches
+    lora_presets: dict[str, list[str] | str] = field(default_factory=dict)
     #: validation sampler when the recipe says `validation.scheduler: auto`
     default_sampler: str = "ddim"
+    #: validation guidance scale when the recipe leaves `validation.guidance_scale` null
+    default_guidance: float = 7.5
     #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
     cache_text_by_default: bool = False
     #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders
@@ -139,13 +141,14 @@ class Family:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
 
-    def lora_targets(self, preset: str) -> list[str]:
+    def lora_targets(self, preset: str) -> list[str] | str:
         if preset not in self.lora_presets:
             from finetune.errors import ModelError
 
             raise ModelError(f"method.targets '{preset}' is not a preset of the {self.name} family; "
                              f"its presets are {', '.join(self.lora_presets)}, or list module-name suffixes")
-        return list(self.lora_presets[preset])
+        targets = self.lora_presets[preset]
+        return targets if isinstance(targets, str) else list(targets)
 
 
 _REGISTRY: dict[str, Family] = {}

@@ -97,7 +97,38 @@ def build_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     return folder
 
 
-BUILDERS = {"sd3": build_tiny_sd3}
+def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
+    """FLUX-shaped: one double-stream and one single-stream block (2 heads of 16, rotary axes 4 + 6 + 6), a
+    CLIP-L-style encoder whose pooled output (16 wide) feeds pooled_projections, a T5 encoder 32 wide, a
+    16-channel VAE with FLUX's shift and scale factors (2x2 packing: 64 input channels), guidance embedding
+    as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler."""
+    import shutil
+
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    tok2 = t5_tokenizer(folder / "_t5_tokenizer")
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=clip, tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2,
+                        scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_t5_tokenizer")
+    return folder
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

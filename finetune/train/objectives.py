@@ -144,8 +144,10 @@ def build_objective(family, scheduler, train):
     overrides: dict[str, Any] = {"use_dynamic_shifting": resolution}
     if flow.shift is not None:
         overrides["shift"] = flow.shift
-    elif resolution:
-        overrides["shift"] = 1.0  # the resolution shift replaces the static one
+    elif resolution or scheduler.config.get("use_dynamic_shifting"):
+        # the resolution shift replaces the static one; and a base that shifts by resolution (FLUX) keeps its
+        # static `shift` unused, so without the resolution shift its grid is unshifted (as diffusers' script)
+        overrides["shift"] = 1.0
     grid = type(scheduler).from_config(scheduler.config, **overrides)
     sampling = flow.timestep_sampling if flow.timestep_sampling != "auto" else defaults.get("sampling", "uniform")
     return FlowObjective(grid, sampling, flow.weighting, train.noise_offset, flow.logit_mean, flow.logit_std,

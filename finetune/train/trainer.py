@@ -203,6 +203,8 @@ class Trainer:
         first = (self.state.step * accum * acc.num_processes + micro * acc.num_processes + acc.process_index) * bsz
         example = self.objective.example(latents, example_generators(cfg.seed, self.state.step, first, bsz))
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
+        if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
+            batch = {**batch, "guidance": self.recipe.model.guidance}
         with timer("denoiser_forward"), acc.autocast():
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         prior = self.recipe.data.prior

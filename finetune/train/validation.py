@@ -51,7 +51,8 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
         else:
             words = {"prompt": [prompt] * len(seeds),
                      "negative_prompt": [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None}
-        out = pipe(**words, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=gens,
+        scale = cfg.guidance_scale if cfg.guidance_scale is not None else getattr(family, "default_guidance", 7.5)
+        out = pipe(**words, num_inference_steps=cfg.steps, guidance_scale=scale, generator=gens,
                    width=width, height=height, output_type="pil")
         rows.append(list(out.images))
     return rows

@@ -83,6 +83,7 @@ SD3 = register_family(SD3Family(
     pipeline_kwargs={},
     lora_presets=MMDIT_PRESETS,
     default_sampler="base",
+    default_guidance=7.0,
     cache_text_by_default=True,
     textual_inversion=False,  # three encoders incl. T5: not wired yet (refused at recipe time, one line)
     single_file_signs=("model.diffusion_model.joint_blocks.", "joint_blocks."),
