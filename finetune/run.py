@@ -3,6 +3,7 @@
     accelerate launch finetune/run.py recipes/lora.yaml [key.path=value ...]
     python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
     finetune recipes/lora.yaml --print                  # show the fully resolved recipe
+    finetune studio [--host H] [--port N] [--root DIR]  # the local web studio (finetune/studio/)
 
 User mistakes print one or two lines on stderr and exit with code 2; nothing is written. torch and
 diffusers are imported only after the recipe has validated.
@@ -42,6 +43,11 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["studio"]:  # `finetune studio ...`: the web app (finetune/studio/)
+        from finetune.studio.cli import main as studio
+
+        return studio(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     import logging
 
