@@ -67,11 +67,12 @@ def checkpoints(out: Path) -> list[str]:
     return [p.name for p in complete_checkpoints(root)] if root.is_dir() else []
 
 
-def read_tail(path: Path, limit: int = TAIL_BYTES) -> str:
+def read_tail(path: Path, limit: int = TAIL_BYTES, start: int = 0) -> str:
+    """The last `limit` bytes of a log, never reading before byte `start`."""
     if not path.is_file():
         return ""
     with path.open("rb") as f:
-        f.seek(max(0, os.path.getsize(path) - limit))
+        f.seek(max(start, os.path.getsize(path) - limit))
         return f.read().decode("utf-8", errors="replace")
 
 

@@ -54,6 +54,7 @@ class Run:
     overrides: list[str] = field(default_factory=list)  # for the next launch (resume)
     stop_requested: bool = False
     parent: str | None = None  # the run this one re-runs with changes
+    log_offset: int = 0  # where the latest launch's output starts in log.txt
 
 
 class RunManager:
@@ -193,6 +194,7 @@ class RunManager:
         config = self.recipes_dir / "accelerate" / run.accelerate_config if run.accelerate_config else None
         cmd = procs.launch_command(folder / "recipe.yaml", run.overrides, config)
         log = folder / "log.txt"
+        run.log_offset = log.stat().st_size if log.is_file() else 0
         with log.open("a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
         try:
@@ -225,7 +227,7 @@ class RunManager:
     def _ended(self, run: Run, code: int | None) -> None:
         from finetune.studio.outputs import read_tail
 
-        tail = read_tail(self.folder(run.id) / "log.txt", 16 * 1024)
+        tail = read_tail(self.folder(run.id) / "log.txt", 16 * 1024, start=run.log_offset)  # this launch only
         run.exit_code, run.ended, run.pid = code, time.time(), None
         if re.search(r"stopped by SIG\w+ at step", tail):
             run.status = "stopped"
