@@ -39,6 +39,7 @@ class Studio:
     tools_dir: Path = REPO / "tools"
     max_upload: int = MAX_UPLOAD_MB * 1024 * 1024
     devices: list[str | None] = field(default_factory=lambda: [None])
+    hold: bool = False  # queue runs without starting them
     runs: RunManager = None  # type: ignore[assignment]
     jobs: Jobs = None  # type: ignore[assignment]
 
@@ -51,7 +52,7 @@ class Studio:
         if not is_loopback(host) and not token:
             token = new_token()
         s = cls(root=real, host=host, token=token if not is_loopback(host) else None, **kw)
-        s.runs = RunManager(real, s.recipes_dir, s.devices)
+        s.runs = RunManager(real, s.recipes_dir, s.devices, s.hold)
         s.jobs = Jobs(real / ".studio" / "jobs")
         return s
 

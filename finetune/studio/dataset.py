@@ -18,7 +18,7 @@ from finetune.data.images import IMAGE_EXTS, BadImage, decode
 from finetune.data.scan import scan_data, summarize
 from finetune.data.stats import caption_stats
 from finetune.errors import DataError, UserError
-from finetune.studio.paths import PathError, confine, inside, relative
+from finetune.studio.paths import PathError, confine, inside, links_out, relative
 
 MAX_CAPTION_CHARS = 20_000
 
@@ -105,6 +105,10 @@ def scan_folder(root: Path, rel: str, resolution: int = 512, buckets: bool = Tru
                 recursive: bool = False) -> dict[str, Any]:
     """The `--check` view of one folder: bucket plan, problems, caption statistics, the summary text."""
     folder = confine(root, rel, "folder")
+    escaping = links_out(root, folder) if folder.is_dir() else []
+    if escaping:
+        raise PathError(f"folder: {', '.join(escaping)} lead(s) outside the studio root; the scan would read "
+                        "them: copy the files in, or remove the links")
     src = {"type": "folder", "path": str(folder), "caption_ext": caption_ext, "recursive": recursive}
     data = DataSection.model_validate({"sources": [src], "resolution": resolution,
                                        "buckets": {"enabled": buckets}, "on_bad_image": "skip"})

@@ -47,3 +47,17 @@ def inside(root: Path, path: Path) -> bool:
     """True when `path` (symlinks followed) lies inside the root."""
     real = Path(os.path.realpath(path))
     return real == root or real.is_relative_to(root)
+
+
+def links_out(root: Path, folder: Path, limit: int = 5) -> list[str]:
+    """Entries under `folder` (any depth) that lead outside the root through a symlink: a scan or a run
+    would read them, so the studio refuses such a folder instead (first `limit` names, relative to root)."""
+    found = []
+    for dirpath, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            if p.is_symlink() and not inside(root, p):
+                found.append(p.relative_to(root).as_posix())
+                if len(found) >= limit:
+                    return found
+    return found

@@ -16,7 +16,7 @@ import yaml
 
 from finetune.errors import RecipeError
 from finetune.recipe import _load_chain, validate
-from finetune.studio.paths import PathError, confine
+from finetune.studio.paths import PathError, confine, links_out
 
 SOURCE_NAME = "recipe.yaml"  # how messages name the form's recipe, as the CLI names a file
 HUB_OK = {"model.base", "model.config", "model.vae", "hf"}  # may be a hub id instead of a local path
@@ -103,6 +103,10 @@ def confine_recipe(data: dict[str, Any], root: Path) -> tuple[dict[str, Any], li
         except PathError as e:
             errors.append({"key": key, "message": str(e)})
             continue
+        escaping = links_out(root, target) if target.is_dir() and key.startswith("data.") else []
+        if escaping:  # the run would read them
+            errors.append({"key": key, "message": f"{key}: {', '.join(escaping)} lead(s) outside the studio root; "
+                           "copy the files in, or remove the links"})
         node: Any = out
         *parents, last = key.split(".")
         for part in parents:

@@ -58,8 +58,10 @@ class Run:
 
 
 class RunManager:
-    def __init__(self, root: Path, recipes_dir: Path, devices: list[str | None] | None = None):
+    def __init__(self, root: Path, recipes_dir: Path, devices: list[str | None] | None = None,
+                 hold: bool = False):
         self.root, self.recipes_dir = root, recipes_dir
+        self.hold = hold  # keep queued runs waiting (tests, or a studio opened only to look)
         self.home = root / ".studio" / "runs"
         self.home.mkdir(parents=True, exist_ok=True)
         self.slots: dict[str | None, str | None] = {d: None for d in (devices or [None])}  # device -> run id
@@ -186,7 +188,7 @@ class RunManager:
         """Start queued runs on free device slots (called with the lock held, or at start-up)."""
         with self.lock:
             for device, busy in self.slots.items():
-                if busy is None and self.queue:
+                if busy is None and self.queue and not self.hold:
                     self._launch(self.runs[self.queue.pop(0)], device)
 
     def _launch(self, run: Run, device: str | None) -> None:
