@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
         from finetune.studio.app import Studio, create_app
     except ImportError as e:
-        print(f"error: the studio needs its server packages ({e.name}); pip install 'finetune[studio]'",
+        print(f"error: the studio needs its server packages ({e.name} is missing); pip install starlette uvicorn",
               file=sys.stderr)
         raise SystemExit(2) from None
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [None]

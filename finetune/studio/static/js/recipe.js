@@ -84,7 +84,7 @@ export async function recipePage(main, info) {
   main.replaceChildren(h("h2", { text: "Recipe" }), h("div", { class: "cols" },
     h("div", {}, h("div", { class: "row" }, h("span", { text: "start from" }), pick,
       state.parent ? h("span", { class: "muted", text: `re-run of ${state.parent}` }) : null), formBox),
-    h("div", {},
+    h("div", { class: "side" },
       h("div", { class: "panel" }, h("div", { class: "row" }, h("b", { text: "Validation" }), status), loose),
       h("div", { class: "panel" }, h("div", { class: "row" }, name, config, start),
         h("div", { class: "row" }, check, estimateButton), summary, estimate),
