@@ -15,6 +15,7 @@ BAD_PATHS = {
     "home": "~/secret.png",
     "symlinked_file": "data/link.png",
     "symlinked_dir": "escape/secret.png",
+    "dotdot_landing_inside": "data/../data/0.png",  # '..' is refused even where it would land inside
 }
 BAD_FOLDERS = {"dotdot": "../outside", "absolute": "{outside}", "symlinked_dir": "escape", "home": "~"}
 
@@ -121,6 +122,8 @@ def test_uploads_are_capped_checked_and_never_overwrite(world):  # noqa: F811
     assert put("new.png", buf.getvalue()).status_code == 200
     assert (root / "data" / "new.png").read_bytes() == buf.getvalue()
     assert put("big.png", b"\0" * 5000).status_code == 413
+    chunked = (b"\0" * 1000 for _ in range(5))  # no Content-Length: the cap holds while streaming
+    assert put("big.png", chunked).status_code == 413
     assert put("bad.png", b"not an image").status_code == 400
     original = (root / "data" / "0.png").read_bytes()
     assert put("0.png", buf.getvalue()).status_code == 400

@@ -210,10 +210,11 @@ def test_studio_from_data_folder_to_downloaded_lora(studio, browser, tmp_path):
                  "train.batch_size": "4", "validation.seeds": "0, 1", "validation.steps": "4"}
     for key, value in overrides.items():
         p.type(f'[data-key="{key}"]', value)
+    yaml_text = lambda: p.css("#recipe-yaml").get_attribute("textContent")  # noqa: E731
+    _wait_for(lambda: "batch_size: 4" in yaml_text() and "steps: 4" in yaml_text(), 30, "the YAML to follow the form")
     _wait_for(lambda: p.css("#recipe-status").text == "valid", 30, "the recipe to validate")
     assert error.text == ""
-    yaml_text = p.css("#recipe-yaml").text
-    assert "output_dir: runs/heart" in yaml_text and "path: data/heart" in yaml_text
+    assert "output_dir: runs/heart" in yaml_text() and "path: data/heart" in yaml_text()
     downloaded = browser.execute_async_script(
         "const done = arguments[0]; fetch(document.getElementById('recipe-download').href)"
         ".then(r => r.text()).then(done)")

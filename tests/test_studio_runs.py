@@ -125,6 +125,7 @@ def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, 
     r = c.post(f"/api/runs/{run_id}/resume", json={"max_steps": 5}, headers=W)
     assert r.status_code == 200, r.text
     _wait(lambda: studio.runs.get(run_id).status == "done")
+    assert c.get(f"/api/runs/{run_id}").json()["max_steps"] == 5  # the resumed budget, not the recipe's
     assert json.loads(fake_launch.read_text())["args"][1:] == ["train.resume=latest", "train.max_steps=5"]
     assert studio.runs.get(run_id).launches == 2
 

@@ -46,9 +46,17 @@ def snapshot(manager: RunManager, run_id: str, after_step: int = -1) -> dict:
         "scores": outputs.scores(out),
         "exports": outputs.exports(out),
         "checkpoints": outputs.checkpoints(out),
-        "max_steps": t.get("max_steps"),
+        "max_steps": _max_steps(run, t),
         "validation": {"prompts": v.get("prompts", []), "seeds": v.get("seeds", [0, 1])},
     }
+
+
+def _max_steps(run, train: dict):
+    """The run's step budget: a resume may have moved it (train.max_steps=N on the command line)."""
+    for o in reversed(run.overrides):
+        if o.startswith("train.max_steps="):
+            return int(o.split("=", 1)[1])
+    return train.get("max_steps")
 
 
 @endpoint
