@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="",
                    help="comma-separated CUDA devices, one run at a time on each (default: one queue, all devices)")
     p.add_argument("--max-upload-mb", type=int, default=50, help="largest file the page may upload (MiB)")
+    p.add_argument("--recipes", type=Path, default=None,
+                   help="folder of recipes to start from (default: the checkout's recipes/)")
     return p
 
 
@@ -44,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         raise SystemExit(2) from None
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [None]
+    extra = {"recipes_dir": args.recipes.resolve()} if args.recipes else {}
     studio = Studio.make(args.root, args.host, args.token, devices=devices,
-                         max_upload=args.max_upload_mb * 1024 * 1024)
+                         max_upload=args.max_upload_mb * 1024 * 1024, **extra)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}/" + (f"?token={studio.token}" if studio.token else "")
     print(f"finetune studio: {url}  (root: {studio.root})", flush=True)
