@@ -1,8 +1,10 @@
-"""Atomic safetensors writes: a file appears complete or not at all."""
+"""Atomic writes (safetensors, text) and no-clobber moves: a file appears complete or not at all."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -29,19 +31,59 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     return path
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a small text file (model card, recipe) atomically."""
+def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """Write a small text file (model card, recipe, caption) atomically. overwrite=False never replaces an
+    existing file, not even one that appears while we write: FileExistsError instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(Path(tmp), path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Give `src` the new name `dst` without ever replacing a file there (a hard link is created atomically
+    and fails on an existing name); `src` may keep its name too. Filesystems without hard links fall back to
+    check-then-rename, which leaves a short race."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from None
+        os.replace(src, dst)
+
+
+def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
+    """Move a file to a new name, never replacing a file there (FileExistsError) and never losing it: the
+    new name exists before the old one goes; across filesystems the bytes are copied and synced first."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # another filesystem, or no hard links there: copy into place without clobbering
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        os.close(fd)
+        try:
+            shutil.copy2(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _link_new(Path(tmp), dst)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    os.unlink(src)
+    return dst
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
