@@ -39,8 +39,13 @@ def _florence_tokenizer():
 def build_tiny_florence(path: str | Path, seed: int = 0) -> Path:
     """A Florence-2-shaped captioner (DaViT vision tower + BART) of ~80k parameters, saved with its processor."""
     import torch
-    from transformers import BartConfig, CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration
-    from transformers import Florence2Processor
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
 
     tok = _florence_tokenizer()
     text = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -75,8 +80,13 @@ _CHAT_TEMPLATE = (
 def build_tiny_chat(path: str | Path, seed: int = 0) -> Path:
     """A SmolVLM-shaped (Idefics3: SigLIP-like vision tower + Llama) chat captioner with a chat template."""
     import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
-    from transformers import Idefics3Processor, LlamaConfig
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
+    )
 
     special = ["<|im_start|>", "<pad>", "<unk>", "<image>", "<fake_token_around_image>", "<end_of_utterance>",
                "<global-img>", "User", "Assistant"]
@@ -123,8 +133,13 @@ def florence2_base_shape():
     577 image tokens, vocabulary 51289) and random weights: for timing only; the processor's tokenizer is
     the tiny one, the image processor is the real 768 px one."""
     import torch
-    from transformers import BartConfig, CLIPImageProcessorPil, Florence2Config, Florence2ForConditionalGeneration
-    from transformers import Florence2Processor
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
 
     tok = _florence_tokenizer()
     text = BartConfig(vocab_size=51289, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
