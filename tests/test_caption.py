@@ -160,6 +160,9 @@ def test_chat_model_tags_and_styles_a_model_lacks(tmp_path, chat, florence):
         assert Path(path).read_text() == text + "\n"
         tags = text.split(", ")
         assert tags and all(t and t == t.lower() and t.strip() == t for t in tags) and len(set(tags)) == len(tags)
+    short = run_caption(folder, chat, style="short", overwrite=True, max_new_tokens=4)
+    for _, text in short.written:  # only the answer is decoded, not the prompt echoed before it
+        assert 1 <= len(text.replace(",", " , ").split()) <= 4, text
     with pytest.raises(ModelError, match="has no 'tags' style"):
         run_caption(folder, florence, style="tags", overwrite=True)
 

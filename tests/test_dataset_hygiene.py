@@ -156,6 +156,16 @@ def test_perceptual_hash_tells_copies_from_different_images():
     assert sorted((i, j) for i, j, _ in pairs) == [(k, 40 + k) for k in range(10)]
     assert max(rms for *_, rms in pairs) < 8
 
+    def bits(h, a, b):
+        return bin(h(images[a]) ^ h(images[b])).count("1")
+
+    for h in (phash, dhash):  # copies stay within the candidate radius of both hashes ...
+        assert max(bits(h, k, 40 + k) for k in range(10)) <= 24, h.__name__
+    # ... while most different images fall outside it, so few pairs need their thumbnails compared
+    # (dHash alone is weak on flat toy images: pHash does most of the sorting here)
+    apart = [max(bits(phash, a, b), bits(dhash, a, b)) for a in range(40) for b in range(a + 1, 40)]
+    assert sum(d > 24 for d in apart) / len(apart) > 0.8
+
 
 def test_token_overflow_at_the_window_edge():
     from finetune.data.tokens import load_tokenizer, overflow

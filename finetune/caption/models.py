@@ -153,7 +153,8 @@ class Captioner:
             raise ModelError(f"{self.model_id}: has no '{style}' style (it has {', '.join(self.prompts.styles)}); "
                              f"use --model {DEFAULT_MODELS[style]} for {style}")
         inputs = self.prompts.inputs(self.processor, images, style).to(self.device)
-        inputs = {k: v.to(self.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+        inputs = {k: v.to(self.dtype) if torch.is_tensor(v) and torch.is_floating_point(v) else v
+                  for k, v in inputs.items()}
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[style],
                                       do_sample=False)
