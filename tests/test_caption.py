@@ -235,6 +235,41 @@ def test_sigterm_leaves_whole_captions_and_the_rerun_resumes(tmp_path, florence)
     assert all(folder.joinpath(n).stat().st_mtime_ns == s for n, s in stamps.items())  # first run's files untouched
 
 
+def test_an_interrupt_inside_a_write_leaves_the_old_caption_whole(tmp_path, florence, monkeypatch):
+    """A second Ctrl-C (or a kill) can land while a caption file is being written: the file must hold its old
+    text or the new one, never a piece."""
+    import finetune.export.io as fio
+
+    folder = tmp_path / "w"
+    noise_images(folder, 3)
+    for p in folder.glob("*.png"):
+        p.with_suffix(".txt").write_text("an old caption that must survive whole")
+    real_fdopen = fio.os.fdopen
+
+    class HalfThenInterrupt:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fio.os, "fdopen", lambda fd, *a, **k: HalfThenInterrupt(real_fdopen(fd, *a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(folder, florence, overwrite=True)
+    assert {p.read_text() for p in folder.glob("*.txt")} == {"an old caption that must survive whole"}
+    assert not list(folder.glob(".*"))  # the temporary file went with the interrupt
+    monkeypatch.setattr(fio.os, "fdopen", real_fdopen)
+    assert len(run_caption(folder, florence, overwrite=True).written) == 3
+
+
 def test_atomic_text_write_never_clobbers(tmp_path):
     from finetune.export.io import move_no_clobber, write_text_atomic
 
