@@ -11,7 +11,7 @@ import glob
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.caption.models import DEFAULT_MODELS, STYLES, Captioner, load_captioner
@@ -85,6 +85,9 @@ class CaptionResult:
     @property
     def captions_per_s(self) -> float:
         return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"captioned": self.captioned, "captions_per_s": self.captions_per_s}
 
 
 def caption_target(image: Path, ext: str) -> Path:

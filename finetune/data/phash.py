@@ -63,8 +63,8 @@ def distances(hashes: np.ndarray, i: int) -> np.ndarray:
 
 def near_duplicates(p: list[int], d: list[int], thumbs: list[np.ndarray], max_bits: int = 24,
                     max_rms: float = 10.0) -> list[tuple[int, int, float]]:
-    """(i, j, thumbnail RMS) for i < j that look alike. O(n^2) hash comparisons in vectorised numpy (a few
-    seconds for 10,000 images); thumbnails are compared only for the few candidate pairs."""
+    """(i, j, thumbnail RMS) for i < j that look alike. O(n^2) hash comparisons in vectorised numpy (about
+    9 s for 10,000 images on a loaded 2-core machine); thumbnails are compared only for the few candidate pairs."""
     ph, dh = np.array(p, dtype=np.uint64), np.array(d, dtype=np.uint64)
     out = []
     for i in range(len(ph) - 1):
