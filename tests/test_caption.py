@@ -204,6 +204,11 @@ def test_cli_help_and_one_line_errors(tmp_path, florence):
     bad = cli(tmp_path / "p", "--model", tmp_path / "no-model")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not found" in bad.stderr, bad.stderr
     assert not list((tmp_path / "p").glob("*.txt"))
+    from finetune.caption.models import pick_device
+    from finetune.errors import ModelError
+
+    with pytest.raises(ModelError, match="--device gpu0: not a device"):
+        pick_device("gpu0")
 
 
 def test_sigterm_leaves_whole_captions_and_the_rerun_resumes(tmp_path, florence):

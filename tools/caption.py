@@ -62,6 +62,17 @@ def list_models() -> str:
     return "\n".join(rows)
 
 
+def _quiet() -> None:
+    """transformers' chatter off, without importing diffusers/torch before a model is needed (fast errors)."""
+    import warnings
+
+    from transformers.utils import logging as tlog
+
+    warnings.filterwarnings("ignore")
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     from finetune.caption import CaptionOptions, caption_folder, summary
 
@@ -69,7 +80,7 @@ def main(argv=None) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    _common.quiet()
+    _quiet()
     opts = CaptionOptions(
         model=args.model, style=args.style, prefix=args.prefix, suffix=args.suffix, trigger=args.trigger,
         class_words=tuple(args.class_words), overwrite=args.overwrite, fill_empty=args.fill_empty,

@@ -26,7 +26,7 @@ MAX_NEW_TOKENS = {"short": 40, "detailed": 160, "tags": 80}
 
 # Larger models that load the same way (documented in docs/captioning.md; the table is what --list-models prints).
 KNOWN_MODELS = (
-    (FLORENCE_BASE, "0.23B", "short, detailed", "default for sentences; fast on a CPU"),
+    (FLORENCE_BASE, "0.23B", "short, detailed", "default for sentences; the smallest, runs on a CPU"),
     ("florence-community/Florence-2-large", "0.77B", "short, detailed", "more detail, slower"),
     (SMOLVLM_256M, "0.26B", "short, detailed, tags", "default for tags; follows instructions loosely"),
     ("HuggingFaceTB/SmolVLM-500M-Instruct", "0.51B", "short, detailed, tags", ""),
@@ -107,6 +107,12 @@ def pick_device(name: str = "auto") -> str:
     import torch
 
     if name != "auto":
+        try:
+            kind = torch.device(name).type
+        except RuntimeError:
+            raise ModelError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
         return name
     if torch.cuda.is_available():
         return "cuda"

@@ -124,7 +124,7 @@ def caption_folder(folder: str | Path, options: CaptionOptions | None = None, *,
     `stop`: polled between batches (SIGINT/SIGTERM are also honoured when called from the main thread)."""
     opts = options or CaptionOptions()
     opts.check()
-    root = need_dir(str(folder), "folder")
+    root = need_dir(str(folder), "the FOLDER argument")
     todo, skipped = plan(root, opts)
     if not todo and not skipped:
         raise DataError(f"{root}: no images found; add .png/.jpg/.webp images"

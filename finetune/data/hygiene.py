@@ -126,7 +126,7 @@ def check_folder(folder: str | Path, options: HygieneOptions | None = None) -> H
     """Every check over one folder (the studio and tools/dataset.py both call this). Reads; writes nothing."""
     opts = options or HygieneOptions()
     opts.check()
-    root = need_dir(str(folder), "folder")
+    root = need_dir(str(folder), "the FOLDER argument")
     files = image_files(root, opts.recursive)
     if not files:
         raise DataError(f"{root}: no images found" + ("" if opts.recursive else " (pass --recursive for sub-folders)"))
