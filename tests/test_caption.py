@@ -240,51 +240,42 @@ def test_sigterm_leaves_whole_captions_and_the_rerun_resumes(tmp_path, florence)
     assert all(folder.joinpath(n).stat().st_mtime_ns == s for n, s in stamps.items())  # first run's files untouched
 
 
-def test_an_interrupt_inside_a_write_leaves_the_old_caption_whole(tmp_path, florence, monkeypatch):
-    """A second Ctrl-C (or a kill) can land while a caption file is being written: the file must hold its old
-    text or the new one, never a piece."""
-    import finetune.export.io as fio
-
+def test_an_interrupt_while_a_caption_is_written_leaves_the_old_one_whole(tmp_path, florence, monkeypatch):
+    """A second Ctrl-C (or a kill) can land while a caption file is being replaced: the file must hold its
+    old text or the new one, never a piece, and no temporary file may stay behind."""
     folder = tmp_path / "w"
     noise_images(folder, 3)
     for p in folder.glob("*.png"):
         p.with_suffix(".txt").write_text("an old caption that must survive whole")
-    real_fdopen = fio.os.fdopen
+    real_replace = os.replace
 
-    class HalfThenInterrupt:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])
-            self.f.flush()
+    def interrupted(src, dst, *a, **k):  # the new text is written; the interrupt lands before the rename
+        if str(dst).endswith(".txt"):
             raise KeyboardInterrupt
+        return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(fio.os, "fdopen", lambda fd, *a, **k: HalfThenInterrupt(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_caption(folder, florence, overwrite=True)
     assert {p.read_text() for p in folder.glob("*.txt")} == {"an old caption that must survive whole"}
-    assert not list(folder.glob(".*"))  # the temporary file went with the interrupt
-    monkeypatch.setattr(fio.os, "fdopen", real_fdopen)
+    assert not list(folder.glob(".*"))
+    monkeypatch.setattr(os, "replace", real_replace)
     assert len(run_caption(folder, florence, overwrite=True).written) == 3
 
 
 def test_atomic_text_write_never_clobbers(tmp_path):
-    from finetune.export.io import move_no_clobber, write_text_atomic
+    from finetune.export.io import move_no_clobber, write_text_new
 
     target = tmp_path / "a.txt"
     target.write_text("mine")
     with pytest.raises(FileExistsError):
-        write_text_atomic(target, "theirs", overwrite=False)
+        write_text_new(target, "theirs")
     assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
-    write_text_atomic(tmp_path / "b.txt", "new", overwrite=False)
+    write_text_new(tmp_path / "b.txt", "new")
     assert (tmp_path / "b.txt").read_text() == "new"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any new file
     with pytest.raises(FileExistsError):
         move_no_clobber(tmp_path / "b.txt", target)
     assert target.read_text() == "mine" and (tmp_path / "b.txt").read_text() == "new"

@@ -199,7 +199,7 @@ def _caption_batch(batch: list[Path], opts: CaptionOptions, captioner: Captioner
 
 
 def _write_one(path: Path, text: str, opts: CaptionOptions, result: CaptionResult, say) -> None:
-    from finetune.export.io import write_text_atomic
+    from finetune.export.io import write_text_atomic, write_text_new
 
     target = caption_target(path, opts.caption_ext)
     if not text:
@@ -213,7 +213,10 @@ def _write_one(path: Path, text: str, opts: CaptionOptions, result: CaptionResul
     replace_it = opts.overwrite or (opts.fill_empty and target.is_file()
                                     and not target.read_text(encoding="utf-8", errors="replace").strip())
     try:
-        write_text_atomic(target, text + "\n", overwrite=replace_it)
+        if replace_it:
+            write_text_atomic(target, text + "\n")
+        else:
+            write_text_new(target, text + "\n")  # refuses a caption file that appeared meanwhile
     except FileExistsError:
         result.kept.append(str(target))
         say(f"{target.name}: appeared while captioning; left alone")

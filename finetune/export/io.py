@@ -1,10 +1,8 @@
-"""Atomic writes (safetensors, text) and no-clobber moves: a file appears complete or not at all."""
+"""Atomic safetensors writes: a file appears complete or not at all."""
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,59 +29,19 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     return path
 
 
-def write_text_atomic(path: str | Path, text: str, overwrite: bool = True) -> Path:
-    """Write a small text file (model card, recipe, caption) atomically. overwrite=False never replaces an
-    existing file, not even one that appears while we write: FileExistsError instead."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a small text file (model card, recipe) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_new(Path(tmp), path)
-    finally:
+        os.replace(tmp, path)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
     return path
-
-
-def _link_new(src: Path, dst: Path) -> None:
-    """Give `src` the new name `dst` without ever replacing a file there (a hard link is created atomically
-    and fails on an existing name); `src` may keep its name too. Filesystems without hard links fall back to
-    check-then-rename, which leaves a short race."""
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:
-        if dst.exists() or dst.is_symlink():
-            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from None
-        os.replace(src, dst)
-
-
-def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
-    """Move a file to a new name, never replacing a file there (FileExistsError) and never losing it: the
-    new name exists before the old one goes; across filesystems the bytes are copied and synced first."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError:  # another filesystem, or no hard links there: copy into place without clobbering
-        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        os.close(fd)
-        try:
-            shutil.copy2(src, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            _link_new(Path(tmp), dst)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    os.unlink(src)
-    return dst
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -134,3 +92,66 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------------- no-clobber writes, moves
+def write_text_new(path: str | Path, text: str) -> Path:
+    """Write a small text file atomically under a name that must not exist yet: FileExistsError when it does,
+    even when it appears while we write (the finished temporary file is hard-linked into place, and a hard
+    link fails on an existing name). The file's mode follows the umask, like any new file."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Give `src` the new name `dst` without ever replacing a file there; `src` may keep its name too.
+    Filesystems without hard links (FAT, some network shares) fall back to check-then-rename, which
+    leaves a short race."""
+    import errno
+
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from None
+        os.replace(src, dst)
+
+
+def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
+    """Move a file to a new name, never replacing a file there (FileExistsError) and never losing it: the
+    new name exists before the old one goes; across filesystems the bytes are copied and synced first."""
+    import secrets
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # another filesystem, or no hard links there: copy beside the target, then link it in
+        tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            shutil.copy2(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _link_new(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    os.unlink(src)
+    return dst
