@@ -263,6 +263,20 @@ def test_an_interrupt_while_a_caption_is_written_leaves_the_old_one_whole(tmp_pa
     assert len(run_caption(folder, florence, overwrite=True).written) == 3
 
 
+def test_stale_temporary_files_of_a_killed_run_are_swept(tmp_path):
+    from finetune.caption.run import sweep_temp_files
+
+    imgs = noise_images(tmp_path, 2)
+    stale, live = tmp_path / ".img000.txt.ab12cd34.tmp", tmp_path / ".img001.txt.ef56ab78.tmp"
+    other = tmp_path / ".notes.txt.0000.tmp"
+    for p in (stale, live, other):
+        p.write_text("x")
+    os.utime(stale, (1e9, 1e9))
+    os.utime(other, (1e9, 1e9))
+    assert sweep_temp_files(imgs, ".txt") == 1
+    assert not stale.exists() and live.exists() and other.exists()  # a live write and foreign files stay
+
+
 def test_atomic_text_write_never_clobbers(tmp_path):
     from finetune.export.io import move_no_clobber, write_text_new
 

@@ -104,14 +104,19 @@ def plan(root: Path, opts: CaptionOptions) -> tuple[list[Path], list[Path]]:
     return todo, skipped
 
 
-def sweep_temp_files(images: list[Path], ext: str) -> int:
-    """Remove our own temporary caption files left by a killed run (`.<name>.txt.XXXX.tmp`); never anything else."""
-    gone = 0
+def sweep_temp_files(images: list[Path], ext: str, older_than_s: float = 60.0) -> int:
+    """Remove our own temporary caption files left by a killed run (`.<name>.txt.XXXX.tmp`), never anything
+    else; only stale ones, so a second run in the same folder cannot pull a live write from under the first."""
+    gone, now = 0, time.time()
     for img in images:
         cap = caption_target(img, ext)
         for tmp in cap.parent.glob(f".{glob.escape(cap.name)}.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            gone += 1
+            try:
+                if now - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    gone += 1
+            except FileNotFoundError:
+                pass
     return gone
 
 
@@ -149,7 +154,8 @@ def _run(todo, opts, captioner, result, progress, echo, stop) -> None:
     flag.install()
     start = time.perf_counter()
     try:
-        with tqdm(total=min(len(todo), opts.limit or len(todo)), desc="captioning", unit="img", disable=not progress, dynamic_ncols=True,
+        total = min(len(todo), opts.limit or len(todo))
+        with tqdm(total=total, desc="captioning", unit="img", disable=not progress, dynamic_ncols=True,
                   file=sys.stderr) as bar:
             i = 0
             while i < len(todo) and result.captioned < (opts.limit or len(todo)):
