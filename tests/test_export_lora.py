@@ -81,6 +81,13 @@ def count_adapted(module: torch.nn.Module) -> int:
     return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 
+def canon(component: str, path: str, family: str = "sd1") -> str:
+    """The adapter-layer name of a model module (text encoders keep CLIP's `text_model.` level)."""
+    from finetune.models.family import FAMILIES
+
+    return f"{component}.{FAMILIES[family].kohya_names[component].canonical(path)}"
+
+
 def peft_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -145,7 +152,7 @@ def test_lycoris_formula_rebuilds_peft_delta(tiny_base, tmp_path, adapter):
     worst, n = 0.0, 0
     for component in ("unet", "text_encoder"):
         for path, layer in peft_layers(comps.named_modules()[component]).items():
-            entry = kohya.layers[f"{component}.{path}"]
+            entry = kohya.layers[canon(component, path)]
             weight = layer.get_base_layer().weight
             got = _lycoris_delta(entry, weight.shape)
             worst = max(worst, (got - _peft_delta(layer)).abs().max().item())
@@ -191,7 +198,7 @@ def test_dora_kohya_magnitude_layout_and_math(tiny_base, tmp_path):
             layer.merge(adapter_names=["default"])
             merged = layer.get_base_layer().weight.float().clone()
             layer.unmerge()
-            worst = max(worst, (w + delta(kohya.layers[f"{component}.{path}"], w) - merged).abs().max().item())
+            worst = max(worst, (w + delta(kohya.layers[canon(component, path)], w) - merged).abs().max().item())
     assert worst < 1e-5
 
 

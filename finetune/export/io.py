@@ -1,4 +1,5 @@
-"""Atomic safetensors writes: a file appears complete or not at all."""
+"""Atomic, durable writes (a file appears complete or not at all, and is on disk before we say so), safe
+file names, and the one dtype table of the exports."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -37,11 +40,42 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, and the folders holding them, to disk (before a marker says 'complete')."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")) + [root]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the files themselves were flushed
+        finally:
+            os.close(fd)
+
+
+def safe_stem(text: str, what: str) -> str:
+    """`text` as a plain file stem, refused (one line, naming `what`) when it could leave its folder:
+    a path separator, '..', a leading '.', '~' or a NUL, or nothing at all."""
+    from finetune.errors import ModelError
+
+    bad = (not text or text.strip() in (".", "..") or any(c in text for c in "/\\\0")
+           or text.startswith((".", "~")) or (len(text) > 1 and text[0].isalpha() and text[1] == ":"))
+    if bad:
+        raise ModelError(f"{what} {text!r} is not a plain file name (no folders, no leading '.' or '~'); "
+                         "choose another name")
+    return text
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
