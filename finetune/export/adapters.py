@@ -184,7 +184,8 @@ def check_complete(adapter: Adapter, modules: dict[str, torch.nn.Module], names)
             continue  # a config peft cannot rebuild says nothing we could check
         canonical = names[component].canonical if component in names else (lambda p: p)
         for path, module in modules[component].named_modules():
-            if not path or not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+            # (a module already carrying a peft adapter keeps its layer as `base_layer`)
+            if not path or not isinstance(getattr(module, "base_layer", module), torch.nn.Linear | torch.nn.Conv2d):
                 continue
             hits = check_target_module_exists(config, path) or check_target_module_exists(config, canonical(path))
             if hits and f"{component}.{canonical(path)}" not in adapter.layers:

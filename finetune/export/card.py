@@ -37,9 +37,10 @@ UI_NOTES = {
 }
 DORA_NOTE = (
     "**DoRA:** the diffusers file applies this DoRA exactly. There is no kohya file: AUTOMATIC1111 normalises a "
-    "DoRA magnitude over input columns (~160% off for peft's DoRA) and ComfyUI divides by the base weight's norm "
-    "instead of the adapted one (~5% off). For ComfyUI and AUTOMATIC1111, bake it into a checkpoint, which loads "
-    "exactly: `python tools/merge.py fuse --base <base> --lora {folder} --single-file merged.safetensors`."
+    "DoRA magnitude over input columns and ComfyUI divides by the base weight's norm instead of the adapted one, "
+    "so neither would apply it exactly (off by a sizeable part of the adapter's change). For ComfyUI and "
+    "AUTOMATIC1111, bake it into a checkpoint, which loads exactly: "
+    "`python tools/merge.py fuse --base <base> --lora {folder} --single-file merged.safetensors`."
 )
 
 

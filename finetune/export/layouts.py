@@ -17,6 +17,7 @@ What the UIs accept, read from their loaders:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,6 +179,11 @@ class ModuleNames:
         """One spelling per module, whatever library version wrote the file."""
         return path
 
+    def runtime(self, path: str) -> str:
+        """The module's path in the model as the installed libraries build it (what peft configs and
+        diffusers-format files must name)."""
+        return path
+
     def locate(self, module, path: str):
         """The submodule `path` names in `module` (AttributeError when there is none)."""
         return module.get_submodule(path)
@@ -201,17 +207,36 @@ class ModuleNames:
         return None
 
 
+@functools.cache
+def clip_is_flat() -> bool:
+    """transformers >= 5.6 builds CLIPTextModel without its `text_model.` level (CLIPTextModelWithProjection
+    keeps it)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, max_position_embeddings=4))
+    return not hasattr(model, "text_model")
+
+
 @dataclass(frozen=True)
 class ClipNames(ModuleNames):
-    """A transformers CLIP text encoder; UI names keep the `text_model.` level."""
+    """A transformers CLIP text encoder; UI names keep the `text_model.` level. `wrapped`: the model class
+    always has that level (CLIPTextModelWithProjection); else it depends on the transformers version."""
 
     words: tuple[str, ...] = CLIP_WORDS
+    wrapped: bool = False
 
     def to_ui(self, path: str) -> str:
         return path if path.startswith("text_model.") or path == "text_projection" else f"text_model.{path}"
 
     def canonical(self, path: str) -> str:
         return self.to_ui(path)
+
+    def runtime(self, path: str) -> str:
+        path = self.canonical(path)
+        return path.removeprefix("text_model.") if not self.wrapped and clip_is_flat() else path
 
     def locate(self, module, path: str):
         try:

@@ -107,12 +107,14 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
 
     family = family or FAMILIES[adapter.family or "sd1"]
     meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META)}
-    configs = configs_for(adapter.layers)
+    names = bound_names(family.kohya_names, meta=adapter.metadata)
     if fmt == "kohya":
-        names = bound_names(family.kohya_names, meta=adapter.metadata)
         tensors = layers_to_kohya(adapter.layers, names, str(adapter.path))
+        configs = configs_for(adapter.layers)
         return save_safetensors(tensors, out, meta | layout_metadata(names) | {PEFT_META: json.dumps(configs)})
-    tensors = {f"{name}.{k}": v for name, layer in adapter.layers.items() for k, v in layer.tensors.items()}
+    layers = runtime_layers(adapter.layers, names)  # peft configs and diffusers name modules as models have them
+    configs = configs_for(layers)
+    tensors = {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.tensors.items()}
     kind = adapter.kind
     if kind == "mixed":
         raise ModelError(f"{adapter.path}: mixes adapter kinds; cannot write one peft config per module")
@@ -122,6 +124,14 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
         packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()}
         return save_safetensors(transformers_dora_keys(tensors), out, meta | {ADAPTER_META: json.dumps(packed)})
     return save_safetensors(tensors, out, meta | {PEFT_META: json.dumps(configs)})
+
+
+def runtime_layers(layers: dict, names) -> dict:
+    def spelled(name: str) -> str:
+        component, path = name.split(".", 1)
+        return f"{component}.{names[component].runtime(path)}" if component in names else name
+
+    return {spelled(n): layer for n, layer in layers.items()}
 
 
 def configs_for(layers: dict) -> dict[str, dict]:
@@ -149,37 +159,37 @@ def configs_for(layers: dict) -> dict[str, dict]:
 def load_peft_adapter(path: str | Path, modules: dict[str, torch.nn.Module], adapter_name: str = "default",
                       names=None) -> list[str]:
     """Load a `peft_adapter.safetensors` (any peft adapter type) into the named modules; returns module names.
-    `names`: the base family's key table, to find modules whatever transformers version wrote the file."""
+    `names`: the base family's key table, to find modules whatever transformers version wrote the file.
+    The whole file is checked (every layer whole, every module its config targets present) before any module
+    changes."""
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from peft.utils import get_peft_model_state_dict
+
+    from finetune.export.adapters import check_complete, read_adapter
+    from finetune.export.layouts import ModuleNames
 
     path = Path(path)
     if path.is_dir():
         path = path / PEFT_FILE
-    state, meta = read_tensors(path)
-    raw = meta.get(PEFT_META)
+    adapter = read_adapter(path)  # each layer checked by its kind: a lacking tensor is named
+    raw = adapter.metadata.get(PEFT_META)
     if not raw:
         raise ModelError(f"{path}: no '{PEFT_META}' header; not a finetune peft adapter file")
-    loaded = []
-    for name, cfg in json.loads(raw).items():
-        if name not in modules:
-            raise ModelError(f"{path}: adapter for '{name}', which the pipeline does not have")
+    configs = json.loads(raw)
+    absent = [n for n in configs if n not in modules]
+    if absent:
+        raise ModelError(f"{path}: adapter for '{absent[0]}', which the pipeline does not have")
+    tables = {n: (names or {}).get(n) or ModuleNames(n) for n in configs}
+    check_complete(adapter, modules, tables)
+    state, _ = read_tensors(path)
+    for name, cfg in configs.items():
         module = modules[name]
-        table = (names or {}).get(name)
         cfg, sub = _fit(cfg, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
-                        module, table)
+                        module, (names or {}).get(name))
         inject_adapter_in_model(PeftConfig.from_peft_type(**cfg), module, adapter_name=adapter_name)
-        expected = set(get_peft_model_state_dict(module, adapter_name=adapter_name))
-        missing = sorted(expected - set(sub))
-        if missing:
-            shown = ", ".join(f"{name}.{k}" for k in missing[:3]) + (f" and {len(missing) - 3} more"
-                                                                     if len(missing) > 3 else "")
-            raise ModelError(f"{path}: {len(missing)} adapter tensor(s) missing ({shown}); a truncated or damaged file")
         result = set_peft_model_state_dict(module, sub, adapter_name=adapter_name)
         if getattr(result, "unexpected_keys", None):
             raise ModelError(f"{path}: {len(result.unexpected_keys)} tensors do not fit '{name}' (another base?)")
-        loaded.append(name)
-    return loaded
+    return list(configs)
 
 
 def _fit(cfg: dict, state: dict, module, table) -> tuple[dict, dict]:

@@ -104,8 +104,9 @@ class AdapterKind:
         """Refuse a layer that lacks tensors its kind needs, naming them."""
         for group in self.required:
             if not any(all(n in tensors for n in alt) for alt in group):
-                need = " or ".join("+".join(alt) for alt in group)
-                raise ModelError(f"{where}: {self.name} layer lacks {need} (a truncated or damaged file?)")
+                closest = min(group, key=lambda alt: sum(n not in tensors for n in alt))
+                lacking = ", ".join(n for n in closest if n not in tensors)
+                raise ModelError(f"{where}: {self.name} layer lacks {lacking} (a truncated or damaged file?)")
 
 
 _KINDS: dict[str, AdapterKind] = {}

@@ -131,7 +131,7 @@ SDXL = SDXLFamily(
     tokenizer_names=("tokenizer", "tokenizer_2"),
     # kohya trains SDXL on the original U-Net, so SDXL LoRA keys carry LDM names (input_blocks_4_1_...)
     kohya_names={"unet": UNetNames("lora_unet", style="ldm", geometry=SDXL_GEOMETRY),
-                 "text_encoder": ClipNames("lora_te1"), "text_encoder_2": ClipNames("lora_te2")},
+                 "text_encoder": ClipNames("lora_te1"), "text_encoder_2": ClipNames("lora_te2", wrapped=True)},
     single_file_text={"text_encoder": ClipCheckpoint("conditioner.embedders.0.transformer."),
                       "text_encoder_2": OpenClipCheckpoint("conditioner.embedders.1.model.")},
     base_version="sdxl_base_v1-0",
