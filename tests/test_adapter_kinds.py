@@ -161,3 +161,25 @@ def test_file_without_adapter_metadata_says_what_it_assumed(tiny_base, tmp_path,
         adapter = read_adapter(tmp_path / "bare.safetensors")
     assert "no adapter config in its header: alpha taken as each layer's rank (scale 1)" in caplog.text
     assert {layer.scale for layer in adapter.layers.values()} == {1.0}
+
+
+def test_dora_with_kohya_is_refused_at_recipe_time(tmp_path, images):
+    """No run trains for an hour to end without the file it promised: DoRA + explicit kohya stops at load;
+    by default a DoRA run writes every format that can hold it exactly."""
+    from finetune.errors import RecipeError
+    from finetune.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, "toy", images, method={"use_dora": True}, export={"formats": ["diffusers", "kohya"]})
+    with pytest.raises(RecipeError, match=r"export.formats: 'kohya' cannot carry DoRA \(method.use_dora: true\)"):
+        load_recipe(recipe)
+    assert load_recipe(recipe, ["export.formats=null"]).export.formats == ["diffusers"]
+    assert load_recipe(recipe, ["method.use_dora=false"]).export.formats == ["diffusers", "kohya"]
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    data["export"]["formats"] = None
+    data["method"] = {"name": "pivotal", "embedding": {"token": "<sks>", "initializer": "circle"},
+                      "lora": {"use_dora": True}}
+    recipe.write_text(yaml.safe_dump(data))
+    assert load_recipe(recipe).export.formats == ["diffusers", "a1111"]

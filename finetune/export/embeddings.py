@@ -68,8 +68,12 @@ def save_embeddings(vectors: dict[str, torch.Tensor], tokens: str | list[str], o
     token = _as_token(tokens)
     dtype = DTYPES[getattr(ctx, "dtype", "fp32")]
     vectors = {n: v.detach().to("cpu", dtype) for n, v in vectors.items()}
+    from finetune.models.family import FAMILIES
+
+    known = FAMILIES.get(ctx.family)
+    arch = known.modelspec_arch.get(getattr(ctx, "prediction_type", "epsilon"), ctx.family) if known else ctx.family
     meta = common_metadata(ctx) | {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": ctx.name,
-                                   "modelspec.architecture": f"{ctx.family}/textual-inversion",
+                                   "modelspec.architecture": f"{arch}/textual-inversion",
                                    "modelspec.trigger_phrase": token}
     written: list[Path] = []
     if "diffusers" in formats:
