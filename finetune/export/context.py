@@ -44,6 +44,8 @@ class ExportContext:
     #: {subset: {tag: images whose caption holds it}} from the captions as written (kohya's ss_tag_frequency)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     instance_prompts: list[str] = field(default_factory=list)
+    #: the recipe's model section as given (local paths included) to reload the base; never written to a file
+    model: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_trainer(cls, t) -> ExportContext:
@@ -69,6 +71,7 @@ class ExportContext:
             prediction_type=t.comps.prediction_type,
             tag_frequency=tag_frequency(scan.subsets) if scan is not None else {},
             instance_prompts=instance_prompts(r),
+            model=r.model.model_dump(),
         )
 
 
