@@ -17,6 +17,8 @@ from typing import IO
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _temp_beside(path: Path) -> tuple[int, Path]:
     """Create a new hidden temporary file next to `path`; the umask applies to its mode."""
@@ -84,6 +86,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return Path(path)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, and the folders holding them, to disk (before a marker says 'complete')."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")) + [root]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the files themselves were flushed
+        finally:
+            os.close(fd)
+
+
+def safe_stem(text: str, what: str) -> str:
+    """`text` as a plain file stem, refused (one line, naming `what`) when it could leave its folder:
+    a path separator, '..', a leading '.', '~' or a NUL, or nothing at all."""
+    from finetune.errors import ModelError
+
+    bad = (not text or text.strip() in (".", "..") or any(c in text for c in "/\\\0")
+           or text.startswith((".", "~")) or (len(text) > 1 and text[0].isalpha() and text[1] == ":"))
+    if bad:
+        raise ModelError(f"{what} {text!r} is not a plain file name (no folders, no leading '.' or '~'); "
+                         "choose another name")
+    return text
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

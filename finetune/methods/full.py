@@ -90,7 +90,7 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
 
-    fresh = load_components(ModelSection(**ctx.recipe["model"]))
+    fresh = load_components(ModelSection(**(ctx.model or ctx.recipe["model"])))  # ctx.recipe hides local paths
     names = comps.family.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]

@@ -1,7 +1,8 @@
 """Model families: what differs between SD 1.x, SD 2.x and SDXL, asked for by the trainer and exporters.
 
 The trainer never branches on a family name: it calls `encode_prompt` and `unet_kwargs`, and the exporters
-read `kohya_prefixes` / `embedding_keys`. A family is detected from the base (finetune/models/detect.py)
+read the family's tables: `kohya_names` (LoRA keys for ComfyUI / AUTOMATIC1111), `single_file_text` (how an
+original checkpoint stores the text encoders), `embedding_keys` and the metadata ids. A family is detected from the base (finetune/models/detect.py)
 or set in the recipe (`model.family`).
 
 SD 2.x shares SD 1.x's code path (one CLIP-style encoder, last hidden state); what differs is the text
@@ -13,10 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
+from finetune.export.ldm import ClipCheckpoint, OpenClipCheckpoint
+
 if TYPE_CHECKING:
     import torch
 
     from finetune.models.components import Components
+
+
+# the U-Net block layout of the real models (what a LoRA file for them is named after)
+SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
+SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
 
 
 @dataclass(frozen=True)
@@ -25,10 +34,26 @@ class Family:
     pipeline_class: str = "StableDiffusionPipeline"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     tokenizer_names: tuple[str, ...] = ("tokenizer",)
-    #: kohya key prefix of each trained module (ComfyUI / A1111 LoRA files)
-    kohya_prefixes: dict[str, str] = field(
-        default_factory=lambda: {"unet": "lora_unet", "text_encoder": "lora_te"}
+    #: how each trainable component is named in kohya/LyCORIS LoRA keys (ComfyUI / A1111 LoRA files)
+    kohya_names: dict[str, ModuleNames] = field(default_factory=lambda: {
+        "unet": UNetNames("lora_unet", style="diffusers", geometry=SD_GEOMETRY),
+        "text_encoder": ClipNames("lora_te", also=("lora_te1",)),
+    })
+    #: how an original single-file checkpoint stores each text encoder
+    single_file_text: dict[str, Any] = field(
+        default_factory=lambda: {"text_encoder": ClipCheckpoint("cond_stage_model.transformer.")}
     )
+    #: `ss_base_model_version` of kohya metadata (A1111 reads it, with `ss_v2`, to sort LoRAs by base)
+    base_version: str = "sd_v1"
+    ss_v2: bool = False
+    #: `modelspec.architecture` per prediction type (Stability's model spec ids)
+    modelspec_arch: dict[str, str] = field(
+        default_factory=lambda: {"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"}
+    )
+    #: prompt weighting (tools/generate.py): the hidden state the U-Net reads, and whether the last encoder's
+    #: pooled output conditions it too
+    prompt_layer: str = "last"
+    pooled_prompt: bool = False
     #: key of each text encoder's vectors in A1111 / ComfyUI embedding files
     embedding_keys: dict[str, str] = field(default_factory=lambda: {"text_encoder": "emb_params"})
     #: the VAE overflows in fp16 (SDXL): keep it in fp32 unless the recipe says otherwise
@@ -91,13 +116,28 @@ class SDXLFamily(Family):
 
 
 SD1 = Family("sd1")
-SD2 = Family("sd2")
+SD2 = Family(
+    "sd2",
+    # OpenCLIP-H: original checkpoints keep open_clip's own names (fused attention in_proj)
+    single_file_text={"text_encoder": OpenClipCheckpoint("cond_stage_model.model.")},
+    base_version="sd_v2",
+    ss_v2=True,
+    modelspec_arch={"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"},
+)
 SDXL = SDXLFamily(
     "sdxl",
     pipeline_class="StableDiffusionXLPipeline",
     text_encoder_names=("text_encoder", "text_encoder_2"),
     tokenizer_names=("tokenizer", "tokenizer_2"),
-    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    # kohya trains SDXL on the original U-Net, so SDXL LoRA keys carry LDM names (input_blocks_4_1_...)
+    kohya_names={"unet": UNetNames("lora_unet", style="ldm", geometry=SDXL_GEOMETRY),
+                 "text_encoder": ClipNames("lora_te1"), "text_encoder_2": ClipNames("lora_te2", wrapped=True)},
+    single_file_text={"text_encoder": ClipCheckpoint("conditioner.embedders.0.transformer."),
+                      "text_encoder_2": OpenClipCheckpoint("conditioner.embedders.1.model.")},
+    base_version="sdxl_base_v1-0",
+    modelspec_arch={"epsilon": "stable-diffusion-xl-v1-base", "v_prediction": "stable-diffusion-xl-v1-base"},
+    prompt_layer="penultimate",
+    pooled_prompt=True,
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
     vae_fp16_unsafe=True,
     # no invisible watermark on validation grids (and no dependency on the package for them)
