@@ -4,6 +4,7 @@
     python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
     finetune recipes/lora.yaml --print                  # show the fully resolved recipe
     finetune env                                        # versions and device, for bug reports
+    finetune studio [--host H] [--port N] [--root DIR]  # the local web studio (finetune/studio/)
 
 User mistakes print one or two lines on stderr and exit with code 2; nothing is written. torch and
 diffusers are imported only after the recipe has validated.
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         from finetune.env import main as env_main
 
         raise SystemExit(env_main(argv[1:]))
+    if argv[:1] == ["studio"]:  # `finetune studio ...`: the web app (finetune/studio/)
+        from finetune.studio.cli import main as studio
+
+        return studio(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     import logging
 

@@ -212,6 +212,15 @@ class ExportSection(StrictModel):
             raise ValueError("lists a format twice")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # the name becomes '<output_dir>/<name>.safetensors': it must not reach outside the output folder
+        if v is not None and (not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0")
+                              or v.startswith((".", "~"))):
+            raise ValueError(f"{v!r} is not a plain file name: no folders, no leading '.' or '~'")
+        return v
+
 
 class LoggingSection(StrictModel):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(

@@ -63,9 +63,22 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
                                         attention="default"))
 
 
+def add_family_arg(p, help_text: str = "model family") -> None:
+    from finetune.models.family import FAMILIES
+
+    p.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help=help_text)
+
+
+def family_of(name: str):
+    """The family object of a --family value (None for 'auto': read from the file)."""
+    from finetune.models.family import FAMILIES
+
+    return None if name == "auto" else FAMILIES[name]
+
+
 def add_base_args(p) -> None:
     p.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors file or 'toy'")
-    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"], help="model family")
+    add_family_arg(p)
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .ckpt/.pt/.bin files (weights_only=True); refused otherwise")

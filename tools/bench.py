@@ -33,7 +33,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="steps before measuring (>= 1)")
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--adapter", choices=["lora", "loha", "lokr"], default="lora")
+    from finetune.kinds import registered_kinds
+
+    p.add_argument("--adapter", choices=sorted(registered_kinds()), default="lora", help="adapter kind")
     p.add_argument("--no-bare", action="store_true", help="skip the bare denoiser reference measurement")
     p.add_argument("--out", type=Path, default=Path("output/bench"), help="folder for results.json / results.md")
     return p.parse_args()

@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--to", required=True, choices=["diffusers", "kohya", "a1111"], help="output form")
     p.add_argument("--out", required=True, type=Path, help="output file (.safetensors) or folder")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
+    _common.add_family_arg(p, "family whose key names to read and write (auto: from the file)")
     return p.parse_args(argv)
 
 
@@ -34,11 +35,13 @@ def main(argv=None) -> int:
     _common.quiet()
     if args.kind == "lora":
         fmt = {"a1111": "kohya"}.get(args.to, args.to)
-        path = convert_lora(args.input, args.out, fmt, allow_pickle=args.allow_pickle)
+        path = convert_lora(args.input, args.out, fmt, allow_pickle=args.allow_pickle,
+                            family=_common.family_of(args.family))
     else:
         if args.to == "kohya":
             raise ModelError("embeddings convert to 'diffusers' or 'a1111'")
-        path = convert_embedding(args.input, args.out, args.to, allow_pickle=args.allow_pickle)
+        path = convert_embedding(args.input, args.out, args.to, allow_pickle=args.allow_pickle,
+                                 family=_common.family_of(args.family))
     print(f"wrote {path}")
     return 0
 

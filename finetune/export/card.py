@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.export.context import LOCAL
 from finetune.export.io import write_text_atomic
 
 LOAD_SNIPPETS = {
@@ -36,9 +37,16 @@ UI_NOTES = {
     "full": "The single `.safetensors` checkpoint loads in ComfyUI (`models/checkpoints`) and AUTOMATIC1111 "
     "(`models/Stable-diffusion`); diffusers opens it with `from_single_file(path, config=\"{folder}/model\")`.",
 }
+DORA_NOTE = (
+    "**DoRA:** the diffusers file applies this DoRA exactly. There is no kohya file: AUTOMATIC1111 normalises a "
+    "DoRA magnitude over input columns and ComfyUI divides by the base weight's norm instead of the adapted one, "
+    "so neither would apply it exactly (off by a sizeable part of the adapter's change). For ComfyUI and "
+    "AUTOMATIC1111, bake it into a checkpoint, which loads exactly: "
+    "`python tools/merge.py fuse --base <base> --lora {folder} --single-file merged.safetensors`."
+)
 
 
-def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
+def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: bool = False) -> Path:
     triggers = ", ".join(f"`{w}`" for w in ctx.trigger_words) or "(none)"
     prompt = ctx.trigger_words[0] if ctx.trigger_words else "a photo"
     listing = "\n".join(f"- `{Path(f).name}`" for f in files)
@@ -58,10 +66,15 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
                                   "from finetune.export.embeddings import load_into_pipeline\n"
                                   f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
-    ui = UI_NOTES.get(kind, "").format(folder=out_dir.name)
+    ui = DORA_NOTE.format(folder=out_dir.name) if dora else UI_NOTES.get(kind, "").format(folder=out_dir.name)
+    prompts = getattr(ctx, "instance_prompts", [])
+    if prompts:
+        triggers += "\n\n**Instance prompt(s):** " + ", ".join(f"`{p}`" for p in prompts)
+    # a local base is named '<local>/<folder>' (no paths of the trainer's machine); the hub's base_model key
+    # wants a hub id, so it is left out then
+    front = "" if ctx.base.startswith(LOCAL) else f"base_model: {ctx.base}\n"
     text = f"""---
-base_model: {ctx.base}
-tags: [text-to-image, diffusers, {ctx.method}, finetune]
+{front}tags: [text-to-image, diffusers, {ctx.method}, finetune]
 ---
 # {ctx.name}
 

@@ -15,7 +15,7 @@ KEPT_PREFIXES = ("finetune.", "ss_", "modelspec.")
 
 def kept_metadata(meta: dict[str, str]) -> dict[str, str]:
     """The story a converted file keeps: our keys and the UI keys (format-specific configs are rebuilt)."""
-    from finetune.export.lora import PEFT_META
+    from finetune.export.layers import PEFT_META
 
     return {k: v for k, v in meta.items() if k.startswith(KEPT_PREFIXES) and k != PEFT_META}
 
@@ -47,11 +47,14 @@ def convert_embedding(src: str | Path, dst: str | Path, fmt: str, allow_pickle: 
                       family=None) -> Path:
     """Rewrite a textual-inversion file as 'a1111' (emb_params / clip_l+clip_g) or 'diffusers' ({token: rows})."""
     from finetune.export.embeddings import read_embeddings, write_embedding_file
+    from finetune.export.io import safe_stem
 
     src, dst = Path(src), Path(dst)
     emb = read_embeddings(src, allow_pickle=allow_pickle, family=family)
     if dst.suffix != ".safetensors":
-        dst = dst / (f"{emb.token}.safetensors" if fmt == "a1111" else "learned_embeds.safetensors")
+        # the token comes from the input file: a downloaded embedding must not choose where we write
+        stem = safe_stem(emb.token, f"{src}: the embedding's token") if fmt == "a1111" else "learned_embeds"
+        dst = dst / f"{stem}.safetensors"
     if dst.resolve() == src.resolve():
         raise ModelError(f"{dst}: is the input file; choose another output")
     meta = kept_metadata(emb.metadata) | {"finetune.converted_from": f"{emb.format}:{src.name}"}

@@ -17,6 +17,8 @@ from typing import IO
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
 
 def _temp_beside(path: Path) -> tuple[int, Path]:
     """Create a new hidden temporary file next to `path`; the umask applies to its mode."""
@@ -86,6 +88,35 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, and the folders holding them, to disk (before a marker says 'complete')."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")) + [root]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the files themselves were flushed
+        finally:
+            os.close(fd)
+
+
+def safe_stem(text: str, what: str) -> str:
+    """`text` as a plain file stem, refused (one line, naming `what`) when it could leave its folder:
+    a path separator, '..', a leading '.', '~' or a NUL, or nothing at all."""
+    from finetune.errors import ModelError
+
+    bad = (not text or text.strip() in (".", "..") or any(c in text for c in "/\\\0")
+           or text.startswith((".", "~")) or (len(text) > 1 and text[0].isalpha() and text[1] == ":"))
+    if bad:
+        raise ModelError(f"{what} {text!r} is not a plain file name (no folders, no leading '.' or '~'); "
+                         "choose another name")
+    return text
+
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -134,3 +165,66 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------------- no-clobber writes, moves
+def write_text_new(path: str | Path, text: str) -> Path:
+    """Write a small text file atomically under a name that must not exist yet: FileExistsError when it does,
+    even when it appears while we write (the finished temporary file is hard-linked into place, and a hard
+    link fails on an existing name). The file's mode follows the umask, like any new file."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Give `src` the new name `dst` without ever replacing a file there; `src` may keep its name too.
+    Filesystems without hard links (FAT, some network shares) fall back to check-then-rename, which
+    leaves a short race."""
+    import errno
+
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from None
+        os.replace(src, dst)
+
+
+def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
+    """Move a file to a new name, never replacing a file there (FileExistsError) and never losing it: the
+    new name exists before the old one goes; across filesystems the bytes are copied and synced first."""
+    import secrets
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # another filesystem, or no hard links there: copy beside the target, then link it in
+        tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            shutil.copy2(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _link_new(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    os.unlink(src)
+    return dst

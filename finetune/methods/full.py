@@ -36,6 +36,20 @@ class FullConfig(MethodConfig):
     def trains_text_encoder(self) -> bool:
         return self.train_text_encoder
 
+    def check_recipe(self, recipe) -> None:
+        """A family without an original single-file layout (SD3, FLUX) writes the diffusers folder only;
+        asking for the single file there is refused before anything loads."""
+        from finetune.models.detect import family_for
+
+        family = family_for(recipe.model)
+        if family is None or family.single_file_writer:
+            return
+        if recipe.export.formats is None:
+            recipe.export.formats = ["diffusers"]
+        elif "single_file" in recipe.export.formats:
+            raise ValueError(f"export.formats: 'single_file' is not written for the {family.name} family yet; "
+                             "use diffusers (the model/ folder loads with from_pretrained)")
+
     def build(self):
         return FullMethod(self)
 
@@ -90,7 +104,7 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
 
-    fresh = load_components(ModelSection(**ctx.recipe["model"]))
+    fresh = load_components(ModelSection(**(ctx.model or ctx.recipe["model"])))  # ctx.recipe hides local paths
     names = comps.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from finetune.errors import did_you_mean
+from finetune.kinds import get_kind, registered_kinds
 from finetune.methods.base import MethodConfig, register_method
 from finetune.sections import StrictModel
 
@@ -31,8 +33,8 @@ class LoRAConfig(MethodConfig):
     name: Literal["lora"] = "lora"
     export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya"})
 
-    adapter: Literal["lora", "loha", "lokr"] = Field(
-        "lora", description="Adapter type: LoRA (with optional DoRA), LoHa or LoKr (peft)."
+    adapter: str = Field(
+        "lora", description="Adapter kind (finetune.kinds): lora (with optional DoRA), loha or lokr (peft)."
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); adapter: lora only.")
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank (dimension).")
@@ -49,9 +51,17 @@ class LoRAConfig(MethodConfig):
     )
     text_encoder: TextEncoderLoRA = Field(default_factory=TextEncoderLoRA, description="Text-encoder LoRA.")
 
+    @field_validator("adapter")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        kinds = registered_kinds()
+        if v not in kinds:
+            raise ValueError(f"unknown adapter kind '{v}'{did_you_mean(v, kinds)}; known: {sorted(kinds)}")
+        return v
+
     @model_validator(mode="after")
     def _combos(self):
-        if self.use_dora and self.adapter != "lora":
+        if self.use_dora and not get_kind(self.adapter).supports_dora:
             raise ValueError(f"use_dora works with adapter: lora only, not adapter: {self.adapter}")
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; name modules or use a preset")
@@ -80,6 +90,7 @@ class LoRAConfig(MethodConfig):
     def check_recipe(self, recipe) -> None:
         from finetune.models.detect import family_for
 
+        check_dora_formats(self, recipe, "method.use_dora")
         family = family_for(recipe.model)
         if family is not None and isinstance(self.targets, str) and self.targets not in family.lora_presets:
             raise ValueError(f"method.targets '{self.targets}' is not a preset of the {family.name} family; its "
@@ -99,18 +110,26 @@ def within_blocks(targets: list[str] | str, blocks: list[str]) -> str:
     return inside + r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
 
 
-def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str]):
-    """The peft config of one adapter (U-Net or text encoder) for the chosen adapter type."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
+def check_dora_formats(cfg: LoRAConfig, recipe, key: str) -> None:
+    """DoRA cannot be written in kohya form exactly (finetune/kinds/lora.py): by default the run writes the
+    other formats; asking for kohya explicitly is refused before anything loads."""
+    if not cfg.use_dora:
+        return
+    formats = recipe.export.formats
+    if formats is None:
+        recipe.export.formats = sorted((f for f in recipe.method.export_formats if f != "kohya"),
+                                       key=lambda f: (f != "diffusers", f))
+    elif "kohya" in formats:
+        raise ValueError(
+            f"export.formats: 'kohya' cannot carry DoRA ({key}: true) exactly: AUTOMATIC1111 normalises the "
+            "magnitude over input columns and ComfyUI by the base weight's norm; drop 'kohya' and bake the "
+            "diffusers file into a checkpoint for the UIs with tools/merge.py fuse --single-file"
+        )
 
-    if cfg.adapter == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
-    if cfg.adapter == "lokr":
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=cfg.dropout,
-        use_dora=cfg.use_dora, init_lora_weights="gaussian",
-    )
+
+def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str] | str):
+    """The peft config of one adapter (denoiser or text encoder), built by the adapter kind."""
+    return get_kind(cfg.adapter).peft_config(rank, alpha, targets, dropout=cfg.dropout, use_dora=cfg.use_dora)
 
 
 class LoRAMethod:

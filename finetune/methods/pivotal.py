@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from finetune.methods.base import MethodConfig, register_method
-from finetune.methods.lora import LoRAConfig, LoRAMethod
+from finetune.methods.lora import LoRAConfig, LoRAMethod, check_dora_formats
 from finetune.methods.textual_inversion import NewTokens, TokenSettings
 
 
@@ -44,6 +44,7 @@ class PivotalConfig(MethodConfig):
         return [self.embedding.token]
 
     def check_recipe(self, recipe) -> None:
+        check_dora_formats(self.lora, recipe, "method.lora.use_dora")
         self.embedding.check_base(recipe.model.base, "method.embedding")
         self.embedding.template_check(recipe, "method.embedding")
         if self.token_steps >= recipe.train.max_steps:
@@ -112,5 +113,5 @@ class PivotalMethod:
         written += save_embeddings(self.tokens.vectors(comps), self.config.embedding.token, out_dir,
                                    replace(quiet, name=f"{ctx.name}_emb"), formats=forms, family=comps.family)
         if ctx.model_card:
-            written.append(write_model_card(out_dir, ctx, written, kind="pivotal"))
+            written.append(write_model_card(out_dir, ctx, written, kind="pivotal", dora=self.config.lora.use_dora))
         return written

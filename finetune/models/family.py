@@ -5,6 +5,8 @@ encoders and how captions become conditioning, how a batch becomes the denoiser'
 position ids, timestep scaling, pooled text, guidance), which training objective fits it, and the names its
 weights have in the files other tools read. The trainer never branches on a family name: it calls
 `encode_prompt`, `predict` and `objective`.
+Exporters read the family's tables: `kohya_names` (LoRA keys for ComfyUI / AUTOMATIC1111), `single_file_text`
+(how an original checkpoint stores the text encoders), `embedding_keys` and the metadata ids.
 
 Each family is one file in finetune/models/families/ that builds a `Family` (or subclass) and registers it;
 importing this module registers them all. Nothing here imports torch at module level: recipes validate
@@ -16,10 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
+from finetune.export.ldm import ClipCheckpoint
+
 if TYPE_CHECKING:
     import torch
 
     from finetune.models.components import Components
+
+
+# the U-Net block layout of the real models (what a LoRA file for them is named after)
+SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
+SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,28 @@ class Family:
     patch_size: int = 1
     #: default `model.max_sequence_length` of the T5-style encoder, where the family has one
     max_sequence_length: int | None = None
-    #: kohya key prefix of each trained module (ComfyUI / A1111 LoRA files)
-    kohya_prefixes: dict[str, str] = field(
-        default_factory=lambda: {"unet": "lora_unet", "text_encoder": "lora_te"}
+    #: how each trainable component is named in kohya/LyCORIS LoRA keys (ComfyUI / A1111 LoRA files)
+    kohya_names: dict[str, ModuleNames] = field(default_factory=lambda: {
+        "unet": UNetNames("lora_unet", style="diffusers", geometry=SD_GEOMETRY),
+        "text_encoder": ClipNames("lora_te", also=("lora_te1",)),
+    })
+    #: how an original single-file checkpoint stores each text encoder
+    single_file_text: dict[str, Any] = field(
+        default_factory=lambda: {"text_encoder": ClipCheckpoint("cond_stage_model.transformer.")}
     )
+    #: an original single-file checkpoint can be written for this family (finetune/export/ldm.py)
+    single_file_writer: bool = True
+    #: `ss_base_model_version` of kohya metadata (A1111 reads it, with `ss_v2`, to sort LoRAs by base)
+    base_version: str = "sd_v1"
+    ss_v2: bool = False
+    #: `modelspec.architecture` per prediction type (Stability's model spec ids)
+    modelspec_arch: dict[str, str] = field(
+        default_factory=lambda: {"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"}
+    )
+    #: prompt weighting (tools/generate.py): the hidden state the U-Net reads, and whether the last encoder's
+    #: pooled output conditions it too
+    prompt_layer: str = "last"
+    pooled_prompt: bool = False
     #: key of each text encoder's vectors in A1111 / ComfyUI embedding files
     embedding_keys: dict[str, str] = field(default_factory=lambda: {"text_encoder": "emb_params"})
     #: the VAE overflows in fp16 (SDXL): keep it in fp32 unless the recipe says otherwise

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.errors import UserError
-from finetune.export.io import save_safetensors
+from finetune.export.io import fsync_tree, save_safetensors, write_text_atomic
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -90,9 +90,9 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
         save_safetensors({k: _full(v) for k, v in params.items()}, tmp / TRAINABLE)
         if ema is not None:
             save_safetensors(dict(zip(params, ema.shadow_params, strict=True)), tmp / EMA)
-        (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-        _fsync_dir(tmp)
-        (tmp / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
+        fsync_tree(tmp)  # accelerate's files too: everything is on disk before the marker says so
+        write_text_atomic(tmp / MARKER, time.strftime("%Y-%m-%dT%H:%M:%S"))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -55,6 +55,12 @@ def check_output_dir(recipe: Recipe) -> None:
             f"train.output_dir '{out}' already holds a run; continue it with train.resume=latest, "
             "pick a new train.output_dir, or set train.overwrite=true"
         )
+    from finetune.export.context import export_targets
+
+    clash = [name for name in export_targets(recipe) if (out / name).exists()]
+    if clash:
+        raise UserError(f"train.output_dir '{out}' holds '{clash[0]}', which the export would overwrite; "
+                        "pick a new train.output_dir, or set train.overwrite=true")
 
 
 def write_run_files(recipe: Recipe) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
 from finetune.models.family import Family, register_family
 
 if TYPE_CHECKING:
@@ -96,7 +97,10 @@ FLUX = register_family(FluxFamily(
     flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
     patch_size=2,
     max_sequence_length=512,
-    kohya_prefixes={"transformer": "lora_transformer", "text_encoder": "lora_te1"},
+    kohya_names={"transformer": ModuleNames("lora_transformer", words=TRANSFORMER_WORDS),
+                 "text_encoder": ClipNames("lora_te1")},
+    base_version="flux1",
+    modelspec_arch={"flow": "flux-1-dev"},
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "t5"},
     pipeline_kwargs={},
     lora_presets=FLUX_PRESETS,
@@ -104,6 +108,8 @@ FLUX = register_family(FluxFamily(
     default_guidance=3.5,
     cache_text_by_default=True,
     textual_inversion=False,  # pivotal tuning on CLIP-L / T5 comes with the FLUX pivotal work
+    single_file_writer=False,
+    single_file_text={},
     single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),
     priority=30,
 ))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.export.ldm import OpenClipCheckpoint
 from finetune.models.family import Family, register_family
 
 # LoRA target presets for SD-style U-Nets (module-name suffixes as peft matches them)
@@ -38,5 +39,14 @@ class SDFamily(Family):
 
 
 SD1 = register_family(SDFamily("sd1", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd1"]))
-SD2 = register_family(SDFamily("sd2", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd2"],
-                               priority=10))
+SD2 = register_family(SDFamily(
+    "sd2",
+    lora_presets=UNET_PRESETS,
+    single_file_signs=SD_SINGLE_FILE["sd2"],
+    # OpenCLIP-H: original checkpoints keep open_clip's own names (fused attention in_proj)
+    single_file_text={"text_encoder": OpenClipCheckpoint("cond_stage_model.model.")},
+    base_version="sd_v2",
+    ss_v2=True,
+    modelspec_arch={"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"},
+    priority=10,
+))

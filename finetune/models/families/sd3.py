@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
 from finetune.models.family import Family, register_family
 
 if TYPE_CHECKING:
@@ -77,8 +78,12 @@ SD3 = register_family(SD3Family(
     flow_defaults={"sampling": "logit_normal", "resolution_shift": False},
     patch_size=2,
     max_sequence_length=256,
-    kohya_prefixes={"transformer": "lora_transformer", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2",
-                    "text_encoder_3": "lora_te3"},
+    # ComfyUI maps 'lora_transformer_<diffusers path>' (OneTrainer's spelling) onto SD3's MMDiT; CLIP-L and
+    # CLIP-G as in SDXL (ComfyUI: lora_te1 / lora_te2)
+    kohya_names={"transformer": ModuleNames("lora_transformer", words=TRANSFORMER_WORDS),
+                 "text_encoder": ClipNames("lora_te1", wrapped=True), "text_encoder_2": ClipNames("lora_te2", wrapped=True)},
+    base_version="sd3",
+    modelspec_arch={"flow": "stable-diffusion-v3-medium"},
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5"},
     pipeline_kwargs={},
     lora_presets=MMDIT_PRESETS,
@@ -86,6 +91,8 @@ SD3 = register_family(SD3Family(
     default_guidance=7.0,
     cache_text_by_default=True,
     textual_inversion=False,  # three encoders incl. T5: not wired yet (refused at recipe time, one line)
+    single_file_writer=False,
+    single_file_text={},
     single_file_signs=("model.diffusion_model.joint_blocks.", "joint_blocks."),
     priority=30,
 ))

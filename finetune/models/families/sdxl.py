@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import ClipNames, UNetNames
+from finetune.export.ldm import ClipCheckpoint, OpenClipCheckpoint
 from finetune.models.families.sd import UNET_PRESETS
-from finetune.models.family import Family, register_family
+from finetune.models.family import SDXL_GEOMETRY, Family, register_family
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +66,15 @@ SDXL = register_family(SDXLFamily(
     pipeline_class="StableDiffusionXLPipeline",
     text_encoder_names=("text_encoder", "text_encoder_2"),
     tokenizer_names=("tokenizer", "tokenizer_2"),
-    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    # kohya trains SDXL on the original U-Net, so SDXL LoRA keys carry LDM names (input_blocks_4_1_...)
+    kohya_names={"unet": UNetNames("lora_unet", style="ldm", geometry=SDXL_GEOMETRY),
+                 "text_encoder": ClipNames("lora_te1"), "text_encoder_2": ClipNames("lora_te2", wrapped=True)},
+    single_file_text={"text_encoder": ClipCheckpoint("conditioner.embedders.0.transformer."),
+                      "text_encoder_2": OpenClipCheckpoint("conditioner.embedders.1.model.")},
+    base_version="sdxl_base_v1-0",
+    modelspec_arch={"epsilon": "stable-diffusion-xl-v1-base", "v_prediction": "stable-diffusion-xl-v1-base"},
+    prompt_layer="penultimate",
+    pooled_prompt=True,
     embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
     vae_fp16_unsafe=True,
     # no invisible watermark on validation grids (and no dependency on the package for them)
