@@ -244,3 +244,106 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_flux):
 def test_family_file_is_self_contained():
     text = (ROOT / "finetune" / "models" / "families" / "flux.py").read_text()
     assert re.search(r"register_family\(FluxFamily\(", text)
+
+
+# ------------------------------------------------------------------------------------------- exports
+def test_bfl_names_match_diffusers_own_converter():
+    """Our diffusers -> BFL table, run backwards by diffusers' BFL -> diffusers converter (which assumes
+    FLUX.1's real width, 3072), gives back every weight exactly: names, fused slices, norms, the final
+    modulation's order."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from finetune.models.families.flux_bfl import bfl_state_dict, geometry_of_model
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=24,
+                                   joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                                   in_channels=16).to(torch.bfloat16)
+    state = model.state_dict()
+    bfl = bfl_state_dict(dict(state), geometry_of_model(dict(model.config)))
+    assert any(k.startswith("double_blocks.0.img_attn.qkv") for k in bfl)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory, tiny_flux):
+    """A tiny FLUX LoRA trained on every linear (incl. single blocks) and CLIP-L, written in all three forms."""
+    tmp = tmp_path_factory.mktemp("fluxrun")
+    t = trainer(flux_recipe(tmp, tiny_flux, method={"targets": "all_linear", "text_encoder": {"enabled": True}},
+                            export={"formats": ["diffusers", "kohya", "bfl"], "name": "subject"}))
+    t.run()
+    return t, tmp / "out"
+
+
+def test_every_bfl_and_comfy_key_lands_on_a_real_bfl_weight(flux_run):
+    """Each fused BFL key names a weight of the tiny model's BFL layout with that weight's shape; each
+    ComfyUI key (lora_transformer_<diffusers path>) names a module whose BFL weight slice has its shape."""
+    from finetune.models.families.flux_bfl import bfl_state_dict, geometry_of_model, owner
+
+    t, out = flux_run
+    model = t.comps.denoiser
+    config = geometry_of_model(dict(model.config))
+    base = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    layout = bfl_state_dict(base, config)
+    bfl = load_file(out / "subject_bfl.safetensors")
+    stems = {k.split(".")[0] for k in bfl if k.startswith("lora_unet_")}
+    assert len(stems) == 8 + 2  # one double block: 2 fused qkv + 6 plain; one single block: linear1 (fused) + linear2
+    for s in stems:
+        name = next(k for k in layout if k.endswith(".weight") and s == "lora_unet_" + k[:-7].replace(".", "_"))
+        delta = bfl[f"{s}.lora_up.weight"].float() @ bfl[f"{s}.lora_down.weight"].float()
+        assert delta.shape == layout[name].shape, s
+    comfy = load_file(out / "subject.safetensors")
+    owners = owner(config)
+    for s in {k.split(".")[0] for k in comfy if k.startswith("lora_transformer_")}:
+        module = next(m for m in owners if "lora_transformer_" + m.replace(".", "_") == s)
+        bfl_name, part = owners[module]
+        rows = comfy[f"{s}.lora_up.weight"].shape[0]
+        assert rows == part.rows and layout[f"{bfl_name}.weight"].shape[0] >= part.offset + rows
+        assert f"{s}.alpha" in comfy
+    assert any(k.startswith("lora_te1_text_model_") for k in comfy)
+
+
+def test_bfl_converts_back_to_the_original_exactly(tmp_path, flux_run):
+    from finetune.export.convert import convert_lora
+
+    _, out = flux_run
+    back = convert_lora(out / "subject_bfl.safetensors", tmp_path / "back", "diffusers")
+    a = load_file(back)
+    b = load_file(out / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in b) < 1e-6
+    again = convert_lora(back, tmp_path / "again.safetensors", "bfl")
+    x, y = load_file(again), load_file(out / "subject_bfl.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y)
+
+
+@pytest.mark.parametrize("form", ["pytorch_lora_weights.safetensors", "subject.safetensors", "subject_bfl.safetensors"])
+def test_each_form_gives_the_trained_transformer_in_a_stock_pipeline(tmp_path, tiny_flux, flux_run, form):
+    """Every file, turned into diffusers form where needed, loads in FluxPipeline and reproduces the
+    trained transformer (alpha != rank)."""
+    from diffusers import FluxPipeline
+
+    from finetune.export.convert import convert_lora
+
+    t, out = flux_run
+    src = out / form
+    folder = src.parent if form.startswith("pytorch") else convert_lora(src, tmp_path / "d", "diffusers").parent
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(folder)
+    assert float((fixed_output(pipe.transformer) - fixed_output(t.comps.denoiser)).abs().max()) < 1e-4
+
+
+def test_bfl_refuses_what_it_cannot_hold(tmp_path, tiny_flux):
+    recipe = flux_recipe(tmp_path, tiny_flux, method={"adapter": "loha"}, export={"formats": ["bfl"]})
+    out = subprocess.run([sys.executable, "-m", "finetune", str(recipe), "--check"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "'bfl' fuses q/k/v and holds plain LoRA only" in out.stderr
+    (tmp_path / "sd").mkdir()
+    sd = write_recipe(tmp_path / "sd", ROOT / "finetune" / "toy" / "base", draw_images(tmp_path / "i"),
+                      export={"formats": ["bfl"]})
+    out = subprocess.run([sys.executable, "-m", "finetune", str(sd), "--check"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "'bfl' is not a LoRA layout of the sd1 family" in out.stderr

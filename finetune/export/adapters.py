@@ -46,6 +46,12 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modu
     tensors, meta = read_tensors(path, allow_pickle)
     if not tensors:
         raise ModelError(f"{path}: holds no tensors")
+    layout = None if family is not None and not family.lora_layouts else _family_layout(tensors, family)
+    if layout is not None:  # a family's own layout (FLUX's BFL names): its module reads it
+        family, fmt, module = layout
+        names = bound_names(family.kohya_names, modules, meta)
+        layers = module.read(tensors, names, path)
+        return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name)
     family = family or guess_family(tensors, meta)
     names = bound_names(family.kohya_names, modules, meta)
     if is_kohya(tensors):
@@ -62,6 +68,20 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modu
         layers = {_canonical(n, names): layer for n, layer in layers.items()}
         fmt = "peft" if PEFT_META in meta else "diffusers"
     return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name)
+
+
+def _family_layout(tensors, family=None):
+    """(family, format, module) of the family layout these tensors are written in, or None."""
+    import importlib
+
+    from finetune.models.family import FAMILIES
+
+    for f in [family] if family is not None else FAMILIES.values():
+        for fmt, module_name in f.lora_layouts.items():
+            module = importlib.import_module(module_name)
+            if module.detect(tensors):
+                return f, fmt, module
+    return None
 
 
 def _canonical(name: str, names) -> str:

@@ -80,6 +80,12 @@ def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
         kohya = layers_to_kohya(layers, names, "trained adapter")
         kmeta = meta | kohya_metadata(ctx, cfg, comps.family) | {PEFT_META: json.dumps(configs)}
         written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", kmeta))
+    for fmt in family_layouts(comps.family):  # the family's own layouts (FLUX: 'bfl'), '<name>_<fmt>.safetensors'
+        if fmt in ctx.formats:
+            layers = peft_layers(tensors, configs, "trained adapter")
+            out = layout_module(comps.family, fmt).write(layers, names, "trained adapter")
+            written.append(save_safetensors(out, out_dir / f"{ctx.name}_{fmt}.safetensors",
+                                            meta | kohya_metadata(ctx, cfg, comps.family) | {LAYOUT_META: fmt}))
     if ctx.model_card:
         written.append(write_model_card(out_dir, ctx, written, kind="lora", dora=cfg.use_dora))
     return written
@@ -102,12 +108,16 @@ def transformers_dora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None) -> Path:
-    """Write an `Adapter` (finetune.export.layers) as 'kohya' (a file) or 'diffusers' (a folder or file)."""
+    """Write an `Adapter` (finetune.export.layers) as 'kohya' (a file), 'diffusers' (a folder or file) or one
+    of the family's own layouts (FLUX: 'bfl')."""
     from finetune.models.family import FAMILIES
 
     family = family or FAMILIES[adapter.family or "sd1"]
-    meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META)}
+    meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META, LAYOUT_META)}
     names = bound_names(family.kohya_names, meta=adapter.metadata)
+    if fmt in family_layouts(family):
+        tensors = layout_module(family, fmt).write(adapter.layers, names, str(adapter.path))
+        return save_safetensors(tensors, out, meta | {LAYOUT_META: fmt})
     if fmt == "kohya":
         tensors = layers_to_kohya(adapter.layers, names, str(adapter.path))
         configs = configs_for(adapter.layers)
@@ -124,6 +134,20 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
         packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()}
         return save_safetensors(transformers_dora_keys(tensors), out, meta | {ADAPTER_META: json.dumps(packed)})
     return save_safetensors(tensors, out, meta | {PEFT_META: json.dumps(configs)})
+
+
+LAYOUT_META = "finetune.lora_layout"  # a family layout's name in the file header ('bfl')
+
+
+def family_layouts(family) -> list[str]:
+    return list(getattr(family, "lora_layouts", {}) or {})
+
+
+def layout_module(family, fmt: str):
+    """The module that reads / writes one of a family's own LoRA layouts (detect, read, write)."""
+    import importlib
+
+    return importlib.import_module(family.lora_layouts[fmt])
 
 
 def runtime_layers(layers: dict, names) -> dict:

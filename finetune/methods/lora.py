@@ -31,7 +31,7 @@ class TextEncoderLoRA(StrictModel):
 @register_method
 class LoRAConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya"})
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya", "bfl"})
 
     adapter: str = Field(
         "lora", description="Adapter kind (finetune.kinds): lora (with optional DoRA), loha or lokr (peft)."
@@ -90,8 +90,8 @@ class LoRAConfig(MethodConfig):
     def check_recipe(self, recipe) -> None:
         from finetune.models.detect import family_for
 
-        check_dora_formats(self, recipe, "method.use_dora")
         family = family_for(recipe.model)
+        check_formats(self, recipe, family)
         if family is not None and isinstance(self.targets, str) and self.targets not in family.lora_presets:
             raise ValueError(f"method.targets '{self.targets}' is not a preset of the {family.name} family; its "
                              f"presets are {', '.join(family.lora_presets)}, or list module-name suffixes")
@@ -110,21 +110,38 @@ def within_blocks(targets: list[str] | str, blocks: list[str]) -> str:
     return inside + r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
 
 
-def check_dora_formats(cfg: LoRAConfig, recipe, key: str) -> None:
-    """DoRA cannot be written in kohya form exactly (finetune/kinds/lora.py): by default the run writes the
-    other formats; asking for kohya explicitly is refused before anything loads."""
-    if not cfg.use_dora:
-        return
+def check_formats(cfg: LoRAConfig, recipe, family, key: str = "method.use_dora") -> None:
+    """Which LoRA files a run writes. By default: every format that holds this adapter exactly for this
+    family; asking for one that cannot is refused before anything loads:
+    - a family's own layouts (FLUX's 'bfl') exist only for that family (left out when the family is unknown);
+    - DoRA has no exact kohya form (finetune/kinds/lora.py), and 'bfl' fuses plain LoRA only."""
+    own = set(family.lora_layouts) if family is not None else set()
+    layouts = {f for f in recipe.method.export_formats if f not in ("diffusers", "kohya", "a1111", "single_file")}
+    inexact = {"kohya", *layouts} if cfg.use_dora else set(layouts) if cfg.adapter != "lora" else set()
     formats = recipe.export.formats
     if formats is None:
-        recipe.export.formats = sorted((f for f in recipe.method.export_formats if f != "kohya"),
-                                       key=lambda f: (f != "diffusers", f))
-    elif "kohya" in formats:
-        raise ValueError(
-            f"export.formats: 'kohya' cannot carry DoRA ({key}: true) exactly: AUTOMATIC1111 normalises the "
-            "magnitude over input columns and ComfyUI by the base weight's norm; drop 'kohya' and bake the "
-            "diffusers file into a checkpoint for the UIs with tools/merge.py fuse --single-file"
-        )
+        recipe.export.formats = sorted((f for f in recipe.method.export_formats
+                                        if f not in (layouts - own) | inexact), key=lambda f: (f != "diffusers", f))
+        return
+    for f in formats:
+        if f in layouts - own:
+            where = f"the {family.name} family" if family is not None else "this base (family unknown)"
+            raise ValueError(f"export.formats: '{f}' is not a LoRA layout of {where}; use diffusers or kohya")
+        if f == "kohya" and cfg.use_dora:
+            raise ValueError(
+                f"export.formats: 'kohya' cannot carry DoRA ({key}: true) exactly: AUTOMATIC1111 normalises the "
+                "magnitude over input columns and ComfyUI by the base weight's norm; drop 'kohya' and bake the "
+                "diffusers file into a checkpoint for the UIs with tools/merge.py fuse --single-file")
+        if f in inexact:
+            raise ValueError(f"export.formats: '{f}' fuses q/k/v and holds plain LoRA only, not "
+                             f"{'DoRA' if cfg.use_dora else cfg.adapter}; drop it (kohya and diffusers keep it)")
+
+
+def check_dora_formats(cfg: LoRAConfig, recipe, key: str) -> None:
+    """(pivotal tuning) the same rules, with the family read from the recipe."""
+    from finetune.models.detect import family_for
+
+    check_formats(cfg, recipe, family_for(recipe.model), key)
 
 
 def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str] | str):
@@ -149,7 +166,10 @@ class LoRAMethod:
         te = cfg.text_encoder
         if te.enabled:
             rank = te.rank or cfg.rank
+            allowed = comps.family.lora_text_encoders
             for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
+                if allowed is not None and name not in allowed:
+                    continue
                 _add_adapter(encoder, peft_adapter_config(cfg, rank, te.alpha or rank, te.targets),
                              "method.text_encoder.targets", te.targets)
                 groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})

@@ -41,6 +41,8 @@ class Family:
     denoiser_class: str = "UNet2DConditionModel"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     tokenizer_names: tuple[str, ...] = ("tokenizer",)
+    #: text encoders a text-encoder LoRA adapts (None: all; FLUX and SD3: the CLIPs, never T5)
+    lora_text_encoders: tuple[str, ...] | None = None
     #: text encoders a recipe may leave out (`model.drop_text_encoders`), e.g. SD3's T5
     optional_text_encoders: tuple[str, ...] = ()
     #: 'ddpm' (epsilon / v-prediction) or 'flow' (rectified flow); see finetune/train/objectives.py
@@ -60,6 +62,9 @@ class Family:
     single_file_text: dict[str, Any] = field(
         default_factory=lambda: {"text_encoder": ClipCheckpoint("cond_stage_model.transformer.")}
     )
+    #: more LoRA layouts than diffusers and kohya: export format -> module with detect / read / write
+    #: (FLUX: 'bfl', the fused Black Forest Labs names sd-scripts and Forge read)
+    lora_layouts: dict[str, str] = field(default_factory=dict)
     #: an original single-file checkpoint can be written for this family (finetune/export/ldm.py)
     single_file_writer: bool = True
     #: `ss_base_model_version` of kohya metadata (A1111 reads it, with `ss_v2`, to sort LoRAs by base)
@@ -205,6 +210,9 @@ def family_from_configs(model_index: dict[str, Any], denoiser_config: dict[str, 
 
 FAMILIES: dict[str, Family] = _REGISTRY
 
-import finetune.models.families  # noqa: E402,F401  (registers every family file)
+# registers every family file (the U-Net ones first: SD1 / SD2 / SDXL are named below, and importing this
+# module from inside a family file's own import must still find them)
+from finetune.models.families import sd, sdxl  # noqa: E402,F401,I001
+import finetune.models.families  # noqa: E402,F401
 
 SD1, SD2, SDXL = FAMILIES["sd1"], FAMILIES["sd2"], FAMILIES["sdxl"]

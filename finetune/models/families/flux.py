@@ -90,6 +90,7 @@ FLUX = register_family(FluxFamily(
     denoiser_name="transformer",
     denoiser_class="FluxTransformer2DModel",
     text_encoder_names=("text_encoder", "text_encoder_2"),
+    lora_text_encoders=("text_encoder",),  # CLIP LoRAs; T5 stays frozen
     tokenizer_names=("tokenizer", "tokenizer_2"),
     objective="flow",
     # peers shift by resolution and sample logit-normal (sd-scripts 'flux_shift', ai-toolkit, SimpleTuner);
@@ -108,6 +109,7 @@ FLUX = register_family(FluxFamily(
     default_guidance=3.5,
     cache_text_by_default=True,
     textual_inversion=False,  # pivotal tuning on CLIP-L / T5 comes with the FLUX pivotal work
+    lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,
     single_file_text={},
     single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),

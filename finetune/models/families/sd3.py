@@ -71,6 +71,7 @@ SD3 = register_family(SD3Family(
     denoiser_name="transformer",
     denoiser_class="SD3Transformer2DModel",
     text_encoder_names=("text_encoder", "text_encoder_2", "text_encoder_3"),
+    lora_text_encoders=("text_encoder", "text_encoder_2"),  # CLIP LoRAs; T5 stays frozen
     tokenizer_names=("tokenizer", "tokenizer_2", "tokenizer_3"),
     optional_text_encoders=("text_encoder_3",),
     objective="flow",
