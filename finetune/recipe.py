@@ -317,6 +317,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate(data, path)
 
 
+def recheck_for_family(recipe: Recipe, family: str) -> None:
+    """Rules that need the family, for a base whose family showed only once it loaded (a hub id that was not
+    in the local cache at recipe time): the same validation with `model.family` set; errors as RecipeError."""
+    data = recipe.resolved()
+    data["model"]["family"] = family
+    validate(data, recipe._path)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML text (stored in every run folder)."""
     return yaml.safe_dump(recipe.resolved(), sort_keys=False, allow_unicode=True)

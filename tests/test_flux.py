@@ -347,3 +347,16 @@ def test_bfl_refuses_what_it_cannot_hold(tmp_path, tiny_flux):
     out = subprocess.run([sys.executable, "-m", "finetune", str(sd), "--check"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "'bfl' is not a LoRA layout of the sd1 family" in out.stderr
+
+
+def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
+    """Offline, the shipped FLUX recipe's base is an uncached hub id: 'bfl' waits for the family, then the
+    same rule applies to the family the base turned out to be."""
+    from finetune.errors import RecipeError
+    from finetune.recipe import load_recipe, recheck_for_family
+
+    recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
+    assert "bfl" in recipe.export.formats
+    recheck_for_family(recipe, "flux")
+    with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
+        recheck_for_family(recipe, "sd1")

@@ -47,6 +47,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from finetune.models.components import cast_frozen, load_components
+        from finetune.models.detect import family_for
+        from finetune.recipe import recheck_for_family
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
@@ -54,6 +56,8 @@ class Trainer:
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
         comps = load_components(recipe.model)
+        if recipe.model.family == "auto" and family_for(recipe.model) is None:
+            recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps)
