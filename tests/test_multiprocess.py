@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, write_recipe
+from tests.helpers import ROOT, draw_images, write_recipe
 
 
 def launch(recipe: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -26,8 +26,6 @@ def launch(recipe: Path, processes: int, *overrides: str) -> subprocess.Complete
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_base):
-    from tests.conftest import draw_images
-
     images = draw_images(tmp_path / "images", n=8)
     recipe = write_recipe(tmp_path, tiny_base, images, train={"max_steps": 4, "checkpoint_every": 2})
     two = launch(recipe, 2, f"train.output_dir={tmp_path / 'two'}", "train.batch_size=2")

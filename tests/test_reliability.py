@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import RunError
-from tests.conftest import ROOT, write_recipe
-from tests.test_train_lora import run_trainer
+from tests.helpers import ROOT, draw_images, run_trainer, write_recipe
 
 EXPORT = "pytorch_lora_weights.safetensors"
 
@@ -44,8 +43,6 @@ def same_weights(a: Path, b: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def long_recipe(tmp_path_factory, tiny_base):
-    from tests.conftest import draw_images
-
     tmp = tmp_path_factory.mktemp("long")
     # long enough that a kill lands mid-run; checkpoints every 2 steps, the 3 newest kept
     return write_recipe(tmp, tiny_base, draw_images(tmp / "images"),

@@ -12,7 +12,8 @@ import torch
 
 from finetune.export.adapters import fuse, read_adapter
 from finetune.export.lora import export_lora
-from tests.test_export_lora import adapted, count_adapted, fresh_pipe, load_comps, make_ctx, unet_out
+from tests.helpers import adapted, count_adapted, fresh_pipe, load_comps, make_ctx
+from tests.helpers import fixed_unet_output as unet_out
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

@@ -2,54 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from finetune.recipe import load_recipe
-from tests.conftest import write_recipe
-
-
-def run_trainer(recipe_path: Path, *overrides: str):
-    from finetune.train.setup import check_output_dir, make_accelerator, write_run_files
-    from finetune.train.trainer import Trainer
-
-    recipe = load_recipe(recipe_path, list(overrides))
-    check_output_dir(recipe)
-    acc = make_accelerator(recipe)
-    write_run_files(recipe)
-    t = Trainer(recipe, acc)
-    t.run()
-    return t
-
-
-def digest(module: torch.nn.Module, skip: str = "lora_") -> str:
-    """Hash of every base weight (adapter tensors excluded); peft renames wrapped weights '.base_layer.'."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip in name or "hada_" in name or "lokr_" in name:
-            continue
-        h.update(name.replace(".base_layer", "").encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def fixed_unet_output(unet, text_encoder, tokenizer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8, generator=g)
-    ids = tokenizer(["a sks circle", "a blue square"], padding="max_length", max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = text_encoder(ids)[0]
-        return unet(latents, torch.tensor([500, 250]), encoder_hidden_states=text).sample
-
-
-def fresh_pipe(base: Path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+from tests.helpers import digest, fixed_unet_output, fresh_pipe, run_trainer, write_recipe
 
 
 def test_only_adapter_parameters_change(tmp_path, tiny_base, images):

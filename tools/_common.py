@@ -57,8 +57,7 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle,
-                                        attention="default"))
+    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
 
 
 def add_base_args(p) -> None:

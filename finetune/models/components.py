@@ -230,10 +230,7 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         prediction = scheduler.config.get("prediction_type", "epsilon")
     scheduler.register_to_config(prediction_type=prediction)
     unet = pipe.unet
-    if model.attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    set_attention(unet, model.attention)
     return Components(
         unet=unet,
         vae=pipe.vae,
@@ -247,6 +244,20 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         # the base's own sampler, for `validation.scheduler: base`
         extras={"sampler": type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)},
     )
+
+
+def set_attention(unet, kind: str) -> None:
+    """`model.attention`: the U-Net's attention processors (validation and class images use the same U-Net).
+    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
+            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
+        return
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def freeze(comps: Components) -> None:
