@@ -280,3 +280,38 @@ def peft_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return {n: m for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+# ----------------------------------------------------------------------------- same step, different layouts
+TI_METHOD = {"name": "textual_inversion", "token": "<sks>", "num_vectors": 2, "initializer": "circle", "lr": 5e-2}
+LAYOUT_EXPORT = {"plain": "pytorch_lora_weights.safetensors", "prior": "pytorch_lora_weights.safetensors",
+                 "ti": "learned_embeds.safetensors"}
+
+
+def layout_recipe(tmp_path: Path, base, kind: str, **train) -> Path:
+    """A recipe whose optimizer steps are compared across layouts (one batch of 4, 2 x 2 accumulated, 2
+    processes x 2): 'plain' LoRA, 'prior' LoRA with prior preservation, 'ti' Textual Inversion on empty
+    captions (templates fill them). LAYOUT_EXPORT[kind] names the file to compare."""
+    # Adam divides by sqrt(v) + eps: a gradient entry that sums to 1e-9 in one layout and 0 in another (float
+    # order) would become a whole-lr update; eps 1e-6 keeps the comparison about the layout, not the rounding
+    train = {"max_steps": 4, "max_grad_norm": None, "adam_epsilon": 1e-6, **train}
+    if kind == "prior":
+        return db_recipe(tmp_path, base, draw_images(tmp_path / "images", n=8), num=3, train=train,
+                         method={"name": "lora", "rank": 4, "alpha": 2, "targets": "attention_ff"})
+    caption = "" if kind == "ti" else "a sks circle"
+    path = write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=8, caption=caption), train=train)
+    if kind == "ti":
+        data = yaml.safe_load(path.read_text())
+        data["method"] = TI_METHOD
+        data["export"]["formats"] = ["diffusers"]
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def max_difference(a: Path, b: Path) -> float:
+    """Largest absolute difference between two safetensors files with the same keys."""
+    from safetensors.torch import load_file
+
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys() and x
+    return max(float((x[k] - y[k]).abs().max()) for k in x)

@@ -36,11 +36,12 @@ def example_noise(
     for key in keys:
         g = example_generator(key)
         noise = torch.randn(shape, generator=g)
+        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         if noise_offset:
             # offset noise: a per-channel constant shift, so the model learns to change overall brightness
+            # (drawn last: switching it on changes nothing else about the example)
             noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=g)
         noises.append(noise)
-        steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
     noise = torch.stack(noises).to(latents.device, latents.dtype)
     return noise, torch.cat(steps).to(latents.device)
 
