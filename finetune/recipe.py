@@ -189,10 +189,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _as_text(value: Any) -> bool:
-    """Whether YAML turned an override into something other than text that a string field may want as
-    written: `no` became False, `1.0` a float, `a: b` a mapping."""
-    return isinstance(value, bool | int | float | dict)
+def override_text(text: str) -> Any:
+    """The override's value with every scalar kept as the text written (YAML quoting still applies):
+    what a string field gets where YAML would type it (`no` -> 'no', not False; `1.10` -> '1.10')."""
+    raw = text.partition("=")[2]
+    try:
+        return yaml.load(raw, Loader=yaml.BaseLoader) if raw.strip() else ""  # noqa: S506 - no objects built
+    except yaml.YAMLError:
+        return raw.strip()
 
 
 def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -319,23 +323,33 @@ def _describe(err: dict, source: Path | None) -> str:
     return text + (f" ({allowed})" if allowed and allowed not in msg else "")
 
 
-def _written_back(data: dict[str, Any], errors: list[dict], written: dict[str, tuple[list[str], str]]):
-    """`data` with every rejected override that YAML had typed put back as the text the user wrote (a string
-    field takes `train.mixed_precision=no` as 'no'), or None when no rejected key was such an override."""
+def _written_back(data: dict[str, Any], errors: list[dict], written: dict[str, tuple[list[str], Any]]):
+    """`data` where a string field rejected what YAML typed in an override, with the text as written put back
+    there (the whole value, or the one list item / mapping entry); None when there is no such place."""
     fixed = None
     for err in errors:
-        if err["type"] not in ("string_type", "literal_error"):  # the field does not want text here
-            continue
-        path = ".".join(_walk(tuple(err["loc"]))[0])
-        for key, (keys, raw) in written.items():
-            if path == key or path.startswith(key + "."):
-                fixed = fixed if fixed is not None else copy.deepcopy(data)
-                apply_override(fixed, keys, raw)
+        if err["type"] not in ("string_type", "literal_error") or err.get("input") is None:
+            continue  # the field does not want text here, or null was meant as null
+        path = _walk(tuple(err["loc"]))[0]
+        for keys, text in written.values():
+            if path[: len(keys)] != keys:
+                continue
+            where = list(keys)
+            for part in path[len(keys):]:  # down to the rejected item, as far as the value goes
+                if isinstance(text, list) and part.isdigit() and int(part) < len(text):
+                    text = text[int(part)]
+                elif isinstance(text, dict) and part in text:
+                    text = text[part]
+                else:
+                    break
+                where.append(part)
+            fixed = fixed if fixed is not None else copy.deepcopy(data)
+            apply_override(fixed, where, text)
     return fixed
 
 
 def validate(data: dict[str, Any], source: Path | None = None,
-             written: dict[str, tuple[list[str], str]] | None = None) -> Recipe:
+             written: dict[str, tuple[list[str], Any]] | None = None) -> Recipe:
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
         k = unknown[0]
@@ -363,13 +377,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, merge, override and validate a recipe file."""
     path = Path(path)
     data = _load_chain(path)
-    written: dict[str, tuple[list[str], str]] = {}  # overrides YAML typed, with the text as written
+    written: dict[str, tuple[list[str], Any]] = {}  # overrides YAML typed, with their text as written
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
+        as_text = override_text(text)
         written.pop(".".join(keys), None)
-        if _as_text(value):
-            written[".".join(keys)] = (keys, text.partition("=")[2].strip())
+        if as_text != value:
+            written[".".join(keys)] = (keys, as_text)
     return validate(data, path, written)
 
 
