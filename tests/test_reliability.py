@@ -44,9 +44,11 @@ def same_weights(a: Path, b: Path) -> bool:
 @pytest.fixture(scope="module")
 def long_recipe(tmp_path_factory, tiny_base):
     tmp = tmp_path_factory.mktemp("long")
-    # long enough that a kill lands mid-run; checkpoints every 2 steps, the 3 newest kept
+    # long enough that a kill lands mid-run; checkpoints every 2 steps, the 3 newest kept; the export is the
+    # EMA, updated every 2nd step, so a resume must restore its update count too (EMAModel.state_dict)
     return write_recipe(tmp, tiny_base, draw_images(tmp / "images"),
-                        train={"max_steps": 30, "checkpoint_every": 2, "keep_last": 3})
+                        train={"max_steps": 30, "checkpoint_every": 2, "keep_last": 3,
+                               "ema": {"enabled": True, "decay": 0.9, "update_every": 2}})
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from tests.helpers import (
     TI_METHOD,
     db_recipe,
     fixed_unet_output,
+    fresh_pipe,
     run_trainer,
     write_recipe,
 )
@@ -156,8 +157,12 @@ def test_textual_inversion_checkpoints_hold_only_the_new_rows(tmp_path):
 
 
 def test_pivotal_phases_are_parameter_groups(tmp_path, tiny_base, monkeypatch):
+
     """token_steps 1 of 3: the LoRA's Adam state saw only its 2 steps, the tokens' only their 1, and the
-    LoRA's warm-up starts at its own first step."""
+    LoRA's warm-up starts at its own first step. With a text-encoder LoRA beside the new rows, the LoRA file
+    holds no embedding table and both files reload in diffusers to the trained output."""
+    from diffusers import StableDiffusionPipeline
+
     from tests.helpers import draw_images
 
     images = draw_images(tmp_path / "images", caption="")
@@ -165,7 +170,8 @@ def test_pivotal_phases_are_parameter_groups(tmp_path, tiny_base, monkeypatch):
                                                             "lr_scheduler": "constant_with_warmup"})
     data = yaml.safe_load(path.read_text())
     data["method"] = {"name": "pivotal", "embedding": {k: v for k, v in TI_METHOD.items() if k != "name"},
-                      "lora": {"rank": 4, "alpha": 4, "targets": "attention_ff"}, "token_steps": 1}
+                      "lora": {"rank": 4, "alpha": 4, "targets": "attention_ff", "text_encoder": {"enabled": True}},
+                      "token_steps": 1}
     path.write_text(yaml.safe_dump(data))
     lrs = []  # after each step: the learning rates of the next one
     after_each_step(monkeypatch, lambda t: lrs.append([g["lr"] for g in t.optimizer.param_groups]))
@@ -179,6 +185,18 @@ def test_pivotal_phases_are_parameter_groups(tmp_path, tiny_base, monkeypatch):
     # one warm-up step: a schedule over the whole run would be warm at step 1; the LoRA's starts there
     assert [r[0] for r in lrs] == pytest.approx([0.0, 1e-3, 0.0])  # LoRA: steps 1 (warm-up) and 2; then done
     assert [r[-1] for r in lrs] == pytest.approx([0.0, 0.0, 0.0])  # tokens: their window ended at step 1
+    out = Path(t.cfg.output_dir)
+    lora_file = load_file(out / "pytorch_lora_weights.safetensors")
+    assert not [k for k in lora_file if "embed" in k] and any(k.startswith("text_encoder.") for k in lora_file)
+    pipe = fresh_pipe(tiny_base)
+    pipe.load_textual_inversion(str(out))
+    pipe.load_lora_weights(str(out))
+    trained = StableDiffusionPipeline(**(pipe.components | {"unet": t.comps.unet, "text_encoder": t.comps.text_encoder,
+                                                           "tokenizer": t.comps.tokenizer}))
+    with torch.no_grad():
+        ours, _ = trained.encode_prompt("a <sks> circle", "cpu", 1, False)
+        theirs, _ = pipe.encode_prompt("a <sks> circle", "cpu", 1, False)
+    assert (ours - theirs).abs().max() < 1e-5
 
 
 # -------------------------------------------------------------------------------------------------- Ctrl-C
