@@ -157,7 +157,6 @@ def test_textual_inversion_checkpoints_hold_only_the_new_rows(tmp_path):
 
 
 def test_pivotal_phases_are_parameter_groups(tmp_path, tiny_base, monkeypatch):
-
     """token_steps 1 of 3: the LoRA's Adam state saw only its 2 steps, the tokens' only their 1, and the
     LoRA's warm-up starts at its own first step. With a text-encoder LoRA beside the new rows, the LoRA file
     holds no embedding table and both files reload in diffusers to the trained output."""
