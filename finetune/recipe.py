@@ -125,7 +125,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as e:
         raise RecipeError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
@@ -178,7 +178,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{text}': expected key.path=value, e.g. train.lr=1e-4")
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader subclass
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw.strip()
     if isinstance(value, str) and value == raw.strip():  # unquoted text
@@ -194,7 +194,7 @@ def override_text(text: str) -> Any:
     what a string field gets where YAML would type it (`no` -> 'no', not False; `1.10` -> '1.10')."""
     raw = text.partition("=")[2]
     try:
-        return yaml.load(raw, Loader=yaml.BaseLoader) if raw.strip() else ""  # noqa: S506 - no objects built
+        return yaml.load(raw, Loader=yaml.BaseLoader) if raw.strip() else ""
     except yaml.YAMLError:
         return raw.strip()
 
