@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,26 +14,29 @@ from safetensors.torch import load_file
 from tests.helpers import LAYOUT_EXPORT, ROOT, layout_recipe, max_difference, run_trainer
 
 
-def free_port() -> int:
-    """A port nobody listens on (a fixed one collides with another test run on the same machine)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(recipe: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if processes > 1:
         # plain `--cpu --num_processes 2` silently runs one process; this is the working CPU DDP spelling
         cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+        # a free port, not accelerate's default 29500: another run on the same machine would share the
+        # rendezvous and leave a rank waiting forever
+        cmd += ["--main_process_port", "0"]
     else:
         cmd += ["--num_processes", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune" / "run.py"), str(recipe),
             *overrides]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    # its own process group: on a timeout the ranks go too, not only the launcher
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the launch did not finish in 600 s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("kind", ["plain", "prior", "ti"])
