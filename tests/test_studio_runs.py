@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from finetune.studio import procs
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.studio_helpers import W, client, png, world  # noqa: F401  (fixture)
 
 TRAINER = textwrap.dedent('''

@@ -61,8 +61,7 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle,
-                                        attention="default"))
+    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:

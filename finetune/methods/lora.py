@@ -189,7 +189,7 @@ class LoRAMethod:
         modules = comps.named_modules()
         state = {}
         for name in self.adapted:
-            for k, v in get_peft_model_state_dict(modules[name]).items():
+            for k, v in get_peft_model_state_dict(modules[name], save_embedding_layers=False).items():
                 state[f"{name}.{k}"] = v
         return state
 
