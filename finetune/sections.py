@@ -21,7 +21,7 @@ class ModelSection(StrictModel):
     base: str = Field(
         "toy",
         description="Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, "
-        "or 'toy' for the built-in toy base.",
+        "or 'toy' / 'toy-flux' for the built-in toy bases (SD-shaped / FLUX-shaped).",
     )
     family: str = Field(
         "auto", description="Model architecture (sd1, sd2, sdxl, sd3, ...); 'auto' detects it from the base."

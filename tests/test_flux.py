@@ -360,3 +360,43 @@ def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
     recheck_for_family(recipe, "flux")
     with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
         recheck_for_family(recipe, "sd1")
+
+
+def test_pivotal_trains_clip_and_t5_rows_and_reloads_in_a_stock_pipeline(tmp_path, tiny_flux):
+    """Pivotal tuning on FLUX: the token gets new rows in CLIP-L (pooled) and T5 (sequence); the A1111/Comfy
+    file holds both under clip_l / t5, and a stock FluxPipeline with it and the LoRA encodes the trigger
+    prompt and denoises exactly as the trained model."""
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from finetune.export.embeddings import load_into_pipeline
+    from finetune.models.family import FAMILIES
+
+    method = {"name": "pivotal", "embedding": {"token": "<sks>", "num_vectors": 2, "initializer": "circle",
+                                               "templates": "none", "lr": 5e-2},
+              "lora": {"rank": 4, "alpha": 2, "targets": "attention"}}
+    t = trainer(flux_recipe(tmp_path, tiny_flux, method=method, data={"caption": {"template": "a <sks> circle"}},
+                            train={"max_steps": 4}, export={"formats": ["diffusers", "a1111"], "name": "out"}))
+    before = {n: e.get_input_embeddings().weight.detach().clone() for n, e in
+              zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)}
+    t.run()
+    ui = load_file(tmp_path / "out" / "out_emb.safetensors")
+    assert set(ui) == {"clip_l", "t5"} and ui["clip_l"].shape == (2, 16) and ui["t5"].shape == (2, 32)
+    for name, enc in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True):
+        ids = t.method.tokens.ids[name]
+        moved = enc.get_input_embeddings().weight.detach()[ids] - before[name][ids]
+        assert float(moved.abs().max()) > 1e-3, name  # both encoders' rows trained
+    prompt = "a <sks> circle"
+    with torch.no_grad():
+        trained_text = t.comps.family.encode_prompt(t.comps, [prompt.replace("<sks>", "<sks> <sks>_1")], "cpu")
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    pipe.load_lora_weights(tmp_path / "out")
+    token = load_into_pipeline(pipe, tmp_path / "out" / "out_emb.safetensors", family=FAMILIES["flux"])
+    assert token == "<sks>"
+    with torch.no_grad():
+        # the pipeline expands '<sks>' into its vectors itself (maybe_convert_prompt), as the trainer does
+        emb, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=32)
+    got = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
+    for k, v in got.items():
+        assert float((v - trained_text[k].to(v.dtype)).abs().max()) < 1e-5, k
+    assert float((fixed_output(pipe.transformer) - fixed_output(t.comps.denoiser)).abs().max()) < 1e-4

@@ -123,7 +123,7 @@ def load_into_pipeline(pipe, path: str | Path, token: str | None = None, allow_p
     """Add the embedding's token(s) to the pipeline's tokenizers/encoders; returns the token to prompt with."""
     emb = read_embeddings(path, allow_pickle, family)
     token = token or emb.token
-    tokenizer_for = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    tokenizer_for = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
     for name, rows in emb.vectors.items():
         encoder, tokenizer = getattr(pipe, name, None), getattr(pipe, tokenizer_for.get(name, ""), None)
         if encoder is None or tokenizer is None:

@@ -73,15 +73,16 @@ class TokenSettings(StrictModel):
         return [self.token] + [f"{self.token}_{i}" for i in range(1, self.num_vectors)]
 
     def vocabulary_problem(self, vocab, where: str, key: str) -> str | None:
-        """Why these settings do not fit a CLIP BPE vocabulary (a set of entries), or None."""
+        """Why these settings do not fit a tokenizer's vocabulary (a set of entries), or None. A whole word is
+        'word</w>' in CLIP's BPE and '▁word' in T5's sentencepiece vocabulary."""
         for word in self.placeholder_tokens():
             low = word.lower()  # CLIP lower-cases text, added tokens included
-            if low in vocab or f"{low}</w>" in vocab:
+            if low in vocab or f"{low}</w>" in vocab or f"▁{low}" in vocab:
                 bare = self.token.strip("<>")
                 other = f"<{bare}>" if self.token != f"<{bare}>" else f"<{bare}-1>"
                 return f"{key}.token: '{word}' is already in the vocabulary of {where}; choose a new word, e.g. '{other}'"
         for word in self.initializer.lower().split():
-            if f"{word}</w>" not in vocab:
+            if f"{word}</w>" not in vocab and f"▁{word}" not in vocab:
                 return (f"{key}.initializer: '{word}' is not a word in the vocabulary of {where}; use a common "
                         "word close to the concept (several words are averaged)")
         return None
@@ -105,16 +106,13 @@ class TokenSettings(StrictModel):
 @functools.lru_cache(maxsize=8)
 def local_vocabularies(base: str) -> dict[str, frozenset[str]]:
     """Entries of each tokenizer of a local diffusers folder (or the toy base), read as plain JSON."""
-    if base == "toy":
-        from finetune.toy import toy_base_path
+    from finetune.toy import toy_path
 
-        root = toy_base_path()
-    else:
-        root = Path(base).expanduser()
+    root = toy_path(base) or Path(base).expanduser()
     out: dict[str, frozenset[str]] = {}
     if not root.is_dir():
         return out
-    for sub in ("tokenizer", "tokenizer_2"):
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         entries: set[str] = set()
         for name in ("vocab.json", "added_tokens.json"):  # what slow tokenizers save
             f = root / sub / name
@@ -123,7 +121,9 @@ def local_vocabularies(base: str) -> dict[str, frozenset[str]]:
         fast = root / sub / "tokenizer.json"  # what fast tokenizers (and transformers 5) save
         if fast.is_file():
             data = json.loads(fast.read_text(encoding="utf-8"))
-            entries |= set((data.get("model") or {}).get("vocab") or {})
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            # BPE/WordPiece: {piece: id}; Unigram (T5's sentencepiece): [[piece, score], ...]
+            entries |= {v[0] for v in vocab} if isinstance(vocab, list) else set(vocab)
             entries |= {t["content"] for t in data.get("added_tokens") or [] if "content" in t}
         if entries:
             out[sub] = frozenset(entries)

@@ -115,10 +115,10 @@ def decode_in_own_dtype(vae) -> None:
 
 def resolve_base(base: str) -> tuple[str, str]:
     """('folder' | 'file' | 'hub', location) for a model.base value."""
-    if base == "toy":
-        from finetune.toy import toy_base_path
+    from finetune.toy import toy_path
 
-        return "folder", str(toy_base_path())
+    if toy_path(base) is not None:
+        return "folder", str(toy_path(base))
     path = Path(base).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -93,10 +93,10 @@ def family_for(model) -> Family | None:
     if model.family != "auto":
         return FAMILIES[model.family]
     try:
-        if model.base == "toy":
-            from finetune.toy import toy_base_path
+        from finetune.toy import toy_path
 
-            return family_of_folder(toy_base_path())
+        if toy_path(model.base) is not None:
+            return family_of_folder(toy_path(model.base))
         path = Path(model.base).expanduser()
         if path.is_dir():
             return family_of_folder(path)

@@ -17,6 +17,7 @@ import yaml
 from finetune.errors import RecipeError
 from finetune.recipe import _load_chain, validate
 from finetune.studio.paths import PathError, confine, links_out
+from finetune.toy import TOY_BASES
 
 SOURCE_NAME = "recipe.yaml"  # how messages name the form's recipe, as the CLI names a file
 HUB_OK = {"model.base", "model.config", "model.vae", "hf"}  # may be a hub id instead of a local path
@@ -82,7 +83,7 @@ def _path_fields(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
 
 def _looks_local(root: Path, value: str) -> bool:
     """A hub id ('org/name') or 'toy' is not a local path unless such a folder exists under the root."""
-    if value == "toy":
+    if value in TOY_BASES:
         return False
     if value.startswith((".", "/", "~", "\\")) or ":" in value[:3]:
         return True

@@ -12,3 +12,12 @@ import pathlib
 def toy_base_path() -> pathlib.Path:
     """Folder of the committed toy base model (standard diffusers layout, safetensors only)."""
     return pathlib.Path(__file__).resolve().parent / "base"
+
+
+TOY_BASES = {"toy": "base", "toy-flux": "base_flux"}  # model.base names of the shipped toy bases
+
+
+def toy_path(name: str) -> pathlib.Path | None:
+    """The folder of a shipped toy base named in `model.base` ('toy', 'toy-flux'); None for other values."""
+    sub = TOY_BASES.get(name)
+    return pathlib.Path(__file__).resolve().parent / sub if sub else None
