@@ -123,6 +123,10 @@ class Family:
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
 
+    def guidance_kwargs(self, pipe, scale: float) -> dict[str, Any]:
+        """How the family's pipeline takes the validation guidance scale (classifier-free guidance here)."""
+        return {"guidance_scale": scale}
+
     def pipeline_prompt_kwargs(self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
                                ) -> dict[str, Any]:
         """Pre-encoded text as the pipeline's keyword arguments (validation with the encoders released)."""

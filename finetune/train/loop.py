@@ -161,7 +161,8 @@ def validate(t, step: int) -> Path | None:
         res = t.recipe.data.resolution
         with acc.autocast():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
-                          text=t.prompt_cache, family=t.comps.family)
+                          text=t.prompt_cache, family=t.comps.family,
+                          max_sequence_length=t.comps.max_sequence_length)
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
         image = grid(rows, v.prompts, title=f"step {step}")

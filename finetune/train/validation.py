@@ -36,9 +36,11 @@ def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=No
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
-           text: dict | None = None, family=None) -> list[list[Image.Image]]:
+           text: dict | None = None, family=None, max_sequence_length: int | None = None
+           ) -> list[list[Image.Image]]:
     """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
-    `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released."""
+    `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released;
+    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest)."""
     width, height = size
     rows = []
     for prompt in prompts:
@@ -51,8 +53,15 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
         else:
             words = {"prompt": [prompt] * len(seeds),
                      "negative_prompt": [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None}
-        scale = cfg.guidance_scale if cfg.guidance_scale is not None else getattr(family, "default_guidance", 7.5)
-        out = pipe(**words, num_inference_steps=cfg.steps, guidance_scale=scale, generator=gens,
+            if max_sequence_length:
+                words["max_sequence_length"] = max_sequence_length
+        if cfg.guidance_scale is None or family is None:  # the family's default, as its pipeline takes it
+            guide = {"guidance_scale": cfg.guidance_scale or getattr(family, "default_guidance", 7.5)}
+        else:
+            guide = family.guidance_kwargs(pipe, cfg.guidance_scale)
+        if "true_cfg_scale" in guide and text is None:  # true CFG runs only with a negative, even an empty one
+            words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)
+        out = pipe(**words, **guide, num_inference_steps=cfg.steps, generator=gens,
                    width=width, height=height, output_type="pil")
         rows.append(list(out.images))
     return rows

@@ -50,6 +50,14 @@ class FluxFamily(Family):
                      return_tensors="pt").input_ids
         return {"prompt_embeds": t5(ids.to(device), output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
 
+    def guidance_kwargs(self, pipe, scale: float) -> dict[str, Any]:
+        """An explicit validation.guidance_scale: [dev] takes it as its distilled guidance input; a transformer
+        without one ([schnell], the toy) gets true classifier-free guidance against the negative prompt when
+        it is above 1 (with no scale given, the family default goes to `guidance_scale`, as ever)."""
+        if denoiser_config(pipe.transformer).get("guidance_embeds") or scale <= 1:
+            return {"guidance_scale": scale}
+        return {"true_cfg_scale": scale}
+
     def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
         kwargs = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
         if negative is not None:  # used only with true_cfg_scale > 1 (FLUX [dev] is guidance-distilled)
