@@ -86,6 +86,9 @@ class Family:
     pipeline_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
+    #: settings of the base's own pipeline config (model_index.json) that pipelines we assemble must keep
+    #: (FLUX.2 [klein]: `is_distilled`, which switches classifier-free guidance off)
+    pipeline_config_keys: tuple[str, ...] = ()
     #: LoRA target presets: module-name suffixes as peft matches them, or one regex peft full-matches
     lora_presets: dict[str, list[str] | str] = field(default_factory=dict)
     #: validation sampler when the recipe says `validation.scheduler: auto`
@@ -134,6 +137,19 @@ class Family:
             if "pooled_prompt_embeds" in negative:
                 kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
         return kwargs
+
+    def guidance_kwargs(self, scale: float) -> dict[str, Any]:
+        """A validation guidance scale as the pipeline's keyword arguments (Qwen-Image: true_cfg_scale)."""
+        return {"guidance_scale": scale}
+
+    # ------------------------------------------------------------------------------------- latents
+    def encode_latents(self, vae, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the latents the objective noises: the distribution's mode (deterministic,
+        cache-friendly), normalised as the pipeline un-normalises before decoding; by default
+        `(z - shift_factor) * scaling_factor`."""
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
 
     # ------------------------------------------------------------------------------------- denoiser
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],

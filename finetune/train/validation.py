@@ -49,11 +49,13 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
             neg = {k: v.repeat(n, *[1] * (v.ndim - 1)).to(device) for k, v in text[cfg.negative_prompt].items()}
             words = family.pipeline_prompt_kwargs(rep[prompt], neg)
         else:
-            words = {"prompt": [prompt] * len(seeds),
-                     "negative_prompt": [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None}
+            words = {"prompt": [prompt] * len(seeds)}
+            if cfg.negative_prompt:  # only when set: some pipelines take no negative prompt (FLUX.2 [klein])
+                words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)
         scale = cfg.guidance_scale if cfg.guidance_scale is not None else getattr(family, "default_guidance", 7.5)
-        out = pipe(**words, num_inference_steps=cfg.steps, guidance_scale=scale, generator=gens,
-                   width=width, height=height, output_type="pil")
+        guidance = family.guidance_kwargs(scale) if family is not None else {"guidance_scale": scale}
+        out = pipe(**words, **guidance, num_inference_steps=cfg.steps, generator=gens, width=width, height=height,
+                   output_type="pil")
         rows.append(list(out.images))
     return rows
 
