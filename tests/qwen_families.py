@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tests.conftest import draw_images, write_recipe
+from tests.helpers import draw_images, write_recipe
 
 CAPTIONS = ["a red circle on a white background", "blue", ""]
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, trainer
 
 NAMES = list(CASES)
