@@ -63,8 +63,9 @@ def test_every_adapter_trains_and_reloads_in_a_stock_pipeline(tmp_path, bases, n
 
     case, base = CASES[name], bases(name)
     cls = pipeline_class(case)
-    # lr 1e-2: three steps move every kind (LoHa starts slowest) far more than the reload tolerance
-    t = trainer(recipe(tmp_path, base, case, method={"adapter": adapter, "use_dora": dora}, train={"lr": 1e-2}))
+    # lr 5e-2: three steps move every kind (LoHa and LoKr start slowest; on the tiny FLUX.2 [klein] they move
+    # the output by ~6e-4 at 1e-2) far more than the reload tolerance
+    t = trainer(recipe(tmp_path, base, case, method={"adapter": adapter, "use_dora": dora}, train={"lr": 5e-2}))
     before = fixed_output(case, cls.from_pretrained(base).transformer)
     t.run()
     trained = fixed_output(case, t.comps.denoiser)
@@ -118,7 +119,8 @@ def comfy_names(name: str, model) -> set[str]:
     (`z_image_to_diffusers`) maps the blocks of layers / noise_refiner / context_refiner; FLUX.2 goes through
     `flux_to_diffusers`, which knows the double blocks' split q/k/v, projections and MLPs and the single
     blocks' fused to_qkv_mlp_proj / to_out."""
-    weights = [k[: -len(".weight")] for k in model.state_dict() if k.endswith(".weight")]
+    weights = [k[: -len(".weight")].replace(".base_layer", "") for k in model.state_dict()
+               if k.endswith(".weight") and "lora_" not in k]
     if name == "qwen_image":
         return set(weights)
     if name == "z_image":
