@@ -237,3 +237,18 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, bases, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["finetune.modules"])["transformer"]["r"] == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shipped_tiny_recipe_trains_and_samples(tmp_path, bases, name):
+    """recipes/<family>/lora_tiny.yaml (extending lora.yaml: its validation settings, negative prompt and
+    guidance included) on the tiny base for two steps."""
+    from tests.helpers import draw_images
+
+    images = draw_images(tmp_path / "images")
+    t = trainer(ROOT / "recipes" / name / "lora_tiny.yaml", f"model.base={bases(name)}",
+                f"data.sources.0.path={images}", f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2",
+                "validation.steps=2", "train.checkpoint_every=0")
+    t.run()
+    assert t.comps.family.name == name and (tmp_path / "out" / "samples" / "step-000002.png").is_file()
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
