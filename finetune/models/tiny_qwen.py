@@ -166,7 +166,12 @@ def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) 
     pipeline reads exist), a VAE of 4 latent channels patchified 2x2 (16 transformer channels) with non-trivial
     batch-norm statistics; `distilled=False`: [klein] Base (the pipeline then samples with CFG)."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
 
     folder = Path(folder)
     torch.manual_seed(seed)
