@@ -103,3 +103,15 @@ def test_longer_sequences_are_refused_in_one_line(tmp_path, base):
     path = recipe(tmp_path, base, CASES["qwen_image"], model={"max_sequence_length": 2048})
     with pytest.raises(RecipeError, match="at most 1024 caption tokens"):
         load_recipe(path)
+
+
+def test_every_adapter_parameter_gets_a_gradient(tmp_path, base):
+    """The last block's text-stream outputs are read by nothing: adapters leave them out (else they never
+    train and 2-process DDP stops on parameters without gradients)."""
+    t = trainer(recipe(tmp_path, base, CASES["qwen_image"]))
+    loss, _ = t.compute_loss(next(iter(t.data.loader(0))))
+    loss.backward()
+    trained = {n: p for n, p in t.comps.denoiser.named_parameters() if p.requires_grad}
+    assert trained and not [n for n, p in trained.items() if p.grad is None]
+    assert not any(n.startswith("transformer_blocks.1.txt_mlp") for n in trained)
+    assert any(n.startswith("transformer_blocks.0.txt_mlp") for n in trained)

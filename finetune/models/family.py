@@ -190,6 +190,11 @@ class Family:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
 
+    def unused_modules(self, denoiser) -> list[str]:
+        """Modules of `denoiser` whose output never reaches the prediction (Qwen-Image: the last block's text
+        stream). Adapters leave them out: they would never train, and DDP refuses parameters without grads."""
+        return []
+
     def lora_targets(self, preset: str) -> list[str] | str:
         if preset not in self.lora_presets:
             from finetune.errors import ModelError
