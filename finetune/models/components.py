@@ -94,7 +94,8 @@ class Components:
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
         decode_in_own_dtype(self.vae)
-        return cls(**parts, **family.pipeline_kwargs)
+        kept = {k: v for k, v in self.extras.get("pipeline_config", {}).items() if k in family.pipeline_config_keys}
+        return cls(**parts, **kept, **family.pipeline_kwargs)
 
 
 def decode_in_own_dtype(vae) -> None:
@@ -283,8 +284,9 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         prediction_type=prediction,
         text_encoder_names=tuple(n for n, _ in present),
         max_sequence_length=model.max_sequence_length,
-        # the base's own sampler, for `validation.scheduler: base`
-        extras={"sampler": sampler},
+        # the base's own sampler, for `validation.scheduler: base`; its pipeline settings the family keeps
+        extras={"sampler": sampler,
+                "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}},
     )
 
 

@@ -86,6 +86,9 @@ class Family:
     pipeline_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
+    #: settings of the base's own pipeline config (model_index.json) that pipelines we assemble must keep
+    #: (FLUX.2 [klein]: `is_distilled`, which switches classifier-free guidance off)
+    pipeline_config_keys: tuple[str, ...] = ()
     #: LoRA target presets: module-name suffixes as peft matches them, or one regex peft full-matches
     lora_presets: dict[str, list[str] | str] = field(default_factory=dict)
     #: validation sampler when the recipe says `validation.scheduler: auto`
@@ -123,9 +126,10 @@ class Family:
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
 
-    def guidance_kwargs(self, pipe, scale: float) -> dict[str, Any]:
-        """How the family's pipeline takes the validation guidance scale (classifier-free guidance here)."""
-        return {"guidance_scale": scale}
+    def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
+        """The validation guidance scale as the pipeline's keyword arguments (None: the family's default);
+        here classifier-free guidance. Qwen-Image: true_cfg_scale; FLUX: distilled guidance or true CFG."""
+        return {"guidance_scale": self.default_guidance if scale is None else scale}
 
     def pipeline_prompt_kwargs(self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
                                ) -> dict[str, Any]:
@@ -138,6 +142,15 @@ class Family:
             if "pooled_prompt_embeds" in negative:
                 kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
         return kwargs
+
+    # ------------------------------------------------------------------------------------- latents
+    def encode_latents(self, vae, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the latents the objective noises: the distribution's mode (deterministic,
+        cache-friendly), normalised as the pipeline un-normalises before decoding; by default
+        `(z - shift_factor) * scaling_factor`."""
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents.float() - shift) * vae.config.scaling_factor
 
     # ------------------------------------------------------------------------------------- denoiser
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
@@ -177,6 +190,11 @@ class Family:
         if changed:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
+
+    def unused_modules(self, denoiser) -> list[str]:
+        """Modules of `denoiser` whose output never reaches the prediction (Qwen-Image: the last block's text
+        stream). Adapters leave them out: they would never train, and DDP refuses parameters without grads."""
+        return []
 
     def lora_targets(self, preset: str) -> list[str] | str:
         if preset not in self.lora_presets:

@@ -128,7 +128,17 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
     return folder
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux}
+def _qwen_family(name: str):
+    def build(folder: Path, **kwargs) -> Path:
+        from finetune.models import tiny_qwen
+
+        return getattr(tiny_qwen, f"build_tiny_{name}")(folder, **kwargs)
+
+    return build
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux,
+            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein")}}  # finetune/models/tiny_qwen.py
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

@@ -163,11 +163,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
     def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the distribution's mean: deterministic, cache-friendly)."""
-        vae = self.comps.vae
-        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents.float() - shift) * vae.config.scaling_factor
+        """Images in [-1, 1] -> the family's normalised latents (the distribution's mode: cache-friendly)."""
+        latents = self.comps.family.encode_latents(self.comps.vae, pixel_values)
         if not torch.isfinite(latents).all():
             raise NonFiniteError(
                 "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"

@@ -51,13 +51,14 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
             neg = {k: v.repeat(n, *[1] * (v.ndim - 1)).to(device) for k, v in text[cfg.negative_prompt].items()}
             words = family.pipeline_prompt_kwargs(rep[prompt], neg)
         else:
-            words = {"prompt": [prompt] * len(seeds),
-                     "negative_prompt": [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None}
+            words = {"prompt": [prompt] * len(seeds)}
+            if cfg.negative_prompt:  # only when set: some pipelines take no negative prompt (FLUX.2 [klein])
+                words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)
             if max_sequence_length:
                 words["max_sequence_length"] = max_sequence_length
-        if cfg.guidance_scale is None or family is None:  # the family's default, as its pipeline takes it
-            guide = {"guidance_scale": cfg.guidance_scale or getattr(family, "default_guidance", 7.5)}
-        else:
+        if family is None:
+            guide = {"guidance_scale": 7.5 if cfg.guidance_scale is None else cfg.guidance_scale}
+        else:  # None: the family's default, as its pipeline takes it
             guide = family.guidance_kwargs(pipe, cfg.guidance_scale)
         if "true_cfg_scale" in guide and text is None:  # true CFG runs only with a negative, even an empty one
             words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)

@@ -50,12 +50,14 @@ class FluxFamily(Family):
                      return_tensors="pt").input_ids
         return {"prompt_embeds": t5(ids.to(device), output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
 
-    def guidance_kwargs(self, pipe, scale: float) -> dict[str, Any]:
-        """An explicit validation.guidance_scale: [dev] takes it as its distilled guidance input; a transformer
-        without one ([schnell], the toy) gets true classifier-free guidance against the negative prompt when
-        it is above 1 (with no scale given, the family default goes to `guidance_scale`, as ever)."""
-        if denoiser_config(pipe.transformer).get("guidance_embeds") or scale <= 1:
-            return {"guidance_scale": scale}
+    def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
+        """[dev] takes the scale as its distilled guidance input (default 3.5). A transformer without one
+        ([schnell], the toy) samples without guidance by default, and with an explicit scale above 1 gets true
+        classifier-free guidance against the negative prompt."""
+        if denoiser_config(pipe.transformer).get("guidance_embeds"):
+            return {"guidance_scale": self.default_guidance if scale is None else scale}
+        if scale is None or scale <= 1:
+            return {"guidance_scale": 0.0}  # ignored by a transformer without a guidance input
         return {"true_cfg_scale": scale}
 
     def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""Shared cases for the tests of the families with Qwen-family text encoders (Z-Image, Qwen-Image, FLUX.2
+[klein]): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from tests.helpers import draw_images, write_recipe
+
+CAPTIONS = ["a red circle on a white background", "blue", ""]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    pipeline: str
+    latent: tuple[int, int, int]  # one image's latents at 64 px in the family's layout
+    text_width: int
+    masked: str | None  # the text mask's key, where the family has one
+    targets: str  # the preset that reaches every block kind of the tiny model
+
+
+CASES = {
+    "z_image": Case("z_image", "ZImagePipeline", (16, 16, 16), 16, "prompt_mask", "attention_mlp"),
+    "qwen_image": Case("qwen_image", "QwenImagePipeline", (16, 16, 16), 32, "prompt_embeds_mask", "attention_mlp"),
+    "flux2_klein": Case("flux2_klein", "Flux2KleinPipeline", (16, 8, 8), 48, None, "all_linear"),
+}
+
+
+def build(name: str, folder: Path, **kwargs) -> Path:
+    from finetune.models.tiny import build_tiny
+
+    return build_tiny(name, folder, **kwargs)
+
+
+def recipe(tmp_path: Path, base: Path, case: Case, **sections) -> Path:
+    """A 3-step LoRA recipe (rank 4, alpha 2: the scale is not 1) on 64 px images with 32 caption tokens."""
+    from finetune.recipe import deep_merge
+
+    defaults = {"model": {"max_sequence_length": 32},
+                "method": {"name": "lora", "rank": 4, "alpha": 2, "targets": case.targets},
+                "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, "seed": 5}}
+    path = write_recipe(tmp_path, base, draw_images(tmp_path / "images"), **deep_merge(defaults, sections))
+    if sections.get("method", {}).get("name") not in (None, "lora"):  # another method: none of LoRA's keys
+        data = yaml.safe_load(path.read_text())
+        data["method"] = sections["method"]
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def trainer(path: Path, *overrides: str):
+    from finetune.recipe import load_recipe
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+
+    r = load_recipe(path, list(overrides))
+    return Trainer(r, make_accelerator(r))
+
+
+def fixed_text(case: Case, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Two captions of 8 tokens, the second with 3 padding tokens where the family masks padding."""
+    text = {"prompt_embeds": torch.randn(2, 8, case.text_width, generator=g)}
+    if case.masked:
+        mask = torch.ones(2, 8)
+        mask[1, 5:] = 0
+        text["prompt_embeds"] = text["prompt_embeds"] * mask[..., None]
+        text[case.masked] = mask
+    return text
+
+
+def fixed_output(case: Case, denoiser) -> torch.Tensor:
+    """The denoiser's prediction (through the family's own `predict`) on fixed latents, sigmas and text."""
+    from finetune.models.family import FAMILIES
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, *case.latent, generator=g)
+    text = fixed_text(case, g)
+    with torch.no_grad():
+        return FAMILIES[case.family].predict(denoiser, latents, torch.tensor([300.0, 800.0]), text, {})
+
+
+def pipeline_class(case: Case):
+    import diffusers
+
+    return getattr(diffusers, case.pipeline)
