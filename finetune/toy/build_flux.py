@@ -189,6 +189,19 @@ def folder_size_mb(path: pathlib.Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def _name_t5_tokenizer_fast(folder: pathlib.Path) -> None:
+    """transformers 5 saves the T5 tokenizer as `T5Tokenizer` (its fast one, renamed); transformers 4 reads
+    that name as the sentencepiece tokenizer and finds no spiece.model. FLUX repos say T5TokenizerFast,
+    which both versions load from tokenizer.json."""
+    for name, key in (("model_index.json", None), ("tokenizer_2/tokenizer_config.json", "tokenizer_class")):
+        cfg = json.loads((folder / name).read_text())
+        if key is None:
+            cfg["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+        else:
+            cfg[key] = "T5TokenizerFast"
+        (folder / name).write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def save_flux_pipeline(out: pathlib.Path, parts: dict, info: dict) -> float:
     """Write the FluxPipeline folder atomically (temp folder, then rename); returns its size in MB.
 
@@ -217,6 +230,7 @@ def save_flux_pipeline(out: pathlib.Path, parts: dict, info: dict) -> float:
     tok_dir.mkdir()
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(toy_base_path() / "tokenizer" / name, tok_dir / name)
+    _name_t5_tokenizer_fast(tmp)
     (tmp / "toy_build.json").write_text(json.dumps(info, indent=2) + "\n")
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
