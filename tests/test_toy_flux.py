@@ -3,6 +3,7 @@ follows prompts; and the build code that makes it (objective conventions, resuma
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -57,6 +58,8 @@ def test_flux_base_is_a_standard_flux_folder_under_15_mb(pipe):
         "text_encoder_2": "T5EncoderModel",
     }
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    index = json.loads((toy_flux_base_path() / "model_index.json").read_text())
+    assert index["tokenizer_2"] == ["transformers", "T5TokenizerFast"], "the name FLUX repos use"
     assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.base_image_seq_len == 64
 
 
