@@ -9,6 +9,13 @@ The committed finetune/toy/base/ was built with (about 65 min on a shared 2-core
     python tools/make_toy_model.py --stage unet --resume --seed 2 --unet-steps 1800 --unet-lr 4e-4
     python tools/make_toy_model.py --eval-only                                   # numbers + README grid
 
+The FLUX-shaped base finetune/toy/base_flux/ (FluxPipeline layout; reuses the SD toy's CLIP, tokenizer
+and VAE, so build the SD toy first) is built, evaluated and written in one command, which resumes
+from its last checkpoint in --workdir if interrupted:
+
+    python tools/make_toy_model.py --flux
+    python tools/make_toy_model.py --flux --eval-only
+
 Every U-Net stage ends with the evaluation. The model folder is replaced atomically (written to a
 temp folder, then renamed). The tokenizer comes from the real CLIP BPE file inside the open_clip_torch
 wheel (pip download, build time only). Same seeds, same machine, same model.
@@ -37,8 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="which part to (re)train")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
+    p.add_argument("--flux", action="store_true", help="build / evaluate the FLUX-shaped toy base instead")
     p.add_argument(
-        "--out", type=pathlib.Path, default=toy_base_path(), help="model folder to write / evaluate"
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help=f"model folder to write / evaluate (default {toy_base_path()}, with --flux its base_flux/ sibling)",
     )
     p.add_argument(
         "--workdir",
@@ -50,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, default=1500, help="VAE steps at batch 16")
     p.add_argument("--unet-steps", type=int, default=2600, help="U-Net steps at batch 32")
     p.add_argument("--unet-lr", type=float, default=8e-4, help="peak U-Net learning rate (cosine decay)")
+    p.add_argument("--flux-steps", type=int, default=10000, help="FLUX transformer steps at batch 32")
+    p.add_argument("--flux-lr", type=float, default=1e-3, help="peak FLUX transformer learning rate (cosine)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -64,10 +77,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--grid",
         type=pathlib.Path,
-        default=pathlib.Path("docs/images/toy_base_grid.png"),
-        help="sample grid written by the evaluation",
+        default=None,
+        help="sample grid written by the evaluation (default docs/images/toy_base_grid.png, "
+        "with --flux docs/images/toy_flux_base_grid.png)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from finetune.toy import toy_flux_base_path
+
+    if args.out is None:
+        args.out = toy_flux_base_path() if args.flux else toy_base_path()
+    if args.grid is None:
+        args.grid = pathlib.Path(f"docs/images/{'toy_flux_base' if args.flux else 'toy_base'}_grid.png")
+    return args
 
 
 def main(argv=None) -> int:
@@ -78,7 +99,15 @@ def main(argv=None) -> int:
     from finetune.toy import build, build_unet, evaluate
 
     if args.eval_only:
-        evaluate.report(args.out, grid_path=args.grid)
+        evaluate.report(args.out, grid_path=args.grid, grid_seeds=4 if args.flux else 6)
+        return 0
+    if args.flux:
+        from finetune.toy import build_flux_train
+
+        build_flux_train.build_flux_stage(
+            args.workdir, args.out, steps=args.flux_steps, seed=args.seed, lr=args.flux_lr
+        )
+        evaluate.report(args.out, grid_path=args.grid, grid_seeds=4)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stage in ("vae", "all"):

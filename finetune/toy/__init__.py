@@ -1,7 +1,8 @@
-"""The toy world and the tiny SD-shaped base model that ship with the project.
+"""The toy world and the tiny SD-shaped and FLUX-shaped base models that ship with the project.
 
-Importing this is cheap (no torch): `toy_base_path()` only points at the committed diffusers folder,
-which loads with `StableDiffusionPipeline.from_pretrained(toy_base_path())` like any real base.
+Importing this is cheap (no torch): `toy_base_path()` and `toy_flux_base_path()` only point at the
+committed diffusers folders, which load with `StableDiffusionPipeline.from_pretrained(toy_base_path())`
+and `FluxPipeline.from_pretrained(toy_flux_base_path())` like any real base.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import pathlib
 def toy_base_path() -> pathlib.Path:
     """Folder of the committed toy base model (standard diffusers layout, safetensors only)."""
     return pathlib.Path(__file__).resolve().parent / "base"
+
+
+def toy_flux_base_path() -> pathlib.Path:
+    """Folder of the committed FLUX-shaped toy base (FluxPipeline layout, safetensors only)."""
+    return pathlib.Path(__file__).resolve().parent / "base_flux"
 
 
 TOY_BASES = {"toy": "base", "toy-flux": "base_flux"}  # model.base names of the shipped toy bases

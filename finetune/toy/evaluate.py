@@ -1,11 +1,13 @@
-"""Evaluate a toy model through the standard StableDiffusionPipeline: prompt following, held-out
-subjects before fine-tuning, and the sample grid for the README.
+"""Evaluate a toy model through its standard diffusers pipeline (StableDiffusionPipeline or
+FluxPipeline): prompt following, held-out subjects before fine-tuning, and the sample grid for the README.
 
-    python tools/make_toy_model.py --eval-only
+    python tools/make_toy_model.py --eval-only            # the SD toy base
+    python tools/make_toy_model.py --flux --eval-only     # the FLUX toy base
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import pathlib
 
@@ -16,13 +18,34 @@ RARE_TOKEN = "sks"
 
 
 def load_pipeline(path):
+    """Any toy base or fine-tuned toy model folder (SD- or FLUX-shaped) in fp32, progress bars off."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):  # flow models keep their own sampler
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sampler_settings(path) -> dict:
+    """`steps` and `guidance` a toy base is meant to be sampled with (its toy_build.json), else the SD toy's."""
+    info = pathlib.Path(path) / "toy_build.json"
+    sampler = json.loads(info.read_text()).get("sampler", {}) if info.exists() else {}
+    return {"steps": sampler.get("steps", 25), "guidance": sampler.get("guidance", 6.0)}
+
+
+def _guidance_kwargs(pipe, guidance: float, n: int) -> dict:
+    """Classifier-free guidance the pipeline's way. FluxPipeline: true CFG against the empty prompt (the
+    FLUX toy has no guidance embedding), at the T5 length its tokenizer declares (what it was trained at)."""
+    if "true_cfg_scale" in inspect.signature(pipe.__call__).parameters:
+        return {
+            "true_cfg_scale": guidance,
+            "negative_prompt": [""] * n,
+            "max_sequence_length": pipe.tokenizer_2.model_max_length,
+        }
+    return {"guidance_scale": guidance}
 
 
 def generate(
@@ -40,9 +63,9 @@ def generate(
             [p for p, _ in part],
             generator=gens,
             num_inference_steps=steps,
-            guidance_scale=guidance,
             height=world.SIZE,
             width=world.SIZE,
+            **_guidance_kwargs(pipe, guidance, len(part)),
         )
         images.extend(out.images)
     return images
@@ -127,15 +150,50 @@ def save_grid(images: list, rows: list[str], cols: int, path: pathlib.Path, scal
     grid.save(path, optimize=True)
 
 
-def report(path, grid_path: pathlib.Path | None = None) -> dict:
-    """Run every check on the model at `path`, print the numbers as JSON, and write the grid."""
+def transformer_step_seconds(pipe, batch: int = 8, steps: int = 6) -> float:
+    """Seconds per full-transformer training step (forward, backward, AdamW) at `batch`, fp32 on this CPU."""
+    import copy
+    import time
+
+    import torch
+
+    model = copy.deepcopy(pipe.transformer).float().train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    cfg, seq = model.config, pipe.tokenizer_2.model_max_length
+    tokens = (world.SIZE // pipe.vae_scale_factor // 2) ** 2
+    kw = dict(
+        hidden_states=torch.randn(batch, tokens, cfg.in_channels),
+        encoder_hidden_states=torch.randn(batch, seq, cfg.joint_attention_dim),
+        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim),
+        timestep=torch.rand(batch),
+        img_ids=torch.zeros(tokens, 3),
+        txt_ids=torch.zeros(seq, 3),
+    )
+    for i in range(steps + 2):  # two warm-up steps
+        if i == 2:
+            start = time.perf_counter()
+        loss = model(**kw).sample.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def report(path, grid_path: pathlib.Path | None = None, grid_seeds: int = 6) -> dict:
+    """Run every check on the model at `path` with the sampler it is meant for, print the numbers as
+    JSON, and write the grid."""
     pipe = load_pipeline(path)
-    following, images = prompt_following(pipe)
+    kw = sampler_settings(path)
+    following, images = prompt_following(pipe, **kw)
     result = {
+        "sampler": kw,
         "prompt_following": following,
-        "held_out_before_finetuning": held_out_before(pipe, unrelated=images),
-        "unet_step_s_batch8": round(unet_step_seconds(pipe), 3),
+        "held_out_before_finetuning": held_out_before(pipe, unrelated=images, **kw),
     }
+    if getattr(pipe, "unet", None) is not None:
+        result["unet_step_s_batch8"] = round(unet_step_seconds(pipe), 3)
+    else:
+        result["transformer_step_s_batch8"] = round(transformer_step_seconds(pipe), 3)
     if grid_path is not None:
         # One row per prompt in the grid would be 20 rows; every colour once and every shape 5 times
         # across the rows keeps it to a README-sized picture.
@@ -148,7 +206,7 @@ def report(path, grid_path: pathlib.Path | None = None) -> dict:
                 ("yellow", "triangle", "gray"),
             ]
         ]
-        save_grid(generate(pipe, rows, range(6)), rows, 6, grid_path)
+        save_grid(generate(pipe, rows, range(grid_seeds), **kw), rows, grid_seeds, grid_path)
         result["grid"] = str(grid_path)
     print(json.dumps(result, indent=2))
     return result
