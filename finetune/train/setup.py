@@ -46,6 +46,9 @@ def make_accelerator(recipe: Recipe):
         # an accelerator gets, before `prepare` hands it to the optimizer wrapper
         acc.scaler = torch.amp.GradScaler("cpu")
         acc.native_amp = True
+    from finetune.train.distributed import promote_fsdp_on_cpu
+
+    promote_fsdp_on_cpu(acc)
     return acc
 
 

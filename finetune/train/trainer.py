@@ -141,11 +141,13 @@ class Trainer:
     def _build_optimization(self, groups) -> None:
         from diffusers.training_utils import EMAModel
 
+        from finetune.train.distributed import check_sharding
         from finetune.train.optim import build_lr_scheduler, build_optimizer
 
         acc = self.acc
         modules = self.comps.named_modules()
         self.trained_names = self.method.trained_modules()
+        check_sharding(acc, self.trained_names, self.cfg.ema.enabled)
         optimizer = build_optimizer(groups, self.cfg)
         scheduler = build_lr_scheduler(optimizer, self.cfg)
         # accelerate writes optimizer/scheduler/RNG; trained weights we save ourselves (trainable only)
