@@ -323,3 +323,67 @@ def first_step_generators(seed: int, step: int, first: int, n: int) -> list:
     from finetune.train.loss import example_generator, example_keys
 
     return [example_generator(k) for k in example_keys(seed, step, range(first, first + n), n)]
+
+
+# ------------------------------------------------------------------------------- several processes, machines
+DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+# the shipped FSDP config, on 2 CPU processes in fp32 (ACCELERATE_USE_CPU makes the gloo backend)
+FSDP_CPU = ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "2"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_launch(recipe: Path, launcher: list[str], *overrides: str, script: Path | None = None,
+                 env: dict | None = None):
+    """`accelerate launch <launcher> <script> <recipe> <overrides>` in its own process group (a timeout or a
+    kill takes the ranks too, not only the launcher). `--main_process_port 0` picks a free rendezvous port
+    unless the launcher names one: accelerate's default 29500 would be shared by parallel runs."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher]
+    if "--main_process_port" not in launcher:
+        cmd += ["--main_process_port", "0"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script or ROOT / "finetune" / "run.py"),
+            str(recipe), *overrides]
+    full_env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                    **(env or {}))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=full_env, start_new_session=True)
+
+
+def finish_launch(proc, timeout: float = 600):
+    """Wait for a start_launch process; on a timeout kill its whole group and fail."""
+    import os
+    import signal
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the launch did not finish in {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def launch(recipe: Path, launcher: list[str], *overrides: str, timeout: float = 600, **kw):
+    return finish_launch(start_launch(recipe, launcher, *overrides, **kw), timeout)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of a process group still exists (zombies of our own children aside)."""
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -112,6 +112,9 @@ def unshard_for_export(module: torch.nn.Module) -> None:
                 handle.remove()
             handles.clear()
             handles[None] = _Inert()  # non-empty: FSDP does not register the hooks again
+        # fully_shard swapped the class for 'FSDP<name>'; diffusers writes the class name into the exported
+        # configs, and stock loaders know only the original
+        unit.__class__ = next(b for b in type(unit).__bases__ if not issubclass(b, FSDPModule))
     # the gathered parameters are views into FSDP's communication buffer, which safetensors cannot save:
     # give each its own storage
     for m in module.modules():

@@ -129,14 +129,14 @@ class Trainer:
         comps, acc = self.comps, self.acc
         key = f"{comps.source}|{type(comps.vae).__name__}|{vae_dtype}|{dict(comps.vae.config)}"
         text_key = f"{comps.source}|{comps.family.name}|{[t.name_or_path for t in comps.tokenizers]}"
-        # the main process fills the caches first; the others then read its files instead of re-encoding
-        with acc.main_process_first():
-            return build_train_data(
-                self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
-                latent_encoder=self.encode_latents, latent_key=key,
-                text_encoder=self.encode_text_frozen, text_key=text_key,
-                show_progress=acc.is_main_process and self.recipe.logging.progress,
-            )
+        # every process encodes its share of the missing cache entries, then all read all of them
+        return build_train_data(
+            self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
+            latent_encoder=self.encode_latents, latent_key=key,
+            text_encoder=self.encode_text_frozen, text_key=text_key,
+            show_progress=acc.is_main_process and self.recipe.logging.progress,
+            barrier=acc.wait_for_everyone,
+        )
 
     def _build_optimization(self, groups) -> None:
         from diffusers.training_utils import EMAModel
