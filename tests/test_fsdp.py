@@ -15,8 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import UserError
-from tests.helpers import (FSDP_CPU, fixed_unet_output, group_alive, launch, layout_recipe, run_trainer,
-                           start_launch)
+from tests.helpers import (
+    FSDP_CPU,
+    fixed_unet_output,
+    kill_launch,
+    launch,
+    layout_recipe,
+    run_trainer,
+    start_launch,
+    wait_gone,
+)
 
 LORA = "pytorch_lora_weights.safetensors"
 UNET = Path("model") / "unet" / "diffusion_pytorch_model.safetensors"
@@ -68,12 +76,12 @@ def kill_after_first_checkpoint(recipe: Path, out: Path, launcher: list[str]) ->
     deadline = time.monotonic() + 420
     while not marker.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_launch(proc)
             raise AssertionError(f"no checkpoint appeared:\n{proc.communicate()[1][-3000:]}")
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher, as a lost machine would
+    os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its ranks must not train on as orphans
     proc.communicate()
-    assert not group_alive(proc.pid)
+    assert wait_gone(proc) == []
     assert not (out / "model").exists(), "the run finished before it could be killed"
 
 

@@ -25,7 +25,8 @@ def test_two_processes_share_the_cache_work_and_write_the_same_bytes(tmp_path, t
         (images / f"{i}.txt").write_text(f"a sks circle, number {i % 4}")
     recipe = write_recipe(tmp_path, tiny_base, images, data={"cache_latents": True, "cache_text": True},
                           train={"max_steps": 1})
-    two = launch(recipe, DDP_CPU, f"train.output_dir={tmp_path / 'two'}", timeout=420)
+    # progress on: the main process prints the data summary with what it encoded itself
+    two = launch(recipe, DDP_CPU, f"train.output_dir={tmp_path / 'two'}", "logging.progress=true", timeout=420)
     assert two.returncode == 0, two.stderr[-3000:]
     log = two.stdout + two.stderr
     # the main process reports its own share

@@ -126,3 +126,38 @@ def unshard_for_export(module: torch.nn.Module) -> None:
 class _Inert:
     def remove(self) -> None:
         pass
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process died or stopped answering (gloo and
+    NCCL raise RuntimeError with these phrases); None for any other error."""
+    text = str(error)
+    signs = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+             "communicator was aborted", "Broken pipe")
+    if not isinstance(error, RuntimeError) or not any(s in text for s in signs):
+        return None
+    detail = text.strip().splitlines()[0][-160:] if text.strip() else type(error).__name__
+    return (f"lost contact with another process ({detail}); the error of the process that failed, if it "
+            "raised one, is printed above; a process that hangs is given up on after train.barrier_timeout seconds")
+
+
+def die_with_launcher() -> None:
+    """A process started by `accelerate launch` / torchrun lives in its own session, so when the launcher is
+    killed outright (SIGKILL, a lost machine, an OOM killer) nothing tells it, and it trains on, or waits
+    at a collective, as an orphan. Ask Linux to SIGKILL this process when its parent dies."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return  # not launched: a plain `python -m finetune` has no launcher to outlive
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)

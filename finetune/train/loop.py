@@ -9,7 +9,7 @@ import torch
 
 from finetune.errors import RunError, UserError
 from finetune.train import checkpoint as ckpt
-from finetune.train.distributed import describe, gather, is_sharded, unshard_for_export
+from finetune.train.distributed import describe, is_sharded, unshard_for_export
 from finetune.train.setup import flat_config
 from finetune.train.tracking import LossLog, Progress, plot_loss
 
