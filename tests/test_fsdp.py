@@ -115,6 +115,7 @@ def test_fsdp_full_sharded_checkpoint_resumes_after_sigkill(tmp_path, tiny_base)
 
 class _Plugin:
     fsdp_version = 2
+    activation_checkpointing = False
 
 
 class _FsdpAccelerator:

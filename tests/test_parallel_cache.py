@@ -59,19 +59,26 @@ def test_shares_split_the_batches_one_process_would_encode(tmp_path):
     assert fill(shared, jobs, 2, encoder(9), "", False) == 0  # nothing left for anybody
 
 
-def test_a_failure_mid_cache_leaves_only_whole_entries(tmp_path):
-    calls = []
+def test_a_failure_mid_cache_leaves_only_whole_entries(tmp_path, monkeypatch):
+    """The third entry's write dies half-way (a full disk, a killed process): the two before it are whole,
+    and no torn file is left where a later run would read it."""
+    from finetune.data import cache as cache_module
 
-    def encode(payloads):
-        calls.append(payloads)
-        if len(calls) == 2:
-            raise RuntimeError("the encoder died")
-        return [{"x": torch.ones(3) * p} for p in payloads]
+    real, calls = cache_module.save_file, []
 
+    def dying(tensors, path):
+        calls.append(path)
+        if len(calls) == 3:
+            Path(path).write_bytes(b"half an entry")
+            raise OSError(28, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(cache_module, "save_file", dying)
     cache = Cache(tmp_path)
-    with pytest.raises(RuntimeError):
-        fill(cache, [(f"key{i}", 0, i) for i in range(6)], 2, encode, "", False)
-    files = sorted(tmp_path.rglob("*"))
-    entries = [p for p in files if p.is_file()]
+    with pytest.raises(OSError):
+        fill(cache, [(f"key{i}", 0, i) for i in range(6)], 2, lambda ps: [{"x": torch.ones(3) * p} for p in ps],
+             "", False)
+    entries = [p for p in sorted(tmp_path.rglob("*")) if p.is_file()]
     assert len(entries) == 2 and all(p.suffix == ".safetensors" and not p.name.startswith(".") for p in entries)
     assert all(load_file(p)["x"].shape == (3,) for p in entries)
+    assert [k for k in (f"key{i}" for i in range(6)) if cache.has(k)] == ["key0", "key1"]

@@ -66,6 +66,9 @@ def check_sharding(acc, trained: list[str], ema: bool) -> None:
         raise UserError(f"FSDP shards one model, and this method trains {len(trained)} ({', '.join(trained)}); "
                         "train the text encoder off (method.train_text_encoder: false) or use data parallel "
                         "(recipes/accelerate/ddp_multi_gpu.yaml)")
+    if acc.state.fsdp_plugin.activation_checkpointing:
+        raise UserError("fsdp_config.fsdp_activation_checkpointing renames every block's parameters, which "
+                        "checkpoints and exports are keyed on; turn it off and set train.gradient_checkpointing: true")
     if ema:
         raise UserError("train.ema.enabled: EMA is not supported under FSDP yet; turn it off or use data parallel")
 
