@@ -72,12 +72,22 @@ def main(argv: list[str] | None = None) -> None:
             print(check_data(recipe))
             return
         from finetune.env import check_compatibility
+        from finetune.train.distributed import die_with_launcher
         from finetune.train.trainer import train
+
+        die_with_launcher()  # a rank of a killed launcher must not train on as an orphan
 
         check_compatibility()  # a known-bad package pair fails here, before any model loads
         train(recipe)
     except UserError as e:
         _fail(str(e), e.exit_code)
+    except RuntimeError as e:  # a collective whose peer died: one line here, the cause is the peer's error
+        from finetune.train.distributed import peer_lost
+
+        line = peer_lost(e)
+        if line is None:
+            raise
+        _fail(line, 1)
     except KeyboardInterrupt:
         # Ctrl-C outside the training steps (class images, caches, the step-0 grid; or a second Ctrl-C),
         # where the loop's own clean stop is not listening: one line, not a traceback from deep inside torch

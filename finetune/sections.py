@@ -156,6 +156,10 @@ class TrainSection(StrictModel):
         "stop", description="Non-finite loss or gradients: stop with an error, or skip the batch."
     )
     max_nan_skips: int = Field(10, ge=1, description="With on_nan: skip, stop after this many skipped batches.")
+    barrier_timeout: int = Field(
+        1800, ge=10, description="Seconds a process waits for the others at a collective (barrier, gradient "
+        "sync) before the run stops with an error; a crashed process stops the others at once anyway."
+    )
     overwrite: bool = Field(
         False, description="Allow writing into an output_dir that already holds a finished run."
     )

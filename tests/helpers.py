@@ -323,3 +323,98 @@ def first_step_generators(seed: int, step: int, first: int, n: int) -> list:
     from finetune.train.loss import example_generator, example_keys
 
     return [example_generator(k) for k in example_keys(seed, step, range(first, first + n), n)]
+
+
+# ------------------------------------------------------------------------------- several processes, machines
+DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+# the shipped FSDP config, on 2 CPU processes in fp32 (ACCELERATE_USE_CPU makes the gloo backend)
+FSDP_CPU = ["--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "2"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_launch(recipe: Path, launcher: list[str], *overrides: str, script: Path | None = None,
+                 env: dict | None = None):
+    """`accelerate launch <launcher> <script> <recipe> <overrides>` in its own process group (a timeout or a
+    kill takes the ranks too, not only the launcher). `--main_process_port 0` picks a free rendezvous port
+    unless the launcher names one: accelerate's default 29500 would be shared by parallel runs."""
+    import os
+    import secrets
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher]
+    if "--main_process_port" not in launcher:
+        cmd += ["--main_process_port", "0"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script or ROOT / "finetune" / "run.py"),
+            str(recipe), *overrides]
+    tag = secrets.token_hex(8)  # finds the ranks later: torchrun starts each in a session of its own
+    full_env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                    FINETUNE_TEST_TAG=tag, **(env or {}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=full_env, start_new_session=True)
+    proc.tag = tag
+    return proc
+
+
+def finish_launch(proc, timeout: float = 600):
+    """Wait for a start_launch process; on a timeout kill the launcher and every rank, and fail."""
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_launch(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"the launch did not finish in {timeout} s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def survivors(proc) -> list[int]:
+    """Live processes (zombies aside) of a start_launch run: the launcher and every rank it started."""
+    import os
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"FINETUNE_TEST_TAG={proc.tag}".encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def kill_launch(proc) -> None:
+    """SIGKILL the launcher and, should any outlive it, every rank."""
+    import os
+    import signal
+
+    for pid in [proc.pid, *survivors(proc)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def launch(recipe: Path, launcher: list[str], *overrides: str, timeout: float = 600, **kw):
+    return finish_launch(start_launch(recipe, launcher, *overrides, **kw), timeout)
+
+
+def wait_gone(proc, seconds: float = 30) -> list[int]:
+    """Wait until no process of a start_launch run is left; returns those still alive after `seconds`."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while (left := survivors(proc)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -4,6 +4,11 @@ A key hashes everything that changes an entry: for latents the image bytes, buck
 and the encoder identity (VAE hash + dtype, given by the trainer); for text the caption and the text
 encoder identity. A changed input therefore misses the cache and is re-encoded; nothing is ever
 invalidated in place. Files are written to a temp name and renamed, so a killed run leaves no torn entry.
+
+Several processes fill one cache together: the missing entries are cut into the encoder batches one process
+would use, and process r encodes batches r, r + N, r + 2N, ... and writes them; after a barrier every process
+reads every entry. The batches are the same however many processes share them, so the files are byte for byte
+those one process writes.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ def entry_key(*parts: object) -> str:
 
 
 class Cache:
-    """Entries on disk under `root` (None: in memory only). `write=False` (non-main ranks) keeps what it
-    computes in memory instead of writing, so only the main process writes to disk."""
+    """Entries on disk under `root` (None: in memory only). `write=False` keeps what it computes in memory
+    instead of writing (a process that must not touch the disk)."""
 
     def __init__(self, root: Path | None, write: bool = True):
         self.root, self.write = root, write
@@ -54,28 +59,34 @@ class Cache:
             save_file(tensors, str(tmp))
 
 
-def fill(cache: Cache, jobs: list, batch: int, encode, desc: str, progress: bool) -> int:
+def fill(cache: Cache, jobs: list, batch: int, encode, desc: str, progress: bool,
+         share: tuple[int, int] = (0, 1)) -> int:
     """Encode the jobs whose key is missing, `batch` at a time. A job is (key, group, payload); only jobs
     of the same group (same tensor shape) share a call. `encode(payloads) -> list of entry dicts`.
-    Returns how many entries were encoded."""
-    missing: dict[object, list] = {}
+    `share=(rank, processes)`: this process encodes only every processes-th batch, from the rank-th. The
+    batches are cut from all the jobs, not from the missing ones: which entries exist changes while the other
+    processes write, and every process must deal out the same batches.
+    Returns how many entries this process encoded."""
+    groups: dict[object, list] = {}
     seen = set()
     for key, group, payload in jobs:
-        if key not in seen and not cache.has(key):
+        if key not in seen:
             seen.add(key)
-            missing.setdefault(group, []).append((key, payload))
-    total = sum(len(v) for v in missing.values())
+            groups.setdefault(group, []).append((key, payload))
+    chunks = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+    rank, processes = share
+    mine = [[job for job in chunk if not cache.has(job[0])] for chunk in chunks[rank::processes]]
+    mine = [chunk for chunk in mine if chunk]
+    total = sum(len(c) for c in mine)
     if not total:
         return 0
     with tqdm(total=total, desc=desc, unit="item", disable=not progress) as bar:
-        for group in missing.values():
-            for i in range(0, len(group), batch):
-                chunk = group[i : i + batch]
-                with torch.no_grad():
-                    entries = encode([p for _, p in chunk])
-                for (key, _), entry in zip(chunk, entries, strict=True):
-                    cache.put(key, entry)
-                bar.update(len(chunk))
+        for chunk in mine:
+            with torch.no_grad():
+                entries = encode([p for _, p in chunk])
+            for (key, _), entry in zip(chunk, entries, strict=True):
+                cache.put(key, entry)
+            bar.update(len(chunk))
     return total
 
 

@@ -197,14 +197,17 @@ def _fixed_captions(planner: Planner) -> set[str]:
             for rec, rules in zip(planner.records, planner.rules, strict=True)}
 
 
-def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show) -> list[str]:
+def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show, share, barrier) -> list[str]:
+    """Fill the caches, each process its share of a disk cache (an in-memory cache: each process all of it);
+    after the barrier a pass over the whole list encodes whatever no process wrote where this one can read
+    it (another machine's local disk)."""
     notes, bs = [], recipe.train.batch_size
     if render.latents is not None:
         jobs = _latent_jobs(planner, render)
         if latent_encoder is None and any(not render.latents.has(k) for k, _, _ in jobs):
             raise ValueError("data.cache_latents needs a latent_encoder to fill missing cache entries")
-        n = fill(render.latents, jobs, bs, _encode_latents(render, latent_encoder, render.flips),
-                 "caching latents", show)
+        encode = _encode_latents(render, latent_encoder, render.flips)
+        n = _fill_shared(render.latents, jobs, bs, encode, "caching latents", show, share, barrier)
         notes.append(f"latent cache: {len({k for k, _, _ in jobs})} entries, {n} encoded now "
                      f"({render.latents.root or 'in memory'})")
         render.memo.clear()  # pixels are not needed again once latents exist
@@ -213,10 +216,18 @@ def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show) ->
         jobs = [(render.text_entry(c), 0, c) for c in sorted(_fixed_captions(planner))]
         if text_encoder is None and any(not render.text.has(k) for k, _, _ in jobs):
             raise ValueError("data.cache_text needs a text_encoder to fill missing cache entries")
-        n = fill(render.text, jobs, bs, lambda caps: split_batch(text_encoder(list(caps)), len(caps)),
-                 "caching text embeddings", show)
+        encode = lambda caps: split_batch(text_encoder(list(caps)), len(caps))  # noqa: E731
+        n = _fill_shared(render.text, jobs, bs, encode, "caching text embeddings", show, share, barrier)
         notes.append(f"text cache: {len(jobs)} captions, {n} encoded now ({render.text.root or 'in memory'})")
     return notes
+
+
+def _fill_shared(cache: Cache, jobs, bs, encode, desc, show, share, barrier) -> int:
+    if cache.root is None or not cache.write or share[1] == 1:
+        return fill(cache, jobs, bs, encode, desc, show)
+    n = fill(cache, jobs, bs, encode, desc, show, share)
+    barrier()  # every share is on disk (or its process failed, and the launcher stops us all)
+    return n + fill(cache, jobs, bs, encode, desc, show)
 
 
 def build_train_data(
@@ -228,18 +239,23 @@ def build_train_data(
     text_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
     text_key: str = "",
     show_progress: bool = True,
+    barrier: Callable[[], None] | None = None,
 ) -> TrainData:
     """Scan the sources, plan batches for this rank and fill the caches the recipe asks for.
-    Only rank 0 writes cache files; other ranks encode what is missing into memory, so run rank 0
-    first (accelerate's main_process_first) to have them read rank 0's files instead."""
+    With several processes and a `barrier` (every process calls this together) each encodes and writes its
+    share of the missing cache entries, then all read all of them. Without a barrier only rank 0 writes
+    cache files and other ranks encode what is missing into memory: run rank 0 first then."""
     d = recipe.data
     scan = scan_data(d, verbose=show_progress)
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
                       recipe.train.gradient_accumulation)
-    latents = Cache(_cache_root(recipe, "latents"), write=rank == 0) if d.cache_latents else None
-    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text is True else None
+    write = rank == 0 or barrier is not None
+    latents = Cache(_cache_root(recipe, "latents"), write=write) if d.cache_latents else None
+    text = Cache(_cache_root(recipe, "text"), write=write) if d.cache_text is True else None
     render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)
-    notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress)
+    share = (rank, num_replicas) if barrier is not None else (0, 1)
+    notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress, share,
+                         barrier)
     data = TrainData(scan, planner, render, d.num_workers, notes)
     if show_progress:
         print(data.summary(), file=sys.stderr)

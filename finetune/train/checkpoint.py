@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from finetune.errors import UserError
 from finetune.export.io import fsync_tree, save_safetensors, write_text_atomic
+from finetune.train.distributed import gather, load_into
 
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
@@ -85,10 +86,14 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # optimizer, scheduler, scaler, RNG of every process (models skipped)
+    # optimizer, scheduler, scaler, RNG of every process (models skipped; under FSDP accelerate also writes
+    # the sharded model and gathers or shards the optimizer state as its fsdp_state_dict_type says)
+    accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_safetensors({k: _full(v) for k, v in params.items()}, tmp / TRAINABLE)
+    main = accelerator.is_main_process
+    whole = gather(params, main)  # every process: gathering a sharded tensor is a collective
+    if main:
+        save_safetensors(whole, tmp / TRAINABLE)
         if ema is not None:
             save_ema(ema, params, tmp / EMA)
         write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
@@ -182,9 +187,8 @@ def load_checkpoint(accelerator, path: Path, params, ema=None) -> TrainState:
             f"checkpoint {path} does not hold {len(missing)} trained tensors (e.g. {missing[0]}): "
             "it was written by a different method or recipe; start a new output_dir"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
+    for name, p in params.items():
+        load_into(p, saved[name])
     if ema is not None and (path / EMA).is_file():
         load_ema(ema, params, path / EMA)
     return TrainState(**json.loads((path / STATE).read_text()))

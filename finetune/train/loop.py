@@ -9,6 +9,7 @@ import torch
 
 from finetune.errors import RunError, UserError
 from finetune.train import checkpoint as ckpt
+from finetune.train.distributed import describe, is_sharded, unshard_for_export
 from finetune.train.setup import flat_config
 from finetune.train.tracking import LossLog, Progress, plot_loss
 
@@ -44,7 +45,7 @@ def _banner(t) -> str:
     return (
         f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
-        f"{t.acc.num_processes} process(es) on {t.acc.device}; first step after "
+        f"{describe(t.acc)} on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"
     )
 
@@ -150,7 +151,8 @@ def validate(t, step: int) -> Path | None:
 
     acc, v = t.acc, t.recipe.validation
     path = None
-    if acc.is_main_process:
+    # a sharded denoiser gathers its weights inside forward: every process renders, the main one saves
+    if acc.is_main_process or is_sharded(acc):
         name = t.comps.denoiser_name
         denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
         encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
@@ -165,6 +167,7 @@ def validate(t, step: int) -> Path | None:
                           max_sequence_length=t.comps.max_sequence_length)
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+    if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
         _log_image(t, image, step)
@@ -210,7 +213,7 @@ def _log_image(t, image, step: int) -> None:
 def _check_in_sync(t) -> None:
     """Data-parallel processes must end with identical weights; a mismatch is a bug worth stopping on."""
     acc = t.acc
-    if acc.num_processes == 1:
+    if acc.num_processes == 1 or is_sharded(acc):  # shards differ by design; one copy exists
         return
     with torch.no_grad():
         mix = sum(float(p.double().sum()) * (i + 1) for i, p in enumerate(t.params.values()))
@@ -232,11 +235,15 @@ def finish(t) -> None:
     if t.recipe.validation.prompts:
         validate(t, t.state.step)
     _check_in_sync(t)
+    # every process checks (a sharded tensor's check is a collective), so every process stops together
+    bad = nonfinite_state(t.params)
+    if bad:
+        raise NonFiniteError(f"trained weights hold non-finite values ({bad[0]}); nothing exported")
+    if is_sharded(acc):
+        for name in t.wrapped:
+            unshard_for_export(acc.unwrap_model(t.wrapped[name]))
     if acc.is_main_process:
         plot_loss(t.loss_log.read(), t.out / "loss.png")
-        bad = nonfinite_state(t.params)
-        if bad:
-            raise NonFiniteError(f"trained weights hold non-finite values ({bad[0]}); nothing exported")
         from finetune.export.context import ExportContext
 
         ctx = ExportContext.from_trainer(t)

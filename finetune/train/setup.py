@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ RUN_FILES = ("recipe.yaml", "pytorch_lora_weights.safetensors")
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     # a fresh state per run, so several runs can share one Python process (tests, notebooks)
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -34,6 +35,8 @@ def make_accelerator(recipe: Recipe):
             log_with=list(recipe.logging.report_to) or None,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
             step_scheduler_with_optimizer=False,  # we step the LR schedule once per optimizer step ourselves
+            # applies when this creates the process group (a launched run), not to one already made
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.barrier_timeout))],
         )
     except (ValueError, RuntimeError) as e:
         raise UserError(
@@ -46,6 +49,9 @@ def make_accelerator(recipe: Recipe):
         # an accelerator gets, before `prepare` hands it to the optimizer wrapper
         acc.scaler = torch.amp.GradScaler("cpu")
         acc.native_amp = True
+    from finetune.train.distributed import promote_fsdp_on_cpu
+
+    promote_fsdp_on_cpu(acc)
     return acc
 
 
@@ -101,7 +107,8 @@ def resume_fingerprint(recipe: Recipe) -> str:
     import hashlib
 
     data = recipe.resolved()
-    for key in ("resume", "resume_force", "max_steps", "overwrite", "checkpoint_every", "keep_last", "output_dir"):
+    for key in ("resume", "resume_force", "max_steps", "overwrite", "checkpoint_every", "keep_last", "output_dir",
+                "barrier_timeout"):
         data["train"].pop(key, None)
     for section in ("validation", "logging", "export"):
         data.pop(section, None)

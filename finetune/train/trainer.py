@@ -129,23 +129,25 @@ class Trainer:
         comps, acc = self.comps, self.acc
         key = f"{comps.source}|{type(comps.vae).__name__}|{vae_dtype}|{dict(comps.vae.config)}"
         text_key = f"{comps.source}|{comps.family.name}|{[t.name_or_path for t in comps.tokenizers]}"
-        # the main process fills the caches first; the others then read its files instead of re-encoding
-        with acc.main_process_first():
-            return build_train_data(
-                self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
-                latent_encoder=self.encode_latents, latent_key=key,
-                text_encoder=self.encode_text_frozen, text_key=text_key,
-                show_progress=acc.is_main_process and self.recipe.logging.progress,
-            )
+        # every process encodes its share of the missing cache entries, then all read all of them
+        return build_train_data(
+            self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
+            latent_encoder=self.encode_latents, latent_key=key,
+            text_encoder=self.encode_text_frozen, text_key=text_key,
+            show_progress=acc.is_main_process and self.recipe.logging.progress,
+            barrier=acc.wait_for_everyone,
+        )
 
     def _build_optimization(self, groups) -> None:
         from diffusers.training_utils import EMAModel
 
+        from finetune.train.distributed import check_sharding
         from finetune.train.optim import build_lr_scheduler, build_optimizer
 
         acc = self.acc
         modules = self.comps.named_modules()
         self.trained_names = self.method.trained_modules()
+        check_sharding(acc, self.trained_names, self.cfg.ema.enabled)
         optimizer = build_optimizer(groups, self.cfg)
         scheduler = build_lr_scheduler(optimizer, self.cfg)
         # accelerate writes optimizer/scheduler/RNG; trained weights we save ourselves (trainable only)
