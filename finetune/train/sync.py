@@ -57,9 +57,10 @@ class StepWatch:
     def note_batch(self, batch: dict[str, Any]) -> None:
         self._paths += batch.get("paths", [])
 
-    def read(self, acc, norm: torch.Tensor, logs: dict[str, Any], stop: bool) -> StepReport:
+    def read(self, acc, norm: torch.Tensor | None, logs: dict[str, Any], stop: bool) -> StepReport:
         """The step's one host sync. Flags are summed over processes (the norm already is reduced: DDP
         all-reduces gradients before it is taken), so every process takes the same decision."""
+        norm = torch.as_tensor(math.nan if norm is None else norm, device=acc.device)  # None: DeepSpeed
         device = norm.device
         zero = torch.zeros((), device=device)
         flags = torch.stack([self._bad.get(k, zero).to(device) for k in FLAGS])
