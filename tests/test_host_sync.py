@@ -3,8 +3,8 @@ StepWatch report), however many micro-batches it has, with or without caches, wi
 and what that one read carries still guards the run (non-finite VAE latents, fp16 with a NaN loss).
 
 On this CPU machine every read of a tensor's value counts (`.item()`, `float()`, `bool()`, `.tolist()`,
-`.cpu()`, `nonzero`, ...), except of the batch the data loader hands over (on a GPU it stays on the host)
-and torch.optim's CPU step counters: an upper bound on what would be a sync on a GPU."""
+`.cpu()`, `nonzero`, ...), except of the batch the data loader hands over (on a GPU it stays on the host),
+torch.optim's CPU step counters and the DataLoader's seed: an upper bound on the syncs on a GPU."""
 
 from __future__ import annotations
 
@@ -97,3 +97,22 @@ def test_fp16_nan_loss_is_a_skip_and_the_scaler_goes_on(tmp_path, tiny_base, ima
     assert t.state.step == 4 and t.state.nan_skips == 1
     assert t.lr_scheduler.scheduler.last_epoch == 4
     assert all(torch.isfinite(p).all() for p in t.params.values())
+
+
+def test_bench_profile_counts_one_read_per_step_and_writes_a_trace(tmp_path, tiny_base, images):
+    """tools/bench.py --profile's measurement: the measured steps under torch.profiler, one host read each,
+    and a Chrome trace that holds the steps' events."""
+    import json
+
+    import yaml
+
+    from finetune.bench import measure
+
+    data = yaml.safe_load(write_recipe(tmp_path, tiny_base, images, train={"max_steps": 4}).read_text())
+    result = measure(data, warmup=1, steps=3, profile=str(tmp_path / "trace.json"))
+    prof = result["profile"]
+    assert prof["host_reads_per_step"] == 1.0, prof["read_sites"]
+    assert prof["events_per_step"]["aten::item"] > 0  # torch.optim's CPU step counters: seen, not counted
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any(e.get("name") == "aten::addmm" for e in events)
+    assert prof["sync_warnings_per_step"] is None  # no GPU here

@@ -90,7 +90,8 @@ class HostReads:
 
     On a GPU only reads of CUDA tensors count: those are the syncs. On a CPU every read counts except of
     tensors registered with `exempt` (what the data loader hands over: on a GPU run it stays on the host)
-    and torch.optim's own step counters, which live on the CPU on a GPU run too."""
+    and what torch itself reads on the host on a GPU run too: torch.optim's step counters, the DataLoader's
+    per-epoch seed."""
 
     def __init__(self, cuda_only: bool | None = None):
         self.cuda_only = torch.cuda.is_available() if cuda_only is None else cuda_only
@@ -116,7 +117,8 @@ class HostReads:
             return t.is_cuda
         if id(t) in self._exempt:
             return False
-        return not any("torch/optim/" in f.filename for f in traceback.extract_stack(limit=5)[:-2])
+        host_side = ("torch/optim/", "torch/utils/data/")  # CPU step counters; the loader's per-epoch seed
+        return not any(h in f.filename for f in traceback.extract_stack(limit=5)[:-2] for h in host_side)
 
     def _wrap(self, name: str):
         original = self._saved[name]
