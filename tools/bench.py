@@ -50,9 +50,12 @@ def parse() -> argparse.Namespace:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "batch", "s/step", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
+    head = ["config", "batch", "s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
             *[f"{p} %" for p in PHASES], "host reads/step", "GPU syncs/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # the floor of each run and batch (rows of one run share the name's "model ...:" prefix in --collect)
+    floor = {(r["name"].rpartition(":")[0], r.get("batch")): r["step_s"] for r in rows
+             if r["name"].endswith("bare denoiser fwd+bwd+opt") and "step_s" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | {r.get('batch', '')} | error: {' '.join(r['error'])} |")
@@ -62,13 +65,18 @@ def table(rows: list[dict]) -> str:
         prof = r.get("profile") or {}
         syncs = prof.get("sync_warnings_per_step")
         lines.append("| " + " | ".join([
-            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", f"{1 / r['step_s']:.2f}",
+            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", _ratio(r, floor), f"{1 / r['step_s']:.2f}",
             f"{r['batch'] / r['step_s']:.1f}", f"{r.get('peak_host_mib', 0):.0f}",
             f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-",
             f"{r['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in r else "-", *shares,
             f"{prof['host_reads_per_step']:.2f}" if prof else "", f"{syncs:.2f}" if syncs is not None else "",
         ]) + " |")
     return "\n".join(lines)
+
+
+def _ratio(row: dict, floor: dict) -> str:
+    bare = floor.get((row["name"].rpartition(":")[0], row.get("batch")))
+    return f"{row['step_s'] / bare:.2f}" if bare else ""
 
 
 def collect(folders: list[Path]) -> str:
@@ -78,7 +86,7 @@ def collect(folders: list[Path]) -> str:
         for path in sorted(folder.rglob("results.json")):
             data = json.loads(path.read_text())
             meta = data["meta"]
-            tag = f"{meta['model']} {meta['adapter']} r{meta['rank']} {meta['precision']}"
+            tag = f"{path.parent.name} ({meta['model']} {meta['adapter']} r{meta['rank']} {meta['precision']})"
             rows += [{**r, "name": f"{tag}: {r['name']}"} for r in data["rows"]]
     return table(rows)
 
