@@ -61,8 +61,10 @@ def random_base(model: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------ one measurement
-def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
-    """Run in a child process: train warmup+steps, return timings of the last `steps`."""
+def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str | None = None) -> dict[str, Any]:
+    """Run in a child process: train warmup+steps, return timings of the last `steps`. `profile`: a trace
+    path; the measured steps then run under torch.profiler (phase timer off: it synchronises) and the
+    result counts host syncs per step."""
     import torch
 
     from finetune.recipe import validate
@@ -73,12 +75,15 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, A
     recipe = validate(recipe_data)
     acc = make_accelerator(recipe)
     t = Trainer(recipe, acc)
-    t.timer.enabled = True
+    t.timer.enabled = profile is None
     stamps: list[float] = []
     first_step: list[float] = []
     original = t.train_step
+    prof = StepProfile(Path(profile)) if profile else None
 
     def timed(batch):
+        if prof:
+            prof.reads.exempt(batch)  # the loader's batch stays on the host: reading it is no sync
         stepped, logs = original(batch)
         if stepped:
             stamps.append(time.perf_counter())
@@ -86,6 +91,10 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, A
                 first_step.append(time.time() - _process_start())
             if len(stamps) == warmup:
                 t.timer.reset()
+                if prof:
+                    prof.start()
+            if prof and len(stamps) == warmup + steps:
+                prof.stop(steps)
         return stepped, logs
 
     t.train_step = timed
@@ -100,7 +109,63 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, A
     }
     if torch.cuda.is_available():
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if prof:
+        out["phases_s"] = {}
+        out["profile"] = prof.result
     return out
+
+
+class StepProfile:
+    """The measured steps under torch.profiler: syncs per step three ways, and a Chrome trace.
+
+    - `host_reads`: reads of device values by the host (finetune/train/sync.py HostReads; on a CPU every
+      read but the loader's batch and torch.optim's CPU step counters: an upper bound of the GPU's syncs);
+    - `events`: profiler event counts per step (aten::item also counts torch.optim's CPU step counters;
+      cudaStreamSynchronize / cudaMemcpy* are the GPU's own);
+    - `sync_warnings` (GPU): torch.cuda.set_sync_debug_mode's warnings, one per synchronising call."""
+
+    EVENTS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize",
+              "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+    def __init__(self, trace: Path):
+        from finetune.train.sync import HostReads
+
+        self.trace, self.reads, self.result = trace, HostReads(), {}
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda = torch.cuda.is_available()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = profile(activities=acts)
+        self.prof.__enter__()
+        self.reads.__enter__()
+        self.caught = warnings.catch_warnings(record=True)
+        self.warned = self.caught.__enter__()
+        warnings.simplefilter("always")
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self, steps: int) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        self.caught.__exit__(None, None, None)
+        self.reads.__exit__(None, None, None)
+        self.prof.__exit__(None, None, None)
+        counts = {e.key: e.count for e in self.prof.key_averages()}
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.trace))
+        syncs = [w for w in self.warned if "synchroniz" in str(w.message)]
+        self.result = {
+            "host_reads_per_step": self.reads.count / steps, "read_sites": dict(self.reads.sites),
+            "events_per_step": {k: counts[k] / steps for k in self.EVENTS if counts.get(k)},
+            "sync_warnings_per_step": len(syncs) / steps if self.cuda else None, "trace": str(self.trace),
+        }
 
 
 def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
@@ -147,6 +212,46 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
     return {"step_s": sum(times) / len(times), "steps": steps, "batch": b}
 
 
+NOISE_SHAPES = {"sd15 512px": (4, 64, 64), "sdxl 1024px": (4, 128, 128), "flux 1024px": (16, 128, 128)}
+
+
+def noise_paths(batches=(1, 4), reps: int = 50) -> list[dict[str, Any]]:
+    """Each example's seeded noise, two ways, in ms per batch: drawn on the CPU (the trainer's path: the same
+    numbers on every device), pinned and copied without blocking; or drawn on the GPU by a per-example
+    generator (no copy, but other numbers than a CPU run's). The copy is timed to the device's completion."""
+    import torch
+
+    from finetune.train.loss import example_generator, hash_seed, host_to
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keys = [hash_seed(0, 0, k) for k in range(max(batches))]
+
+    def on_host(shape, b):
+        return host_to(torch.stack([torch.randn(shape, generator=example_generator(k)) for k in keys[:b]]),
+                       device, torch.bfloat16)
+
+    def on_device(shape, b):
+        gens = [torch.Generator(device).manual_seed(k) for k in keys[:b]]
+        return torch.stack([torch.randn(shape, generator=g, device=device) for g in gens]).to(torch.bfloat16)
+
+    rows = []
+    for name, shape in NOISE_SHAPES.items():
+        for b in batches:
+            row = {"shape": name, "batch": b}
+            for path, fn in (("cpu_pinned_ms", on_host), ("device_generator_ms", on_device)):
+                if path == "device_generator_ms" and device.type != "cuda":
+                    continue
+                fn(shape, b)  # warm-up (pinned pool, kernels)
+                _sync()
+                start = time.perf_counter()
+                for _ in range(reps):
+                    fn(shape, b)
+                _sync()
+                row[path] = 1000 * (time.perf_counter() - start) / reps
+            rows.append(row)
+    return rows
+
+
 def _sync() -> None:
     import torch
 
@@ -161,13 +266,15 @@ def _process_start() -> float:
 
 
 # ------------------------------------------------------------------------------------------ harness
-def run_child(kind: str, recipe_data: dict[str, Any], warmup: int, steps: int, timeout: int = 3600) -> dict:
+def run_child(kind: str, recipe_data: dict[str, Any], warmup: int, steps: int, timeout: int = 3600,
+              profile: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recipe_data = json.loads(json.dumps(recipe_data))
         recipe_data["train"]["output_dir"] = str(Path(tmp) / "run")
         recipe_data["data"]["cache_dir"] = str(Path(tmp) / "cache")
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"kind": kind, "recipe": recipe_data, "warmup": warmup, "steps": steps}))
+        spec.write_text(json.dumps({"kind": kind, "recipe": recipe_data, "warmup": warmup, "steps": steps,
+                                    "profile": str(profile.resolve()) if profile else None}))
         result = Path(tmp) / "result.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, "-m", "finetune.bench", "--child", str(spec), str(result)]
@@ -189,8 +296,10 @@ def time_bad_recipe() -> float:
 
 def _child_main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    fn = measure if spec["kind"] == "train" else bare_denoiser
-    result = fn(spec["recipe"], spec["warmup"], spec["steps"])
+    if spec["kind"] == "train":
+        result = measure(spec["recipe"], spec["warmup"], spec["steps"], spec.get("profile"))
+    else:
+        result = bare_denoiser(spec["recipe"], spec["warmup"], spec["steps"])
     Path(result_path).write_text(json.dumps(result))
 
 

@@ -264,3 +264,53 @@ def test_image_broken_after_the_scan_is_a_one_line_error(tmp_path, workers):
     with pytest.raises(DataError) as e:
         list(data.loader(0))
     assert "\n" not in str(e.value) and str(e.value).startswith(str(tmp_path / "set"))
+
+
+# ------------------------------------------------------------------------------------ one loader, all epochs
+def test_workers_persist_and_keep_their_decoded_images_across_epochs(tmp_path, monkeypatch):
+    """One DataLoader for the run: with a worker, epoch 1 decodes nothing (the worker that decoded epoch 0 is
+    still there, with its memo), and its batches are those a fresh loader gives."""
+    import finetune.data.dataset as ds
+
+    log = tmp_path / "decodes.txt"
+
+    def counting(data, need=None):  # the worker is a forked process: it counts into a file
+        with log.open("a") as f:
+            f.write("1\n")
+        return real_decode(data, need)
+
+    monkeypatch.setattr(ds, "decode", counting)
+    r = recipe(tmp_path, [photo_set(tmp_path / "set", [(128, 128)] * 6)], random_flip=True, num_workers=1)
+    data = build_train_data(r, show_progress=False)
+    decodes = lambda: len(log.read_text().split()) if log.exists() else 0  # noqa: E731
+    first = materialise(data.loader(0))
+    assert decodes() == 6
+    second = materialise(data.loader(1))
+    assert decodes() == 6, "epoch 1 decoded again: the workers (and their memo) did not persist"
+    assert same_batches(second, materialise(build_train_data(r, show_progress=False).loader(1)))
+    assert not same_batches(first, second)
+    resumed = materialise(data.loader(1, start_batch=2))  # resume mid-epoch on the same loader
+    assert same_batches(second[2:], resumed)
+
+
+def test_cache_entries_are_read_from_disk_once(tmp_path, monkeypatch):
+    """A latent + text cache that fits the memory budget is read once per process, not per sighting."""
+    import finetune.data.cache as cache
+
+    r = recipe(tmp_path, [photo_set(tmp_path / "set", [(128, 128)] * 4)], cache_latents=True, cache_text=True)
+    build_train_data(r, latent_encoder=FakeVAE(), latent_key="k", text_encoder=FakeTextEncoder(),
+                     text_key="t", show_progress=False)
+    reads = []
+    monkeypatch.setattr(cache, "load_file", lambda path: reads.append(path) or real_load(path))
+    data = build_train_data(r, latent_key="k", text_key="t", show_progress=False)
+    epochs = [materialise(data.loader(e)) for e in range(3)]
+    assert len(reads) == 4 + 4  # each image's latents and each caption's embedding, once
+    assert len(set(reads)) == 8
+    monkeypatch.setattr(cache, "MEMO_BYTES", 0)  # nothing fits: read per sighting, same batches
+    reads.clear()
+    small = build_train_data(r, latent_key="k", text_key="t", show_progress=False)
+    assert same_batches(epochs[2], materialise(small.loader(2)))
+    assert len(reads) == 2 * 4  # latents and text of the 4 examples of that epoch
+
+
+real_load = __import__("safetensors.torch", fromlist=["load_file"]).load_file

@@ -4,6 +4,9 @@
     python tools/bench.py                                   # toy base, every variant, batch 8
     python tools/bench.py --model sd15 --batch 1 4 --precision bf16 --variants latent+text-cache
     python tools/bench.py --out output/bench                # JSON + Markdown table land there
+    python tools/bench.py --profile --variants latent+text-cache   # host syncs per step + a Chrome trace
+    python tools/bench.py --noise                           # per-example noise: CPU + pinned copy vs GPU
+    python tools/bench.py --collect output/gpu_bench        # one table from several results.json
 
 Each configuration runs in its own process after a warm-up; only the measured steps count.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.bench import PHASES, VARIANTS, base_recipe, run_child, time_bad_recipe  # noqa: E402
+from finetune.bench import PHASES, VARIANTS, base_recipe, noise_paths, run_child, time_bad_recipe  # noqa: E402
 from finetune.recipe import deep_merge  # noqa: E402
 
 
@@ -38,30 +41,65 @@ def parse() -> argparse.Namespace:
     p.add_argument("--adapter", choices=sorted(registered_kinds()), default="lora", help="adapter kind")
     p.add_argument("--no-bare", action="store_true", help="skip the bare denoiser reference measurement")
     p.add_argument("--out", type=Path, default=Path("output/bench"), help="folder for results.json / results.md")
+    p.add_argument("--profile", action="store_true",
+                   help="run the measured steps under torch.profiler: host syncs per step, trace-*.json in --out")
+    p.add_argument("--noise", action="store_true", help="only time the per-example noise paths, then exit")
+    p.add_argument("--collect", type=Path, nargs="+", default=None,
+                   help="only print one table from the results.json under these folders, then exit")
     return p.parse_args()
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "batch", "s/step", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
-            *[f"{p} %" for p in PHASES]]
+    head = ["config", "batch", "s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
+            *[f"{p} %" for p in PHASES], "host reads/step", "GPU syncs/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # the floor of each run and batch (rows of one run share the name's "model ...:" prefix in --collect)
+    floor = {(r["name"].rpartition(":")[0], r.get("batch")): r["step_s"] for r in rows
+             if r["name"].endswith("bare denoiser fwd+bwd+opt") and "step_s" in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | {r.get('batch', '')} | error: {' '.join(r['error'])} |")
             continue
         phases = r.get("phases_s", {})
         shares = [f"{100 * phases.get(p, 0) / r['step_s']:.1f}" if phases else "" for p in PHASES]
+        prof = r.get("profile") or {}
+        syncs = prof.get("sync_warnings_per_step")
         lines.append("| " + " | ".join([
-            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", f"{1 / r['step_s']:.2f}",
+            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", _ratio(r, floor), f"{1 / r['step_s']:.2f}",
             f"{r['batch'] / r['step_s']:.1f}", f"{r.get('peak_host_mib', 0):.0f}",
             f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-",
             f"{r['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in r else "-", *shares,
+            f"{prof['host_reads_per_step']:.2f}" if prof else "", f"{syncs:.2f}" if syncs is not None else "",
         ]) + " |")
     return "\n".join(lines)
 
 
+def _ratio(row: dict, floor: dict) -> str:
+    bare = floor.get((row["name"].rpartition(":")[0], row.get("batch")))
+    return f"{row['step_s'] / bare:.2f}" if bare else ""
+
+
+def collect(folders: list[Path]) -> str:
+    """One table over several runs (tools/gpu_bench.sh): each row named by its folder."""
+    rows = []
+    for folder in folders:
+        for path in sorted(folder.rglob("results.json")):
+            data = json.loads(path.read_text())
+            meta = data["meta"]
+            tag = f"{path.parent.name} ({meta['model']} {meta['adapter']} r{meta['rank']} {meta['precision']})"
+            rows += [{**r, "name": f"{tag}: {r['name']}"} for r in data["rows"]]
+    return table(rows)
+
+
 def main() -> None:
     args = parse()
+    if args.collect:
+        print(collect(args.collect))
+        return
+    if args.noise:
+        for row in noise_paths():
+            print(json.dumps(row), flush=True)
+        return
     if args.warmup < 1:
         sys.exit("error: --warmup must be at least 1")
     batches = args.batch or ([8] if args.model == "toy" else [1])
@@ -73,13 +111,14 @@ def main() -> None:
             rows.append({"name": "bare denoiser fwd+bwd+opt", **r})
             print(f"bare denoiser, batch {batch}: {r.get('step_s', float('nan')):.4f} s/step", flush=True)
         for name in args.variants:
-            r = run_child("train", deep_merge(base, VARIANTS[name]), args.warmup, args.steps)
+            trace = args.out / f"trace-{name}-b{batch}.json" if args.profile else None
+            r = run_child("train", deep_merge(base, VARIANTS[name]), args.warmup, args.steps, profile=trace)
             rows.append({"name": name, "batch": batch, **r})
             print(f"{name}, batch {batch}: {json.dumps(r)}", flush=True)
     reject = time_bad_recipe()
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "precision": args.precision, "rank": args.rank, "adapter": args.adapter,
-            "steps": args.steps, "warmup": args.warmup, "bad_recipe_rejected_s": reject, "machine": machine(),
+            "steps": args.steps, "warmup": args.warmup, "profile": args.profile, "bad_recipe_rejected_s": reject, "machine": machine(),
             "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = f"{table(rows)}\n\nbad recipe rejected in {reject:.2f} s; machine: {meta['machine']}\n"

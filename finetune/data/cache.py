@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 VERSION = "1"  # bump when the layout of an entry changes
+MEMO_BYTES = 1 << 30  # entries read from disk kept in memory per process (persistent loader workers keep theirs)
 
 
 def entry_key(*parts: object) -> str:
@@ -32,9 +33,11 @@ class Cache:
     """Entries on disk under `root` (None: in memory only). `write=False` keeps what it computes in memory
     instead of writing (a process that must not touch the disk)."""
 
-    def __init__(self, root: Path | None, write: bool = True):
+    def __init__(self, root: Path | None, write: bool = True, memo_bytes: int | None = None):
         self.root, self.write = root, write
         self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        # budget left for entries read from disk: a set that fits is read from disk once per process
+        self.memo_bytes = MEMO_BYTES if memo_bytes is None else memo_bytes
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -45,7 +48,12 @@ class Cache:
     def get(self, key: str) -> dict[str, torch.Tensor]:
         if key in self.memory:
             return self.memory[key]
-        return load_file(self._path(key))
+        entry = load_file(self._path(key))
+        size = sum(t.nbytes for t in entry.values())
+        if size <= self.memo_bytes:  # callers copy out of entries (stack, float), never write into them
+            self.memory[key] = entry
+            self.memo_bytes -= size
+        return entry
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -4,8 +4,9 @@
     for batch in data.loader(epoch, start_batch=k): ...
 
 Each DataLoader item is a whole batch (planned in plan.py), so skipping batches on resume costs nothing
-and one bucket per batch holds by construction. Decoding and resizing happen once per image per process
-while a memory budget allows (small sets stay decoded across epochs); crop and flip are per sighting.
+and one bucket per batch holds by construction. One DataLoader serves every epoch: its workers persist,
+so decoded, resized images (and cache entries read from disk) stay in their memory across epochs while a
+budget allows; crop and flip are per sighting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.cache import Cache, entry_key, fill, split_batch
 from finetune.data.captions import apply_rules
@@ -98,27 +99,40 @@ class Render:
 
 
 class _Batches(Dataset):
-    def __init__(self, render: Render, plan: list[list[Example]]):
-        self.render, self.plan = render, plan
+    """Renders a planned batch: the sampler hands over the batch's examples themselves."""
+
+    def __init__(self, render: Render):
+        self.render = render
+
+    def __getitem__(self, examples: list[Example]) -> dict:
+        return self.render.batch(examples)
+
+
+class _EpochPlan(Sampler):
+    """The batches of the epoch being iterated, set before each epoch; the loader reads it at each `iter`."""
+
+    def __init__(self):
+        self.batches: list[list[Example]] = []
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.render.batch(self.plan[i])
+    def __iter__(self):
+        return iter(self.batches)
 
 
 class _Loader:
-    """A DataLoader whose user errors stay one line: a worker's DataError arrives wrapped in its
-    traceback text, and we keep the original message (its last line)."""
+    """One epoch of the persistent DataLoader. Its user errors stay one line: a worker's DataError arrives
+    wrapped in its traceback text, and we keep the original message (its last line)."""
 
-    def __init__(self, loader: DataLoader):
-        self.loader = loader
+    def __init__(self, loader: DataLoader, batches: list[list[Example]]):
+        self.loader, self.batches = loader, batches
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.batches)
 
     def __iter__(self):
+        self.loader.sampler.batches = self.batches  # set when iterated: one epoch at a time
         it = iter(self.loader)
         try:
             yield from it
@@ -143,20 +157,30 @@ class TrainData:
         self.num_examples_per_epoch = scan.num_examples
         self.batches_per_epoch = planner.batches_per_epoch
         self.examples_per_step = planner.examples_per_step
+        self._loader: DataLoader | None = None
 
     def plan(self, epoch: int) -> list[list[Example]]:
         return self.planner.epoch(epoch)
 
     def loader(self, epoch: int, start_batch: int = 0) -> Iterable[dict]:
-        """This rank's batches of `epoch` from `start_batch` on; the skipped ones are never decoded."""
+        """This rank's batches of `epoch` from `start_batch` on; the skipped ones are never decoded.
+        Iterate one epoch at a time: every epoch shares the one DataLoader and its workers."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside 0..{self.batches_per_epoch}")
-        plan = self.plan(epoch)[start_batch:]
-        workers = min(self.num_workers, len(plan))
-        return _Loader(DataLoader(
-            _Batches(self.render, plan), batch_size=None, shuffle=False, num_workers=workers,
-            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
-        ))
+        if self._loader is None:
+            # built once: a new DataLoader per epoch starts new workers (a stall each epoch, and DreamBooth
+            # epochs are a handful of steps) whose decode memo starts empty
+            workers = min(self.num_workers, self.batches_per_epoch)
+            self._loader = DataLoader(
+                _Batches(self.render), batch_size=None, sampler=_EpochPlan(), num_workers=workers,
+                pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
+                persistent_workers=workers > 0,
+            )
+        return _Loader(self._loader, self.plan(epoch)[start_batch:])
+
+    def close(self) -> None:
+        """Let the persistent workers go (they also go when this object is collected)."""
+        self._loader = None
 
     def summary(self) -> str:
         p = self.planner

@@ -148,7 +148,7 @@ class Family:
         """Images in [-1, 1] -> the latents the objective noises: the distribution's mode (deterministic,
         cache-friendly), normalised as the pipeline un-normalises before decoding; by default
         `(z - shift_factor) * scaling_factor`."""
-        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mode()
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype, non_blocking=True)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor
 

@@ -33,6 +33,7 @@ def run_loop(t) -> None:
     finally:
         t.stop.restore()
         t.progress.close()
+        t.data.close()  # the persistent loader workers are not needed past the last step
     if not finished:
         _interrupted(t)
         return
@@ -90,7 +91,7 @@ def _epochs(t) -> bool:
                 state.step += 1
                 with t.timer("logging_validation"):
                     _after_step(t, logs)
-                if t._all_agree(t.stop.requested) or state.step >= cfg.max_steps:
+                if t.should_stop() or state.step >= cfg.max_steps:
                     break
             waited = time.perf_counter()
         else:
@@ -104,13 +105,15 @@ def _epochs(t) -> bool:
 
 def _after_step(t, logs) -> None:
     cfg, step, acc = t.cfg, t.state.step, t.acc
-    if acc.is_main_process:
-        loss = float(logs["loss"])
+    if acc.is_main_process:  # logs are host floats already: the step's one read brought them (train/sync.py)
+        loss = logs["loss"]
         lr = t.lr_scheduler.get_last_lr()[0]
         t.progress.update(loss, lr)
         t.loss_log.add(step, loss, lr)  # every step: the plot wants them all, and a CSV row is cheap
         if step % t.recipe.logging.every == 0 or step == cfg.max_steps:
-            scalars = {k: float(v) for k, v in logs.items()} | {"lr": lr}
+            scalars = {**logs, "lr": lr}
+            if acc.scaler is not None:  # fp16: a read of its own, so on logging steps only
+                scalars["loss_scale"] = acc.scaler.get_scale()
             if t.recipe.logging.report_to:
                 acc.log(scalars, step=step)
     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:

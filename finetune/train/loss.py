@@ -19,6 +19,7 @@ from diffusers.training_utils import compute_snr
 def example_keys(seed: int, step: int, positions, examples_per_step: int) -> list[int]:
     """One seed per example: the run seed, the optimizer step and the example's place among all examples of
     the run (`positions`: places in the step's global batch, from the data planner)."""
+    positions = positions.tolist() if isinstance(positions, torch.Tensor) else positions  # a host tensor
     return [hash_seed(seed, step, step * examples_per_step + int(p)) for p in positions]
 
 
@@ -44,7 +45,18 @@ def ddpm_draws(
         noise = torch.randn(latents.shape[1:], generator=g)
         steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         noises.append(offset_noise(noise, g, noise_offset))
-    return torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device)
+    return host_to(torch.stack(noises), latents.device, latents.dtype), host_to(torch.cat(steps), latents.device)
+
+
+def host_to(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor onto `device` without making the host wait: on a GPU through pinned memory with an
+    asynchronous copy (a copy from pageable memory blocks the host). The noise is drawn on the CPU so an
+    example's draws are the same on every device; tools/gpu_bench.sh times this against drawing on the GPU."""
+    if torch.device(device).type == "cuda":
+        t = t.to(device, non_blocking=True) if t.is_pinned() else t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    return t if dtype is None else t.to(dtype)
 
 
 def offset_noise(noise: torch.Tensor, g: torch.Generator, noise_offset: float) -> torch.Tensor:
@@ -91,15 +103,19 @@ def diffusion_loss(
     is_prior: torch.Tensor | None,
     prior_weight: float,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean-squared error per example, weighted, split into instance and prior-preservation parts."""
+    """Mean-squared error per example, weighted, split into instance and prior-preservation parts.
+    `is_prior` is the loader's host tensor: its counts are read on the host, and the split is a masked sum,
+    not a boolean index (which reads the mask's size back from the device)."""
     per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
     if weights is not None:
         per_example = per_example * weights.float()
-    if is_prior is None or not bool(is_prior.any()):
+    flags = is_prior.tolist() if is_prior is not None else []
+    if not any(flags):
         loss = per_example.mean()
         return loss, {"loss": loss.detach()}
-    prior = is_prior.to(per_example.device)
-    inst_loss = per_example[~prior].mean() if bool((~prior).any()) else per_example.new_zeros(())
-    prior_loss = per_example[prior].mean()
+    prior, zero = host_to(is_prior, per_example.device), per_example.new_zeros(())
+    n_prior = sum(flags)
+    inst_loss = torch.where(prior, zero, per_example).sum() / (len(flags) - n_prior) if n_prior < len(flags) else zero
+    prior_loss = torch.where(prior, per_example, zero).sum() / n_prior
     loss = inst_loss + prior_weight * prior_loss
     return loss, {"loss": loss.detach(), "loss_instance": inst_loss.detach(), "loss_prior": prior_loss.detach()}

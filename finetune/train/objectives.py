@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finetune.train.loss import ddpm_draws, offset_noise, snr_weights, target_for
+from finetune.train.loss import ddpm_draws, host_to, offset_noise, snr_weights, target_for
 
 
 @dataclass
@@ -104,8 +104,8 @@ class FlowObjective:
             noise = torch.randn(latents.shape[1:], generator=g)
             us.append(self.draw_u(g))
             noises.append(offset_noise(noise, g, self.noise_offset))
-        noise = torch.stack(noises).to(latents.device, latents.dtype)
-        sigmas = self.sigmas_for(torch.cat(us), latents).to(latents.device)
+        noise = host_to(torch.stack(noises), latents.device, latents.dtype)
+        sigmas = host_to(self.sigmas_for(torch.cat(us), latents), latents.device)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy = (1.0 - s) * latents + s * noise
         weights = None

@@ -8,7 +8,6 @@ only does the step, and keeps the run safe: checkpoints, clean interrupts, non-f
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,15 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.loss import diffusion_loss, example_generator, example_keys
 from finetune.train.objectives import build_objective
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
 
 
 class NonFiniteError(RunError):
     """Loss, gradients or weights went NaN/inf."""
+
+
+VAE_NON_FINITE = "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"
 
 
 def train(recipe: Recipe) -> Path:
@@ -86,7 +89,8 @@ class Trainer:
                                      recipe_fingerprint=resume_fingerprint(recipe))
         self.stop = StopFlag()
         self.timer = PhaseTimer(enabled=False)  # tools/bench.py switches it on
-        self.dropping = False  # a micro-batch of the current optimizer step was non-finite: drop the step
+        self.watch = StepWatch()  # what the host learns about a step, read once at its optimizer step
+        self.stop_seen = False  # a stop request from any process, as of the last optimizer step
 
     # ------------------------------------------------------------------------------------------ set-up
     def _vae_dtype(self, comps) -> torch.dtype:
@@ -164,13 +168,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
-    def encode_latents(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the family's normalised latents (the distribution's mode: cache-friendly)."""
+    def encode_latents(self, pixel_values: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Images in [-1, 1] -> the family's normalised latents (the distribution's mode: cache-friendly).
+        `check=False`: the caller has the step's one host read check them (a check here is a host sync)."""
         latents = self.comps.family.encode_latents(self.comps.vae, pixel_values)
-        if not torch.isfinite(latents).all():
-            raise NonFiniteError(
-                "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"
-            )
+        if check and not torch.isfinite(latents).all():
+            raise NonFiniteError(VAE_NON_FINITE)
         return latents
 
     @torch.no_grad()
@@ -194,16 +197,17 @@ class Trainer:
         comps, acc, cfg = self.comps, self.acc, self.cfg
         timer = self.timer
         with timer("vae_encode"):
-            if "latents" in batch:
-                latents = batch["latents"].to(acc.device, torch.float32)
+            if "latents" in batch:  # the loader pins its batches on a GPU: copies need not stall the host
+                latents = batch["latents"].to(acc.device, non_blocking=True).float()
             else:
-                latents = self.encode_latents(batch["pixel_values"])
+                latents = self.encode_latents(batch["pixel_values"], check=False)
+                self.watch.note("latents", latents)
         # each example's random stream, keyed by where the planner put it in the step's global batch: the
         # same however the step is split into micro-batches and processes
         keys = example_keys(cfg.seed, self.state.step, batch["positions"], self.data.examples_per_step)
         with timer("text_encode"):
             text = batch.get("text") or self.encode_text(batch["captions"], keys)
-            text = {k: v.to(acc.device) for k, v in text.items()}
+            text = {k: v.to(acc.device, non_blocking=True) for k, v in text.items()}
         example = self.objective.example(latents, [example_generator(k) for k in keys])
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
@@ -214,63 +218,59 @@ class Trainer:
         return diffusion_loss(pred, example.target, example.weights, batch.get("is_prior"),
                               prior.loss_weight if prior else 1.0)
 
-    def _all_agree(self, flag: bool) -> bool:
-        """True on every process when any process says True (keeps DDP processes in lock-step)."""
-        if self.acc.num_processes == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
-        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+    def should_stop(self) -> bool:
+        """A stop was asked for (on any process: the request rides the step's one read, see sync.py)."""
+        return self.stop.requested if self.acc.num_processes == 1 else self.stop_seen
 
     def train_step(self, batch) -> tuple[bool, dict[str, Any]]:
-        """One micro-batch; returns (an optimizer step happened, logs)."""
+        """One micro-batch; returns (an optimizer step happened, logs: host floats when it did)."""
         acc, cfg = self.acc, self.cfg
         self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
-        logs: dict[str, Any] = {}
         with acc.accumulate(*self.wrapped.values()):
-            if not self.dropping:  # after a non-finite micro-batch the rest of its step is not computed
-                loss, logs = self.compute_loss(batch)
-                if self._all_agree(not torch.isfinite(loss).item()):
-                    self._non_finite("loss", batch, float(loss.detach()))
-                    self.dropping = True
-                else:
-                    with self.timer("backward"):
-                        acc.backward(loss)
+            loss, logs = self.compute_loss(batch)
+            # finiteness is read once per optimizer step, not per micro-batch: a non-finite loss is still
+            # back-propagated (its gradients are non-finite too) and the whole step is dropped below
+            self.watch.note("loss", loss)
+            self.watch.note_batch(batch)
+            with self.timer("backward"):
+                acc.backward(loss)
             if not acc.sync_gradients:
                 return False, logs
-            if self.dropping:  # the whole step goes: applying the other micro-batches would be a (k-1)/k step
-                self.dropping = False
-                self.optimizer.zero_grad(set_to_none=True)
-                return False, logs
-            stepped, norm = self._optimizer_step(batch)
+            stepped, logs = self._optimizer_step(logs)
         if not stepped:
             return False, logs
         self.method.after_step(self.comps)
         if self.ema is not None and (self.state.step + 1) % cfg.ema.update_every == 0:
             self.ema.step(list(self.params.values()))
-        logs["grad_norm"] = norm
-        if acc.scaler is not None:
-            logs["loss_scale"] = acc.scaler.get_scale()
         return True, logs
 
-    def _optimizer_step(self, batch) -> tuple[bool, float]:
-        """Clip and step; (False, norm) when non-finite gradients skip the batch (bf16 / fp32).
+    def _optimizer_step(self, logs) -> tuple[bool, dict[str, float]]:
+        """Clip, read the step's facts once, then step; False when a non-finite loss or (bf16 / fp32)
+        gradient drops the step whole (applying the other micro-batches would be a (k-1)/k step).
 
         Under fp16 an inf gradient is the loss scaler's normal signal that the scale is too high: the
         GradScaler inside accelerate's optimizer skips that update and lowers the scale, the step still
         counts, and the learning-rate schedule does not advance (accelerate's optimizer_step_was_skipped).
         """
         self._rest_groups()
-        norm = self._grad_norm()
-        if not math.isfinite(norm) and self.acc.scaler is None:
-            self._non_finite("gradient norm", batch, norm)
+        report = self.watch.read(self.acc, self._grad_norm(), logs, self.stop.requested)
+        self.stop_seen = report.stop
+        logs = report.logs | {"grad_norm": report.norm}
+        if report.bad["latents"]:
+            raise NonFiniteError(VAE_NON_FINITE)
+        problem = report.problem(scaler=self.acc.scaler is not None)
+        if problem is not None:
+            self._non_finite(*problem, report.paths)
             self.optimizer.zero_grad(set_to_none=True)
-            return False, norm
+            if self.acc.scaler is not None:  # its unscale_ of this step must be closed (lowers the scale)
+                self.acc.scaler.update()
+            return False, logs
         with self.timer("optimizer"):
             self.optimizer.step()
             if not self.acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return True, norm
+        return True, logs
 
     def _rest_groups(self) -> None:
         """A parameter group outside its `active_steps` window (e.g. pivotal's phases) gets no gradient: no
@@ -282,18 +282,19 @@ class Trainer:
                 for p in group["params"]:
                     p.grad = None
 
-    def _grad_norm(self) -> float:
+    def _grad_norm(self) -> torch.Tensor:
+        """The total gradient norm, left on the device (StepWatch reads it with the rest of the step)."""
         params = list(self.params.values())
         if self.cfg.max_grad_norm:
-            return float(self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            return self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.acc.unscale_gradients()  # fp16: the norm of the true gradients, not of the scaled ones
         grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.acc.device)
 
-    def _non_finite(self, what: str, batch, value: float) -> None:
+    def _non_finite(self, what: str, value: float, paths: list[str]) -> None:
         self.state.nan_skips += 1
-        files = ", ".join(batch.get("paths", [])[:4])
-        where = f"step {self.state.step + 1}: non-finite {what} ({value}) on a batch of {files}"
+        files = ", ".join(paths[:4])
+        where = f"step {self.state.step + 1}: non-finite {what} ({value}) in the batch of {files}"
         if self.cfg.on_nan == "stop" or self.state.nan_skips > self.cfg.max_nan_skips:
             last = ckpt.complete_checkpoints(ckpt.checkpoint_root(self.out))
             kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
