@@ -64,6 +64,14 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
 
 
+def check_energy(energy: float | None) -> None:
+    """--energy is a fraction of each layer's energy to keep (NaN fails the comparison too)."""
+    from finetune.errors import ModelError
+
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ModelError(f"--energy {energy}: must be in (0, 1], the fraction of each layer's energy to keep")
+
+
 def add_family_arg(p, help_text: str = "model family") -> None:
     from finetune.models.family import FAMILIES
 
