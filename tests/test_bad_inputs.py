@@ -97,6 +97,8 @@ def call(name: str, argv, capsys) -> Outcome:
 @pytest.fixture(scope="module")
 def box(tiny_base, tmp_path_factory) -> dict[str, Path]:
     """A work folder of good and bad inputs; every case runs against it."""
+    import shutil
+
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
@@ -132,6 +134,10 @@ def box(tiny_base, tmp_path_factory) -> dict[str, Path]:
     (root / "photo_cut.png").write_bytes((root / "photo.png").read_bytes()[:40])
     (root / "existing.safetensors").write_bytes(b"someone else's file")
     (root / "existing.png").write_bytes(b"someone else's image")
+    shutil.copytree(tiny_base, root / "broken_base")
+    (root / "broken_base" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipel')
+    (root / "base.ckpt").write_bytes(b"PK\x03\x04 not really a torch zip")
+    (root / "base_cut.safetensors").write_bytes(data[:100])
     (root / "empty").mkdir()
     (root / "a_file").write_text("not a folder")
     return {"root": root, "good": good, "other": other, "emb": emb}
@@ -210,6 +216,12 @@ def value_cases(box, base) -> list[tuple[str, str, list]]:
                                    p(box, "new.safetensors")]),
         ("a_file", "merge", ["fuse", "--base", p(box, "a_file"), "--lora", box["good"], "--single-file",
                              p(box, "new.safetensors")]),
+        ("model_index.json", "merge", ["fuse", "--base", p(box, "broken_base"), "--lora", box["good"],
+                                       "--single-file", p(box, "new.safetensors")]),
+        ("base.ckpt", "merge", ["fuse", "--base", p(box, "base.ckpt"), "--allow-pickle", "--config", base,
+                                "--lora", box["good"], "--single-file", p(box, "new.safetensors")]),
+        ("base_cut.safetensors", "generate", ["a circle", "--base", p(box, "base_cut.safetensors"), "--config",
+                                              base, "--steps", 1, "--out", p(box, "new.png")]),
         ("missing_folder", "dataset", [p(box, "missing_folder")]),
         ("a_file", "dataset", [p(box, "a_file")]),
         ("empty", "dataset", [p(box, "empty")]),

@@ -103,7 +103,6 @@ def to_compel(prompt: str) -> str:
 def build_pipeline(args):
     import torch
 
-    from finetune.errors import ModelError
     from finetune.export.embeddings import load_into_pipeline
     from finetune.export.merge import LoraSpec, fuse_all, read_all
     from finetune.train.validation import SCHEDULERS
@@ -163,7 +162,6 @@ def encode(pipe, family, prompt: str, negative: str) -> dict:
 
 def main(argv=None) -> int:
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     args = parse_args(argv)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -37,10 +39,32 @@ class Cache:
     def has(self, key: str) -> bool:
         return key in self.memory or (self.root is not None and self._path(key).is_file())
 
+    def usable(self, key: str) -> bool:
+        """Present and whole: a truncated or garbled file (a full disk, a copy cut short) reads as absent and
+        is re-encoded, with a warning naming it, instead of crashing the run at its first batch."""
+        if key in self.memory:
+            return True
+        if self.root is None or not self._path(key).is_file():
+            return False
+        try:
+            with safe_open(str(self._path(key)), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+            return True
+        except Exception:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
+            warnings.warn(f"cache entry {self._path(key)} is damaged; encoding it again", stacklevel=2)
+            return False
+
     def get(self, key: str) -> dict[str, torch.Tensor]:
         if key in self.memory:
             return self.memory[key]
-        return load_file(self._path(key))
+        try:
+            return load_file(self._path(key))
+        except Exception as e:  # noqa: BLE001 - damaged after the run checked it
+            from finetune.errors import DataError
+
+            raise DataError(f"{self._path(key)}: cache entry unreadable ({str(e).splitlines()[0][:120]}); "
+                            "delete it and run again (it is encoded anew)") from None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -61,7 +85,7 @@ def fill(cache: Cache, jobs: list, batch: int, encode, desc: str, progress: bool
     missing: dict[object, list] = {}
     seen = set()
     for key, group, payload in jobs:
-        if key not in seen and not cache.has(key):
+        if key not in seen and not cache.usable(key):
             seen.add(key)
             missing.setdefault(group, []).append((key, payload))
     total = sum(len(v) for v in missing.values())
