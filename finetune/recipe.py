@@ -365,7 +365,8 @@ def _describe(err: dict, source: Path | None) -> str:
     if kind == "missing":
         return f"{where}{key}: required key is missing"
     value = err.get("input")
-    msg = _short(err["msg"].removeprefix("Value error, "), 300).strip("'\"")
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
     allowed = _allowed(err)
     if isinstance(value, dict) or kind == "value_error" and isinstance(parent_cls, type):
         shown_all, _ = _walk(loc)
