@@ -65,7 +65,20 @@ def test_bad_recipes_fail_at_load_time_in_one_short_line(tmp_path, capsys):
     recipe = write_recipe(tmp_path, "toy", images)
     (tmp_path / "a_file").write_text("x")
     files = yaml_files(tmp_path)
+    outside = draw_images(tmp_path / "elsewhere", n=1)
+    linked = draw_images(tmp_path / "linked", n=2)
+    (linked / "9.png").symlink_to(outside / "0.png")  # an image linking out of its dataset
+    capt = draw_images(tmp_path / "capt", n=2)
+    (capt / "0.txt").unlink()
+    (capt / "0.txt").symlink_to(tmp_path / "a_file")  # a caption linking out
+    (tmp_path / "empty").mkdir()
+    src = "data.sources.0.path"
     cases = [
+        ("missing", [recipe, f"{src}={tmp_path / 'missing'}", "--check"]),
+        ("a_file", [recipe, f"{src}={tmp_path / 'a_file'}", "--check"]),
+        ("empty", [recipe, f"{src}={tmp_path / 'empty'}", "--check"]),
+        ("9.png", [recipe, f"{src}={linked}", "--check"]),
+        ("0.txt", [recipe, f"{src}={capt}", "--check"]),
         ("method.alpha", [recipe, "method.alpha=.inf", "--check"]),
         ("train.lr", [recipe, "train.lr=.nan", "--check"]),
         ("train.seed", [recipe, f"train.seed={2**32}", "--check"]),
@@ -84,6 +97,17 @@ def test_bad_recipes_fail_at_load_time_in_one_short_line(tmp_path, capsys):
             failures.append(f"{culprit}: {'; '.join(bad)} | {err.strip()[:300]}")
     assert snapshot(tmp_path) == before
     assert not failures, f"{len(failures)} of {len(cases)} failed:\n" + "\n".join(failures)
+
+
+def test_links_inside_the_dataset_are_followed(tmp_path, capsys):
+    """The other half of the link policy: a kohya repeats folder may link images of another one."""
+    root = tmp_path / "kohya"
+    draw_images(root / "2_sks circle", n=2)
+    (root / "1_circle").mkdir()
+    (root / "1_circle" / "0.png").symlink_to(root / "2_sks circle" / "0.png")
+    recipe = write_recipe(tmp_path, "toy", root)
+    code, _ = run_cli([recipe, "data.sources.0.type=kohya", "--check"], capsys)
+    assert code == 0
 
 
 # --------------------------------------------------------------------------------------------- run folders
