@@ -239,16 +239,49 @@ def all_cases(box, base) -> list[tuple[str, str, list]]:
     return cases + out_cases(box, base) + value_cases(box, base)
 
 
-def test_every_tool_refuses_every_bad_input_in_one_line(box, tiny_base, capsys):
-    failures, cases = [], all_cases(box, tiny_base)
+TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption"]
+
+
+@pytest.mark.parametrize("tool_name", TOOL_NAMES)
+def test_every_tool_refuses_every_bad_input_in_one_line(box, tiny_base, capsys, tool_name):
+    cases = [c for c in all_cases(box, tiny_base) if c[1] == tool_name]
+    assert cases
     saved = {str(q.relative_to(box["root"])): q.read_bytes() for q in box["root"].rglob("*") if q.is_file()}
-    before = snapshot(box["root"])
-    for culprit, tool_name, argv in cases:
+    before, failures = snapshot(box["root"]), []
+    for culprit, _, argv in cases:
         outcome = call(tool_name, argv, capsys)
         bad = outcome.problems(culprit, before, snapshot(box["root"]))
         restore(box["root"], saved)
         if bad:
             failures.append(f"{tool_name} {' '.join(str(a).replace(str(box['root']), '~') for a in argv)}: "
                             f"{'; '.join(bad)} | {outcome.err.strip()[:300]}")
-    print(f"{len(cases)} cases, {len(failures)} failed")
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+
+def test_the_table_covers_every_tool_that_reads_user_files(box, tiny_base):
+    """A new tool that reads models, adapters or folders gets rows here (bench, toy builders: no user input)."""
+    covered = {c[1] for c in all_cases(box, tiny_base)}
+    shipped = {p.stem for p in TOOLS.glob("*.py")} - {"_common", "bench", "bench_caption", "make_toy_model",
+                                                       "toy_data"}
+    assert shipped == covered == set(TOOL_NAMES)
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EACCES"])
+def test_a_failed_write_is_one_line_and_keeps_the_old_file(box, capsys, monkeypatch, errno_name):
+    """Disk full (or no permission) half-way through writing an output that replaces an existing one
+    (--overwrite): one line naming the file, the old bytes kept, no temporary file left behind."""
+    import errno
+    import os
+
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)), str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    target = p(box, "existing.safetensors")
+    before = snapshot(box["root"])
+    outcome = call("convert", ["lora", box["good"], "--to", "kohya", "--out", target, "--overwrite"], capsys)
+    assert not outcome.problems("existing.safetensors", before, snapshot(box["root"])), outcome
+    assert f"{target}:" in outcome.err and ".tmp" not in outcome.err  # the user's file, not our temporary one
