@@ -65,6 +65,7 @@ def check_args(args, seeds: list[int]):
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and (value < 8 or value % 8):
             raise ModelError(f"{flag} {value}: must be a positive multiple of 8 (the VAE halves the size 3 times)")
+    _check_device(args.device)
     if not math.isfinite(args.guidance):
         raise ModelError(f"--guidance {args.guidance}: must be a finite number, e.g. 7.5")
     if not all(0 <= s < 2**64 for s in seeds):
@@ -201,6 +202,22 @@ def _save(args, rows, seeds) -> None:
             for seed, img in zip(seeds, row, strict=True):
                 _save_image(img, args.save_images / f"p{i:02d}-s{seed}.png")
         print(f"wrote {sum(len(r) for r in rows)} images to {args.save_images}")
+
+
+def _check_device(name: str | None) -> None:
+    import torch
+
+    from finetune.errors import ModelError
+
+    if name is None:
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ModelError(f"--device {name}: not a device name; use cuda, cuda:1, mps or cpu") from None
+    there = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not there():
+        raise ModelError(f"--device {name}: no {kind} device here; leave --device out to use what there is")
 
 
 def _save_image(image, path: Path) -> None:

@@ -147,9 +147,21 @@ def load_components(model: ModelSection) -> Components:
     else:
         pipe = _load_pretrained(model, kind, where, vae)
         family = _chosen(model) or _detect(pipe, model.base)
+    _check_fits(pipe, family, model)
     comps = _from_pipeline(pipe, family, model, where)
     freeze(comps)
     return comps
+
+
+def _check_fits(pipe, family: Family, model: ModelSection) -> None:
+    """A `model.family` forced onto a base of another family leaves the family's parts empty: say so here,
+    not as an AttributeError at the first caption."""
+    wanted = [family.denoiser_name, family.tokenizer_names[0],
+              *(n for n in family.text_encoder_names if n not in model.drop_text_encoders)]
+    missing = [n for n in wanted if getattr(pipe, n, None) is None]
+    if missing:
+        raise ModelError(f"model.base '{model.base}' has no {missing[0]} for a {family.name} model "
+                         f"(model.family: {model.family}); set model.family: auto, or the base's own family")
 
 
 def _chosen(model: ModelSection) -> Family | None:
