@@ -34,3 +34,22 @@ class RunError(UserError):
     """The run cannot go on (non-finite loss, a failed checkpoint write); what was saved is intact."""
 
     exit_code = 3
+
+
+# what the machine says when a file cannot be written or read: the user's to fix (space, permissions, a
+# read-only mount), never a bug of ours, so one line instead of a traceback
+ENVIRONMENT_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR", "EFBIG",
+                                "ENAMETOOLONG", "EIO"})
+
+
+def environment_problem(e: BaseException) -> str | None:
+    """One line for an OSError the user can act on (a full disk, no permission, a read-only folder); None
+    for anything else, which stays a traceback worth reporting."""
+    import errno as _errno
+
+    if not isinstance(e, OSError) or _errno.errorcode.get(e.errno or -1) not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {"ENOSPC": "free some space", "EDQUOT": "free some space", "EFBIG": "free some space"}.get(
+        _errno.errorcode[e.errno], "check the path and its permissions")
+    return f"{where}{e.strerror or e}; {hint} and run again (nothing was half-written)"

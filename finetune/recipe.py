@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,43 @@ def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+MAX_DEPTH = 50  # a recipe is 4-5 levels deep; deeper is a mistake or an attack on the recursive parser
+MAX_NODES = 100_000  # values after aliases expand: a 1 KB "billion laughs" file would otherwise fill memory
+
+
+def _load_bounded(text: str, path: Path) -> Any:
+    """yaml.load with our strict loader, refusing documents nested too deeply or too large once aliases
+    expand (both checked on the composed node graph, before any Python object is built)."""
+    loader = _StrictLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeError(f"{path}: nested too deeply (more than {MAX_DEPTH} levels); flatten it") from None
+        if node is None:
+            return None
+        _check_size(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: yaml.Node, path: Path) -> None:
+    count, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{path}: nested too deeply (more than {MAX_DEPTH} levels); flatten it")
+        if count > MAX_NODES:
+            raise RecipeError(f"{path}: more than {MAX_NODES:,} values once its aliases (*name) are expanded; "
+                              "a recipe needs far fewer: remove the repeated aliases")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -130,7 +168,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = _load_bounded(text, path)
     except _DuplicateKey as e:
         raise RecipeError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
@@ -293,6 +331,14 @@ def _allowed(err: dict) -> str:
     return ""
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: an error line stays one readable line whatever was given."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 3, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(err: dict, source: Path | None) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
@@ -320,11 +366,12 @@ def _describe(err: dict, source: Path | None) -> str:
         return f"{where}{key}: required key is missing"
     value = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
+    msg = msg if len(msg) <= 300 else msg[:297] + "..."
     allowed = _allowed(err)
     if isinstance(value, dict) or kind == "value_error" and isinstance(parent_cls, type):
         shown_all, _ = _walk(loc)
         return f"{where}{'.'.join(shown_all)}: {msg}" if shown_all else f"{where}{msg}"
-    text = f"{where}{key or '(recipe)'}: {value!r} is not valid: {msg}" if loc else f"{where}{msg}"
+    text = f"{where}{key or '(recipe)'}: {_short(value)} is not valid: {msg}" if loc else f"{where}{msg}"
     return text + (f" ({allowed})" if allowed and allowed not in msg else "")
 
 

@@ -88,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         if line is None:
             raise
         _fail(line, 1)
+    except OSError as e:  # a full disk or a refused write (checkpoints, exports): the user's to fix
+        from finetune.errors import environment_problem
+
+        line = environment_problem(e)
+        if line is None:
+            raise
+        _fail(line, 3)
     except KeyboardInterrupt:
         # Ctrl-C outside the training steps (class images, caches, the step-0 grid; or a second Ctrl-C),
         # where the loop's own clean stop is not listening: one line, not a traceback from deep inside torch

@@ -6,15 +6,19 @@ The `data` section lives in `finetune/data/config.py` and each method's section 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment, and no float
+    may be NaN or infinite (no field means infinity; `.inf` for an alpha or a weight would train garbage)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed passes every seed through
 
 
 class ModelSection(StrictModel):
@@ -131,7 +135,7 @@ class TrainSection(StrictModel):
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip gradients to this norm; null disables.")
-    seed: int = Field(42, ge=0, description="Seed for everything random in the run.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed for everything random in the run.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Compute precision through accelerate; trained parameters stay fp32."
     )
@@ -175,7 +179,8 @@ class TrainSection(StrictModel):
 class ValidationSection(StrictModel):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered into the sample grid.")
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1], description="One grid column per seed.")
+    seeds: list[Annotated[int, Field(ge=0, le=2**64 - 1)]] = Field(
+        default_factory=lambda: [0, 1], description="One grid column per seed.")
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
     at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
     steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
@@ -184,8 +189,8 @@ class ValidationSection(StrictModel):
         description="Guidance scale (FLUX [dev]: the distilled guidance); null: the family's usual value "
         "(SD 7.5, SD3 7.0, FLUX 3.5).",
     )
-    width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
-    height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
+    width: int | None = Field(None, ge=8, multiple_of=8, description="Sample width; default data.resolution.")
+    height: int | None = Field(None, ge=8, multiple_of=8, description="Sample height; default data.resolution.")
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
         "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."

@@ -151,13 +151,12 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 def run_trainer(recipe_path: Path, *overrides: str):
     """Load a recipe (with overrides) and train it in this process; returns the Trainer."""
     from finetune.recipe import load_recipe
-    from finetune.train.setup import check_output_dir, make_accelerator, write_run_files
+    from finetune.train.setup import check_output_dir, make_accelerator
     from finetune.train.trainer import Trainer
 
     recipe = load_recipe(recipe_path, list(overrides))
     check_output_dir(recipe)
     acc = make_accelerator(recipe)
-    write_run_files(recipe)
     t = Trainer(recipe, acc)
     t.run()
     return t

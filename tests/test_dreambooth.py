@@ -156,13 +156,12 @@ def test_full_method_config_and_export_formats(tmp_path, tiny_base, images):
 
 
 def build_trainer(recipe_path: Path):
-    from finetune.train.setup import check_output_dir, make_accelerator, write_run_files
+    from finetune.train.setup import check_output_dir, make_accelerator
     from finetune.train.trainer import Trainer
 
     recipe = load_recipe(recipe_path)
     check_output_dir(recipe)
     acc = make_accelerator(recipe)
-    write_run_files(recipe)
     return Trainer(recipe, acc)
 
 

@@ -17,7 +17,8 @@ __import__("logging").getLogger("bitsandbytes").setLevel(40)
 
 
 def run(main, argv=None) -> int:
-    """Call main(argv); a UserError (or a missing file) prints one line and returns 2, no traceback."""
+    """Call main(argv); a UserError (or a missing file) prints one line and returns 2, a full disk or a
+    refused write returns 3; no traceback."""
     from finetune.env import check_compatibility
     from finetune.errors import UserError
 
@@ -30,6 +31,14 @@ def run(main, argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e.filename or e}: no such file", file=sys.stderr)
         return 2
+    except OSError as e:
+        from finetune.errors import environment_problem
+
+        line = environment_problem(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted; nothing more written", file=sys.stderr)
         return 130
@@ -62,6 +71,14 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
 
     quiet()
     return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
+
+
+def check_energy(energy: float | None) -> None:
+    """--energy is a fraction of each layer's energy to keep (NaN fails the comparison too)."""
+    from finetune.errors import ModelError
+
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ModelError(f"--energy {energy}: must be in (0, 1], the fraction of each layer's energy to keep")
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:

@@ -24,6 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--to", required=True, choices=["diffusers", "kohya", "bfl", "a1111"],
                    help="output form (bfl: FLUX LoRAs in Black Forest Labs names, for sd-scripts and Forge)")
     p.add_argument("--out", required=True, type=Path, help="output file (.safetensors) or folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
     _common.add_family_arg(p, "family whose key names to read and write (auto: from the file)")
     return p.parse_args(argv)
@@ -38,12 +39,12 @@ def main(argv=None) -> int:
     if args.kind == "lora":
         fmt = {"a1111": "kohya"}.get(args.to, args.to)
         path = convert_lora(args.input, args.out, fmt, allow_pickle=args.allow_pickle,
-                            family=_common.family_of(args.family))
+                            family=_common.family_of(args.family), overwrite=args.overwrite)
     else:
         if args.to in ("kohya", "bfl"):
             raise ModelError("embeddings convert to 'diffusers' or 'a1111'")
         path = convert_embedding(args.input, args.out, args.to, allow_pickle=args.allow_pickle,
-                                 family=_common.family_of(args.family))
+                                 family=_common.family_of(args.family), overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 

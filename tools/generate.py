@@ -46,7 +46,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
     p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid image to write")
     p.add_argument("--save-images", type=Path, help="also save every image into this folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
     return p.parse_args(argv)
+
+
+def check_args(args, seeds: list[int]):
+    """Every value and path checked before the base loads: one line naming the flag, or the opened init image."""
+    import math
+
+    from PIL import Image
+
+    from finetune.errors import ModelError
+    from finetune.export.io import check_output
+
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+        if value < 1:
+            raise ModelError(f"{flag} {value}: must be at least 1")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise ModelError(f"{flag} {value}: must be a positive multiple of 8 (the VAE halves the size 3 times)")
+    _check_device(args.device)
+    if not math.isfinite(args.guidance):
+        raise ModelError(f"--guidance {args.guidance}: must be a finite number, e.g. 7.5")
+    if not all(0 <= s < 2**64 for s in seeds):
+        raise ModelError(f"--seeds {seeds}: seeds must be in 0 .. 2^64-1")
+    if args.out.suffix.lower() not in Image.registered_extensions():
+        raise ModelError(f"--out {args.out}: unknown image type '{args.out.suffix}'; use .png or .jpg")
+    inputs = [Path(args.base), args.init_image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
+              *(Path(s) for s in args.lora + args.embedding)]
+    check_output(args.out, inputs, args.overwrite)
+    if args.save_images is not None:
+        for i in range(len(args.prompts)):
+            for seed in seeds:
+                check_output(args.save_images / f"p{i:02d}-s{seed}.png", inputs, args.overwrite, "--save-images")
+    if args.init_image is None:
+        return None
+    if not 0.0 < args.strength <= 1.0:
+        raise ModelError(f"--strength {args.strength}: must be in (0, 1]")
+    if int(args.steps * args.strength) < 1:
+        raise ModelError(f"--steps {args.steps} at --strength {args.strength} leaves no denoising step; "
+                         "raise --steps or --strength")
+    if not args.init_image.is_file():
+        raise ModelError(f"{args.init_image}: no such image")
+    try:
+        with Image.open(args.init_image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ModelError(f"{args.init_image}: not a readable image ({str(e).splitlines()[0][:120]}); "
+                         "give a PNG or JPEG") from None
 
 
 def to_compel(prompt: str) -> str:
@@ -57,7 +104,6 @@ def to_compel(prompt: str) -> str:
 def build_pipeline(args):
     import torch
 
-    from finetune.errors import ModelError
     from finetune.export.embeddings import load_into_pipeline
     from finetune.export.merge import LoraSpec, fuse_all, read_all
     from finetune.train.validation import SCHEDULERS
@@ -76,10 +122,6 @@ def build_pipeline(args):
         path, _, token = item.partition(":") if not Path(item).exists() else (item, "", "")
         tokens.append(load_into_pipeline(pipe, path, token or None, args.allow_pickle, comps.family))
     if args.init_image is not None:
-        if not args.init_image.is_file():
-            raise ModelError(f"{args.init_image}: no such image")
-        if not 0.0 < args.strength <= 1.0:
-            raise ModelError(f"--strength {args.strength}: must be in (0, 1]")
         from diffusers import AutoPipelineForImage2Image
 
         pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's own image-to-image pipeline
@@ -121,15 +163,15 @@ def encode(pipe, family, prompt: str, negative: str) -> dict:
 
 def main(argv=None) -> int:
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     args = parse_args(argv)
     seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
+    init = check_args(args, seeds)
     pipe, comps, _ = build_pipeline(args)
     extra = {}
-    if args.init_image is not None:
-        extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
+    if init is not None:
+        extra = {"image": init, "strength": args.strength}
     else:
         size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
         extra = {"width": args.width or size, "height": args.height or size}
@@ -153,15 +195,39 @@ def _save(args, rows, seeds) -> None:
 
     title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
     image = grid(rows, args.prompts, title=f"{title} | seeds {seeds}"[:200])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
+    _save_image(image, args.out)
     print(f"wrote {args.out}")
     if args.save_images:
-        args.save_images.mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(rows):
             for seed, img in zip(seeds, row, strict=True):
-                img.save(args.save_images / f"p{i:02d}-s{seed}.png")
+                _save_image(img, args.save_images / f"p{i:02d}-s{seed}.png")
         print(f"wrote {sum(len(r) for r in rows)} images to {args.save_images}")
+
+
+def _check_device(name: str | None) -> None:
+    import torch
+
+    from finetune.errors import ModelError
+
+    if name is None:
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        raise ModelError(f"--device {name}: not a device name; use cuda, cuda:1, mps or cpu") from None
+    there = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not there():
+        raise ModelError(f"--device {name}: no {kind} device here; leave --device out to use what there is")
+
+
+def _save_image(image, path: Path) -> None:
+    """Atomically, so an interrupted run leaves the old file or none, never half an image."""
+    from PIL import Image
+
+    from finetune.export.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--out", type=Path, help="diffusers folder to write")
     f.add_argument("--single-file", type=Path, help="single-file .safetensors checkpoint (LDM layout) to write")
     f.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="single-file weights dtype")
-    f.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    f.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     c = sub.add_parser("combine", help="combine LoRAs into one LoRA")
     c.add_argument("--lora", action="append", required=True, metavar="PATH[:WEIGHT]", help="LoRA to add (repeat)")
     g = c.add_mutually_exclusive_group()
@@ -37,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--energy", type=float, help="SVD-compress keeping this fraction of the energy per layer")
     c.add_argument("--out", required=True, type=Path, help="output .safetensors file or folder")
     c.add_argument("--format", choices=["diffusers", "kohya"], default="kohya", help="output form")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     c.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
     return p.parse_args(argv)
 
@@ -51,10 +52,16 @@ def main(argv=None) -> int:
 
 def fuse(args, specs) -> int:
     from finetune.errors import ModelError
+    from finetune.export.io import check_output
     from finetune.export.merge import merge_into_base
 
     if args.out is None and args.single_file is None:
         raise ModelError("give --out (diffusers folder) and/or --single-file")
+    inputs = [Path(args.base), *(s.path for s in specs)]
+    if args.out is not None:
+        check_output(args.out, inputs, args.overwrite, "--out", folder=True)
+    if args.single_file is not None:
+        check_output(args.single_file, inputs, args.overwrite, "--single-file")
     comps = _common.load_base(args.base, args.family, args.config, args.allow_pickle)
     for path in merge_into_base(comps, specs, args.out, args.single_file, args.allow_pickle, args.dtype,
                                 args.overwrite):
@@ -64,7 +71,7 @@ def fuse(args, specs) -> int:
 
 def combine(args, specs) -> int:
     from finetune.errors import ModelError
-    from finetune.export.convert import lora_target
+    from finetune.export.convert import check_lora_output, lora_target
     from finetune.export.lora import save_adapter
     from finetune.export.lowrank import summary
     from finetune.export.merge import combine as combine_loras
@@ -72,13 +79,16 @@ def combine(args, specs) -> int:
     _common.quiet()
     if args.rank is not None and args.rank < 1:
         raise ModelError(f"--rank {args.rank}: must be at least 1")
+    _common.check_energy(args.energy)
+    target = check_lora_output(lora_target(specs[0].path, args.out, args.format), [s.path for s in specs],
+                               args.overwrite)
     merged, reports, meta = combine_loras(specs, args.rank, args.energy, args.allow_pickle)
     if reports:
         meta["finetune.resize_report"] = summary(reports)
         print(summary(reports))
     ranks = sorted({layer.rank for layer in merged.layers.values()})
     print(f"{len(merged.layers)} layers, rank {ranks[0]}..{ranks[-1]}")
-    print(f"wrote {save_adapter(merged, lora_target(specs[0].path, args.out, args.format), args.format, meta)}")
+    print(f"wrote {save_adapter(merged, target, args.format, meta)}")
     return 0
 
 

@@ -25,6 +25,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--energy", type=float, help="keep this fraction of the energy per layer, e.g. 0.99")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors file or folder")
     p.add_argument("--format", choices=["same", "diffusers", "kohya"], default="same", help="output form")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     p.add_argument("--verbose", action="store_true", help="print every layer's report")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
     _common.add_family_arg(p, "family whose key names to read and write (auto: from the file)")
@@ -34,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     from finetune.errors import ModelError
     from finetune.export.adapters import read_adapter
-    from finetune.export.convert import kept_metadata, lora_target
+    from finetune.export.convert import check_lora_output, kept_metadata, lora_target
     from finetune.export.lora import save_adapter
     from finetune.export.lowrank import resize, summary
 
@@ -42,17 +43,19 @@ def main(argv=None) -> int:
     _common.quiet()
     if args.rank is not None and args.rank < 1:
         raise ModelError(f"--rank {args.rank}: must be at least 1")
+    _common.check_energy(args.energy)
     adapter = read_adapter(args.input, allow_pickle=args.allow_pickle, family=_common.family_of(args.family))
     small, reports = resize(adapter, rank=args.rank, energy=args.energy)
     fmt = adapter.format if args.format == "same" else args.format
     fmt = "diffusers" if fmt == "peft" else fmt
+    target = check_lora_output(lora_target(args.input, args.out, fmt), [args.input], args.overwrite)
     ranks = sorted({r.rank_out for r in reports})
     meta = kept_metadata(adapter.metadata) | {
         "finetune.resized_from": f"{args.input.name} (ranks {sorted(adapter.ranks())})",
         "finetune.resize_report": summary(reports), "finetune.rank": str(ranks[-1]),
         "ss_network_dim": str(ranks[-1]), "ss_network_alpha": str(ranks[-1]),
     }
-    path = save_adapter(small, lora_target(args.input, args.out, fmt), fmt, meta)
+    path = save_adapter(small, target, fmt, meta)
     if args.verbose:
         for r in reports:
             print(f"{r.name}: rank {r.rank_in} -> {r.rank_out}, energy {r.energy:.5f}, error {r.rel_error:.4g}")

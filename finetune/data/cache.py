@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -45,10 +47,32 @@ class Cache:
     def has(self, key: str) -> bool:
         return key in self.memory or (self.root is not None and self._path(key).is_file())
 
+    def usable(self, key: str) -> bool:
+        """Present and whole: a truncated or garbled file (a full disk, a copy cut short) reads as absent and
+        is re-encoded, with a warning naming it, instead of crashing the run at its first batch."""
+        if key in self.memory:
+            return True
+        if self.root is None or not self._path(key).is_file():
+            return False
+        try:
+            with safe_open(str(self._path(key)), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+            return True
+        except Exception:  # noqa: BLE001 - safetensors raises its own error type on a damaged file
+            warnings.warn(f"cache entry {self._path(key)} is damaged; encoding it again", stacklevel=2)
+            return False
+
     def get(self, key: str) -> dict[str, torch.Tensor]:
         if key in self.memory:
             return self.memory[key]
-        entry = load_file(self._path(key))
+        try:
+            entry = load_file(self._path(key))
+        except Exception as e:  # noqa: BLE001 - damaged after the run checked it
+            from finetune.errors import DataError
+
+            raise DataError(f"{self._path(key)}: cache entry unreadable ({str(e).splitlines()[0][:120]}); "
+                            "delete it and run again (it is encoded anew)") from None
         size = sum(t.nbytes for t in entry.values())
         if size <= self.memo_bytes:  # callers copy out of entries (stack, float), never write into them
             self.memory[key] = entry
@@ -83,7 +107,7 @@ def fill(cache: Cache, jobs: list, batch: int, encode, desc: str, progress: bool
             groups.setdefault(group, []).append((key, payload))
     chunks = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
     rank, processes = share
-    mine = [[job for job in chunk if not cache.has(job[0])] for chunk in chunks[rank::processes]]
+    mine = [[job for job in chunk if not cache.usable(job[0])] for chunk in chunks[rank::processes]]
     mine = [chunk for chunk in mine if chunk]
     total = sum(len(c) for c in mine)
     if not total:

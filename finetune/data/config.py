@@ -92,7 +92,7 @@ class ToySource(_Source):
         "world", description="'world' for captioned world images, or the name of a held-out toy subject."
     )
     count: int = Field(16, ge=1, le=100_000, description="How many images to draw.")
-    seed: int = Field(0, ge=0, description="Seed of the drawing.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the drawing.")
     prompt: str | None = Field(None, description="Caption for every image; default the world's own captions.")
 
 

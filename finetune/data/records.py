@@ -75,13 +75,29 @@ def read_caption(path: Path, probs: Problems) -> str | None:
         return None
 
 
-def image_files(root: Path, recursive: bool = False) -> list[Path]:
-    """Image files under root (by extension), sorted for a stable order; hidden files are ignored."""
+def image_files(root: Path, recursive: bool = False, within: Path | None = None) -> list[Path]:
+    """Image files under root (by extension), sorted for a stable order; hidden files are ignored.
+
+    Links are followed only inside the dataset (`within`, default `root`): a link out of it is refused by
+    name before the file is opened, as metadata `file_name`s are, so a dataset cannot pull in files its
+    folder does not hold (a shared folder, a downloaded archive)."""
     pattern = "**/*" if recursive else "*"
-    return sorted(
+    files = sorted(
         p for p in root.glob(pattern)
         if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file()
     )
+    for p in files:
+        inside(p, within or root)
+    return files
+
+
+def inside(path: Path, root: Path) -> Path:
+    """`path`, refused when it (through a link anywhere on its way) resolves outside `root`."""
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise DataError(f"{path}: links to {target}, outside the dataset folder {root}; copy the file into the "
+                        "folder, or point the source at where it lives (links out of a dataset are not followed)")
+    return path
 
 
 def need_dir(path: str, key: str) -> Path:

@@ -21,6 +21,7 @@ from finetune.data.records import (
     blob_record,
     confined,
     image_files,
+    inside,
     load_images,
     need_dir,
     read_caption,
@@ -39,8 +40,10 @@ def _subset(src, data, probs: Problems, name: str | None = None, repeats: int | 
     )
 
 
-def _with_captions(files: list[Path], ext: str, default: str, probs: Problems) -> tuple[list, list[Path]]:
-    """(path, caption) pairs from same-stem sidecars; files without one get `default` and are listed."""
+def _with_captions(files: list[Path], ext: str, default: str, probs: Problems,
+                   root: Path) -> tuple[list, list[Path]]:
+    """(path, caption) pairs from same-stem sidecars; files without one get `default` and are listed. A
+    caption file linking out of `root` is refused, like an image."""
     pairs, missing = [], []
     for f in files:
         side = f.with_suffix(ext)
@@ -48,7 +51,7 @@ def _with_captions(files: list[Path], ext: str, default: str, probs: Problems) -
             missing.append(f)
             pairs.append((f, default))
             continue
-        text = read_caption(side, probs)
+        text = read_caption(inside(side, root), probs)
         if text is not None:
             pairs.append((f, text))
     return pairs, missing
@@ -82,7 +85,7 @@ def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
     if not files:
         raise _no_images(root, src.recursive)
     sub = _subset(src, data, probs)
-    pairs, missing = _with_captions(files, src.caption_ext, "", probs)
+    pairs, missing = _with_captions(files, src.caption_ext, "", probs, root)
     if len(missing) == len(files):
         other = _wrong_ext_hint(files, src.caption_ext)
         if other:
@@ -102,7 +105,7 @@ def scan_instance(src, data, probs: Problems, key: str) -> list[Subset]:
     if not files:
         raise _no_images(root, False)
     sub = _subset(src, data, probs)
-    pairs, _ = _with_captions(files, src.caption_ext, src.instance_prompt, probs)
+    pairs, _ = _with_captions(files, src.caption_ext, src.instance_prompt, probs, root)
     sub.records = load_images(pairs, probs)
     return [sub]
 
@@ -123,11 +126,11 @@ def scan_kohya(src, data, probs: Problems, key: str) -> list[Subset]:
         count, prompt = d.name.split("_", 1)
         if int(count) < 1:
             raise DataError(f"{d}: repeats in the folder name must be at least 1; rename it to 1_{prompt}")
-        files = image_files(d)
+        files = image_files(d, within=root)  # repeats folders may link the same images between them
         if not files:
             raise DataError(f"{d}: kohya folder holds no images; add images or remove the folder")
         sub = _subset(src, data, probs, name=str(d), repeats=int(count) * src.repeats)
-        pairs, missing = _with_captions(files, src.caption_ext, prompt, probs)
+        pairs, missing = _with_captions(files, src.caption_ext, prompt, probs, root)
         _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
         sub.records = load_images(pairs, probs)
         subsets.append(sub)

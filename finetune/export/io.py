@@ -58,6 +58,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename == str(tmp) and e.errno is not None:  # name the file the user asked for, not our temp
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -142,7 +147,7 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
         data = data.get("state_dict", data) if isinstance(data, dict) else data
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise ModelError(f"{path}: pickle does not hold a flat dict of tensors")
-        return dict(data), {}
+        return check_finite(dict(data), path), {}
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -151,7 +156,20 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a readable safetensors file (truncated or corrupt? {str(e).splitlines()[0]})") from None
-    return tensors, meta
+    return check_finite(tensors, path), meta
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """`tensors`, refused (one line naming the file and the first bad tensor) when a float tensor holds NaN or
+    inf: merged, combined or sampled, one such value spreads into a NaN model or a black image."""
+    from finetune.errors import ModelError
+
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"{path}: tensor '{name}' holds {n} NaN/inf value(s) (a diverged or damaged file); "
+                             "use an earlier checkpoint or re-export it")
+    return tensors
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -168,6 +186,35 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------- no-clobber writes, moves
+def _is_input(out: Path, src: Path, folder: bool) -> bool:
+    """Whether writing `out` would replace the input `src`: the same file (links included), a file inside an
+    input folder, or (`folder`: `out` is a folder replaced as a whole) a folder holding the input."""
+    try:
+        if out.exists() and src.exists() and os.path.samefile(out, src):
+            return True
+    except OSError:
+        pass
+    out, src = out.resolve(), src.resolve()
+    return out == src or (src.is_dir() and out.is_relative_to(src)) or (folder and src.is_relative_to(out))
+
+
+def check_output(out: str | Path, inputs=(), overwrite: bool = False, flag: str = "--out",
+                 folder: bool = False) -> Path:
+    """`out` when a tool may write it: never an input (not even with --overwrite), and never an existing file
+    or (`folder`) folder unless `overwrite`. Called before heavy work: a refusal costs and changes nothing."""
+    from finetune.errors import ModelError
+
+    out = Path(out)
+    for src in inputs:
+        if src is not None and _is_input(out, Path(src), folder):
+            raise ModelError(f"{out}: {flag} would replace the input {src}; choose another {flag}")
+    if out.exists() or out.is_symlink():
+        if not folder and out.is_dir():
+            raise ModelError(f"{out}: is a folder, not a file; choose another {flag}")
+        if not overwrite:
+            raise ModelError(f"{out}: already exists; choose another {flag} or pass --overwrite to replace it")
+    return out
+
 def write_text_new(path: str | Path, text: str) -> Path:
     """Write a small text file atomically under a name that must not exist yet: FileExistsError when it does,
     even when it appears while we write (the finished temporary file is hard-linked into place, and a hard

@@ -18,12 +18,17 @@ class LoraSpec:
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """'file.safetensors' or 'file.safetensors:0.7' (a trailing number after the last ':' is the weight)."""
+        import math
+
         head, sep, tail = text.rpartition(":")
         if sep and head:
             try:
-                return cls(Path(head), float(tail))
+                weight = float(tail)
             except ValueError:
-                pass
+                return cls(Path(text), 1.0)
+            if not math.isfinite(weight):
+                raise ModelError(f"{text}: weight {tail!r} is not a finite number; give e.g. {head}:0.8")
+            return cls(Path(head), weight)
         return cls(Path(text), 1.0)
 
 

@@ -7,7 +7,6 @@ frozen parts to the compute dtype after the method has chosen what trains (`cast
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +148,21 @@ def load_components(model: ModelSection) -> Components:
     else:
         pipe = _load_pretrained(model, kind, where, vae)
         family = _chosen(model) or _detect(pipe, model.base)
+    _check_fits(pipe, family, model)
     comps = _from_pipeline(pipe, family, model, where)
     freeze(comps)
     return comps
+
+
+def _check_fits(pipe, family: Family, model: ModelSection) -> None:
+    """A `model.family` forced onto a base of another family leaves the family's parts empty: say so here,
+    not as an AttributeError at the first caption."""
+    wanted = [family.denoiser_name, family.tokenizer_names[0],
+              *(n for n in family.text_encoder_names if n not in model.drop_text_encoders)]
+    missing = [n for n in wanted if getattr(pipe, n, None) is None]
+    if missing:
+        raise ModelError(f"model.base '{model.base}' has no {missing[0]} for a {family.name} model "
+                         f"(model.family: {model.family}); set model.family: auto, or the base's own family")
 
 
 def _chosen(model: ModelSection) -> Family | None:
@@ -200,7 +211,9 @@ def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None):
         kwargs[name] = None
         kwargs[name.replace("text_encoder", "tokenizer")] = None
     if kind == "folder":
-        index = json.loads((Path(where) / "model_index.json").read_text())
+        from finetune.models.detect import read_json
+
+        index = read_json(Path(where) / "model_index.json")  # damaged: one line naming the file
         if "safety_checker" in index:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
     else:
@@ -245,10 +258,10 @@ def _load_single_file(model: ModelSection, where: str, family: Family, vae=None)
         kwargs["config"] = str(resolve_base(model.config)[1])
     try:
         return cls.from_single_file(where, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and diffusers each raise their own on a bad file
         raise ModelError(
             f"model.base '{model.base}': single-file {family.name} checkpoint could not be loaded "
-            f"({str(e).splitlines()[0]}); offline, set model.config to a diffusers folder (or cached hub id) "
+            f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); offline, set model.config to a diffusers folder (or cached hub id) "
             "of the same architecture"
         ) from None
 

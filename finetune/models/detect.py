@@ -26,7 +26,7 @@ from finetune.models.family import FAMILIES, Family, family_from_configs
 SDXL_REFINER_SIGN = "conditioner.embedders.0.model."
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -38,12 +38,12 @@ def _read_json(path: Path) -> dict:
 def family_of_folder(path: str | Path) -> Family:
     """The family of a diffusers model folder, from its config files alone."""
     path = Path(path)
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     if not index:
         raise ModelError(f"{path}: no model_index.json; not a diffusers model folder")
     try:
-        denoiser = _read_json(path / "transformer" / "config.json") or _read_json(path / "unet" / "config.json")
-        return family_from_configs(index, denoiser, _read_json(path / "text_encoder" / "config.json"))
+        denoiser = read_json(path / "transformer" / "config.json") or read_json(path / "unet" / "config.json")
+        return family_from_configs(index, denoiser, read_json(path / "text_encoder" / "config.json"))
     except NotImplementedError as e:
         raise ModelError(f"{path}: {e}") from None
 
@@ -78,7 +78,12 @@ def checkpoint_keys(path: str | Path, allow_pickle: bool = False) -> list[str]:
         raise ModelError(f"{path}: a pickle checkpoint; set model.allow_pickle: true to read it (weights_only)")
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - a damaged zip, a foreign pickle, a non-torch file: all the user's file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ModelError(f"{path}: not a readable torch checkpoint ({first}); convert it to .safetensors or "
+                         "download it again") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
     return list(state)
 

@@ -6,6 +6,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNN/` holding
                           header (diffusers' EMAModel.state_dict), when EMA is on
   accelerate files        optimizer, LR scheduler, grad scaler and every process's RNG (accelerate.save_state)
   trainer_state.json      step, epoch, position in the epoch, dataset and recipe fingerprints
+  files.json              size and sha256 of every file above, so a file damaged later is noticed on resume
   COMPLETE                written last: a folder without it is ignored
 
 It is written under a temporary name and renamed into place, and old checkpoints are removed only after
@@ -34,6 +35,7 @@ MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 TRAINABLE = "trainable.safetensors"
 EMA = "ema.safetensors"
+MANIFEST = "files.json"
 
 
 @dataclass
@@ -97,6 +99,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
         if ema is not None:
             save_ema(ema, params, tmp / EMA)
         write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
+        write_text_atomic(tmp / MANIFEST, json.dumps(_manifest(tmp), indent=1))
         fsync_tree(tmp)  # accelerate's files too: everything is on disk before the marker says so
         write_text_atomic(tmp / MARKER, time.strftime("%Y-%m-%dT%H:%M:%S"))
         if final.exists():  # a checkpoint of the same step from an earlier attempt
@@ -141,11 +144,43 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """[size, sha256] of every file of a checkpoint (accelerate's optimizer and RNG files included)."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)] for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MARKER, MANIFEST)}
+
+
+def _damaged(path: Path) -> str | None:
+    """What differs from the manifest written with the checkpoint (None for older checkpoints without one)."""
+    if not (path / MANIFEST).is_file():
+        return None
+    for name, (size, digest) in json.loads((path / MANIFEST).read_text()).items():
+        f = path / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size != size or _sha256(f) != digest:
+            return f"damaged: {name} differs from what was written ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
 def _valid(path: Path) -> str | None:
-    """None when the checkpoint looks whole, else what is wrong with it."""
+    """None when every file of the checkpoint is as written, else what is wrong with it."""
     if not (path / MARKER).is_file():
         return "incomplete (no COMPLETE marker)"
     try:
+        damage = _damaged(path)
+        if damage:
+            return damage
         json.loads((path / STATE).read_text())
         with safe_open(str(path / TRAINABLE), framework="pt") as f:
             for key in f.keys():
@@ -179,7 +214,12 @@ def find_resume(output_dir: str | Path, resume: str) -> Path | None:
 
 def load_checkpoint(accelerator, path: Path, params, ema=None) -> TrainState:
     """Restore trained weights, optimizer, scheduler, RNG and the train state from a checkpoint."""
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # noqa: BLE001 - torch/accelerate raise many types on a damaged or foreign file
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"checkpoint {path}: cannot be restored ({type(e).__name__}: {first}); pick an earlier "
+                        "one with train.resume=<its folder>, or start a new train.output_dir") from None
     saved = load_file(str(path / TRAINABLE))
     missing = sorted(set(params) - set(saved))
     if missing:

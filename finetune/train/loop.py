@@ -10,7 +10,7 @@ import torch
 from finetune.errors import RunError, UserError
 from finetune.train import checkpoint as ckpt
 from finetune.train.distributed import describe, is_sharded, unshard_for_export
-from finetune.train.setup import flat_config
+from finetune.train.setup import flat_config, write_run_files
 from finetune.train.tracking import LossLog, Progress, plot_loss
 
 
@@ -19,6 +19,8 @@ def run_loop(t) -> None:
     acc, cfg, recipe = t.acc, t.cfg, t.recipe
     resumed = _maybe_resume(t)
     main = acc.is_main_process
+    if main:
+        write_run_files(recipe)  # only now: a refused resume must leave the run's recipe.yaml as it was
     if main and recipe.logging.report_to:
         acc.init_trackers(recipe.logging.project, config=flat_config(recipe.resolved()))
     t.progress = Progress(cfg.max_steps, t.state.step, main and recipe.logging.progress)

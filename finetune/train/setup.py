@@ -57,18 +57,32 @@ def make_accelerator(recipe: Recipe):
 
 def check_output_dir(recipe: Recipe) -> None:
     """Refuse to write over a finished or running run unless resuming or told to overwrite."""
+    from finetune.export.context import export_targets
+
     out = Path(recipe.train.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"train.output_dir '{out}' is a file; choose a folder")
+    for folder in (out, *out.parents):  # the first part that exists must be a folder we could write into
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == out else f"is under the file '{folder}'"
+                raise UserError(f"train.output_dir '{out}' {where}; choose a folder")
+            break
+    finished = out.is_dir() and any((out / name).exists() for name in (*RUN_FILES[1:], *export_targets(recipe)))
+    if recipe.train.resume == "latest" and finished and not recipe.train.overwrite:
+        from finetune.train.checkpoint import checkpoint_root, find_resume
+
+        if find_resume(out, "latest") is None:  # resuming would retrain from step 0 over the finished export
+            raise UserError(f"train.output_dir '{out}' holds a finished run and no checkpoint to resume from; "
+                            "pick a new train.output_dir, or set train.overwrite=true to train it again from "
+                            f"step 0 (no complete checkpoint in {checkpoint_root(out)})")
     if recipe.train.resume or recipe.train.overwrite or not out.is_dir():
         return
     if any((out / name).exists() for name in RUN_FILES) or (out / "checkpoints").is_dir():
+        hint = ("continue it with train.resume=latest, " if not finished or (out / "checkpoints").is_dir()
+                else "")
         raise UserError(
-            f"train.output_dir '{out}' already holds a run; continue it with train.resume=latest, "
+            f"train.output_dir '{out}' already holds a run; {hint}"
             "pick a new train.output_dir, or set train.overwrite=true"
         )
-    from finetune.export.context import export_targets
-
     clash = [name for name in export_targets(recipe) if (out / name).exists()]
     if clash:
         raise UserError(f"train.output_dir '{out}' holds '{clash[0]}', which the export would overwrite; "

@@ -33,15 +33,13 @@ VAE_NON_FINITE = "the VAE produced non-finite latents (fp16 overflow?); set mode
 
 def train(recipe: Recipe) -> Path:
     """Run the recipe end to end; returns the output folder."""
-    from finetune.train.setup import check_output_dir, make_accelerator, quiet_libraries, write_run_files
+    from finetune.train.setup import check_output_dir, make_accelerator, quiet_libraries
 
     check_output_dir(recipe)
     quiet_libraries()
     acc = make_accelerator(recipe)
     trainer = Trainer(recipe, acc)  # base and data load first: a mistake there leaves no run folder behind
-    if acc.is_main_process:
-        write_run_files(recipe)
-    trainer.run()
+    trainer.run()  # writes the run files once the resume decision is taken: a refused resume changes nothing
     return Path(recipe.train.output_dir)
 
 
