@@ -54,6 +54,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
                                   "from finetune.export.embeddings import load_into_pipeline\n"
                                   f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
+    metrics = f"## Metrics\n{ctx.metrics}\n" if getattr(ctx, "metrics", None) else ""
     ui = UI_NOTES.get(kind, "").format(folder=out_dir.name)
     text = f"""---
 base_model: {ctx.base}
@@ -67,6 +68,7 @@ at {ctx.resolution} px.
 **Trigger words:** {triggers}
 
 {grid}
+{metrics}
 ## Files
 {listing}
 

@@ -26,6 +26,7 @@ class ExportContext:
     dtype: str = "fp32"
     model_card: bool = True
     formats: tuple[str, ...] = ("diffusers",)
+    metrics: str | None = None  # markdown table of the run's validation metrics (finetune/eval/run.py)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
     @classmethod
@@ -47,6 +48,7 @@ class ExportContext:
             dtype=r.export.dtype,
             model_card=r.export.model_card,
             formats=tuple(r.export.formats),
+            metrics=t.run_metrics.summary() if getattr(t, "run_metrics", None) else None,
         )
 
 

@@ -1,0 +1,134 @@
+"""Metrics in a training run: metrics.json, metrics.png, tracker logs, the model card, train.keep_best; and the
+recipe keys that drive them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.errors import RecipeError
+from finetune.recipe import load_recipe
+from tests.conftest import write_recipe
+from tests.test_train_lora import run_trainer
+
+PROMPTS = ["a sks circle", "a sks circle on a black background", "a blue square"]
+
+
+def metrics_recipe(tmp_path, base, images, **extra):
+    sections = {
+        "validation": {"prompts": PROMPTS, "seeds": [0, 1], "steps": 3, "every": 2, "at_start": True,
+                       "guidance_scale": 3.0, "metrics": ["clip_i", "clip_t", "dino"], "token": "sks",
+                       "class_word": "circle", "clip_model": "toy", "dino_model": "toy"},
+        "train": {"max_steps": 6, "keep_best": "dino", "lr": 3e-3},
+        "export": {"formats": ["diffusers"], "model_card": True},
+        "logging": {"report_to": ["tensorboard"]},
+    }
+    from finetune.recipe import deep_merge
+
+    return write_recipe(tmp_path, base, images, **deep_merge(sections, extra))
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def test_run_with_metrics_writes_logs_and_keeps_the_best_step(tmp_path, tiny_base, images):
+    from finetune.eval.compare import Candidate, Sampling, render_candidate
+    from finetune.eval.run import reference_images
+    from finetune.models.components import load_components
+
+    t = run_trainer(metrics_recipe(tmp_path, tiny_base, images))
+    out = Path(t.cfg.output_dir)
+    saved = json.loads((out / "samples" / "metrics.json").read_text())
+    steps = {int(s): d for s, d in saved["steps"].items()}
+    assert sorted(steps) == [0, 2, 4, 6]
+    for d in steps.values():
+        assert set(d["overall"]) == {"clip_i", "clip_t", "dino"}
+        assert [r["prompt"] for r in d["rows"]] == PROMPTS and [r["subject"] for r in d["rows"]] == [True, True, False]
+        # the subject metrics average the two 'sks' rows only, CLIP-T every row
+        assert d["overall"]["dino"]["mean"] == pytest.approx((d["rows"][0]["dino"] + d["rows"][1]["dino"]) / 2, abs=1e-6)
+        assert d["overall"]["clip_t"]["mean"] == pytest.approx(sum(r["clip_t"] for r in d["rows"]) / 3, abs=1e-6)
+    dino = {s: d["overall"]["dino"]["mean"] for s, d in steps.items()}
+    best = max((s for s in dino if s > 0), key=lambda s: dino[s])
+    assert saved["best_step"] == best
+    assert len(set(dino.values())) == 4, "training did not change the images; the choice would be empty"
+    kept = sorted(p.name for p in out.glob("best-step-*"))
+    assert kept == [f"best-step-{best:06d}"]
+    assert (out / kept[0] / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "metrics.png").stat().st_size > 5000
+    logged = tensorboard_scalars(out / "logs")
+    assert logged["metrics/dino"] == pytest.approx(dino, abs=1e-5)
+    card = (out / "README.md").read_text()
+    assert "## Metrics" in card and f"**{best} (best)**" in card
+
+    # the kept weights are the best step's: rendering the grid again with them gives that step's score
+    recipe, v = t.recipe, t.recipe.validation
+    sampling = Sampling(v.prompts, v.seeds, v.steps, v.guidance_scale, v.negative_prompt, v.scheduler, (64, 64))
+
+    def loader(base):
+        from finetune.sections import ModelSection
+
+        return load_components(ModelSection(base=base))
+
+    rows = render_candidate(Candidate("lora", str(out / kept[0])), str(tiny_base), sampling, loader, "cpu", torch.float32)
+    again = t.run_metrics.scorer.score(rows, v.prompts).means()["dino"]
+    assert again == pytest.approx(dino[best], abs=2e-3)
+    assert len(reference_images(recipe)) == 6
+
+
+def test_metrics_history_survives_a_resume(tmp_path):
+    from finetune.eval.formulas import Estimate
+    from finetune.eval.run import RunMetrics
+    from finetune.eval.scoring import Scores
+
+    recipe = load_recipe(metrics_recipe(tmp_path, "toy", tmp_path))
+    out = tmp_path / "run"
+    first = RunMetrics(recipe, out, "cpu", None)
+    first.history = {s: Scores({"dino": Estimate(v, v, v, 1)}) for s, v in [(0, 0.1), (2, 0.5), (4, 0.9), (6, 0.2)]}
+    first._write()
+    assert first.best_step() == 4
+    resumed = RunMetrics(recipe, out, "cpu", None, resume_step=3)
+    assert sorted(resumed.history) == [0, 2] and resumed.best_step() == 2
+    assert RunMetrics(recipe, out, "cpu", None).history == {}  # a fresh run starts a fresh history
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("validation.metrics=[dino]", "validation.prompts"),
+    ("validation.metrics=[clip_x]", "'clip_i', 'clip_t' or 'dino'"),
+    ("validation.prompts=dreambench", "validation.class_word"),
+    ("validation.prompts=dreambnch", "did you mean 'dreambench'"),
+    ("train.keep_best=dino", "validation.metrics does not compute"),
+    ("train.keep_best=dnio", "did you mean 'dino'"),
+    ("train.keep_best={dino: 0}", "positive"),
+])
+def test_recipe_keys_fail_in_one_line(tmp_path, override, message):
+    path = write_recipe(tmp_path, "toy", tmp_path, validation={"prompts": ["a sks dog"]})
+    extra = [override]
+    if override.startswith("validation.metrics=[dino]"):
+        extra.append("validation.prompts=[]")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, extra)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prompt_set_in_a_recipe(tmp_path):
+    path = write_recipe(tmp_path, "toy", tmp_path, validation={
+        "prompts": "dreambench_live", "token": "sks", "class_word": "dog", "metrics": ["clip_t", "dino"]},
+        train={"keep_best": {"dino": 1, "clip_t": 0.5}})
+    recipe = load_recipe(path)
+    assert len(recipe.validation.prompts) == 25 and recipe.validation.prompts[0].startswith("a sks dog ")
+    assert recipe.train.keep_best == {"dino": 1.0, "clip_t": 0.5}
+    # the resolved recipe (what a run stores) loads again unchanged
+    again = load_recipe(path, [f"validation.prompts={json.dumps(recipe.validation.prompts)}"])
+    assert again.validation.prompts == recipe.validation.prompts
