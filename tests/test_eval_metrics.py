@@ -101,32 +101,50 @@ def test_identical_images_score_one_and_shuffled_pixels_far_lower(models):
     images = [im for im, _ in world.subject_images("checkered_heart", 3, seed=321)]
     images += [im for im, _ in world.subject_images("red_heart", 3, seed=321)]
     images += [im for im, _ in world.world_images(6, seed=321)]
-    for im in images:
-        scorer = _scorer(models, [im])
-        same = scorer.score([[im, im.copy()]], ["x"]).means()
-        assert same["clip_i"] == pytest.approx(1.0, abs=1e-5) and same["dino"] == pytest.approx(1.0, abs=1e-5)
-    shuffled = [shuffle_pixels(im, 1000 + k) for k, im in enumerate(images)]
-    per_image = _scorer(models, images).per_image([shuffled], ["x"])  # against every reference ...
-    own = {m: [float(_scorer(models, [im]).score([[sh]], ["x"]).overall[m].mean)  # ... and against its source
-               for im, sh in zip(images, shuffled, strict=True)] for m in ("clip_i", "dino")}
-    assert np.mean(own["clip_i"]) < 0.3 and max(own["clip_i"]) < 0.7, own["clip_i"]
-    assert np.mean(own["dino"]) < 0.6 and max(own["dino"]) < 0.8, own["dino"]
-    assert float(per_image["clip_i"][0].mean()) < 0.3 and float(per_image["dino"][0].mean()) < 0.6
+    shuffled_images = [shuffle_pixels(im, 1000 + k) for k, im in enumerate(images)]
+    same, shuffled = {}, {}
+    for m, embedder in (("clip_i", models.clip), ("dino", models.dino)):
+        emb = embedder.images(images)
+        # image k against itself (a copy embedded apart) and against its own pixels shuffled
+        same[m] = torch.diagonal(pair_cosines(embedder.images([im.copy() for im in images]), emb)).tolist()
+        shuffled[m] = torch.diagonal(pair_cosines(embedder.images(shuffled_images), emb)).tolist()
+    # the same through the scorer: a set of copies of one image against that image
+    assert _scorer(models, images[:1]).score([[images[0]] * 3], ["x"]).means() == pytest.approx(
+        {"clip_i": 1.0, "dino": 1.0}, abs=1e-5)
+    for m in ("clip_i", "dino"):
+        assert same[m] == pytest.approx([1.0] * len(images), abs=1e-5), m
+    # measured with the shipped models: CLIP-I 0.06 on average (max 0.56), DINO 0.40 (max 0.84)
+    assert np.mean(shuffled["clip_i"]) < 0.25 and max(shuffled["clip_i"]) < 0.7, shuffled["clip_i"]
+    assert np.mean(shuffled["dino"]) < 0.5 and max(shuffled["dino"]) < 0.9, shuffled["dino"]
+
+
+def unrelated_caption(caption: str, others: list[str]) -> str:
+    """The first of `others` sharing no colour, shape or pattern word with `caption`."""
+    from finetune.toy import world
+
+    content = set(world.COLOURS) | set(world.SHAPES) | {"heart", "checkered", "striped"}
+    mine = set(caption.split()) & content
+    return next(o for o in others if not set(o.split()) & mine)
 
 
 def test_clip_t_prefers_the_images_own_caption(models):
     from finetune.eval.scoring import Scorer
     from finetune.toy import world
 
-    pairs = world.world_images(24, seed=77) + world.subject_images("striped_star", 4, seed=77)
+    pairs = world.world_images(40, seed=77) + world.subject_images("striped_star", 4, seed=77)
+    pairs += world.subject_images("red_heart", 4, seed=77)
     images, captions = [im for im, _ in pairs], [c for _, c in pairs]
-    unrelated = captions[7:] + captions[:7]  # another image's caption: another colour, shape or background
+    unrelated = [unrelated_caption(c, captions[k + 1:] + captions[:k]) for k, c in enumerate(captions)]
     scorer = Scorer(["clip_t"], models, [])
-    own = scorer.per_image([[im] for im in images], captions)["clip_t"]
-    other = scorer.per_image([[im] for im in images], unrelated)["clip_t"]
-    own, other = torch.cat(own), torch.cat(other)
-    assert float((own > other).float().mean()) >= 0.9
-    assert float(own.mean() - other.mean()) > 0.3
+    own = torch.cat(scorer.per_image([[im] for im in images], captions)["clip_t"])
+    other = torch.cat(scorer.per_image([[im] for im in images], unrelated)["clip_t"])
+    assert bool((own > other).all()), [(c, u) for c, u, a, b in zip(captions, unrelated, own, other, strict=True) if a <= b]
+    assert float(own.mean() - other.mean()) > 0.5  # measured: 0.69 against -0.08
+    # and 'a sks heart' is read as 'a heart': a red heart matches it better than a blue square does
+    heart, square = world.subject_images("red_heart", 1, seed=5)[0][0], world.draw("square", "blue")
+    t = Scorer(["clip_t"], models, [], token="sks", class_word="heart").per_image([[heart], [square]],
+                                                                                  ["a sks heart"] * 2)["clip_t"]
+    assert float(t[0]) > float(t[1]) + 0.2
 
 
 def test_subject_fidelity_tells_subjects_apart(models):

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Build the toy world's tiny CLIP and DINO-style evaluation models.")
     p.add_argument("--out", type=Path, default=TOY_DIR, help="folder for clip/ and dino/")
     p.add_argument("--only", choices=["clip", "dino"], help="build one model")
-    p.add_argument("--clip-steps", type=int, default=300)
+    p.add_argument("--clip-steps", type=int, default=800)
     p.add_argument("--dino-steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
