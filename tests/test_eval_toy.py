@@ -68,4 +68,17 @@ def test_clip_i_and_dino_agree_with_the_toy_scorer(tmp_path):
     # the subject is learned, so the kept step is a trained one and its subject fidelity beats the base's
     best = saved["best_step"]
     assert best >= 200 and subject_rows[best] > subject_rows[0] + 0.1
-    assert (out / f"best-step-{best:06d}" / "pytorch_lora_weights.safetensors").is_file()
+    # the kept folder holds that step's weights: rendering the grid again with them gives that step's score
+    import torch
+
+    from finetune.eval.compare import Candidate, Sampling, render_candidate
+    from finetune.models.components import load_components
+    from finetune.sections import ModelSection
+
+    sampling = Sampling(v.prompts, v.seeds, v.steps, v.guidance_scale, v.negative_prompt, v.scheduler, (64, 64))
+    rows = render_candidate(Candidate("lora", str(out / f"best-step-{best:06d}")), "toy", sampling,
+                            lambda base: load_components(ModelSection(base=base)), "cpu", torch.float32)
+    again = scorer.score(rows, v.prompts).means()["dino"]
+    print(f"best step {best}: DINO {subject_rows[best]:.4f} recorded, {again:.4f} from the kept export")
+    assert again == pytest.approx(subject_rows[best], abs=2e-3)
+    assert all(abs(again - subject_rows[s]) > 2e-3 for s in steps if s != best)
