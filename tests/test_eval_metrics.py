@@ -140,10 +140,12 @@ def test_clip_t_prefers_the_images_own_caption(models):
     other = torch.cat(scorer.per_image([[im] for im in images], unrelated)["clip_t"])
     assert bool((own > other).all()), [(c, u) for c, u, a, b in zip(captions, unrelated, own, other, strict=True) if a <= b]
     assert float(own.mean() - other.mean()) > 0.5  # measured: 0.69 against -0.08
-    # and 'a sks heart' is read as 'a heart': a red heart matches it better than a blue square does
+    # and 'a sks heart' is read as 'a heart', which a red heart matches better than a blue square does
     heart, square = world.subject_images("red_heart", 1, seed=5)[0][0], world.draw("square", "blue")
     t = Scorer(["clip_t"], models, [], token="sks", class_word="heart").per_image([[heart], [square]],
                                                                                   ["a sks heart"] * 2)["clip_t"]
+    plain = scorer.per_image([[heart]], ["a heart"])["clip_t"]
+    assert float(t[0]) == pytest.approx(float(plain[0]), abs=1e-6)
     assert float(t[0]) > float(t[1]) + 0.2
 
 
