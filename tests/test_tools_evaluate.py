@@ -118,3 +118,23 @@ def test_folder_of_images_and_bad_input(tmp_path):
     assert min(hearts) > max(others)  # red hearts look like the red-heart references, world images do not
     bad = run_tool("--images", str(imgs), "--clip-model", "toy", "--dino-model", "toy")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--references" in bad.stderr
+
+
+def test_model_and_embedding_candidates(tmp_path, tiny_base, images):
+    """A whole model scores exactly like the same weights as --with-base; an embedding's token reaches the prompts."""
+    import torch
+
+    from finetune.export.embeddings import write_embedding_file
+
+    emb = write_embedding_file({"text_encoder": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                               "<sks>", tmp_path / "sks.safetensors", "diffusers", {})
+    out = tmp_path / "eval"
+    proc = run_tool("--base", str(tiny_base), "--with-base", "--model", str(tiny_base), "--embedding", str(emb),
+                    "--references", str(images), "--prompts", "a <sks> on a table", "--token", "<sks>",
+                    "--class-word", "circle", "--seeds", "0", "1", "--steps", "2", "--clip-model", "toy",
+                    "--dino-model", "toy", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = parse_table(proc.stdout)
+    assert list(table) == ["base", f"embedding {emb}", f"model {tiny_base}"]
+    assert table[f"model {tiny_base}"] == table["base"]
+    assert table[f"embedding {emb}"] != table["base"]  # '<sks>' was a new token with its own vectors

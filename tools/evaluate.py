@@ -80,7 +80,8 @@ def _prompts(args) -> list[str]:
     from finetune.errors import UserError
     from finetune.sections import ValidationSection
 
-    raw = args.prompts[0] if len(args.prompts) == 1 else args.prompts
+    one = args.prompts[0] if len(args.prompts) == 1 else None
+    raw = one if one and len(one.split()) == 1 else args.prompts  # one word: a prompt set's name
     try:  # the recipe's own rules: prompt-set names, class word, token present
         return ValidationSection(prompts=raw, token=args.token, class_word=args.class_word,
                                  metrics=args.metrics).prompts
