@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("data", "vae_encode", "text_encode", "unet_forward", "backward", "optimizer", "logging_validation")
+PHASES = ("data", "vae_encode", "text_encode", "denoiser_forward", "backward", "optimizer", "logging_validation")
 
 # name -> recipe overrides (on top of the base recipe of the chosen model)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -37,14 +37,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str) -> dict[str, Any]:
     toy = model == "toy"
-    res = {"toy": 64, "sd15": 512, "sdxl": 1024}[model]
+    res = {"toy": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024}[model]
     source = ({"type": "toy", "subject": "world", "count": 64} if toy else
               {"type": "toy", "subject": "world", "count": 16})
     return {
         "model": {"base": "toy" if toy else str(random_base(model))},
         "data": {"sources": [source], "resolution": res, "buckets": {"enabled": False}},
         "method": {"name": "lora", "rank": rank, "adapter": adapter,
-                   "targets": "locon" if toy else "attention_ff"},
+                   "targets": {"toy": "locon", "sd35m": "attention"}.get(model, "attention_ff")},
         "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
                   "mixed_precision": precision, "seed": 0},
         "validation": {"prompts": [], "at_start": False},
@@ -103,8 +103,8 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, A
     return out
 
 
-def bare_unet(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
-    """The floor: U-Net forward + backward + optimizer on ready tensors, no loop, no data."""
+def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, Any]:
+    """The floor: denoiser forward + backward + optimizer on ready tensors, no loop, no data."""
     import torch
 
     from finetune.models.components import cast_frozen, load_components
@@ -118,21 +118,24 @@ def bare_unet(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str,
     method = recipe.method.build()
     groups = method.setup(comps, recipe.train.lr)
     cast_frozen(comps, dtype, dtype)
-    unet = comps.unet.to(device)
+    denoiser = comps.denoiser.to(device)
     opt = build_optimizer(groups, recipe.train)
     # latent side = image side / the VAE's downsampling (8 for SD, 4 for the toy VAE)
     factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     b, res = recipe.train.batch_size, recipe.data.resolution // factor
-    channels = unet.config.in_channels
-    latents = torch.randn(b, channels, res, res, device=device)
-    text = torch.randn(b, 77, unet.config.cross_attention_dim, device=device)
-    t = torch.randint(0, 1000, (b,), device=device)
+    latents = torch.randn(b, comps.vae.config.latent_channels, res, res, device=device)
+    with torch.no_grad():  # real conditioning shapes from the family's own encoding (on the CPU)
+        text = {k: v.to(device, dtype) for k, v in comps.family.encode_prompt(comps, [""] * b, "cpu").items()}
+    size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
+    batch = {"original_size": size, "target_size": size, "crop_top_left": torch.zeros_like(size)}
+    t = torch.randint(1, 1000, (b,), device=device)
+    t = t.float() if comps.family.objective == "flow" else t
     times = []
     for i in range(warmup + steps):
         _sync()
         start = time.perf_counter()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(latents, t, encoder_hidden_states=text).sample
+            pred = comps.family.predict(denoiser, latents, t, text, batch)
         torch.nn.functional.mse_loss(pred.float(), latents).backward()
         if recipe.train.max_grad_norm:  # the trainer clips too: same work on both sides
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], recipe.train.max_grad_norm)
@@ -186,7 +189,7 @@ def time_bad_recipe() -> float:
 
 def _child_main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
-    fn = measure if spec["kind"] == "train" else bare_unet
+    fn = measure if spec["kind"] == "train" else bare_denoiser
     result = fn(spec["recipe"], spec["warmup"], spec["steps"])
     Path(result_path).write_text(json.dumps(result))
 

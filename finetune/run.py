@@ -3,6 +3,8 @@
     accelerate launch finetune/run.py recipes/lora.yaml [key.path=value ...]
     python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
     finetune recipes/lora.yaml --print                  # show the fully resolved recipe
+    finetune env                                        # versions and device, for bug reports
+    finetune studio [--host H] [--port N] [--root DIR]  # the local web studio (finetune/studio/)
 
 User mistakes print one or two lines on stderr and exit with code 2; nothing is written. torch and
 diffusers are imported only after the recipe has validated.
@@ -42,6 +44,15 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["env"] or argv[:1] == ["--env"]:
+        from finetune.env import main as env_main
+
+        raise SystemExit(env_main(argv[1:]))
+    if argv[:1] == ["studio"]:  # `finetune studio ...`: the web app (finetune/studio/)
+        from finetune.studio.cli import main as studio
+
+        return studio(argv[1:])
     args = _parser().parse_intermixed_args(argv)
     import logging
 
@@ -60,11 +71,20 @@ def main(argv: list[str] | None = None) -> None:
 
             print(check_data(recipe))
             return
+        from finetune.env import check_compatibility
         from finetune.train.trainer import train
 
+        check_compatibility()  # a known-bad package pair fails here, before any model loads
         train(recipe)
     except UserError as e:
         _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training steps (class images, caches, the step-0 grid; or a second Ctrl-C),
+        # where the loop's own clean stop is not listening: one line, not a traceback from deep inside torch
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch gets the signal; one line is enough
+            print("interrupted (Ctrl-C); what was finished is kept (class images, caches, the last checkpoint): "
+                  "run the same command with train.resume=latest to go on", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ class ModelSection(StrictModel):
         description="Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, "
         "or 'toy' for the built-in toy base.",
     )
-    family: Literal["auto", "sd1", "sd2", "sdxl"] = Field(
-        "auto", description="Model architecture; 'auto' detects it from the base."
+    family: str = Field(
+        "auto", description="Model architecture (sd1, sd2, sdxl, sd3, ...); 'auto' detects it from the base."
     )
     config: str | None = Field(
         None,
@@ -43,19 +43,77 @@ class ModelSection(StrictModel):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="Training target; 'auto' reads the base's scheduler config."
     )
-    attention: Literal["sdpa", "default"] = Field(
-        "sdpa", description="Attention kernel: torch scaled-dot-product attention or the plain implementation."
+    attention: Literal["sdpa", "xformers", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: 'sdpa' (torch scaled-dot-product attention; it picks the flash or "
+        "memory-efficient kernel itself), 'xformers' (needs the xformers package), 'eager' (plain matmul and "
+        "softmax: slower, more memory; for debugging).",
     )
     allow_pickle: bool = Field(
         False,
         description="Allow pickle checkpoints (.ckpt/.bin/.pt); they are then read with weights_only=True.",
     )
+    drop_text_encoders: list[str] = Field(
+        default_factory=list,
+        description="Optional text encoders not to load, e.g. [text_encoder_3] trains SD3 without T5-XXL.",
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=4096, description="Tokens per caption for T5-style encoders; default the family's."
+    )
+    guidance: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0.",
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        from finetune.models.family import FAMILIES  # pure Python: registering families imports no torch
+
+        if v != "auto" and v not in FAMILIES:
+            from finetune.errors import did_you_mean
+
+            raise ValueError(f"unknown family{did_you_mean(v, FAMILIES)}; choose auto or one of {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        if v == "xformers" and not _installed("xformers"):
+            raise ValueError("'xformers' needs the xformers package, which is not installed; pip install xformers "
+                             "(a build matching your torch), or use sdpa")
+        return v
 
 
 class EMASection(StrictModel):
     enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters.")
-    decay: float = Field(0.9999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
+    decay: float = Field(
+        0.9999, gt=0.0, lt=1.0,
+        description="EMA decay per update; diffusers' EMAModel caps it at (1 + n) / (10 + n) after n updates, so "
+        "early updates follow the weights closely.",
+    )
     update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
+class FlowSection(StrictModel):
+    """Rectified-flow options (SD3, FLUX and later families); refused for DDPM families."""
+
+    timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = Field(
+        "auto", description="Timestep density; 'auto' uses the family's default (logit_normal for SD3 and FLUX)."
+    )
+    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal.")
+    logit_std: float = Field(1.0, gt=0.0, le=10.0, description="logit_normal: standard deviation.")
+    mode_scale: float = Field(1.29, ge=-1.0, le=10.0, description="mode: the SD3 paper's scale s.")
+    sigmoid_scale: float = Field(1.0, gt=0.0, le=10.0, description="sigmoid: u = sigmoid(scale * N(0, 1)).")
+    shift: float | None = Field(
+        None, gt=0.0, le=100.0, description="Static timestep shift; null uses the base scheduler's (SD3: 3.0)."
+    )
+    resolution_shift: bool | None = Field(
+        None, description="Shift by the image's token count (FLUX's dynamic shift); null: the family's default."
+    )
+    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
+        "none", description="Loss weighting over noise levels (diffusers' compute_loss_weighting_for_sd3)."
+    )
 
 
 class TrainSection(StrictModel):
@@ -87,6 +145,7 @@ class TrainSection(StrictModel):
         None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
     )
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05-0.1 is usual).")
+    flow: FlowSection = Field(default_factory=FlowSection, description="Rectified-flow objective options.")
     ema: EMASection = Field(default_factory=EMASection, description="EMA of trained parameters.")
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
     keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
@@ -152,11 +211,16 @@ class ValidationSection(StrictModel):
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
     at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
     steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
-    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=100.0,
+        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the family's usual value "
+        "(SD 7.5, SD3 7.0, FLUX 3.5).",
+    )
     width: int | None = Field(None, ge=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, description="Sample height; default data.resolution.")
-    scheduler: Literal["ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
-        "ddim", description="Sampler for validation images; 'base' uses the base's own sampler."
+    scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
+        "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
+        "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."
     )
     metrics: list[Literal["clip_i", "clip_t", "dino"]] = Field(
         default_factory=list,
@@ -224,14 +288,14 @@ class ValidationSection(StrictModel):
         return self
 
 
-ExportFormat = Literal["diffusers", "kohya", "a1111", "single_file"]
+ExportFormat = Literal["diffusers", "kohya", "bfl", "a1111", "single_file"]
 
 
 class ExportSection(StrictModel):
     formats: list[ExportFormat] | None = Field(
         None,
         description="What the run writes: 'diffusers' (peft/diffusers files), 'kohya' (ComfyUI/A1111 LoRA), "
-        "'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors); "
+        "'bfl' (FLUX LoRA in Black Forest Labs names: sd-scripts, Forge), 'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors); "
         "default: every format the method writes.",
     )
     name: str | None = Field(None, description="File stem for the kohya/A1111 exports; default the run folder's name.")
@@ -246,6 +310,15 @@ class ExportSection(StrictModel):
             raise ValueError("lists a format twice")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        # the name becomes '<output_dir>/<name>.safetensors': it must not reach outside the output folder
+        if v is not None and (not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0")
+                              or v.startswith((".", "~"))):
+            raise ValueError(f"{v!r} is not a plain file name: no folders, no leading '.' or '~'")
+        return v
+
 
 class LoggingSection(StrictModel):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
@@ -254,3 +327,21 @@ class LoggingSection(StrictModel):
     every: int = Field(10, ge=1, description="Log scalars every N steps.")
     project: str = Field("finetune", description="Project name for the trackers.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        # checked here, not at the first log: a missing tracker would drop every metric and then crash the run
+        packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+        for tracker in v:
+            if not any(_installed(p) for p in packages[tracker]):
+                raise ValueError(f"'{tracker}' is not installed; pip install {packages[tracker][0]}, or remove it "
+                                 "from logging.report_to ([] logs to the console and loss.png only)")
+        return v
+
+
+def _installed(package: str) -> bool:
+    """Whether a package can be imported, without importing it (recipe checks stay fast)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_train_lora import run_trainer
+from tests.helpers import run_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["validation.metrics=[clip_i,clip_t,dino]", "validation.clip_model=toy", "validation.dino_model=toy",

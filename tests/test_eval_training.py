@@ -10,8 +10,7 @@ import pytest
 
 from finetune.errors import RecipeError
 from finetune.recipe import load_recipe
-from tests.conftest import write_recipe
-from tests.test_train_lora import run_trainer
+from tests.helpers import run_trainer, write_recipe
 
 PROMPTS = ["a sks circle", "a blue square"]
 

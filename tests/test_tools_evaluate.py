@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, write_recipe
-from tests.test_train_lora import run_trainer
+from tests.helpers import ROOT, run_trainer, write_recipe
 
 TOOL = ROOT / "tools" / "evaluate.py"
 CELL = r"(-?\d\.\d{3}) \[(-?\d\.\d{3}), (-?\d\.\d{3})\]"

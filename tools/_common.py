@@ -12,13 +12,17 @@ _TOOLS = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _TOOLS]
 sys.path.insert(0, str(_TOOLS.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes warns at import (through peft) about optional CPU kernels it cannot find: not the user's concern
+__import__("logging").getLogger("bitsandbytes").setLevel(40)
 
 
 def run(main, argv=None) -> int:
     """Call main(argv); a UserError (or a missing file) prints one line and returns 2, no traceback."""
+    from finetune.env import check_compatibility
     from finetune.errors import UserError
 
     try:
+        check_compatibility()  # metadata only: milliseconds, before any model or file is read
         return main(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,13 +61,25 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle,
-                                        attention="default"))
+    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
+
+
+def add_family_arg(p, help_text: str = "model family") -> None:
+    from finetune.models.family import FAMILIES
+
+    p.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help=help_text)
+
+
+def family_of(name: str):
+    """The family object of a --family value (None for 'auto': read from the file)."""
+    from finetune.models.family import FAMILIES
+
+    return None if name == "auto" else FAMILIES[name]
 
 
 def add_base_args(p) -> None:
     p.add_argument("--base", required=True, help="base model: diffusers folder, hub id, .safetensors file or 'toy'")
-    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"], help="model family")
+    add_family_arg(p)
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .ckpt/.pt/.bin files (weights_only=True); refused otherwise")

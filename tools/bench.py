@@ -25,7 +25,7 @@ from finetune.recipe import deep_merge  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["toy", "sd15", "sdxl"], default="toy",
+    p.add_argument("--model", choices=["toy", "sd15", "sdxl", "sd35m"], default="toy",
                    help="base to train (sd15, sdxl: public configs with random weights; use a GPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8 toy, 1 sd15)")
@@ -33,8 +33,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="steps before measuring (>= 1)")
     p.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--adapter", choices=["lora", "loha", "lokr"], default="lora")
-    p.add_argument("--no-bare", action="store_true", help="skip the bare U-Net reference measurement")
+    from finetune.kinds import registered_kinds
+
+    p.add_argument("--adapter", choices=sorted(registered_kinds()), default="lora", help="adapter kind")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare denoiser reference measurement")
     p.add_argument("--out", type=Path, default=Path("output/bench"), help="folder for results.json / results.md")
     return p.parse_args()
 
@@ -68,8 +70,8 @@ def main() -> None:
         base = base_recipe(args.model, batch, args.warmup + args.steps, args.precision, args.rank, args.adapter)
         if not args.no_bare:
             r = run_child("bare", base, args.warmup, args.steps)
-            rows.append({"name": "bare U-Net fwd+bwd+opt", **r})
-            print(f"bare U-Net, batch {batch}: {r.get('step_s', float('nan')):.4f} s/step", flush=True)
+            rows.append({"name": "bare denoiser fwd+bwd+opt", **r})
+            print(f"bare denoiser, batch {batch}: {r.get('step_s', float('nan')):.4f} s/step", flush=True)
         for name in args.variants:
             r = run_child("train", deep_merge(base, VARIANTS[name]), args.warmup, args.steps)
             rows.append({"name": name, "batch": batch, **r})

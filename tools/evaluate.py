@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--base", help="base model the LoRAs/embeddings were trained on: diffusers folder, hub id, "
                    ".safetensors file or 'toy' (not needed for --images)")
-    p.add_argument("--family", default="auto", choices=["auto", "sd1", "sd2", "sdxl"], help="model family")
+    _common.add_family_arg(p)
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin files (weights_only=True)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA to score (repeat)")
@@ -50,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP for CLIP-I/CLIP-T ('toy' for the toy base)")
     p.add_argument("--dino-model", default=DEFAULT_DINO, help="self-supervised ViT for DINO ('toy' for the toy)")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the family's: 7.5 SD, 7.0 SD3, 3.5 FLUX)")
     p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler", "euler_a", "dpm++", "pndm", "base"])
+    p.add_argument("--scheduler", default="auto", choices=["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"],
+                   help="sampler; auto: the family's (DDIM for SD 1/2/XL, the base's own for SD3 and FLUX)")
     p.add_argument("--width", type=int, help="image width (default: the base's)")
     p.add_argument("--height", type=int, help="image height (default: the base's)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
@@ -129,7 +130,8 @@ def main(argv=None) -> int:
     def loader(base):
         return _common.load_base(base, args.family, args.config, args.allow_pickle)
 
-    results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid)
+    results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
+                       allow_pickle=args.allow_pickle)
     print()
     print(table(results, scorer.metrics))
     print(f"\n{len(refs)} reference images; mean [95% bootstrap interval over images]; raw cosines")

@@ -6,7 +6,8 @@
     python tools/generate.py "a watercolor" --base toy --init-image photo.png --strength 0.6
 
 LoRAs (diffusers, kohya, DoRA, LoHa, LoKr; `PATH[:SCALE]`) are fused into the weights before sampling.
-Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`).
+Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`), through every text
+encoder of the family (SDXL: both, with the pooled embedding); image-to-image with any family.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import _common
 
 SCHEDULER_CHOICES = ["ddim", "euler", "euler_a", "dpm++", "pndm", "base"]
 A1111_WEIGHT = re.compile(r"\(([^():]+):\s*([0-9.]+)\)")
+WEIGHT_SYNTAX = re.compile(r"[()+\-\[\]]")  # anything compel would read as weighting
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +64,8 @@ def build_pipeline(args):
 
     comps = _common.load_base(args.base, args.family, args.config, args.allow_pickle)
     specs = [LoraSpec.parse(s) for s in args.lora]
-    fuse_all(comps, read_all(specs, args.allow_pickle, comps.family), [s.weight for s in specs])
+    adapters = read_all(specs, args.allow_pickle, comps.family, comps.named_modules())
+    fuse_all(comps, adapters, [s.weight for s in specs])
     pipe = comps.pipeline()
     if args.scheduler != "base":
         import diffusers
@@ -77,9 +80,9 @@ def build_pipeline(args):
             raise ModelError(f"{args.init_image}: no such image")
         if not 0.0 < args.strength <= 1.0:
             raise ModelError(f"--strength {args.strength}: must be in (0, 1]")
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import AutoPipelineForImage2Image
 
-        pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+        pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's own image-to-image pipeline
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe.to(device, dtype)
@@ -87,17 +90,33 @@ def build_pipeline(args):
     return pipe, comps, tokens
 
 
-def encode(pipe, prompt: str, negative: str):
-    """Weighted prompt embeddings through compel (plain prompts go straight to the pipeline)."""
-    from compel import Compel, DiffusersTextualInversionManager
+def encode(pipe, family, prompt: str, negative: str) -> dict:
+    """Weighted prompt embeddings through compel, built from the family's text encoders (SDXL: both, the
+    penultimate hidden states and the second encoder's pooled output, as its pipeline encodes); plain prompts
+    go straight to the pipeline."""
+    import torch
+    from compel import Compel, DiffusersTextualInversionManager, ReturnedEmbeddingsType
 
-    if not re.search(r"[()+\-\[\]]", prompt + negative):
+    if not WEIGHT_SYNTAX.search(prompt + negative):
         return {"prompt": prompt, "negative_prompt": negative or None}
-    compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=False,
-                    textual_inversion_manager=DiffusersTextualInversionManager(pipe))
-    cond, neg = compel([to_compel(prompt), to_compel(negative)])
-    cond, neg = compel.pad_conditioning_tensors_to_same_length([cond[None], neg[None]])
-    return {"prompt_embeds": cond, "negative_prompt_embeds": neg}
+    encoders = [getattr(pipe, n) for n in family.text_encoder_names]
+    tokenizers = [getattr(pipe, n) for n in family.tokenizer_names]
+    layer = {"last": ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
+             "penultimate": ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED}[family.prompt_layer]
+    pooled = [False] * (len(encoders) - 1) + [family.pooled_prompt]
+    one = len(encoders) == 1
+    compel = Compel(tokenizer=tokenizers[0] if one else tokenizers, text_encoder=encoders[0] if one else encoders,
+                    returned_embeddings_type=layer, requires_pooled=pooled[0] if one else pooled,
+                    truncate_long_prompts=False, textual_inversion_manager=DiffusersTextualInversionManager(pipe))
+    out = compel([to_compel(prompt), to_compel(negative)])  # padded to one length
+    cond, pool = out if family.pooled_prompt else (out, None)
+    if not negative and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        cond = torch.cat([cond[:1], torch.zeros_like(cond[1:])])  # what the pipeline does for no negative
+        pool = None if pool is None else torch.cat([pool[:1], torch.zeros_like(pool[1:])])
+    text = {"prompt_embeds": cond[:1], "negative_prompt_embeds": cond[1:]}
+    if pool is not None:
+        text |= {"pooled_prompt_embeds": pool[:1], "negative_pooled_prompt_embeds": pool[1:]}
+    return text
 
 
 def main(argv=None) -> int:
@@ -112,11 +131,11 @@ def main(argv=None) -> int:
     if args.init_image is not None:
         extra = {"image": Image.open(args.init_image).convert("RGB"), "strength": args.strength}
     else:
-        size = comps.unet.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
         extra = {"width": args.width or size, "height": args.height or size}
     rows = []
     for prompt in tqdm(args.prompts, desc="prompts", disable=len(args.prompts) < 2):
-        text = encode(pipe, prompt, args.negative)
+        text = encode(pipe, comps.family, prompt, args.negative)
         images = []
         for seed in seeds:
             g = torch.Generator("cpu").manual_seed(seed)

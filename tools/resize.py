@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=["same", "diffusers", "kohya"], default="same", help="output form")
     p.add_argument("--verbose", action="store_true", help="print every layer's report")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
+    _common.add_family_arg(p, "family whose key names to read and write (auto: from the file)")
     return p.parse_args(argv)
 
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     _common.quiet()
     if args.rank is not None and args.rank < 1:
         raise ModelError(f"--rank {args.rank}: must be at least 1")
-    adapter = read_adapter(args.input, allow_pickle=args.allow_pickle)
+    adapter = read_adapter(args.input, allow_pickle=args.allow_pickle, family=_common.family_of(args.family))
     small, reports = resize(adapter, rank=args.rank, energy=args.energy)
     fmt = adapter.format if args.format == "same" else args.format
     fmt = "diffusers" if fmt == "peft" else fmt

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -50,15 +48,10 @@ class Cache:
             self.memory[key] = tensors
             return
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        from finetune.export.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
 
 
 def fill(cache: Cache, jobs: list, batch: int, encode, desc: str, progress: bool) -> int:

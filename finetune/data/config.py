@@ -137,7 +137,11 @@ class DataSection(StrictModel):
     random_flip: bool = Field(False, description="Flip images horizontally at random.")
     caption: CaptionRules = Field(default_factory=CaptionRules, description="Default caption rules.")
     cache_latents: bool = Field(False, description="Encode images with the VAE once and reuse the latents.")
-    cache_text: bool = Field(False, description="Encode captions once and reuse the text-encoder outputs.")
+    cache_text: bool | Literal["auto"] = Field(
+        "auto",
+        description="Encode captions once and reuse the text-encoder outputs; 'auto' caches where the family's "
+        "encoders are large (SD3, FLUX: T5-XXL) and captions never change, then releases the encoders.",
+    )
     cache_dir: str | None = Field(None, description="Cache folder; default <output_dir>/cache.")
     cache_in_memory: bool = Field(False, description="Keep caches in memory instead of on disk.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")

@@ -93,6 +93,7 @@ class Render:
         out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
         out["paths"] = [self.records[ex.record].key for ex in examples]
         out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
+        out["positions"] = torch.tensor([ex.position for ex in examples], dtype=torch.long)
         return out
 
 
@@ -141,6 +142,7 @@ class TrainData:
         self.num_images = scan.num_images
         self.num_examples_per_epoch = scan.num_examples
         self.batches_per_epoch = planner.batches_per_epoch
+        self.examples_per_step = planner.examples_per_step
 
     def plan(self, epoch: int) -> list[list[Example]]:
         return self.planner.epoch(epoch)
@@ -235,7 +237,7 @@ def build_train_data(
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
                       recipe.train.gradient_accumulation)
     latents = Cache(_cache_root(recipe, "latents"), write=rank == 0) if d.cache_latents else None
-    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text else None
+    text = Cache(_cache_root(recipe, "text"), write=rank == 0) if d.cache_text is True else None
     render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)
     notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress)
     data = TrainData(scan, planner, render, d.num_workers, notes)

@@ -13,8 +13,6 @@ Images a user put in the folder count toward the total and are never touched.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -113,12 +111,8 @@ def _save(root: Path, index: int, image, prompt: str) -> Path:
 
 def _atomic(path: Path, write: Callable) -> Path:
     """Write through a hidden temporary file in the same folder and rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from finetune.export.io import atomic_open
+
+    with atomic_open(path, "wb") as f:
+        write(f)
     return path

@@ -15,6 +15,7 @@ from finetune.data.captions import apply_rules, rng_for
 from finetune.data.config import CaptionRules, DataSection, PriorSection
 from finetune.data.records import Problems, Record, Subset, image_files, load_images
 from finetune.data.sources import SCANNERS
+from finetune.data.stats import caption_stats
 from finetune.errors import DataError
 
 
@@ -122,8 +123,10 @@ def summarize(scan: Scan, seed: int = 0, extra: list[str] | None = None) -> str:
     lines.append(f"buckets ({mode}, {d.crop} crop, WxH: images): {describe(scan.bucket_counts())}")
     lines.append("captions after the rules (samples):")
     lines += [f"  {rec.key}: {cap!r}" for rec, cap in sample_captions(scan, seed)]
-    lines += extra or []
+    stats = caption_stats(scan.subsets, d.caption.separator)
+    lines += stats.lines() + (extra or [])
     notes = [f"{sub.name}: {n}" for sub in scan.subsets + ([scan.prior] if scan.prior else []) for n in sub.notes]
+    notes += stats.duplicate_notes()
     skipped = scan.problems.skipped
     if skipped:
         notes.append(f"{len(skipped)} file(s) skipped (on_bad_image: skip): " + "; ".join(skipped[:5])

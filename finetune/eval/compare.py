@@ -32,9 +32,9 @@ class Sampling:
     prompts: list[str]
     seeds: list[int]
     steps: int = 30
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the family's default (7.5 SD, 7.0 SD3, 3.5 FLUX)
     negative_prompt: str = ""
-    scheduler: str = "ddim"
+    scheduler: str = "auto"  # the family's sampler (DDIM for SD 1/2/XL, the base's flow sampler for SD3/FLUX)
     size: tuple[int | None, int | None] = (None, None)
 
 
@@ -57,7 +57,7 @@ def images_with_prompts(folder: Path, need_prompts: bool) -> tuple[list[list], l
     return list(rows.values()), list(rows)
 
 
-def _components(cand: Candidate, base: str | None, loader):
+def _components(cand: Candidate, base: str | None, loader, allow_pickle: bool = False):
     from finetune.errors import ModelError
 
     if cand.kind == "model":
@@ -69,16 +69,19 @@ def _components(cand: Candidate, base: str | None, loader):
         from finetune.export.merge import LoraSpec, fuse_all, read_all
 
         spec = LoraSpec.parse(cand.spec)
-        fuse_all(comps, read_all([spec], family=comps.family), [spec.weight])
+        # the family fits the file's key names (kohya, BFL, diffusers) to this base's modules
+        fuse_all(comps, read_all([spec], allow_pickle, comps.family, comps.named_modules()), [spec.weight])
     return comps
 
 
-def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, loader, device, dtype) -> list[list]:
-    """rows[p][s] for one generated candidate; the base is reloaded for each, so none sees another's weights."""
+def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, loader, device, dtype,
+                     allow_pickle: bool = False) -> list[list]:
+    """rows[p][s] for one generated candidate; the base is reloaded for each, so none sees another's weights.
+    Any family: the pipeline, sampler, guidance and embedding loading all come from the family object."""
     from finetune.sections import ValidationSection
     from finetune.train.validation import make_pipeline, render
 
-    comps = _components(cand, base, loader)
+    comps = _components(cand, base, loader, allow_pickle)
     cfg = ValidationSection(prompts=sampling.prompts, seeds=sampling.seeds, steps=sampling.steps,
                             guidance_scale=sampling.guidance_scale, negative_prompt=sampling.negative_prompt,
                             scheduler=sampling.scheduler)
@@ -87,9 +90,9 @@ def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, load
         from finetune.export.embeddings import load_into_pipeline
 
         path, _, token = cand.spec.partition(":") if not Path(cand.spec).exists() else (cand.spec, "", "")
-        load_into_pipeline(pipe, path, token or None, family=comps.family)
+        load_into_pipeline(pipe, path, token or None, allow_pickle, comps.family)
     pipe.to(device, dtype)
-    return render(pipe, sampling.prompts, sampling.seeds, cfg, sampling.size, device)
+    return render(pipe, sampling.prompts, sampling.seeds, cfg, sampling.size, device, family=comps.family)
 
 
 def table(results: list[tuple[str, Scores]], metrics: list[str]) -> str:
@@ -105,14 +108,15 @@ def table(results: list[tuple[str, Scores]], metrics: list[str]) -> str:
 
 
 def evaluate(candidates: list[Candidate], scorer: Scorer, sampling: Sampling | None, base: str | None,
-             loader, device, dtype, on_rows=None) -> list[tuple[str, Scores]]:
+             loader, device, dtype, on_rows=None, allow_pickle: bool = False) -> list[tuple[str, Scores]]:
     """Score every candidate; `on_rows(candidate, rows, prompts)` sees each one's images (to save a grid)."""
     results = []
     for cand in candidates:
         if cand.kind == "images":
             rows, prompts = images_with_prompts(Path(cand.spec), "clip_t" in scorer.metrics)
         else:
-            rows, prompts = render_candidate(cand, base, sampling, loader, device, dtype), sampling.prompts
+            rows, prompts = (render_candidate(cand, base, sampling, loader, device, dtype, allow_pickle),
+                            sampling.prompts)
         if on_rows is not None:
             on_rows(cand, rows, prompts)
         results.append((cand.label, scorer.score(rows, prompts)))

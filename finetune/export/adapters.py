@@ -1,94 +1,44 @@
-"""LoRA-family adapter files in any of our layouts, read into one form, and their weight deltas.
+"""LoRA-family adapter files in any of our layouts, read into one form (finetune.export.layers), and applied.
 
-An `Adapter` is a set of `Layer`s keyed by '<component>.<module path>' ('unet.down_blocks.1...to_q'),
-each holding peft-named tensors (lora_A.weight, lora_B.weight, lora_magnitude_vector, hada_*, lokr_*) and
-the scale its delta is multiplied by. Readers accept the diffusers/peft file (`pytorch_lora_weights`), our
-peft file for LoHa/LoKr and the kohya/LyCORIS file; `delta` rebuilds a layer's weight change with the
-formula every loader uses, so fusing, merging and resizing never need peft at run time.
+Readers accept the diffusers/peft file (`pytorch_lora_weights`), our peft file for kinds diffusers cannot load
+(`peft_adapter`) and the kohya/LyCORIS file; a layer's delta comes from its kind (finetune.kinds), the formula
+the UIs use, so fusing, merging and resizing never need peft at run time. Module names are the family's
+(`Family.kohya_names`): one spelling per module whatever wrote the file, located in a model through the same
+table.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
 
 import torch
 
 from finetune.errors import ModelError
 from finetune.export.io import read_tensors
+from finetune.export.kohya import guess_family, is_kohya, kohya_layers
+from finetune.export.layers import (  # noqa: F401 - re-exported: the adapter API lives here
+    ADAPTER_META,
+    DIFFUSERS_FILE,
+    PEFT_FILE,
+    PEFT_META,
+    Adapter,
+    Layer,
+)
+from finetune.export.layouts import bound_names
+from finetune.kinds import kind_of_peft, peft_spellings
 
-LORA_KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
-LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-PEFT_KEYS = LORA_KEYS + LOHA_KEYS + LOKR_KEYS
-
-
-@dataclass
-class Layer:
-    kind: str  # lora | loha | lokr
-    tensors: dict[str, torch.Tensor]
-    alpha: float
-    rank: int
-    scale: float  # the delta is scale * (product of the factors)
-
-    @property
-    def dora(self) -> bool:
-        return "lora_magnitude_vector" in self.tensors
-
-
-@dataclass
-class Adapter:
-    layers: dict[str, Layer]
-    format: str  # diffusers | peft | kohya
-    metadata: dict[str, str] = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def kind(self) -> str:
-        kinds = {layer.kind for layer in self.layers.values()}
-        return kinds.pop() if len(kinds) == 1 else "mixed"
-
-    @property
-    def dora(self) -> bool:
-        return any(layer.dora for layer in self.layers.values())
-
-    def components(self) -> list[str]:
-        return sorted({k.split(".", 1)[0] for k in self.layers})
-
-    def ranks(self) -> Counter:
-        return Counter(layer.rank for layer in self.layers.values())
-
-
-def kind_of(suffixes) -> str:
-    s = set(suffixes)
-    if s & set(LOHA_KEYS):
-        return "loha"
-    if s & set(LOKR_KEYS):
-        return "lokr"
-    return "lora"
-
-
-def layer_rank(kind: str, t: dict[str, torch.Tensor]) -> int | None:
-    """The rank the tensors show; None for a LoKr whose factors are both full matrices."""
-    if kind == "lora":
-        return t["lora_A.weight"].shape[0]
-    if kind == "loha":
-        return t["hada_w1_b"].shape[0]
-    for key in ("lokr_w2_b", "lokr_w1_b"):
-        if key in t:
-            return t[key].shape[0]
-    return None
+log = logging.getLogger("finetune.export")
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_adapter(path: str | Path, allow_pickle: bool = False, family=None) -> Adapter:
-    """Read any LoRA-family file we know; a one-line ModelError for anything else."""
+def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modules=None) -> Adapter:
+    """Read any LoRA-family file we know; a one-line ModelError for anything else. `family` and `modules`
+    (the base it will be applied to) fit the key names to that base; without them the file's header and
+    the family's reference layout are used."""
     path = Path(path)
     if path.is_dir():
-        from finetune.export.lora import DIFFUSERS_FILE, PEFT_FILE
-
         found = [path / f for f in (DIFFUSERS_FILE, PEFT_FILE) if (path / f).is_file()]
         if not found:
             raise ModelError(f"{path}: folder holds no {DIFFUSERS_FILE} or {PEFT_FILE}")
@@ -96,99 +46,132 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, family=None) -> A
     tensors, meta = read_tensors(path, allow_pickle)
     if not tensors:
         raise ModelError(f"{path}: holds no tensors")
-    from finetune.export.kohya import is_kohya, kohya_layers
-
+    layout = None if family is not None and not family.lora_layouts else _family_layout(tensors, family)
+    if layout is not None:  # a family's own layout (FLUX's BFL names): its module reads it
+        family, fmt, module = layout
+        names = bound_names(family.kohya_names, modules, meta)
+        layers = module.read(tensors, names, path)
+        return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name)
+    family = family or guess_family(tensors, meta)
+    names = bound_names(family.kohya_names, modules, meta)
     if is_kohya(tensors):
-        layers = kohya_layers(tensors, path, family)
-        fmt = "kohya"
+        layers, fmt = kohya_layers(tensors, path, names), "kohya"
+        if not any(k.endswith(".alpha") for k in tensors):
+            log.warning(f"note: {path.name} has no alpha tensors: alpha taken as each layer's rank (scale 1), "
+                        "as ComfyUI and AUTOMATIC1111 do")
     else:
-        configs = _peft_configs(meta)
-        layers = _peft_layers(tensors, configs, path)
-        fmt = "peft" if "finetune.peft_config" in meta else "diffusers"
-    return Adapter(layers=layers, format=fmt, metadata=meta, path=path)
+        configs = peft_configs(meta)
+        if not configs:
+            log.warning(f"note: {path.name} has no adapter config in its header: alpha taken as each layer's rank "
+                        "(scale 1), as diffusers does")
+        layers = peft_layers(tensors, configs, path)
+        layers = {_canonical(n, names): layer for n, layer in layers.items()}
+        fmt = "peft" if PEFT_META in meta else "diffusers"
+    return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name)
 
 
-def _peft_configs(meta: dict[str, str]) -> dict[str, dict]:
+def _family_layout(tensors, family=None):
+    """(family, format, module) of the family layout these tensors are written in, or None."""
+    import importlib
+
+    from finetune.models.family import FAMILIES
+
+    for f in [family] if family is not None else FAMILIES.values():
+        for fmt, module_name in f.lora_layouts.items():
+            module = importlib.import_module(module_name)
+            if module.detect(tensors):
+                return f, fmt, module
+    return None
+
+
+def _canonical(name: str, names) -> str:
+    component, path = name.split(".", 1)
+    return f"{component}.{names[component].canonical(path)}" if component in names else name
+
+
+def peft_configs(meta: dict[str, str]) -> dict[str, dict]:
     """Per-component peft configs from our peft header or diffusers' lora_adapter_metadata."""
-    if "finetune.peft_config" in meta:
-        return json.loads(meta["finetune.peft_config"])
-    configs: dict[str, dict] = {}
-    for key, value in json.loads(meta.get("lora_adapter_metadata", "{}")).items():
-        component, name = key.split(".", 1)
-        configs.setdefault(component, {})[name] = value
-    return configs
+    try:
+        if PEFT_META in meta:
+            return json.loads(meta[PEFT_META])
+        configs: dict[str, dict] = {}
+        for key, value in json.loads(meta.get(ADAPTER_META, "{}")).items():
+            component, name = key.split(".", 1)
+            configs.setdefault(component, {})[name] = value
+        return configs
+    except (ValueError, AttributeError):
+        raise ModelError(f"the adapter config in the header ({PEFT_META} / {ADAPTER_META}) is not readable JSON") from None
 
 
-def _peft_layers(tensors, configs: dict[str, dict], path: Path) -> dict[str, Layer]:
+def _pattern(pattern: dict | None, module: str, default):
+    """peft's rule: rank_pattern / alpha_pattern keys are patterns matched against the end of a module path."""
+    if not pattern:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(pattern), module)
+    return pattern.get(key, default)
+
+
+def peft_layers(tensors: dict[str, torch.Tensor], configs: dict[str, dict], where) -> dict[str, Layer]:
+    """Module-prefixed peft tensors ('unet.<path>.lora_A.weight') and their peft configs -> layers."""
+    spellings = peft_spellings()
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        key = key.removesuffix(".lora_magnitude_vector.weight") + (
-            ".lora_magnitude_vector" if key.endswith(".lora_magnitude_vector.weight") else "")
-        suffix = next((s for s in PEFT_KEYS if key.endswith("." + s)), None)
-        if suffix is None or "." not in key:
-            raise ModelError(f"{path}: unknown key layout ('{key}'); expected a diffusers, peft or kohya LoRA file")
-        grouped.setdefault(key[: -len(suffix) - 1], {})[suffix] = value
+        suffix = next((s for s in spellings if key.endswith("." + s)), None)
+        module = key[: -len(suffix) - 1] if suffix else ""
+        if suffix is None or "." not in module:
+            raise ModelError(f"{where}: unknown key layout ('{key}'); expected a diffusers, peft or kohya LoRA file")
+        grouped.setdefault(module, {})[spellings[suffix]] = value
     layers = {}
     for name, t in grouped.items():
         component, module = name.split(".", 1)
+        kind = kind_of_peft(t, f"{where}: layer '{name}'")
+        kind.check(t, f"{where}: layer '{name}'")
         cfg = configs.get(component, {})
-        kind = kind_of(t)
-        r = (cfg.get("rank_pattern") or {}).get(module, cfg.get("r"))
-        shown = layer_rank(kind, t)
-        rank = int(r or shown or 1)
-        alpha = cfg.get("lora_alpha", cfg.get("alpha"))
-        alpha = float((cfg.get("alpha_pattern") or {}).get(module, alpha if alpha is not None else rank))
-        if kind == "lora" and "lora_A.weight" not in t or kind == "lora" and "lora_B.weight" not in t:
-            raise ModelError(f"{path}: layer '{name}' lacks lora_A or lora_B")
-        layers[name] = Layer(kind, t, alpha, shown or rank, alpha / rank)
+        shown = kind.rank(t)
+        rank = int(_pattern(cfg.get("rank_pattern"), module, cfg.get("r")) or shown or 1)
+        alpha = cfg.get(kind.alpha_key) if kind.alpha_key else None
+        alpha = _pattern(cfg.get("alpha_pattern"), module, alpha)
+        alpha = float(alpha if alpha is not None else rank)
+        layers[name] = Layer(kind.name, t, alpha, shown or rank, alpha / rank)
     return layers
 
 
 # ----------------------------------------------------------------------------------------------- math
 def factors_delta(layer: Layer, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """scale * (the factors' product), shaped like the base weight (fp32). DoRA's magnitude is ignored."""
-    t = {k: v.float() for k, v in layer.tensors.items()}
-    if layer.kind == "lora":
-        a, b = t["lora_A.weight"], t["lora_B.weight"]
-        d = b.flatten(1) @ a.flatten(1)
-    elif layer.kind == "loha":
-        d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
-    else:
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
-        if w2.dim() == 4:
-            w1 = w1[:, :, None, None]
-        d = torch.kron(w1, w2)
+    """scale * (the factors' product), shaped like the base weight (fp32); a DoRA magnitude is not applied."""
+    d = layer.spec.factors({k: v.float() for k, v in layer.tensors.items()})
     if d.numel() != torch.Size(shape).numel():
         raise ValueError(f"delta of {tuple(d.shape)} does not fit a weight of {tuple(shape)}")
     return (d * layer.scale).reshape(shape)
 
 
 def delta(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
-    """The change the layer makes to `weight` (DoRA included: m * (W + dW) / ||W + dW|| - W)."""
-    w = weight.float()
-    d = factors_delta(layer, w.shape)
-    if not layer.dora:
-        return d
-    new = w + d
-    dims = tuple(range(1, new.dim()))
-    norm = new.norm(p=2, dim=dims, keepdim=True)
-    m = layer.tensors["lora_magnitude_vector"].float().reshape(norm.shape)
-    return m * new / norm - w
+    """The change the layer makes to `weight` (what its kind says, DoRA included)."""
+    return layer.spec.delta(layer, weight.float())
 
 
-def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float = 1.0) -> int:
+def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float = 1.0, names=None) -> int:
     """Add the adapter's deltas (times `strength`) into the weights of `modules`; returns layers fused.
 
-    All layers are checked before any weight changes, so a bad file leaves the model untouched.
+    `names` is the base's family table (`Family.kohya_names`). All layers are checked before any weight
+    changes (and a file missing layers its config names is refused), so a bad file leaves the model untouched.
     """
+    if names is None:
+        from finetune.models.family import FAMILIES
+
+        names = FAMILIES[adapter.family or "sd1"].kohya_names
+    names = bound_names(names, modules)
+    check_complete(adapter, modules, names)
     targets = []
     for name, layer in adapter.layers.items():
         component, path = name.split(".", 1)
         if component not in modules:
             raise ModelError(f"{adapter.path}: has layers for '{component}', which this model does not have")
         try:
-            module = modules[component].get_submodule(path)
+            module = names[component].locate(modules[component], path) if component in names else \
+                modules[component].get_submodule(path)
         except AttributeError:
             raise ModelError(f"{adapter.path}: layer '{name}' is not in the base (a LoRA for another "
                              "family or base?)") from None
@@ -203,3 +186,31 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
         for weight, d in targets:
             weight.add_((strength * d).to(weight.dtype))
     return len(targets)
+
+
+def check_complete(adapter: Adapter, modules: dict[str, torch.nn.Module], names) -> None:
+    """Refuse a file that lacks layers its own header's peft config targets in this base (a truncated file
+    would otherwise apply partially and silently), naming the missing tensors."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    missing = []
+    for component, cfg in peft_configs(adapter.metadata).items():
+        if component not in modules or not cfg.get("target_modules"):
+            continue
+        try:
+            config = PeftConfig.from_peft_type(**cfg)
+        except (TypeError, ValueError, KeyError):
+            continue  # a config peft cannot rebuild says nothing we could check
+        canonical = names[component].canonical if component in names else (lambda p: p)
+        for path, module in modules[component].named_modules():
+            # (a module already carrying a peft adapter keeps its layer as `base_layer`)
+            if not path or not isinstance(getattr(module, "base_layer", module), torch.nn.Linear | torch.nn.Conv2d):
+                continue
+            hits = check_target_module_exists(config, path) or check_target_module_exists(config, canonical(path))
+            if hits and f"{component}.{canonical(path)}" not in adapter.layers:
+                missing.append(f"{component}.{canonical(path)}")
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelError(f"{adapter.path}: {len(missing)} layer(s) its config targets are missing ({shown}); "
+                         "a truncated or damaged file")

@@ -7,24 +7,27 @@ from pathlib import Path
 
 import yaml
 
+from finetune.export.context import LOCAL
 from finetune.export.io import write_text_atomic
 
 LOAD_SNIPPETS = {
     "lora": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
     "embedding": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
     ),
-    "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\")\n",
+    "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\", torch_dtype={dtype}).to(device)\n",
     "pivotal": (
-        "pipe = {pipeline}.from_pretrained(\"{base}\")\n"
+        "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
         "pipe.load_lora_weights(\"{folder}\")\n"
     ),
 }
+# the dtype the snippet loads in: the run's compute precision (fp32 runs anywhere, the toy base on a CPU too)
+SNIPPET_DTYPES = {"no": "torch.float32", "fp16": "torch.float16", "bf16": "torch.bfloat16"}
 UI_NOTES = {
     "lora": "The `.safetensors` named after the run loads in ComfyUI (LoRA loader) and AUTOMATIC1111 (`models/Lora`).",
     "embedding": "The `.safetensors` named after the run goes in ComfyUI's and AUTOMATIC1111's `embeddings/` "
@@ -34,9 +37,16 @@ UI_NOTES = {
     "full": "The single `.safetensors` checkpoint loads in ComfyUI (`models/checkpoints`) and AUTOMATIC1111 "
     "(`models/Stable-diffusion`); diffusers opens it with `from_single_file(path, config=\"{folder}/model\")`.",
 }
+DORA_NOTE = (
+    "**DoRA:** the diffusers file applies this DoRA exactly. There is no kohya file: AUTOMATIC1111 normalises a "
+    "DoRA magnitude over input columns and ComfyUI divides by the base weight's norm instead of the adapted one, "
+    "so neither would apply it exactly (off by a sizeable part of the adapter's change). For ComfyUI and "
+    "AUTOMATIC1111, bake it into a checkpoint, which loads exactly: "
+    "`python tools/merge.py fuse --base <base> --lora {folder} --single-file merged.safetensors`."
+)
 
 
-def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
+def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: bool = False) -> Path:
     triggers = ", ".join(f"`{w}`" for w in ctx.trigger_words) or "(none)"
     prompt = ctx.trigger_words[0] if ctx.trigger_words else "a photo"
     listing = "\n".join(f"- `{Path(f).name}`" for f in files)
@@ -47,18 +57,27 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str) -> Path:
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
-    snippet = LOAD_SNIPPETS.get(kind, "").format(base=ctx.base, folder=out_dir.name, pipeline=pipeline)
+    base, imports = _base_expression(ctx.base, (getattr(ctx, "model", None) or {}).get("base"), out_dir)
+    dtype = SNIPPET_DTYPES.get(ctx.recipe.get("train", {}).get("mixed_precision", "no"), "torch.float32")
+    snippet = LOAD_SNIPPETS.get(kind, "").format(base=base, folder=out_dir.name, pipeline=pipeline, dtype=dtype)
     if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
         # one load per text encoder: finetune's helper does both (diffusers needs text_encoder_2= etc.)
         snippet = snippet.replace(f'pipe.load_textual_inversion("{out_dir.name}")\n',
                                   "from finetune.export.embeddings import load_into_pipeline\n"
                                   f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
-    metrics = f"## Metrics\n{ctx.metrics}\n" if getattr(ctx, "metrics", None) else ""
-    ui = UI_NOTES.get(kind, "").format(folder=out_dir.name)
+    metrics = f"## Metrics\n{ctx.metrics}\n" if ctx.metrics else ""
+    ui = DORA_NOTE.format(folder=out_dir.name) if dora else UI_NOTES.get(kind, "").format(folder=out_dir.name)
+    if kind == "lora" and family is not None and not dora:
+        ui = _lora_ui_note(family, ctx, files)
+    prompts = getattr(ctx, "instance_prompts", [])
+    if prompts:
+        triggers += "\n\n**Instance prompt(s):** " + ", ".join(f"`{p}`" for p in prompts)
+    # a local base is named '<local>/<folder>' (no paths of the trainer's machine); the hub's base_model key
+    # wants a hub id, so it is left out then
+    front = "" if ctx.base.startswith(LOCAL) else f"base_model: {ctx.base}\n"
     text = f"""---
-base_model: {ctx.base}
-tags: [text-to-image, diffusers, {ctx.method}, finetune]
+{front}tags: [text-to-image, diffusers, {ctx.method}, finetune]
 ---
 # {ctx.name}
 
@@ -78,12 +97,70 @@ at {ctx.resolution} px.
 ```python
 import torch
 from diffusers import {pipeline}
-
-{snippet}image = pipe("{prompt}").images[0]
+{imports}
+device = "cuda" if torch.cuda.is_available() else "cpu"
+{snippet}image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]
 ```
+
+{_sampling_note(family, ctx)}
 
 ## Recipe
 ```yaml
 {recipe}```
 """
     return write_text_atomic(out_dir / "README.md", text)
+
+
+def _base_expression(base: str, real: str | None = None, out_dir: Path | None = None) -> tuple[str, str]:
+    """The Python expression that names the base in the snippet, and the import it needs. The toy bases live
+    inside the installed package; a local folder is named relative to the folder holding the run, where the
+    snippet runs (the card keeps no absolute paths of the trainer's machine)."""
+    if base in ("toy", "toy-flux"):
+        name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
+        return f"{name}()", f"from finetune.toy import {name}\n"
+    if real and out_dir is not None and Path(real).expanduser().exists():
+        return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
+    return repr(base), ""
+
+
+def _validation(ctx) -> dict:
+    return ctx.recipe.get("validation", {}) if isinstance(ctx.recipe, dict) else {}
+
+
+def _guidance(family, ctx) -> float:
+    g = _validation(ctx).get("guidance_scale")
+    return float(g) if g is not None else (family.default_guidance if family else 7.5)
+
+
+def _call_args(family, ctx) -> str:
+    """The sampler settings the validation grids used, so the snippet renders what the grids showed."""
+    v = _validation(ctx)
+    return f", num_inference_steps={v.get('steps', 30)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
+
+
+def _sampling_note(family, ctx) -> str:
+    v = _validation(ctx)
+    if not v or family is None:
+        return ""
+    choice = v.get("scheduler", "auto")
+    choice = family.default_sampler if choice == "auto" else choice
+    sampler = ("the base's own scheduler" if choice == "base" else f"`{choice}`")
+    if family.objective == "flow":
+        sampler += " (flow matching, with the shift the pipeline applies)"
+    return (f"**Sampling:** the grids above used {sampler}, {v.get('steps', 30)} steps, guidance "
+            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.")
+
+
+def _lora_ui_note(family, ctx, files) -> str:
+    """Which of the written files each UI loads, for this family."""
+    names = {Path(f).name for f in files}
+    kohya, bfl = f"{ctx.name}.safetensors", f"{ctx.name}_bfl.safetensors"
+    lines = []
+    if kohya in names:
+        where = "ComfyUI (LoRA loader)" if family.objective == "flow" else \
+            "ComfyUI (LoRA loader) and AUTOMATIC1111 / Forge (`models/Lora`)"
+        lines.append(f"`{kohya}` loads in {where}.")
+    if bfl in names:
+        lines.append(f"`{bfl}` holds the same LoRA in Black Forest Labs' names (q/k/v fused: the fused layers' "
+                     "rank is 3x, or 4x for single blocks, with alpha scaled to match) for sd-scripts and Forge.")
+    return " ".join(lines)

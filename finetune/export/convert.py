@@ -15,14 +15,14 @@ KEPT_PREFIXES = ("finetune.", "ss_", "modelspec.")
 
 def kept_metadata(meta: dict[str, str]) -> dict[str, str]:
     """The story a converted file keeps: our keys and the UI keys (format-specific configs are rebuilt)."""
-    from finetune.export.lora import PEFT_META
+    from finetune.export.layers import PEFT_META
 
     return {k: v for k, v in meta.items() if k.startswith(KEPT_PREFIXES) and k != PEFT_META}
 
 
 def lora_target(src: Path, dst: Path, fmt: str) -> Path:
     """Where a conversion writes: a kohya .safetensors file, or a diffusers folder (or .safetensors file)."""
-    if fmt == "kohya" and dst.suffix != ".safetensors":
+    if fmt not in ("diffusers",) and dst.suffix != ".safetensors":
         dst = dst / f"{src.stem if src.is_file() else src.name}.safetensors"
     if dst.resolve() == src.resolve():
         raise ModelError(f"{dst}: is the input file; choose another output")
@@ -30,14 +30,20 @@ def lora_target(src: Path, dst: Path, fmt: str) -> Path:
 
 
 def convert_lora(src: str | Path, dst: str | Path, fmt: str, allow_pickle: bool = False, family=None) -> Path:
-    """Rewrite a LoRA/DoRA/LoHa/LoKr file as 'kohya' or 'diffusers'; returns the written path."""
+    """Rewrite a LoRA/DoRA/LoHa/LoKr file as 'kohya', 'diffusers' or a family's own layout ('bfl' for FLUX);
+    returns the written path."""
     from finetune.export.adapters import read_adapter
-    from finetune.export.lora import save_adapter
+    from finetune.export.lora import family_layouts, save_adapter
 
-    if fmt not in ("kohya", "diffusers"):
-        raise ModelError(f"unknown LoRA format '{fmt}'; use kohya or diffusers")
     src, dst = Path(src), Path(dst)
     adapter = read_adapter(src, allow_pickle=allow_pickle, family=family)
+    if family is None:
+        from finetune.models.family import FAMILIES
+
+        family = FAMILIES[adapter.family or "sd1"]
+    if fmt not in ("kohya", "diffusers", *family_layouts(family)):
+        more = "".join(f", {f}" for f in family_layouts(family))
+        raise ModelError(f"unknown LoRA format '{fmt}' for a {family.name} LoRA; use kohya or diffusers{more}")
     meta = kept_metadata(adapter.metadata)
     meta["finetune.converted_from"] = f"{adapter.format}:{adapter.path.name}"
     return save_adapter(adapter, lora_target(src, dst, fmt), fmt, meta, family)
@@ -47,11 +53,14 @@ def convert_embedding(src: str | Path, dst: str | Path, fmt: str, allow_pickle: 
                       family=None) -> Path:
     """Rewrite a textual-inversion file as 'a1111' (emb_params / clip_l+clip_g) or 'diffusers' ({token: rows})."""
     from finetune.export.embeddings import read_embeddings, write_embedding_file
+    from finetune.export.io import safe_stem
 
     src, dst = Path(src), Path(dst)
     emb = read_embeddings(src, allow_pickle=allow_pickle, family=family)
     if dst.suffix != ".safetensors":
-        dst = dst / (f"{emb.token}.safetensors" if fmt == "a1111" else "learned_embeds.safetensors")
+        # the token comes from the input file: a downloaded embedding must not choose where we write
+        stem = safe_stem(emb.token, f"{src}: the embedding's token") if fmt == "a1111" else "learned_embeds"
+        dst = dst / f"{stem}.safetensors"
     if dst.resolve() == src.resolve():
         raise ModelError(f"{dst}: is the input file; choose another output")
     meta = kept_metadata(emb.metadata) | {"finetune.converted_from": f"{emb.format}:{src.name}"}

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from finetune.errors import ModelError
-from finetune.export.io import read_tensors, save_safetensors
+from finetune.export.io import DTYPES, read_tensors, save_safetensors
 
 DEFAULT_KEYS = {"text_encoder": "emb_params"}
 DIFFUSERS_NAMES = {"text_encoder": "learned_embeds.safetensors", "text_encoder_2": "learned_embeds_2.safetensors"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -63,14 +62,18 @@ def write_embedding_file(vectors: dict[str, torch.Tensor], token: str, path: Pat
 def save_embeddings(vectors: dict[str, torch.Tensor], tokens: str | list[str], out_dir: str | Path, ctx,
                     formats=("diffusers", "a1111"), family=None) -> list[Path]:
     """Write the trained rows (per text encoder) in each requested format, plus the model card."""
-    from finetune.export.lora import common_metadata
+    from finetune.export.context import common_metadata
 
     out_dir = Path(out_dir)
     token = _as_token(tokens)
     dtype = DTYPES[getattr(ctx, "dtype", "fp32")]
     vectors = {n: v.detach().to("cpu", dtype) for n, v in vectors.items()}
+    from finetune.models.family import FAMILIES
+
+    known = FAMILIES.get(ctx.family)
+    arch = known.modelspec_arch.get(getattr(ctx, "prediction_type", "epsilon"), ctx.family) if known else ctx.family
     meta = common_metadata(ctx) | {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": ctx.name,
-                                   "modelspec.architecture": f"{ctx.family}/textual-inversion",
+                                   "modelspec.architecture": f"{arch}/textual-inversion",
                                    "modelspec.trigger_phrase": token}
     written: list[Path] = []
     if "diffusers" in formats:

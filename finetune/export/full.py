@@ -2,8 +2,9 @@
 
 - `save_diffusers_folder`: `pipe.save_pretrained` (safetensors) into a temporary sibling folder, our metadata
   stamped into every weights file, then renamed into place: the folder appears complete or not at all.
-- `save_single_file`: the original Stable Diffusion key layout (finetune.export.ldm) in one .safetensors,
-  which ComfyUI, A1111 and `StableDiffusionPipeline.from_single_file(path, config=<diffusers folder>)` open.
+- `save_single_file`: the original checkpoint key layout of the family (finetune.export.ldm: SD 1.x, SD 2.x
+  with OpenCLIP names, SDXL with both text encoders under conditioner.embedders.*) in one .safetensors, which
+  ComfyUI, A1111 and the family pipeline's `from_single_file(path, config=<diffusers folder>)` open.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import ModelError
-from finetune.export.io import read_tensors, save_safetensors
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from finetune.export.io import DTYPES, read_tensors, save_safetensors
 
 
 def save_diffusers_folder(pipe, out_dir: str | Path, meta: dict[str, str] | None = None,
@@ -48,12 +47,15 @@ def save_diffusers_folder(pipe, out_dir: str | Path, meta: dict[str, str] | None
     return out_dir
 
 
-def save_single_file(unet, vae, text_encoder, path: str | Path, meta: dict[str, str] | None = None,
-                     dtype: str = "fp32") -> Path:
-    """One LDM-layout .safetensors holding U-Net, VAE and text encoder."""
+def save_single_file(comps, path: str | Path, meta: dict[str, str] | None = None, dtype: str = "fp32",
+                     unet=None, text_encoders=None) -> Path:
+    """One original-layout .safetensors holding U-Net, VAE and every text encoder of `comps`' family
+    (`unet` / `text_encoders` replace the components' own, e.g. the trained ones)."""
     from finetune.export.ldm import pipeline_to_ldm
 
-    state = pipeline_to_ldm(unet, vae, text_encoder, DTYPES[dtype])
+    family = comps.family
+    encoders = dict(zip(comps.text_encoder_names, text_encoders or comps.text_encoders, strict=True))
+    state = pipeline_to_ldm(family, unet or comps.denoiser, comps.vae, encoders, DTYPES[dtype])
     meta = dict(meta or {})
     meta.setdefault("modelspec.sai_model_spec", "1.0.0")
     return save_safetensors(state, path, meta)
@@ -63,13 +65,15 @@ def export_full(comps, out_dir: Path, ctx, unet=None, text_encoders=None) -> lis
     """What a full fine-tune (DreamBooth) run writes: `model/` (diffusers), `<name>.safetensors` (single
     file, with the single_file format; kohya/a1111 accepted too) and the model card."""
     from finetune.export.card import write_model_card
-    from finetune.export.kohya import MODELSPEC_ARCH
-    from finetune.export.lora import common_metadata
+    from finetune.export.context import common_metadata
+    from finetune.export.kohya import prediction
 
-    pipe = comps.pipeline(unet=unet, text_encoders=text_encoders)
+    family = comps.family
+    pipe = comps.pipeline(denoiser=unet, text_encoders=text_encoders)
     dtype = DTYPES[ctx.dtype]
     meta = common_metadata(ctx) | {
-        "modelspec.architecture": MODELSPEC_ARCH.get(ctx.family, ctx.family),
+        "modelspec.architecture": family.modelspec_arch.get(ctx.prediction_type, family.name),
+        "modelspec.prediction_type": prediction(ctx),
         "modelspec.title": ctx.name, "modelspec.date": ctx.created,
         "modelspec.trigger_phrase": ", ".join(ctx.trigger_words),
         "modelspec.resolution": f"{ctx.resolution}x{ctx.resolution}",
@@ -82,8 +86,9 @@ def export_full(comps, out_dir: Path, ctx, unet=None, text_encoders=None) -> lis
         if dtype != torch.float32:
             pipe.to(torch.float32)
     if {"single_file", "kohya", "a1111"} & set(ctx.formats):
-        written.append(save_single_file(pipe.unet, pipe.vae, pipe.text_encoder, out_dir / f"{ctx.name}.safetensors",
-                                        meta, ctx.dtype))
+        encoders = [getattr(pipe, n) for n in family.text_encoder_names]
+        written.append(save_single_file(comps, out_dir / f"{ctx.name}.safetensors", meta, ctx.dtype,
+                                        unet=pipe.unet, text_encoders=encoders))
     if ctx.model_card:
         written.append(write_model_card(out_dir, ctx, written, kind="full"))
     return written

@@ -1,47 +1,120 @@
-"""Atomic safetensors writes: a file appears complete or not at all."""
+"""Atomic writes: a file appears complete or not at all, readable like any other file.
+
+Every file the project writes (exports, model cards, checkpoints, caches, class images) goes through
+`atomic_open`: a hidden temporary file in the destination folder, fsynced, then renamed into place. The
+temporary file is created with mode 0666 minus the umask (0644 usually), as `open()` would, so a ComfyUI or
+web server running as another user can read the result (`tempfile.mkstemp` would leave it 0600).
+"""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import torch
-from safetensors.torch import save_file
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write `tensors` to `path` via a temporary file in the same folder and an atomic rename."""
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """Create a new hidden temporary file next to `path`; the umask applies to its mode."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: could not create a temporary file beside it")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     os.close(fd)
     try:
-        save_file(clean, tmp, metadata=meta or None)
+        yield tmp
+        # the writer may have replaced our file with its own (safetensors does, with mode 0600)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """`open(path, mode)` that writes a temporary file and renames it into place only on success."""
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` to `path` atomically."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta or None)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write a small text file (model card, recipe) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root`, and the folders holding them, to disk (before a marker says 'complete')."""
+    root = Path(root)
+    for path in sorted(root.rglob("*")) + [root]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the files themselves were flushed
+        finally:
+            os.close(fd)
+
+
+def safe_stem(text: str, what: str) -> str:
+    """`text` as a plain file stem, refused (one line, naming `what`) when it could leave its folder:
+    a path separator, '..', a leading '.', '~' or a NUL, or nothing at all."""
+    from finetune.errors import ModelError
+
+    bad = (not text or text.strip() in (".", "..") or any(c in text for c in "/\\\0")
+           or text.startswith((".", "~")) or (len(text) > 1 and text[0].isalpha() and text[1] == ":"))
+    if bad:
+        raise ModelError(f"{what} {text!r} is not a plain file name (no folders, no leading '.' or '~'); "
+                         "choose another name")
+    return text
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -92,3 +165,66 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+# --------------------------------------------------------------------------------- no-clobber writes, moves
+def write_text_new(path: str | Path, text: str) -> Path:
+    """Write a small text file atomically under a name that must not exist yet: FileExistsError when it does,
+    even when it appears while we write (the finished temporary file is hard-linked into place, and a hard
+    link fails on an existing name). The file's mode follows the umask, like any new file."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Give `src` the new name `dst` without ever replacing a file there; `src` may keep its name too.
+    Filesystems without hard links (FAT, some network shares) fall back to check-then-rename, which
+    leaves a short race."""
+    import errno
+
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:
+        if dst.exists() or dst.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(dst)) from None
+        os.replace(src, dst)
+
+
+def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
+    """Move a file to a new name, never replacing a file there (FileExistsError) and never losing it: the
+    new name exists before the old one goes; across filesystems the bytes are copied and synced first."""
+    import secrets
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # another filesystem, or no hard links there: copy beside the target, then link it in
+        tmp = dst.parent / f".{dst.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            shutil.copy2(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            _link_new(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    os.unlink(src)
+    return dst

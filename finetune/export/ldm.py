@@ -1,62 +1,38 @@
-"""diffusers -> original Stable Diffusion (LDM) key layout, for single-file checkpoints (SD 1.x / 2.x).
+"""diffusers -> original checkpoint (LDM / SGM) key layout, for single-file exports that ComfyUI, AUTOMATIC1111
+and diffusers' `from_single_file` open.
 
-    model.diffusion_model.*   U-Net: input_blocks / middle_block / output_blocks, resnets as in_layers/out_layers
-    first_stage_model.*       VAE: encoder.down.N.block.M, decoder.up.(reversed).block.M, mid.block_1/attn_1
-    cond_stage_model.transformer.*   CLIP text encoder (transformers names, unchanged)
+    model.diffusion_model.*                 U-Net: input_blocks / middle_block / output_blocks, label_emb (SDXL)
+    first_stage_model.*                     VAE: encoder.down.N.block.M, decoder.up.(reversed).block.M, mid.*
+    cond_stage_model.transformer.*          SD 1.x: OpenAI CLIP (transformers names with text_model.)
+    cond_stage_model.model.*                SD 2.x: OpenCLIP-H (open_clip names, fused attention in_proj)
+    conditioner.embedders.0.transformer.*   SDXL: CLIP-L (transformers names)
+    conditioner.embedders.1.model.*         SDXL: OpenCLIP-bigG (open_clip names, text_projection)
 
-Written from the block arithmetic of the layout (layers_per_block resnets per level, one more on the way
-up), so it follows the base's own U-Net config rather than a table for one size.
+The U-Net and VAE follow the block arithmetic of the layout (finetune.export.layouts), so any SD-shaped config
+works; how the text encoders are stored is the family's table (`Family.single_file_text`).
+No torch at import: the families name the text writers below.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from finetune.errors import ModelError
+from finetune.export.layouts import UNetGeometry, unet_to_ldm
+
+if TYPE_CHECKING:
+    import torch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
-UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
-UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _resnet(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    return f"{UNET_RESNET.get(head, head)}.{tail}"
-
-
-def unet_key(key: str, layers: int, up_has_attn: list[bool]) -> str:
-    """One diffusers U-Net key in the LDM layout."""
-    for old, new in UNET_TOP.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-    per = layers + 1
-    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", key):
-        i, part, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if part == "downsamplers":
-            return f"input_blocks.{per * (i + 1)}.0.op.{rest.removeprefix('conv.')}"
-        idx = per * i + j + 1
-        return f"input_blocks.{idx}.0.{_resnet(rest)}" if part == "resnets" else f"input_blocks.{idx}.1.{rest}"
-    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        part, j, rest = m[1], int(m[2]), m[3]
-        return f"middle_block.{2 * j}.{_resnet(rest)}" if part == "resnets" else f"middle_block.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", key):
-        i, part, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        if part == "upsamplers":
-            return f"output_blocks.{per * i + layers}.{2 if up_has_attn[i] else 1}.{rest}"
-        idx = per * i + j
-        return f"output_blocks.{idx}.0.{_resnet(rest)}" if part == "resnets" else f"output_blocks.{idx}.1.{rest}"
-    raise KeyError(f"U-Net key '{key}' has no place in the LDM layout")
-
-
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    cfg = unet.config
-    up_has_attn = ["CrossAttn" in t for t in cfg.up_block_types]
-    return {UNET_PREFIX + unet_key(k, cfg.layers_per_block, up_has_attn): v for k, v in unet.state_dict().items()}
+def unet_state(unet) -> dict[str, torch.Tensor]:
+    g = UNetGeometry.of(unet)
+    return {UNET_PREFIX + unet_to_ldm(k, g): v for k, v in unet.state_dict().items()}
 
 
 def vae_key(key: str, levels: int) -> str:
@@ -76,7 +52,7 @@ def vae_key(key: str, levels: int) -> str:
     return key
 
 
-def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+def vae_state(vae) -> dict[str, torch.Tensor]:
     levels = len(vae.config.block_out_channels)
     out = {}
     for k, v in vae.state_dict().items():
@@ -87,13 +63,70 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); the LDM layout keeps it
-    wrapped = hasattr(text_encoder, "text_model")
-    return {TEXT_PREFIX + (k if wrapped else f"text_model.{k}"): v for k, v in text_encoder.state_dict().items()}
+def _with_text_model(key: str) -> str:
+    # transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); original checkpoints keep it
+    return key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}"
 
 
-def pipeline_to_ldm(unet, vae, text_encoder, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole SD 1.x/2.x pipeline as one LDM state dict (SD 2's OpenCLIP is written in HF form too)."""
-    state = unet_to_ldm(unet) | vae_to_ldm(vae) | text_encoder_to_ldm(text_encoder)
+@dataclass(frozen=True)
+class ClipCheckpoint:
+    """A CLIP text encoder kept in transformers names under `prefix` (SD 1.x, SDXL's CLIP-L)."""
+
+    prefix: str
+
+    def state(self, encoder) -> dict[str, torch.Tensor]:
+        return {self.prefix + _with_text_model(k): v for k, v in encoder.state_dict().items()
+                if not k.endswith("position_ids")}
+
+
+OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                "text_model.final_layer_norm.weight": "ln_final.weight",
+                "text_model.final_layer_norm.bias": "ln_final.bias"}
+
+
+@dataclass(frozen=True)
+class OpenClipCheckpoint:
+    """An OpenCLIP text encoder in open_clip's names under `prefix` (SD 2.x's OpenCLIP-H, SDXL's bigG):
+    q/k/v fused into `attn.in_proj_*`, the projection stored as the matrix text features are multiplied by."""
+
+    prefix: str
+
+    def state(self, encoder) -> dict[str, torch.Tensor]:
+        import torch
+
+        out, qkv = {}, {}
+        for k, v in encoder.state_dict().items():
+            k = _with_text_model(k)
+            if k.endswith("position_ids"):
+                continue
+            if k in OPENCLIP_TOP:
+                out[OPENCLIP_TOP[k]] = v
+            elif k == "text_projection.weight":
+                out["text_projection"] = v.T.contiguous()  # nn.Linear weight [proj, width]; open_clip: x @ P
+            elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", k):
+                i, module, kind = m[1], m[2], m[3]
+                if qk := re.fullmatch(r"self_attn\.([qkv])_proj", module):
+                    qkv.setdefault((i, kind), {})[qk[1]] = v
+                elif module in OPENCLIP_LAYER:
+                    out[f"transformer.resblocks.{i}.{OPENCLIP_LAYER[module]}.{kind}"] = v
+                else:
+                    raise ModelError(f"text encoder weight '{k}' has no place in the OpenCLIP layout")
+            else:
+                raise ModelError(f"text encoder weight '{k}' has no place in the OpenCLIP layout")
+        for (i, kind), parts in qkv.items():
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"], dim=0)
+        return {self.prefix + k: v for k, v in out.items()}
+
+
+def pipeline_to_ldm(family, unet, vae, text_encoders: dict, dtype: torch.dtype | None = None) -> dict:
+    """The whole pipeline as one original-layout state dict; `text_encoders` maps names to modules."""
+    missing = [n for n in family.single_file_text if n not in text_encoders]
+    if missing:
+        raise ModelError(f"a {family.name} single file needs text encoder(s) {missing}")
+    state = unet_state(unet) | vae_state(vae)
+    for name, layout in family.single_file_text.items():
+        state |= layout.state(text_encoders[name])
     return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}

@@ -1,9 +1,10 @@
 """LoRA-family exports.
 
 - `pytorch_lora_weights.safetensors`: diffusers/peft form (`unet.<module>.lora_A.weight`, ...), with the peft
-  config in the `lora_adapter_metadata` header so `pipe.load_lora_weights(folder)` keeps alpha. LoRA and DoRA.
-- `peft_adapter.safetensors`: LoHa / LoKr (which diffusers cannot load) in peft form with their configs,
-  loaded back by `load_peft_adapter`.
+  config in the `lora_adapter_metadata` header so `pipe.load_lora_weights(folder)` keeps alpha; for kinds
+  diffusers loads (LoRA, DoRA).
+- `peft_adapter.safetensors`: other kinds (LoHa, LoKr, ...) in peft form with their configs, loaded back by
+  `load_peft_adapter`.
 - `<name>.safetensors`: the kohya form that ComfyUI and AUTOMATIC1111 load (finetune.export.kohya).
 """
 
@@ -17,15 +18,16 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
+from finetune.export.adapters import ADAPTER_META, DIFFUSERS_FILE, PEFT_FILE, PEFT_META, peft_layers
 from finetune.export.card import write_model_card
-from finetune.export.context import ExportContext, json_compact
-from finetune.export.io import save_safetensors
+from finetune.export.context import ExportContext, common_metadata
+from finetune.export.io import DTYPES, read_tensors, save_safetensors
+from finetune.export.kohya import kohya_metadata, layers_to_kohya, layout_metadata
+from finetune.export.layouts import bound_names
+from finetune.kinds import get_kind
 
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
-PEFT_FILE = "peft_adapter.safetensors"
-ADAPTER_META = "lora_adapter_metadata"  # the header key diffusers reads the peft config from
-PEFT_META = "finetune.peft_config"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["DIFFUSERS_FILE", "PEFT_FILE", "PEFT_META", "ADAPTER_META", "export_lora", "save_adapter",
+           "configs_for", "load_peft_adapter", "common_metadata"]
 
 
 def adapter_states(comps, module_names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -37,7 +39,8 @@ def adapter_states(comps, module_names: list[str]) -> tuple[dict[str, torch.Tens
     configs: dict[str, dict] = {}
     for name in module_names:
         module = modules[name]
-        for k, v in get_peft_model_state_dict(module).items():
+        # not the embedding table: peft adds it when the vocabulary grew (pivotal); the new rows export as an embedding
+        for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items():
             tensors[f"{name}.{k}"] = v
         configs[name] = _config_dict(module.peft_config["default"])
     return tensors, configs
@@ -46,31 +49,6 @@ def adapter_states(comps, module_names: list[str]) -> tuple[dict[str, torch.Tens
 def _config_dict(config) -> dict[str, Any]:
     data = config.to_dict()
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
-
-
-def common_metadata(ctx: ExportContext, extra: dict[str, Any] | None = None) -> dict[str, str]:
-    meta = {
-        "format": "pt",
-        "finetune.version": _version(),
-        "finetune.method": ctx.method,
-        "finetune.family": ctx.family,
-        "finetune.base_model": ctx.base,
-        "finetune.base_model_hash": ctx.base_hash,
-        "finetune.steps": str(ctx.steps),
-        "finetune.resolution": str(ctx.resolution),
-        "finetune.dataset_fingerprint": ctx.dataset_fingerprint,
-        "finetune.trigger_words": json.dumps(ctx.trigger_words),
-        "finetune.recipe": json_compact(ctx.recipe),
-        "finetune.created": ctx.created,
-    }
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    return meta
-
-
-def _version() -> str:
-    from finetune import __version__
-
-    return __version__
 
 
 def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
@@ -83,7 +61,7 @@ def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
         "finetune.adapter": cfg.adapter,
         "finetune.rank": str(cfg.rank),
         "finetune.alpha": str(cfg.alpha or cfg.rank),
-        "finetune.targets": json.dumps(cfg.unet_targets()),
+        "finetune.targets": json.dumps(cfg.targets),
         "finetune.use_dora": str(cfg.use_dora),
         "finetune.modules": json.dumps(per_module),
     }
@@ -92,27 +70,32 @@ def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
 def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
     cfg = method.config
     tensors, configs = adapter_states(comps, method.trained_modules())
-    dtype = DTYPES[ctx.dtype]
-    tensors = {k: v.detach().to("cpu", dtype) for k, v in tensors.items()}
-    meta = common_metadata(ctx, lora_metadata(cfg, configs))
+    tensors = {k: v.detach().to("cpu", DTYPES[ctx.dtype]) for k, v in tensors.items()}
+    names = bound_names(comps.family.kohya_names, comps.named_modules())
+    meta = common_metadata(ctx, lora_metadata(cfg, configs)) | layout_metadata(names)
     written: list[Path] = []
     if "diffusers" in ctx.formats:
         written.append(save_diffusers_lora(tensors, configs, out_dir, meta, cfg.adapter))
     if "kohya" in ctx.formats:
-        from finetune.export.kohya import kohya_metadata, peft_to_kohya
-
-        kohya = peft_to_kohya(tensors, configs, comps.family)
-        kmeta = meta | kohya_metadata(ctx, cfg) | {PEFT_META: json.dumps(configs)}
+        layers = peft_layers(tensors, configs, "trained adapter")
+        kohya = layers_to_kohya(layers, names, "trained adapter")
+        kmeta = meta | kohya_metadata(ctx, cfg, comps.family) | {PEFT_META: json.dumps(configs)}
         written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", kmeta))
+    for fmt in family_layouts(comps.family):  # the family's own layouts (FLUX: 'bfl'), '<name>_<fmt>.safetensors'
+        if fmt in ctx.formats:
+            layers = peft_layers(tensors, configs, "trained adapter")
+            out = layout_module(comps.family, fmt).write(layers, names, "trained adapter")
+            written.append(save_safetensors(out, out_dir / f"{ctx.name}_{fmt}.safetensors",
+                                            meta | kohya_metadata(ctx, cfg, comps.family) | {LAYOUT_META: fmt}))
     if ctx.model_card:
-        written.append(write_model_card(out_dir, ctx, written, kind="lora"))
+        written.append(write_model_card(out_dir, ctx, written, kind="lora", dora=cfg.use_dora))
     return written
 
 
 def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], adapter: str) -> Path:
-    """LoRA/DoRA: the file diffusers' load_lora_weights reads. LoHa/LoKr: a peft file for our loader."""
-    packed = {f"{module}.{key}": value for module, cfg in configs.items() for key, value in cfg.items()}
-    if adapter == "lora":
+    """Kinds diffusers loads: the file `load_lora_weights` reads. Others: a peft file for our loader."""
+    if get_kind(adapter).diffusers_file:
+        packed = {f"{module}.{key}": value for module, cfg in configs.items() for key, value in cfg.items()}
         return save_safetensors(transformers_dora_keys(tensors), out_dir / DIFFUSERS_FILE,
                                 meta | {ADAPTER_META: json.dumps(packed)})
     return save_safetensors(tensors, out_dir / PEFT_FILE, meta | {PEFT_META: json.dumps(configs)})
@@ -126,83 +109,144 @@ def transformers_dora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None) -> Path:
-    """Write an `Adapter` (finetune.export.adapters) as 'kohya' (a file) or 'diffusers' (a folder or file)."""
-    meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META)}
-    if fmt == "kohya":
-        from finetune.export.kohya import layers_to_kohya
+    """Write an `Adapter` (finetune.export.layers) as 'kohya' (a file), 'diffusers' (a folder or file) or one
+    of the family's own layouts (FLUX: 'bfl')."""
+    from finetune.models.family import FAMILIES
 
+    family = family or FAMILIES[adapter.family or "sd1"]
+    meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META, LAYOUT_META)}
+    names = bound_names(family.kohya_names, meta=adapter.metadata)
+    if fmt in family_layouts(family):
+        tensors = layout_module(family, fmt).write(adapter.layers, names, str(adapter.path))
+        return save_safetensors(tensors, out, meta | {LAYOUT_META: fmt})
+    if fmt == "kohya":
+        tensors = layers_to_kohya(adapter.layers, names, str(adapter.path))
         configs = configs_for(adapter.layers)
-        return save_safetensors(layers_to_kohya(adapter.layers, family), out, meta | {PEFT_META: json.dumps(configs)})
-    configs = configs_for(adapter.layers)
-    tensors = {f"{name}.{k}": v for name, layer in adapter.layers.items() for k, v in layer.tensors.items()}
+        return save_safetensors(tensors, out, meta | layout_metadata(names) | {PEFT_META: json.dumps(configs)})
+    layers = runtime_layers(adapter.layers, names)  # peft configs and diffusers name modules as models have them
+    configs = configs_for(layers)
+    tensors = {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.tensors.items()}
     kind = adapter.kind
     if kind == "mixed":
-        raise ModelError(f"{adapter.path}: mixes adapter types; cannot write one peft config per module")
+        raise ModelError(f"{adapter.path}: mixes adapter kinds; cannot write one peft config per module")
     if out.suffix != ".safetensors":
         return save_diffusers_lora(tensors, configs, out, meta, kind)
-    key = ADAPTER_META if kind == "lora" else PEFT_META
-    packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()} if kind == "lora" else configs
-    if kind == "lora":
-        tensors = transformers_dora_keys(tensors)
-    return save_safetensors(tensors, out, meta | {key: json.dumps(packed)})
+    if get_kind(kind).diffusers_file:
+        packed = {f"{m}.{k}": v for m, c in configs.items() for k, v in c.items()}
+        return save_safetensors(transformers_dora_keys(tensors), out, meta | {ADAPTER_META: json.dumps(packed)})
+    return save_safetensors(tensors, out, meta | {PEFT_META: json.dumps(configs)})
+
+
+LAYOUT_META = "finetune.lora_layout"  # a family layout's name in the file header ('bfl')
+
+
+def family_layouts(family) -> list[str]:
+    return list(getattr(family, "lora_layouts", {}) or {})
+
+
+def layout_module(family, fmt: str):
+    """The module that reads / writes one of a family's own LoRA layouts (detect, read, write)."""
+    import importlib
+
+    return importlib.import_module(family.lora_layouts[fmt])
+
+
+def runtime_layers(layers: dict, names) -> dict:
+    def spelled(name: str) -> str:
+        component, path = name.split(".", 1)
+        return f"{component}.{names[component].runtime(path)}" if component in names else name
+
+    return {spelled(n): layer for n, layer in layers.items()}
 
 
 def configs_for(layers: dict) -> dict[str, dict]:
     """peft configs (as dicts) that rebuild exactly these layers: most common rank/alpha, patterns for the rest."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
-
     by_component: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
         component, path = name.split(".", 1)
         by_component.setdefault(component, {})[path] = layer
     configs = {}
     for component, group in by_component.items():
-        ranks = {p: _peft_rank(layer) for p, layer in group.items()}
+        kinds = {layer.kind for layer in group.values()}
+        if len(kinds) != 1:
+            raise ModelError(f"'{component}' mixes adapter kinds {sorted(kinds)}; one peft config cannot hold them")
+        kind = get_kind(kinds.pop())
+        ranks = {p: kind.peft_rank(layer) for p, layer in group.items()}
         alphas = {p: layer.scale * ranks[p] for p, layer in group.items()}
         r = Counter(ranks.values()).most_common(1)[0][0]
         alpha = Counter(alphas.values()).most_common(1)[0][0]
         common = dict(r=r, target_modules=sorted(group), rank_pattern={p: v for p, v in ranks.items() if v != r})
-        first = next(iter(group.values()))
-        if first.kind == "lora":
-            cfg = LoraConfig(**common, lora_alpha=alpha, alpha_pattern={p: a for p, a in alphas.items() if a != alpha},
-                             use_dora=first.dora)
-        else:
-            cls = LoHaConfig if first.kind == "loha" else LoKrConfig
-            extra = {"decompose_both": any("lokr_w1_a" in v.tensors for v in group.values())} if cls is LoKrConfig else {}
-            cfg = cls(**common, alpha=alpha, alpha_pattern={p: a for p, a in alphas.items() if a != alpha}, **extra)
+        cfg = kind.rebuild_config(common, alpha, {p: a for p, a in alphas.items() if a != alpha}, list(group.values()))
         configs[component] = _config_dict(cfg)
     return configs
 
 
-def _peft_rank(layer) -> int:
-    if layer.rank:
-        return int(layer.rank)
-    w2 = layer.tensors["lokr_w2"]  # LoKr of two full factors: any r >= half the factor keeps it full in peft
-    return int(max(w2.shape[:2]))
-
-
-def load_peft_adapter(path: str | Path, modules: dict[str, torch.nn.Module], adapter_name: str = "default") -> list[str]:
-    """Load a `peft_adapter.safetensors` (any peft adapter type) into the named modules; returns module names."""
+def load_peft_adapter(path: str | Path, modules: dict[str, torch.nn.Module], adapter_name: str = "default",
+                      names=None) -> list[str]:
+    """Load a `peft_adapter.safetensors` (any peft adapter type) into the named modules; returns module names.
+    `names`: the base family's key table, to find modules whatever transformers version wrote the file.
+    The whole file is checked (every layer whole, every module its config targets present) before any module
+    changes."""
     from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    from finetune.export.io import read_tensors
+    from finetune.export.adapters import check_complete, read_adapter
+    from finetune.export.layouts import ModuleNames
 
     path = Path(path)
     if path.is_dir():
         path = path / PEFT_FILE
-    state, meta = read_tensors(path)
-    raw = meta.get(PEFT_META)
+    adapter = read_adapter(path)  # each layer checked by its kind: a lacking tensor is named
+    raw = adapter.metadata.get(PEFT_META)
     if not raw:
         raise ModelError(f"{path}: no '{PEFT_META}' header; not a finetune peft adapter file")
-    loaded = []
-    for name, cfg in json.loads(raw).items():
-        if name not in modules:
-            raise ModelError(f"{path}: adapter for '{name}', which the pipeline does not have")
-        config = PeftConfig.from_peft_type(**cfg)
-        inject_adapter_in_model(config, modules[name], adapter_name=adapter_name)
-        sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-        result = set_peft_model_state_dict(modules[name], sub, adapter_name=adapter_name)
+    configs = json.loads(raw)
+    absent = [n for n in configs if n not in modules]
+    if absent:
+        raise ModelError(f"{path}: adapter for '{absent[0]}', which the pipeline does not have")
+    tables = {n: (names or {}).get(n) or ModuleNames(n) for n in configs}
+    check_complete(adapter, modules, tables)
+    state, _ = read_tensors(path)
+    for name, cfg in configs.items():
+        module = modules[name]
+        cfg, sub = _fit(cfg, {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")},
+                        module, (names or {}).get(name))
+        inject_adapter_in_model(PeftConfig.from_peft_type(**cfg), module, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(module, sub, adapter_name=adapter_name)
         if getattr(result, "unexpected_keys", None):
             raise ModelError(f"{path}: {len(result.unexpected_keys)} tensors do not fit '{name}' (another base?)")
-        loaded.append(name)
-    return loaded
+    return list(configs)
+
+
+def _fit(cfg: dict, state: dict, module, table) -> tuple[dict, dict]:
+    """Config and tensor names spelled as this module names its submodules (a file written with one
+    transformers version, e.g. with CLIP's `text_model.` level, loads into another)."""
+    if table is None:
+        return cfg, state
+    actual = {id(m): p for p, m in module.named_modules()}
+
+    def fit(path: str) -> str:
+        try:
+            return actual.get(id(table.locate(module, path)), path)
+        except AttributeError:
+            return path
+
+    cfg = dict(cfg)
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = [fit(t) for t in cfg["target_modules"]]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            cfg[key] = {fit(k): v for k, v in cfg[key].items()}
+    spellings = {}
+    for k, v in state.items():
+        head, tail = _split_tensor_key(k)
+        spellings[f"{fit(head)}.{tail}" if head else k] = v
+    return cfg, spellings
+
+
+def _split_tensor_key(key: str) -> tuple[str, str]:
+    from finetune.kinds import peft_spellings
+
+    for s in peft_spellings():
+        if key.endswith("." + s):
+            return key[: -len(s) - 1], s
+    return "", key

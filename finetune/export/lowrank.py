@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune.errors import ModelError
-from finetune.export.adapters import Adapter, Layer
+from finetune.export.layers import Adapter, Layer
 
 
 @dataclass
@@ -27,13 +27,15 @@ class LayerReport:
 
 
 def _factors(adapter: Adapter, name: str, layer: Layer, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B * weight * scale, A) of a plain LoRA layer; others are refused with the file and layer named."""
-    if layer.kind != "lora" or layer.dora:
+    """(B * weight * scale, A) of a layer whose delta is a plain product B @ A (its kind says so); others are
+    refused with the file and layer named."""
+    factors = layer.spec.low_rank(layer)
+    if factors is None:
         what = "DoRA" if layer.dora else layer.kind
         raise ModelError(f"{adapter.path}: layer '{name}' is {what}; merging ranks and resizing work on plain "
                          "LoRA layers (fuse it into the base instead)")
-    a, b = layer.tensors["lora_A.weight"].float(), layer.tensors["lora_B.weight"].float()
-    return b * (weight * layer.scale), a
+    b, a = factors
+    return b * weight, a
 
 
 def _lora_layer(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> Layer:
@@ -55,9 +57,10 @@ def check_same_base(adapters: list[Adapter]) -> None:
     shapes: dict[str, tuple[tuple, str]] = {}
     for adapter in adapters:
         for name, layer in adapter.layers.items():
-            if layer.kind != "lora":
+            factors = layer.spec.low_rank(layer)
+            if factors is None:
                 continue
-            a, b = layer.tensors["lora_A.weight"], layer.tensors["lora_B.weight"]
+            b, a = factors
             shape = (b.shape[0], *a.shape[1:])
             seen = shapes.setdefault(name, (shape, str(adapter.path)))
             if seen[0] != shape:
@@ -78,7 +81,9 @@ def concat(adapters: list[Adapter], weights: list[float]) -> Adapter:
         b = torch.cat([b for b, _ in fs], dim=1)
         a = torch.cat([a for _, a in fs], dim=0)
         layers[name] = _lora_layer(b, a, dtype)
-    return Adapter(layers=layers, format="diffusers", metadata={}, path=adapters[0].path)
+    first = adapters[0]  # its header keeps the module layout the names were read with
+    return Adapter(layers=layers, format="diffusers", metadata=dict(first.metadata), path=first.path,
+                   family=first.family)
 
 
 def svd_factors(b: torch.Tensor, a: torch.Tensor):
@@ -122,7 +127,8 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         layers[name] = _lora_layer(new_b, new_a, dtype)
         energy_k = kept / total if total else 1.0
         reports.append(LayerReport(name, layer.rank, k, energy_k, max(0.0, 1.0 - energy_k) ** 0.5))
-    out = Adapter(layers=layers, format=adapter.format, metadata=dict(adapter.metadata), path=adapter.path)
+    out = Adapter(layers=layers, format=adapter.format, metadata=dict(adapter.metadata), path=adapter.path,
+                  family=adapter.family)
     return out, reports
 
 

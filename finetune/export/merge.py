@@ -27,14 +27,15 @@ class LoraSpec:
         return cls(Path(text), 1.0)
 
 
-def read_all(specs: list[LoraSpec], allow_pickle: bool = False, family=None) -> list[Adapter]:
-    return [read_adapter(s.path, allow_pickle=allow_pickle, family=family) for s in specs]
+def read_all(specs: list[LoraSpec], allow_pickle: bool = False, family=None, modules=None) -> list[Adapter]:
+    """Read every LoRA; `family` / `modules` (the base they go into) fit the key names to that base."""
+    return [read_adapter(s.path, allow_pickle=allow_pickle, family=family, modules=modules) for s in specs]
 
 
 def fuse_all(comps, adapters: list[Adapter], weights: list[float]) -> int:
     """Fuse every adapter into the components' weights; each file is checked whole before it changes anything."""
     modules = comps.named_modules()
-    return sum(fuse(a, modules, w) for a, w in zip(adapters, weights, strict=True))
+    return sum(fuse(a, modules, w, comps.family.kohya_names) for a, w in zip(adapters, weights, strict=True))
 
 
 def merge_metadata(specs: list[LoraSpec], adapters: list[Adapter], extra: dict | None = None) -> dict[str, str]:
@@ -62,15 +63,18 @@ def merge_into_base(comps, specs: list[LoraSpec], out_dir: Path | None = None, s
         raise ModelError("nothing to write: give an output folder and/or a single-file path")
     if single_file is not None and single_file.exists() and not overwrite:
         raise ModelError(f"{single_file}: already exists; choose another path or allow overwriting")
-    adapters = read_all(specs, allow_pickle, comps.family)
+    adapters = read_all(specs, allow_pickle, comps.family, comps.named_modules())
     fuse_all(comps, adapters, [s.weight for s in specs])
-    meta = merge_metadata(specs, adapters, {"finetune.base_model": comps.base, "finetune.family": comps.family.name})
+    from finetune.export.context import public_path
+
+    meta = merge_metadata(specs, adapters, {"finetune.base_model": public_path(comps.base),
+                                            "finetune.family": comps.family.name})
     written = []
     if out_dir is not None:
         pipe = comps.pipeline()
         written.append(save_diffusers_folder(pipe, out_dir, meta, overwrite=overwrite))
     if single_file is not None:
-        written.append(save_single_file(comps.unet, comps.vae, comps.text_encoder, single_file, meta, dtype))
+        written.append(save_single_file(comps, single_file, meta, dtype))
     return written
 
 

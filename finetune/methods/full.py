@@ -1,4 +1,4 @@
-"""`full`: the whole U-Net trains (DreamBooth's original form), optionally the text encoder(s) too.
+"""`full`: the whole denoiser trains (DreamBooth's original form), optionally the text encoder(s) too.
 
 Config is pure pydantic; torch is imported only when the method runs. Every trained weight is an fp32
 parameter (the trainer's `cast_frozen` keeps trained parameters fp32 under mixed precision), so memory
@@ -36,12 +36,26 @@ class FullConfig(MethodConfig):
     def trains_text_encoder(self) -> bool:
         return self.train_text_encoder
 
+    def check_recipe(self, recipe) -> None:
+        """A family without an original single-file layout (SD3, FLUX) writes the diffusers folder only;
+        asking for the single file there is refused before anything loads."""
+        from finetune.models.detect import family_for
+
+        family = family_for(recipe.model)
+        if family is None or family.single_file_writer:
+            return
+        if recipe.export.formats is None:
+            recipe.export.formats = ["diffusers"]
+        elif "single_file" in recipe.export.formats:
+            raise ValueError(f"export.formats: 'single_file' is not written for the {family.name} family yet; "
+                             "use diffusers (the model/ folder loads with from_pretrained)")
+
     def build(self):
         return FullMethod(self)
 
 
 class FullMethod:
-    """Unfreezes the U-Net (and the text encoders when asked); nothing is injected."""
+    """Unfreezes the denoiser (and the text encoders when asked); nothing is injected."""
 
     def __init__(self, config: FullConfig):
         self.config = config
@@ -49,11 +63,11 @@ class FullMethod:
 
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
-        comps.unet.requires_grad_(True)
-        groups = [{"params": list(comps.unet.parameters()), "lr": train_lr}]
-        self.trained = ["unet"]
+        comps.denoiser.requires_grad_(True)
+        groups = [{"params": list(comps.denoiser.parameters()), "lr": train_lr}]
+        self.trained = [comps.denoiser_name]
         if cfg.train_text_encoder:
-            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+            for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
                 encoder.requires_grad_(True)
                 groups.append({"params": list(encoder.parameters()), "lr": cfg.text_encoder_lr or train_lr})
                 self.trained.append(name)
@@ -90,8 +104,8 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
 
-    fresh = load_components(ModelSection(**ctx.recipe["model"]))
-    names = comps.family.text_encoder_names
+    fresh = load_components(ModelSection(**(ctx.model or ctx.recipe["model"])))  # ctx.recipe hides local paths
+    names = comps.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]
     return dataclasses.replace(comps, vae=fresh.vae, text_encoders=encoders)

@@ -1,4 +1,4 @@
-"""`lora`: low-rank adapters through peft (LoRA, DoRA, LoHa, LoKr) on the U-Net, optionally the text encoder.
+"""`lora`: low-rank adapters through peft (LoRA, DoRA, LoHa, LoKr) on the denoiser, optionally the text encoders.
 
 Config is pure pydantic; torch and peft are imported only when the method is built.
 """
@@ -7,23 +7,14 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from finetune.errors import did_you_mean
+from finetune.kinds import get_kind, registered_kinds
 from finetune.methods.base import MethodConfig, register_method
 from finetune.sections import StrictModel
 
-# Target-module presets for the U-Net. Names are module-name suffixes as peft matches them.
-UNET_TARGETS: dict[str, list[str]] = {
-    # the diffusers default: attention projections only
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
-    # + transformer feed-forward and the 1x1 projections into/out of each transformer block
-    "attention_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-    # LoCon: + the ResNet convolutions, time-embedding projections and shortcut convs
-    "locon": [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "time_emb_proj",
-    ],
-}
+# Denoiser target presets belong to each family (finetune/models/families: `lora_presets`).
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -40,50 +31,123 @@ class TextEncoderLoRA(StrictModel):
 @register_method
 class LoRAConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya"})
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya", "bfl"})
 
-    adapter: Literal["lora", "loha", "lokr"] = Field(
-        "lora", description="Adapter type: LoRA (with optional DoRA), LoHa or LoKr (peft)."
+    adapter: str = Field(
+        "lora", description="Adapter kind (finetune.kinds): lora (with optional DoRA), loha or lokr (peft)."
     )
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA); adapter: lora only.")
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank (dimension).")
     alpha: float | None = Field(None, gt=0.0, description="Scaling alpha (scale = alpha/rank); default the rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    targets: Literal["attention", "attention_ff", "locon"] | list[str] = Field(
-        "attention", description="U-Net modules: a preset (attention, attention_ff, locon) or module-name suffixes."
+    targets: str | list[str] = Field(
+        "attention",
+        description="Denoiser modules: a preset of the family (U-Nets: attention, attention_ff, locon; SD3/FLUX "
+        "transformers: attention, attention_mlp, ...) or a list of module-name suffixes.",
+    )
+    blocks: list[str] | None = Field(
+        None, description="Adapt only modules inside these blocks, by module path: e.g. [transformer_blocks.0, "
+        "single_transformer_blocks.7]; null adapts every block the targets match.",
     )
     text_encoder: TextEncoderLoRA = Field(default_factory=TextEncoderLoRA, description="Text-encoder LoRA.")
 
+    @field_validator("adapter")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        kinds = registered_kinds()
+        if v not in kinds:
+            raise ValueError(f"unknown adapter kind '{v}'{did_you_mean(v, kinds)}; known: {sorted(kinds)}")
+        return v
+
     @model_validator(mode="after")
     def _combos(self):
-        if self.use_dora and self.adapter != "lora":
+        if self.use_dora and not get_kind(self.adapter).supports_dora:
             raise ValueError(f"use_dora works with adapter: lora only, not adapter: {self.adapter}")
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; name modules or use a preset")
+        if isinstance(self.targets, str):
+            from finetune.models.family import FAMILIES
+
+            presets = sorted({p for f in FAMILIES.values() for p in f.lora_presets})
+            if self.targets not in presets:
+                from finetune.errors import did_you_mean
+
+                raise ValueError(f"targets '{self.targets}' is not a preset{did_you_mean(self.targets, presets)}; "
+                                 f"presets: {', '.join(presets)}, or a list of module-name suffixes")
         return self
 
     def trains_text_encoder(self) -> bool:
         return self.text_encoder.enabled
 
-    def unet_targets(self) -> list[str]:
-        return list(UNET_TARGETS[self.targets]) if isinstance(self.targets, str) else list(self.targets)
+    def denoiser_targets(self, family=None) -> list[str] | str:
+        """What to adapt in the denoiser, as peft takes it: module-name suffixes (the family's preset or the
+        recipe's list) or one regex, narrowed to `blocks` when given."""
+        from finetune.models.family import SD1
+
+        targets = list(self.targets) if isinstance(self.targets, list) else (family or SD1).lora_targets(self.targets)
+        return within_blocks(targets, self.blocks) if self.blocks else targets
+
+    def check_recipe(self, recipe) -> None:
+        from finetune.models.detect import family_for
+
+        family = family_for(recipe.model)
+        check_formats(self, recipe, family)
+        if family is not None and isinstance(self.targets, str) and self.targets not in family.lora_presets:
+            raise ValueError(f"method.targets '{self.targets}' is not a preset of the {family.name} family; its "
+                             f"presets are {', '.join(family.lora_presets)}, or list module-name suffixes")
 
     def build(self):
         return LoRAMethod(self)
 
 
-def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str]):
-    """The peft config of one adapter (U-Net or text encoder) for the chosen adapter type."""
-    from peft import LoHaConfig, LoKrConfig, LoraConfig
+def within_blocks(targets: list[str] | str, blocks: list[str]) -> str:
+    """One regex (peft full-matches it against module names) for `targets` inside the named blocks."""
+    import re
 
-    if cfg.adapter == "loha":
-        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
-    if cfg.adapter == "lokr":
-        return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, module_dropout=cfg.dropout)
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=cfg.dropout,
-        use_dora=cfg.use_dora, init_lora_weights="gaussian",
-    )
+    inside = "(?:" + "|".join(re.escape(b.strip(".")) for b in blocks) + r")\."
+    if isinstance(targets, str):
+        return f"(?={inside})(?:{targets})"
+    return inside + r"(?:.*\.)?(?:" + "|".join(re.escape(t) for t in targets) + ")"
+
+
+def check_formats(cfg: LoRAConfig, recipe, family, key: str = "method.use_dora") -> None:
+    """Which LoRA files a run writes. By default: every format that holds this adapter exactly for this
+    family; asking for one that cannot is refused before anything loads:
+    - a family's own layouts (FLUX's 'bfl') exist only for that family (left out of the default when the family
+      is unknown until the base loads; one asked for then is checked once it has loaded);
+    - DoRA has no exact kohya form (finetune/kinds/lora.py), and 'bfl' fuses plain LoRA only."""
+    own = set(family.lora_layouts) if family is not None else set()
+    layouts = {f for f in recipe.method.export_formats if f not in ("diffusers", "kohya", "a1111", "single_file")}
+    inexact = {"kohya", *layouts} if cfg.use_dora else set(layouts) if cfg.adapter != "lora" else set()
+    formats = recipe.export.formats
+    if formats is None:
+        recipe.export.formats = sorted((f for f in recipe.method.export_formats
+                                        if f not in (layouts - own) | inexact), key=lambda f: (f != "diffusers", f))
+        return
+    for f in formats:
+        if f in layouts - own and family is not None:
+            raise ValueError(f"export.formats: '{f}' is not a LoRA layout of the {family.name} family; "
+                             "use diffusers or kohya")
+        if f == "kohya" and cfg.use_dora:
+            raise ValueError(
+                f"export.formats: 'kohya' cannot carry DoRA ({key}: true) exactly: AUTOMATIC1111 normalises the "
+                "magnitude over input columns and ComfyUI by the base weight's norm; drop 'kohya' and bake the "
+                "diffusers file into a checkpoint for the UIs with tools/merge.py fuse --single-file")
+        if f in inexact:
+            raise ValueError(f"export.formats: '{f}' fuses q/k/v and holds plain LoRA only, not "
+                             f"{'DoRA' if cfg.use_dora else cfg.adapter}; drop it (kohya and diffusers keep it)")
+
+
+def check_dora_formats(cfg: LoRAConfig, recipe, key: str) -> None:
+    """(pivotal tuning) the same rules, with the family read from the recipe."""
+    from finetune.models.detect import family_for
+
+    check_formats(cfg, recipe, family_for(recipe.model), key)
+
+
+def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str] | str):
+    """The peft config of one adapter (denoiser or text encoder), built by the adapter kind."""
+    return get_kind(cfg.adapter).peft_config(rank, alpha, targets, dropout=cfg.dropout, use_dora=cfg.use_dora)
 
 
 class LoRAMethod:
@@ -96,14 +160,17 @@ class LoRAMethod:
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
         alpha = cfg.alpha or cfg.rank
-        _add_adapter(comps.unet, peft_adapter_config(cfg, cfg.rank, alpha, cfg.unet_targets()),
+        _add_adapter(comps.denoiser, peft_adapter_config(cfg, cfg.rank, alpha, cfg.denoiser_targets(comps.family)),
                      "method.targets", cfg.targets)
-        groups = [{"params": _trainable(comps.unet), "lr": train_lr}]
-        self.adapted = ["unet"]
+        groups = [{"params": _trainable(comps.denoiser), "lr": train_lr}]
+        self.adapted = [comps.denoiser_name]
         te = cfg.text_encoder
         if te.enabled:
             rank = te.rank or cfg.rank
-            for name, encoder in zip(comps.family.text_encoder_names, comps.text_encoders, strict=True):
+            allowed = comps.family.lora_text_encoders
+            for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
+                if allowed is not None and name not in allowed:
+                    continue
                 _add_adapter(encoder, peft_adapter_config(cfg, rank, te.alpha or rank, te.targets),
                              "method.text_encoder.targets", te.targets)
                 groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})
@@ -122,7 +189,7 @@ class LoRAMethod:
         modules = comps.named_modules()
         state = {}
         for name in self.adapted:
-            for k, v in get_peft_model_state_dict(modules[name]).items():
+            for k, v in get_peft_model_state_dict(modules[name], save_embedding_layers=False).items():
                 state[f"{name}.{k}"] = v
         return state
 

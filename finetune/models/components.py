@@ -26,18 +26,37 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 @dataclass
 class Components:
-    """The frozen base and what the trainer needs to know about it."""
+    """The frozen base and what the trainer needs to know about it.
 
-    unet: Any
+    `denoiser` is the family's U-Net or transformer (named `family.denoiser_name` in the pipeline and in
+    exports); `text_encoders` / `tokenizers` hold the encoders the base was loaded with, in the family's
+    order, without those the recipe dropped (`text_encoder_names` says which they are)."""
+
+    denoiser: Any
     vae: Any
     text_encoders: list[Any]
     tokenizers: list[Any]
-    scheduler: Any  # the training noise scheduler (DDPM, from the base's scheduler config)
+    scheduler: Any  # the training scheduler: DDPM from the base's config, or the base's flow-matching one
     family: Family
     base: str  # the recipe's model.base
     source: str  # where it was loaded from (resolved folder, file or hub id)
-    prediction_type: str
+    prediction_type: str  # 'epsilon' / 'v_prediction' (DDPM) or 'flow'
+    text_encoder_names: tuple[str, ...] = ()
+    max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: family default)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.text_encoder_names:
+            self.text_encoder_names = tuple(self.family.text_encoder_names[: len(self.text_encoders)])
+
+    @property
+    def denoiser_name(self) -> str:
+        return self.family.denoiser_name
+
+    @property
+    def unet(self):
+        """The U-Net families' denoiser under its own name (older code and tests)."""
+        return self.denoiser
 
     @property
     def text_encoder(self):
@@ -47,25 +66,35 @@ class Components:
     def tokenizer(self):
         return self.tokenizers[0]
 
+    def encoder(self, name: str):
+        """The text encoder the pipeline calls `name`, or None when the recipe dropped it."""
+        return dict(zip(self.text_encoder_names, self.text_encoders, strict=True)).get(name)
+
+    def tokenizer_for(self, encoder_name: str):
+        names = self.family.text_encoder_names
+        toks = dict(zip([n for n in names if n in self.text_encoder_names], self.tokenizers, strict=True))
+        return toks.get(encoder_name)
+
     def named_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {"unet": self.unet, "vae": self.vae}
-        for name, enc in zip(self.family.text_encoder_names, self.text_encoders, strict=True):
+        mods = {self.family.denoiser_name: self.denoiser, "vae": self.vae}
+        for name, enc in zip(self.text_encoder_names, self.text_encoders, strict=True):
             mods[name] = enc
         return mods
 
-    def pipeline(self, unet=None, text_encoders=None):
+    def pipeline(self, denoiser=None, text_encoders=None, scheduler=None):
         """A diffusers pipeline over these components (for validation and class-image generation)."""
         import diffusers
 
-        cls = getattr(diffusers, self.family.pipeline_class)
-        encoders = text_encoders or self.text_encoders
-        parts: dict[str, Any] = {"unet": unet or self.unet, "vae": self.vae, "scheduler": self.scheduler}
-        for name, enc in zip(self.family.text_encoder_names, encoders, strict=True):
-            parts[name] = enc
-        for name, tok in zip(self.family.tokenizer_names, self.tokenizers, strict=True):
-            parts[name] = tok
+        family = self.family
+        cls = getattr(diffusers, family.pipeline_class)
+        encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
+        parts: dict[str, Any] = {family.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
+                                 "scheduler": scheduler or self.scheduler}
+        for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
+            parts[name] = encoders.get(name)
+            parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
         decode_in_own_dtype(self.vae)
-        return cls(**parts, **self.family.pipeline_kwargs)
+        return cls(**parts, **family.pipeline_kwargs)
 
 
 def decode_in_own_dtype(vae) -> None:
@@ -133,7 +162,8 @@ def _detect(pipe, base: str) -> Family:
     encoder = getattr(pipe, "text_encoder", None)
     encoder_config = encoder.config.to_dict() if encoder is not None else {}
     try:
-        return family_from_configs(index, dict(pipe.unet.config), encoder_config)
+        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+        return family_from_configs(index, dict(denoiser.config) if denoiser is not None else {}, encoder_config)
     except NotImplementedError as e:
         raise ModelError(f"model.base '{base}': {e}") from None
 
@@ -165,6 +195,9 @@ def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None):
     kwargs: dict[str, Any] = {"dtype": torch.float32, "revision": model.revision, "variant": model.variant}
     if vae is not None:
         kwargs["vae"] = vae
+    for name in model.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
+        kwargs[name] = None
+        kwargs[name.replace("text_encoder", "tokenizer")] = None
     if kind == "folder":
         index = json.loads((Path(where) / "model_index.json").read_text())
         if "safety_checker" in index:
@@ -224,29 +257,61 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
 
     # no x0 clipping: no SD model wants it, and samplers built from this config (validation, class images)
     # would otherwise inherit DDPM's default and clip latents to [-1, 1] for bases whose config omits it (SDXL)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-    prediction = model.prediction_type
-    if prediction == "auto":
-        prediction = scheduler.config.get("prediction_type", "epsilon")
-    scheduler.register_to_config(prediction_type=prediction)
-    unet = pipe.unet
-    if model.attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    if family.objective == "ddpm":
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        prediction = model.prediction_type
+        if prediction == "auto":
+            prediction = scheduler.config.get("prediction_type", "epsilon")
+        scheduler.register_to_config(prediction_type=prediction)
+        sampler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    else:
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        prediction, sampler = "flow", type(pipe.scheduler).from_config(pipe.scheduler.config)
+    denoiser = getattr(pipe, family.denoiser_name)
+    set_attention(denoiser, model.attention)
+    present = [(n, t) for n, t in zip(family.text_encoder_names, family.tokenizer_names, strict=True)
+               if getattr(pipe, n, None) is not None]
     return Components(
-        unet=unet,
+        denoiser=denoiser,
         vae=pipe.vae,
-        text_encoders=[getattr(pipe, n) for n in family.text_encoder_names],
-        tokenizers=[getattr(pipe, n) for n in family.tokenizer_names],
+        text_encoders=[getattr(pipe, n) for n, _ in present],
+        tokenizers=[getattr(pipe, t) for _, t in present],
         scheduler=scheduler,
         family=family,
         base=model.base,
         source=where,
         prediction_type=prediction,
+        text_encoder_names=tuple(n for n, _ in present),
+        max_sequence_length=model.max_sequence_length,
         # the base's own sampler, for `validation.scheduler: base`
-        extras={"sampler": type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)},
+        extras={"sampler": sampler},
     )
+
+
+def set_attention(denoiser, kind: str) -> None:
+    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser).
+    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package.
+    U-Nets swap attention processors; transformers (SD3, FLUX, ...) keep their family's processors and pick
+    the kernel through diffusers' attention dispatcher."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if not isinstance(denoiser, UNet2DConditionModel):
+        backend = {"sdpa": None, "eager": "_native_math", "xformers": "xformers"}[kind]
+        if backend is not None:
+            try:
+                denoiser.set_attention_backend(backend)
+            except (ImportError, ModuleNotFoundError, ValueError, RuntimeError) as e:
+                raise ModelError(f"model.attention: {kind} cannot run here ({e}); use sdpa") from None
+        return
+    unet = denoiser
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
+            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
+        return
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def freeze(comps: Components) -> None:

@@ -1,10 +1,11 @@
 """Which family a base is, read from its files without loading any weights.
 
-- a diffusers folder: model_index.json, unet/config.json and text_encoder/config.json
-  (`family_from_configs` decides);
-- a single-file checkpoint: the key names of its state dict. The text-conditioning stack names the
-  architecture unambiguously:
+- a diffusers folder: model_index.json, the denoiser's config.json and text_encoder/config.json
+  (`family_from_configs` asks each registered family);
+- a single-file checkpoint: the key names of its state dict; each family lists the key prefixes that name
+  it (`Family.single_file_signs`), e.g.
 
+      model.diffusion_model.joint_blocks.* SD3 / SD3.5 (MMDiT)
       conditioner.embedders.1.model.*      SDXL base (CLIP-L in embedders.0, OpenCLIP-bigG in embedders.1)
       cond_stage_model.model.*             SD 2.x (OpenCLIP-H)
       cond_stage_model.transformer.*       SD 1.x (OpenAI CLIP-L)
@@ -22,12 +23,6 @@ from pathlib import Path
 from finetune.errors import ModelError
 from finetune.models.family import FAMILIES, Family, family_from_configs
 
-# (key prefix, family), checked in order: the first prefix any key starts with decides
-SINGLE_FILE_SIGNS: tuple[tuple[str, str], ...] = (
-    ("conditioner.embedders.1.model.", "sdxl"),
-    ("cond_stage_model.model.", "sd2"),
-    ("cond_stage_model.transformer.", "sd1"),
-)
 SDXL_REFINER_SIGN = "conditioner.embedders.0.model."
 
 
@@ -47,8 +42,8 @@ def family_of_folder(path: str | Path) -> Family:
     if not index:
         raise ModelError(f"{path}: no model_index.json; not a diffusers model folder")
     try:
-        return family_from_configs(index, _read_json(path / "unet" / "config.json"),
-                                   _read_json(path / "text_encoder" / "config.json"))
+        denoiser = _read_json(path / "transformer" / "config.json") or _read_json(path / "unet" / "config.json")
+        return family_from_configs(index, denoiser, _read_json(path / "text_encoder" / "config.json"))
     except NotImplementedError as e:
         raise ModelError(f"{path}: {e}") from None
 
@@ -56,15 +51,15 @@ def family_of_folder(path: str | Path) -> Family:
 def family_of_keys(keys: Iterable[str], source: str = "checkpoint") -> Family:
     """The family of an original-layout (LDM/SGM) state dict, from its key names."""
     keys = list(keys)
-    for prefix, name in SINGLE_FILE_SIGNS:
-        if any(k.startswith(prefix) for k in keys):
-            return FAMILIES[name]
+    for family in sorted(FAMILIES.values(), key=lambda f: -f.priority):
+        if any(k.startswith(family.single_file_signs) for k in keys if family.single_file_signs):
+            return family
     if any(k.startswith(SDXL_REFINER_SIGN) for k in keys):
         raise ModelError(f"{source}: an SDXL refiner checkpoint (one OpenCLIP text encoder) is not supported; "
                          "use an SDXL base model")
     raise ModelError(
-        f"{source}: not a Stable Diffusion 1.x / 2.x / SDXL checkpoint we recognise (no cond_stage_model.* or "
-        "conditioner.embedders.* text-encoder keys); set model.family and model.config if it is one"
+        f"{source}: not a checkpoint of a family we recognise ({', '.join(FAMILIES)}: no key starts with any of "
+        "their signs); set model.family and model.config if it is one"
     )
 
 
@@ -90,3 +85,34 @@ def checkpoint_keys(path: str | Path, allow_pickle: bool = False) -> list[str]:
 
 def family_of_checkpoint(path: str | Path, allow_pickle: bool = False) -> Family:
     return family_of_keys(checkpoint_keys(path, allow_pickle), str(path))
+
+
+def family_for(model) -> Family | None:
+    """The family a recipe's `model` section names or its base shows, from config files and headers only
+    (no torch, no weights); None when that needs the network (a hub id not in the local cache)."""
+    if model.family != "auto":
+        return FAMILIES[model.family]
+    try:
+        if model.base == "toy":
+            from finetune.toy import toy_base_path
+
+            return family_of_folder(toy_base_path())
+        path = Path(model.base).expanduser()
+        if path.is_dir():
+            return family_of_folder(path)
+        if path.suffix.lower() == ".safetensors" and path.is_file():
+            return family_of_checkpoint(path)
+        return _family_of_cached_hub_id(model.base, model.revision)
+    except ModelError:
+        return None  # the loader reports it with the full context
+
+
+def _family_of_cached_hub_id(repo: str, revision: str | None) -> Family | None:
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1 or Path(repo).suffix:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(repo, "model_index.json", revision=revision)
+    if not isinstance(index, str):
+        return None
+    return family_of_folder(Path(index).parent)

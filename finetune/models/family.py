@@ -1,11 +1,16 @@
-"""Model families: what differs between SD 1.x, SD 2.x and SDXL, asked for by the trainer and exporters.
+"""Model families: what differs between architectures, asked for by the trainer, methods and exporters.
 
-The trainer never branches on a family name: it calls `encode_prompt` and `unet_kwargs`, and the exporters
-read `kohya_prefixes` / `embedding_keys`. A family is detected from the base (finetune/models/detect.py)
-or set in the recipe (`model.family`).
+A family owns the denoiser (a U-Net or a transformer; `denoiser` everywhere outside the family), its text
+encoders and how captions become conditioning, how a batch becomes the denoiser's inputs (latent packing,
+position ids, timestep scaling, pooled text, guidance), which training objective fits it, and the names its
+weights have in the files other tools read. The trainer never branches on a family name: it calls
+`encode_prompt`, `predict` and `objective`.
+Exporters read the family's tables: `kohya_names` (LoRA keys for ComfyUI / AUTOMATIC1111), `single_file_text`
+(how an original checkpoint stores the text encoders), `embedding_keys` and the metadata ids.
 
-SD 2.x shares SD 1.x's code path (one CLIP-style encoder, last hidden state); what differs is the text
-encoder (OpenCLIP-H) and, for the 768 px models, v-prediction, which is a scheduler setting of the base.
+Each family is one file in finetune/models/families/ that builds a `Family` (or subclass) and registers it;
+importing this module registers them all. Nothing here imports torch at module level: recipes validate
+family names without loading anything heavy.
 """
 
 from __future__ import annotations
@@ -13,22 +18,66 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
+from finetune.export.ldm import ClipCheckpoint
+
 if TYPE_CHECKING:
     import torch
 
     from finetune.models.components import Components
 
 
+# the U-Net block layout of the real models (what a LoRA file for them is named after)
+SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
+SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     pipeline_class: str = "StableDiffusionPipeline"
+    #: the pipeline component that denoises, and its diffusers class (detection reads model_index.json)
+    denoiser_name: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
     text_encoder_names: tuple[str, ...] = ("text_encoder",)
     tokenizer_names: tuple[str, ...] = ("tokenizer",)
-    #: kohya key prefix of each trained module (ComfyUI / A1111 LoRA files)
-    kohya_prefixes: dict[str, str] = field(
-        default_factory=lambda: {"unet": "lora_unet", "text_encoder": "lora_te"}
+    #: text encoders a text-encoder LoRA adapts (None: all; FLUX and SD3: the CLIPs, never T5)
+    lora_text_encoders: tuple[str, ...] | None = None
+    #: text encoders a recipe may leave out (`model.drop_text_encoders`), e.g. SD3's T5
+    optional_text_encoders: tuple[str, ...] = ()
+    #: 'ddpm' (epsilon / v-prediction) or 'flow' (rectified flow); see finetune/train/objectives.py
+    objective: str = "ddpm"
+    #: rectified flow: the family's defaults for `train.flow` keys left at 'auto' (sampling, resolution_shift)
+    flow_defaults: dict[str, Any] = field(default_factory=dict)
+    #: side of the latent patches the denoiser turns into tokens (transformers: 2; U-Nets: 1)
+    patch_size: int = 1
+    #: default `model.max_sequence_length` of the T5-style encoder, where the family has one
+    max_sequence_length: int | None = None
+    #: how each trainable component is named in kohya/LyCORIS LoRA keys (ComfyUI / A1111 LoRA files)
+    kohya_names: dict[str, ModuleNames] = field(default_factory=lambda: {
+        "unet": UNetNames("lora_unet", style="diffusers", geometry=SD_GEOMETRY),
+        "text_encoder": ClipNames("lora_te", also=("lora_te1",)),
+    })
+    #: how an original single-file checkpoint stores each text encoder
+    single_file_text: dict[str, Any] = field(
+        default_factory=lambda: {"text_encoder": ClipCheckpoint("cond_stage_model.transformer.")}
     )
+    #: more LoRA layouts than diffusers and kohya: export format -> module with detect / read / write
+    #: (FLUX: 'bfl', the fused Black Forest Labs names sd-scripts and Forge read)
+    lora_layouts: dict[str, str] = field(default_factory=dict)
+    #: an original single-file checkpoint can be written for this family (finetune/export/ldm.py)
+    single_file_writer: bool = True
+    #: `ss_base_model_version` of kohya metadata (A1111 reads it, with `ss_v2`, to sort LoRAs by base)
+    base_version: str = "sd_v1"
+    ss_v2: bool = False
+    #: `modelspec.architecture` per prediction type (Stability's model spec ids)
+    modelspec_arch: dict[str, str] = field(
+        default_factory=lambda: {"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"}
+    )
+    #: prompt weighting (tools/generate.py): the hidden state the U-Net reads, and whether the last encoder's
+    #: pooled output conditions it too
+    prompt_layer: str = "last"
+    pooled_prompt: bool = False
     #: key of each text encoder's vectors in A1111 / ComfyUI embedding files
     embedding_keys: dict[str, str] = field(default_factory=lambda: {"text_encoder": "emb_params"})
     #: the VAE overflows in fp16 (SDXL): keep it in fp32 unless the recipe says otherwise
@@ -37,7 +86,29 @@ class Family:
     pipeline_kwargs: dict[str, Any] = field(
         default_factory=lambda: {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     )
+    #: LoRA target presets: module-name suffixes as peft matches them, or one regex peft full-matches
+    lora_presets: dict[str, list[str] | str] = field(default_factory=dict)
+    #: validation sampler when the recipe says `validation.scheduler: auto`
+    default_sampler: str = "ddim"
+    #: validation guidance scale when the recipe leaves `validation.guidance_scale` null
+    default_guidance: float = 7.5
+    #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
+    cache_text_by_default: bool = False
+    #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders
+    textual_inversion: bool = True
+    #: single-file checkpoints: a key starting with any of these names this family (checked by priority)
+    single_file_signs: tuple[str, ...] = ()
+    #: detection order: higher first (specific families before the SD 1.x fallback)
+    priority: int = 0
 
+    # ------------------------------------------------------------------------------------- detection
+    def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
+                text_encoder_config: dict[str, Any]) -> bool:
+        """True when a diffusers folder with these configs is this family (default: the denoiser class)."""
+        entry = model_index.get(self.denoiser_name)
+        return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] == self.denoiser_class
+
+    # ------------------------------------------------------------------------------------- text
     def tokenize(self, comps: Components, captions: list[str]) -> list[torch.Tensor]:
         out = []
         for tok in comps.tokenizers:
@@ -47,83 +118,101 @@ class Family:
         return out
 
     def encode_prompt(self, comps: Components, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
-        """Captions -> the text conditioning the U-Net takes (SD 1/2: last hidden state of one CLIP encoder)."""
+        """Captions -> the text conditioning the denoiser takes (SD 1/2: last hidden state of one CLIP encoder)."""
         (ids,) = self.tokenize(comps, captions)
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
 
+    def pipeline_prompt_kwargs(self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
+                               ) -> dict[str, Any]:
+        """Pre-encoded text as the pipeline's keyword arguments (validation with the encoders released)."""
+        kwargs = {"prompt_embeds": text["prompt_embeds"]}
+        if "pooled_prompt_embeds" in text:
+            kwargs["pooled_prompt_embeds"] = text["pooled_prompt_embeds"]
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+            if "pooled_prompt_embeds" in negative:
+                kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        return kwargs
+
+    # ------------------------------------------------------------------------------------- denoiser
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
+                batch: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's output for noisy latents in the VAE's latent layout [B, C, H, W]."""
+        return denoiser(noisy, timesteps, **self.unet_kwargs(text, batch), return_dict=False)[0]
+
     def unet_kwargs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments of the U-Net call besides the noisy latents and the timesteps."""
+        """U-Net families: keyword arguments of the U-Net call besides the noisy latents and the timesteps."""
         return {"encoder_hidden_states": text["prompt_embeds"]}
 
+    # ------------------------------------------------------------------------------------- recipe
+    def check_recipe(self, recipe) -> None:
+        """Options that make no sense for this family: a ValueError naming the key (recipe time)."""
+        model, train = recipe.model, recipe.train
+        if recipe.method.adds_tokens() and not self.textual_inversion:
+            raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
+                             f"{self.name} family yet; use lora or full")
+        bad = [n for n in model.drop_text_encoders if n not in self.optional_text_encoders]
+        if bad:
+            can = ", ".join(self.optional_text_encoders) or "none"
+            raise ValueError(f"model.drop_text_encoders: {bad[0]} cannot be dropped from a {self.name} base "
+                             f"(optional here: {can})")
+        if self.objective == "flow":
+            if train.min_snr_gamma is not None:
+                raise ValueError(f"train.min_snr_gamma is a DDPM (epsilon / v) weighting; the {self.name} family "
+                                 "trains with rectified flow: remove it, or use train.flow.weighting")
+            if model.prediction_type != "auto":
+                raise ValueError(f"model.prediction_type '{model.prediction_type}' does not apply to the "
+                                 f"{self.name} family (rectified flow); remove it")
+            if recipe.validation.scheduler not in ("auto", "base"):
+                raise ValueError(f"validation.scheduler '{recipe.validation.scheduler}' is a DDPM sampler; the "
+                                 f"{self.name} family samples with its base's flow-matching scheduler: use auto")
+            return
+        defaults = type(train.flow)().model_dump()
+        changed = [k for k, v in train.flow.model_dump().items() if v != defaults[k]]
+        if changed:
+            raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
+                             f"{self.name} family trains with DDPM: remove it")
 
-@dataclass(frozen=True)
-class SDXLFamily(Family):
-    """Two text encoders (CLIP-L and OpenCLIP-bigG with a projection), pooled text embeddings and the
-    size/crop micro-conditioning; computed exactly as diffusers' StableDiffusionXLPipeline does, so what
-    trains is what the pipeline (and the validation grids) will feed the U-Net."""
+    def lora_targets(self, preset: str) -> list[str] | str:
+        if preset not in self.lora_presets:
+            from finetune.errors import ModelError
 
-    def encode_prompt(self, comps: Components, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
-        """Penultimate hidden states of both encoders, concatenated on the feature axis (768 + 1280 = 2048
-        for SDXL), and the pooled, projected output (text_embeds) of the second."""
-        import torch
-
-        hidden, pooled = [], None
-        for ids, encoder in zip(self.tokenize(comps, captions), comps.text_encoders, strict=True):
-            out = encoder(ids.to(device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder is a CLIPTextModelWithProjection: out[0] is text_embeds
-        if pooled is None or pooled.ndim != 2:
-            raise ValueError(f"{self.text_encoder_names[-1]} must return pooled text_embeds [batch, dim] "
-                             "(a CLIPTextModelWithProjection), as SDXL's second text encoder does")
-        return {"prompt_embeds": torch.cat(hidden, dim=-1), "pooled_prompt_embeds": pooled}
-
-    def unet_kwargs(self, text: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]:
-        """+ added_cond_kwargs: pooled text and time_ids = (original h, w, crop top, left, target h, w),
-        per example, from the batch (the data pipeline records them for every image)."""
-        import torch
-
-        embeds = text["prompt_embeds"]
-        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
-        time_ids = time_ids.to(embeds.device, embeds.dtype)
-        pooled = text["pooled_prompt_embeds"].to(embeds.device)
-        return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-
-
-SD1 = Family("sd1")
-SD2 = Family("sd2")
-SDXL = SDXLFamily(
-    "sdxl",
-    pipeline_class="StableDiffusionXLPipeline",
-    text_encoder_names=("text_encoder", "text_encoder_2"),
-    tokenizer_names=("tokenizer", "tokenizer_2"),
-    kohya_prefixes={"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-    embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
-    vae_fp16_unsafe=True,
-    # no invisible watermark on validation grids (and no dependency on the package for them)
-    pipeline_kwargs={"add_watermarker": False},
-)
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
+            raise ModelError(f"method.targets '{preset}' is not a preset of the {self.name} family; "
+                             f"its presets are {', '.join(self.lora_presets)}, or list module-name suffixes")
+        targets = self.lora_presets[preset]
+        return targets if isinstance(targets, str) else list(targets)
 
 
-def family_from_configs(model_index: dict[str, Any], unet_config: dict[str, Any],
+_REGISTRY: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Register a family object under its name. Duplicates are refused."""
+    if family.name in _REGISTRY or family.name == "auto":
+        raise ValueError(f"family {family.name!r} is registered twice (or uses the reserved name 'auto')")
+    _REGISTRY[family.name] = family
+    return family
+
+
+def family_from_configs(model_index: dict[str, Any], denoiser_config: dict[str, Any],
                         text_encoder_config: dict[str, Any] | None = None) -> Family:
-    """The family of a diffusers model from its model_index.json, unet/config.json and (optionally)
-    text_encoder/config.json. Real signals only: SDXL has a second text encoder and the U-Net's
-    'text_time' added conditioning; SD 2.x has an OpenCLIP text encoder (gelu activation, where OpenAI's
-    CLIP uses quick_gelu) and, at full size, 1024-wide cross-attention."""
-    if "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        if "text_encoder" in model_index and _missing(model_index["text_encoder"]):
-            raise NotImplementedError("an SDXL refiner (one OpenCLIP text encoder) is not supported; "
-                                      "use an SDXL base model")
-        return SDXL
-    if unet_config.get("cross_attention_dim") == 1024:
-        return SD2
-    if (text_encoder_config or {}).get("hidden_act") == "gelu":
-        return SD2
-    return SD1
+    """The family of a diffusers model from its model_index.json, the denoiser's config.json and (optionally)
+    text_encoder/config.json. Families are asked in priority order; SD 1.x is the fallback."""
+    for family in sorted(FAMILIES.values(), key=lambda f: -f.priority):
+        if family.matches(model_index, denoiser_config, text_encoder_config or {}):
+            return family
+    raise NotImplementedError(
+        f"no family recognises this model (denoiser {model_index.get('transformer') or model_index.get('unet')}); "
+        f"supported: {', '.join(FAMILIES)}"
+    )
 
 
-def _missing(entry: Any) -> bool:
-    """A model_index entry that names no component: absent, null or [null, null] (an SDXL refiner's)."""
-    return entry is None or (isinstance(entry, (list, tuple)) and not any(entry))
+FAMILIES: dict[str, Family] = _REGISTRY
+
+# registers every family file (the U-Net ones first: SD1 / SD2 / SDXL are named below, and importing this
+# module from inside a family file's own import must still find them)
+from finetune.models.families import sd, sdxl  # noqa: E402,F401,I001
+import finetune.models.families  # noqa: E402,F401
+
+SD1, SD2, SDXL = FAMILIES["sd1"], FAMILIES["sd2"], FAMILIES["sdxl"]

@@ -45,7 +45,7 @@ def _banner(t) -> str:
     d = t.data
     trainable = sum(p.numel() for p in t.params.values())
     return (
-        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.comps.prediction_type}); "
+        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
         f"{t.acc.num_processes} process(es) on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"
@@ -74,8 +74,6 @@ def _maybe_resume(t) -> bool:
         )
     saved.recipe_fingerprint, saved.dataset_fingerprint = t.state.recipe_fingerprint, t.state.dataset_fingerprint
     t.state = saved
-    if t.ema is not None:
-        t.ema.optimization_step = saved.step
     if t.acc.is_main_process:
         print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, batch {saved.batch_in_epoch})")
     return True
@@ -156,15 +154,17 @@ def validate(t, step: int) -> Path | None:
     acc, v = t.acc, t.recipe.validation
     path = None
     if acc.is_main_process:
-        unet = acc.unwrap_model(t.wrapped["unet"]) if "unet" in t.wrapped else t.comps.unet
+        name = t.comps.denoiser_name
+        denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
         encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
-                    for n, e in zip(t.comps.family.text_encoder_names, t.comps.text_encoders, strict=True)]
-        modules = [unet, *encoders]
+                    for n, e in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)]
+        modules = [denoiser, *encoders]
         modes = [m.training for m in modules]
-        pipe = make_pipeline(t.comps, v, unet=unet, text_encoders=encoders)
+        pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         res = t.recipe.data.resolution
         with acc.autocast():
-            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device)
+            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
+                          text=t.prompt_cache, family=t.comps.family)
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
         image = grid(rows, v.prompts, title=f"step {step}")
@@ -249,13 +249,14 @@ def finish(t) -> None:
     from finetune.train.trainer import NonFiniteError, nonfinite_state
 
     acc = t.acc
+    if t.ema is not None and t.recipe.export.use_ema:
+        # every process, before the final grid: the grid and the model card show the weights exported
+        t.ema.copy_to(list(t.params.values()))
     if t.recipe.validation.prompts:
         validate(t, t.state.step)
     _check_in_sync(t)
     if acc.is_main_process:
         plot_loss(t.loss_log.read(), t.out / "loss.png")
-        if t.ema is not None and t.recipe.export.use_ema:
-            t.ema.copy_to(list(t.params.values()))
         bad = nonfinite_state(t.params)
         if bad:
             raise NonFiniteError(f"trained weights hold non-finite values ({bad[0]}); nothing exported")

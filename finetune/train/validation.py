@@ -18,14 +18,15 @@ SCHEDULERS = {
 }
 
 
-def make_pipeline(comps, cfg: ValidationSection, unet=None, text_encoders=None, device=None, dtype=None):
+def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=None, device=None, dtype=None):
     import diffusers
 
-    pipe = comps.pipeline(unet=unet, text_encoders=text_encoders)
-    if cfg.scheduler == "base":
+    pipe = comps.pipeline(denoiser=denoiser, text_encoders=text_encoders)
+    choice = comps.family.default_sampler if cfg.scheduler == "auto" else cfg.scheduler
+    if choice == "base":
         pipe.scheduler = comps.extras.get("sampler", pipe.scheduler)
     else:
-        cls = getattr(diffusers, SCHEDULERS[cfg.scheduler])
+        cls = getattr(diffusers, SCHEDULERS[choice])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
@@ -34,17 +35,25 @@ def make_pipeline(comps, cfg: ValidationSection, unet=None, text_encoders=None, 
 
 
 @torch.no_grad()
-def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device) -> list[list[Image.Image]]:
-    """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps."""
+def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
+           text: dict | None = None, family=None) -> list[list[Image.Image]]:
+    """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
+    `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released."""
     width, height = size
     rows = []
     for prompt in prompts:
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        out = pipe(
-            [prompt] * len(seeds), negative_prompt=[cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None,
-            num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, generator=gens,
-            width=width, height=height, output_type="pil",
-        )
+        if text is not None:
+            n = len(seeds)
+            rep = {prompt: {k: v.repeat(n, *[1] * (v.ndim - 1)).to(device) for k, v in text[prompt].items()}}
+            neg = {k: v.repeat(n, *[1] * (v.ndim - 1)).to(device) for k, v in text[cfg.negative_prompt].items()}
+            words = family.pipeline_prompt_kwargs(rep[prompt], neg)
+        else:
+            words = {"prompt": [prompt] * len(seeds),
+                     "negative_prompt": [cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None}
+        scale = cfg.guidance_scale if cfg.guidance_scale is not None else getattr(family, "default_guidance", 7.5)
+        out = pipe(**words, num_inference_steps=cfg.steps, guidance_scale=scale, generator=gens,
+                   width=width, height=height, output_type="pil")
         rows.append(list(out.images))
     return rows
 

@@ -1,0 +1,117 @@
+"""FLUX.1 [dev] / [schnell]: a `FluxTransformer2DModel` (double-stream + single-stream blocks) trained with
+rectified flow, exactly as `FluxPipeline` drives it:
+
+- text: CLIP-L's pooled output -> `pooled_projections`; T5-XXL's last hidden state (`max_sequence_length`
+  tokens, 512 by default) -> `encoder_hidden_states`; text position ids are zeros;
+- latents: `(z - shift_factor) * scaling_factor` from the 16-channel VAE, packed into 2x2 patches
+  (`FluxPipeline._pack_latents`) with (0, row, column) position ids (`_prepare_latent_image_ids`), and the
+  prediction unpacked back to the latent layout before the loss;
+- timestep: sigma (the pipeline passes t / 1000); guidance: the guidance-distilled [dev] takes a guidance
+  value (`model.guidance`, 1.0 by default when training, as diffusers' and kohya's FLUX scripts do), [schnell]
+  has no guidance input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
+from finetune.models.family import Family, register_family
+
+if TYPE_CHECKING:
+    import torch
+
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+FLUX_PRESETS: dict[str, list[str]] = {
+    # attention of both block kinds (single blocks have to_q/k/v and fold the output into proj_out)
+    "attention": ATTENTION,
+    # diffusers' FLUX LoRA default: attention + both streams' MLPs of the double blocks
+    "attention_mlp": ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+    # + the single blocks' MLP input (proj_mlp) and output projection (proj_out): every attention and MLP
+    # linear of every block, as kohya's and ai-toolkit's FLUX LoRAs train (a regex: peft full-matches it, and
+    # the transformer's final proj_out stays out)
+    "all_linear": (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                   r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))|single_transformer_blocks\.\d+\."
+                   r"(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"),
+}
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    def encode_prompt(self, comps, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
+        clip_tok, clip = comps.tokenizer_for("text_encoder"), comps.encoder("text_encoder")
+        ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids
+        pooled = clip(ids.to(device), output_hidden_states=False).pooler_output
+        length = comps.max_sequence_length or self.max_sequence_length
+        t5_tok, t5 = comps.tokenizer_for("text_encoder_2"), comps.encoder("text_encoder_2")
+        ids = t5_tok(captions, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids
+        return {"prompt_embeds": t5(ids.to(device), output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
+
+    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
+        kwargs = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
+        if negative is not None:  # used only with true_cfg_scale > 1 (FLUX [dev] is guidance-distilled)
+            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
+            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        return kwargs
+
+    def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
+        import torch
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        embeds = text["prompt_embeds"]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None
+        if denoiser_config(denoiser).get("guidance_embeds"):
+            value = batch.get("guidance") or 1.0
+            guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
+        out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                       pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=embeds,
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        # the inverse of the packing: vae_scale_factor 1 makes _unpack_latents take latent-space sizes
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+
+def denoiser_config(denoiser) -> dict:
+    """The config of a denoiser that may be wrapped (DDP, compile)."""
+    inner = getattr(denoiser, "module", denoiser)
+    inner = getattr(inner, "_orig_mod", inner)
+    return dict(inner.config)
+
+
+FLUX = register_family(FluxFamily(
+    "flux",
+    pipeline_class="FluxPipeline",
+    denoiser_name="transformer",
+    denoiser_class="FluxTransformer2DModel",
+    text_encoder_names=("text_encoder", "text_encoder_2"),
+    lora_text_encoders=("text_encoder",),  # CLIP LoRAs; T5 stays frozen
+    tokenizer_names=("tokenizer", "tokenizer_2"),
+    objective="flow",
+    # peers shift by resolution and sample logit-normal (sd-scripts 'flux_shift', ai-toolkit, SimpleTuner);
+    # diffusers' script samples uniformly on the unshifted grid: docs/toy.md measures both on the toy
+    flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
+    patch_size=2,
+    max_sequence_length=512,
+    kohya_names={"transformer": ModuleNames("lora_transformer", words=TRANSFORMER_WORDS),
+                 "text_encoder": ClipNames("lora_te1")},
+    base_version="flux1",
+    modelspec_arch={"flow": "flux-1-dev"},
+    embedding_keys={"text_encoder": "clip_l", "text_encoder_2": "t5"},
+    pipeline_kwargs={},
+    lora_presets=FLUX_PRESETS,
+    default_sampler="base",
+    default_guidance=3.5,
+    cache_text_by_default=True,
+    textual_inversion=False,  # pivotal tuning on CLIP-L / T5 comes with the FLUX pivotal work
+    lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
+    single_file_writer=False,
+    single_file_text={},
+    single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),
+    priority=30,
+))

@@ -1,0 +1,58 @@
+"""`finetune studio`: serve the local web studio.
+
+    finetune studio [--host 127.0.0.1] [--port 8765] [--root DIR]
+
+Loopback by default. On any other interface a token is required; it is printed with the URL at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune studio", description="A local web studio: data, recipes, runs.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="folder the studio may read and write: data, run folders (default: the current folder)")
+    p.add_argument("--token", default=os.environ.get("FINETUNE_STUDIO_TOKEN"),
+                   help="token for a non-loopback bind (default: a new random one, printed at start)")
+    p.add_argument("--devices", default="",
+                   help="comma-separated CUDA devices, one run at a time on each (default: one queue, all devices)")
+    p.add_argument("--max-upload-mb", type=int, default=50, help="largest file the page may upload (MiB)")
+    p.add_argument("--recipes", type=Path, default=None,
+                   help="folder of recipes to start from (default: the checkout's recipes/)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not args.root.is_dir():
+        print(f"error: --root {args.root}: not a folder; create it or point at your data", file=sys.stderr)
+        raise SystemExit(2)
+    if not 0 < args.port < 65536:
+        print(f"error: --port {args.port}: choose 1-65535", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        import uvicorn
+
+        from finetune.studio.app import Studio, create_app
+    except ImportError as e:
+        print(f"error: the studio needs its server packages ({e.name} is missing); pip install starlette uvicorn",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] or [None]
+    extra = {"recipes_dir": args.recipes.resolve()} if args.recipes else {}
+    studio = Studio.make(args.root, args.host, args.token, devices=devices,
+                         max_upload=args.max_upload_mb * 1024 * 1024, **extra)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{shown}:{args.port}/" + (f"?token={studio.token}" if studio.token else "")
+    print(f"finetune studio: {url}  (root: {studio.root})", flush=True)
+    if studio.token:
+        print("not a loopback address: every request needs the token in that URL", flush=True)
+    uvicorn.run(create_app(studio), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=2)
