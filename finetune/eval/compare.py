@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from finetune.errors import DataError
 from finetune.eval.scoring import LABELS, Scorer, Scores
 
@@ -92,7 +94,21 @@ def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, load
         path, _, token = cand.spec.partition(":") if not Path(cand.spec).exists() else (cand.spec, "", "")
         load_into_pipeline(pipe, path, token or None, allow_pickle, comps.family)
     pipe.to(device, dtype)
-    return render(pipe, sampling.prompts, sampling.seeds, cfg, sampling.size, device, family=comps.family)
+    text = None if cand.kind == "embedding" else _family_text(comps, cfg, device)
+    return render(pipe, sampling.prompts, sampling.seeds, cfg, sampling.size, device, text=text,
+                  family=comps.family)
+
+
+@torch.no_grad()
+def _family_text(comps, cfg, device) -> dict | None:
+    """Prompts encoded the way a training run's grids encode them: families whose runs cache text (SD3, FLUX)
+    render validation grids from the family's own encoding (its max_sequence_length, not the pipeline's
+    default), so a kept export renders here the images its run scored. Embedding candidates keep the
+    pipeline's encoding, which expands multi-vector tokens."""
+    if not comps.family.cache_text_by_default:
+        return None
+    prompts = list(dict.fromkeys([*cfg.prompts, cfg.negative_prompt]))
+    return {p: comps.family.encode_prompt(comps, [p], device) for p in prompts}
 
 
 def table(results: list[tuple[str, Scores]], metrics: list[str]) -> str:
