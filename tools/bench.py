@@ -4,6 +4,7 @@
     python tools/bench.py                                   # toy base, every variant, batch 8
     python tools/bench.py --model sd15 --batch 1 4 --precision bf16 --variants latent+text-cache
     python tools/bench.py --out output/bench                # JSON + Markdown table land there
+    python tools/bench.py --metrics                         # seconds to score a validation grid (DreamBench)
 
 Each configuration runs in its own process after a warm-up; only the measured steps count.
 """
@@ -38,6 +39,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--adapter", choices=sorted(registered_kinds()), default="lora", help="adapter kind")
     p.add_argument("--no-bare", action="store_true", help="skip the bare denoiser reference measurement")
     p.add_argument("--out", type=Path, default=Path("output/bench"), help="folder for results.json / results.md")
+    p.add_argument("--metrics", action="store_true", help="instead: time CLIP-I/CLIP-T/DINO on one validation "
+                   "grid (25 prompts x 4 seeds, DreamBench-sized models) in fp32 and, on a GPU, bf16/fp16")
     return p.parse_args()
 
 
@@ -62,6 +65,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = parse()
+    if args.metrics:
+        return bench_metrics(args.out)
     if args.warmup < 1:
         sys.exit("error: --warmup must be at least 1")
     batches = args.batch or ([8] if args.model == "toy" else [1])
@@ -84,6 +89,21 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = f"{table(rows)}\n\nbad recipe rejected in {reject:.2f} s; machine: {meta['machine']}\n"
     (args.out / "results.md").write_text(md)
+    print(md)
+
+
+def bench_metrics(out: Path) -> None:
+    import torch
+
+    from finetune.eval import bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32]
+    rows = [bench.measure(out / "metric-models", device, dt) for dt in dtypes]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    md = f"{bench.table(rows)}\n\nmachine: {machine()}\n"
+    (out / "metrics.md").write_text(md)
     print(md)
 
 

@@ -68,9 +68,13 @@ class Scorer:
         flat = [im for row in rows for im in row]
         sizes = [len(row) for row in rows]
         out: dict[str, list[torch.Tensor]] = {}
+        embedded: dict[int, torch.Tensor] = {}  # CLIP-I and CLIP-T share one pass of the CLIP image tower
         with self.models.on(self.device):
             for metric in self.metrics:
-                emb = self._embedder(metric).images(flat)
+                embedder = self._embedder(metric)
+                if id(embedder) not in embedded:
+                    embedded[id(embedder)] = embedder.images(flat)
+                emb = embedded[id(embedder)]
                 if metric == "clip_t":
                     texts = [clip_text(p, self.token, self.class_word) for p, n in zip(prompts, sizes, strict=True)
                              for _ in range(n)]
