@@ -86,8 +86,12 @@ def test_metrics_history_survives_a_resume(tmp_path):
     first.history = {s: Scores({"dino": Estimate(v, v, v, 1)}) for s, v in [(0, 0.1), (2, 0.5), (4, 0.9), (6, 0.2)]}
     first._write()
     assert first.best_step() == 4
+    first.keep_best(2, lambda folder: (folder / "w.safetensors").write_bytes(b"2"))
+    (out / "best-step-000004").mkdir()  # a best step kept after the checkpoint the run resumes from
     resumed = RunMetrics(recipe, out, "cpu", None, resume_step=3)
     assert sorted(resumed.history) == [0, 2] and resumed.best_step() == 2
+    # that step is trained again, so its export goes with its numbers; the earlier one stays
+    assert sorted(p.name for p in out.glob("best-step-*")) == ["best-step-000002"]
     assert RunMetrics(recipe, out, "cpu", None).history == {}  # a fresh run starts a fresh history
 
 

@@ -71,6 +71,11 @@ class RunMetrics:
             self.history = {int(s): Scores.from_json(d) for s, d in saved.get("steps", {}).items()
                             if int(s) <= resume_step}
             self.n_references = saved.get("references")
+        if resume_step is not None:  # steps after the checkpoint are trained again: their kept export goes too
+            for old in self.out.glob(f"{BEST_PREFIX}*"):
+                step = old.name.removeprefix(BEST_PREFIX)
+                if old.is_dir() and step.isdigit() and int(step) > resume_step:
+                    shutil.rmtree(old, ignore_errors=True)
         self._scorer: Scorer | None = None
 
     @property
