@@ -5,15 +5,23 @@ best step, and that kept export, rendered again through the family's own pipelin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import draw_images, run_trainer, write_recipe
+from tests.helpers import ROOT, draw_images, run_trainer, write_recipe
 
 PROMPTS = ["a sks circle", "a blue square"]
 MODEL = {"sd3": {}, "flux": {"max_sequence_length": 32}}
 TARGETS = {"sd3": "attention", "flux": "attention_mlp"}
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
@@ -63,3 +71,13 @@ def test_kept_best_step_renders_its_recorded_score_through_the_family(tmp_path, 
     # recipe's max_sequence_length, not the pipeline's 512) and the kept export holds that step's weights
     assert again["lora"] == pytest.approx(dino[best], abs=5e-5)
     assert again["base"] == pytest.approx(dino[0], abs=5e-5)
+    if family == "flux":  # the CLI on the same export, told the run's T5 length, gives the same number
+        kept = out / f"best-step-{best:06d}"
+        proc = run_tool("--base", str(base), "--lora", str(kept), "--max-sequence-length", "32",
+                        "--references", str(images), "--prompts", *PROMPTS, "--token", "sks",
+                        "--class-word", "circle", "--seeds", "0", "1", "--steps", "2", "--width", "64",
+                        "--height", "64", "--clip-model", "toy", "--dino-model", "toy", "--device", "cpu",
+                        "--out", str(tmp_path / "eval"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        cli = json.loads((tmp_path / "eval" / "results.json").read_text())["candidates"][f"lora {kept}"]
+        assert cli["overall"]["dino"]["mean"] == pytest.approx(dino[best], abs=5e-5)

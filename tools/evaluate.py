@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     _common.add_family_arg(p)
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin files (weights_only=True)")
+    p.add_argument("--max-sequence-length", type=int, help="SD3/FLUX: T5 tokens per prompt, as the run's "
+                   "model.max_sequence_length (default: the family's, 256 SD3, 512 FLUX)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA to score (repeat)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="a Textual Inversion embedding to score (repeat)")
@@ -128,7 +130,12 @@ def main(argv=None) -> int:
         print(f"{cand.label}: {sum(len(r) for r in rows)} images, grid {path}")
 
     def loader(base):
-        return _common.load_base(base, args.family, args.config, args.allow_pickle)
+        from finetune.models.components import load_components
+        from finetune.sections import ModelSection
+
+        return load_components(ModelSection(base=base, family=args.family, config=args.config,
+                                            allow_pickle=args.allow_pickle,
+                                            max_sequence_length=args.max_sequence_length))
 
     results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
                        allow_pickle=args.allow_pickle)
