@@ -71,6 +71,11 @@ class Recipe(StrictModel):
                     "variant forever; turn off shuffle_tags/caption_dropout/tag_dropout or data.cache_text"
                 )
         m.check_recipe(self)
+        best = self.train.keep_best
+        missing = [k for k in ([best] if isinstance(best, str) else best or {}) if k not in self.validation.metrics]
+        if missing:
+            raise ValueError(f"train.keep_best uses {', '.join(missing)}, which validation.metrics does not compute; "
+                             f"add {' and '.join(missing)} to validation.metrics")
         if self.export.formats is None:  # every format the method writes, diffusers first
             self.export.formats = sorted(m.export_formats, key=lambda f: (f != "diffusers", f))
         bad = [f for f in self.export.formats if f not in m.export_formats]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from finetune.eval import DEFAULT_CLIP, DEFAULT_DINO, METRIC_NAMES
+from finetune.eval.prompts import shows_subject as shows
 
 
 class StrictModel(BaseModel):
@@ -167,6 +170,28 @@ class TrainSection(StrictModel):
     overwrite: bool = Field(
         False, description="Allow writing into an output_dir that already holds a finished run."
     )
+    keep_best: str | dict[str, float] | None = Field(
+        None,
+        description="Keep the export of the best validation step beside the last one, in best-step-NNNNNN/: a "
+        "metric ('clip_i', 'dino', 'clip_t') or a weighted mix ({clip_i: 0.5, clip_t: 0.5}) of validation.metrics.",
+    )
+
+    @field_validator("keep_best", mode="before")
+    @classmethod
+    def _keep_best(cls, v):
+        if v is None:
+            return v
+        from finetune.errors import did_you_mean
+
+        names = [v] if isinstance(v, str) else list(v) if isinstance(v, dict) else None
+        if not names:
+            raise ValueError(f"a metric ({', '.join(METRIC_NAMES)}) or a mapping of metric to weight")
+        for n in names:
+            if n not in METRIC_NAMES:
+                raise ValueError(f"unknown metric '{n}'{did_you_mean(n, METRIC_NAMES)}; use {', '.join(METRIC_NAMES)}")
+        if isinstance(v, dict) and not all(isinstance(w, int | float) and w > 0 for w in v.values()):
+            raise ValueError("weights must be positive numbers, e.g. {clip_i: 0.5, clip_t: 0.5}")
+        return v
 
     @field_validator("resume")
     @classmethod
@@ -177,7 +202,18 @@ class TrainSection(StrictModel):
 
 
 class ValidationSection(StrictModel):
-    prompts: list[str] = Field(default_factory=list, description="Prompts rendered into the sample grid.")
+    # token and class_word come first: the prompts validator fills prompt sets with them
+    token: str | None = Field(
+        None,
+        description="The trigger token in prompts (e.g. 'sks'): fills '{}' in prompt sets, marks the prompts that "
+        "show the subject (clip_i and dino average those) and is dropped from prompts for clip_t.",
+    )
+    class_word: str | None = Field(None, description="The subject's class noun (e.g. 'dog'), for prompt sets and clip_t.")
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts rendered into the sample grid, or a shipped evaluation set: 'dreambench' (objects), "
+        "'dreambench_live' (animals, people), 'dreambench_toy' (toy world), filled with token and class_word.",
+    )
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
     seeds: list[Annotated[int, Field(ge=0, le=2**64 - 1)]] = Field(
         default_factory=lambda: [0, 1], description="One grid column per seed.")
@@ -194,6 +230,20 @@ class ValidationSection(StrictModel):
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
         "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."
+    )
+    metrics: list[Literal["clip_i", "clip_t", "dino"]] = Field(
+        default_factory=list,
+        description="DreamBench metrics of every grid: 'clip_i' and 'dino' (subject fidelity against the reference "
+        "images), 'clip_t' (prompt fidelity); logged, kept in samples/metrics.json and plotted in metrics.png.",
+    )
+    reference_dir: str | None = Field(
+        None, description="Reference images for clip_i/dino; default the first data source's (at most 64, evenly spread)."
+    )
+    clip_model: str = Field(
+        DEFAULT_CLIP, description="CLIP model for clip_i/clip_t: hub id or folder; 'toy' for the toy base's tiny CLIP."
+    )
+    dino_model: str = Field(
+        DEFAULT_DINO, description="Self-supervised ViT for dino (ViT or DINOv2): hub id or folder; 'toy' for the toy's."
     )
     score_subject: str | None = Field(
         None,
@@ -212,6 +262,39 @@ class ValidationSection(StrictModel):
 
                 raise ValueError(f"unknown toy subject{did_you_mean(v, SUBJECTS)}; choose one of {', '.join(SUBJECTS)}")
         return v
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompt_set(cls, v, info):
+        if not isinstance(v, str):
+            return v
+        from finetune.eval.prompts import expand, prompt_sets  # PyYAML only
+
+        if v not in prompt_sets():
+            from finetune.errors import did_you_mean
+
+            raise ValueError(f"not a prompt set{did_you_mean(v, prompt_sets())}; give a list of prompts or one of "
+                             f"{', '.join(prompt_sets())}")
+        if not info.data.get("class_word"):
+            raise ValueError("a prompt set needs validation.class_word (the subject's class noun, e.g. dog)")
+        return expand(v, info.data["class_word"], info.data.get("token"))
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("lists a metric twice")
+        return v
+
+    @model_validator(mode="after")
+    def _metrics_need(self):
+        if self.metrics and not self.prompts:
+            raise ValueError("metrics score the validation grid: set validation.prompts (or drop validation.metrics)")
+        subject = {"clip_i", "dino"} & set(self.metrics)
+        if subject and self.token and not any(shows(p, self.token) for p in self.prompts):
+            raise ValueError(f"{' and '.join(sorted(subject))} score the prompts that contain validation.token "
+                             f"'{self.token}', and none does; add one or change the token")
+        return self
 
 
 ExportFormat = Literal["diffusers", "kohya", "bfl", "a1111", "single_file"]

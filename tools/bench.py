@@ -7,6 +7,7 @@
     python tools/bench.py --profile --variants latent+text-cache   # host syncs per step + a Chrome trace
     python tools/bench.py --noise                           # per-example noise: CPU + pinned copy vs GPU
     python tools/bench.py --collect output/gpu_bench        # one table from several results.json
+    python tools/bench.py --metrics                         # seconds to score a validation grid (DreamBench)
 
 Each configuration runs in its own process after a warm-up; only the measured steps count.
 """
@@ -46,6 +47,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--noise", action="store_true", help="only time the per-example noise paths, then exit")
     p.add_argument("--collect", type=Path, nargs="+", default=None,
                    help="only print one table from the results.json under these folders, then exit")
+    p.add_argument("--metrics", action="store_true", help="instead: time CLIP-I/CLIP-T/DINO on one validation "
+                   "grid (25 prompts x 4 seeds, DreamBench-sized models) in fp32 and, on a GPU, bf16/fp16")
     return p.parse_args()
 
 
@@ -100,6 +103,8 @@ def main() -> None:
         for row in noise_paths():
             print(json.dumps(row), flush=True)
         return
+    if args.metrics:
+        return bench_metrics(args.out)
     if args.warmup < 1:
         sys.exit("error: --warmup must be at least 1")
     batches = args.batch or ([8] if args.model == "toy" else [1])
@@ -123,6 +128,21 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = f"{table(rows)}\n\nbad recipe rejected in {reject:.2f} s; machine: {meta['machine']}\n"
     (args.out / "results.md").write_text(md)
+    print(md)
+
+
+def bench_metrics(out: Path) -> None:
+    import torch
+
+    from finetune.eval import bench
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if device == "cuda" else [torch.float32]
+    rows = [bench.measure(out / "metric-models", device, dt) for dt in dtypes]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    md = f"{bench.table(rows)}\n\nmachine: {machine()}\n"
+    (out / "metrics.md").write_text(md)
     print(md)
 
 

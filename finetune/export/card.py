@@ -66,6 +66,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
                                   "from finetune.export.embeddings import load_into_pipeline\n"
                                   f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
+    metrics = f"## Metrics\n{ctx.metrics}\n" if ctx.metrics else ""
     ui = DORA_NOTE.format(folder=out_dir.name) if dora else UI_NOTES.get(kind, "").format(folder=out_dir.name)
     if kind == "lora" and family is not None and not dora:
         ui = _lora_ui_note(family, ctx, files)
@@ -86,6 +87,7 @@ at {ctx.resolution} px.
 **Trigger words:** {triggers}
 
 {grid}
+{metrics}
 ## Files
 {listing}
 

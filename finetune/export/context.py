@@ -37,6 +37,7 @@ class ExportContext:
     dtype: str = "fp32"
     model_card: bool = True
     formats: tuple[str, ...] = ("diffusers",)
+    metrics: str | None = None  # markdown table of the run's validation metrics (finetune/eval/run.py)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     prediction_type: str = "epsilon"
     #: AUTOMATIC1111's own (legacy) hash of a single-file base, what `ss_sd_model_hash` means there
@@ -68,6 +69,7 @@ class ExportContext:
             dtype=r.export.dtype,
             model_card=r.export.model_card,
             formats=tuple(r.export.formats),
+            metrics=t.run_metrics.summary() if getattr(t, "run_metrics", None) else None,
             prediction_type=t.comps.prediction_type,
             tag_frequency=tag_frequency(scan.subsets) if scan is not None else {},
             instance_prompts=instance_prompts(r),

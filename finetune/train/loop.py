@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import RunError, UserError
+from finetune.eval.run import RunMetrics
 from finetune.train import checkpoint as ckpt
 from finetune.train.distributed import describe, is_sharded, unshard_for_export
 from finetune.train.setup import flat_config, write_run_files
@@ -25,6 +26,8 @@ def run_loop(t) -> None:
         acc.init_trackers(recipe.logging.project, config=flat_config(recipe.resolved()))
     t.progress = Progress(cfg.max_steps, t.state.step, main and recipe.logging.progress)
     t.loss_log = LossLog(t.out / "logs" / "loss.csv", t.state.step if resumed else None) if main else None
+    t.run_metrics = (RunMetrics(recipe, t.out, acc.device, t.dtype, t.state.step if resumed else None)
+                     if main and recipe.validation.metrics else None)
     if main:
         t.progress.write(_banner(t))
     if not resumed and recipe.validation.at_start and recipe.validation.prompts:
@@ -179,6 +182,8 @@ def validate(t, step: int) -> Path | None:
         if v.score_subject:
             _score(t, rows, step)
         t.last_grid = path
+        if getattr(t, "run_metrics", None) is not None:
+            _metrics(t, rows, step)
     acc.wait_for_everyone()
     return path
 
@@ -201,6 +206,25 @@ def _score(t, rows, step: int) -> None:
     write_text_atomic(path, json.dumps(history, indent=2))
     if t.recipe.logging.report_to:
         t.acc.log({f"subject_similarity/{p}": s for p, s in scores.items()}, step=step)
+
+
+def _metrics(t, rows, step: int) -> None:
+    """DreamBench metrics of the grid (finetune/eval); train.keep_best exports the best step's weights."""
+    from dataclasses import replace
+
+    from finetune.export.context import ExportContext
+    from finetune.train.trainer import nonfinite_state
+
+    m = t.run_metrics
+    scores = m.record(rows, step)
+    t.progress.write(m.line(step, scores))
+    if t.recipe.logging.report_to:
+        t.acc.log(m.scalars(scores), step=step)
+    if t.recipe.train.keep_best and m.best_step() == step and not nonfinite_state(t.params):
+        ctx = ExportContext.from_trainer(t)
+        ctx = replace(ctx, name=f"{ctx.name}-step-{step:06d}")
+        folder = m.keep_best(step, lambda out: t.method.export(t.comps, out, ctx))
+        t.progress.write(f"keep_best: step {step} is the best so far; its export is in {folder}")
 
 
 def _log_image(t, image, step: int) -> None:
