@@ -139,6 +139,8 @@ def box(tiny_base, tmp_path_factory) -> dict[str, Path]:
     (root / "base.ckpt").write_bytes(b"PK\x03\x04 not really a torch zip")
     (root / "base_cut.safetensors").write_bytes(data[:100])
     (root / "empty").mkdir()
+    (root / "refs").mkdir()
+    Image.new("RGB", (64, 64), "blue").save(root / "refs" / "0.png")
     (root / "a_file").write_text("not a folder")
     return {"root": root, "good": good, "other": other, "emb": emb}
 
@@ -231,7 +233,25 @@ def value_cases(box, base) -> list[tuple[str, str, list]]:
         ("a_file", "dataset", [p(box, "a_file")]),
         ("empty", "dataset", [p(box, "empty")]),
         ("missing_folder", "caption", [p(box, "missing_folder"), "--dry-run"]),
+        *evaluate_cases(box, base),
         ("a_file", "caption", [p(box, "a_file"), "--dry-run"]),
+    ]
+
+
+def evaluate_cases(box, base) -> list[tuple[str, str, list]]:
+    """tools/evaluate.py: every value checked before a model loads; adapters and folders named."""
+    ev = ["--base", base, "--references", box["root"] / "refs", "--prompts", "a circle", "--seeds", 0,
+          "--out", p(box, "eval_out")]
+    return [
+        ("--steps", "evaluate", [*ev, "--with-base", "--steps", 0]),
+        ("--width", "evaluate", [*ev, "--with-base", "--width", 100]),
+        ("--seeds", "evaluate", [*ev, "--with-base", "--seeds", -1]),
+        ("--guidance", "evaluate", [*ev, "--with-base", "--guidance", "nan"]),
+        ("truncated.safetensors", "evaluate", [*ev, "--lora", p(box, "truncated.safetensors")]),
+        ("missing.safetensors", "evaluate", [*ev, "--lora", p(box, "missing.safetensors")]),
+        ("missing_folder", "evaluate", [*ev, "--images", p(box, "missing_folder")]),
+        ("missing_folder", "evaluate", [*ev[:2], "--references", p(box, "missing_folder"), *ev[4:], "--with-base"]),
+        ("--class-word", "evaluate", [*ev[:5], "dreambench_toy", *ev[6:], "--with-base"]),
     ]
 
 
@@ -244,7 +264,7 @@ def all_cases(box, base) -> list[tuple[str, str, list]]:
     return cases + out_cases(box, base) + value_cases(box, base)
 
 
-TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption"]
+TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption", "evaluate"]
 
 
 @pytest.mark.parametrize("tool_name", TOOL_NAMES)
@@ -266,8 +286,8 @@ def test_every_tool_refuses_every_bad_input_in_one_line(box, tiny_base, capsys, 
 def test_the_table_covers_every_tool_that_reads_user_files(box, tiny_base):
     """A new tool that reads models, adapters or folders gets rows here (bench, toy builders: no user input)."""
     covered = {c[1] for c in all_cases(box, tiny_base)}
-    shipped = {p.stem for p in TOOLS.glob("*.py")} - {"_common", "bench", "bench_caption", "make_toy_model",
-                                                       "toy_data"}
+    shipped = {p.stem for p in TOOLS.glob("*.py")} - {"_common", "bench", "bench_cache", "bench_caption",
+                                                       "make_toy_model", "toy_data"}
     assert shipped == covered == set(TOOL_NAMES)
 
 

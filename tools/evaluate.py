@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import _common
@@ -74,6 +75,15 @@ def _check(args) -> None:
         raise UserError("--lora, --embedding and --with-base need --base (the model they were trained on)")
     if generated and not args.prompts:
         raise UserError("--prompts: give the prompts to render (or a set such as dreambench)")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps {args.steps}: give at least 1 sampling step")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"{flag} {value}: give a positive multiple of 8 (the VAE halves the size 3 times)")
+    if any(s < 0 or s >= 2**32 for s in args.seeds or []):
+        raise UserError("--seeds: give seeds from 0 to 4294967295")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UserError(f"--guidance {args.guidance}: give a finite number")
     if {"clip_i", "dino"} & set(args.metrics) and args.references is None:
         raise UserError("--references: DINO and CLIP-I compare with reference images; give their folder "
                         "(or --metrics clip_t)")
@@ -89,7 +99,8 @@ def _prompts(args) -> list[str]:
         return ValidationSection(prompts=raw, token=args.token, class_word=args.class_word,
                                  metrics=args.metrics).prompts
     except ValueError as e:
-        raise UserError(f"--prompts: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ").replace("validation.class_word", "--class-word")
+        raise UserError(f"--prompts: {msg}") from None
 
 
 def candidates(args):
