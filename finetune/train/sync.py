@@ -60,6 +60,8 @@ class StepWatch:
     def read(self, acc, norm: torch.Tensor | None, logs: dict[str, Any], stop: bool) -> StepReport:
         """The step's one host sync. Flags are summed over processes (the norm already is reduced: DDP
         all-reduces gradients before it is taken), so every process takes the same decision."""
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor; its full value is the global norm (a collective)
+            norm = norm.full_tensor()
         norm = torch.as_tensor(math.nan if norm is None else norm, device=acc.device)  # None: DeepSpeed
         device = norm.device
         zero = torch.zeros((), device=device)
