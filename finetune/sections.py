@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -57,6 +57,16 @@ class ModelSection(StrictModel):
     guidance: float | None = Field(
         None, ge=0.0, le=100.0,
         description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0.",
+    )
+    quantize: Literal["none", "nf4", "int8", "fp8"] = Field(
+        "none",
+        description="Store the frozen denoiser's linear weights quantized (QLoRA): 'nf4' (bitsandbytes 4-bit "
+        "NormalFloat, ~0.52 bytes/weight), 'int8' (bitsandbytes LLM.int8, ~1 byte), 'fp8' (float8 e4m3 storage, "
+        "upcast per layer to the compute dtype). Adapters train on top in fp32; exports never hold quantized "
+        "weights. See docs/memory.md.",
+    )
+    quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
+        "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
     )
 
     @field_validator("family")
@@ -120,7 +130,13 @@ class TrainSection(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Compute precision through accelerate; trained parameters stay fp32."
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the U-Net.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the denoiser.")
+    block_swap: int = Field(
+        0, ge=0,
+        description="Keep the frozen weights of this many denoiser blocks (the last ones) on the CPU and stream "
+        "each in for its forward and backward (transformer families; needs gradient_checkpointing). Saves "
+        "device memory, costs host-to-device copies every step. See docs/memory.md.",
+    )
     compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
     channels_last: bool = Field(False, description="Keep U-Net convolutions in channels-last memory format.")
     min_snr_gamma: float | None = Field(
@@ -144,6 +160,16 @@ class TrainSection(StrictModel):
     overwrite: bool = Field(
         False, description="Allow writing into an output_dir that already holds a finished run."
     )
+
+    @model_validator(mode="after")
+    def _block_swap(self):
+        if self.block_swap and not self.gradient_checkpointing:
+            raise ValueError("train.block_swap needs train.gradient_checkpointing: true (without it the graph keeps "
+                             "every streamed block on the device until the backward, and nothing is saved)")
+        if self.block_swap and self.compile:
+            raise ValueError("train.block_swap swaps weights between steps of a block, which torch.compile cannot "
+                             "trace; set train.compile: false")
+        return self
 
     @field_validator("resume")
     @classmethod
@@ -229,3 +255,11 @@ class LoggingSection(StrictModel):
     every: int = Field(10, ge=1, description="Log scalars every N steps.")
     project: str = Field("finetune", description="Project name for the trackers.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+
+def check_memory_options(recipe) -> None:
+    """Memory options that do not combine (recipe time; a ValueError naming the key)."""
+    if recipe.train.block_swap and recipe.model.quantize in ("nf4", "int8"):
+        raise ValueError(f"train.block_swap streams plain (or fp8) weights; with model.quantize: "
+                         f"{recipe.model.quantize} the blocks are already small: set train.block_swap: 0 or "
+                         "model.quantize: fp8 / none")

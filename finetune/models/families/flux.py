@@ -108,6 +108,7 @@ FLUX = register_family(FluxFamily(
     default_sampler="base",
     default_guidance=3.5,
     cache_text_by_default=True,
+    swap_blocks=("transformer_blocks", "single_transformer_blocks"),
     textual_inversion=False,  # pivotal tuning on CLIP-L / T5 comes with the FLUX pivotal work
     lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,
