@@ -9,6 +9,7 @@ the file and the key path, says what was wrong and what is allowed. Nothing heav
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import typing
@@ -95,6 +96,33 @@ class Recipe(StrictModel):
 
 
 # ----------------------------------------------------------------------------------------------- reading
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
+    silently, so a recipe would train with a value its author did not see."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            seen = first.get(key)
+        except TypeError:  # an unhashable key: the safe constructor reports it properly below
+            continue
+        if seen is not None:
+            raise _DuplicateKey(problem=f"key '{key}' is given twice in one mapping (first on line {seen}); "
+                                        "keep one", problem_mark=key_node.start_mark)
+        first[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -104,7 +132,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise RecipeError(f"{path}:{e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -155,16 +185,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{text}': expected key.path=value, e.g. train.lr=1e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):
         value = raw.strip()
+    if isinstance(value, str) and value == raw.strip():  # unquoted text
         try:  # PyYAML reads 1e-4 (no dot) as a string; people type it that way
             value = float(value) if any(c.isdigit() for c in value) and "e" in value.lower() else value
         except ValueError:
             pass
     return key.split("."), value
+
+
+def override_text(text: str) -> Any:
+    """The override's value with every scalar kept as the text written (YAML quoting still applies):
+    what a string field gets where YAML would type it (`no` -> 'no', not False; `1.10` -> '1.10')."""
+    raw = text.partition("=")[2]
+    try:
+        return yaml.load(raw, Loader=yaml.BaseLoader) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw.strip()
 
 
 def apply_override(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -291,7 +330,33 @@ def _describe(err: dict, source: Path | None) -> str:
     return text + (f" ({allowed})" if allowed and allowed not in msg else "")
 
 
-def validate(data: dict[str, Any], source: Path | None = None) -> Recipe:
+def _written_back(data: dict[str, Any], errors: list[dict], written: dict[str, tuple[list[str], Any]]):
+    """`data` where a string field rejected what YAML typed in an override, with the text as written put back
+    there (the whole value, or the one list item / mapping entry); None when there is no such place."""
+    fixed = None
+    for err in errors:
+        if err["type"] not in ("string_type", "literal_error") or err.get("input") is None:
+            continue  # the field does not want text here, or null was meant as null
+        path = _walk(tuple(err["loc"]))[0]
+        for keys, text in written.values():
+            if path[: len(keys)] != keys:
+                continue
+            where = list(keys)
+            for part in path[len(keys):]:  # down to the rejected item, as far as the value goes
+                if isinstance(text, list) and part.isdigit() and int(part) < len(text):
+                    text = text[int(part)]
+                elif isinstance(text, dict) and part in text:
+                    text = text[part]
+                else:
+                    break
+                where.append(part)
+            fixed = fixed if fixed is not None else copy.deepcopy(data)
+            apply_override(fixed, where, text)
+    return fixed
+
+
+def validate(data: dict[str, Any], source: Path | None = None,
+             written: dict[str, tuple[list[str], Any]] | None = None) -> Recipe:
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
         k = unknown[0]
@@ -299,7 +364,13 @@ def validate(data: dict[str, Any], source: Path | None = None) -> Recipe:
             f"{source}: unknown section '{k}'{did_you_mean(k, SECTIONS)}; sections are {', '.join(SECTIONS)}"
         )
     try:
-        recipe = Recipe.model_validate(data)
+        try:
+            recipe = Recipe.model_validate(data)
+        except ValidationError as e:
+            retry = _written_back(data, e.errors(include_url=False), written or {})
+            if retry is None:
+                raise
+            recipe = Recipe.model_validate(retry)
     except ValidationError as e:
         errors = e.errors(include_url=False)
         lines = [_describe(err, source) for err in errors[:3]]
@@ -313,10 +384,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, merge, override and validate a recipe file."""
     path = Path(path)
     data = _load_chain(path)
+    written: dict[str, tuple[list[str], Any]] = {}  # overrides YAML typed, with their text as written
     for text in overrides:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
-    return validate(data, path)
+        as_text = override_text(text)
+        written.pop(".".join(keys), None)
+        if as_text != value:
+            written[".".join(keys)] = (keys, as_text)
+    return validate(data, path, written)
+
+
+def recheck_for_family(recipe: Recipe, family: str) -> None:
+    """Rules that need the family, for a base whose family showed only once it loaded (a hub id that was not
+    in the local cache at recipe time): the same validation with `model.family` set; errors as RecipeError."""
+    data = recipe.resolved()
+    data["model"]["family"] = family
+    validate(data, recipe._path)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         train(recipe)
     except UserError as e:
         _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training steps (class images, caches, the step-0 grid; or a second Ctrl-C),
+        # where the loop's own clean stop is not listening: one line, not a traceback from deep inside torch
+        if os.environ.get("RANK", "0") == "0":  # every process of a launch gets the signal; one line is enough
+            print("interrupted (Ctrl-C); what was finished is kept (class images, caches, the last checkpoint): "
+                  "run the same command with train.resume=latest to go on", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ class ModelSection(StrictModel):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="Training target; 'auto' reads the base's scheduler config."
     )
-    attention: Literal["sdpa", "default"] = Field(
-        "sdpa", description="Attention kernel: torch scaled-dot-product attention or the plain implementation."
+    attention: Literal["sdpa", "xformers", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel: 'sdpa' (torch scaled-dot-product attention; it picks the flash or "
+        "memory-efficient kernel itself), 'xformers' (needs the xformers package), 'eager' (plain matmul and "
+        "softmax: slower, more memory; for debugging).",
     )
     allow_pickle: bool = Field(
         False,
@@ -80,10 +83,22 @@ class ModelSection(StrictModel):
             raise ValueError(f"unknown family{did_you_mean(v, FAMILIES)}; choose auto or one of {', '.join(FAMILIES)}")
         return v
 
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        if v == "xformers" and not _installed("xformers"):
+            raise ValueError("'xformers' needs the xformers package, which is not installed; pip install xformers "
+                             "(a build matching your torch), or use sdpa")
+        return v
+
 
 class EMASection(StrictModel):
     enabled: bool = Field(False, description="Keep an exponential moving average of the trained parameters.")
-    decay: float = Field(0.9999, gt=0.0, lt=1.0, description="EMA decay per optimizer step.")
+    decay: float = Field(
+        0.9999, gt=0.0, lt=1.0,
+        description="EMA decay per update; diffusers' EMAModel caps it at (1 + n) / (10 + n) after n updates, so "
+        "early updates follow the weights closely.",
+    )
     update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
 
 
@@ -255,6 +270,24 @@ class LoggingSection(StrictModel):
     every: int = Field(10, ge=1, description="Log scalars every N steps.")
     project: str = Field("finetune", description="Project name for the trackers.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: list[str]) -> list[str]:
+        # checked here, not at the first log: a missing tracker would drop every metric and then crash the run
+        packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+        for tracker in v:
+            if not any(_installed(p) for p in packages[tracker]):
+                raise ValueError(f"'{tracker}' is not installed; pip install {packages[tracker][0]}, or remove it "
+                                 "from logging.report_to ([] logs to the console and loss.png only)")
+        return v
+
+
+def _installed(package: str) -> bool:
+    """Whether a package can be imported, without importing it (recipe checks stay fast)."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def check_memory_options(recipe) -> None:

@@ -14,7 +14,8 @@ from finetune.errors import ModelError
 from finetune.export.adapters import fuse, read_adapter
 from finetune.export.lora import export_lora, load_peft_adapter
 from finetune.kinds import AdapterKind, get_kind, register_kind, unregister_kind
-from tests.test_export_lora import adapted, count_adapted, load_comps, make_ctx, unet_out
+from tests.helpers import adapted, count_adapted, load_comps, make_ctx
+from tests.helpers import fixed_unet_output as unet_out
 
 
 class ToyIA3(AdapterKind):
@@ -132,7 +133,7 @@ def test_rank_and_alpha_patterns_match_like_peft(tiny_base, tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     from finetune.export.lora import save_diffusers_lora
-    from tests.test_export_lora import randomise
+    from tests.helpers import randomise
 
     comps = load_comps(tiny_base)
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], rank_pattern={"to_q": 2},
@@ -168,7 +169,7 @@ def test_dora_with_kohya_is_refused_at_recipe_time(tmp_path, images):
     by default a DoRA run writes every format that can hold it exactly."""
     from finetune.errors import RecipeError
     from finetune.recipe import load_recipe
-    from tests.conftest import write_recipe
+    from tests.helpers import write_recipe
 
     recipe = write_recipe(tmp_path, "toy", images, method={"use_dora": True}, export={"formats": ["diffusers", "kohya"]})
     with pytest.raises(RecipeError, match=r"export.formats: 'kohya' cannot carry DoRA \(method.use_dora: true\)"):

@@ -28,9 +28,10 @@ def photo_set(root: Path, sizes: list[tuple[int, int]]) -> dict:
     return {"type": "folder", "path": str(root)}
 
 
-def recipe(tmp_path: Path, sources: list[dict], batch_size: int = 2, **data):
+def recipe(tmp_path: Path, sources: list[dict], batch_size: int = 2, accumulation: int = 1, **data):
     data = {"sources": sources, "resolution": 128, "buckets": {"max_aspect": 3.0}, **data}
-    train = {"batch_size": batch_size, "seed": 5, "output_dir": str(tmp_path / "out")}
+    train = {"batch_size": batch_size, "gradient_accumulation": accumulation, "seed": 5,
+             "output_dir": str(tmp_path / "out")}
     return validate({"data": data, "method": {"name": "lora"}, "train": train})
 
 
@@ -145,6 +146,35 @@ def test_prior_preservation_pairs_class_images(tmp_path):
         assert b["captions"][2:] == ["a dog", "a dog"]
         assert b["pixel_values"].shape[0] == 4 and all("cls" in p for p in b["paths"][2:])
     assert "2 + 2 class images" in data.summary()
+
+
+@pytest.mark.parametrize("prior", [False, True], ids=["plain", "prior"])
+def test_positions_name_the_same_examples_however_a_step_is_split(tmp_path, prior):
+    """Each example's position in its step's global batch (what noise, timesteps and TI templates are keyed
+    by) names the same image, caption and flip for batch 4, 2 x 2 accumulated and 2 processes x 2."""
+    extra = {}
+    sources = [photo_set(tmp_path / "set", [(128, 128)] * 8)]
+    if prior:
+        for i in range(3):
+            image(tmp_path / "cls" / f"{i}.png", 128, 128, seed=10 + i)
+        extra["prior"] = {"class_prompt": "a dog", "class_dir": str(tmp_path / "cls"), "num_class_images": 3}
+    layouts = {"batch 4": (4, 1, 1), "2 x 2 accumulated": (2, 2, 1), "2 processes x 2": (2, 1, 2)}
+    seen = {}
+    for name, (batch, accumulation, processes) in layouts.items():
+        r = recipe(tmp_path, sources, batch_size=batch, accumulation=accumulation, random_flip=True,
+                   caption={"shuffle_tags": True}, **extra)
+        examples = {}
+        for rank in range(processes):
+            data = build_train_data(r, num_replicas=processes, rank=rank, show_progress=False)
+            assert data.examples_per_step == 4 * (2 if prior else 1)
+            for i, b in enumerate(data.loader(0)):
+                for k, pos in enumerate(b["positions"].tolist()):
+                    key = (i // accumulation, pos)  # (optimizer step, position)
+                    assert key not in examples, (name, key)
+                    examples[key] = (b["paths"][k], b["captions"][k], float(b["pixel_values"][k].sum()))
+        seen[name] = examples
+    assert seen["batch 4"] == seen["2 x 2 accumulated"] == seen["2 processes x 2"]
+    assert sorted(pos for step, pos in seen["batch 4"] if step == 0) == list(range(8 if prior else 4))
 
 
 def test_worker_processes_give_the_same_batches(tmp_path):

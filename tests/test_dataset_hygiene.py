@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, tokenizer_dir
+from tests.helpers import ROOT, tokenizer_dir
 
 TOOL = ROOT / "tools" / "dataset.py"
 LONG = "a red circle on a white background, " * 12

@@ -10,29 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from finetune.errors import DataError, RecipeError
 from finetune.recipe import load_recipe
-from tests.conftest import draw_images, write_recipe
-from tests.test_train_lora import digest, fixed_unet_output, fresh_pipe, run_trainer
-
-CLASS_PROMPT = "a photo of a circle"
-
-
-def db_recipe(tmp_path: Path, base, images: Path, num: int = 3, method=None, **sections) -> Path:
-    """A tiny DreamBooth recipe: instance images + prior preservation with `num` class images."""
-    data = {"sources": [{"type": "instance", "path": str(images), "instance_prompt": "a sks circle"}],
-            "prior": {"class_prompt": CLASS_PROMPT, "class_dir": str(tmp_path / "class"), "num_class_images": num,
-                      "generate_steps": 2, "generate_batch_size": 2, "guidance_scale": 3.0}}
-    from finetune.recipe import deep_merge
-
-    path = write_recipe(tmp_path, base, images, **deep_merge({"data": data, "train": {"lr": 1e-4}}, sections))
-    recipe = yaml.safe_load(path.read_text())
-    recipe["method"] = method or {"name": "full"}  # replaced, not merged into the LoRA default
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from tests.helpers import (
+    CLASS_PROMPT,
+    db_recipe,
+    digest,
+    draw_images,
+    fixed_unet_output,
+    fresh_pipe,
+    run_trainer,
+)
 
 
 def generated(folder: Path) -> dict[str, int]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune import env
-from tests.conftest import ROOT, write_recipe
+from tests.helpers import ROOT, write_recipe
 
 
 def test_report_names_the_whole_stack_and_the_device():
@@ -81,7 +81,7 @@ def toy_run(tmp_path_factory):
     """A short LoRA run on the toy base with a model card, written under umask 022."""
     from finetune.recipe import load_recipe
     from finetune.train.trainer import train
-    from tests.conftest import draw_images
+    from tests.helpers import draw_images
 
     tmp = tmp_path_factory.mktemp("toyrun")
     images = draw_images(tmp / "images")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from finetune.export.embeddings import load_into_pipeline, read_embeddings, save_embeddings
-from tests.test_export_lora import fresh_pipe, load_comps, make_ctx
+from tests.helpers import fresh_pipe, load_comps, make_ctx
 
 
 def latents(pipe, prompt: str) -> torch.Tensor:

@@ -8,77 +8,9 @@ import pytest
 import torch
 
 from finetune.export.adapters import delta, factors_delta, read_adapter
-from finetune.export.context import ExportContext
 from finetune.export.lora import export_lora
-from tests.test_train_lora import fixed_unet_output as unet_out
-
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
-TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-def make_ctx(name: str = "tiny", formats=("diffusers", "kohya")) -> ExportContext:
-    return ExportContext(name=name, recipe={"method": {"name": "lora"}}, method="lora", family="sd1", base="tiny",
-                         base_hash="0" * 16, steps=3, resolution=64, dataset_fingerprint="f" * 16,
-                         trigger_words=["sks"], formats=tuple(formats), model_card=False)
-
-
-class FakeMethod:
-    """What export_lora reads from a LoRAMethod: its config and the adapted module names."""
-
-    def __init__(self, cfg, names):
-        self.config, self.names = cfg, names
-
-    def trained_modules(self):
-        return list(self.names)
-
-
-def load_comps(base: Path):
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
-
-    return load_components(ModelSection(base=str(base), attention="default"))
-
-
-def randomise(module: torch.nn.Module, seed: int, scale: float = 0.2) -> None:
-    """Adapters start as a no-op (LoRA B = 0, LoKr w1 = 0): give every adapter tensor random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if any(s in name for s in ("lora_A", "lora_B", "hada_", "lokr_")):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-
-
-def adapted(base: Path, adapter: str = "lora", dora: bool = False, te: bool = True, rank: int = 4,
-            alpha: float = 2.0, seed: int = 1, targets=None):
-    """Base components with random peft adapters on the U-Net (and text encoder); returns (comps, method)."""
-    from finetune.methods.lora import LoRAConfig
-
-    cfg = LoRAConfig(adapter=adapter, use_dora=dora, rank=rank, alpha=alpha, targets=targets or UNET_TARGETS,
-                     text_encoder={"enabled": te, "targets": TE_TARGETS})
-    comps = load_comps(base)
-    method = cfg.build()
-    method.setup(comps, 1e-4)
-    names = method.trained_modules()
-    for i, n in enumerate(names):
-        randomise(comps.named_modules()[n], seed + i)
-    return comps, FakeMethod(cfg, names)
-
-
-def fresh_pipe(base: Path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def count_adapted(module: torch.nn.Module) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+from tests.helpers import adapted, count_adapted, fresh_pipe, make_ctx, peft_layers
+from tests.helpers import fixed_unet_output as unet_out
 
 
 def canon(component: str, path: str, family: str = "sd1") -> str:
@@ -86,12 +18,6 @@ def canon(component: str, path: str, family: str = "sd1") -> str:
     from finetune.models.family import FAMILIES
 
     return f"{component}.{FAMILIES[family].kohya_names[component].canonical(path)}"
-
-
-def peft_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {n: m for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ import torch
 
 from finetune.errors import RecipeError, UserError
 from finetune.export.context import a1111_hash, base_hash, instance_prompts, trigger_words
-from tests.conftest import build_tiny_sd2, write_recipe
+from tests.helpers import build_tiny_sd2, run_trainer, write_recipe
 from tests.test_tools_export import run_tool
-from tests.test_train_lora import run_trainer
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def test_sd2_run_metadata_is_true_and_private(tmp_path, images, sd2_epsilon):
 def test_sd2_v_prediction_and_sdxl_labels(tiny_sd2_base):
     from finetune.export.kohya import network_metadata
     from finetune.models.family import FAMILIES
-    from tests.test_export_lora import make_ctx
+    from tests.helpers import make_ctx
 
     ctx = make_ctx()
     ctx.prediction_type = "v_prediction"

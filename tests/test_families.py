@@ -14,8 +14,7 @@ import torch
 from finetune.errors import ModelError
 from finetune.models.family import FAMILIES
 from finetune.sections import ModelSection
-from tests.conftest import write_recipe
-from tests.test_train_lora import run_trainer
+from tests.helpers import db_recipe, run_trainer, write_recipe
 
 CAPTIONS = ["a sks circle", "a blue square"]
 # SDXL micro-conditioning of the two fixed examples: (h, w) original, (top, left) crop, (h, w) target
@@ -233,7 +232,6 @@ def test_sdxl_dreambooth_lora_in_bf16_with_an_fp32_vae(tmp_path, images, tiny_sd
     import numpy as np
     from PIL import Image
 
-    from tests.test_dreambooth import db_recipe
 
     recipe = db_recipe(tmp_path, tiny_sdxl_base, images, num=2, method={"name": "lora", "rank": 4},
                        train={"max_steps": 2, "mixed_precision": "bf16"},

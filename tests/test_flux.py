@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, draw_images, write_recipe
+from tests.helpers import ROOT, draw_images, write_recipe
 
 CAPTIONS = ["a red circle on a white background", "blue", ""]
 
@@ -77,7 +77,7 @@ def test_packed_flow_loss_equals_the_pipeline_helpers(tmp_path, tiny_flux, flow)
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    from finetune.train.loss import example_generators
+    from tests.helpers import first_step_generators
 
     t = trainer(flux_recipe(tmp_path, tiny_flux, train={"flow": flow}, model={"guidance": 1.0}))
     batch = next(iter(t.data.loader(0)))
@@ -89,7 +89,7 @@ def test_packed_flow_loss_equals_the_pipeline_helpers(tmp_path, tiny_flux, flow)
         sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
         noise, u = [], []
         scheme = "logit_normal" if not flow else "none"
-        for g in example_generators(t.recipe.train.seed, 0, 0, b):
+        for g in first_step_generators(t.recipe.train.seed, 0, 0, b):
             noise.append(torch.randn(latents.shape[1:], generator=g))
             u.append(compute_density_for_timestep_sampling(scheme, 1, logit_mean=0.0, logit_std=1.0, generator=g))
         noise, u = torch.stack(noise), torch.cat(u)
@@ -347,3 +347,16 @@ def test_bfl_refuses_what_it_cannot_hold(tmp_path, tiny_flux):
     out = subprocess.run([sys.executable, "-m", "finetune", str(sd), "--check"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "'bfl' is not a LoRA layout of the sd1 family" in out.stderr
+
+
+def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
+    """Offline, the shipped FLUX recipe's base is an uncached hub id: 'bfl' waits for the family, then the
+    same rule applies to the family the base turned out to be."""
+    from finetune.errors import RecipeError
+    from finetune.recipe import load_recipe, recheck_for_family
+
+    recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
+    assert "bfl" in recipe.export.formats
+    recheck_for_family(recipe, "flux")
+    with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
+        recheck_for_family(recipe, "sd1")

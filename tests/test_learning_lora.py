@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train_lora import run_trainer
+from tests.helpers import run_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 UNRELATED = "a blue square"

@@ -110,16 +110,17 @@ def test_bad_values_name_their_key(tmp_path, overrides, expected):
         ("model: {base: toy\n", "r.yaml:2:1: YAML syntax error"),
         ("- a\n- b\n", "a recipe is a mapping of sections"),
         ("extends: nothere.yaml\n", "extends 'nothere.yaml', which does not exist"),
-        ("model:\n  base: toy\n  base: x\n", None),  # duplicate keys: PyYAML keeps the last one
+        # PyYAML would keep the last of two equal keys silently: refused, with the line of the second
+        ("model:\n  base: toy\n  base: x\n", "r.yaml:3: key 'base' is given twice in one mapping (first on line 2)"),
+        ("train: {lr: 0.1, lr: 0.2}\n", "r.yaml:1: key 'lr' is given twice"),
+        ("model: {base: toy}\nmodel: {base: x}\n", "r.yaml:2: key 'model' is given twice"),
     ],
 )
 def test_bad_files(tmp_path, text, expected):
     path = write(tmp_path, text)
-    if expected is None:
-        return
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert expected in str(info.value)
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -146,10 +147,40 @@ def test_extends_loop_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("text", "value"),
     [("a.b=1e-4", 1e-4), ("a.b=true", True), ("a.b=null", None), ("a.b=[1, 2]", [1, 2]),
-     ("a.b=hello world", "hello world"), ("a.b=path/to:x", "path/to:x"), ("a.b=", "")],
+     ("a.b=hello world", "hello world"), ("a.b=path/to:x", "path/to:x"), ("a.b=", ""),
+     ("a.b='no'", "no"), ('a.b="1e-4"', "1e-4"), ("a.b='x: y'", "x: y")],
 )
 def test_override_values_are_yaml_scalars(text, value):
     assert parse_override(text) == (["a", "b"], value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [("train.mixed_precision=no", ("train", "mixed_precision"), "no"),  # YAML 1.1 reads `no` as False
+     ("train.mixed_precision='no'", ("train", "mixed_precision"), "no"),
+     ("export.name=1.10", ("export", "name"), "1.10"),  # a string field keeps the text as written
+     ("model.revision=2024", ("model", "revision"), "2024"),
+     ("validation.prompts=[yes, a dog]", ("validation", "prompts"), ["yes", "a dog"]),
+     ("train.max_steps=12", ("train", "max_steps"), 12)],
+)
+def test_overrides_take_the_fields_type(tmp_path, override, key, value):
+    r = load_recipe(write(tmp_path, MINIMAL), [override])
+    assert getattr(getattr(r, key[0]), key[1]) == value
+
+
+def test_missing_tracker_is_refused_at_recipe_time(tmp_path, monkeypatch, capsys):
+    import finetune.sections as sections
+    from finetune.run import main
+
+    monkeypatch.setattr(sections, "_installed", lambda package: package != "wandb")
+    path = write(tmp_path, {**MINIMAL, "logging": {"report_to": ["tensorboard", "wandb"]}})
+    with pytest.raises(RecipeError, match=r"logging.report_to: 'wandb' is not installed; pip install wandb"):
+        load_recipe(path)
+    with pytest.raises(SystemExit) as info:
+        main([str(path)])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "'wandb' is not installed" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "output").exists()
 
 
 def test_fingerprint_changes_with_the_recipe(tmp_path):

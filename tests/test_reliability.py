@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.errors import RunError
-from tests.conftest import ROOT, write_recipe
-from tests.test_train_lora import run_trainer
+from tests.helpers import ROOT, draw_images, run_trainer, write_recipe
 
 EXPORT = "pytorch_lora_weights.safetensors"
 
@@ -44,12 +43,12 @@ def same_weights(a: Path, b: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def long_recipe(tmp_path_factory, tiny_base):
-    from tests.conftest import draw_images
-
     tmp = tmp_path_factory.mktemp("long")
-    # long enough that a kill lands mid-run; checkpoints every 2 steps, the 3 newest kept
+    # long enough that a kill lands mid-run; checkpoints every 2 steps, the 3 newest kept; the export is the
+    # EMA, updated every 2nd step, so a resume must restore its update count too (EMAModel.state_dict)
     return write_recipe(tmp, tiny_base, draw_images(tmp / "images"),
-                        train={"max_steps": 30, "checkpoint_every": 2, "keep_last": 3})
+                        train={"max_steps": 30, "checkpoint_every": 2, "keep_last": 3,
+                               "ema": {"enabled": True, "decay": 0.9, "update_every": 2}})
 
 
 @pytest.fixture(scope="module")

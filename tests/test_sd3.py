@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, draw_images, write_recipe
+from tests.helpers import ROOT, draw_images, write_recipe
 
 CAPTIONS = ["a red circle on a white background", "blue", ""]
 
@@ -113,9 +113,9 @@ def _independent_flow_loss(transformer, scheduler_config, latents, text, seeds_g
 ])
 def test_flow_loss_equals_diffusers_helpers(tmp_path, tiny_sd3, sampling, weighting, resolution):
     from finetune.recipe import load_recipe
-    from finetune.train.loss import example_generators
     from finetune.train.setup import make_accelerator
     from finetune.train.trainer import Trainer
+    from tests.helpers import first_step_generators
 
     flow = {"timestep_sampling": sampling, "weighting": weighting, "resolution_shift": resolution}
     recipe = load_recipe(sd3_recipe(tmp_path, tiny_sd3, train={"flow": flow}))
@@ -129,7 +129,7 @@ def test_flow_loss_equals_diffusers_helpers(tmp_path, tiny_sd3, sampling, weight
         base_config = dict(t.comps.scheduler.config) | ({"shift": 1.0, "use_dynamic_shifting": True} if resolution else {})
         mu = t.objective.mu(latents) if resolution else None
         ref = _independent_flow_loss(t.comps.denoiser, base_config, latents, text,
-                                     example_generators(recipe.train.seed, 0, 0, latents.shape[0]), scheme,
+                                     first_step_generators(recipe.train.seed, 0, 0, latents.shape[0]), scheme,
                                      weighting, mu)
     assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
 
@@ -149,12 +149,12 @@ def test_timestep_sampler_follows_its_density(sampling):
     """Kolmogorov-Smirnov against the exact CDF, 4000 draws from per-example generators (fixed seeds)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from finetune.train.loss import example_generators
     from finetune.train.objectives import FlowObjective
+    from tests.helpers import first_step_generators
 
     obj = FlowObjective(FlowMatchEulerDiscreteScheduler(), sampling, "none", logit_mean=0.3, logit_std=0.8,
                         mode_scale=1.29, sigmoid_scale=1.5)
-    u = torch.cat([obj.draw_u(g) for g in example_generators(7, 0, 0, 4000)]).double().sort().values
+    u = torch.cat([obj.draw_u(g) for g in first_step_generators(7, 0, 0, 4000)]).double().sort().values
     if sampling == "uniform":
         cdf = u
     elif sampling == "mode":

@@ -11,8 +11,7 @@ import torch
 
 from finetune.export.context import ExportContext
 from finetune.models.family import FAMILIES
-from tests.conftest import _tiny_vae, build_tiny_sd, build_tiny_sd2, tokenizer_dir
-from tests.test_export_lora import load_comps
+from tests.helpers import _tiny_vae, build_tiny_sd, build_tiny_sd2, load_comps, tokenizer_dir
 
 
 def build_tiny_sdxl_two_widths(path: Path, w1: int = 32, w2: int = 48) -> Path:
@@ -137,7 +136,7 @@ def test_merge_fuse_writes_an_sdxl_single_file(tmp_path, tiny_sdxl_base):
     from safetensors import safe_open
 
     from finetune.export.lora import export_lora
-    from tests.test_export_lora import adapted, make_ctx
+    from tests.helpers import adapted, make_ctx
     from tests.test_tools_export import run_tool
 
     comps, method = adapted(tiny_sdxl_base, rank=2, alpha=2.0, targets=["to_q", "conv1"])

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from finetune.studio import procs
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from tests.studio_helpers import W, client, png, world  # noqa: F401  (fixture)
 
 TRAINER = textwrap.dedent('''
@@ -229,10 +229,11 @@ def test_form_errors_are_the_cli_messages(world, tmp_path):  # noqa: F811
 
 def test_auto_caption_button_runs_the_captioning_tool_when_there_is_one(world, tmp_path):  # noqa: F811
     root, _ = world
-    c, _ = client(root)
-    assert c.get("/api/info").json()["features"] == {"caption": False, "estimate": False}
     tools = tmp_path / "tools"
     tools.mkdir()
+    c, _ = client(root, tools_dir=tools)
+    assert c.get("/api/info").json()["features"]["caption"] is False
+    assert c.post("/api/data/caption-all", json={"path": "data"}, headers=W).status_code == 400
     # stands in for tools/caption.py (issue #26): FOLDER [--prefix P] writes a .txt for each uncaptioned image
     (tools / "caption.py").write_text(textwrap.dedent('''
         import sys

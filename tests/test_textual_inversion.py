@@ -14,8 +14,7 @@ import yaml
 
 from finetune.errors import RecipeError, UserError
 from finetune.recipe import load_recipe
-from tests.conftest import draw_images, write_recipe
-from tests.test_train_lora import digest, fresh_pipe, run_trainer
+from tests.helpers import digest, draw_images, fresh_pipe, load_comps, run_trainer, write_recipe
 
 TOKEN = "<sks>"
 TI = {"name": "textual_inversion", "token": TOKEN, "num_vectors": 2, "initializer": "circle", "lr": 5e-2}
@@ -80,17 +79,20 @@ def test_only_the_new_rows_change(tiny_base, ti_run):
     start = old[comps.tokenizer.convert_tokens_to_ids(["circle</w>"])[0]]
     moved = (new[ids] - start).abs().amax(1)
     assert bool((moved > 1e-3).all()), "the new vectors did not train"
-    trainable = [n for n, p in comps.text_encoder.named_parameters() if p.requires_grad]
-    assert len(trainable) == 1 and trainable[0].endswith("token_embedding.weight")
+    # the one trained parameter is the two new rows, not the vocabulary (optimizer state and checkpoints follow)
+    trainable = [p for p in comps.text_encoder.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0].shape == (2, new.shape[1])
     assert not any(p.requires_grad for p in comps.unet.parameters())
 
 
 def test_mixed_precision_keeps_the_rows_fp32_and_the_rest_frozen(tmp_path, tiny_base):
     t = run_trainer(ti_recipe(tmp_path, tiny_base, train={"mixed_precision": "bf16", "max_steps": 2}))
-    rows = encoder_rows(t.comps)
+    table = encoder_rows(t.comps)  # the frozen rows live in the compute dtype, like the rest of the encoder
+    rows = t.method.tokens.vectors(t.comps)["text_encoder"]  # the trained ones in fp32
     old = encoder_rows(fresh_pipe(tiny_base))
-    assert rows.dtype == torch.float32 and torch.equal(rows[: old.shape[0]], old)
-    assert not torch.equal(rows[old.shape[0]:], old[t.comps.tokenizer.convert_tokens_to_ids(["circle</w>"]) * 2])
+    assert rows.dtype == torch.float32 and table.dtype == torch.bfloat16
+    assert torch.equal(table[: old.shape[0]], old.to(torch.bfloat16))
+    assert not torch.equal(rows, old[t.comps.tokenizer.convert_tokens_to_ids(["circle</w>"]) * 2])
 
 
 def test_multi_vector_captions_expand_like_diffusers(tiny_base):
@@ -161,7 +163,6 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, tiny_base):
 def test_setup_checks_the_vocabulary_when_the_recipe_could_not(tiny_base):
     """Hub ids (and single files) have no vocab.json to read at recipe time: set-up says the same thing."""
     from finetune.methods.textual_inversion import NewTokens, TextualInversionConfig
-    from tests.test_export_lora import load_comps
 
     comps = load_comps(tiny_base)
     for bad, expected in [({"token": "circle"}, "method.token: 'circle' is already"),

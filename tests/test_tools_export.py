@@ -12,7 +12,8 @@ import torch
 
 from finetune.export.adapters import fuse, read_adapter
 from finetune.export.lora import export_lora
-from tests.test_export_lora import adapted, count_adapted, fresh_pipe, load_comps, make_ctx, unet_out
+from tests.helpers import adapted, count_adapted, fresh_pipe, load_comps, make_ctx
+from tests.helpers import fixed_unet_output as unet_out
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -158,20 +159,64 @@ def test_bad_inputs_give_one_line_and_write_nothing(tiny_base, tmp_path, two_lor
         assert not out.exists()
 
 
-def test_generate_with_lora_embedding_and_weighted_prompt(tiny_base, tmp_path, two_loras):
+def _images(folder: Path) -> dict[str, torch.Tensor]:
+    import numpy as np
     from PIL import Image
 
+    return {p.name: torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_generate_applies_the_lora_and_the_embedding(tiny_base, tmp_path, two_loras):
     from finetune.export.embeddings import save_embeddings
 
     a, _, _ = two_loras
-    save_embeddings({"text_encoder": torch.randn(2, 32)}, ["<sks>"], tmp_path / "emb", make_ctx("sks"),
-                    formats=("a1111",))
-    grid = tmp_path / "grid.png"
-    assert run_tool("generate", "a <sks> circle", "a (red:1.3) square", "--base", tiny_base, "--lora", f"{a}:0.8",
-                    "--embedding", tmp_path / "emb" / "sks.safetensors", "--seeds", 0, 1, "--steps", 2,
-                    "--negative", "blurry", "--out", grid) == 0
-    assert Image.open(grid).size[0] >= 2 * 64
-    Image.new("RGB", (64, 64), "red").save(tmp_path / "init.png")
-    assert run_tool("generate", "a circle", "--base", tiny_base, "--init-image", tmp_path / "init.png",
-                    "--strength", 0.5, "--steps", 2, "--batch", 1, "--out", tmp_path / "i2i.png") == 0
-    assert (tmp_path / "i2i.png").is_file()
+    save_embeddings({"text_encoder": torch.randn(2, 32, generator=torch.Generator().manual_seed(5))}, ["<sks>"],
+                    tmp_path / "emb", make_ctx("sks"), formats=("a1111",))
+    common = ["a <sks> circle", "--base", tiny_base, "--seeds", 0, 1, "--steps", 2, "--negative", "blurry"]
+    runs = {"both": ["--lora", f"{a}:0.8", "--embedding", tmp_path / "emb" / "sks.safetensors"],
+            "embedding": ["--embedding", tmp_path / "emb" / "sks.safetensors"], "base": []}
+    got = {}
+    for name, extra in runs.items():
+        assert run_tool("generate", *common, *extra, "--out", tmp_path / f"{name}.png",
+                        "--save-images", tmp_path / name) == 0
+        got[name] = _images(tmp_path / name)
+        assert list(got[name]) == ["p00-s0.png", "p00-s1.png"]
+    for k in got["base"]:  # the LoRA (at 0.8) and the new word each change every image
+        assert (got["both"][k] - got["embedding"][k]).abs().mean() > 1, k
+        assert (got["embedding"][k] - got["base"][k]).abs().mean() > 1, k
+    assert (got["base"]["p00-s0.png"] - got["base"]["p00-s1.png"]).abs().mean() > 1  # seeds differ
+
+
+def test_weighted_prompt_scales_the_words_embedding(tiny_base):
+    """(red:w): the prompt embedding at the word's position moves linearly with w (compel: empty + w x
+    (word - empty)); every other position keeps the plain prompt's embedding."""
+    from finetune.models.family import FAMILIES
+
+    gen = tool("generate")
+    pipe, _, _ = gen.build_pipeline(gen.parse_args(["x", "--base", str(tiny_base), "--device", "cpu"]))
+    ids = pipe.tokenizer("a red square", padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = pipe.text_encoder(ids)[0][0]
+        weighted = {w: gen.encode(pipe, FAMILIES["sd1"], f"a (red:{w}) square", "")["prompt_embeds"][0]
+                    for w in (1.3, 1.6)}
+    red = 2  # <start> a red square
+    for w, emb in weighted.items():
+        others = torch.cat([emb[:red], emb[red + 1:]]) - torch.cat([plain[:red], plain[red + 1:]])
+        assert float(others.abs().max()) < 1e-5, w
+        assert float((emb[red] - plain[red]).abs().max()) > 1e-3, w
+    assert torch.allclose(weighted[1.6][red] - plain[red], 2 * (weighted[1.3][red] - plain[red]), atol=1e-5)
+
+
+def test_img2img_output_follows_the_init_image(tiny_base, tmp_path):
+    from PIL import Image
+
+    outs = {}
+    for colour in ("red", "blue"):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{colour}.png")
+        assert run_tool("generate", "a circle", "--base", tiny_base, "--init-image", tmp_path / f"{colour}.png",
+                        "--strength", 0.5, "--steps", 2, "--seeds", 0, "--out", tmp_path / f"{colour}-grid.png",
+                        "--save-images", tmp_path / colour) == 0
+        outs[colour] = _images(tmp_path / colour)["p00-s0.png"]
+    assert outs["red"].shape == (64, 64, 3)
+    assert (outs["red"] - outs["blue"]).abs().mean() > 5  # same seed and prompt: only the init image differs

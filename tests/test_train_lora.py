@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from finetune.recipe import load_recipe
-from tests.conftest import write_recipe
-
-
-def run_trainer(recipe_path: Path, *overrides: str):
-    from finetune.train.setup import check_output_dir, make_accelerator, write_run_files
-    from finetune.train.trainer import Trainer
-
-    recipe = load_recipe(recipe_path, list(overrides))
-    check_output_dir(recipe)
-    acc = make_accelerator(recipe)
-    write_run_files(recipe)
-    t = Trainer(recipe, acc)
-    t.run()
-    return t
-
-
-def digest(module: torch.nn.Module, skip: str = "lora_") -> str:
-    """Hash of every base weight (adapter tensors excluded); peft renames wrapped weights '.base_layer.'."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        if skip in name or "hada_" in name or "lokr_" in name:
-            continue
-        h.update(name.replace(".base_layer", "").encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def fixed_unet_output(unet, text_encoder, tokenizer) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, 8, 8, generator=g)
-    ids = tokenizer(["a sks circle", "a blue square"], padding="max_length", max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = text_encoder(ids)[0]
-        return unet(latents, torch.tensor([500, 250]), encoder_hidden_states=text).sample
-
-
-def fresh_pipe(base: Path):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+from tests.helpers import (
+    LAYOUT_EXPORT,
+    digest,
+    fixed_unet_output,
+    fresh_pipe,
+    layout_recipe,
+    max_difference,
+    run_trainer,
+    write_recipe,
+)
 
 
 def test_only_adapter_parameters_change(tmp_path, tiny_base, images):
@@ -138,33 +105,16 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, tiny_base, images):
     assert weights.stat().st_mtime_ns == stamp
 
 
-def test_adamw8bit_trains_on_cpu(tmp_path, tiny_base, images):
-    t = run_trainer(write_recipe(tmp_path, tiny_base, images, train={"optimizer": "adamw8bit", "max_steps": 3}))
-    assert type(t.optimizer.optimizer).__name__ == "AdamW8bit"
-    ups = [p for n, p in t.comps.unet.named_parameters() if "lora_B" in n]
-    assert max(float(p.detach().abs().max()) for p in ups) > 0
-
-
-def test_adafactor_and_min_snr_and_accumulation(tmp_path, tiny_base, images):
-    t = run_trainer(write_recipe(
-        tmp_path, tiny_base, images,
-        train={"optimizer": "adafactor", "min_snr_gamma": 5.0, "gradient_accumulation": 2, "max_steps": 2,
-               "noise_offset": 0.05, "lr_scheduler": "cosine", "warmup_steps": 1},
-    ))
-    assert t.state.step == 2 and t.state.batch_in_epoch + t.state.epoch * t.data.batches_per_epoch == 4
-
-
-def test_accumulation_reproduces_the_larger_batch(tmp_path, tiny_base, images):
-    # batch 2 accumulated twice trains on the same examples, noise and timesteps as batch 4 in one go
-    from safetensors.torch import load_file
-
-    recipe = write_recipe(tmp_path, tiny_base, images, train={"max_steps": 4, "max_grad_norm": None})
+@pytest.mark.parametrize("kind", ["plain", "prior", "ti"])
+def test_accumulation_reproduces_the_larger_batch(tmp_path, tiny_base, kind):
+    """Batch 2 accumulated twice trains on the same examples, captions, templates, noise and timesteps as
+    batch 4 in one go: with prior preservation (class rows in every micro-batch) and Textual Inversion
+    templates (drawn per example) too."""
+    recipe = layout_recipe(tmp_path, tiny_base, kind)
     run_trainer(recipe, f"train.output_dir={tmp_path / 'big'}", "train.batch_size=4")
-    run_trainer(recipe, f"train.output_dir={tmp_path / 'acc'}", "train.batch_size=2",
-                "train.gradient_accumulation=2")
-    a = load_file(tmp_path / "big" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "acc" / "pytorch_lora_weights.safetensors")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    run_trainer(recipe, f"train.output_dir={tmp_path / 'acc'}", "train.batch_size=2", "train.gradient_accumulation=2")
+    file = LAYOUT_EXPORT[kind]
+    assert max_difference(tmp_path / "big" / file, tmp_path / "acc" / file) < 1e-5
 
 
 @pytest.mark.parametrize(("override", "key"), [("method.targets=[nope]", "method.targets"),

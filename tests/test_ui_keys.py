@@ -15,7 +15,7 @@ from finetune.export.layouts import bound_names
 from finetune.export.lora import export_lora
 from finetune.models.family import FAMILIES
 from tests import ui_tables as ui
-from tests.test_export_lora import adapted, count_adapted, make_ctx
+from tests.helpers import adapted, count_adapted, make_ctx
 
 UNET_LOCON = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
               "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
@@ -136,7 +136,7 @@ def test_merge_and_convert_read_files_with_standard_names(request, tmp_path, fam
     """Stems taken from the UI tables (not from our writer): fuse adds alpha/rank * up @ down to exactly those
     modules, and convert turns the file into a diffusers LoRA naming the same modules."""
     from finetune.export.adapters import read_adapter
-    from tests.test_export_lora import load_comps
+    from tests.helpers import load_comps
     from tests.test_tools_export import run_tool
 
     base = request.getfixturevalue("tiny_base" if family == "sd1" else "tiny_sdxl_base")

@@ -12,6 +12,8 @@ _TOOLS = pathlib.Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _TOOLS]
 sys.path.insert(0, str(_TOOLS.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes warns at import (through peft) about optional CPU kernels it cannot find: not the user's concern
+__import__("logging").getLogger("bitsandbytes").setLevel(40)
 
 
 def run(main, argv=None) -> int:
@@ -59,8 +61,7 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle,
-                                        attention="default"))
+    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:

@@ -93,6 +93,7 @@ class Render:
         out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
         out["paths"] = [self.records[ex.record].key for ex in examples]
         out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
+        out["positions"] = torch.tensor([ex.position for ex in examples], dtype=torch.long)
         return out
 
 
@@ -141,6 +142,7 @@ class TrainData:
         self.num_images = scan.num_images
         self.num_examples_per_epoch = scan.num_examples
         self.batches_per_epoch = planner.batches_per_epoch
+        self.examples_per_step = planner.examples_per_step
 
     def plan(self, epoch: int) -> list[list[Example]]:
         return self.planner.epoch(epoch)

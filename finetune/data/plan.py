@@ -13,6 +13,9 @@ same epoch and skips batches without decoding a single image, and every rank agr
   ends on an optimizer step.
 - With prior preservation every batch gets `batch_size` class images appended (is_prior=True), drawn
   in a per-epoch shuffled cycle and rendered at the batch's bucket: the classic DreamBooth 1:1 batch.
+- Every example carries its position in the step's global batch (instance k, class image size + k):
+  the trainer keys each example's noise and timestep (and Textual Inversion its caption template) by it,
+  so they too ignore how the step is split into micro-batches and processes.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class Example:
     flip: bool
     crop_seed: int
     is_prior: bool = False
+    position: int = 0  # place in its optimizer step's global batch (class images after all instance ones)
 
 
 class Planner:
@@ -61,6 +65,11 @@ class Planner:
         return self.batch_size * self.num_replicas * self.accumulation
 
     @property
+    def examples_per_step(self) -> int:
+        """Examples in one optimizer step, over all processes and micro-batches (class images included)."""
+        return self.global_batch * (2 if self.prior else 1)
+
+    @property
     def total_batches(self) -> int:
         """Global batches per epoch (each is one optimizer step)."""
         return sum(math.ceil(len(g) / self.global_batch) for g in self.groups.values())
@@ -87,7 +96,7 @@ class Planner:
         rec = self.records[record]
         caption = rec.caption if prior else apply_rules(rec.caption, self.rules[record], rng)
         flip = self.random_flip and rng.random() < 0.5
-        return Example(record, bucket, caption, flip, rng.getrandbits(32), prior)
+        return Example(record, bucket, caption, flip, rng.getrandbits(32), prior, position=k)
 
     def epoch(self, epoch: int) -> list[list[Example]]:
         """This rank's batches of the epoch, in order."""

@@ -57,7 +57,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
-    base, imports = _base_expression(ctx.base)
+    base, imports = _base_expression(ctx.base, (getattr(ctx, "model", None) or {}).get("base"), out_dir)
     dtype = SNIPPET_DTYPES.get(ctx.recipe.get("train", {}).get("mixed_precision", "no"), "torch.float32")
     snippet = LOAD_SNIPPETS.get(kind, "").format(base=base, folder=out_dir.name, pipeline=pipeline, dtype=dtype)
     if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
@@ -67,6 +67,8 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
                                   f'load_into_pipeline(pipe, "{out_dir.name}")\n')
     recipe = yaml.safe_dump(ctx.recipe, sort_keys=False)
     ui = DORA_NOTE.format(folder=out_dir.name) if dora else UI_NOTES.get(kind, "").format(folder=out_dir.name)
+    if kind == "lora" and family is not None and not dora:
+        ui = _lora_ui_note(family, ctx, files)
     prompts = getattr(ctx, "instance_prompts", [])
     if prompts:
         triggers += "\n\n**Instance prompt(s):** " + ", ".join(f"`{p}`" for p in prompts)
@@ -95,8 +97,10 @@ import torch
 from diffusers import {pipeline}
 {imports}
 device = "cuda" if torch.cuda.is_available() else "cpu"
-{snippet}image = pipe("{prompt}").images[0]
+{snippet}image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]
 ```
+
+{_sampling_note(family, ctx)}
 
 ## Recipe
 ```yaml
@@ -105,9 +109,56 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
     return write_text_atomic(out_dir / "README.md", text)
 
 
-def _base_expression(base: str) -> tuple[str, str]:
-    """The Python expression that names the base in the snippet, and the import it needs.
-    The toy base lives inside the installed package: its folder comes from `toy_base_path()`."""
-    if base == "toy":
-        return "toy_base_path()", "from finetune.toy import toy_base_path\n"
+def _base_expression(base: str, real: str | None = None, out_dir: Path | None = None) -> tuple[str, str]:
+    """The Python expression that names the base in the snippet, and the import it needs. The toy bases live
+    inside the installed package; a local folder is named relative to the folder holding the run, where the
+    snippet runs (the card keeps no absolute paths of the trainer's machine)."""
+    if base in ("toy", "toy-flux"):
+        name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
+        return f"{name}()", f"from finetune.toy import {name}\n"
+    if real and out_dir is not None and Path(real).expanduser().exists():
+        return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
     return repr(base), ""
+
+
+def _validation(ctx) -> dict:
+    return ctx.recipe.get("validation", {}) if isinstance(ctx.recipe, dict) else {}
+
+
+def _guidance(family, ctx) -> float:
+    g = _validation(ctx).get("guidance_scale")
+    return float(g) if g is not None else (family.default_guidance if family else 7.5)
+
+
+def _call_args(family, ctx) -> str:
+    """The sampler settings the validation grids used, so the snippet renders what the grids showed."""
+    v = _validation(ctx)
+    return f", num_inference_steps={v.get('steps', 30)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
+
+
+def _sampling_note(family, ctx) -> str:
+    v = _validation(ctx)
+    if not v or family is None:
+        return ""
+    choice = v.get("scheduler", "auto")
+    choice = family.default_sampler if choice == "auto" else choice
+    sampler = ("the base's own scheduler" if choice == "base" else f"`{choice}`")
+    if family.objective == "flow":
+        sampler += " (flow matching, with the shift the pipeline applies)"
+    return (f"**Sampling:** the grids above used {sampler}, {v.get('steps', 30)} steps, guidance "
+            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.")
+
+
+def _lora_ui_note(family, ctx, files) -> str:
+    """Which of the written files each UI loads, for this family."""
+    names = {Path(f).name for f in files}
+    kohya, bfl = f"{ctx.name}.safetensors", f"{ctx.name}_bfl.safetensors"
+    lines = []
+    if kohya in names:
+        where = "ComfyUI (LoRA loader)" if family.objective == "flow" else \
+            "ComfyUI (LoRA loader) and AUTOMATIC1111 / Forge (`models/Lora`)"
+        lines.append(f"`{kohya}` loads in {where}.")
+    if bfl in names:
+        lines.append(f"`{bfl}` holds the same LoRA in Black Forest Labs' names (q/k/v fused: the fused layers' "
+                     "rank is 3x, or 4x for single blocks, with alpha scaled to match) for sd-scripts and Forge.")
+    return " ".join(lines)

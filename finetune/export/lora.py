@@ -39,7 +39,8 @@ def adapter_states(comps, module_names: list[str]) -> tuple[dict[str, torch.Tens
     configs: dict[str, dict] = {}
     for name in module_names:
         module = modules[name]
-        for k, v in get_peft_model_state_dict(module).items():
+        # not the embedding table: peft adds it when the vocabulary grew (pivotal); the new rows export as an embedding
+        for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items():
             tensors[f"{name}.{k}"] = v
         configs[name] = _config_dict(module.peft_config["default"])
     return tensors, configs

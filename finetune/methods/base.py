@@ -50,7 +50,9 @@ class Method(Protocol):
     config: MethodConfig
 
     def setup(self, comps: Components, train_lr: float) -> list[dict[str, Any]]:
-        """Unfreeze or inject what trains; return optimizer parameter groups ({'params', 'lr'})."""
+        """Unfreeze or inject what trains; return optimizer parameter groups ({'params', 'lr'}). A group may
+        add 'active_steps': (first, stop or None), the optimizer steps it trains in (a phase): outside them it
+        gets no gradient and learning rate 0, and its schedule runs over its window only."""
         ...
 
     def trained_modules(self) -> list[str]:
@@ -58,11 +60,12 @@ class Method(Protocol):
         ...
 
     def after_step(self, comps: Components) -> None:
-        """Called after every optimizer step (e.g. restore frozen embedding rows)."""
+        """Called after every optimizer step."""
         ...
 
-    # Optional: `prepare_captions(self, captions: list[str]) -> list[str]` rewrites captions before they
-    # are tokenized (e.g. expanding a multi-vector placeholder); the trainer calls it when present.
+    # Optional: `prepare_captions(self, captions: list[str], keys: list[int] | None) -> list[str]` rewrites
+    # captions before they are tokenized (e.g. expanding a multi-vector placeholder); `keys` are the examples'
+    # seeds (finetune.train.loss.example_keys), for anything random. The trainer calls it when present.
 
     def trainable_state(self, comps: Components) -> dict[str, torch.Tensor]:
         """The trained tensors, by stable names: what checkpoints compare and exports write."""

@@ -116,7 +116,8 @@ def within_blocks(targets: list[str] | str, blocks: list[str]) -> str:
 def check_formats(cfg: LoRAConfig, recipe, family, key: str = "method.use_dora") -> None:
     """Which LoRA files a run writes. By default: every format that holds this adapter exactly for this
     family; asking for one that cannot is refused before anything loads:
-    - a family's own layouts (FLUX's 'bfl') exist only for that family (left out when the family is unknown);
+    - a family's own layouts (FLUX's 'bfl') exist only for that family (left out of the default when the family
+      is unknown until the base loads; one asked for then is checked once it has loaded);
     - DoRA has no exact kohya form (finetune/kinds/lora.py), and 'bfl' fuses plain LoRA only."""
     own = set(family.lora_layouts) if family is not None else set()
     layouts = {f for f in recipe.method.export_formats if f not in ("diffusers", "kohya", "a1111", "single_file")}
@@ -127,9 +128,9 @@ def check_formats(cfg: LoRAConfig, recipe, family, key: str = "method.use_dora")
                                         if f not in (layouts - own) | inexact), key=lambda f: (f != "diffusers", f))
         return
     for f in formats:
-        if f in layouts - own:
-            where = f"the {family.name} family" if family is not None else "this base (family unknown)"
-            raise ValueError(f"export.formats: '{f}' is not a LoRA layout of {where}; use diffusers or kohya")
+        if f in layouts - own and family is not None:
+            raise ValueError(f"export.formats: '{f}' is not a LoRA layout of the {family.name} family; "
+                             "use diffusers or kohya")
         if f == "kohya" and cfg.use_dora:
             raise ValueError(
                 f"export.formats: 'kohya' cannot carry DoRA ({key}: true) exactly: AUTOMATIC1111 normalises the "
@@ -191,7 +192,7 @@ class LoRAMethod:
         modules = comps.named_modules()
         state = {}
         for name in self.adapted:
-            for k, v in get_peft_model_state_dict(modules[name]).items():
+            for k, v in get_peft_model_state_dict(modules[name], save_embedding_layers=False).items():
                 state[f"{name}.{k}"] = v
         return state
 

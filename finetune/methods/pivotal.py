@@ -60,39 +60,33 @@ class PivotalMethod:
         self.config = config
         self.lora = LoRAMethod(config.lora)
         self.tokens = NewTokens(config.embedding, "method.embedding")
-        self.lora_start: list[tuple] = []  # (parameter, its initial value) while the LoRA waits
 
     def setup(self, comps, train_lr: float) -> list[dict]:
+        """The LoRA's and the tokens' parameter groups; with token_steps N the tokens' groups train in
+        steps [0, N) and the LoRA's in [N, end): outside its window a group gets no gradient, no optimizer
+        moments and no share of the clip norm, and its learning-rate schedule (warm-up too) runs over its
+        window only (the trainer and finetune/train/optim.py read `active_steps`)."""
         self.tokens.add(comps)
         # the LoRA first: peft's injection freezes every non-adapter weight, the embeddings included
-        groups = self.lora.setup(comps, train_lr)
+        lora_groups = self.lora.setup(comps, train_lr)
         self.tokens.train(comps)
-        groups += self.tokens.param_groups(comps, train_lr)
-        if self.config.token_steps:
-            self.lora_start = [(p, p.detach().clone()) for g in groups[:-len(self.tokens.ids)] for p in g["params"]]
-        return groups
+        token_groups = self.tokens.param_groups(comps, train_lr)
+        steps = self.config.token_steps
+        if steps:
+            for g in token_groups:
+                g["active_steps"] = (0, steps)
+            for g in lora_groups:
+                g["active_steps"] = (steps, None)
+        return lora_groups + token_groups
 
     def trained_modules(self) -> list[str]:
         return list(dict.fromkeys(self.lora.trained_modules() + list(self.tokens.ids)))
 
-    def prepare_captions(self, captions: list[str]) -> list[str]:
-        return self.tokens.prepare_captions(captions)
+    def prepare_captions(self, captions: list[str], keys: list[int] | None = None) -> list[str]:
+        return self.tokens.prepare_captions(captions, keys)
 
     def after_step(self, comps) -> None:
-        """Undo what the current phase keeps still. Restoring (rather than not computing gradients) keeps
-        the optimizer, DDP and checkpoints unaware of phases; the step count comes from the trainer."""
-        import torch
-
-        steps = self.config.token_steps
-        if steps and "step" not in comps.extras:
-            raise RuntimeError("pivotal with token_steps needs the trainer to set comps.extras['step']")
-        done = comps.extras.get("step", 0) + 1  # the trainer's count is of the steps before this one
-        tokens_phase = not steps or done <= steps
-        self.tokens.restore(comps, keep_new=tokens_phase)
-        if steps and done <= steps:  # tokens alone: the LoRA goes back to where it started
-            with torch.no_grad():
-                for p, start in self.lora_start:
-                    p.copy_(start.to(p.device))
+        pass  # the phases are parameter groups (see setup): nothing to undo after a step
 
     def trainable_state(self, comps) -> dict:
         state = self.lora.trainable_state(comps)

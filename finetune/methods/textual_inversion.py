@@ -1,5 +1,6 @@
-"""`textual_inversion`: learn a new word. New token rows in each text encoder's input embedding train;
-every other weight, and every other embedding row, stays bit-identical. The export is a few KB.
+"""`textual_inversion`: learn a new word. New token rows in each text encoder's input embedding train (a
+parameter holding only those rows); every other weight, and every other embedding row, stays bit-identical.
+The export, checkpoints and optimizer state are a few KB.
 
 A concept is `token` (e.g. '<my-cat>') with `num_vectors` rows named like diffusers names them
 ('<my-cat>', '<my-cat>_1', ...), so `pipe.load_textual_inversion` + diffusers' prompt expansion give
@@ -156,26 +157,21 @@ class TextualInversionConfig(TokenSettings, MethodConfig):
 class NewTokens:
     """New embedding rows in every text encoder: added, initialised, trained, and kept apart from the rest.
 
-    The trained parameter is each encoder's whole input-embedding weight (the rows cannot be a separate
-    parameter without changing the model class). A gradient hook zeroes the gradient of the old rows, so
-    clipping and Adam see only the new ones, and `restore` copies the old rows back after every step:
-    whatever the optimizer does, they end bit-identical.
+    `add` appends the rows to each tokenizer and embedding table; `train` swaps the encoder's input embedding
+    for a `NewRowsEmbedding`, whose only trained parameter is the new rows ([num_vectors, dim], fp32). The
+    old rows stay frozen in the compute dtype and get no gradient, so the optimizer, the clip norm, EMA and
+    checkpoints see a few KB instead of the whole vocabulary.
     """
 
     def __init__(self, settings: TokenSettings, key: str):
         self.settings, self.key = settings, key
         self.ids: dict[str, list[int]] = {}  # text-encoder name -> ids of the new rows
-        self.frozen: dict[str, object] = {}  # text-encoder name -> copy of the old rows
-        self.before: dict[str, object] = {}  # new rows as they were before the current step
-        self.extras: dict = {}  # comps.extras: the trainer keeps the step count there
-        self.drawn = (-1, 0)  # (step, caption batches seen in it): seeds the template choice
         self.warned = False
 
     def add(self, comps) -> None:
         """Add the tokens to each tokenizer and rows to each text encoder, initialised from the initializer."""
         import torch
 
-        self.extras = comps.extras
         words = self.settings.placeholder_tokens()
         for name, tok, enc in zip(comps.text_encoder_names, comps.tokenizers, comps.text_encoders, strict=True):
             self._check(tok, f"model.base '{comps.base}' ({name})")
@@ -210,62 +206,34 @@ class NewTokens:
         return enc.get_input_embeddings().weight[ids].detach().float().mean(0)
 
     def train(self, comps) -> list[str]:
-        """Make the embedding weights trainable (after any adapter injection, which freezes the rest)."""
-        import torch
+        """Give each encoder its trainable new rows (after any adapter injection, which freezes the rest)."""
+        from finetune.methods.new_rows import NewRowsEmbedding
 
         for name, enc in self._encoders(comps):
-            weight = enc.get_input_embeddings().weight
-            weight.requires_grad_(True)
-            lo, hi = min(self.ids[name]), max(self.ids[name]) + 1  # rows after hi: padding some bases have
-            self.frozen[name] = (weight.detach()[:lo].clone(), weight.detach()[hi:].clone())
-            mask = torch.zeros(weight.shape[0], 1)
-            mask[self.ids[name]] = 1.0
-            weight.register_hook(functools.partial(self._grad_hook, name, weight, mask))
-            enc.get_input_embeddings().register_forward_hook(functools.partial(_to_frozen_dtype, enc))
+            enc.set_input_embeddings(NewRowsEmbedding(enc.get_input_embeddings(), self.ids[name]))
         return list(self.ids)
-
-    def _grad_hook(self, name, weight, mask, grad):
-        # runs in backward, before the optimizer step: remember the new rows (a frozen phase puts them back)
-        self.before[name] = weight.detach()[self.ids[name]].clone()
-        return grad * mask.to(grad.device, grad.dtype)
 
     def param_groups(self, comps, train_lr: float) -> list[dict]:
         # no weight decay: it would pull the new rows towards zero, away from the real words' scale
         lr = self.settings.lr or train_lr
-        return [{"params": [enc.get_input_embeddings().weight], "lr": lr, "weight_decay": 0.0}
+        return [{"params": [enc.get_input_embeddings().rows], "lr": lr, "weight_decay": 0.0}
                 for _, enc in self._encoders(comps)]
-
-    def restore(self, comps, keep_new: bool = True) -> None:
-        """Put the old rows back; with keep_new False also the new rows (to their pre-step values)."""
-        import torch
-
-        with torch.no_grad():
-            for name, enc in self._encoders(comps):
-                weight = enc.get_input_embeddings().weight
-                head, tail = self.frozen[name]
-                if head.device != weight.device:
-                    head, tail = self.frozen[name] = (head.to(weight.device), tail.to(weight.device))
-                weight[: head.shape[0]].copy_(head)
-                weight[weight.shape[0] - tail.shape[0]:].copy_(tail)
-                if not keep_new and name in self.before:
-                    weight[self.ids[name]] = self.before[name].to(weight.device)
 
     def vectors(self, comps) -> dict[str, object]:
         """The trained rows by text-encoder name ([num_vectors, dim] each)."""
-        return {name: enc.get_input_embeddings().weight.detach()[self.ids[name]].clone()
-                for name, enc in self._encoders(comps)}
+        return {name: enc.get_input_embeddings().rows.detach().clone() for name, enc in self._encoders(comps)}
 
-    def prepare_captions(self, captions: list[str]) -> list[str]:
-        """Empty captions get a template; the token is expanded into its vectors ('<t>' -> '<t> <t>_1')."""
+    def prepare_captions(self, captions: list[str], keys: list[int] | None = None) -> list[str]:
+        """Empty captions get a template; the token is expanded into its vectors ('<t>' -> '<t> <t>_1').
+
+        A caption's template is drawn with its example's key (the trainer's per-example seed), so a resumed
+        run, and any split of a step over processes and micro-batches, draws the same templates."""
         s = self.settings
-        # seeded by the step (and micro-batch), so a resumed run draws the same templates as an unbroken one
-        step = self.extras.get("step", 0)
-        self.drawn = (step, self.drawn[1] + 1 if self.drawn[0] == step else 0)
-        rng = random.Random(f"{step}/{self.drawn[1]}")
+        keys = list(range(len(captions))) if keys is None else keys
         out = []
-        for text in captions:
+        for text, key in zip(captions, keys, strict=True):
             if not text.strip() and s.templates != "none":
-                text = rng.choice(TEMPLATES[s.templates]).format(s.token)
+                text = random.Random(key).choice(TEMPLATES[s.templates]).format(s.token)
             out.append(expand_token(text, s.token, s.num_vectors))
         if not self.warned and not any(s.token.lower() in c.lower() for c in out):
             self.warned = True
@@ -278,13 +246,6 @@ class NewTokens:
     def _encoders(self, comps):
         return [(n, e) for n, e in zip(comps.text_encoder_names, comps.text_encoders, strict=True)
                 if n in self.ids]
-
-
-def _to_frozen_dtype(encoder, module, args, output):
-    """The trained rows stay fp32 while the frozen encoder runs in the compute dtype (fp16/bf16): hand
-    the layers after the embedding what they expect, or LayerNorm refuses the mixed dtypes."""
-    dtype = next((p.dtype for p in encoder.parameters() if not p.requires_grad and p.is_floating_point()), None)
-    return output.to(dtype) if dtype is not None and output.dtype != dtype else output
 
 
 def expand_token(text: str, token: str, num_vectors: int) -> str:
@@ -310,11 +271,11 @@ class TextualInversionMethod:
     def trained_modules(self) -> list[str]:
         return list(self.tokens.ids)
 
-    def prepare_captions(self, captions: list[str]) -> list[str]:
-        return self.tokens.prepare_captions(captions)
+    def prepare_captions(self, captions: list[str], keys: list[int] | None = None) -> list[str]:
+        return self.tokens.prepare_captions(captions, keys)
 
     def after_step(self, comps) -> None:
-        self.tokens.restore(comps)
+        pass
 
     def trainable_state(self, comps) -> dict:
         return {f"{name}.{self.config.token}": v for name, v in self.tokens.vectors(comps).items()}

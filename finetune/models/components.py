@@ -312,10 +312,7 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         prediction, sampler = "flow", type(pipe.scheduler).from_config(pipe.scheduler.config)
     denoiser = getattr(pipe, family.denoiser_name)
-    if model.attention == "sdpa" and family.denoiser_name == "unet":
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        denoiser.set_attn_processor(AttnProcessor2_0())
+    set_attention(denoiser, model.attention)
     present = [(n, t) for n, t in zip(family.text_encoder_names, family.tokenizer_names, strict=True)
                if getattr(pipe, n, None) is not None]
     return Components(
@@ -333,6 +330,32 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         # the base's own sampler, for `validation.scheduler: base`
         extras={"sampler": sampler},
     )
+
+
+def set_attention(denoiser, kind: str) -> None:
+    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser).
+    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package.
+    U-Nets swap attention processors; transformers (SD3, FLUX, ...) keep their family's processors and pick
+    the kernel through diffusers' attention dispatcher."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if not isinstance(denoiser, UNet2DConditionModel):
+        backend = {"sdpa": None, "eager": "_native_math", "xformers": "xformers"}[kind]
+        if backend is not None:
+            try:
+                denoiser.set_attention_backend(backend)
+            except (ImportError, ModuleNotFoundError, ValueError, RuntimeError) as e:
+                raise ModelError(f"model.attention: {kind} cannot run here ({e}); use sdpa") from None
+        return
+    unet = denoiser
+    if kind == "xformers":
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
+            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
+        return
+    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 
 def freeze(comps: Components) -> None:

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding
   trainable.safetensors   every trained parameter, by module-qualified name (the frozen base is not copied)
-  ema.safetensors         the EMA shadow weights, when EMA is on
+  ema.safetensors         the EMA shadow weights by parameter name, its update count and settings in the
+                          header (diffusers' EMAModel.state_dict), when EMA is on
   accelerate files        optimizer, LR scheduler, grad scaler and every process's RNG (accelerate.save_state)
   trainer_state.json      step, epoch, position in the epoch, dataset and recipe fingerprints
   COMPLETE                written last: a folder without it is ignored
@@ -89,7 +90,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, params, ema=None
     if accelerator.is_main_process:
         save_safetensors({k: _full(v) for k, v in params.items()}, tmp / TRAINABLE)
         if ema is not None:
-            save_safetensors(dict(zip(params, ema.shadow_params, strict=True)), tmp / EMA)
+            save_ema(ema, params, tmp / EMA)
         write_text_atomic(tmp / STATE, json.dumps(asdict(state), indent=2))
         fsync_tree(tmp)  # accelerate's files too: everything is on disk before the marker says so
         write_text_atomic(tmp / MARKER, time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -185,7 +186,22 @@ def load_checkpoint(accelerator, path: Path, params, ema=None) -> TrainState:
         for name, p in params.items():
             p.copy_(saved[name].to(p.device, p.dtype))
     if ema is not None and (path / EMA).is_file():
-        shadow = load_file(str(path / EMA))
-        for s, name in zip(ema.shadow_params, params, strict=True):
-            s.copy_(shadow[name].to(s.device, s.dtype))
+        load_ema(ema, params, path / EMA)
     return TrainState(**json.loads((path / STATE).read_text()))
+
+
+def save_ema(ema, params, path: Path) -> None:
+    """EMAModel.state_dict(): the shadow tensors by parameter name, the rest (update count, decay) as JSON."""
+    state = dict(ema.state_dict())
+    shadow = dict(zip(params, state.pop("shadow_params"), strict=True))
+    save_safetensors({k: _full(v) for k, v in shadow.items()}, path, metadata={"ema_state": json.dumps(state)})
+
+
+def load_ema(ema, params, path: Path) -> None:
+    """Back into EMAModel.load_state_dict: the update count too, so the decay continues where it was."""
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {}).get("ema_state", "{}"))
+    shadow = load_file(str(path))
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    state["shadow_params"] = [shadow[name].to(device, p.dtype) for name, p in params.items()]
+    ema.load_state_dict(state)

@@ -71,8 +71,6 @@ def _maybe_resume(t) -> bool:
         )
     saved.recipe_fingerprint, saved.dataset_fingerprint = t.state.recipe_fingerprint, t.state.dataset_fingerprint
     t.state = saved
-    if t.ema is not None:
-        t.ema.optimization_step = saved.step
     if t.acc.is_main_process:
         print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, batch {saved.batch_in_epoch})")
     return True
@@ -227,13 +225,14 @@ def finish(t) -> None:
     from finetune.train.trainer import NonFiniteError, nonfinite_state
 
     acc = t.acc
+    if t.ema is not None and t.recipe.export.use_ema:
+        # every process, before the final grid: the grid and the model card show the weights exported
+        t.ema.copy_to(list(t.params.values()))
     if t.recipe.validation.prompts:
         validate(t, t.state.step)
     _check_in_sync(t)
     if acc.is_main_process:
         plot_loss(t.loss_log.read(), t.out / "loss.png")
-        if t.ema is not None and t.recipe.export.use_ema:
-            t.ema.copy_to(list(t.params.values()))
         bad = nonfinite_state(t.params)
         if bad:
             raise NonFiniteError(f"trained weights hold non-finite values ({bad[0]}); nothing exported")

@@ -1,8 +1,10 @@
 """The diffusion training objective: noise, timesteps, prediction target, Min-SNR weighting, prior split.
 
-Noise and timesteps are drawn per example from a generator seeded by (seed, step, example position in the
-global batch). That makes a run reproducible on resume without restoring RNG streams, and makes N processes
-with batch B draw exactly the noise one process with batch N*B would.
+Noise and timesteps are drawn per example from a generator seeded by (seed, step, the example's position
+among all examples of the run, as the data planner lays a step out). That makes a run reproducible on resume
+without restoring RNG streams, and makes N processes with batch B, or one process accumulating N batches of
+B, draw exactly the noise one process with batch N*B would. Any objective draws its randomness this way:
+`example_keys` once per batch, then `example_generator(key)` per example.
 """
 
 from __future__ import annotations
@@ -14,27 +16,43 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 
-def example_generators(seed: int, step: int, first_index: int, n: int) -> list[torch.Generator]:
-    """One CPU generator per example, seeded by the example's global position in the run."""
-    return [torch.Generator().manual_seed(hash_seed(seed, step, first_index + i)) for i in range(n)]
+def example_keys(seed: int, step: int, positions, examples_per_step: int) -> list[int]:
+    """One seed per example: the run seed, the optimizer step and the example's place among all examples of
+    the run (`positions`: places in the step's global batch, from the data planner)."""
+    return [hash_seed(seed, step, step * examples_per_step + int(p)) for p in positions]
+
+
+def example_generator(key: int) -> torch.Generator:
+    """The random stream of one example (noise, timestep, and whatever else an objective draws)."""
+    return torch.Generator().manual_seed(key)
 
 
 def example_noise(
-    latents: torch.Tensor, num_timesteps: int, seed: int, step: int, first_index: int, noise_offset: float
+    latents: torch.Tensor, num_timesteps: int, keys: list[int], noise_offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise and integer timesteps for each example, reproducible from its global position."""
+    """Gaussian noise and integer timesteps for each example, reproducible from its key (`example_keys`)."""
+    return ddpm_draws(latents, num_timesteps, [example_generator(k) for k in keys], noise_offset)
+
+
+def ddpm_draws(
+    latents: torch.Tensor, num_timesteps: int, gens: list[torch.Generator], noise_offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's noise, then its integer timestep, then (offset noise) its per-channel shift, drawn from
+    the example's own generator."""
     noises, steps = [], []
-    shape = latents.shape[1:]
-    for i in range(latents.shape[0]):
-        g = torch.Generator().manual_seed(hash_seed(seed, step, first_index + i))
-        noise = torch.randn(shape, generator=g)
-        if noise_offset:
-            # offset noise: a per-channel constant shift, so the model learns to change overall brightness
-            noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=g)
-        noises.append(noise)
+    for g in gens:
+        noise = torch.randn(latents.shape[1:], generator=g)
         steps.append(torch.randint(0, num_timesteps, (1,), generator=g))
-    noise = torch.stack(noises).to(latents.device, latents.dtype)
-    return noise, torch.cat(steps).to(latents.device)
+        noises.append(offset_noise(noise, g, noise_offset))
+    return torch.stack(noises).to(latents.device, latents.dtype), torch.cat(steps).to(latents.device)
+
+
+def offset_noise(noise: torch.Tensor, g: torch.Generator, noise_offset: float) -> torch.Tensor:
+    """Offset noise: a per-channel constant shift, so the model learns to change overall brightness. Drawn
+    after everything else of the example, so switching it on changes nothing else."""
+    if not noise_offset:
+        return noise
+    return noise + noise_offset * torch.randn((noise.shape[0], 1, 1), generator=g)
 
 
 def hash_seed(*parts: int) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from finetune.train.loss import snr_weights, target_for
+from finetune.train.loss import ddpm_draws, offset_noise, snr_weights, target_for
 
 
 @dataclass
@@ -29,14 +29,6 @@ class Example:
     target: torch.Tensor
     weights: torch.Tensor | None  # per-example loss weights (None: all 1)
     sigmas: torch.Tensor | None = None  # flow: the noise level of each example
-
-
-def _noise(shape, g: torch.Generator, noise_offset: float) -> torch.Tensor:
-    noise = torch.randn(shape, generator=g)
-    if noise_offset:
-        # offset noise: a per-channel constant shift, so the model learns to change overall brightness
-        noise = noise + noise_offset * torch.randn((shape[0], 1, 1), generator=g)
-    return noise
 
 
 class DDPMObjective:
@@ -49,13 +41,7 @@ class DDPMObjective:
         self.prediction_type = scheduler.config.prediction_type
 
     def example(self, latents: torch.Tensor, gens: list[torch.Generator]) -> Example:
-        n = self.scheduler.config.num_train_timesteps
-        noises, steps = [], []
-        for g in gens:
-            noises.append(_noise(latents.shape[1:], g, self.noise_offset))
-            steps.append(torch.randint(0, n, (1,), generator=g))
-        noise = torch.stack(noises).to(latents.device, latents.dtype)
-        timesteps = torch.cat(steps).to(latents.device)
+        noise, timesteps = ddpm_draws(latents, self.scheduler.config.num_train_timesteps, gens, self.noise_offset)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.scheduler, latents, noise, timesteps)
         return Example(noisy, timesteps, target, snr_weights(self.scheduler, timesteps, self.min_snr_gamma))
@@ -115,8 +101,9 @@ class FlowObjective:
 
         noises, us = [], []
         for g in gens:
-            noises.append(_noise(latents.shape[1:], g, self.noise_offset))
+            noise = torch.randn(latents.shape[1:], generator=g)
             us.append(self.draw_u(g))
+            noises.append(offset_noise(noise, g, self.noise_offset))
         noise = torch.stack(noises).to(latents.device, latents.dtype)
         sigmas = self.sigmas_for(torch.cat(us), latents).to(latents.device)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)

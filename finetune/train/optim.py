@@ -38,9 +38,30 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainSection) -> torch.op
 
 
 def build_lr_scheduler(optimizer, cfg: TrainSection):
-    """One schedule step per optimizer step (the accelerator is built with step_scheduler_with_optimizer off)."""
+    """One schedule step per optimizer step (the accelerator is built with step_scheduler_with_optimizer off).
+
+    A parameter group with `active_steps: (first, stop)` (a method's phase) runs its own copy of the schedule
+    over its window only, warm-up included, and has learning rate 0 outside it."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
-    )
+    windows = [g.get("active_steps") for g in optimizer.param_groups]
+    if not any(windows):
+        return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.max_steps)
+    lambdas = [_windowed(optimizer, cfg, *(w or (0, None))) for w in windows]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _windowed(optimizer, cfg: TrainSection, first: int, stop: int | None):
+    from diffusers.optimization import get_scheduler
+
+    stop = cfg.max_steps if stop is None else min(stop, cfg.max_steps)
+    # diffusers' schedule for the window's length, read off a throwaway optimizer with the same base lr
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optimizer.defaults["lr"])
+    inner = get_scheduler(cfg.lr_scheduler, optimizer=probe, num_warmup_steps=min(cfg.warmup_steps, stop - first),
+                          num_training_steps=stop - first).lr_lambdas[0]
+
+    def factor(step: int) -> float:
+        return inner(step - first) if first <= step < stop else 0.0
+
+    return factor

@@ -40,6 +40,12 @@ def make_accelerator(recipe: Recipe):
             f"train.mixed_precision: {recipe.train.mixed_precision!r} is not available here ({e}); "
             "use 'bf16' or 'no' on a CPU, 'fp16' or 'bf16' on a GPU"
         ) from None
+    if recipe.train.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":
+        # accelerate scales fp16 losses only on accelerators (elsewhere it silently computes in fp32 while
+        # our frozen weights are fp16); torch autocasts fp16 on CPUs too, so give the CPU the GradScaler
+        # an accelerator gets, before `prepare` hands it to the optimizer wrapper
+        acc.scaler = torch.amp.GradScaler("cpu")
+        acc.native_amp = True
     return acc
 
 

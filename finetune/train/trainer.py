@@ -19,7 +19,7 @@ import torch
 from finetune.errors import RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
-from finetune.train.loss import diffusion_loss, example_generators
+from finetune.train.loss import diffusion_loss, example_generator, example_keys
 from finetune.train.objectives import build_objective
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.timing import PhaseTimer
@@ -48,6 +48,8 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from finetune.models.components import cast_frozen, load_components
+        from finetune.models.detect import family_for
+        from finetune.recipe import recheck_for_family
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
@@ -55,6 +57,8 @@ class Trainer:
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
         comps = load_components(recipe.model, self._precision())
+        if recipe.model.family == "auto" and family_for(recipe.model) is None:
+            recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
@@ -85,6 +89,7 @@ class Trainer:
                                      recipe_fingerprint=resume_fingerprint(recipe))
         self.stop = StopFlag()
         self.timer = PhaseTimer(enabled=False)  # tools/bench.py switches it on
+        self.dropping = False  # a micro-batch of the current optimizer step was non-finite: drop the step
 
     # ------------------------------------------------------------------------------------------ set-up
     def _vae_dtype(self, family) -> torch.dtype:
@@ -196,7 +201,7 @@ class Trainer:
         self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})
         self.ema = None
         if self.cfg.ema.enabled:
-            self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay)
+            self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay, foreach=True)
             self.ema.to(acc.device)
 
     # ------------------------------------------------------------------------------------- encoders
@@ -217,10 +222,11 @@ class Trainer:
     def encode_text_frozen(self, captions: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
 
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors)
+    def encode_text(self, captions: list[str], keys: list[int] | None = None) -> dict[str, torch.Tensor]:
+        # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors and fills
+        # empty captions from templates, drawn with each example's key)
         prepare = getattr(self.method, "prepare_captions", None)
-        captions = prepare(captions) if prepare else captions
+        captions = prepare(captions, keys) if prepare else captions
         wrapped = getattr(self, "wrapped", {})  # data.cache_text encodes before accelerate wraps anything
         encoders = [wrapped.get(n, e) for n, e in zip(self.comps.text_encoder_names,
                                                        self.comps.text_encoders, strict=True)]
@@ -237,15 +243,13 @@ class Trainer:
                 latents = batch["latents"].to(acc.device, torch.float32)
             else:
                 latents = self.encode_latents(batch["pixel_values"])
+        # each example's random stream, keyed by where the planner put it in the step's global batch: the
+        # same however the step is split into micro-batches and processes
+        keys = example_keys(cfg.seed, self.state.step, batch["positions"], self.data.examples_per_step)
         with timer("text_encode"):
-            text = batch.get("text") or self.encode_text(batch["captions"])
+            text = batch.get("text") or self.encode_text(batch["captions"], keys)
             text = {k: v.to(acc.device) for k, v in text.items()}
-        # the first example's position among all examples of the run, laid out as the data planner lays
-        # out a step: micro-batch m of rank r is slice (m * processes + r) of the step's global batch
-        bsz, accum = latents.shape[0], cfg.gradient_accumulation
-        micro = self.state.batch_in_epoch % accum  # epochs end on optimizer steps (see finetune/data/plan.py)
-        first = (self.state.step * accum * acc.num_processes + micro * acc.num_processes + acc.process_index) * bsz
-        example = self.objective.example(latents, example_generators(cfg.seed, self.state.step, first, bsz))
+        example = self.objective.example(latents, [example_generator(k) for k in keys])
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
@@ -266,35 +270,68 @@ class Trainer:
         """One micro-batch; returns (an optimizer step happened, logs)."""
         acc, cfg = self.acc, self.cfg
         self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
+        logs: dict[str, Any] = {}
         with acc.accumulate(*self.wrapped.values()):
-            loss, logs = self.compute_loss(batch)
-            if self._all_agree(not torch.isfinite(loss).item()):
-                self._non_finite("loss", batch, float(loss.detach()))
-                self.optimizer.zero_grad(set_to_none=True)
-                return False, logs
-            with self.timer("backward"):
-                acc.backward(loss)
+            if not self.dropping:  # after a non-finite micro-batch the rest of its step is not computed
+                loss, logs = self.compute_loss(batch)
+                if self._all_agree(not torch.isfinite(loss).item()):
+                    self._non_finite("loss", batch, float(loss.detach()))
+                    self.dropping = True
+                else:
+                    with self.timer("backward"):
+                        acc.backward(loss)
             if not acc.sync_gradients:
                 return False, logs
-            norm = self._grad_norm()
-            if not math.isfinite(norm):
-                self._non_finite("gradient norm", batch, norm)
+            if self.dropping:  # the whole step goes: applying the other micro-batches would be a (k-1)/k step
+                self.dropping = False
                 self.optimizer.zero_grad(set_to_none=True)
                 return False, logs
-            with self.timer("optimizer"):
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            stepped, norm = self._optimizer_step(batch)
+        if not stepped:
+            return False, logs
         self.method.after_step(self.comps)
         if self.ema is not None and (self.state.step + 1) % cfg.ema.update_every == 0:
             self.ema.step(list(self.params.values()))
         logs["grad_norm"] = norm
+        if acc.scaler is not None:
+            logs["loss_scale"] = acc.scaler.get_scale()
         return True, logs
+
+    def _optimizer_step(self, batch) -> tuple[bool, float]:
+        """Clip and step; (False, norm) when non-finite gradients skip the batch (bf16 / fp32).
+
+        Under fp16 an inf gradient is the loss scaler's normal signal that the scale is too high: the
+        GradScaler inside accelerate's optimizer skips that update and lowers the scale, the step still
+        counts, and the learning-rate schedule does not advance (accelerate's optimizer_step_was_skipped).
+        """
+        self._rest_groups()
+        norm = self._grad_norm()
+        if not math.isfinite(norm) and self.acc.scaler is None:
+            self._non_finite("gradient norm", batch, norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, norm
+        with self.timer("optimizer"):
+            self.optimizer.step()
+            if not self.acc.optimizer_step_was_skipped:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return True, norm
+
+    def _rest_groups(self) -> None:
+        """A parameter group outside its `active_steps` window (e.g. pivotal's phases) gets no gradient: no
+        update, no weight decay, no optimizer moments, no share of the clipped norm."""
+        step = self.state.step
+        for group in self.optimizer.param_groups:
+            first, stop = group.get("active_steps") or (0, None)
+            if step < first or (stop is not None and step >= stop):
+                for p in group["params"]:
+                    p.grad = None
 
     def _grad_norm(self) -> float:
         params = list(self.params.values())
         if self.cfg.max_grad_norm:
             return float(self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.acc.unscale_gradients()  # fp16: the norm of the true gradients, not of the scaled ones
         grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
 
@@ -309,7 +346,7 @@ class Trainer:
                     if self.cfg.on_nan == "stop" else f"more than {self.cfg.max_nan_skips} batches skipped")
             raise NonFiniteError(f"{where}; stopped, nothing exported ({kept}); {hint}")
         if self.acc.is_main_process:
-            self.progress.write(f"warning: {where}; batch skipped ({self.state.nan_skips} so far)")
+            self.progress.write(f"warning: {where}; optimizer step skipped ({self.state.nan_skips} so far)")
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
