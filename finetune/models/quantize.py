@@ -21,6 +21,7 @@ shard by shard.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -128,6 +129,21 @@ def _bnb_layer(bnb, layer: torch.nn.Linear, kind: str, compute_dtype: torch.dtyp
     new.source_cls = torch.nn.Linear  # as diffusers' replacement records it
     new.requires_grad_(False)
     return new if device is None else new.to(device)  # bitsandbytes quantizes on a move to a device
+
+
+def quantized_bytes(kind: str, shape) -> int:
+    """Bytes a linear weight of `shape` takes stored as `kind` (checked against bitsandbytes' own tensors in
+    tests/test_memory.py): nf4 packs two weights a byte, plus a uint8 scale per block of 64 (double
+    quantization) and a float32 scale per 256 of those; int8 one byte a weight plus a float32 scale per
+    output row; fp8 one byte."""
+    n = math.prod(shape)
+    if kind == "nf4":
+        return (n + 1) // 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 2 * 1024 + 4
+    if kind == "int8":
+        return n + 4 * shape[0]
+    if kind == "fp8":
+        return n
+    raise ValueError(f"unknown quantization {kind!r}; known: {', '.join(KINDS)}")
 
 
 def quantized_kind(module: torch.nn.Module) -> str | None:

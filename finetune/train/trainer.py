@@ -145,11 +145,11 @@ class Trainer:
 
     def _resolve_text_cache(self) -> None:
         """`data.cache_text: auto`: cache where the family's encoders are large and captions never change."""
+        from finetune.train.setup import resolve_text_cache
+
         d = self.recipe.data
         if d.cache_text == "auto":
-            varies = any(d.caption_rules(src).varies for src in d.sources)
-            d.cache_text = bool(self.comps.family.cache_text_by_default and not self.method.config.trains_text_encoder()
-                                and not varies and not hasattr(self.method, "prepare_captions"))
+            d.cache_text = resolve_text_cache(self.recipe, self.comps.family, self.method)
 
     def _release_text_encoders(self) -> dict | None:
         """With every caption cached and no encoder trained, the encoders are only needed for the validation
