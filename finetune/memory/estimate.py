@@ -24,6 +24,7 @@ from finetune.models.quantize import quantizable, quantized_bytes
 
 GB = 1024**3
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
+DTYPES_T = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: optimizer state bytes per trained parameter (AdamW: two fp32 moments; 8-bit AdamW: two uint8 moments and a
 #: fp32 scale per 2048 values; Adafactor: factored second moment, counted as one fp32 value per row and column)
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
@@ -118,10 +119,20 @@ class _Sizer:
         act = self.activations(recipe) + _dequantized(comps.denoiser, compute, recipe.model.quantize)
         est.lines.append(("activations (one step)", act, f"{recipe.data.resolution} px, batch {recipe.train.batch_size}"
                           + (", checkpointed" if recipe.train.gradient_checkpointing else "")))
+        if not recipe.data.cache_latents:  # each step encodes its batch first (freed before the denoiser runs)
+            est.lines[-1] = (est.lines[-1][0], max(act, self.encode(recipe, recipe.train.batch_size)), est.lines[-1][2])
         est.training = sum(b for _, b, _ in est.lines)
         if recipe.data.cache_latents or text_cached:
-            est.caching = texts + vae + (den if recipe.data.prior is not None or not off else 0)
+            resident = texts + vae + (den if recipe.data.prior is not None or not off else 0)
+            est.caching = resident + (self.encode(recipe, 1) if recipe.data.cache_latents else 0)
         return est
+
+    def encode(self, recipe, batch: int) -> int:
+        key = ("vae", batch, recipe.data.resolution, _vae_fp32(recipe, self.comps.family))
+        if key not in self.traces:
+            dtype = torch.float32 if key[-1] else DTYPES_T[recipe.train.mixed_precision]
+            self.traces[key] = trace_encode(self.comps.vae.to(dtype), recipe, batch)
+        return self.traces[key]
 
     def activations(self, recipe) -> int:
         key = (recipe.train.gradient_checkpointing, recipe.train.batch_size, recipe.data.resolution,
@@ -134,8 +145,9 @@ class _Sizer:
 def trace_step(comps, recipe) -> int:
     """Peak bytes one training step adds on top of the resident weights: the family's `predict` and the loss,
     forward and backward, on the meta device (fused attention, as on the accelerator)."""
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[recipe.train.mixed_precision]
+    dtype = DTYPES_T[recipe.train.mixed_precision]
     den, b = comps.denoiser, recipe.train.batch_size
+    device = next(den.parameters()).device  # meta for the estimate; the tests also run it on real tensors
     trained = list(_trained(comps))
     for p in trained:  # autocast runs the adapters in the compute dtype; their fp32 masters are counted apart
         p.data = p.data.to(dtype)
@@ -144,17 +156,17 @@ def trace_step(comps, recipe) -> int:
     if recipe.train.gradient_checkpointing:
         den.enable_gradient_checkpointing()
     with torch.no_grad():
-        text = comps.family.encode_prompt(comps, ["a photo"] * b, "meta") if comps.text_encoders else {}
+        text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}
     scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
     side = recipe.data.resolution // scale
-    size = torch.tensor([[recipe.data.resolution] * 2] * b, device="meta")
+    size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
     batch = {"original_size": size, "crop_top_left": size * 0, "target_size": size, "guidance": 1.0}
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live:
-        noisy = torch.empty(b, comps.vae.config.latent_channels, side, side, device="meta", dtype=dtype)
-        timesteps = torch.empty(b, device="meta")
+        noisy = torch.randn(b, comps.vae.config.latent_channels, side, side, device=device, dtype=dtype)
+        timesteps = torch.rand(b, device=device) * 1000
         pred = comps.family.predict(den, noisy, timesteps, text, batch)
-        loss = torch.nn.functional.mse_loss(pred.float(), torch.empty_like(pred, dtype=torch.float32))
+        loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
         loss.backward()
     for p in trained:
         p.grad = None
@@ -180,6 +192,16 @@ def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
         if p not in quantized and not p.requires_grad:
             total += p.numel() * compute
     return total + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def trace_encode(vae, recipe, batch: int) -> int:
+    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients)."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    side = recipe.data.resolution
+    with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), \
+            LiveBytes() as live:
+        vae.encode(torch.randn(batch, 3, side, side, device=device, dtype=dtype)).latent_dist.mode()
+    return live.peak
 
 
 def _dequantized(module, compute: int, kind: str) -> int:

@@ -138,7 +138,7 @@ def quantized_bytes(kind: str, shape) -> int:
     output row; fp8 one byte."""
     n = math.prod(shape)
     if kind == "nf4":
-        return (n + 1) // 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 2 * 1024 + 4
+        return (n + 1) // 2 + math.ceil(n / 64) + 4 * math.ceil(n / 64 / 256) + 1092  # + code tables
     if kind == "int8":
         return n + 4 * shape[0]
     if kind == "fp8":

@@ -1,0 +1,87 @@
+"""QLoRA on a tiny FLUX transformer: nf4 and int8 bases (bitsandbytes' CPU kernels) train only the adapter,
+and the exported LoRA loads on the full-precision base in a stock FluxPipeline, where it changes the output
+as it changed the quantized training model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import draw_images, write_recipe
+
+pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory) -> Path:
+    from finetune.models.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux")
+
+
+def qlora_trainer(tmp_path: Path, base: Path, kind: str, **train):
+    from finetune.recipe import load_recipe
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+
+    path = write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=4),
+                        model={"quantize": kind, "max_sequence_length": 16},
+                        method={"rank": 4, "alpha": 4, "targets": "attention_mlp"},
+                        train={"max_steps": 6, "lr": 1e-2, "seed": 3, **train})
+    recipe = load_recipe(path)
+    return Trainer(recipe, make_accelerator(recipe))
+
+
+def flux_output(transformer) -> torch.Tensor:
+    """The transformer's prediction for fixed packed latents, text and timesteps."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 16, 64, generator=g), torch.randn(2, 8, 32, generator=g), torch.randn(2, 16, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                           timestep=torch.tensor([0.3, 0.8]), guidance=torch.ones(2), txt_ids=torch.zeros(8, 3),
+                           img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+                           return_dict=False)[0]
+
+
+LAYERS = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_qlora_trains_only_the_adapter_and_exports_for_the_full_base(tmp_path, tiny_flux, kind):
+    from diffusers import FluxPipeline
+
+    t = qlora_trainer(tmp_path, tiny_flux, kind)
+    den = t.comps.denoiser
+    q = den.transformer_blocks[0].attn.to_q
+    assert type(q.base_layer).__name__ == LAYERS[kind]  # peft's bitsandbytes LoRA layer over the quantized one
+    packed = {n: p.detach().clone() for n, p in den.named_parameters() if not p.requires_grad}
+    assert q.base_layer.weight.dtype == (torch.uint8 if kind == "nf4" else torch.int8)
+    assert {p.dtype for p in den.parameters() if p.requires_grad} == {torch.float32}
+    t.run()
+    # frozen bytes untouched (quantized weights, norms, embeddings); the adapter moved
+    assert all(torch.equal(p, packed[n]) for n, p in den.named_parameters() if not p.requires_grad)
+    assert float(q.lora_B["default"].weight.detach().abs().max()) > 1e-3
+
+    quant_lora = flux_output(den)
+    den.disable_adapters()
+    quant_base = flux_output(den)
+    den.enable_adapters()
+    full = FluxPipeline.from_pretrained(tiny_flux).transformer
+    full_base = flux_output(full)
+    pipe = FluxPipeline.from_pretrained(tiny_flux)  # the unquantized base in stock diffusers
+    pipe.load_lora_weights(tmp_path / "out")
+    full_lora = flux_output(pipe.transformer)
+
+    lora_effect = float((full_lora - full_base).abs().max())
+    quant_error = float((quant_base - full_base).abs().max())
+    gap = float((full_lora - quant_lora).abs().max())
+    delta_gap = float(((full_lora - full_base) - (quant_lora - quant_base)).abs().max())
+    print(f"{kind}: LoRA effect {lora_effect:.4f}, quantization error {quant_error:.4f}, "
+          f"full+LoRA vs quantized+LoRA {gap:.4f}, difference of the LoRA's effect {delta_gap:.4f}")
+    assert lora_effect > 0.05  # the file carries what was trained, and stock diffusers applies it
+    assert gap < quant_error + 0.25 * lora_effect  # the only difference left is the base's quantization
+    assert delta_gap < 0.25 * lora_effect  # the adapter does the same thing on either base
