@@ -128,3 +128,15 @@ def test_estimate_within_15_percent_of_a_real_run(tmp_path, tiny_flux, kind):
     print(f"{kind}: estimate {est.training:,} B, measured {measured:,} B ({est.training / measured - 1:+.1%}; "
           f"held after set-up {held:,} B)", {name: b for name, b, _ in est.lines})
     assert abs(est.training - measured) / measured < 0.15
+
+
+def test_estimate_command_prints_the_table_and_savings(tmp_path, tiny_flux, capsys):
+    from finetune.run import main
+
+    path = write_recipe(tmp_path, tiny_flux, draw_images(tmp_path / "images", n=2),
+                        model={"max_sequence_length": 16}, method={"targets": "attention_mlp"})
+    main(["estimate", str(path), "train.batch_size=4"])
+    out = capsys.readouterr().out
+    assert "batch 4" in out and "expected peak" in out
+    assert "model.quantize: nf4" in out and "train.batch_size: 1" in out
+    assert not (tmp_path / "out").exists()  # nothing loaded, nothing written
