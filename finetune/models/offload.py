@@ -11,7 +11,11 @@ keeps the tensors a forward used until their backward. Under per-block checkpoin
 forward is kept; its backward re-runs the forward, which fires the pre-hook again, so the block's weights are
 on the device exactly while its recomputed forward and its backward need them (the recomputed graph holds
 the copies, freed when that block's backward ends). Without checkpointing the copies would stay referenced
-by the graph until the backward: right results, no saving.
+by the graph until the backward: right results, no saving. torch's non-reentrant checkpoint stops a
+recomputed forward as soon as it has rebuilt the last tensor the backward needs ("early stop"): the block's
+forward hook then never runs, its weights would keep pointing at the device copies, and by the end of the
+backward every swapped block would sit on the device. So the denoiser's checkpoints here recompute each
+block to its end (tests/test_offload.py catches the difference).
 
 Copies are synchronous (from pinned memory on CUDA); overlapping the next block's copy with this block's
 compute on a side stream is not done here (docs/memory.md gives the measured and the computed cost).
@@ -22,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from finetune.errors import ModelError
 
@@ -40,6 +45,7 @@ class BlockSwap:
         self.home: dict[torch.nn.Parameter, torch.Tensor] = {}
         self.resident = self.max_resident = self.bytes_moved = self.loads = 0
         self._place(denoiser)
+        _recompute_to_the_end(denoiser)
         for block in self.blocks:
             block.register_forward_pre_hook(self._load)
             block.register_forward_hook(self._unload)
@@ -86,8 +92,24 @@ class BlockSwap:
             p.data = self.home[p]  # the device copy lives on only where the autograd graph holds it
 
 
+def _recompute_to_the_end(denoiser: torch.nn.Module) -> None:
+    """Use a checkpoint function without early stop (see the module's docstring) where checkpointing is on."""
+    inner = _unwrapped(denoiser)
+    if getattr(inner, "is_gradient_checkpointing", False):
+        inner.enable_gradient_checkpointing(_checkpoint_whole_block)
+
+
+def _checkpoint_whole_block(module, *args):
+    # diffusers' own function, with the recomputation run to the block's end so its forward hook fires
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, early_stop=False)
+
+
+def _unwrapped(denoiser: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(denoiser, "module", denoiser)
+    return getattr(inner, "_orig_mod", inner)
+
+
 def swappable_blocks(denoiser: torch.nn.Module, family) -> list[torch.nn.Module]:
     """The denoiser's blocks in the family's block lists, in order (a wrapped denoiser is unwrapped)."""
-    inner = getattr(denoiser, "module", denoiser)
-    inner = getattr(inner, "_orig_mod", inner)
+    inner = _unwrapped(denoiser)
     return [block for name in family.swap_blocks for block in getattr(inner, name, [])]
