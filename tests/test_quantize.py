@@ -97,3 +97,71 @@ def test_qlora_trains_only_the_adapter_and_exports_for_the_full_base(tmp_path, t
     assert lora_effect > 0.05  # the file carries what was trained, and stock diffusers applies it
     assert gap < quant_error + 0.25 * lora_effect  # the only difference left is the base's quantization
     assert delta_gap < 0.25 * lora_effect  # the adapter does the same thing on either base
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from finetune.models.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3")
+
+
+def sd3_output(transformer) -> torch.Tensor:
+    """The SD3 transformer's prediction for fixed latents, text and timesteps."""
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                           timestep=torch.tensor([300.0, 800.0]), return_dict=False)[0]
+
+
+def stored_form(layer, kind: str, x: torch.Tensor) -> None:
+    """The frozen weight is held quantized, and the layer computes in the compute dtype (fp32 here)."""
+    if kind == "fp8":  # stored as float8, upcast for the matmul: exactly F.linear with the fp8 values in fp32
+        assert layer.weight.dtype == torch.float8_e4m3fn  # (diffusers' layerwise casting stores the bias so too)
+        bias = None if layer.bias is None else layer.bias.float()
+        expected = torch.nn.functional.linear(x, layer.weight.float(), bias)
+        with torch.no_grad():
+            got = layer(x)
+        assert got.dtype == torch.float32 and torch.equal(got, expected)
+        assert layer.weight.dtype == torch.float8_e4m3fn  # back to storage after the forward
+    else:
+        assert type(layer).__name__ == LAYERS[kind]
+        assert layer.weight.dtype == (torch.uint8 if kind == "nf4" else torch.int8)
+
+
+@pytest.mark.parametrize(("family", "kind"), [("sd3", "nf4"), ("flux", "fp8")])
+def test_quantized_base_trains_and_exports_for_the_full_base(tmp_path, request, family, kind):
+    """SD3 on an nf4 base and FLUX with fp8 storage (diffusers' layerwise casting): the adapter trains, the
+    frozen weights keep their stored form, and the LoRA loads on the full-precision base in stock diffusers."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    base = request.getfixturevalue(f"tiny_{family}")
+    pipeline, output = {"sd3": (StableDiffusion3Pipeline, sd3_output), "flux": (FluxPipeline, flux_output)}[family]
+    t = qlora_trainer(tmp_path, base, kind, max_steps=8)
+    den = t.comps.denoiser
+    q = den.transformer_blocks[0].attn.to_q
+    stored_form(q.base_layer, kind, torch.randn(3, q.base_layer.in_features))
+    packed = {n: p.detach().clone() for n, p in den.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in den.parameters() if p.requires_grad} == {torch.float32}
+    t.run()
+    assert all(torch.equal(p, packed[n]) for n, p in den.named_parameters() if not p.requires_grad)
+    stored_form(q.base_layer, kind, torch.randn(3, q.base_layer.in_features))
+
+    quant_lora = output(den)
+    den.disable_adapters()
+    quant_base = output(den)
+    den.enable_adapters()
+    full_base = output(pipeline.from_pretrained(base).transformer)
+    pipe = pipeline.from_pretrained(base)  # the unquantized base in stock diffusers
+    pipe.load_lora_weights(tmp_path / "out")
+    full_lora = output(pipe.transformer)
+    lora_effect = float((full_lora - full_base).abs().max())
+    quant_error = float((quant_base - full_base).abs().max())
+    gap = float((full_lora - quant_lora).abs().max())
+    delta_gap = float(((full_lora - full_base) - (quant_lora - quant_base)).abs().max())
+    print(f"{family} {kind}: LoRA effect {lora_effect:.4f}, quantization error {quant_error:.4f}, "
+          f"full+LoRA vs quantized+LoRA {gap:.4f}, difference of the LoRA's effect {delta_gap:.4f}")
+    assert lora_effect > 0.05 and quant_error > 0  # trained; and the base really was stored in another form
+    assert gap < quant_error + 0.25 * lora_effect
+    assert delta_gap < 0.25 * lora_effect

@@ -373,5 +373,7 @@ def cast_frozen(comps: Components, dtype: torch.dtype, vae_dtype: torch.dtype) -
     for name, module in comps.named_modules().items():
         target = vae_dtype if name == "vae" else dtype
         for p in module.parameters():
-            if not is_stored_quantized(p):
-                p.data = p.data.to(torch.float32 if p.requires_grad else target)
+            if p.requires_grad:  # peft gives an adapter its base layer's float dtype: fp8 storage too
+                p.data = p.data.to(torch.float32)
+            elif not is_stored_quantized(p):
+                p.data = p.data.to(target)
