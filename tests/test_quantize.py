@@ -4,12 +4,14 @@ as it changed the quantized training model's."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import draw_images, write_recipe
+from tests.helpers import ROOT, draw_images, write_recipe
 
 pytest.importorskip("bitsandbytes")
 
@@ -97,6 +99,21 @@ def test_qlora_trains_only_the_adapter_and_exports_for_the_full_base(tmp_path, t
     assert lora_effect > 0.05  # the file carries what was trained, and stock diffusers applies it
     assert gap < quant_error + 0.25 * lora_effect  # the only difference left is the base's quantization
     assert delta_gap < 0.25 * lora_effect  # the adapter does the same thing on either base
+
+    # tools/merge.py fuses the adapter into the full-precision base: a plain fp32 FLUX folder whose output is
+    # the full base with the LoRA applied
+    merged = tmp_path / "merged"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "merge.py"), "fuse", "--base", str(tiny_flux),
+                           "--lora", str(tmp_path / "out" / "pytorch_lora_weights.safetensors"), "--out", str(merged)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    fused = FluxPipeline.from_pretrained(merged).transformer
+    layers = {type(m).__name__ for m in fused.modules()}
+    assert "Linear" in layers and LAYERS[kind] not in layers
+    assert {p.dtype for p in fused.parameters()} == {torch.float32}
+    fused_gap = float((flux_output(fused) - full_lora).abs().max())
+    print(f"{kind}: merged full-precision base vs full base + LoRA {fused_gap:.2e}")
+    assert fused_gap < 1e-4
 
 
 @pytest.fixture(scope="module")
