@@ -14,6 +14,7 @@ the optimizer's own temporaries, validation sampling (its activations are far be
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from unittest import mock
 
@@ -25,9 +26,11 @@ from finetune.models.quantize import quantizable, quantized_bytes
 GB = 1024**3
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 DTYPES_T = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: optimizer state bytes per trained parameter (AdamW: two fp32 moments; 8-bit AdamW: two uint8 moments and a
-#: fp32 scale per 2048 values; Adafactor: factored second moment, counted as one fp32 value per row and column)
-OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 8 / 2048}
+#: optimizer state per trained tensor. AdamW: two fp32 moments. bitsandbytes' 8-bit AdamW: two uint8 moments
+#: with a fp32 scale per block of 256, tensors under 4096 values in fp32 as AdamW, and two 256-entry fp32
+#: code tables shared by all (checked against the optimizer's own state in tests/test_memory.py).
+#: Adafactor: factored second moment, counted as one fp32 value per row and column.
+BNB_MIN_8BIT, BNB_BLOCK = 4096, 256
 
 
 @dataclass
@@ -152,6 +155,11 @@ def trace_step(comps, recipe) -> int:
     for p in trained:  # autocast runs the adapters in the compute dtype; their fp32 masters are counted apart
         p.data = p.data.to(dtype)
         p.grad = torch.empty_like(p)  # gradients are counted apart too
+    # frozen weights in the compute dtype, as the trainer casts them (a meta base is built in fp32)
+    cast = [(p, p.dtype) for p in den.parameters()
+            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != dtype and p.element_size() > 1]
+    for p, _ in cast:
+        p.data = p.data.to(dtype)
     den.train()
     if recipe.train.gradient_checkpointing:
         den.enable_gradient_checkpointing()
@@ -171,6 +179,8 @@ def trace_step(comps, recipe) -> int:
     for p in trained:
         p.grad = None
         p.data = p.data.float()
+    for p, was in cast:
+        p.data = p.data.to(was)
     if recipe.train.gradient_checkpointing:
         den.disable_gradient_checkpointing()
     return live.peak
@@ -222,8 +232,11 @@ def _trained(comps):
 
 
 def _optimizer_bytes(trained, recipe) -> int:
-    if recipe.train.optimizer in OPTIMIZER_BYTES:
-        return int(sum(p.numel() for p in trained) * OPTIMIZER_BYTES[recipe.train.optimizer])
+    sizes = [p.numel() for p in trained]
+    if recipe.train.optimizer == "adamw":
+        return 8 * sum(sizes)
+    if recipe.train.optimizer == "adamw8bit":
+        return 2 * 256 * 4 + sum(8 * n if n < BNB_MIN_8BIT else 2 * n + 8 * math.ceil(n / BNB_BLOCK) for n in sizes)
     return sum(4 * (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel()) for p in trained)  # adafactor
 
 
