@@ -117,6 +117,9 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[str, A
     }
     if torch.cuda.is_available():
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if t.swap is not None:  # block swap: the same bytes every step (each block's forward and recomputed forward)
+        out["swapped_mib"] = t.swap.swapped_bytes() / 2**20
+        out["swap_copied_mib_per_step"] = t.swap.bytes_moved / (warmup + steps) / 2**20
     return out
 
 

@@ -49,7 +49,8 @@ def parse() -> argparse.Namespace:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "batch", "s/step", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
+    head = ["config", "batch", "s/step", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "swap copies MiB/step",
+            "first step s",
             *[f"{p} %" for p in PHASES]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -62,6 +63,7 @@ def table(rows: list[dict]) -> str:
             r["name"], str(r["batch"]), f"{r['step_s']:.4f}", f"{1 / r['step_s']:.2f}",
             f"{r['batch'] / r['step_s']:.1f}", f"{r.get('peak_host_mib', 0):.0f}",
             f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-",
+            f"{r['swap_copied_mib_per_step']:.2f}" if "swap_copied_mib_per_step" in r else "-",
             f"{r['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in r else "-", *shares,
         ]) + " |")
     return "\n".join(lines)
@@ -88,7 +90,8 @@ def main() -> None:
             print(f"{name}, batch {batch}: {json.dumps(r)}", flush=True)
     reject = time_bad_recipe()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "quantize": args.quantize, "block_swap": args.block_swap, "precision": args.precision, "rank": args.rank, "adapter": args.adapter,
+    meta = {"model": args.model, "quantize": args.quantize, "block_swap": args.block_swap,
+            "precision": args.precision, "rank": args.rank, "adapter": args.adapter,
             "steps": args.steps, "warmup": args.warmup, "bad_recipe_rejected_s": reject, "machine": machine(),
             "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
