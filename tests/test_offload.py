@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.helpers import draw_images, write_recipe
@@ -29,14 +30,14 @@ def tiny_transformer(request, tmp_path_factory) -> tuple[str, Path]:
     return kind, build_tiny(kind, tmp_path_factory.mktemp("tiny") / kind)
 
 
-def swap_trainer(tmp_path: Path, base: Path, kind: str, swap: int):
+def swap_trainer(tmp_path: Path, base: Path, kind: str, swap: int, quantize: str = "none"):
     from finetune.recipe import load_recipe
     from finetune.train.setup import make_accelerator
     from finetune.train.trainer import Trainer
 
     targets = "attention_mlp" if kind == "flux" else "attention"
     path = write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=4),
-                        model={"max_sequence_length": 16}, data={"cache_latents": True},
+                        model={"max_sequence_length": 16, "quantize": quantize}, data={"cache_latents": True},
                         method={"rank": 4, "alpha": 4, "targets": targets},
                         train={"max_steps": STEPS, "lr": 1e-2, "seed": 3, "gradient_checkpointing": True,
                                "block_swap": swap})
@@ -48,19 +49,23 @@ def losses(out: Path) -> list[float]:
     return [float(line.split(",")[1]) for line in (out / "logs" / "loss.csv").read_text().splitlines()[1:]]
 
 
-def test_block_swap_trains_the_same_and_keeps_blocks_home(tmp_path, tiny_transformer):
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_block_swap_trains_the_same_and_keeps_blocks_home(tmp_path, tiny_transformer, quantize):
+    """(fp8: the swapped weights are the fp8-stored ones, and diffusers' layerwise casting upcasts the copy)"""
     from finetune.models.offload import swappable_blocks
 
     kind, base = tiny_transformer
-    plain = swap_trainer(tmp_path / "plain", base, kind, 0)
+    plain = swap_trainer(tmp_path / "plain", base, kind, 0, quantize)
     plain.run()
-    t = swap_trainer(tmp_path / "swap", base, kind, 2)
+    t = swap_trainer(tmp_path / "swap", base, kind, 2, quantize)
     swap, den = t.swap, t.comps.denoiser
     blocks = swappable_blocks(den, t.comps.family)
     assert swap.blocks == blocks[-2:] and len(swap.home) > 0
     frozen = [p for b in swap.blocks for p in b.parameters() if not p.requires_grad]
     assert set(frozen) == set(swap.home)  # every frozen weight of the swapped blocks, no trained one
     assert all(not p.requires_grad for p in swap.home)
+    if quantize == "fp8":
+        assert any(home.dtype == torch.float8_e4m3fn for home in swap.home.values())
 
     seen: dict[int, list[bool]] = {}  # for each swapped block: during its forward, were its weights a copy?
     copies = []  # weak references to the copies' storages (a storage's Python object lives as long as it)

@@ -196,7 +196,7 @@ def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
             total += quantized_bytes(kind, layer.weight.shape)
             quantized.add(layer.weight)
             if layer.bias is not None:
-                total += layer.bias.numel() * compute
+                total += layer.bias.numel() * (1 if kind == "fp8" else compute)  # layerwise casting: fp8 too
                 quantized.add(layer.bias)
     for p in module.parameters():
         if p not in quantized and not p.requires_grad:
