@@ -35,18 +35,29 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str) -> dict[str, Any]:
-    toy = model == "toy"
-    res = {"toy": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024}[model]
-    source = ({"type": "toy", "subject": "world", "count": 64} if toy else
-              {"type": "toy", "subject": "world", "count": 16})
+#: tiny transformers (finetune/models/tiny.py): the families block swap works on, small enough for a CPU
+TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3"}
+RESOLUTION = {"toy": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024}
+TARGETS = {"toy": "locon", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp"}
+
+
+def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str,
+                quantize: str = "none", block_swap: int = 0) -> dict[str, Any]:
+    """The recipe every variant starts from; `quantize` (model.quantize) and `block_swap` (train.block_swap,
+    with gradient checkpointing, which it needs) apply to all of them."""
+    small = model == "toy" or model in TINY
+    train = {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
+             "mixed_precision": precision, "seed": 0}
+    if block_swap:
+        train |= {"block_swap": block_swap, "gradient_checkpointing": True}
     return {
-        "model": {"base": "toy" if toy else str(random_base(model))},
-        "data": {"sources": [source], "resolution": res, "buckets": {"enabled": False}},
+        "model": {"base": "toy" if model == "toy" else str(random_base(model)), "quantize": quantize,
+                  **({"max_sequence_length": 32} if model in TINY else {})},
+        "data": {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}],
+                 "resolution": RESOLUTION[model], "buckets": {"enabled": False}},
         "method": {"name": "lora", "rank": rank, "adapter": adapter,
-                   "targets": {"toy": "locon", "sd35m": "attention"}.get(model, "attention_ff")},
-        "train": {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
-                  "mixed_precision": precision, "seed": 0},
+                   "targets": TARGETS.get(model, "attention_ff")},
+        "train": train,
         "validation": {"prompts": [], "at_start": False},
         "export": {"formats": ["diffusers"], "model_card": False},
         "logging": {"report_to": [], "progress": False},
@@ -54,10 +65,16 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
 
 
 def random_base(model: str) -> Path:
-    """SD 1.5 / SDXL built from their public configs with random weights (timing needs no trained weights)."""
+    """SD 1.5 / SDXL / SD 3.5 Medium built from their public configs with random weights (timing needs no
+    trained weights), or a tiny FLUX / SD3 transformer."""
+    folder = ROOT / "output" / "bench" / f"{model}-random"
+    if model in TINY:
+        from finetune.models.tiny import build_tiny
+
+        return folder if (folder / "model_index.json").is_file() else build_tiny(TINY[model], folder)
     from finetune.models.reference import build_reference_base
 
-    return build_reference_base(model, ROOT / "output" / "bench" / f"{model}-random")
+    return build_reference_base(model, folder)
 
 
 # ------------------------------------------------------------------------------------ one measurement
@@ -112,6 +129,9 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     if prof:
         out["phases_s"] = {}
         out["profile"] = prof.result
+    if t.swap is not None:  # block swap: the same bytes every step (each block's forward and recomputed forward)
+        out["swapped_mib"] = t.swap.swapped_bytes() / 2**20
+        out["swap_copied_mib_per_step"] = t.swap.bytes_moved / (warmup + steps) / 2**20
     return out
 
 

@@ -30,6 +30,7 @@ from finetune.sections import (
     StrictModel,
     TrainSection,
     ValidationSection,
+    check_memory_options,
 )
 
 SECTIONS = ("model", "data", "method", "train", "validation", "export", "logging")
@@ -58,6 +59,7 @@ class Recipe(StrictModel):
         family = family_for(self.model)  # None for a hub id that is not cached: the loader checks then
         if family is not None:
             family.check_recipe(self)
+        check_memory_options(self)
         if d.cache_text is True and m.trains_text_encoder():
             raise ValueError(
                 f"data.cache_text cannot be used with method '{m.name}' training the text encoder: "

@@ -3,6 +3,7 @@
     accelerate launch finetune/run.py recipes/lora.yaml [key.path=value ...]
     python -m finetune recipes/lora.yaml --check        # validate, scan the data, load no model
     finetune recipes/lora.yaml --print                  # show the fully resolved recipe
+    finetune estimate recipes/lora.yaml [overrides]     # expected peak GPU memory, no weights read
     finetune env                                        # versions and device, for bug reports
     finetune studio [--host H] [--port N] [--root DIR]  # the local web studio (finetune/studio/)
 
@@ -35,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="validate the recipe, scan the data, and exit")
     mode.add_argument("--print", dest="print_", action="store_true", help="print the resolved recipe and exit")
+    mode.add_argument("--estimate", action="store_true",
+                      help="print the expected peak accelerator memory (built from configs, no weights) and exit")
     return p
 
 
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         from finetune.studio.cli import main as studio
 
         return studio(argv[1:])
+    if argv[:1] == ["estimate"]:  # `finetune estimate RECIPE ...` = `finetune RECIPE ... --estimate`
+        argv = [*argv[1:], "--estimate"]
     args = _parser().parse_intermixed_args(argv)
     import logging
 
@@ -65,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.print_:
             print(dump_recipe(recipe), end="")
+            return
+        if args.estimate:
+            from finetune.memory.estimate import estimate, report
+
+            print(report(recipe, estimate(recipe)))
             return
         if args.check:
             from finetune.data.check import check_data

@@ -68,6 +68,16 @@ class ModelSection(StrictModel):
         None, ge=0.0, le=100.0,
         description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0.",
     )
+    quantize: Literal["none", "nf4", "int8", "fp8"] = Field(
+        "none",
+        description="Store the frozen denoiser's linear weights quantized (QLoRA): 'nf4' (bitsandbytes 4-bit "
+        "NormalFloat, ~0.52 bytes/weight), 'int8' (bitsandbytes LLM.int8, ~1 byte), 'fp8' (float8 e4m3 storage, "
+        "upcast per layer to the compute dtype). Adapters train on top in fp32; exports never hold quantized "
+        "weights. See docs/memory.md.",
+    )
+    quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
+        "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
+    )
 
     @field_validator("family")
     @classmethod
@@ -142,7 +152,13 @@ class TrainSection(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         "no", description="Compute precision through accelerate; trained parameters stay fp32."
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the U-Net.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory in the denoiser.")
+    block_swap: int = Field(
+        0, ge=0,
+        description="Keep the frozen weights of this many denoiser blocks (the last ones) on the CPU and stream "
+        "each in for its forward and backward (transformer families; needs gradient_checkpointing). Saves "
+        "device memory, costs host-to-device copies every step. See docs/memory.md.",
+    )
     compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
     channels_last: bool = Field(False, description="Keep U-Net convolutions in channels-last memory format.")
     min_snr_gamma: float | None = Field(
@@ -192,6 +208,16 @@ class TrainSection(StrictModel):
         if isinstance(v, dict) and not all(isinstance(w, int | float) and w > 0 for w in v.values()):
             raise ValueError("weights must be positive numbers, e.g. {clip_i: 0.5, clip_t: 0.5}")
         return v
+
+    @model_validator(mode="after")
+    def _block_swap(self):
+        if self.block_swap and not self.gradient_checkpointing:
+            raise ValueError("train.block_swap needs train.gradient_checkpointing: true (without it the graph keeps "
+                             "every streamed block on the device until the backward, and nothing is saved)")
+        if self.block_swap and self.compile:
+            raise ValueError("train.block_swap swaps weights between steps of a block, which torch.compile cannot "
+                             "trace; set train.compile: false")
+        return self
 
     @field_validator("resume")
     @classmethod
@@ -354,3 +380,11 @@ def _installed(package: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(package) is not None
+
+
+def check_memory_options(recipe) -> None:
+    """Memory options that do not combine (recipe time; a ValueError naming the key)."""
+    if recipe.train.block_swap and recipe.model.quantize in ("nf4", "int8"):
+        raise ValueError(f"train.block_swap streams plain (or fp8) weights; with model.quantize: "
+                         f"{recipe.model.quantize} the blocks are already small: set train.block_swap: 0 or "
+                         "model.quantize: fp8 / none")

@@ -3,6 +3,8 @@
 
     python tools/bench.py                                   # toy base, every variant, batch 8
     python tools/bench.py --model sd15 --batch 1 4 --precision bf16 --variants latent+text-cache
+    python tools/bench.py --model toy --quantize nf4        # QLoRA: nf4 / int8 / fp8 frozen weights
+    python tools/bench.py --model flux-tiny --variants grad-checkpointing --block-swap 2   # vs --block-swap 0
     python tools/bench.py --out output/bench                # JSON + Markdown table land there
     python tools/bench.py --profile --variants latent+text-cache   # host syncs per step + a Chrome trace
     python tools/bench.py --noise                           # per-example noise: CPU + pinned copy vs GPU
@@ -23,14 +25,23 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.bench import PHASES, VARIANTS, base_recipe, noise_paths, run_child, time_bad_recipe  # noqa: E402
+from finetune.bench import (  # noqa: E402
+    PHASES,
+    RESOLUTION,
+    VARIANTS,
+    base_recipe,
+    noise_paths,
+    run_child,
+    time_bad_recipe,
+)
 from finetune.recipe import deep_merge  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=["toy", "sd15", "sdxl", "sd35m"], default="toy",
-                   help="base to train (sd15, sdxl: public configs with random weights; use a GPU)")
+    p.add_argument("--model", choices=list(RESOLUTION), default="toy",
+                   help="base to train (toy; flux-tiny, sd3-tiny: tiny transformers; sd15, sdxl, sd35m: public "
+                   "configs with random weights, use a GPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8 toy, 1 sd15)")
     p.add_argument("--steps", type=int, default=20, help="measured steps")
@@ -40,6 +51,10 @@ def parse() -> argparse.Namespace:
     from finetune.kinds import registered_kinds
 
     p.add_argument("--adapter", choices=sorted(registered_kinds()), default="lora", help="adapter kind")
+    p.add_argument("--quantize", choices=["none", "nf4", "int8", "fp8"], default="none",
+                   help="model.quantize for every variant (the bare reference stays unquantized)")
+    p.add_argument("--block-swap", type=int, default=0, metavar="N",
+                   help="train.block_swap for every variant (turns on gradient checkpointing; flux-tiny, sd3-tiny)")
     p.add_argument("--no-bare", action="store_true", help="skip the bare denoiser reference measurement")
     p.add_argument("--out", type=Path, default=Path("output/bench"), help="folder for results.json / results.md")
     p.add_argument("--profile", action="store_true",
@@ -53,8 +68,8 @@ def parse() -> argparse.Namespace:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "batch", "s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB", "first step s",
-            *[f"{p} %" for p in PHASES], "host reads/step", "GPU syncs/step"]
+    head = ["config", "batch", "s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB",
+            "swap copies MiB/step", "first step s", *[f"{p} %" for p in PHASES], "host reads/step", "GPU syncs/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # the floor of each run and batch (rows of one run share the name's "model ...:" prefix in --collect)
     floor = {(r["name"].rpartition(":")[0], r.get("batch")): r["step_s"] for r in rows
@@ -71,6 +86,7 @@ def table(rows: list[dict]) -> str:
             r["name"], str(r["batch"]), f"{r['step_s']:.4f}", _ratio(r, floor), f"{1 / r['step_s']:.2f}",
             f"{r['batch'] / r['step_s']:.1f}", f"{r.get('peak_host_mib', 0):.0f}",
             f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-",
+            f"{r['swap_copied_mib_per_step']:.2f}" if "swap_copied_mib_per_step" in r else "-",
             f"{r['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in r else "-", *shares,
             f"{prof['host_reads_per_step']:.2f}" if prof else "", f"{syncs:.2f}" if syncs is not None else "",
         ]) + " |")
@@ -110,20 +126,24 @@ def main() -> None:
     batches = args.batch or ([8] if args.model == "toy" else [1])
     rows = []
     for batch in batches:
-        base = base_recipe(args.model, batch, args.warmup + args.steps, args.precision, args.rank, args.adapter)
+        base = base_recipe(args.model, batch, args.warmup + args.steps, args.precision, args.rank, args.adapter,
+                           args.quantize, args.block_swap)
         if not args.no_bare:
-            r = run_child("bare", base, args.warmup, args.steps)
+            bare = deep_merge(base, {"model": {"quantize": "none"}, "train": {"block_swap": 0}})
+            r = run_child("bare", bare, args.warmup, args.steps)
             rows.append({"name": "bare denoiser fwd+bwd+opt", **r})
             print(f"bare denoiser, batch {batch}: {r.get('step_s', float('nan')):.4f} s/step", flush=True)
-        for name in args.variants:
-            trace = args.out / f"trace-{name}-b{batch}.json" if args.profile else None
-            r = run_child("train", deep_merge(base, VARIANTS[name]), args.warmup, args.steps, profile=trace)
+        for variant in args.variants:
+            trace = args.out / f"trace-{variant}-b{batch}.json" if args.profile else None
+            r = run_child("train", deep_merge(base, VARIANTS[variant]), args.warmup, args.steps, profile=trace)
+            name = variant + suffix(args)
             rows.append({"name": name, "batch": batch, **r})
             print(f"{name}, batch {batch}: {json.dumps(r)}", flush=True)
     reject = time_bad_recipe()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "precision": args.precision, "rank": args.rank, "adapter": args.adapter,
-            "steps": args.steps, "warmup": args.warmup, "profile": args.profile, "bad_recipe_rejected_s": reject, "machine": machine(),
+    meta = {"model": args.model, "quantize": args.quantize, "block_swap": args.block_swap,
+            "precision": args.precision, "rank": args.rank, "adapter": args.adapter, "steps": args.steps,
+            "warmup": args.warmup, "profile": args.profile, "bad_recipe_rejected_s": reject, "machine": machine(),
             "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = f"{table(rows)}\n\nbad recipe rejected in {reject:.2f} s; machine: {meta['machine']}\n"
@@ -144,6 +164,13 @@ def bench_metrics(out: Path) -> None:
     md = f"{bench.table(rows)}\n\nmachine: {machine()}\n"
     (out / "metrics.md").write_text(md)
     print(md)
+
+
+def suffix(args) -> str:
+    """What the row's run adds to its variant: ' [nf4]', ' [block swap 2]'."""
+    parts = ([args.quantize] if args.quantize != "none" else []) + (
+        [f"block swap {args.block_swap}"] if args.block_swap else [])
+    return f" [{', '.join(parts)}]" if parts else ""
 
 
 def machine() -> str:

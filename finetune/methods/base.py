@@ -27,6 +27,12 @@ class MethodConfig(StrictModel):
         """True when text-encoder weights or embeddings change (text caching is then impossible)."""
         return False
 
+    def trains_in_place(self) -> frozenset[str]:
+        """Parts whose own weights train ('denoiser', 'text_encoders'): they load in fp32 and cannot be
+        quantized. Adapters are new weights and never count; by default a method that trains the text
+        encoder (token embeddings) trains it in place."""
+        return frozenset({"text_encoders"}) if self.trains_text_encoder() else frozenset()
+
     def adds_tokens(self) -> bool:
         """True when the method adds new token embeddings (families must support Textual Inversion)."""
         return False

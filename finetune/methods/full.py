@@ -36,11 +36,21 @@ class FullConfig(MethodConfig):
     def trains_text_encoder(self) -> bool:
         return self.train_text_encoder
 
+    def trains_in_place(self) -> frozenset[str]:
+        return frozenset({"denoiser", "text_encoders"} if self.train_text_encoder else {"denoiser"})
+
     def check_recipe(self, recipe) -> None:
-        """A family without an original single-file layout (SD3, FLUX) writes the diffusers folder only;
-        asking for the single file there is refused before anything loads."""
+        """A quantized part cannot train in place. A family without an original single-file layout (SD3,
+        FLUX) writes the diffusers folder only; asking for the single file there is refused before anything
+        loads."""
         from finetune.models.detect import family_for
 
+        if recipe.model.quantize != "none":
+            raise ValueError(f"model.quantize: {recipe.model.quantize} stores the denoiser's weights quantized, and "
+                             "method 'full' trains those weights; use method lora (QLoRA) or model.quantize: none")
+        if self.train_text_encoder and recipe.model.quantize_text_encoders != "none":
+            raise ValueError("model.quantize_text_encoders: method 'full' with train_text_encoder trains the text "
+                             "encoders' weights; set model.quantize_text_encoders: none or train_text_encoder: false")
         family = family_for(recipe.model)
         if family is None or family.single_file_writer:
             return
@@ -104,7 +114,9 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
 
-    fresh = load_components(ModelSection(**(ctx.model or ctx.recipe["model"])))  # ctx.recipe hides local paths
+    # ctx.recipe hides local paths; the export carries the base's own weights, never quantized ones
+    section = {**(ctx.model or ctx.recipe["model"]), "quantize": "none", "quantize_text_encoders": "none"}
+    fresh = load_components(ModelSection(**section))
     names = comps.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]

@@ -79,6 +79,9 @@ class LoRAConfig(MethodConfig):
     def trains_text_encoder(self) -> bool:
         return self.text_encoder.enabled
 
+    def trains_in_place(self) -> frozenset[str]:
+        return frozenset()  # adapters only: every base weight stays frozen (and may be quantized)
+
     def denoiser_targets(self, family=None) -> list[str] | str:
         """What to adapt in the denoiser, as peft takes it: module-name suffixes (the family's preset or the
         recipe's list) or one regex, narrowed to `blocks` when given."""

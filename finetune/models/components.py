@@ -1,8 +1,12 @@
 """Load the base model's components from the recipe, and freeze them.
 
 `model.base` may be a hub id, a local diffusers folder, a single-file checkpoint (.safetensors; pickle
-formats only with `model.allow_pickle`) or `toy`. Everything is loaded frozen in fp32; the trainer casts
-frozen parts to the compute dtype after the method has chosen what trains (`cast_frozen`).
+formats only with `model.allow_pickle`) or `toy`. Everything is loaded frozen: by default in fp32; the
+trainer passes a `LoadPrecision` so that frozen parts load straight in the compute dtype (a 12B FLUX
+transformer is 24 GB of host RAM in bf16, 48 GB in fp32) and only what a method trains in place loads in
+fp32. `model.quantize` / `model.quantize_text_encoders` then convert the frozen linear layers
+(finetune/models/quantize.py). The trainer casts what is left after the method has chosen what trains
+(`cast_frozen`).
 """
 
 from __future__ import annotations
@@ -136,21 +140,48 @@ def resolve_base(base: str) -> tuple[str, str]:
     return "hub", base
 
 
-def load_components(model: ModelSection) -> Components:
-    """Load and freeze the base named by the recipe's `model` section."""
+@dataclass(frozen=True)
+class LoadPrecision:
+    """The dtypes a base loads in. Frozen weights load straight in `compute`; the VAE in `vae`; the parts
+    whose own weights a method trains (`trained`: 'denoiser', 'text_encoders') in fp32, so their fp32
+    master weights come from the file, not from a rounded copy."""
+
+    compute: torch.dtype = torch.float32
+    vae: torch.dtype = torch.float32
+    trained: frozenset[str] = frozenset()
+
+    def by_component(self) -> dict[str, torch.dtype]:
+        """`from_pretrained`'s per-component dtypes (any family's component names; 'default' for the rest)."""
+        fp32 = torch.float32
+        denoiser = fp32 if "denoiser" in self.trained else self.compute
+        text = fp32 if "text_encoders" in self.trained else self.compute
+        out = {"default": self.compute, "vae": self.vae, "unet": denoiser, "transformer": denoiser}
+        out |= {f"text_encoder{s}": text for s in ("", "_2", "_3")}
+        return out
+
+    def single(self) -> torch.dtype:
+        """One dtype for a single-file load (diffusers takes only one there): the compute dtype when every
+        part may load in it, else fp32 (cast down afterwards)."""
+        return self.compute if not self.trained and self.vae == self.compute else torch.float32
+
+
+def load_components(model: ModelSection, precision: LoadPrecision | None = None) -> Components:
+    """Load and freeze the base named by the recipe's `model` section (fp32 unless `precision` says)."""
+    precision = precision or LoadPrecision()
     kind, where = resolve_base(model.base)
-    vae = _load_vae(model) if model.vae else None
+    vae = _load_vae(model, precision.vae) if model.vae else None
     if kind == "file":
         _refuse_pickle(model, where)
         family = _chosen(model) or family_of_checkpoint(where, model.allow_pickle)
-        pipe = _load_single_file(model, where, family, vae)
+        pipe = _load_single_file(model, where, family, vae, precision.single())
         family = _chosen(model) or family
     else:
-        pipe = _load_pretrained(model, kind, where, vae)
+        pipe = _load_pretrained(model, kind, where, vae, precision.by_component())
         family = _chosen(model) or _detect(pipe, model.base)
     _check_fits(pipe, family, model)
     comps = _from_pipeline(pipe, family, model, where)
     freeze(comps)
+    quantize_components(comps, model, precision.compute)
     return comps
 
 
@@ -163,6 +194,18 @@ def _check_fits(pipe, family: Family, model: ModelSection) -> None:
     if missing:
         raise ModelError(f"model.base '{model.base}' has no {missing[0]} for a {family.name} model "
                          f"(model.family: {model.family}); set model.family: auto, or the base's own family")
+
+
+def quantize_components(comps: Components, model: ModelSection, compute: torch.dtype) -> None:
+    """`model.quantize` (denoiser) and `model.quantize_text_encoders`: frozen linear layers converted in
+    place; nf4 / int8 weights are quantized when the trainer moves each part to its device."""
+    from finetune.models.quantize import quantize_module
+
+    if model.quantize != "none":
+        quantize_module(comps.denoiser, model.quantize, compute, what="model.quantize")
+    if model.quantize_text_encoders != "none":
+        for enc in comps.text_encoders:
+            quantize_module(enc, model.quantize_text_encoders, compute, what="model.quantize_text_encoders")
 
 
 def _chosen(model: ModelSection) -> Family | None:
@@ -188,7 +231,7 @@ def _pipeline_class(model: ModelSection):
     return diffusers.DiffusionPipeline
 
 
-def _load_vae(model: ModelSection):
+def _load_vae(model: ModelSection, dtype: torch.dtype = torch.float32):
     """`model.vae`: a replacement VAE (e.g. an fp16-safe SDXL VAE), a diffusers folder or hub id."""
     from diffusers import AutoencoderKL
 
@@ -197,14 +240,15 @@ def _load_vae(model: ModelSection):
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         raise ModelError(f"model.vae '{model.vae}': give a diffusers VAE folder or hub id, not a single file")
     try:
-        return AutoencoderKL.from_pretrained(where, dtype=torch.float32)
+        return AutoencoderKL.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ModelError(_load_failure(model.vae, kind, e, key="model.vae")) from None
 
 
-def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None):
+def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None, dtypes: dict | None = None):
     cls = _pipeline_class(model)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "revision": model.revision, "variant": model.variant}
+    kwargs: dict[str, Any] = {"dtype": dtypes or torch.float32, "revision": model.revision,
+                              "variant": model.variant}
     if vae is not None:
         kwargs["vae"] = vae
     for name in model.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
@@ -244,14 +288,14 @@ def _refuse_pickle(model: ModelSection, where: str) -> None:
         )
 
 
-def _load_single_file(model: ModelSection, where: str, family: Family, vae=None):
+def _load_single_file(model: ModelSection, where: str, family: Family, vae=None, dtype=torch.float32):
     """An original-layout checkpoint through diffusers' from_single_file, as the detected family's pipeline.
     diffusers needs the matching diffusers configs: `model.config`, else it fetches the family's reference
     repo from the hub (impossible offline, and wrong for v-prediction SD 2.x bases without the config)."""
     import diffusers
 
     cls = getattr(diffusers, family.pipeline_class)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if vae is not None:
         kwargs["vae"] = vae
     if model.config:
@@ -337,8 +381,14 @@ def freeze(comps: Components) -> None:
 
 
 def cast_frozen(comps: Components, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
-    """Frozen weights to the compute dtype; trained parameters stay (or become) fp32."""
+    """Frozen weights to the compute dtype; trained parameters stay (or become) fp32; weights stored
+    quantized (bitsandbytes bytes, fp8) keep their form."""
+    from finetune.models.quantize import is_stored_quantized
+
     for name, module in comps.named_modules().items():
         target = vae_dtype if name == "vae" else dtype
         for p in module.parameters():
-            p.data = p.data.to(torch.float32 if p.requires_grad else target)
+            if p.requires_grad:  # peft gives an adapter its base layer's float dtype: fp8 storage too
+                p.data = p.data.to(torch.float32)
+            elif not is_stored_quantized(p):
+                p.data = p.data.to(target)

@@ -95,6 +95,9 @@ class Family:
     default_sampler: str = "ddim"
     #: validation guidance scale when the recipe leaves `validation.guidance_scale` null
     default_guidance: float = 7.5
+    #: the denoiser's block lists (ModuleList attributes), in order: what `train.block_swap` streams from the
+    #: CPU (families whose gradient checkpointing wraps each block of these lists)
+    swap_blocks: tuple[str, ...] = ()
     #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
     cache_text_by_default: bool = False
     #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders
@@ -169,6 +172,9 @@ class Family:
         if recipe.method.adds_tokens() and not self.textual_inversion:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
+        if recipe.train.block_swap and not self.swap_blocks:
+            raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
+                             "denoiser has no block lists to swap: set train.block_swap: 0")
         bad = [n for n in model.drop_text_encoders if n not in self.optional_text_encoders]
         if bad:
             can = ", ".join(self.optional_text_encoders) or "none"

@@ -167,3 +167,50 @@ def _sd35m():
         tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer, pad_token="!"), tokenizer_3=None,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
     )
+
+
+# FLUX.1 [dev]: 19 double-stream + 38 single-stream blocks, 24 heads of 128 (3072 wide), guidance embedding;
+# CLIP-L (pooled) and T5-XXL v1.1 (4096 wide, 24 layers); a 16-channel VAE (the published config.json files)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
+)
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, dense_act_fn="gelu_new", feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False, tie_word_embeddings=False,
+)
+FLUX_VAE = SD3_VAE | dict(scaling_factor=0.3611, shift_factor=0.1159)
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+
+
+def reference_modules(model: str) -> tuple[str, dict]:
+    """(family name, {component: module}) of a reference architecture built on the meta device (shapes
+    only, no memory): what `finetune estimate` sizes when a hub base is not in the local cache."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        if model == "sd15":
+            return "sd1", {
+                "unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD_VAE),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
+        if model in ("flux-dev", "flux-schnell"):
+            return "flux", {
+                "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER,
+                                                      guidance_embeds=model == "flux-dev"), "vae": AutoencoderKL(**FLUX_VAE),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+                "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL))}
+    if model == "sdxl":
+        return "sdxl", sdxl_modules("meta")
+    raise ValueError(f"no reference architecture {model!r}; known: sd15, sdxl, flux-dev, flux-schnell")
+
+
+#: hub ids whose architecture `reference_modules` builds (same shapes as the published weights)
+REFERENCE_IDS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
+}

@@ -169,7 +169,7 @@ def validate(t, step: int) -> Path | None:
         modes = [m.training for m in modules]
         pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         res = t.recipe.data.resolution
-        with acc.autocast():
+        with acc.autocast(), t.vae_on_device():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                           text=t.prompt_cache, family=t.comps.family,
                           max_sequence_length=t.comps.max_sequence_length)

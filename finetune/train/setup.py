@@ -165,3 +165,14 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_text_cache(recipe: Recipe, family, method) -> bool:
+    """`data.cache_text: auto` made concrete: cache where the family's encoders are large and captions never
+    change (the trainer and `finetune estimate` ask the same question)."""
+    d = recipe.data
+    if d.cache_text != "auto":
+        return bool(d.cache_text)
+    varies = any(d.caption_rules(src).varies for src in d.sources)
+    return bool(family.cache_text_by_default and not method.config.trains_text_encoder() and not varies
+                and not hasattr(method, "prepare_captions"))

@@ -9,6 +9,7 @@ only does the step, and keeps the run safe: checkpoints, clean interrupts, non-f
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,12 @@ class Trainer:
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
-        comps = load_components(recipe.model)
+        comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
             recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
-        vae_dtype = self._vae_dtype(comps)
+        vae_dtype = self._vae_dtype(comps.family)
         cast_frozen(comps, self.dtype, vae_dtype)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
         denoiser = comps.denoiser
@@ -72,16 +73,18 @@ class Trainer:
         if self.cfg.compile:
             denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same
         device = acc.device
-        denoiser.to(device)
         comps.vae.to(device)
         for enc in comps.text_encoders:
-            enc.to(device)
-        self.comps = comps
+            enc.to(device)  # (quantized encoders are quantized on this move)
+        self.comps, self.swap = comps, None
         if recipe.data.prior is not None:
+            self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
         self._resolve_text_cache()
         self.data = self._build_data(vae_dtype)
         self.prompt_cache = self._release_text_encoders()
+        self.vae_released = self._release_vae()
+        self._place_denoiser()  # after the caches, so encoders and denoiser need not share a small card
         self._build_optimization(groups)
         self.state = ckpt.TrainState(dataset_fingerprint=self.data.fingerprint,
                                      recipe_fingerprint=resume_fingerprint(recipe))
@@ -91,11 +94,49 @@ class Trainer:
         self.stop_seen = False  # a stop request from any process, as of the last optimizer step
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _vae_dtype(self, comps) -> torch.dtype:
+    def _vae_dtype(self, family) -> torch.dtype:
         choice = self.recipe.model.vae_dtype
         if choice != "auto":
             return DTYPES[choice]
-        return torch.float32 if comps.family.vae_fp16_unsafe else self.dtype
+        return torch.float32 if family is None or family.vae_fp16_unsafe else self.dtype
+
+    def _precision(self):
+        """Load frozen parts straight in the compute dtype; what the method trains in place in fp32."""
+        from finetune.models.components import LoadPrecision
+        from finetune.models.detect import family_for
+
+        vae = self._vae_dtype(family_for(self.recipe.model))  # configs only; unknown family: fp32
+        return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
+
+    def _place_denoiser(self) -> None:
+        """Move the denoiser to the device (nf4 / int8 layers are quantized on this move); with
+        `train.block_swap` the last blocks' frozen weights stay on the CPU and stream in (models/offload.py)."""
+        if self.swap is not None:
+            return
+        if self.cfg.block_swap:
+            from finetune.models.offload import BlockSwap
+
+            self.swap = BlockSwap(self.comps.denoiser, self.comps.family, self.cfg.block_swap, self.acc.device)
+        else:
+            self.comps.denoiser.to(self.acc.device)
+
+    def _release_vae(self) -> bool:
+        """With every latent cached, the VAE only decodes validation grids: it waits on the CPU and
+        `vae_on_device` lends it to the device for them."""
+        if not self.recipe.data.cache_latents or self.acc.device.type == "cpu":
+            return False
+        self.comps.vae.to("cpu")
+        return True
+
+    @contextmanager
+    def vae_on_device(self):
+        if self.vae_released:
+            self.comps.vae.to(self.acc.device)
+        try:
+            yield
+        finally:
+            if self.vae_released:
+                self.comps.vae.to("cpu")
 
     def _ensure_class_images(self) -> None:
         """DreamBooth: generate the missing class images with the untouched base (main process first)."""
@@ -106,11 +147,11 @@ class Trainer:
 
     def _resolve_text_cache(self) -> None:
         """`data.cache_text: auto`: cache where the family's encoders are large and captions never change."""
+        from finetune.train.setup import resolve_text_cache
+
         d = self.recipe.data
         if d.cache_text == "auto":
-            varies = any(d.caption_rules(src).varies for src in d.sources)
-            d.cache_text = bool(self.comps.family.cache_text_by_default and not self.method.config.trains_text_encoder()
-                                and not varies and not hasattr(self.method, "prepare_captions"))
+            d.cache_text = resolve_text_cache(self.recipe, self.comps.family, self.method)
 
     def _release_text_encoders(self) -> dict | None:
         """With every caption cached and no encoder trained, the encoders are only needed for the validation
@@ -155,7 +196,10 @@ class Trainer:
         # accelerate writes optimizer/scheduler/RNG; trained weights we save ourselves (trainable only)
         acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         acc.register_load_state_pre_hook(lambda models, inp: models.clear())
-        prepared = acc.prepare(*[modules[n] for n in self.trained_names], optimizer, scheduler)
+        # a block-swapped denoiser is placed already: accelerate must not move its CPU-held blocks to the device
+        placement = [self.swap is None or n != self.comps.denoiser_name for n in self.trained_names]
+        prepared = acc.prepare(*[modules[n] for n in self.trained_names], optimizer, scheduler,
+                               device_placement=[*placement, True, True])
         self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})

@@ -1,0 +1,115 @@
+"""Block swap (`train.block_swap: N`): the frozen weights of the denoiser's last N blocks live on the CPU and
+are streamed to the device for each block's forward, then dropped.
+
+The family names the denoiser's block lists (`Family.swap_blocks`: FLUX's double- and single-stream blocks,
+SD3's joint blocks). A forward pre-hook on each swapped block copies its frozen weights in; a forward hook
+points them back at their CPU copies. Trained parameters (the adapters inside those blocks) stay on the
+device with their gradients and optimizer state.
+
+Why this is correct and saves memory only with gradient checkpointing (the recipe requires it): autograd
+keeps the tensors a forward used until their backward. Under per-block checkpointing nothing of a block's
+forward is kept; its backward re-runs the forward, which fires the pre-hook again, so the block's weights are
+on the device exactly while its recomputed forward and its backward need them (the recomputed graph holds
+the copies, freed when that block's backward ends). Without checkpointing the copies would stay referenced
+by the graph until the backward: right results, no saving. torch's non-reentrant checkpoint stops a
+recomputed forward as soon as it has rebuilt the last tensor the backward needs ("early stop"): the block's
+forward hook then never runs, its weights would keep pointing at the device copies, and by the end of the
+backward every swapped block would sit on the device. So the denoiser's checkpoints here recompute each
+block to its end (tests/test_offload.py catches the difference).
+
+Copies are synchronous (from pinned memory on CUDA); overlapping the next block's copy with this block's
+compute on a side stream is not done here (docs/memory.md gives the measured and the computed cost).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils.checkpoint
+
+from finetune.errors import ModelError
+
+
+class BlockSwap:
+    def __init__(self, denoiser: torch.nn.Module, family, count: int, device: Any):
+        blocks = swappable_blocks(denoiser, family)
+        if not blocks:
+            raise ModelError(f"train.block_swap: the {family.name} family's denoiser has no block lists to swap "
+                             "(transformer families: sd3, flux); set train.block_swap: 0")
+        if count > len(blocks):
+            raise ModelError(f"train.block_swap: {count} is more than the denoiser's {len(blocks)} blocks; use at "
+                             f"most {len(blocks)}")
+        self.device = torch.device(device)
+        self.blocks = blocks[len(blocks) - count:]
+        self.home: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.resident = self.max_resident = self.bytes_moved = self.loads = 0
+        self._place(denoiser)
+        _recompute_to_the_end(denoiser)
+        for block in self.blocks:
+            block.register_forward_pre_hook(self._load)
+            block.register_forward_hook(self._unload)
+
+    # --------------------------------------------------------------------------------------- set-up
+    def _place(self, denoiser: torch.nn.Module) -> None:
+        """Frozen weights of the swapped blocks to (pinned) CPU memory, everything else to the device."""
+        pin = self.device.type == "cuda"
+        for block in self.blocks:
+            for p in block.parameters():
+                if not p.requires_grad:
+                    home = p.data.to("cpu")
+                    self.home[p] = home.pin_memory() if pin else home
+                    p.data = self.home[p]
+        for p in denoiser.parameters():
+            if p not in self.home:
+                p.data = p.data.to(self.device)
+        for module in denoiser.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+
+    def swapped_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.home.values())
+
+    # --------------------------------------------------------------------------------------- hooks
+    def _frozen(self, block: torch.nn.Module):
+        return [p for p in block.parameters() if p in self.home]
+
+    def _load(self, block, args) -> None:
+        moved = 0
+        for p in self._frozen(block):
+            # copy=True: a real copy even when device and home are the same (the CPU tests exercise it)
+            p.data = self.home[p].to(self.device, non_blocking=True, copy=True)
+            moved += p.numel() * p.element_size()
+        self.loads += 1
+        self.bytes_moved += moved
+        self.resident += moved
+        self.max_resident = max(self.max_resident, self.resident)
+
+    def _unload(self, block, args, output) -> None:
+        for p in self._frozen(block):
+            self.resident -= p.numel() * p.element_size()
+            p.data = self.home[p]  # the device copy lives on only where the autograd graph holds it
+
+
+def _recompute_to_the_end(denoiser: torch.nn.Module) -> None:
+    """Use a checkpoint function without early stop (see the module's docstring) where checkpointing is on."""
+    inner = _unwrapped(denoiser)
+    if getattr(inner, "is_gradient_checkpointing", False):
+        inner.enable_gradient_checkpointing(_checkpoint_whole_block)
+
+
+def _checkpoint_whole_block(module, *args):
+    # diffusers' own function, with the recomputation run to the block's end so its forward hook fires
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, early_stop=False)
+
+
+def _unwrapped(denoiser: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(denoiser, "module", denoiser)
+    return getattr(inner, "_orig_mod", inner)
+
+
+def swappable_blocks(denoiser: torch.nn.Module, family) -> list[torch.nn.Module]:
+    """The denoiser's blocks in the family's block lists, in order (a wrapped denoiser is unwrapped)."""
+    inner = _unwrapped(denoiser)
+    return [block for name in family.swap_blocks for block in getattr(inner, name, [])]
