@@ -121,19 +121,22 @@ def test_vae_raw_latents_need_flux_shift_and_scale(pipe):
 def test_flux_base_renders_prompts_in_a_stock_pipeline(pipe):
     import torch
 
+    prompts, seeds = ["a red circle", "a blue square"], (0, 1, 2, 3)
     out = pipe(
-        ["a red circle", "a blue square"],
-        negative_prompt=["", ""],
+        [p for p in prompts for _ in seeds],
+        negative_prompt=[""] * 8,
         true_cfg_scale=build_flux.SAMPLER["guidance"],
         num_inference_steps=12,
         max_sequence_length=build_flux.MAX_SEQUENCE_LENGTH,
-        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        generator=[torch.Generator().manual_seed(s) for _ in prompts for s in seeds],
         height=64,
         width=64,
     )
-    assert [im.size for im in out.images] == [(64, 64)] * 2
+    assert [im.size for im in out.images] == [(64, 64)] * 8
     assert world.to_array(out.images).std() > 10, "a blank image means the transformer produced nothing"
-    assert [score.colour_of(im) for im in out.images] == ["red", "blue"]
+    colours = [score.colour_of(im) for im in out.images]
+    # the base gets colours right 92% of the time (docs/toy.md): at least 3 of 4 seeds per prompt
+    assert colours[:4].count("red") >= 3 and colours[4:].count("blue") >= 3, colours
 
 
 # ---------------------------------------------------------------------------------------------- build code

@@ -163,8 +163,11 @@ class LoRAMethod:
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
         alpha = cfg.alpha or cfg.rank
-        _add_adapter(comps.denoiser, peft_adapter_config(cfg, cfg.rank, alpha, cfg.denoiser_targets(comps.family)),
-                     "method.targets", cfg.targets)
+        config = peft_adapter_config(cfg, cfg.rank, alpha, cfg.denoiser_targets(comps.family))
+        # modules whose output reaches nothing (Qwen-Image's last text stream) would never train, and DDP
+        # refuses parameters without gradients: the family names them, peft leaves them out
+        config.exclude_modules = comps.family.unused_modules(comps.denoiser) or None
+        _add_adapter(comps.denoiser, config, "method.targets", cfg.targets)
         groups = [{"params": _trainable(comps.denoiser), "lr": train_lr}]
         self.adapted = [comps.denoiser_name]
         te = cfg.text_encoder

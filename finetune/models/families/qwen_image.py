@@ -96,6 +96,15 @@ class QwenImageFamily(Family):
         # vae_scale_factor 1 makes _unpack_latents take latent-space sizes; it returns one frame: [B, C, 1, H, W]
         return QwenImagePipeline._unpack_latents(out, h, w, 1).squeeze(2)
 
+    def unused_modules(self, denoiser) -> list[str]:
+        """The last block's text-stream outputs: the image stream is all the final layer reads."""
+        import torch
+
+        inner = getattr(getattr(denoiser, "module", denoiser), "_orig_mod", getattr(denoiser, "module", denoiser))
+        last = f"transformer_blocks.{len(inner.transformer_blocks) - 1}"
+        return [n for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)
+                and (n.startswith(f"{last}.attn.to_add_out") or n.startswith(f"{last}.txt_mlp."))]
+
     def check_recipe(self, recipe) -> None:
         super().check_recipe(recipe)
         refuse_text_encoder_training(self, recipe, "Qwen2.5-VL-7B")
