@@ -43,6 +43,7 @@ class Subset:
     records: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things a user should know (not fatal)
     is_prior: bool = False
+    preserve: bool = False  # a regularisation subset of base-prediction preservation (data.preservation)
 
 
 @dataclass

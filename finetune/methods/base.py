@@ -31,6 +31,11 @@ class MethodConfig(StrictModel):
         """True when the method adds new token embeddings (families must support Textual Inversion)."""
         return False
 
+    def switchable_adapters(self) -> bool:
+        """True when everything the method trains is peft adapters, which can be switched off to get the base's
+        own prediction (base-prediction preservation, data.preservation)."""
+        return False
+
     def check_recipe(self, recipe) -> None:
         """Checks that need the rest of the recipe (e.g. the base's vocabulary); raise ValueError naming the key."""
 
