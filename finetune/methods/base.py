@@ -32,8 +32,8 @@ class MethodConfig(StrictModel):
         return False
 
     def switchable_adapters(self) -> bool:
-        """True when everything the method trains is peft adapters, which can be switched off to get the base's
-        own prediction (base-prediction preservation, data.preservation)."""
+        """True when the method changes the denoiser only through peft adapters, which can be switched off to get
+        the base's own prediction (base-prediction preservation, data.preservation; validation drift)."""
         return False
 
     def check_recipe(self, recipe) -> None:

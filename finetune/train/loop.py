@@ -222,12 +222,13 @@ def _base_rows(t):
 
     v, res = t.recipe.validation, t.recipe.data.resolution
     modules = [t.comps.named_modules()[n] for n in t.trained_names]
+    modes = [m.training for m in modules]
     with adapters_off(modules), t.acc.autocast():
         pipe = make_pipeline(t.comps, v)
         t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
                              text=t.prompt_cache, family=t.comps.family)
-    for m in modules:
-        m.train(True)
+    for m, mode in zip(modules, modes, strict=True):
+        m.train(mode)
     return t.base_rows
 
 

@@ -102,7 +102,8 @@ def element_loss(pred: torch.Tensor, target: torch.Tensor, shape=None, snr=None,
     if shape is None or shape.type == "mse":
         return diff**2
     c = huber_c(shape, snr.float(), t_frac.float()).view(-1, *([1] * (diff.ndim - 1)))
-    root = torch.sqrt(diff**2 + c**2) - c
+    sq = diff**2
+    root = sq / (torch.sqrt(sq + c**2) + c)  # = sqrt(d^2 + c^2) - c, without cancellation for small d
     return 2 * c * root if shape.type == "huber" else 2 * root
 
 
