@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "toy" / "lora.yaml"
 TRIGGER, UNRELATED = "a sks heart", "a blue square"
 # "a blue square"'s pixel drift from the base after the demo as it was before preservation (recipes/toy/lora.yaml
-# at commit af8f3e9: world images trained toward the noise, 400 steps), measured with finetune.toy.score
-BEFORE_DRIFT = 0.0
+# at commit af8f3e9: world images trained toward the noise, 400 steps; "a sks heart" 0.261, "a blue square"
+# colour 5/8 and shape 8/8 against the base's 7/8 and 8/8), measured with finetune.toy.score.drift_scores
+BEFORE_DRIFT = 0.356
 
 
 def _scores(out: Path) -> dict:

@@ -159,3 +159,41 @@ def test_every_source_preserved_or_nothing_marked_is_refused(tmp_path, tiny_base
     path.write_text(yaml.safe_dump(data))
     with pytest.raises((UserError, ValueError), match="data.preservation.prompt"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.loss.huber_c=0.2", "train.loss.huber_c applies to type huber"),
+    ("train.loss.type=l1", "train.loss.type"),
+    ("train.loss={type: huber, huber_schedule: cosine}", "train.loss.huber_schedule"),
+    ("data.masks={unmasked_weight: 2}", "data.masks.unmasked_weight"),
+    ("data.preservation.share=0", "data.preservation.share"),
+    ("data.preservation.weight=-1", "data.preservation.weight"),
+    ("data.sources.0.variants=true", "variants applies to subject: world"),
+    ("data.prior={class_prompt: a heart, class_dir: /tmp/x}", "use one"),
+])
+def test_every_new_option_is_checked_in_one_line(override, key):
+    from finetune.errors import UserError
+    from finetune.recipe import load_recipe
+    from tests.helpers import ROOT
+
+    with pytest.raises((UserError, ValueError)) as err:
+        load_recipe(ROOT / "recipes" / "toy" / "lora.yaml", [override])
+    text = str(err.value).strip()
+    assert key in text and "\n" not in text, text
+
+
+def test_drift_is_measured_for_world_prompts_only():
+    from finetune.toy import world
+    from finetune.toy.score import drift_scores, is_world_prompt
+
+    assert is_world_prompt("a blue square") and is_world_prompt("a star")
+    assert not is_world_prompt("a sks heart") and not is_world_prompt("a <sks>") and not is_world_prompt("a heart")
+    base = [[world.draw("square", "blue", "white", 32, 32, 16), world.draw("square", "blue", "black", 32, 32, 16)]]
+    same = drift_scores(base, base, ["a blue square"])
+    assert same == {"a blue square | colour": 1.0, "a blue square | shape": 1.0, "a blue square | drift": 0.0}
+    moved = [[world.draw("circle", "red", "white", 32, 32, 16), base[0][1]]]
+    out = drift_scores(moved, base, ["a blue square"])
+    assert out["a blue square | colour"] == 0.5 and out["a blue square | shape"] == 0.5
+    assert 0.0 < out["a blue square | drift"] < 0.5
+    assert drift_scores(moved, base, ["a sks heart"]) == {}
+    assert "a blue square | drift" not in drift_scores(moved, None, ["a blue square"])

@@ -98,6 +98,16 @@ class ToySource(_Source):
     count: int = Field(16, ge=1, le=100_000, description="How many images to draw.")
     seed: int = Field(0, ge=0, description="Seed of the drawing.")
     prompt: str | None = Field(None, description="Caption for every image; default the world's own captions.")
+    variants: bool = Field(
+        False, description="World images: caption each with a random short variant ('a blue square', 'blue "
+        "square', ...) as the base was trained, instead of the full 'a blue square on a white background'.",
+    )
+
+    @model_validator(mode="after")
+    def _variants(self):
+        if self.variants and self.subject != "world":
+            raise ValueError("variants applies to subject: world (held-out subjects have one caption form)")
+        return self
 
 
 Source = Annotated[

@@ -262,7 +262,7 @@ def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
     from finetune.toy import world  # lazy: drawing code is only needed for toy runs
 
     if src.subject == "world":
-        pairs = world.world_images(src.count, src.seed)
+        pairs = world.world_images(src.count, src.seed, variants=src.variants)
     else:
         pairs = world.subject_images(src.subject, src.count, src.seed)
     sub = _subset(src, data, probs)
