@@ -103,6 +103,10 @@ class ToySource(_Source):
         "square', ...) as the base was trained, instead of the full 'a blue square on a white background'.",
     )
 
+    masks: bool = Field(
+        False, description="Give every image its object mask (white on the shape, black elsewhere) for data.masks.",
+    )
+
     @model_validator(mode="after")
     def _variants(self):
         if self.variants and self.subject != "world":

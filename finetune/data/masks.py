@@ -42,6 +42,8 @@ def _alpha(data: bytes) -> Image.Image | None:
 
 def read_mask(record, cfg) -> Image.Image | None:
     """The record's mask as an upright 8-bit greyscale image, or None when it has none."""
+    if record.mask is not None:
+        return Image.open(io.BytesIO(record.mask)).convert("L")
     path = mask_file(record, cfg)
     try:
         if path is not None:
@@ -58,6 +60,8 @@ def read_mask(record, cfg) -> Image.Image | None:
 
 def mask_digest(record, cfg) -> str:
     """What a cache key needs to miss when a mask changes: its file's bytes, or the image's (alpha)."""
+    if record.mask is not None:
+        return hashlib.blake2b(record.mask, digest_size=16).hexdigest()
     path = mask_file(record, cfg)
     if path is None:
         return f"alpha:{cfg.alpha}"

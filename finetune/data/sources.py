@@ -11,6 +11,7 @@ import io
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from finetune.data.captions import apply_rules
@@ -272,8 +273,21 @@ def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
         rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption,
                           buf.getvalue(), probs)
         if rec is not None:
-            sub.records.append(rec)
+            sub.records.append(replace(rec, mask=_toy_mask(img)) if src.masks else rec)
     return [sub]
+
+
+def _toy_mask(img) -> bytes:
+    """The object's mask as PNG bytes: the toy scorer's saturation mask, grown by a pixel for the soft edge."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from finetune.toy.score import foreground
+
+    mask = Image.fromarray((foreground(img) > 0.1).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 SCANNERS = {
