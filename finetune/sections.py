@@ -132,9 +132,9 @@ class LossSection(StrictModel):
 
     @model_validator(mode="after")
     def _huber_only(self):
-        if self.type == "mse":
+        if self.type == "mse":  # compared with the defaults: a resolved recipe written back holds every key
             for key in ("huber_c", "huber_schedule"):
-                if key in self.model_fields_set:
+                if getattr(self, key) != type(self).model_fields[key].default:
                     raise ValueError(f"train.loss.{key} applies to type huber or smooth_l1, not mse; remove it "
                                      "or set train.loss.type")
         return self

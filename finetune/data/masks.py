@@ -2,7 +2,8 @@
 
 An image's mask is a same-stem greyscale file in the mask folder (default `masks/` beside the image: white =
 learn here, black = ignore), or else its alpha channel. The mask goes through the same resize, crop and flip
-as its image, then is averaged down to the latent grid (`to_latent`), where the loss is weighted. The latent
+as its image, then is reduced to the latent grid (`to_latent`, a cell counts as much as its least-wanted
+pixel), where the loss is weighted. The latent
 cache stores it beside the latents, at latent resolution.
 """
 
@@ -82,13 +83,15 @@ def mask_pixels(record, cfg, c: Cover, bucket: tuple[int, int], flip: bool) -> n
 
 
 def to_latent(mask, size):
-    """[B, 1, H, W] pixel mask -> the latent grid `size` (area average: a latent cell half covered weighs 0.5).
+    """[B, 1, H, W] pixel mask -> the latent grid `size`: each latent cell takes the smallest weight among its
+    pixels. A latent cell encodes all of its pixels, so one that straddles the edge would teach the masked-out
+    part too (an area average leaked the training background into the subject in the toy test).
     A mask already at that size is returned as it is."""
     import torch.nn.functional as F
 
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
-    return F.adaptive_avg_pool2d(mask.float(), tuple(size))
+    return -F.adaptive_max_pool2d(-mask.float(), tuple(size))
 
 
 def weighted(mask, unmasked_weight: float):
