@@ -20,7 +20,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("data", "vae_encode", "text_encode", "denoiser_forward", "backward", "optimizer", "logging_validation")
+PHASES = ("data", "vae_encode", "text_encode", "denoiser_forward", "base_forward", "backward", "optimizer",
+          "logging_validation")
+_WORLD = {"type": "toy", "subject": "world", "count": 16}
 
 # name -> recipe overrides (on top of the base recipe of the chosen model)
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -32,6 +34,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"data": {"cache_latents": True, "cache_text": True}, "train": {"optimizer": "adamw8bit"}},
     "channels-last": {"data": {"cache_latents": True, "cache_text": True}, "train": {"channels_last": True}},
     "compile": {"data": {"cache_latents": True, "cache_text": True}, "train": {"compile": True}},
+    # base-prediction preservation: half of every batch also runs the base (adapters off, no gradients)
+    "preservation": {"data": {"cache_latents": True, "cache_text": True,
+                              "sources": [_WORLD, {**_WORLD, "seed": 1, "preserve": True}],
+                              "preservation": {"share": 0.5}}},
 }
 
 

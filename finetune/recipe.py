@@ -72,6 +72,8 @@ class Recipe(StrictModel):
                     f"data.cache_text with shuffled or dropped captions (data.sources.{i}) would cache one "
                     "variant forever; turn off shuffle_tags/caption_dropout/tag_dropout or data.cache_text"
                 )
+        if d.preservation is not None:
+            _check_preservation(self)
         m.check_recipe(self)
         best = self.train.keep_best
         missing = [k for k in ([best] if isinstance(best, str) else best or {}) if k not in self.validation.metrics]
@@ -109,6 +111,16 @@ class _DuplicateKey(yaml.MarkedYAMLError):
 class _StrictLoader(yaml.SafeLoader):
     """The safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
     silently, so a recipe would train with a value its author did not see."""
+
+
+def _check_preservation(recipe: Recipe) -> None:
+    m = recipe.method
+    if not m.switchable_adapters():
+        raise ValueError(f"data.preservation needs the base's own prediction, which method '{m.name}' cannot give "
+                         "(it trains no switchable adapters); use lora or pivotal, or data.prior with class images")
+    if recipe.train.batch_size < 2:
+        raise ValueError("data.preservation shares each batch between instance and preservation examples: set "
+                         "train.batch_size to 2 or more")
 
 
 def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):

@@ -130,6 +130,33 @@ class FlowSection(StrictModel):
     )
 
 
+class LossSection(StrictModel):
+    """The per-element loss and extra weightings (finetune/train/loss.py)."""
+
+    type: Literal["mse", "huber", "smooth_l1"] = Field(
+        "mse", description="Element loss: squared error, pseudo-Huber, or smooth L1 (sd-scripts' --loss_type); "
+        "Huber and smooth L1 grow linearly for large errors, so outlier images pull less.",
+    )
+    huber_c: float = Field(0.1, gt=0.0, le=10.0, description="huber / smooth_l1: where the loss turns linear.")
+    huber_schedule: Literal["constant", "exponential", "snr"] = Field(
+        "snr", description="huber / smooth_l1: how c moves with the noise level (sd-scripts' --huber_schedule): "
+        "constant, exponential in the timestep, or 'snr' (near c at high noise, near 1 (MSE-like) at low noise).",
+    )
+    debiased_estimation: bool = Field(
+        False, description="Weight each example by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), sd-scripts' "
+        "--debiased_estimation_loss: less pull from nearly clean timesteps.",
+    )
+
+    @model_validator(mode="after")
+    def _huber_only(self):
+        if self.type == "mse":  # compared with the defaults: a resolved recipe written back holds every key
+            for key in ("huber_c", "huber_schedule"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"train.loss.{key} applies to type huber or smooth_l1, not mse; remove it "
+                                     "or set train.loss.type")
+        return self
+
+
 class TrainSection(StrictModel):
     output_dir: str = Field("output/run", description="Folder for checkpoints, samples, logs and exports.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
@@ -166,6 +193,7 @@ class TrainSection(StrictModel):
     )
     noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="Offset noise strength (0.05-0.1 is usual).")
     flow: FlowSection = Field(default_factory=FlowSection, description="Rectified-flow objective options.")
+    loss: LossSection = Field(default_factory=LossSection, description="Element loss (MSE, Huber) and weightings.")
     ema: EMASection = Field(default_factory=EMASection, description="EMA of trained parameters.")
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
     keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")

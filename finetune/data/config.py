@@ -48,6 +48,10 @@ class _Source(StrictModel):
     repeats: int = Field(1, ge=1, description="How many times each image is seen per epoch.")
     caption: CaptionRules | None = Field(None, description="Caption rules for this source (default: data.caption).")
     name: str | None = Field(None, description="Label of this subset in summaries; default its path.")
+    preserve: bool = Field(
+        False, description="A regularisation source: its examples train toward the frozen base's own prediction "
+        "(base-prediction preservation, data.preservation) instead of toward the noise.",
+    )
 
 
 class FolderSource(_Source):
@@ -94,6 +98,20 @@ class ToySource(_Source):
     count: int = Field(16, ge=1, le=100_000, description="How many images to draw.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the drawing.")
     prompt: str | None = Field(None, description="Caption for every image; default the world's own captions.")
+    variants: bool = Field(
+        False, description="World images: caption each with a random short variant ('a blue square', 'blue "
+        "square', ...) as the base was trained, instead of the full 'a blue square on a white background'.",
+    )
+
+    masks: bool = Field(
+        False, description="Give every image its object mask (white on the shape, black elsewhere) for data.masks.",
+    )
+
+    @model_validator(mode="after")
+    def _variants(self):
+        if self.variants and self.subject != "world":
+            raise ValueError("variants applies to subject: world (held-out subjects have one caption form)")
+        return self
 
 
 Source = Annotated[
@@ -129,6 +147,33 @@ class PriorSection(StrictModel):
     guidance_scale: float = Field(7.5, ge=0.0, description="CFG scale when generating class images.")
 
 
+class PreservationSection(StrictModel):
+    """Base-prediction preservation: some examples of each batch train toward what the frozen base (adapters
+    switched off) predicts for them, so the adapter learns the subject and leaves the rest of the model alone."""
+
+    share: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Share of every batch that is preservation examples (rounded, at least 1)."
+    )
+    weight: float = Field(1.0, ge=0.0, description="Loss weight of the preservation examples.")
+    prompt: str | None = Field(
+        None, description="Caption the preservation examples get (e.g. DreamBooth's class prompt 'a dog'); with no "
+        "source marked preserve: true they are the instance images under this caption (no class images).",
+    )
+
+
+class MaskSection(StrictModel):
+    """Masked loss: per-image masks weight the loss in latent space (white = learn here, black = ignore)."""
+
+    folder: str = Field(
+        "masks", description="Folder of same-stem mask images, relative to each image's own folder (or absolute).",
+    )
+    alpha: bool = Field(True, description="Use an image's alpha channel as its mask when it has no mask file.")
+    unmasked_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="Loss weight of the masked-out (black) area; 0 ignores it entirely.",
+    )
+    required: bool = Field(False, description="Every image needs a mask (file or alpha); else it trains unmasked.")
+
+
 class DataSection(StrictModel):
     sources: list[Source] = Field(min_length=1, description="Image sets to train on (subsets).")
     resolution: int = Field(512, ge=64, le=4096, multiple_of=64, description="Training resolution (side of the pixel-area budget).")
@@ -149,6 +194,10 @@ class DataSection(StrictModel):
         "error", description="A corrupt or unusable image: stop with an error, or skip it with a warning."
     )
     prior: PriorSection | None = Field(None, description="DreamBooth prior preservation (class images).")
+    preservation: PreservationSection | None = Field(
+        None, description="Base-prediction preservation: regularisation examples train toward the base's prediction.",
+    )
+    masks: MaskSection | None = Field(None, description="Masked loss from mask files or alpha channels.")
 
     @model_validator(mode="after")
     def _rules(self):
@@ -163,7 +212,24 @@ class DataSection(StrictModel):
             raise ValueError(
                 f"buckets.min_side {lo} .. max_side {hi} must include the resolution {self.resolution}"
             )
+        self._check_preservation()
         return self
+
+    def _check_preservation(self) -> None:
+        marked = [i for i, s in enumerate(self.sources) if s.preserve]
+        p = self.preservation
+        if marked and p is None:
+            raise ValueError(f"data.sources.{marked[0]}.preserve needs a data.preservation section (share, weight)")
+        if p is None:
+            return
+        if self.prior is not None:
+            raise ValueError("data.preservation and data.prior both regularise: use one (data.preservation needs "
+                             "no class images; its prompt can be the class prompt)")
+        if not marked and not p.prompt:
+            raise ValueError("data.preservation: mark a regularisation source 'preserve: true', or set "
+                             "data.preservation.prompt to re-caption the instance images (e.g. 'a dog')")
+        if len(marked) == len(self.sources):
+            raise ValueError("data.sources: every source is preserve: true; leave at least one source to learn from")
 
     def caption_rules(self, source) -> CaptionRules:
         return source.caption or self.caption

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from finetune.data.cache import Cache, entry_key, fill, split_batch
 from finetune.data.captions import apply_rules
 from finetune.data.images import BadImage, Cover, cover, crop_flip, decode, resize
+from finetune.data.masks import mask_digest, mask_pixels, to_latent, weighted
 from finetune.data.plan import Example, Planner
 from finetune.data.scan import Scan, scan_data, summarize
 from finetune.errors import DataError
@@ -33,8 +34,8 @@ class Render:
     """Turns planned examples into tensors. Lives in DataLoader workers, so it holds only picklable state."""
 
     def __init__(self, records, crop: str, latents: Cache | None, latent_key: str, flips: bool,
-                 text: Cache | None, text_key: str):
-        self.records, self.crop = records, crop
+                 text: Cache | None, text_key: str, masks=None):
+        self.records, self.crop, self.masks = records, crop, masks
         self.latents, self.latent_key, self.flips = latents, latent_key, flips
         self.text, self.text_key = text, text_key
         self.memo: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
@@ -45,7 +46,15 @@ class Render:
 
     def latent_entry(self, record: int, bucket) -> str:
         rec, c = self.records[record], self.cover(record, bucket)
-        return entry_key("latents", rec.digest, bucket, [c.rh, c.rw, c.top, c.left], self.flips, self.latent_key)
+        parts = ["latents", rec.digest, bucket, [c.rh, c.rw, c.top, c.left], self.flips, self.latent_key]
+        if self.masks is not None:  # the entry holds the mask too: a changed mask is a new entry
+            parts.append(mask_digest(rec, self.masks))
+        return entry_key(*parts)
+
+    def mask(self, record: int, bucket, flip: bool = False, seed: int = 0) -> torch.Tensor:
+        """[1, H, W] in [0, 1]: the record's loss mask, resized, cropped and flipped like its pixels."""
+        arr = mask_pixels(self.records[record], self.masks, self.cover(record, bucket, seed), bucket, flip)
+        return torch.from_numpy(arr)[None]
 
     def text_entry(self, caption: str) -> str:
         return entry_key("text", caption, self.text_key)
@@ -73,18 +82,24 @@ class Render:
         return t.div_(127.5).sub_(1.0), c.top, left
 
     def batch(self, examples: list[Example]) -> dict:
-        tops, pix, lat = [], [], []
+        tops, pix, lat, masks = [], [], [], []
         for ex in examples:
             if self.latents is not None:
                 c = self.cover(ex.record, ex.bucket)
                 entry = self.latents.get(self.latent_entry(ex.record, ex.bucket))
                 lat.append(entry["latents_flip" if ex.flip else "latents"].float())
                 tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
+                if self.masks is not None:
+                    masks.append(entry["mask_flip" if ex.flip else "mask"].float())
             else:
                 t, top, left = self.pixels(ex.record, ex.bucket, ex.flip, ex.crop_seed)
                 pix.append(t)
                 tops.append((top, left))
+                if self.masks is not None:
+                    masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
+        if masks:
+            out["loss_mask"] = weighted(torch.stack(masks), self.masks.unmasked_weight)
         out["captions"] = [ex.caption for ex in examples]
         if self.text is not None:
             entries = [self.text.get(self.text_entry(ex.caption)) for ex in examples]
@@ -94,6 +109,7 @@ class Render:
         out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
         out["paths"] = [self.records[ex.record].key for ex in examples]
         out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
+        out["preserve"] = torch.tensor([ex.preserve for ex in examples], dtype=torch.bool)
         out["positions"] = torch.tensor([ex.position for ex in examples], dtype=torch.long)
         return out
 
@@ -185,6 +201,8 @@ class TrainData:
     def summary(self) -> str:
         p = self.planner
         per = f"{p.batch_size} + {p.batch_size} class images" if p.prior else str(p.batch_size)
+        if p.preserve_batch:
+            per = f"{p.instance_batch} + {p.preserve_batch} preservation examples (toward the base's prediction)"
         extra = [f"batches per epoch: {self.batches_per_epoch} per rank x {p.num_replicas} rank(s), "
                  f"batch size {per}, last batch of a bucket filled from the same bucket"] + self.notes
         return summarize(self.scan, p.seed, extra)
@@ -199,7 +217,8 @@ def _cache_root(recipe, sub: str) -> Path | None:
 
 def _latent_jobs(planner: Planner, render: Render):
     pairs = [(r, b) for b, members in planner.groups.items() for r in dict.fromkeys(members)]
-    pairs += [(r, b) for r in planner.prior for b in planner.groups]  # class images meet every bucket
+    # class images and preservation examples meet every bucket
+    pairs += [(r, b) for r in dict.fromkeys(planner.prior + planner.pool) for b in planner.groups]
     return [(render.latent_entry(r, b), b, (r, b)) for r, b in pairs]
 
 
@@ -209,6 +228,11 @@ def _encode_latents(render: Render, encoder: Callable, flips: bool):
         out = {"latents": encoder(px)}
         if flips:
             out["latents_flip"] = encoder(px.flip(-1))
+        if render.masks is not None:  # stored at the latent grid: what the loss reads
+            m = torch.stack([render.mask(r, b) for r, b in payloads])
+            out["mask"] = to_latent(m, out["latents"].shape[-2:]).to(out["latents"].device)
+            if flips:
+                out["mask_flip"] = out["mask"].flip(-1)
         return split_batch(out, len(payloads))
 
     return run
@@ -276,7 +300,7 @@ def build_train_data(
     write = rank == 0 or barrier is not None
     latents = Cache(_cache_root(recipe, "latents"), write=write) if d.cache_latents else None
     text = Cache(_cache_root(recipe, "text"), write=write) if d.cache_text is True else None
-    render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key)
+    render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key, d.masks)
     share = (rank, num_replicas) if barrier is not None else (0, 1)
     notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress, share,
                          barrier)

@@ -27,6 +27,7 @@ class Record:
     digest: str  # hash of the encoded bytes
     path: str | None = None  # the bytes are read from here ...
     blob: bytes | None = field(default=None, repr=False)  # ... or kept here (toy, hf)
+    mask: bytes | None = field(default=None, repr=False)  # a loss mask that came with the image (toy subjects)
 
     def read(self) -> bytes:
         if self.blob is not None:
@@ -43,6 +44,7 @@ class Subset:
     records: list[Record] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things a user should know (not fatal)
     is_prior: bool = False
+    preserve: bool = False  # a regularisation subset of base-prediction preservation (data.preservation)
 
 
 @dataclass

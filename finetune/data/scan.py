@@ -43,7 +43,7 @@ class Scan:
         """Changes whenever an image's bytes, a caption before rules, a repeat count or a subset change."""
         h = hashlib.blake2b(digest_size=16)
         for s in self.subsets + ([self.prior] if self.prior else []):
-            h.update(json.dumps([s.name, s.kind, s.repeats, s.is_prior]).encode())
+            h.update(json.dumps([s.name, s.kind, s.repeats, s.is_prior] + ([True] if s.preserve else [])).encode())
             for r in s.records:
                 h.update(json.dumps([r.key, r.digest, r.caption, r.size]).encode())
         return h.hexdigest()
@@ -89,6 +89,7 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
                     f"{sub.name}: subset has no usable images ({len(probs.skipped)} file(s) skipped so far); "
                     "fix or add images, or remove the source"
                 )
+            sub.preserve = src.preserve
             subsets.append(sub)
     prior = None
     if data.prior is not None and (need_prior or count_class_images(data.prior)):
@@ -112,7 +113,8 @@ def summarize(scan: Scan, seed: int = 0, extra: list[str] | None = None) -> str:
     d = scan.data
     lines = [f"data: {len(scan.subsets)} subset(s), {scan.num_images} images, {scan.num_examples} examples per epoch"]
     for sub in scan.subsets:
-        lines.append(f"  {sub.kind:8s} {sub.name}: {len(sub.records)} images x {sub.repeats} repeats")
+        role = " (preservation: toward the base's prediction)" if sub.preserve else ""
+        lines.append(f"  {sub.kind:8s} {sub.name}: {len(sub.records)} images x {sub.repeats} repeats{role}")
     if d.prior is not None:
         have = len(scan.prior.records) if scan.prior else 0
         lines.append(

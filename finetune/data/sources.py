@@ -11,6 +11,7 @@ import io
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from finetune.data.captions import apply_rules
@@ -265,7 +266,7 @@ def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
     from finetune.toy import world  # lazy: drawing code is only needed for toy runs
 
     if src.subject == "world":
-        pairs = world.world_images(src.count, src.seed)
+        pairs = world.world_images(src.count, src.seed, variants=src.variants)
     else:
         pairs = world.subject_images(src.subject, src.count, src.seed)
     sub = _subset(src, data, probs)
@@ -275,8 +276,21 @@ def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
         rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption,
                           buf.getvalue(), probs)
         if rec is not None:
-            sub.records.append(rec)
+            sub.records.append(replace(rec, mask=_toy_mask(img)) if src.masks else rec)
     return [sub]
+
+
+def _toy_mask(img) -> bytes:
+    """The object's mask as PNG bytes: the toy scorer's saturation mask, grown by a pixel for the soft edge."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from finetune.toy.score import foreground
+
+    mask = Image.fromarray((foreground(img) > 0.1).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 SCANNERS = {

@@ -37,6 +37,11 @@ class MethodConfig(StrictModel):
         """True when the method adds new token embeddings (families must support Textual Inversion)."""
         return False
 
+    def switchable_adapters(self) -> bool:
+        """True when the method changes the denoiser only through peft adapters, which can be switched off to get
+        the base's own prediction (base-prediction preservation, data.preservation; validation drift)."""
+        return False
+
     def check_recipe(self, recipe) -> None:
         """Checks that need the rest of the recipe (e.g. the base's vocabulary); raise ValueError naming the key."""
 

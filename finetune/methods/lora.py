@@ -76,6 +76,9 @@ class LoRAConfig(MethodConfig):
                                  f"presets: {', '.join(presets)}, or a list of module-name suffixes")
         return self
 
+    def switchable_adapters(self) -> bool:
+        return True
+
     def trains_text_encoder(self) -> bool:
         return self.text_encoder.enabled
 

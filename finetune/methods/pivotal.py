@@ -36,6 +36,9 @@ class PivotalConfig(MethodConfig):
     def adds_tokens(self) -> bool:
         return True
 
+    def switchable_adapters(self) -> bool:
+        return True
+
     def trains_text_encoder(self) -> bool:
         return True
 

@@ -270,6 +270,38 @@ def score_images(images, prompts=None, subject=None) -> dict:
     return out
 
 
+_WORLD_WORDS = {"a", "an", "on", "background", *world.COLOURS, *world.SHAPES, *world.BACKGROUNDS}
+
+
+def is_world_prompt(prompt: str) -> bool:
+    """True for a prompt the base already draws (only world words: 'a blue square'); a prompt with a trigger
+    or a held-out word ('a sks heart') is not one, and is scored by subject similarity instead."""
+    words = re.findall(r"[a-z<>]+", prompt.lower())
+    return bool(words) and all(w in _WORLD_WORDS for w in words)
+
+
+def pixel_drift(img, base) -> float:
+    """Mean absolute pixel difference to the base's sample with the same seed, in [0, 1] (0: identical)."""
+    return float(np.abs(_rgb(img) - _rgb(base)).mean() / 255.0)
+
+
+def drift_scores(rows, base_rows, prompts) -> dict[str, float]:
+    """For every world prompt: colour and shape accuracy against the prompt's words, and the mean pixel drift
+    from the base's samples (same seeds; skipped when `base_rows` is None). Flat keys '<prompt> | <measure>'."""
+    out: dict[str, float] = {}
+    for i, prompt in enumerate(prompts):
+        if not is_world_prompt(prompt):
+            continue
+        acc = score_images(rows[i], [prompt] * len(rows[i]))
+        for key, name in (("colour_acc", "colour"), ("shape_acc", "shape")):
+            if acc[key] is not None:
+                out[f"{prompt} | {name}"] = acc[key]
+        if base_rows is not None:
+            out[f"{prompt} | drift"] = float(np.mean([pixel_drift(a, b) for a, b in
+                                                      zip(rows[i], base_rows[i], strict=True)]))
+    return out
+
+
 def _mean(xs) -> float | None:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs) if xs else None

@@ -189,23 +189,61 @@ def validate(t, step: int) -> Path | None:
 
 
 def _score(t, rows, step: int) -> None:
-    """Toy runs: how close each prompt's samples are to the held-out subject (mean over seeds)."""
+    """Toy runs: how close each prompt's samples are to the held-out subject (mean over seeds), and for every
+    world prompt ('a blue square') its colour / shape accuracy and pixel drift from the base's samples."""
     import json
 
     from finetune.export.io import write_text_atomic
-    from finetune.toy.score import subject_similarity
+    from finetune.toy.score import drift_scores, subject_similarity
 
     v = t.recipe.validation
     scores = {p: sum(subject_similarity(im, v.score_subject) for im in row) / len(row)
               for p, row in zip(v.prompts, rows, strict=True)}
+    if step == 0:
+        t.base_rows = rows  # fresh adapters leave the base's output unchanged: these are the base's samples
+    drift = drift_scores(rows, _base_rows(t), v.prompts)
+    scores |= drift
+    n = len(v.seeds)
     t.progress.write(f"step {step}: {v.score_subject} similarity " +
-                     ", ".join(f"'{p}' {s:.3f}" for p, s in scores.items()))
+                     ", ".join(f"'{p}' {scores[p]:.3f}" for p in v.prompts) + _drift_line(drift, n))
     path = t.out / "samples" / "scores.json"
     history = json.loads(path.read_text()) if path.is_file() else {}
     history[str(step)] = scores
     write_text_atomic(path, json.dumps(history, indent=2))
     if t.recipe.logging.report_to:
-        t.acc.log({f"subject_similarity/{p}": s for p, s in scores.items()}, step=step)
+        t.acc.log({f"subject_similarity/{p}": scores[p] for p in v.prompts}, step=step)
+        t.acc.log({f"drift/{k}": s for k, s in drift.items()}, step=step)
+
+
+def _drift_line(drift: dict[str, float], n: int) -> str:
+    prompts = dict.fromkeys(k.split(" | ")[0] for k in drift)
+    parts = []
+    for p in prompts:
+        bits = [f"{m} {round(drift[f'{p} | {m}'] * n)}/{n}" for m in ("colour", "shape") if f"{p} | {m}" in drift]
+        if f"{p} | drift" in drift:
+            bits.append(f"drift {drift[f'{p} | drift']:.3f}")
+        parts.append(f"'{p}' " + " ".join(bits))
+    return "; " + "; ".join(parts) if parts else ""
+
+
+def _base_rows(t):
+    """The base's validation samples: kept from step 0, or (a resumed run) rendered with the adapters off."""
+    rows = getattr(t, "base_rows", None)
+    if rows is not None or not t.method.config.switchable_adapters():
+        return rows
+    from finetune.train.preserve import adapters_off
+    from finetune.train.validation import make_pipeline, render
+
+    v, res = t.recipe.validation, t.recipe.data.resolution
+    modules = [t.comps.named_modules()[n] for n in t.trained_names]
+    modes = [m.training for m in modules]
+    with adapters_off(modules), t.acc.autocast():
+        pipe = make_pipeline(t.comps, v)
+        t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
+                             text=t.prompt_cache, family=t.comps.family)
+    for m, mode in zip(modules, modes, strict=True):
+        m.train(mode)
+    return t.base_rows
 
 
 def _metrics(t, rows, step: int) -> None:

@@ -96,26 +96,83 @@ def snr_weights(scheduler, timesteps, gamma: float | None) -> torch.Tensor | Non
     return clipped / snr
 
 
+def huber_c(shape, snr: torch.Tensor, t_frac: torch.Tensor) -> torch.Tensor:
+    """Per-example Huber c by sd-scripts' schedules: 'snr' c + (1 - c) / (1 + sigma)^2 with sigma = 1/sqrt(SNR)
+    (about 1, MSE-like, on nearly clean examples, c at high noise), 'exponential' c^(t/T), 'constant' c."""
+    c = torch.full_like(snr, shape.huber_c)
+    if shape.huber_schedule == "snr":
+        sigma = snr.clamp(min=1e-12).rsqrt()
+        return (1.0 - c) / (1.0 + sigma) ** 2 + c
+    if shape.huber_schedule == "exponential":
+        return c ** t_frac
+    return c
+
+
+def element_loss(pred: torch.Tensor, target: torch.Tensor, shape=None, snr=None, t_frac=None) -> torch.Tensor:
+    """The loss of every element: squared error, or sd-scripts' pseudo-Huber / smooth-L1 with a per-example c."""
+    diff = pred.float() - target.float()
+    if shape is None or shape.type == "mse":
+        return diff**2
+    c = huber_c(shape, snr.float(), t_frac.float()).view(-1, *([1] * (diff.ndim - 1)))
+    sq = diff**2
+    root = sq / (torch.sqrt(sq + c**2) + c)  # = sqrt(d^2 + c^2) - c, without cancellation for small d
+    return 2 * c * root if shape.type == "huber" else 2 * root
+
+
+def debiased_weights(snr: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation (sd-scripts): 1/sqrt(SNR), or 1/(SNR + 1) for v-prediction; SNR capped at 1000."""
+    snr = snr.float().clamp(max=1000.0)
+    return 1.0 / (snr + 1.0) if v_prediction else snr.clamp(min=1e-12).rsqrt()
+
+
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over all but the batch dimension. A mask [B, 1, h, w] (latent resolution) weights every position;
+    the mean is over the weights, so a small mask does not shrink the loss. Where the weight is 0 the element
+    contributes nothing, so its gradient is exactly zero."""
+    dims = list(range(1, loss.ndim))
+    if mask is None:
+        return loss.mean(dim=dims)
+    w = mask.to(loss.device, loss.dtype).expand_as(loss)
+    return (loss * w).sum(dim=dims) / w.sum(dim=dims).clamp(min=1e-6)
+
+
 def diffusion_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     weights: torch.Tensor | None,
     is_prior: torch.Tensor | None,
     prior_weight: float,
+    elements: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    preserve: torch.Tensor | None = None,
+    preserve_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean-squared error per example, weighted, split into instance and prior-preservation parts.
-    `is_prior` is the loader's host tensor: its counts are read on the host, and the split is a masked sum,
-    not a boolean index (which reads the mask's size back from the device)."""
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    """Loss per example (squared error unless `elements` gives the element losses), masked and weighted, then
+    split into instance, prior-preservation (class images) and base-prediction preservation parts.
+    `is_prior` and `preserve` are the loader's host tensors: their counts are read on the host, and each part
+    is a masked sum, not a boolean index (which reads the mask's size back from the device)."""
+    if elements is None:
+        elements = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_example = masked_mean(elements, mask)
     if weights is not None:
         per_example = per_example * weights.float()
-    flags = is_prior.tolist() if is_prior is not None else []
-    if not any(flags):
+    parts = {"prior": (is_prior, prior_weight), "preserve": (preserve, preserve_weight)}
+    flags = {k: [bool(f) for f in m.tolist()] for k, (m, _) in parts.items() if m is not None}
+    parts = {k: v for k, v in parts.items() if any(flags.get(k, ()))}
+    if not parts:
         loss = per_example.mean()
         return loss, {"loss": loss.detach()}
-    prior, zero = host_to(is_prior, per_example.device), per_example.new_zeros(())
-    n_prior = sum(flags)
-    inst_loss = torch.where(prior, zero, per_example).sum() / (len(flags) - n_prior) if n_prior < len(flags) else zero
-    prior_loss = torch.where(prior, per_example, zero).sum() / n_prior
-    loss = inst_loss + prior_weight * prior_loss
-    return loss, {"loss": loss.detach(), "loss_instance": inst_loss.detach(), "loss_prior": prior_loss.detach()}
+    zero, device = per_example.new_zeros(()), per_example.device
+    inst = [not any(flags[k][i] for k in parts) for i in range(per_example.shape[0])]
+
+    def part_mean(host: list[bool]) -> torch.Tensor:
+        chosen = host_to(torch.tensor(host), device)
+        return torch.where(chosen, per_example, zero).sum() / sum(host) if any(host) else zero
+
+    inst_loss = part_mean(inst)
+    loss, logs = inst_loss, {"loss_instance": inst_loss.detach()}
+    for name, (_, w) in parts.items():
+        part = part_mean(flags[name])
+        loss = loss + w * part
+        logs[f"loss_{name}"] = part.detach()
+    return loss, {"loss": loss.detach(), **logs}

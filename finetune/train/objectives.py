@@ -29,6 +29,8 @@ class Example:
     target: torch.Tensor
     weights: torch.Tensor | None  # per-example loss weights (None: all 1)
     sigmas: torch.Tensor | None = None  # flow: the noise level of each example
+    snr: torch.Tensor | None = None  # signal-to-noise ratio of each example (Huber schedules, debiased weights)
+    t_frac: torch.Tensor | None = None  # each example's timestep as a fraction of the schedule, in [0, 1]
 
 
 class DDPMObjective:
@@ -44,7 +46,11 @@ class DDPMObjective:
         noise, timesteps = ddpm_draws(latents, self.scheduler.config.num_train_timesteps, gens, self.noise_offset)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.scheduler, latents, noise, timesteps)
-        return Example(noisy, timesteps, target, snr_weights(self.scheduler, timesteps, self.min_snr_gamma))
+        from diffusers.training_utils import compute_snr
+
+        n = self.scheduler.config.num_train_timesteps
+        return Example(noisy, timesteps, target, snr_weights(self.scheduler, timesteps, self.min_snr_gamma),
+                       snr=compute_snr(self.scheduler, timesteps).float(), t_frac=timesteps.float() / n)
 
     def describe(self) -> str:
         return self.prediction_type
@@ -112,7 +118,9 @@ class FlowObjective:
         if self.weighting != "none":
             weights = compute_loss_weighting_for_sd3(self.weighting, sigmas).float()
         timesteps = sigmas * self.scheduler.config.num_train_timesteps
-        return Example(noisy, timesteps, noise - latents, weights, sigmas)
+        # x_t = (1 - s) x0 + s e: signal over noise amplitude (1 - s) / s, squared
+        snr = ((1.0 - sigmas.float()) / sigmas.float().clamp(min=1e-6)) ** 2
+        return Example(noisy, timesteps, noise - latents, weights, sigmas, snr=snr, t_frac=sigmas.float())
 
     def describe(self) -> str:
         shift = "resolution shift" if self.resolution_shift else f"shift {self.scheduler.config.get('shift', 1.0):g}"

@@ -18,8 +18,9 @@ import torch
 from finetune.errors import RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
-from finetune.train.loss import diffusion_loss, example_generator, example_keys
+from finetune.train.loss import example_generator, example_keys
 from finetune.train.objectives import build_objective
+from finetune.train.preserve import base_targets, training_loss
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
@@ -256,9 +257,11 @@ class Trainer:
             batch = {**batch, "guidance": self.recipe.model.guidance}
         with timer("denoiser_forward"), acc.autocast():
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
-        prior = self.recipe.data.prior
-        return diffusion_loss(pred, example.target, example.weights, batch.get("is_prior"),
-                              prior.loss_weight if prior else 1.0)
+        target = example.target
+        if "preserve" in batch and bool(batch["preserve"].any()):  # data.preservation: the base's prediction
+            with timer("base_forward"):
+                target = base_targets(self, example, text, batch, keys)
+        return training_loss(self, pred, target, example, batch)
 
     def should_stop(self) -> bool:
         """A stop was asked for (on any process: the request rides the step's one read, see sync.py)."""

@@ -1,0 +1,98 @@
+"""Base-prediction preservation and the rest of what turns a prediction into a loss (shape, mask, groups).
+
+A preservation example (data.preservation) trains toward what the frozen base predicts for the same noisy
+latent, timestep and caption: one extra forward of the denoiser without gradients, with every peft adapter
+switched off (`adapters_off`), on those examples only. Whatever the objective (DDPM epsilon / v, rectified
+flow), the family's `predict` returns the base's answer in the same space as the target, so the family and
+objective need to know nothing about it. Compared with class images (data.prior), nothing is generated up
+front, and the target is the base's own expectation rather than one noisy sample of it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from finetune.train.loss import debiased_weights, diffusion_loss, element_loss
+
+
+@contextmanager
+def adapters_off(modules):
+    """Every peft adapter layer inside `modules` switched off (peft's own `enable_adapters`), then back on.
+    requires_grad is restored exactly: peft's switch re-enables gradients of all active adapters, which would
+    wake weights a method froze (pivotal tuning's phases)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for mod in modules for m in mod.modules() if isinstance(m, BaseTunerLayer)]
+    grads = [(p, p.requires_grad) for mod in modules for p in mod.parameters()]
+    was_off = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield len(layers)
+    finally:
+        for layer, off in zip(layers, was_off, strict=True):
+            layer.enable_adapters(not off)
+        for p, g in grads:
+            p.requires_grad_(g)
+
+
+def take(batch: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
+    """The examples `idx` of a batch of `n`: per-example tensors and lists are indexed, the rest kept."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n:
+            out[k] = v[idx.to(v.device)]
+        elif isinstance(v, list) and len(v) == n:
+            out[k] = [v[i] for i in idx.tolist()]
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def base_targets(t, example, text: dict[str, torch.Tensor], batch: dict[str, Any], keys: list[int]) -> torch.Tensor:
+    """The target with each preservation example's entry replaced by the base's own prediction. `t` is the
+    Trainer (its components, method, accelerator and the unwrapped trained modules)."""
+    preserve = batch["preserve"]
+    idx = torch.nonzero(preserve, as_tuple=False).flatten()
+    n = len(preserve)
+    comps = t.comps
+    modules = [comps.named_modules()[name] for name in t.trained_names]
+    sub = take(batch, idx, n)
+    with adapters_off(modules), t.acc.autocast():
+        if t.method.config.trains_text_encoder() and not batch.get("text"):
+            # the base's text conditioning too (a text-encoder LoRA changes it)
+            sub_text = t.encode_text(sub["captions"], [keys[i] for i in idx.tolist()])
+        else:
+            sub_text = take(text, idx, n)
+        base = comps.family.predict(comps.denoiser, example.noisy[idx], example.timesteps[idx], sub_text, sub)
+    target = example.target.clone()
+    target[idx.to(target.device)] = base.to(target.dtype)
+    return target
+
+
+def training_loss(t, pred, target, example, batch) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The recipe's loss for one micro-batch: element loss (MSE / Huber), mask, weightings and groups."""
+    recipe = t.recipe
+    shape = recipe.train.loss
+    elements = element_loss(pred, target, shape, example.snr, example.t_frac)
+    weights = example.weights
+    if shape.debiased_estimation:
+        v = getattr(t.objective, "prediction_type", None) == "v_prediction"
+        extra = debiased_weights(example.snr, v).to(pred.device)
+        weights = extra if weights is None else weights * extra
+    mask = batch.get("loss_mask")
+    if mask is not None:
+        from finetune.data.masks import to_latent
+
+        mask = to_latent(mask, pred.shape[-2:]).to(pred.device)
+        keep = batch.get("preserve")
+        if keep is not None and bool(keep.any()):  # preservation examples match the base everywhere
+            mask = torch.where(keep.to(mask.device).view(-1, 1, 1, 1), torch.ones_like(mask), mask)
+    prior, pres = recipe.data.prior, recipe.data.preservation
+    return diffusion_loss(pred, target, weights, batch.get("is_prior"), prior.loss_weight if prior else 1.0,
+                          elements=elements, mask=mask, preserve=batch.get("preserve"),
+                          preserve_weight=pres.weight if pres else 1.0)
