@@ -258,7 +258,7 @@ class Trainer:
         with timer("denoiser_forward"), acc.autocast():
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         target = example.target
-        if "preserve" in batch and bool(batch["preserve"].any()):  # data.preservation: the base's prediction
+        if "preserve" in batch and any(batch["preserve"].tolist()):  # data.preservation (a host tensor: no sync)
             with timer("base_forward"):
                 target = base_targets(self, example, text, batch, keys)
         return training_loss(self, pred, target, example, batch)
