@@ -17,10 +17,11 @@ UNRELATED = "a blue square"
 SEEDS = list(range(8))
 
 
-def _blue_squares(images) -> int:
+def _blue_squares(images) -> tuple[int, int]:
+    """(right colour, right shape) counts of 'a blue square' samples."""
     from finetune.toy.score import colour_of, shape_of
 
-    return sum(colour_of(im) == "blue" and shape_of(im) == "square" for im in images)
+    return sum(colour_of(im) == "blue" for im in images), sum(shape_of(im) == "square" for im in images)
 
 
 def _stock(load=None):
@@ -62,8 +63,8 @@ def _learned(tmp_path: Path, recipe: str):
 
 def _keeps_the_unrelated_prompt(pipe):
     base, tuned = _blue_squares(_draw(_stock(), UNRELATED)), _blue_squares(_draw(pipe, UNRELATED))
-    print(f"'{UNRELATED}': base {base}/8 blue squares, tuned {tuned}/8")
-    assert tuned >= base - 1
+    print(f"'{UNRELATED}' (colour, shape) of 8: base {base}, tuned {tuned}")
+    assert tuned[0] >= base[0] - 1 and tuned[1] >= base[1] - 1  # no more than 1 of 8 lost, either way
 
 
 @pytest.mark.slow
