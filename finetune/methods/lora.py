@@ -5,6 +5,7 @@ Config is pure pydantic; torch and peft are imported only when the method is bui
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -170,7 +171,9 @@ class LoRAMethod:
         # modules whose output reaches nothing (Qwen-Image's last text stream) would never train, and DDP
         # refuses parameters without gradients: the family names them, peft leaves them out
         config.exclude_modules = comps.family.unused_modules(comps.denoiser) or None
-        _add_adapter(comps.denoiser, config, "method.targets", cfg.targets)
+        with warnings.catch_warnings():  # peft warns when the targets never reached those modules anyway
+            warnings.filterwarnings("ignore", message="You have passed exclude_modules")
+            _add_adapter(comps.denoiser, config, "method.targets", cfg.targets)
         groups = [{"params": _trainable(comps.denoiser), "lr": train_lr}]
         self.adapted = [comps.denoiser_name]
         te = cfg.text_encoder
