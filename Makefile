@@ -55,7 +55,9 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 	.venv-latest/bin/python -m pip install -q --disable-pip-version-check $(TORCH_INDEX) "torch==2.13.0"
-	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager -e ".[dev]"
+	echo "torch==2.13.0" > .venv-latest/torch.txt  # torch is the machine's choice, not "the newest": keep it
+	.venv-latest/bin/python -m pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager \
+		-c .venv-latest/torch.txt -e ".[dev]"
 	.venv-latest/bin/python -m finetune env --diff $(LOCK)
 	FINETUNE_UNLOCKED=1 .venv-latest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
