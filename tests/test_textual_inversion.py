@@ -245,7 +245,8 @@ EVAL_SEEDS = range(8)
 
 def toy_train(name: str, tmp_path: Path, *overrides: str) -> Path:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "toy" / f"{name}.yaml"
-    t = run_trainer(recipe, f"train.output_dir={tmp_path / name}", "validation.prompts=[]", "logging.report_to=[]",
+    t = run_trainer(recipe, f"train.output_dir={tmp_path / name}", "validation.prompts=[]", "validation.metrics=[]",
+                    "logging.report_to=[]",
                     "logging.progress=false", "train.checkpoint_every=0", *overrides)
     return Path(t.cfg.output_dir)
 

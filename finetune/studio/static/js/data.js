@@ -27,9 +27,13 @@ export async function dataPage(main, info) {
     onclick: async () => {
       const s = await draft.ensure(info);
       s.data.data = s.data.data || {};
-      s.data.data.sources = [{ type: "folder", path: current }];
+      // the folder replaces the instance sources; preservation sources (preserve: true) stay, as the
+      // recipe's data.preservation needs them
+      const kept = (s.data.data.sources || []).filter((src) => src && src.preserve);
+      s.data.data.sources = [{ type: "folder", path: current }, ...kept];
       draft.save(s);
-      toast(`data.sources is now the folder ${current}`);
+      toast(kept.length ? `data.sources: the folder ${current}, and ${kept.length} preservation source(s) kept`
+        : `data.sources is now the folder ${current}`);
     } });
   const resInput = h("input", { id: "scan-resolution", type: "number", min: 64, step: 64, value: res, style: "width:5.5rem",
     title: "data.resolution: the bucket plan and the size checks depend on it" });
