@@ -417,3 +417,45 @@ def wait_gone(proc, seconds: float = 30) -> list[int]:
     while (left := survivors(proc)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def one_vs_two_processes(recipe: Path, tmp_path: Path, timeout: float = 900) -> tuple[dict, dict]:
+    """The LoRA of 2 processes at batch 1 and of 1 process at batch 2 (the same global batch)."""
+    from safetensors.torch import load_file
+
+    for name, launcher, batch in (("two", DDP_CPU, 1), ("one", ["--num_processes", "1"], 2)):
+        done = launch(recipe, launcher, f"train.output_dir={tmp_path / name}", f"train.batch_size={batch}",
+                      timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(load_file(tmp_path / n / "pytorch_lora_weights.safetensors") for n in ("two", "one"))
+
+
+def killed_and_resumed(recipe: Path, tmp_path: Path, kill_after: int = 4) -> tuple[dict, dict]:
+    """The LoRA of a run SIGKILLed once its step-`kill_after` checkpoint is complete and then resumed, and
+    of the same run uninterrupted (the recipe checkpoints at that step and trains well past it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "finetune", str(recipe), *extra], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+
+    ref = run(f"train.output_dir={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "finetune", str(recipe), f"train.output_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker, deadline = out / "checkpoints" / f"step-{kill_after:06d}" / "COMPLETE", time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "pytorch_lora_weights.safetensors").exists(), "killed too early or late"
+    resumed = run(f"train.output_dir={out}", "train.resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return (load_file(out / "pytorch_lora_weights.safetensors"),
+            load_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))

@@ -6,12 +6,9 @@ Per-family text and loss checks against each pipeline's own helpers live in test
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
 from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, trainer
 
 NAMES = list(CASES)
@@ -190,26 +187,10 @@ def test_conversions_both_ways_are_exact_and_load(tmp_path, runs, bases, name):
 
 
 # --------------------------------------------------------------------------------------- processes
-def _launch(path: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1", "--main_process_port", "0"] \
-        if processes > 1 else ["--num_processes", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune" / "run.py"), str(path),
-            *overrides]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_two_processes_match_one(tmp_path, bases, name):
-    path = recipe(tmp_path, bases(name), CASES[name])
-    two = _launch(path, 2, f"train.output_dir={tmp_path / 'two'}", "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = _launch(path, 1, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    a = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    a, b = one_vs_two_processes(recipe(tmp_path, bases(name), CASES[name]), tmp_path)
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
@@ -217,24 +198,9 @@ def test_two_processes_match_one(tmp_path, bases, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_sigkill_then_resume_is_bit_identical(tmp_path, bases, name):
     path = recipe(tmp_path, bases(name), CASES[name], train={"max_steps": 16, "checkpoint_every": 2, "batch_size": 1})
-    ref = subprocess.run([sys.executable, "-m", "finetune", str(path), f"train.output_dir={tmp_path / 'ref'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", str(path), f"train.output_dir={out}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker, deadline = out / "checkpoints" / "step-000004" / "COMPLETE", time.monotonic() + 600
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (out / "pytorch_lora_weights.safetensors").exists(), "killed too early or late"
-    resumed = subprocess.run([sys.executable, "-m", "finetune", str(path), f"train.output_dir={out}",
-                              "train.resume=latest"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(out / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors")
+    a, b = killed_and_resumed(path, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    out = tmp_path / "killed"
     with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["finetune.modules"])["transformer"]["r"] == 4
 

@@ -5,9 +5,7 @@ training and reloading in a stock StableDiffusion3Pipeline, DDP and exact resume
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from tests.helpers import ROOT, draw_images, write_recipe
+from tests.helpers import ROOT, draw_images, killed_and_resumed, one_vs_two_processes, write_recipe
 
 CAPTIONS = ["a red circle on a white background", "blue", ""]
 
@@ -285,50 +282,15 @@ def test_trainer_and_methods_never_name_the_unet():
     assert hits == []
 
 
-def _launch(recipe: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"] if processes > 1 else \
-        ["--num_processes", "1"]
-    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "finetune" / "run.py"), str(recipe),
-            *overrides]
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", MASTER_PORT="29527")
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, tiny_sd3):
-    recipe = sd3_recipe(tmp_path, tiny_sd3, train={"max_steps": 3})
-    two = _launch(recipe, 2, f"train.output_dir={tmp_path / 'two'}", "train.batch_size=1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = _launch(recipe, 1, f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2")
-    assert one.returncode == 0, one.stderr[-3000:]
-    a = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "one" / "pytorch_lora_weights.safetensors")
+    a, b = one_vs_two_processes(sd3_recipe(tmp_path, tiny_sd3, train={"max_steps": 3}), tmp_path)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_sd3):
-    import time
-
     recipe = sd3_recipe(tmp_path, tiny_sd3, train={"max_steps": 16, "checkpoint_every": 2, "batch_size": 1})
-    ref = subprocess.run([sys.executable, "-m", "finetune", str(recipe), f"train.output_dir={tmp_path / 'ref'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "finetune", str(recipe), f"train.output_dir={out}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step-000004" / "COMPLETE"
-    deadline = time.monotonic() + 600
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "pytorch_lora_weights.safetensors").exists(), "finished before the kill"
-    resumed = subprocess.run([sys.executable, "-m", "finetune", str(recipe), f"train.output_dir={out}",
-                              "train.resume=latest"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(out / "pytorch_lora_weights.safetensors")
-    b = load_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    a, b = killed_and_resumed(recipe, tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from finetune.sections import TrainSection
-from finetune.train.loss import example_keys, example_noise, snr_weights
+from finetune.train.loss import ddpm_draws, example_generator, example_keys, snr_weights
 from finetune.train.optim import build_lr_scheduler, build_optimizer
 
 
@@ -38,8 +38,8 @@ def test_min_snr_weights_are_the_clipped_snr_ratio():
 def test_offset_noise_shifts_each_channel_by_a_constant():
     latents = torch.zeros(512, 4, 8, 8)
     keys = example_keys(1, 0, range(512), 512)
-    plain, steps = example_noise(latents, 1000, keys, 0.0)
-    offset, steps2 = example_noise(latents, 1000, keys, 0.1)
+    plain, steps = ddpm_draws(latents, 1000, [example_generator(k) for k in keys], 0.0)
+    offset, steps2 = ddpm_draws(latents, 1000, [example_generator(k) for k in keys], 0.1)
     assert torch.equal(steps, steps2)  # same example, same timestep; only the noise moves
     shift = offset - plain
     assert float(shift.std(dim=(2, 3)).max()) < 1e-6, "the offset is one constant per channel and example"

@@ -9,17 +9,6 @@ from __future__ import annotations
 
 import pathlib
 
-
-def toy_base_path() -> pathlib.Path:
-    """Folder of the committed toy base model (standard diffusers layout, safetensors only)."""
-    return pathlib.Path(__file__).resolve().parent / "base"
-
-
-def toy_flux_base_path() -> pathlib.Path:
-    """Folder of the committed FLUX-shaped toy base (FluxPipeline layout, safetensors only)."""
-    return pathlib.Path(__file__).resolve().parent / "base_flux"
-
-
 TOY_BASES = {"toy": "base", "toy-flux": "base_flux"}  # model.base names of the shipped toy bases
 
 
@@ -27,3 +16,13 @@ def toy_path(name: str) -> pathlib.Path | None:
     """The folder of a shipped toy base named in `model.base` ('toy', 'toy-flux'); None for other values."""
     sub = TOY_BASES.get(name)
     return pathlib.Path(__file__).resolve().parent / sub if sub else None
+
+
+def toy_base_path() -> pathlib.Path:
+    """Folder of the committed toy base model (standard diffusers layout, safetensors only)."""
+    return toy_path("toy")
+
+
+def toy_flux_base_path() -> pathlib.Path:
+    """Folder of the committed FLUX-shaped toy base (FluxPipeline layout, safetensors only)."""
+    return toy_path("toy-flux")

@@ -28,13 +28,6 @@ def example_generator(key: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def example_noise(
-    latents: torch.Tensor, num_timesteps: int, keys: list[int], noise_offset: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise and integer timesteps for each example, reproducible from its key (`example_keys`)."""
-    return ddpm_draws(latents, num_timesteps, [example_generator(k) for k in keys], noise_offset)
-
-
 def ddpm_draws(
     latents: torch.Tensor, num_timesteps: int, gens: list[torch.Generator], noise_offset: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
