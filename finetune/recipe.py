@@ -74,6 +74,10 @@ class Recipe(StrictModel):
                 )
         if d.preservation is not None:
             _check_preservation(self)
+        if d.masks is not None and d.masks.unmasked_target == "base" and not m.switchable_adapters():
+            raise ValueError(f"data.masks.unmasked_target: base needs the base's own prediction, which method "
+                             f"'{m.name}' cannot give (it trains no switchable adapters); use lora or pivotal, or "
+                             "set data.masks.unmasked_target: none")
         m.check_recipe(self)
         best = self.train.keep_best
         missing = [k for k in ([best] if isinstance(best, str) else best or {}) if k not in self.validation.metrics]

@@ -3,8 +3,8 @@
 - the shipped demo (recipes/toy/lora.yaml, base-prediction preservation on) draws the held-out red heart and
   leaves "a blue square" as the base draws it, within the bounds of issue 22;
 - at the same steps, preservation keeps the unrelated prompt closer to the base than no preservation;
-- masking out the background makes the learned subject independent of the training background (not reached yet:
-  an expected failure with its numbers).
+- masking out the background, with the masked-out area held to the base's prediction, makes the learned subject
+  independent of the training background.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def test_preservation_keeps_unrelated_prompts_closer_to_the_base(demo, tmp_path)
     assert with_pres[key] <= without[key] + 0.02
 
 
-def _black_background_hearts(folder: Path, n: int = 24) -> Path:
-    """Red hearts drawn on black only, with masks that keep the heart (dilated by a pixel) and drop the rest."""
+def _masked_hearts(folder: Path, background: str, n: int = 24) -> Path:
+    """Red hearts drawn on one background only, with masks that keep the heart (dilated by a pixel)."""
     from PIL import Image, ImageFilter
 
     from finetune.toy import world
@@ -86,7 +86,7 @@ def _black_background_hearts(folder: Path, n: int = 24) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
         cx, cy, r = rng.uniform(26, 38), rng.uniform(26, 38), rng.uniform(14, 22)
-        img = world.draw("heart", "red", "black", cx, cy, r)
+        img = world.draw("heart", "red", background, cx, cy, r)
         img.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(TRIGGER)
         mask = Image.fromarray((foreground(img) > 0.2).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(3))
@@ -102,23 +102,35 @@ def _background_brightness(images) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not reached yet (issue 22): with the background masked out (weight 0) the "
-                   "LoRA still paints it black, brightness 27.5 masked vs 26.9 plain (base-like would be > 87); the "
-                   "masked-out area is ignored, not held to the base, so the adapter is free to change it there")
 def test_masked_loss_learns_the_subject_not_the_background(tmp_path):
+    """The same hearts drawn on white only, or on black only, masked to the heart. Without masks the adapter
+    learns the training background with the subject (white vs black samples). Ignoring the masked-out area
+    (unmasked_weight 0) is not enough: nothing holds the adapter there. Training that area toward the base's
+    own prediction (unmasked_target: base) makes the samples' background the same whichever background the
+    subject was photographed on, and still learns the heart."""
     from finetune.toy.score import subject_similarity
     from finetune.train.validation import make_pipeline, render
 
-    images = _black_background_hearts(tmp_path / "hearts")
-    common = [f"data.sources=[{{type: folder, path: {images}}}]", "data.preservation=null",
-              "train.max_steps=200", "validation.every=0", "logging.report_to=[]", "logging.progress=false"]
+    modes = {"plain": [], "ignored": ["data.masks={unmasked_weight: 0.0}"],
+             "base": ["data.masks={unmasked_weight: 0.0, unmasked_target: base}"]}
     result = {}
-    for name, extra in (("plain", []), ("masked", ["data.masks={unmasked_weight: 0.0}"])):
-        t = run_trainer(DEMO, f"train.output_dir={tmp_path / name}", *common, *extra)
-        v = t.recipe.validation
-        rows = render(make_pipeline(t.comps, v), [TRIGGER], v.seeds, v, (64, 64), "cpu")[0]
-        result[name] = (_background_brightness(rows), np.mean([subject_similarity(im, "red_heart") for im in rows]))
-    print({k: f"background brightness {b:.1f}, heart similarity {s:.3f}" for k, (b, s) in result.items()})
-    assert result["plain"][0] < 60  # without masks the black training background is learned
-    assert result["masked"][0] > result["plain"][0] + 60  # with them the base's light backgrounds stay
-    assert result["masked"][1] > 0.2  # and the heart itself is still learned
+    for background in ("white", "black"):
+        images = _masked_hearts(tmp_path / background, background)
+        # the demo recipe with these hearts as its instance images (its preservation kept: the empty-caption
+        # world images hold the unconditional prediction that guidance amplifies)
+        common = [f"data.sources.0={{type: folder, path: {images}}}", "train.max_steps=200", "validation.every=0",
+                  "validation.metrics=[]", "logging.report_to=[]", "logging.progress=false"]
+        for name, extra in modes.items():
+            t = run_trainer(DEMO, f"train.output_dir={tmp_path / name / background}", *common, *extra)
+            v = t.recipe.validation
+            rows = render(make_pipeline(t.comps, v), [TRIGGER], v.seeds, v, (64, 64), "cpu")[0]
+            result[name, background] = (_background_brightness(rows),
+                                        float(np.mean([subject_similarity(im, "red_heart") for im in rows])))
+    gap = {name: abs(result[name, "white"][0] - result[name, "black"][0]) for name in modes}
+    for (name, background), (b, s) in result.items():
+        print(f"{name:8s} on {background}: background brightness {b:.1f}, heart similarity {s:.3f}")
+    print("background brightness gap white vs black:", {k: round(v, 1) for k, v in gap.items()})
+    assert gap["plain"] > 100  # without masks the training background is learned with the subject
+    assert gap["base"] < 0.25 * gap["plain"]  # held to the base outside the mask: independent of it
+    assert gap["base"] < gap["ignored"]
+    assert min(result["base", bg][1] for bg in ("white", "black")) > 0.2  # and the heart is still learned

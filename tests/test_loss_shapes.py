@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from finetune.sections import LossSection
@@ -166,3 +167,69 @@ def test_the_trainer_loss_applies_mask_shape_and_weights(tmp_path, tiny_base):
     manual = (2 * (torch.sqrt(d2 + c**2) - c))[..., half:].mean(dim=(1, 2, 3))
     manual = manual * example.weights * debiased_weights(example.snr, False)
     assert float(loss2) == pytest.approx(float(manual.mean()), rel=1e-4)
+
+
+def test_masked_out_area_trains_toward_the_base(tmp_path, tiny_base):
+    """data.masks.unmasked_target: base: inside the mask the image's target, outside the base's own prediction
+    (weighted by base_weight), so the adapter is held to the base there instead of being free."""
+    from finetune.recipe import load_recipe
+    from finetune.train.loss import example_generator, example_keys
+    from finetune.train.preserve import base_predictions, base_rows, training_loss
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+    from tests.helpers import randomise, write_recipe
+
+    images = _masked_images(tmp_path / "images")
+    path = write_recipe(tmp_path, tiny_base, images, data={
+        "masks": {"unmasked_target": "base", "base_weight": 0.5}, "cache_latents": True,
+        "buckets": {"enabled": False}}, train={"batch_size": 4, "min_snr_gamma": 5.0})
+    r = load_recipe(path)
+    t = Trainer(r, make_accelerator(r))
+    batch = next(iter(t.data.loader(0)))
+    assert batch["masked"].tolist() == [True] * 4 and base_rows(t, batch) == [True] * 4
+    example = t.objective.example(batch["latents"], [example_generator(k) for k in range(4)])
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(example.target.shape, generator=gen)
+    pred = torch.randn(example.target.shape, generator=gen, requires_grad=True)
+    loss, _ = training_loss(t, pred, example.target, example, batch, base)
+    loss.backward()
+    half = pred.shape[-1] // 2
+    p = pred.detach()
+    # the subject's mean, plus base_weight times the masked-out area's mean toward the base
+    right = ((p - example.target) ** 2)[..., half:].mean(dim=(1, 2, 3))
+    left = ((p - base) ** 2)[..., :half].mean(dim=(1, 2, 3))
+    assert float(loss.detach()) == pytest.approx(float(((right + 0.5 * left) * example.weights).mean()), rel=1e-5)
+    # outside, the gradient pulls toward the base and not toward the image's own target
+    g = pred.grad[..., :half]
+    n_left = p[0, ..., :half].numel()
+    expected = (p - base)[..., :half] * (2 * 0.5 / n_left / 4) * example.weights.view(-1, 1, 1, 1)
+    assert torch.allclose(g, expected, rtol=1e-4, atol=1e-9)
+
+    # in the trainer: fresh adapters are the base, so the outside costs nothing until the adapter moves
+    keys = example_keys(r.train.seed, 0, batch["positions"], t.data.examples_per_step)
+    _, logs = t.compute_loss(batch)
+    fresh = float(logs["loss"])
+    randomise(t.comps.denoiser, 3)
+    text = t.encode_text(batch["captions"], keys)
+    ex = t.objective.example(batch["latents"], [example_generator(k) for k in keys])
+    moved = base_predictions(t, ex, text, batch, keys, base_rows(t, batch))
+    with torch.no_grad():
+        adapted = t.comps.family.predict(t.comps.denoiser, ex.noisy, ex.timesteps, text, batch)
+    assert float((adapted - moved).abs().max()) > 1e-3  # the base rows are the base's, not the adapted model's
+    _, logs = t.compute_loss(batch)
+    assert float(logs["loss"]) != pytest.approx(fresh)
+
+
+def test_masks_toward_the_base_need_switchable_adapters(tmp_path, tiny_base):
+    from finetune.errors import UserError
+    from finetune.recipe import load_recipe
+    from tests.helpers import write_recipe
+
+    images = _masked_images(tmp_path / "images")
+    path = write_recipe(tmp_path, tiny_base, images, data={"masks": {"unmasked_target": "base"}})
+    data = yaml.safe_load(path.read_text())
+    data["method"] = {"name": "full"}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert "data.masks.unmasked_target" in str(err.value) and "\n" not in str(err.value)

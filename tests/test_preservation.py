@@ -53,7 +53,7 @@ def test_preservation_target_is_the_untouched_base_prediction(tmp_path, tmp_path
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
     from finetune.train.loss import example_generator, example_keys
-    from finetune.train.preserve import base_targets, take
+    from finetune.train.preserve import base_predictions, base_rows, take
 
     base = _base(family, tmp_path_factory)
     t = _trainer(_recipe(tmp_path, base, family))
@@ -69,7 +69,8 @@ def test_preservation_target_is_the_untouched_base_prediction(tmp_path, tmp_path
     keys = example_keys(1, 0, batch["positions"], t.data.examples_per_step)
     text = batch.get("text") or t.encode_text(batch["captions"], keys)
     example = t.objective.example(latents, [example_generator(k) for k in keys])
-    target = base_targets(t, example, text, batch, keys)
+    assert base_rows(t, batch) == pres.tolist()  # preservation examples only: no masks here
+    target = base_predictions(t, example, text, batch, keys, base_rows(t, batch))
 
     idx = torch.nonzero(pres).flatten()
     fresh = load_components(ModelSection(base=str(base), max_sequence_length=t.recipe.model.max_sequence_length))

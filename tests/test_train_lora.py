@@ -128,3 +128,30 @@ def test_targets_matching_nothing_name_their_key_and_write_nothing(tmp_path, tin
     with pytest.raises(ModelError, match=f"^{key} "):
         train(recipe)
     assert not (tmp_path / "out" / "recipe.yaml").exists()
+
+
+def test_adapter_dropout_is_active_while_training_and_the_base_stays_the_base(tmp_path, tiny_base, images):
+    """method.dropout drops the adapter's input during training steps (the frozen parts were left in eval mode,
+    where it did nothing); the base's own dropout layers stay off; validation and the base forward see no dropout."""
+    import torch
+
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+    from tests.helpers import randomise
+
+    r = load_recipe(write_recipe(tmp_path, tiny_base, images, method={"dropout": 0.5}))
+    t = Trainer(r, make_accelerator(r))
+    unet = t.comps.unet
+    drops = [m for n, m in unet.named_modules() if n.rsplit(".", 1)[-1] == "lora_dropout"]
+    assert drops and unet.training
+    assert all(d.training for group in drops for d in group.modules())
+    others = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout) and not any(m is d for g in drops
+                                                                                      for d in g.modules())]
+    assert others and all(not m.training for m in others)  # e.g. to_out.1 of every attention
+    randomise(unet, 3)
+    batch = next(iter(t.data.loader(0)))
+    losses = {float(t.compute_loss(batch)[0].detach()) for _ in range(3)}
+    assert len(losses) == 3  # a fresh dropout mask each forward
+    unet.eval()
+    with torch.no_grad():
+        assert len({float(t.compute_loss(batch)[0]) for _ in range(2)}) == 1

@@ -169,7 +169,17 @@ class MaskSection(StrictModel):
     )
     alpha: bool = Field(True, description="Use an image's alpha channel as its mask when it has no mask file.")
     unmasked_weight: float = Field(
-        0.0, ge=0.0, le=1.0, description="Loss weight of the masked-out (black) area; 0 ignores it entirely.",
+        0.0, ge=0.0, le=1.0, description="Loss weight of the masked-out (black) area toward the image itself; 0 "
+        "ignores the image there.",
+    )
+    unmasked_target: Literal["none", "base"] = Field(
+        "none", description="'base': the masked-out area also trains toward the frozen base's own prediction "
+        "(adapters switched off), so the adapter learns the subject and leaves what the base draws around it "
+        "alone instead of being free to change it there; 'none': it only counts through unmasked_weight.",
+    )
+    base_weight: float = Field(
+        1.0, ge=0.0, description="Loss weight of the masked-out area toward the base's prediction "
+        "(unmasked_target: base).",
     )
     required: bool = Field(False, description="Every image needs a mask (file or alpha); else it trains unmasked.")
 

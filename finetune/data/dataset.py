@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from finetune.data.cache import Cache, entry_key, fill, split_batch
 from finetune.data.captions import apply_rules
 from finetune.data.images import BadImage, Cover, cover, crop_flip, decode, resize
-from finetune.data.masks import mask_digest, mask_pixels, to_latent, weighted
+from finetune.data.masks import mask_digest, mask_pixels, to_latent
 from finetune.data.plan import Example, Planner
 from finetune.data.scan import Scan, scan_data, summarize
 from finetune.errors import DataError
@@ -98,8 +98,9 @@ class Render:
                 if self.masks is not None:
                     masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
-        if masks:
-            out["loss_mask"] = weighted(torch.stack(masks), self.masks.unmasked_weight)
+        if masks:  # in [0, 1]; the loss weighs it (data.masks.unmasked_weight / unmasked_target)
+            out["loss_mask"] = torch.stack(masks)
+            out["masked"] = torch.tensor([bool(float(m.min()) < 1.0) for m in masks], dtype=torch.bool)
         out["captions"] = [ex.caption for ex in examples]
         if self.text is not None:
             entries = [self.text.get(self.text_entry(ex.caption)) for ex in examples]

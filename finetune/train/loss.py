@@ -139,14 +139,18 @@ def diffusion_loss(
     mask: torch.Tensor | None = None,
     preserve: torch.Tensor | None = None,
     preserve_weight: float = 1.0,
+    extra: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Loss per example (squared error unless `elements` gives the element losses), masked and weighted, then
     split into instance, prior-preservation (class images) and base-prediction preservation parts.
     `is_prior` and `preserve` are the loader's host tensors: their counts are read on the host, and each part
-    is a masked sum, not a boolean index (which reads the mask's size back from the device)."""
+    is a masked sum, not a boolean index (which reads the mask's size back from the device). `extra` is a
+    per-example term added before the weights (the masked-out area's pull toward the base)."""
     if elements is None:
         elements = F.mse_loss(pred.float(), target.float(), reduction="none")
     per_example = masked_mean(elements, mask)
+    if extra is not None:
+        per_example = per_example + extra
     if weights is not None:
         per_example = per_example * weights.float()
     parts = {"prior": (is_prior, prior_weight), "preserve": (preserve, preserve_weight)}

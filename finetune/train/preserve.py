@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.train.loss import debiased_weights, diffusion_loss, element_loss
+from finetune.train.loss import debiased_weights, diffusion_loss, element_loss, masked_mean
 
 
 @contextmanager
@@ -52,13 +52,25 @@ def take(batch: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
     return out
 
 
+def base_rows(t, batch: dict[str, Any]) -> list[bool]:
+    """Host flags of the examples whose loss needs the base's prediction: preservation examples, and (data.masks
+    with unmasked_target: base) examples whose mask leaves something out. Read from the loader's host tensors."""
+    need = [bool(f) for f in batch["preserve"].tolist()] if "preserve" in batch else []
+    masks = t.recipe.data.masks
+    if masks is not None and masks.unmasked_target == "base" and "masked" in batch:
+        flags = [bool(f) for f in batch["masked"].tolist()]
+        need = [a or b for a, b in zip(need or [False] * len(flags), flags, strict=True)]
+    return need
+
+
 @torch.no_grad()
-def base_targets(t, example, text: dict[str, torch.Tensor], batch: dict[str, Any], keys: list[int]) -> torch.Tensor:
-    """The target with each preservation example's entry replaced by the base's own prediction. `t` is the
-    Trainer (its components, method, accelerator and the unwrapped trained modules)."""
-    preserve = batch["preserve"]
-    idx = torch.nonzero(preserve, as_tuple=False).flatten()
-    n = len(preserve)
+def base_predictions(t, example, text: dict[str, torch.Tensor], batch: dict[str, Any], keys: list[int],
+                     need: list[bool]) -> torch.Tensor:
+    """The frozen base's prediction (every adapter off) for the examples flagged in `need`, in the target's
+    space; the other rows are the ordinary target. One forward without gradients over those examples only.
+    `t` is the Trainer (its components, method, accelerator and the unwrapped trained modules)."""
+    idx = torch.tensor([i for i, f in enumerate(need) if f], dtype=torch.long)
+    n = len(need)
     comps = t.comps
     modules = [comps.named_modules()[name] for name in t.trained_names]
     sub = take(batch, idx, n)
@@ -68,14 +80,18 @@ def base_targets(t, example, text: dict[str, torch.Tensor], batch: dict[str, Any
             sub_text = t.encode_text(sub["captions"], [keys[i] for i in idx.tolist()])
         else:
             sub_text = take(text, idx, n)
-        base = comps.family.predict(comps.denoiser, example.noisy[idx], example.timesteps[idx], sub_text, sub)
-    target = example.target.clone()
-    target[idx.to(target.device)] = base.to(target.dtype)
-    return target
+        dev = example.noisy.device
+        base = comps.family.predict(comps.denoiser, example.noisy[idx.to(dev)], example.timesteps[idx.to(dev)],
+                                    sub_text, sub)
+    out = example.target.clone()
+    out[idx.to(out.device)] = base.to(out.dtype)
+    return out
 
 
-def training_loss(t, pred, target, example, batch) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The recipe's loss for one micro-batch: element loss (MSE / Huber), mask, weightings and groups."""
+def training_loss(t, pred, target, example, batch, base=None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The recipe's loss for one micro-batch: element loss (MSE / Huber), mask, weightings and groups.
+    `base` (from `base_predictions`) is the base's prediction where the batch needs it: preservation examples
+    train toward it everywhere, masked examples (data.masks.unmasked_target: base) in their masked-out area."""
     recipe = t.recipe
     shape = recipe.train.loss
     elements = element_loss(pred, target, shape, example.snr, example.t_frac)
@@ -84,15 +100,23 @@ def training_loss(t, pred, target, example, batch) -> tuple[torch.Tensor, dict[s
         v = getattr(t.objective, "prediction_type", None) == "v_prediction"
         extra = debiased_weights(example.snr, v).to(pred.device)
         weights = extra if weights is None else weights * extra
-    mask = batch.get("loss_mask")
+    mask, outside = batch.get("loss_mask"), None
     if mask is not None:
-        from finetune.data.masks import to_latent
+        from finetune.data.masks import to_latent, weighted
 
-        mask = to_latent(mask, pred.shape[-2:]).to(pred.device)
+        cfg = recipe.data.masks
+        inside = to_latent(mask, pred.shape[-2:]).to(pred.device)
         keep = batch.get("preserve")
         if keep is not None and bool(keep.any()):  # preservation examples match the base everywhere
-            mask = torch.where(keep.to(mask.device).view(-1, 1, 1, 1), torch.ones_like(mask), mask)
+            inside = torch.where(keep.to(inside.device).view(-1, 1, 1, 1), torch.ones_like(inside), inside)
+        mask = weighted(inside, cfg.unmasked_weight)  # toward the image: 1 inside, unmasked_weight outside
+        if cfg.unmasked_target == "base" and base is not None:
+            # outside, also toward the base's prediction, so the adapter may not change what the base draws there:
+            # its own mean over the masked-out area, added with base_weight (a small subject is not diluted by a
+            # large background). Rows without a base prediction have an all-ones mask: nothing is added.
+            to_base = element_loss(pred, base, shape, example.snr, example.t_frac)
+            outside = cfg.base_weight * masked_mean(to_base, 1.0 - inside)
     prior, pres = recipe.data.prior, recipe.data.preservation
     return diffusion_loss(pred, target, weights, batch.get("is_prior"), prior.loss_weight if prior else 1.0,
                           elements=elements, mask=mask, preserve=batch.get("preserve"),
-                          preserve_weight=pres.weight if pres else 1.0)
+                          preserve_weight=pres.weight if pres else 1.0, extra=outside)

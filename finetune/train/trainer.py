@@ -20,7 +20,7 @@ from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
 from finetune.train.objectives import build_objective
-from finetune.train.preserve import base_targets, training_loss
+from finetune.train.preserve import base_predictions, base_rows, training_loss
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
@@ -191,6 +191,8 @@ class Trainer:
         acc = self.acc
         modules = self.comps.named_modules()
         self.trained_names = self.method.trained_modules()
+        for name in self.trained_names:
+            training_mode(modules[name], adapters_only=self.method.config.switchable_adapters())
         check_sharding(acc, self.trained_names, self.cfg.ema.enabled)
         optimizer = build_optimizer(groups, self.cfg)
         scheduler = build_lr_scheduler(optimizer, self.cfg)
@@ -257,11 +259,15 @@ class Trainer:
             batch = {**batch, "guidance": self.recipe.model.guidance}
         with timer("denoiser_forward"), acc.autocast():
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
-        target = example.target
-        if "preserve" in batch and any(batch["preserve"].tolist()):  # data.preservation (a host tensor: no sync)
+        target, base = example.target, None
+        need = base_rows(self, batch)  # data.preservation, masks toward the base (host tensors: no sync)
+        if any(need):
             with timer("base_forward"):
-                target = base_targets(self, example, text, batch, keys)
-        return training_loss(self, pred, target, example, batch)
+                base = base_predictions(self, example, text, batch, keys, need)
+            if "preserve" in batch and any(batch["preserve"].tolist()):
+                keep = batch["preserve"].to(base.device).view(-1, *([1] * (base.ndim - 1)))
+                target = torch.where(keep, base, target)
+        return training_loss(self, pred, target, example, batch, base)
 
     def should_stop(self) -> bool:
         """A stop was asked for (on any process: the request rides the step's one read, see sync.py)."""
@@ -354,6 +360,23 @@ class Trainer:
         from finetune.train.loop import run_loop
 
         run_loop(self)
+
+
+def training_mode(module: torch.nn.Module, adapters_only: bool) -> None:
+    """Put a trained module in training mode (freeze() left everything in eval, where dropout does nothing: a
+    recipe's method.dropout would be silently ignored). For adapters (`adapters_only`) the frozen base's own
+    dropout layers (T5's, say) stay off, so the base under the adapters is the base preservation compares with;
+    a method that trains the module's own weights trains it as the module's authors did, dropout included."""
+    module.train()
+    if not adapters_only:
+        return
+    adapter_dropouts = set()
+    for name, sub in module.named_modules():
+        if name.rsplit(".", 1)[-1] == "lora_dropout":  # peft LoRA; LoHa/LoKr drop ranks by self.training
+            adapter_dropouts.update(id(m) for m in sub.modules())
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Dropout) and id(sub) not in adapter_dropouts:
+            sub.eval()
 
 
 def _with_encoders(comps, encoders):
