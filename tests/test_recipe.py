@@ -93,6 +93,9 @@ BAD = [
     (["data.buckets.min_side=100"], "data.buckets.min_side: 100 is not valid"),
     (["data.sources.3.path=x"], "override 'data.sources.3': index must be 0..0"),
     (["train"], "override 'train': expected key.path=value"),
+    (["data.masks={unmasked_target: bse}"], "data.masks.unmasked_target: 'bse' is not valid"),
+    (["data.masks={base_weight: -1}"], "data.masks.base_weight: -1 is not valid"),
+    (["data.masks={unmasked_weight: 2}"], "data.masks.unmasked_weight: 2 is not valid"),
 ]
 
 

@@ -143,15 +143,16 @@ def test_adapter_dropout_is_active_while_training_and_the_base_stays_the_base(tm
     t = Trainer(r, make_accelerator(r))
     unet = t.comps.unet
     drops = [m for n, m in unet.named_modules() if n.rsplit(".", 1)[-1] == "lora_dropout"]
-    assert drops and unet.training
-    assert all(d.training for group in drops for d in group.modules())
+    assert drops and all(d.training for group in drops for d in group.modules())
     others = [m for m in unet.modules() if isinstance(m, torch.nn.Dropout) and not any(m is d for g in drops
                                                                                       for d in g.modules())]
     assert others and all(not m.training for m in others)  # e.g. to_out.1 of every attention
+    assert not unet.training  # the base's modules (and any functional dropout they gate) stay in eval
     randomise(unet, 3)
     batch = next(iter(t.data.loader(0)))
     losses = {float(t.compute_loss(batch)[0].detach()) for _ in range(3)}
     assert len(losses) == 3  # a fresh dropout mask each forward
-    unet.eval()
+    t.set_training(False)  # as the loop leaves it after the last step
+    assert not any(d.training for group in drops for d in group.modules())
     with torch.no_grad():
         assert len({float(t.compute_loss(batch)[0]) for _ in range(2)}) == 1

@@ -36,6 +36,7 @@ def run_loop(t) -> None:
     try:
         finished = _epochs(t)
     finally:
+        t.set_training(False)  # the trained modules leave the loop in eval mode: exports, final grid, callers
         t.stop.restore()
         t.progress.close()
         t.data.close()  # the persistent loader workers are not needed past the last step
@@ -165,16 +166,15 @@ def validate(t, step: int) -> Path | None:
         denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
         encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
                     for n, e in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)]
-        modules = [denoiser, *encoders]
-        modes = [m.training for m in modules]
+        was = t.training
+        t.set_training(False)  # samples without dropout
         pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         res = t.recipe.data.resolution
         with acc.autocast(), t.vae_on_device():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                           text=t.prompt_cache, family=t.comps.family,
                           max_sequence_length=t.comps.max_sequence_length)
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
+        t.set_training(was)
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
@@ -236,13 +236,13 @@ def _base_rows(t):
 
     v, res = t.recipe.validation, t.recipe.data.resolution
     modules = [t.comps.named_modules()[n] for n in t.trained_names]
-    modes = [m.training for m in modules]
+    was = t.training
+    t.set_training(False)
     with adapters_off(modules), t.acc.autocast():
         pipe = make_pipeline(t.comps, v)
         t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
                              text=t.prompt_cache, family=t.comps.family)
-    for m, mode in zip(modules, modes, strict=True):
-        m.train(mode)
+    t.set_training(was)
     return t.base_rows
 
 

@@ -191,8 +191,7 @@ class Trainer:
         acc = self.acc
         modules = self.comps.named_modules()
         self.trained_names = self.method.trained_modules()
-        for name in self.trained_names:
-            training_mode(modules[name], adapters_only=self.method.config.switchable_adapters())
+        self.set_training(True)
         check_sharding(acc, self.trained_names, self.cfg.ema.enabled)
         optimizer = build_optimizer(groups, self.cfg)
         scheduler = build_lr_scheduler(optimizer, self.cfg)
@@ -355,6 +354,13 @@ class Trainer:
         if self.acc.is_main_process:
             self.progress.write(f"warning: {where}; optimizer step skipped ({self.state.nan_skips} so far)")
 
+    def set_training(self, on: bool) -> None:
+        """The trained modules in training mode for the steps (dropout acts), in eval mode after the last."""
+        modules = self.comps.named_modules()
+        for name in self.trained_names:
+            training_mode(modules[name], adapters_only=self.method.config.switchable_adapters(), on=on)
+        self.training = on
+
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> None:
         from finetune.train.loop import run_loop
@@ -362,21 +368,23 @@ class Trainer:
         run_loop(self)
 
 
-def training_mode(module: torch.nn.Module, adapters_only: bool) -> None:
+def training_mode(module: torch.nn.Module, adapters_only: bool, on: bool = True) -> None:
     """Put a trained module in training mode (freeze() left everything in eval, where dropout does nothing: a
-    recipe's method.dropout would be silently ignored). For adapters (`adapters_only`) the frozen base's own
-    dropout layers (T5's, say) stay off, so the base under the adapters is the base preservation compares with;
-    a method that trains the module's own weights trains it as the module's authors did, dropout included."""
-    module.train()
+    recipe's method.dropout would be silently ignored), or back in eval (`on=False`). For adapters
+    (`adapters_only`) only the peft adapter layers switch: the frozen base keeps its own dropout off (T5's,
+    including its functional attention dropout), so the base under the adapters is the base preservation
+    compares with. A method that trains the module's own weights trains it as the module's authors did."""
     if not adapters_only:
+        module.train(on)
         return
-    adapter_dropouts = set()
-    for name, sub in module.named_modules():
-        if name.rsplit(".", 1)[-1] == "lora_dropout":  # peft LoRA; LoHa/LoKr drop ranks by self.training
-            adapter_dropouts.update(id(m) for m in sub.modules())
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for sub in module.modules():
-        if isinstance(sub, torch.nn.Dropout) and id(sub) not in adapter_dropouts:
-            sub.eval()
+        if isinstance(sub, BaseTunerLayer):  # LoRA's lora_dropout, LoHa/LoKr's rank and module dropout
+            sub.training = on  # the layer itself and its adapter parts, never the wrapped base layer (a
+            for name, child in sub.named_children():  # bitsandbytes 4-bit layer in eval repacks its weights)
+                if name != "base_layer":
+                    child.train(on)
 
 
 def _with_encoders(comps, encoders):
