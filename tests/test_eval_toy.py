@@ -15,6 +15,11 @@ from tests.helpers import run_trainer
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ["validation.metrics=[clip_i,clip_t,dino]", "validation.clip_model=toy", "validation.dino_model=toy",
            "validation.token=sks", "validation.class_word=heart", "validation.every=100", "train.keep_best=dino"]
+# the demo without its heart masks: CLIP-I and DINO compare whole images with the instance images, so a heart
+# learned without their white background (the masked demo draws it on the base's dark one) scores lower against
+# them while the toy scorer, which looks at the heart only, rates it the same; agreement is measured where the
+# backgrounds match (with the masks: DINO rank correlation 0.58, separation 1.0)
+UNMASKED = ["data.sources.0.masks=false", "data.masks=null"]
 
 
 def grid_cells(path: Path, rows: int, cols: int, side: int = 64, label: int = 14) -> list[list[Image.Image]]:
@@ -53,7 +58,7 @@ def test_clip_i_and_dino_agree_with_the_toy_scorer(tmp_path):
 
     out = tmp_path / "run"
     t = run_trainer(ROOT / "recipes" / "toy" / "lora.yaml", f"train.output_dir={out}", "logging.report_to=[]",
-                    "logging.progress=false", *METRICS)
+                    "logging.progress=false", *METRICS, *UNMASKED)
     v = t.recipe.validation
     saved = json.loads((out / "samples" / "metrics.json").read_text())
     steps = sorted(int(s) for s in saved["steps"])
