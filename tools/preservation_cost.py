@@ -22,7 +22,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", type=int, default=32, help="latent side (32 = 256 px, 64 = 512 px)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--share", type=float, default=0.5, help="share of the batch that is preservation examples")
+    p.add_argument("--share", type=float, default=0.5, help="share of the batch that needs the base's prediction: "
+                   "preservation examples, or (1.0) every image masked with unmasked_target: base")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     import torch
@@ -65,7 +66,7 @@ def main() -> None:
     train = min(timed(step) for _ in range(a.repeats))
     extra = min(timed(base) for _ in range(a.repeats))
     print(f"SD 1.5 U-Net on {dev}, LoRA r16 attention_ff, {a.side * 8} px, batch {a.batch}: step {train:.3f}s; "
-          f"base forward on {n} preservation examples {extra:.3f}s (+{100 * extra / train:.0f}% per step)")
+          f"base forward on {n} of {a.batch} examples {extra:.3f}s (+{100 * extra / train:.0f}% per step)")
 
 
 if __name__ == "__main__":
