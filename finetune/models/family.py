@@ -106,6 +106,9 @@ class Family:
     single_file_signs: tuple[str, ...] = ()
     #: detection order: higher first (specific families before the SD 1.x fallback)
     priority: int = 0
+    #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
+    #: refusal of a recipe that would train it
+    frozen_text_encoder: str | None = None
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
@@ -169,6 +172,10 @@ class Family:
     def check_recipe(self, recipe) -> None:
         """Options that make no sense for this family: a ValueError naming the key (recipe time)."""
         model, train = recipe.model, recipe.train
+        if self.frozen_text_encoder and recipe.method.trains_text_encoder():
+            key = "method.text_encoder.enabled" if hasattr(recipe.method, "text_encoder") else "method.train_text_encoder"
+            raise ValueError(f"{key}: the {self.name} family's text encoder ({self.frozen_text_encoder}) is not trained "
+                             "here; train the transformer only (remove the key)")
         if recipe.method.adds_tokens() and not self.textual_inversion:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
@@ -213,6 +220,17 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
+
+
+def llm_flow_transformer(**fields: Any) -> dict[str, Any]:
+    """Family settings shared by rectified-flow transformers conditioned by one frozen language model (Z-Image,
+    Qwen-Image, FLUX.2 [klein]), with the family's own `fields` on top: no text-encoder LoRA, Textual Inversion
+    or single-file checkpoints, text embeddings cached by default, the pipeline's own sampler."""
+    return {
+        "denoiser_name": "transformer", "lora_text_encoders": (), "objective": "flow", "max_sequence_length": 512,
+        "embedding_keys": {}, "pipeline_kwargs": {}, "default_sampler": "base", "cache_text_by_default": True,
+        "textual_inversion": False, "single_file_writer": False, "single_file_text": {}, "priority": 30, **fields,
+    }
 
 
 def register_family(family: Family) -> Family:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ModuleNames
-from finetune.models.families.z_image import refuse_text_encoder_training
-from finetune.models.family import Family, register_family
+from finetune.models.family import Family, llm_flow_transformer, register_family
 
 if TYPE_CHECKING:
     import torch
@@ -100,41 +99,23 @@ class Flux2KleinFamily(Family):
                        return_dict=False)[0]
         return Flux2KleinPipeline._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
 
-    def check_recipe(self, recipe) -> None:
-        super().check_recipe(recipe)
-        refuse_text_encoder_training(self, recipe, "Qwen3")
 
-
-FLUX2_KLEIN = register_family(Flux2KleinFamily(
-    "flux2_klein",
+FLUX2_KLEIN = register_family(Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
     pipeline_class="Flux2KleinPipeline",
-    denoiser_name="transformer",
     denoiser_class="Flux2Transformer2DModel",
-    text_encoder_names=("text_encoder",),
-    tokenizer_names=("tokenizer",),
-    lora_text_encoders=(),
-    objective="flow",
     # logit-normal timesteps with FLUX's resolution shift (mu 1.15 at 1 MP): FLUX.2 samples at strongly
     # shifted sigmas (its empirical mu is ~2 at 1 MP), so training weights the noisy half more, as peers do;
     # diffusers' script trains on the unshifted grid (train.flow.resolution_shift: false)
     flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
     patch_size=1,  # our latents are already patchified 2x2: one token per latent pixel
-    max_sequence_length=512,
     # ComfyUI's FLUX.2 model is a FLUX model there: comfy/lora.py maps 'lora_transformer_<diffusers path>'
     # (OneTrainer's spelling) through flux_to_diffusers, which knows FLUX.2's names (to_qkv_mlp_proj -> linear1,
     # ff.linear_in -> img_mlp.0, ...)
     kohya_names={"transformer": ModuleNames("lora_transformer", words=FLUX2_WORDS)},
     base_version="flux2_klein",
     modelspec_arch={"flow": "flux-2-klein"},
-    embedding_keys={},
-    pipeline_kwargs={},
     pipeline_config_keys=("is_distilled",),
     lora_presets=FLUX2_PRESETS,
-    default_sampler="base",
     default_guidance=4.0,
-    cache_text_by_default=True,
-    textual_inversion=False,
-    single_file_writer=False,
-    single_file_text={},
-    priority=30,
-))
+    frozen_text_encoder="Qwen3",
+)))

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
-from finetune.models.families.z_image import refuse_text_encoder_training
-from finetune.models.family import Family, register_family
+from finetune.models.family import Family, llm_flow_transformer, register_family
 
 if TYPE_CHECKING:
     import torch
@@ -107,39 +106,24 @@ class QwenImageFamily(Family):
 
     def check_recipe(self, recipe) -> None:
         super().check_recipe(recipe)
-        refuse_text_encoder_training(self, recipe, "Qwen2.5-VL-7B")
         if (recipe.model.max_sequence_length or 0) > MAX_TOKENS:
             raise ValueError(f"model.max_sequence_length: Qwen-Image reads at most {MAX_TOKENS} caption tokens "
                              f"(got {recipe.model.max_sequence_length}); lower it")
 
 
-QWEN_IMAGE = register_family(QwenImageFamily(
-    "qwen_image",
+QWEN_IMAGE = register_family(QwenImageFamily("qwen_image", **llm_flow_transformer(
     pipeline_class="QwenImagePipeline",
-    denoiser_name="transformer",
     denoiser_class="QwenImageTransformer2DModel",
-    text_encoder_names=("text_encoder",),
-    tokenizer_names=("tokenizer",),
-    lora_text_encoders=(),
-    objective="flow",
     # logit-normal timesteps shifted by image size as Qwen-Image samples (its scheduler's exponential shift,
     # mu from 0.5 at 256 tokens to 0.9 at 8192); diffusers' script trains on the unshifted grid
     flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
     patch_size=2,
-    max_sequence_length=512,
     # ComfyUI (comfy/lora.py, QwenImage branch) names the model as diffusers does and maps
     # 'lycoris_<path with _>' (SimpleTuner), 'transformer.<path>' and the bare path
     kohya_names={"transformer": ModuleNames("lycoris", words=QWEN_IMAGE_WORDS)},
     base_version="qwen_image",
     modelspec_arch={"flow": "qwen-image"},
-    embedding_keys={},
-    pipeline_kwargs={},
     lora_presets=QWEN_IMAGE_PRESETS,
-    default_sampler="base",
     default_guidance=4.0,
-    cache_text_by_default=True,
-    textual_inversion=False,
-    single_file_writer=False,
-    single_file_text={},
-    priority=30,
-))
+    frozen_text_encoder="Qwen2.5-VL-7B",
+)))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
-from finetune.models.family import Family, register_family
+from finetune.models.family import Family, llm_flow_transformer, register_family
 
 if TYPE_CHECKING:
     import torch
@@ -68,51 +68,25 @@ class ZImageFamily(Family):
         out = denoiser(latents, t, captions_of(text), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # the model predicts x0 - noise; the flow target is noise - x0
 
-    def check_recipe(self, recipe) -> None:
-        super().check_recipe(recipe)
-        refuse_text_encoder_training(self, recipe, "Qwen3-4B")
-
 
 def captions_of(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Fixed-length padded embeddings -> the variable-length captions ZImagePipeline passes."""
     return [e[m.bool()] for e, m in zip(text["prompt_embeds"], text["prompt_mask"], strict=True)]
 
 
-def refuse_text_encoder_training(family: Family, recipe, encoder: str) -> None:
-    """These encoders are billion-parameter language models used frozen (their embeddings are cached)."""
-    if recipe.method.trains_text_encoder():
-        key = "method.text_encoder.enabled" if hasattr(recipe.method, "text_encoder") else "method.train_text_encoder"
-        raise ValueError(f"{key}: the {family.name} family's text encoder ({encoder}) is not trained here; "
-                         "train the transformer only (remove the key)")
-
-
-Z_IMAGE = register_family(ZImageFamily(
-    "z_image",
+Z_IMAGE = register_family(ZImageFamily("z_image", **llm_flow_transformer(
     pipeline_class="ZImagePipeline",
-    denoiser_name="transformer",
     denoiser_class="ZImageTransformer2DModel",
-    text_encoder_names=("text_encoder",),
-    tokenizer_names=("tokenizer",),
-    lora_text_encoders=(),
-    objective="flow",
     # logit-normal timesteps on the base's statically shifted grid (Turbo: shift 3, what it samples with);
     # diffusers' script draws on the same grid
     flow_defaults={"sampling": "logit_normal", "resolution_shift": False},
     patch_size=2,
-    max_sequence_length=512,
     # ComfyUI (comfy/lora.py, Lumina2 / Z-Image branch) maps 'lycoris_<diffusers path>' (SimpleTuner's
     # spelling) and 'transformer.<diffusers path>' onto its fused qkv / out weights, slices included
     kohya_names={"transformer": ModuleNames("lycoris", words=Z_IMAGE_WORDS)},
     base_version="z_image",
     modelspec_arch={"flow": "z-image-turbo"},
-    embedding_keys={},
-    pipeline_kwargs={},
     lora_presets=Z_IMAGE_PRESETS,
-    default_sampler="base",
     default_guidance=0.0,
-    cache_text_by_default=True,
-    textual_inversion=False,
-    single_file_writer=False,
-    single_file_text={},
-    priority=30,
-))
+    frozen_text_encoder="Qwen3-4B",
+)))
