@@ -184,6 +184,43 @@ class MaskSection(StrictModel):
     required: bool = Field(False, description="Every image needs a mask (file or alpha); else it trains unmasked.")
 
 
+class ConditioningSection(StrictModel):
+    """Paired data: every record carries conditioning images beside its target (an edit's input image, reference
+    photos of a subject, a control map). They travel with the target through buckets, crops, flips and the latent
+    cache; the family decides how they enter the denoiser (finetune/models/families)."""
+
+    role: Literal["spatial", "reference"] = Field(
+        "spatial", description="'spatial': pixel-aligned with the target (an edit's input, a control map): resized, "
+        "cropped and flipped exactly as the target, and must have its aspect ratio; 'reference': a picture of a "
+        "subject or style, resized on its own (a centre crop at `resolution`, never flipped).",
+    )
+    count: int = Field(1, ge=1, le=8, description="Conditioning images per record (several references: 2, 3, ...).")
+    resolution: int | None = Field(
+        None, ge=64, le=4096, multiple_of=64,
+        description="References: the side of their own pixel-area budget (their bucket has the target's aspect "
+        "ratio so a batch stacks); default data.resolution. Spatial images always take the target's size.",
+    )
+    folder: str = Field(
+        "control", description="Folder sources: the sub-folder of conditioning images beside `target_folder`, "
+        "matched to targets by file stem; with count > 1, '<folder>_1', '<folder>_2', ...",
+    )
+    target_folder: str = Field("target", description="Folder sources: the sub-folder of target images and captions.")
+    column: str = Field(
+        "control_image", description="Metadata and hf sources: the column of conditioning images (a path or a list "
+        "of paths / images; or '<column>_1', '<column>_2', ... columns).",
+    )
+
+    @model_validator(mode="after")
+    def _role(self):
+        if self.role == "spatial" and self.resolution is not None:
+            raise ValueError("resolution applies to role: reference; spatial images take their target's size "
+                             "(remove it, or set role: reference)")
+        return self
+
+
+PAIRED_SOURCES = ("folder", "metadata", "hf", "toy")  # source types that can carry conditioning images
+
+
 class DataSection(StrictModel):
     sources: list[Source] = Field(min_length=1, description="Image sets to train on (subsets).")
     resolution: int = Field(512, ge=64, le=4096, multiple_of=64, description="Training resolution (side of the pixel-area budget).")
@@ -208,6 +245,9 @@ class DataSection(StrictModel):
         None, description="Base-prediction preservation: regularisation examples train toward the base's prediction.",
     )
     masks: MaskSection | None = Field(None, description="Masked loss from mask files or alpha channels.")
+    conditioning: ConditioningSection | None = Field(
+        None, description="Paired data: conditioning images (edit inputs, references) beside every target.",
+    )
 
     @model_validator(mode="after")
     def _rules(self):
@@ -223,7 +263,19 @@ class DataSection(StrictModel):
                 f"buckets.min_side {lo} .. max_side {hi} must include the resolution {self.resolution}"
             )
         self._check_preservation()
+        self._check_conditioning()
         return self
+
+    def _check_conditioning(self) -> None:
+        if self.conditioning is None:
+            return
+        for i, src in enumerate(self.sources):
+            if src.type not in PAIRED_SOURCES:
+                raise ValueError(f"data.sources.{i}: type '{src.type}' has no paired layout for data.conditioning; "
+                                 f"use one of {', '.join(PAIRED_SOURCES)} (a folder with target/ and control/)")
+        if self.prior is not None or self.masks is not None:
+            key = "data.prior" if self.prior is not None else "data.masks"
+            raise ValueError(f"{key} is not supported with data.conditioning yet; remove one of them")
 
     def _check_preservation(self) -> None:
         marked = [i for i, s in enumerate(self.sources) if s.preserve]

@@ -15,10 +15,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from finetune.data.captions import apply_rules
+from finetune.data.pairs import (
+    column_values,
+    folder_pairs,
+    hf_condition_columns,
+    metadata_controls,
+    target_dir,
+    with_conditions,
+)
 from finetune.data.records import (
     Problems,
     Record,
     Subset,
+    blob_condition,
     blob_record,
     confined,
     image_files,
@@ -82,9 +91,13 @@ def _missing_note(sub: Subset, missing: list[Path], ext: str, fallback: str) -> 
 # ----------------------------------------------------------------------------------------------- sources
 def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
     root = need_dir(src.path, key)
-    files = image_files(root, src.recursive)
+    cond = data.conditioning
+    images = target_dir(root, cond) if cond else root  # paired data: targets in target/, beside control/
+    files = image_files(images, src.recursive, within=root)
     if not files:
-        raise _no_images(root, src.recursive)
+        raise _no_images(images, src.recursive)
+    controls = folder_pairs(root, files, cond, src.recursive, probs) if cond else None
+    files = [f for f in files if controls is None or f in controls]
     sub = _subset(src, data, probs)
     pairs, missing = _with_captions(files, src.caption_ext, "", probs, root)
     if len(missing) == len(files):
@@ -96,7 +109,7 @@ def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
             )
     empty = apply_rules("", sub.rules) or "an empty caption"
     _missing_note(sub, missing, src.caption_ext, f"the template alone ({empty!r})")
-    sub.records = load_images(pairs, probs)
+    sub.records = load_images(pairs, probs, controls, cond.role if cond else "spatial")
     return [sub]
 
 
@@ -176,7 +189,8 @@ def scan_metadata(src, data, probs: Problems, key: str) -> list[Subset]:
     rows = _metadata_rows(meta)
     if not rows:
         raise DataError(f"{meta}: has no rows; add one line per image")
-    pairs = []
+    pairs, cond = [], data.conditioning
+    controls: dict[Path, list[Path]] | None = {} if cond else None
     for line, row in rows:
         where = f"{meta}:{line}"
         for col in ("file_name", src.caption_column):
@@ -189,11 +203,17 @@ def scan_metadata(src, data, probs: Problems, key: str) -> list[Subset]:
         if not path.is_file():
             probs.bad(f"{where}", f"file_name '{row['file_name']}' does not exist in {root}", "fix the row")
             continue
+        if cond is not None:
+            found = metadata_controls(row, cond, root, where, probs)
+            if found is None:
+                continue
+            controls[path] = found
         caption = row[src.caption_column]
         pairs.append((path, " ".join(str(caption if caption is not None else "").split())))
     sub = _subset(src, data, probs)
-    sub.records = load_images(pairs, probs)
-    unlisted = len(image_files(root, recursive=True)) - len(pairs)
+    sub.records = load_images(pairs, probs, controls, cond.role if cond else "spatial")
+    listed = {p for p, _ in pairs} | {c for cs in (controls or {}).values() for c in cs}
+    unlisted = len(set(image_files(root, recursive=True)) - listed)
     if unlisted > 0:
         sub.notes.append(f"{unlisted} image(s) in {root} are not listed in {meta.name} and are not used")
     return [sub]
@@ -231,35 +251,62 @@ def scan_hf(src, data, probs: Problems, key: str) -> list[Subset]:
                 f"{src.path}: no column '{col}' (columns: {', '.join(ds.column_names)}); "
                 f"set image_column / caption_column in {key}"
             )
-    if isinstance(ds.features[src.image_column], datasets.Image):
-        # keep the encoded bytes: we decode ourselves (EXIF, modes, draft) and hash them for the caches
-        ds = ds.cast_column(src.image_column, datasets.Image(decode=False))
+    cond = data.conditioning
+    columns = [src.image_column, src.caption_column] + (hf_condition_columns(ds, cond, src.path) if cond else [])
+    for col in columns[2:] + columns[:1]:
+        ds = _undecoded(ds, col, datasets)
     if not len(ds):
         raise DataError(f"{src.path}: split '{src.split}' has no rows")
     sub = _subset(src, data, probs)
-    for i, row in enumerate(ds.select_columns([src.image_column, src.caption_column])):
-        rec = _hf_record(src, i, row, probs)
+    for i, row in enumerate(ds.select_columns(columns)):
+        rec = _hf_record(src, i, row, probs, cond)
         if rec is not None:
             sub.records.append(rec)
     return [sub]
 
 
-def _hf_record(src, i: int, row: dict, probs: Problems) -> Record | None:
-    cell, caption = row[src.image_column], row[src.caption_column]
-    where = f"hf:{src.path}#{i}"
+def _undecoded(ds, col: str, datasets):
+    """Keep a column's encoded bytes (an image, or a list of images): we decode ourselves (EXIF, modes, draft)
+    and hash them for the caches."""
+    feature = ds.features[col]
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(col, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image):
+        return ds.cast_column(col, type(feature)(datasets.Image(decode=False)))
+    return ds
+
+
+def _hf_bytes(cell, where: str, col: str, probs: Problems) -> bytes | None:
     if isinstance(cell, dict) and cell.get("bytes"):
-        data = cell["bytes"]
-    elif isinstance(cell, dict) and cell.get("path") or isinstance(cell, str):
+        return cell["bytes"]
+    if isinstance(cell, dict) and cell.get("path") or isinstance(cell, str):
         path = cell["path"] if isinstance(cell, dict) else cell
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except OSError as e:
             probs.bad(where, f"image file {path} cannot be read ({e.strerror})", "fix the dataset")
             return None
-    else:
-        probs.bad(where, f"column '{src.image_column}' holds no image", "set image_column to the image column")
+    probs.bad(where, f"column '{col}' holds no image", f"set the {col} column to an image column")
+    return None
+
+
+def _hf_record(src, i: int, row: dict, probs: Problems, cond=None) -> Record | None:
+    where = f"hf:{src.path}#{i}"
+    data = _hf_bytes(row[src.image_column], where, src.image_column, probs)
+    if data is None:
         return None
-    return blob_record(where, " ".join(str(caption or "").split()), data, probs)
+    rec = blob_record(where, " ".join(str(row[src.caption_column] or "").split()), data, probs)
+    if rec is None or cond is None:
+        return rec
+    conds = []
+    for j, cell in enumerate(column_values(row, cond, where)):
+        blob = _hf_bytes(cell, f"{where} ({cond.column} {j + 1})", cond.column, probs)
+        c = None if blob is None else blob_condition(f"{where}/{cond.column}/{j + 1}", blob, cond.role, probs, where)
+        if c is None:
+            return None
+        conds.append(c)
+    return with_conditions(rec, conds, probs)
 
 
 def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:

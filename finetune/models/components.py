@@ -84,18 +84,20 @@ class Components:
             mods[name] = enc
         return mods
 
-    def pipeline(self, denoiser=None, text_encoders=None, scheduler=None):
-        """A diffusers pipeline over these components (for validation and class-image generation)."""
+    def pipeline(self, denoiser=None, text_encoders=None, scheduler=None, edit: bool = False):
+        """A diffusers pipeline over these components (for validation and class-image generation); `edit`: the
+        family's pipeline that takes conditioning images."""
         import diffusers
 
         family = self.family
-        cls = getattr(diffusers, family.pipeline_class)
+        cls = getattr(diffusers, family.edit_pipeline_class if edit else family.pipeline_class)
         encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
         parts: dict[str, Any] = {family.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
                                  "scheduler": scheduler or self.scheduler}
         for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
+        parts |= self.extras.get("components", {})  # what else the pipeline takes (a processor)
         decode_in_own_dtype(self.vae)
         kept = {k: v for k, v in self.extras.get("pipeline_config", {}).items() if k in family.pipeline_config_keys}
         return cls(**parts, **kept, **family.pipeline_kwargs)
@@ -213,7 +215,9 @@ def _chosen(model: ModelSection) -> Family | None:
 
 
 def _detect(pipe, base: str) -> Family:
-    index = {k: v for k, v in pipe.config.items() if not k.startswith("_")}
+    # the pipeline class (model_index.json's _class_name) names edit variants that share a denoiser class
+    # (FLUX.1 Kontext, Qwen-Image-Edit)
+    index = {"_class_name": type(pipe).__name__, **{k: v for k, v in pipe.config.items() if not k.startswith("_")}}
     encoder = getattr(pipe, "text_encoder", None)
     encoder_config = encoder.config.to_dict() if encoder is not None else {}
     try:
@@ -251,6 +255,7 @@ def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None, dtype
                               "variant": model.variant}
     if vae is not None:
         kwargs["vae"] = vae
+    kwargs.update(_extra_components(model, where))
     for name in model.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
         kwargs[name] = None
         kwargs[name.replace("text_encoder", "tokenizer")] = None
@@ -266,6 +271,22 @@ def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None, dtype
         return cls.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(_load_failure(model.base, kind, e)) from None
+
+
+def _extra_components(model: ModelSection, where: str) -> dict[str, Any]:
+    """Pipeline parts the family loads itself (Qwen-Image-Edit's processor), by the family the configs show."""
+    from finetune.models.detect import family_for
+
+    family = family_for(model)
+    out = {}
+    for name in family.extra_components if family is not None else ():
+        try:
+            part = family.load_component(name, where, model.revision)
+        except (OSError, ValueError) as e:
+            raise ModelError(_load_failure(model.base, "folder", e, key=f"model.base ({name})")) from None
+        if part is not None:
+            out[name] = part
+    return out
 
 
 def _load_failure(base: str, kind: str, e: Exception, key: str = "model.base") -> str:
@@ -343,7 +364,8 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         max_sequence_length=model.max_sequence_length,
         # the base's own sampler, for `validation.scheduler: base`; its pipeline settings the family keeps
         extras={"sampler": sampler,
-                "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}},
+                "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config},
+                "components": {n: getattr(pipe, n, None) for n in family.extra_components}},
     )
 
 

@@ -109,6 +109,16 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: conditioning images (data.conditioning: an edit's input, reference photos) one example can carry; 0: the
+    #: family takes none. How they enter the denoiser is `predict`'s business (batch["conditions"])
+    max_conditions: int = 0
+    #: the pipeline that takes conditioning images (validation pairs, `tools/generate.py --image`)
+    edit_pipeline_class: str | None = None
+    #: the text encoder sees the conditioning images too (Qwen-Image-Edit's vision-language encoder): prompts are
+    #: encoded with them (`encode_conditioned_prompt`) and cached text is keyed on them
+    prompt_reads_conditions: bool = False
+    #: pipeline components besides the denoiser, VAE, encoders and tokenizers (Qwen-Image-Edit: its 'processor')
+    extra_components: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
@@ -131,6 +141,22 @@ class Family:
         (ids,) = self.tokenize(comps, captions)
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
+
+    def encode_conditioned_prompt(self, comps: Components, captions: list[str], images: list[torch.Tensor] | None,
+                                  device: Any) -> dict[str, torch.Tensor]:
+        """Captions with the example's conditioning images (each [B, 3, H, W] in [-1, 1]) -> text conditioning.
+        Only families whose text encoder sees the images (`prompt_reads_conditions`) read them."""
+        return self.encode_prompt(comps, captions, device)
+
+    def load_component(self, name: str, where: str, revision: str | None = None) -> Any:
+        """One of `extra_components`, loaded by the family from the base `where` (a folder or hub id); None lets
+        diffusers load it with the pipeline."""
+        return None
+
+    def edit_kwargs(self, images: list, size: tuple[int, int]) -> dict[str, Any]:
+        """Validation conditioning images (PIL, already at the training geometry) as the edit pipeline's keyword
+        arguments for an output of `size` (width, height). Most edit pipelines take a list."""
+        return {"image": list(images)}
 
     def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
         """The validation guidance scale as the pipeline's keyword arguments (None: the family's default);
@@ -179,6 +205,7 @@ class Family:
         if recipe.method.adds_tokens() and not self.textual_inversion:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
+        self._check_conditioning(recipe)
         if recipe.train.block_swap and not self.swap_blocks:
             raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
                              "denoiser has no block lists to swap: set train.block_swap: 0")
@@ -203,6 +230,24 @@ class Family:
         if changed:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
+
+    def _check_conditioning(self, recipe) -> None:
+        cond = recipe.data.conditioning
+        if cond is None:
+            if recipe.validation.images:
+                raise ValueError("validation.images are the conditioning images of validation pairs: they need "
+                                 "paired training data (data.conditioning)")
+            return
+        if not self.max_conditions:
+            takes = ", ".join(f.name for f in _REGISTRY.values() if f.max_conditions)
+            raise ValueError(f"data.conditioning: the {self.name} family takes no conditioning images; use a base "
+                             f"of a family that does ({takes})")
+        if cond.count > self.max_conditions:
+            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {self.max_conditions} "
+                             f"conditioning image(s) per example (got {cond.count})")
+        if self.prompt_reads_conditions and recipe.data.random_flip and cond.role == "spatial":
+            raise ValueError(f"data.random_flip: the {self.name} family's text encoder sees the conditioning images, "
+                             "and a flipped pair would need its prompt encoded twice; set random_flip: false")
 
     def unused_modules(self, denoiser) -> list[str]:
         """Modules of `denoiser` whose output never reaches the prediction (Qwen-Image: the last block's text

@@ -97,15 +97,21 @@ def build_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     return folder
 
 
-def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
+def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True, kontext: bool = False) -> Path:
     """FLUX-shaped: one double-stream and one single-stream block (2 heads of 16, rotary axes 4 + 6 + 6), a
     CLIP-L-style encoder whose pooled output (16 wide) feeds pooled_projections, a T5 encoder 32 wide, a
     16-channel VAE with FLUX's shift and scale factors (2x2 packing: 64 input channels), guidance embedding
-    as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler."""
+    as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler. `kontext`: saved as a
+    FLUX.1 Kontext pipeline (the same parts; model_index.json names FluxKontextPipeline)."""
     import shutil
 
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
@@ -120,7 +126,8 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+    pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
+                        transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
                         text_encoder=clip, tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2,
                         scheduler=scheduler)
     pipe.save_pretrained(folder)
@@ -137,8 +144,13 @@ def _qwen_family(name: str):
     return build
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux,
-            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein")}}  # finetune/models/tiny_qwen.py
+def build_tiny_flux_kontext(folder: Path, seed: int = 0) -> Path:
+    return build_tiny_flux(folder, seed, kontext=True)
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "flux_kontext": build_tiny_flux_kontext,
+            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein", "qwen_image_edit",
+                                            "qwen_image_edit_plus")}}  # finetune/models/tiny_qwen.py
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

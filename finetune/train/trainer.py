@@ -58,6 +58,7 @@ class Trainer:
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
+        self.scan = self._scan()  # bad data (a missing pair, a corrupt image) stops here, before any model loads
         comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
             recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
@@ -95,6 +96,15 @@ class Trainer:
         self.stop_seen = False  # a stop request from any process, as of the last optimizer step
 
     # ------------------------------------------------------------------------------------------ set-up
+    def _scan(self):
+        """The data scan (PIL only). Class images may still be missing (they are generated once the base is
+        loaded): then the data is scanned again with them."""
+        from finetune.data.scan import scan_data
+
+        verbose = self.acc.is_main_process and self.recipe.logging.progress
+        scan = scan_data(self.recipe.data, verbose=verbose, need_prior=False)
+        return scan if self.recipe.data.prior is None else None
+
     def _vae_dtype(self, family) -> torch.dtype:
         choice = self.recipe.model.vae_dtype
         if choice != "auto":
@@ -179,7 +189,7 @@ class Trainer:
             latent_encoder=self.encode_latents, latent_key=key,
             text_encoder=self.encode_text_frozen, text_key=text_key,
             show_progress=acc.is_main_process and self.recipe.logging.progress,
-            barrier=acc.wait_for_everyone,
+            barrier=acc.wait_for_everyone, scan=self.scan, text_reads_conditions=comps.family.prompt_reads_conditions,
         )
 
     def _build_optimization(self, groups) -> None:
@@ -220,11 +230,23 @@ class Trainer:
             raise NonFiniteError(VAE_NON_FINITE)
         return latents
 
-    @torch.no_grad()
-    def encode_text_frozen(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
+    def condition_latents(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The latents of each conditioning image of the batch ([B, C, h, w] each): cached, or encoded now."""
+        if "conditions" in batch:
+            return [c.to(self.acc.device, non_blocking=True).float() for c in batch["conditions"]]
+        out = []
+        for pixels in batch["condition_pixels"]:
+            out.append(self.encode_latents(pixels, check=False))
+            self.watch.note("latents", out[-1])
+        return out
 
-    def encode_text(self, captions: list[str], keys: list[int] | None = None) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def encode_text_frozen(self, captions: list[str], images: list[torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+        return {k: v.float().cpu() for k, v in self.encode_text(captions, images=images).items()}
+
+    def encode_text(self, captions: list[str], keys: list[int] | None = None,
+                    images: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors and fills
         # empty captions from templates, drawn with each example's key)
         prepare = getattr(self.method, "prepare_captions", None)
@@ -234,6 +256,8 @@ class Trainer:
                                                        self.comps.text_encoders, strict=True)]
         comps = self.comps
         view = comps if encoders == comps.text_encoders else _with_encoders(comps, encoders)
+        if images is not None and comps.family.prompt_reads_conditions:  # a vision-language encoder
+            return comps.family.encode_conditioned_prompt(view, captions, images, self.acc.device)
         return comps.family.encode_prompt(view, captions, self.acc.device)
 
     # ---------------------------------------------------------------------------------------- a step
@@ -250,8 +274,11 @@ class Trainer:
         # same however the step is split into micro-batches and processes
         keys = example_keys(cfg.seed, self.state.step, batch["positions"], self.data.examples_per_step)
         with timer("text_encode"):
-            text = batch.get("text") or self.encode_text(batch["captions"], keys)
+            text = batch.get("text") or self.encode_text(batch["captions"], keys, batch.get("condition_pixels"))
             text = {k: v.to(acc.device, non_blocking=True) for k, v in text.items()}
+        if "conditions" in batch or "condition_pixels" in batch:  # paired data: the family appends them
+            with timer("vae_encode"):
+                batch = {**batch, "conditions": self.condition_latents(batch)}
         example = self.objective.example(latents, [example_generator(k) for k in keys])
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
