@@ -139,7 +139,7 @@ class Render:
         out["captions"] = [ex.caption for ex in examples]
         if self.text is not None:
             entries = [self.text.get(self.text_entry(ex.caption, ex.record, ex.bucket)) for ex in examples]
-            out["text"] = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+            out["text"] = {k: stack_padded([e[k] for e in entries]) for k in entries[0]}
         out["original_size"] = torch.tensor([self.records[ex.record].size for ex in examples], dtype=torch.long)
         out["crop_top_left"] = torch.tensor(tops, dtype=torch.long)
         out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
@@ -148,6 +148,17 @@ class Render:
         out["preserve"] = torch.tensor([ex.preserve for ex in examples], dtype=torch.bool)
         out["positions"] = torch.tensor([ex.position for ex in examples], dtype=torch.long)
         return out
+
+
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack cached text of one key; prompts of different lengths (a family that pads each batch to its longest
+    and masks the padding: Qwen-Image-Edit) are right-padded with zeros, which their masks mark as padding."""
+    if tensors[0].ndim == 0 or all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(tensors)
+    return torch.stack([torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) for t in tensors])
 
 
 class _Batches(Dataset):

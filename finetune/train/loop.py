@@ -156,7 +156,8 @@ def _interrupted(t) -> None:
 @torch.no_grad()
 def validate(t, step: int) -> Path | None:
     """Render the validation grid on the main process (the others wait)."""
-    from finetune.train.validation import grid, make_pipeline, render, save_grid
+    from finetune.train.edits import edit_grid
+    from finetune.train.validation import grid, make_pipeline, save_grid
 
     acc, v = t.acc, t.recipe.validation
     path = None
@@ -169,14 +170,12 @@ def validate(t, step: int) -> Path | None:
         was = t.training
         t.set_training(False)  # samples without dropout
         pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
-        res = t.recipe.data.resolution
         with acc.autocast(), t.vae_on_device():
-            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
-                          text=t.prompt_cache, family=t.comps.family,
-                          max_sequence_length=t.comps.max_sequence_length)
+            rows = _render(t, pipe)
         t.set_training(was)
     if acc.is_main_process:
-        image = grid(rows, v.prompts, title=f"step {step}")
+        image = (edit_grid(t.pair_inputs, rows, v.prompts, title=f"step {step}") if v.images else
+                 grid(rows, v.prompts, title=f"step {step}"))
         path = save_grid(image, t.out / "samples", step)
         _log_image(t, image, step)
         if v.score_subject:
@@ -186,6 +185,20 @@ def validate(t, step: int) -> Path | None:
             _metrics(t, rows, step)
     acc.wait_for_everyone()
     return path
+
+
+def _render(t, pipe):
+    """The grid's outputs: prompts x seeds, or (validation pairs) each prompt's inputs through the edit pipeline."""
+    from finetune.train.edits import render_edits
+    from finetune.train.validation import render
+
+    v, res, acc = t.recipe.validation, t.recipe.data.resolution, t.acc
+    size = (v.width or res, v.height or res)
+    if v.images:
+        return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, t.comps.family,
+                            text=t.prompt_cache, max_sequence_length=t.comps.max_sequence_length)
+    return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=t.comps.family,
+                  max_sequence_length=t.comps.max_sequence_length)
 
 
 def _score(t, rows, step: int) -> None:
@@ -232,16 +245,13 @@ def _base_rows(t):
     if rows is not None or not t.method.config.switchable_adapters():
         return rows
     from finetune.train.preserve import adapters_off
-    from finetune.train.validation import make_pipeline, render
+    from finetune.train.validation import make_pipeline
 
-    v, res = t.recipe.validation, t.recipe.data.resolution
     modules = [t.comps.named_modules()[n] for n in t.trained_names]
     was = t.training
     t.set_training(False)
     with adapters_off(modules), t.acc.autocast():
-        pipe = make_pipeline(t.comps, v)
-        t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
-                             text=t.prompt_cache, family=t.comps.family)
+        t.base_rows = _render(t, make_pipeline(t.comps, t.recipe.validation))
     t.set_training(was)
     return t.base_rows
 

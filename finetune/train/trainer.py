@@ -83,6 +83,7 @@ class Trainer:
             self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
         self._resolve_text_cache()
+        self.pair_inputs = self._pair_inputs()
         self.data = self._build_data(vae_dtype)
         self.prompt_cache = self._release_text_encoders()
         self.vae_released = self._release_vae()
@@ -104,6 +105,15 @@ class Trainer:
         verbose = self.acc.is_main_process and self.recipe.logging.progress
         scan = scan_data(self.recipe.data, verbose=verbose, need_prior=False)
         return scan if self.recipe.data.prior is None else None
+
+    def _pair_inputs(self) -> list:
+        """Validation pairs' conditioning images at their training geometry (none without validation.images)."""
+        v, res = self.recipe.validation, self.recipe.data.resolution
+        if not v.images:
+            return []
+        from finetune.train.edits import pair_images
+
+        return pair_images(self.recipe, (v.width or res, v.height or res))
 
     def _vae_dtype(self, family) -> torch.dtype:
         choice = self.recipe.model.vae_dtype
@@ -172,7 +182,12 @@ class Trainer:
             return None
         v = self.recipe.validation
         prompts = list(dict.fromkeys([*v.prompts, v.negative_prompt]))
-        cache = {p: self.encode_text_frozen([p]) for p in prompts} if prompts else {}
+        if self.comps.family.prompt_reads_conditions:  # the text encoder sees each pair's images
+            from finetune.train.edits import pair_text
+
+            cache = pair_text(self.encode_text_frozen, v.prompts, self.pair_inputs, v.negative_prompt)
+        else:
+            cache = {p: self.encode_text_frozen([p]) for p in prompts} if prompts else {}
         for enc in self.comps.text_encoders:
             enc.to("cpu")
         return cache

@@ -19,9 +19,10 @@ SCHEDULERS = {
 
 
 def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=None, device=None, dtype=None):
+    """The validation pipeline: the family's edit pipeline when validation has pairs (validation.images)."""
     import diffusers
 
-    pipe = comps.pipeline(denoiser=denoiser, text_encoders=text_encoders)
+    pipe = comps.pipeline(denoiser=denoiser, text_encoders=text_encoders, edit=bool(cfg.images))
     choice = comps.family.default_sampler if cfg.scheduler == "auto" else cfg.scheduler
     if choice == "base":
         pipe.scheduler = comps.extras.get("sampler", pipe.scheduler)
