@@ -359,6 +359,10 @@ class ValidationSection(StrictModel):
                                  f"(got {len(items)})")
         if self.targets and not self.images:
             raise ValueError("validation.targets are the outputs of validation pairs: set validation.images too")
+        subject = {"clip_i", "dino"} & set(self.metrics)
+        if self.images and subject and not any(self.targets):
+            raise ValueError(f"{' and '.join(sorted(subject))} score validation pairs against their targets: set "
+                             "validation.targets (or keep clip_t only)")
         return self
 
     @model_validator(mode="after")

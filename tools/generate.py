@@ -4,6 +4,8 @@
     python tools/generate.py "a sks circle" "a (red:1.3) square" --base toy --lora out/run:0.8 --seeds 0 1 2
     python tools/generate.py "a sks circle" --base toy --embedding out/ti/sks.safetensors --out grid.png
     python tools/generate.py "a watercolor" --base toy --init-image photo.png --strength 0.6
+    python tools/generate.py "make it blue" --base toy-flux --lora out/toy-flux-edit --image input.png \
+        --guidance 5 --steps 28 --max-sequence-length 32
 
 LoRAs (diffusers, kohya, DoRA, LoHa, LoKr; `PATH[:SCALE]`) are fused into the weights before sampling.
 Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`), through every text
@@ -44,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help="image height (default: the base's)")
     p.add_argument("--init-image", type=Path, help="image-to-image: the starting image")
     p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="edit and reference models: a conditioning image (repeat for several), through the "
+                   "family's edit pipeline; each grid row starts with the input(s)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens the base reads (the toy FLUX base: 32)")
     p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid image to write")
     p.add_argument("--save-images", type=Path, help="also save every image into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
@@ -72,13 +79,16 @@ def check_args(args, seeds: list[int]):
         raise ModelError(f"--seeds {seeds}: seeds must be in 0 .. 2^64-1")
     if args.out.suffix.lower() not in Image.registered_extensions():
         raise ModelError(f"--out {args.out}: unknown image type '{args.out.suffix}'; use .png or .jpg")
-    inputs = [Path(args.base), args.init_image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
+    inputs = [Path(args.base), args.init_image, *args.image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
               *(Path(s) for s in args.lora + args.embedding)]
     check_output(args.out, inputs, args.overwrite)
     if args.save_images is not None:
         for i in range(len(args.prompts)):
             for seed in seeds:
                 check_output(args.save_images / f"p{i:02d}-s{seed}.png", inputs, args.overwrite, "--save-images")
+    if args.image and args.init_image is not None:
+        raise ModelError("--image (an edit model's input) and --init-image (image-to-image) do not mix; use one")
+    args.image_pil = [_open_image(path, "--image") for path in args.image]
     if args.init_image is None:
         return None
     if not 0.0 < args.strength <= 1.0:
@@ -86,13 +96,21 @@ def check_args(args, seeds: list[int]):
     if int(args.steps * args.strength) < 1:
         raise ModelError(f"--steps {args.steps} at --strength {args.strength} leaves no denoising step; "
                          "raise --steps or --strength")
-    if not args.init_image.is_file():
-        raise ModelError(f"{args.init_image}: no such image")
+    return _open_image(args.init_image, "--init-image")
+
+
+def _open_image(path: Path, flag: str):
+    from PIL import Image
+
+    from finetune.errors import ModelError
+
+    if not path.is_file():
+        raise ModelError(f"{path}: no such image ({flag})")
     try:
-        with Image.open(args.init_image) as im:
+        with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ModelError(f"{args.init_image}: not a readable image ({str(e).splitlines()[0][:120]}); "
+        raise ModelError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]}); "
                          "give a PNG or JPEG") from None
 
 
@@ -112,7 +130,12 @@ def build_pipeline(args):
     specs = [LoraSpec.parse(s) for s in args.lora]
     adapters = read_all(specs, args.allow_pickle, comps.family, comps.named_modules())
     fuse_all(comps, adapters, [s.weight for s in specs])
-    pipe = comps.pipeline()
+    if args.image and not comps.family.edit_pipeline_class:
+        from finetune.errors import ModelError
+
+        raise ModelError(f"--image: the {comps.family.name} family takes no conditioning images; leave --image out "
+                         "or use an edit base (Kontext, Qwen-Image-Edit, FLUX.2 [klein], a FLUX.1 edit LoRA)")
+    pipe = comps.pipeline(edit=bool(args.image))
     if args.scheduler != "base":
         import diffusers
 
@@ -169,32 +192,43 @@ def main(argv=None) -> int:
     seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
     init = check_args(args, seeds)
     pipe, comps, _ = build_pipeline(args)
-    extra = {}
+    extra, guide = {}, {"guidance_scale": args.guidance}
     if init is not None:
         extra = {"image": init, "strength": args.strength}
     else:
         size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
         extra = {"width": args.width or size, "height": args.height or size}
+    if args.image_pil:  # an edit: the inputs cut to the output size, handed over as the family's pipeline takes them
+        from finetune.train.edits import fit
+
+        inputs = [fit(im, (extra["height"], extra["width"])) for im in args.image_pil]
+        extra |= comps.family.edit_kwargs(inputs, (extra["width"], extra["height"]))
+        guide = comps.family.guidance_kwargs(pipe, args.guidance)
+    if args.max_sequence_length:
+        extra["max_sequence_length"] = args.max_sequence_length
     rows = []
     for prompt in tqdm(args.prompts, desc="prompts", disable=len(args.prompts) < 2):
         text = encode(pipe, comps.family, prompt, args.negative)
+        if "true_cfg_scale" in guide and "prompt" in text:  # true CFG runs only with a negative, even an empty one
+            text["negative_prompt"] = args.negative
         images = []
         for seed in seeds:
             g = torch.Generator("cpu").manual_seed(seed)
             with torch.no_grad():
-                out = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=g,
-                           **extra)
+                out = pipe(**text, num_inference_steps=args.steps, generator=g, **guide, **extra)
             images.append(out.images[0])
         rows.append(images)
-    _save(args, rows, seeds)
+    _save(args, rows, seeds, inputs if args.image_pil else None)
     return 0
 
 
-def _save(args, rows, seeds) -> None:
+def _save(args, rows, seeds, inputs=None) -> None:
+    from finetune.train.edits import edit_grid
     from finetune.train.validation import grid
 
     title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
-    image = grid(rows, args.prompts, title=f"{title} | seeds {seeds}"[:200])
+    title = f"{title} | seeds {seeds}"[:200]
+    image = edit_grid([inputs] * len(rows), rows, args.prompts, title) if inputs else grid(rows, args.prompts, title)
     _save_image(image, args.out)
     print(f"wrote {args.out}")
     if args.save_images:

@@ -106,11 +106,33 @@ class ToySource(_Source):
     masks: bool = Field(
         False, description="Give every image its object mask (white on the shape, black elsewhere) for data.masks.",
     )
+    edits: list[str] | None = Field(
+        None, description="Draw edit pairs instead (with data.conditioning): each record a target, its input image "
+        "as conditioning and its instruction as caption, e.g. ['make it red', 'make it a circle'] (finetune/toy/"
+        "edits.py), cycling through the instructions.",
+    )
+    held_out: bool = Field(
+        False, description="Edit pairs: draw inputs from what training never shows as an input (a purple object, a "
+        "circle) instead of the training inputs.",
+    )
 
     @model_validator(mode="after")
     def _variants(self):
         if self.variants and self.subject != "world":
             raise ValueError("variants applies to subject: world (held-out subjects have one caption form)")
+        if self.edits is not None:
+            from finetune.toy.edits import parse  # numpy + PIL only
+
+            for i, text in enumerate(self.edits):
+                try:
+                    parse(text)
+                except ValueError as e:
+                    raise ValueError(f"edits.{i}: {e}") from None
+            if not self.edits or self.subject != "world" or self.masks or self.variants:
+                raise ValueError("edits draws pairs of world objects: give at least one instruction, and leave "
+                                 "subject, masks and variants out")
+        elif self.held_out:
+            raise ValueError("held_out applies to edit pairs (set edits)")
         return self
 
 

@@ -312,6 +312,8 @@ def _hf_record(src, i: int, row: dict, probs: Problems, cond=None) -> Record | N
 def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
     from finetune.toy import world  # lazy: drawing code is only needed for toy runs
 
+    if src.edits is not None:
+        return [_toy_edits(src, data, probs)]
     if src.subject == "world":
         pairs = world.world_images(src.count, src.seed, variants=src.variants)
     else:
@@ -325,6 +327,28 @@ def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
         if rec is not None:
             sub.records.append(replace(rec, mask=_toy_mask(img)) if src.masks else rec)
     return [sub]
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _toy_edits(src, data, probs: Problems) -> Subset:
+    """Edit pairs of the toy world: the target, its input as conditioning, the instruction as caption."""
+    from finetune.toy.edits import pairs
+
+    if data.conditioning is None:
+        raise DataError("toy edits are pairs: add data.conditioning (role: spatial) to train on them")
+    sub = _subset(src, data, probs, name=src.name or f"toy:edits{' (held out)' if src.held_out else ''}")
+    for i, p in enumerate(pairs(src.edits, src.count, src.seed, src.held_out)):
+        key = f"toy:edits#{i}"
+        rec = blob_record(key, src.prompt if src.prompt is not None else p.instruction.text, _png(p.target), probs)
+        cond = blob_condition(f"{key}/input", _png(p.input), data.conditioning.role, probs, key)
+        if rec is not None and cond is not None:
+            sub.records.append(replace(rec, conditions=(cond,)))
+    return sub
 
 
 def _toy_mask(img) -> bytes:

@@ -46,11 +46,19 @@ def _specs(items, prompts: int) -> list:
     return list(items) * prompts if len(items) == 1 else list(items)
 
 
+def fit(im: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """An image resized to cover `bucket` (h, w) and centre-cropped, as the training data cuts a target."""
+    from finetune.data.images import cover, crop_flip, resize
+
+    c = cover((im.height, im.width), bucket, "center")
+    arr, _ = crop_flip(resize(im, c.rh, c.rw), c, bucket, False)
+    return Image.fromarray(arr.copy())
+
+
 def pair_images(recipe, size: tuple[int, int]) -> list[list[Image.Image]]:
     """Each prompt's conditioning images at the geometry training gave them, for an output of `size` (w, h):
     spatial images cover it and are centre-cropped like a target; references take their own bucket."""
     from finetune.data.buckets import reference_bucket
-    from finetune.data.images import cover, crop_flip, resize
 
     v, cond, d = recipe.validation, recipe.data.conditioning, recipe.data
     bucket = (size[1], size[0])
@@ -61,13 +69,8 @@ def pair_images(recipe, size: tuple[int, int]) -> list[list[Image.Image]]:
         if len(specs) != cond.count:
             raise DataError(f"validation.images.{i}: {len(specs)} image(s), but data.conditioning.count is "
                             f"{cond.count}; give each prompt {cond.count}")
-        row = []
-        for j, s in enumerate(specs):
-            im = open_image(s, f"validation.images.{i}" + (f".{j}" if len(specs) > 1 else ""))
-            c = cover((im.height, im.width), own, "center")
-            arr, _ = crop_flip(resize(im, c.rh, c.rw), c, own, False)
-            row.append(Image.fromarray(arr.copy()))
-        rows.append(row)
+        rows.append([fit(open_image(s, f"validation.images.{i}" + (f".{j}" if len(specs) > 1 else "")), own)
+                     for j, s in enumerate(specs)])
     return rows
 
 
