@@ -23,7 +23,7 @@ INSTRUCTIONS = ["make it red", "make it blue", "make it green", "make it a circl
 def test_pairs_change_only_what_the_instruction_says():
     for p in edits.pairs(INSTRUCTIONS, 24, seed=3):
         a, b = np.asarray(p.input, np.int16), np.asarray(p.target, np.int16)
-        changed = np.abs(a - b).max(-1) > 0
+        changed = np.abs(a - b).max(-1) > 2  # Lanczos ringing of the shape reaches a level or two further
         from finetune.toy.score import object_mask
 
         around = (object_mask(p.input) > 0) | (object_mask(p.target) > 0)
@@ -32,7 +32,7 @@ def test_pairs_change_only_what_the_instruction_says():
             for dx in range(-3, 4):
                 grown |= np.roll(np.roll(around, dy, 0), dx, 1)
         assert not (changed & ~grown).any(), p.instruction.text  # the background is untouched
-        assert p.shape in edits.TRAIN_SHAPES and p.colour in edits.TRAIN_COLOURS
+        assert p.shape in edits.TRAIN_SHAPES and p.colour not in edits.HELD_OUT_COLOURS
         assert edits.score_one(p.target, p) == {"edit": True, "kept": True, "position": True, "all": True}
         assert not edits.score_one(p.input, p)["edit"]
 
@@ -76,7 +76,7 @@ def test_the_model_cards_snippet_runs_as_written_and_edits(tmp_path):
                 "export.formats=[diffusers]")
     code = _snippet(run / "README.md")
     for needed in ("FluxKontextPipeline", "_auto_resize=False", "max_area=4096", "max_sequence_length=32",
-                   "true_cfg_scale=5.0", "negative_prompt=''"):
+                   "true_cfg_scale=2.0", "negative_prompt=''"):
         assert needed in code, needed
     code = code.replace("num_inference_steps=28", "num_inference_steps=2")  # the same call, fewer steps
     code += "\nimage.save('edited.png')\n"
@@ -92,11 +92,12 @@ def test_toy_edit_learns_every_instruction_on_held_out_inputs(tmp_path):
     """The shipped recipe, then 16 held-out pairs per instruction through the stock Kontext pipeline with the
     exported LoRA, against the untouched base on the same inputs and seeds (docs/toy.md has the numbers)."""
     run = tmp_path / "run"
-    run_trainer(ROOT / "recipes" / "toy" / "flux_edit.yaml", f"train.output_dir={run}", "logging.progress=false",
-                "validation.every=0")
+    t = run_trainer(ROOT / "recipes" / "toy" / "flux_edit.yaml", f"train.output_dir={run}", "logging.progress=false",
+                    "validation.every=0")
     ps = edits.pairs(INSTRUCTIONS, 16 * len(INSTRUCTIONS), seed=1, held_out=True)
-    tuned = edits.score(edits.run(edits.edit_pipeline(lora=run), ps), ps)
-    base = edits.score(edits.run(edits.edit_pipeline(), ps), ps)
+    guidance = t.recipe.validation.guidance_scale
+    tuned = edits.score(edits.run(edits.edit_pipeline(lora=run), ps, guidance=guidance), ps)
+    base = edits.score(edits.run(edits.edit_pipeline(), ps, guidance=guidance), ps)
     print("\nbase:\n" + edits.describe(base) + "\ntuned:\n" + edits.describe(tuned))
     (tmp_path / "scores.json").write_text(json.dumps({"base": base, "tuned": tuned}, indent=2))
     for text in INSTRUCTIONS:

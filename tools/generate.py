@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="images per prompt when --seeds is not given")
     p.add_argument("--steps", type=int, default=30, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="ddim", help="sampler")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
+                   help="sampler (default: the family's: DDIM for SD 1/2/XL, the base's own for flow models)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda when available)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the base's)")
@@ -136,10 +137,11 @@ def build_pipeline(args):
         raise ModelError(f"--image: the {comps.family.name} family takes no conditioning images; leave --image out "
                          "or use an edit base (Kontext, Qwen-Image-Edit, FLUX.2 [klein], a FLUX.1 edit LoRA)")
     pipe = comps.pipeline(edit=bool(args.image))
-    if args.scheduler != "base":
+    choice = args.scheduler or comps.family.default_sampler
+    if choice != "base":
         import diffusers
 
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[choice]).from_config(pipe.scheduler.config)
     tokens = []
     for item in args.embedding:
         path, _, token = item.partition(":") if not Path(item).exists() else (item, "", "")
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     if init is not None:
         extra = {"image": init, "strength": args.strength}
     else:
-        size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        size = None if args.width and args.height else _default_size(pipe, comps)
         extra = {"width": args.width or size, "height": args.height or size}
     if args.image_pil:  # an edit: the inputs cut to the output size, handed over as the family's pipeline takes them
         from finetune.train.edits import fit
@@ -220,6 +222,14 @@ def main(argv=None) -> int:
         rows.append(images)
     _save(args, rows, seeds, inputs if args.image_pil else None)
     return 0
+
+
+def _default_size(pipe, comps) -> int:
+    """The base's own image size: a U-Net's sample size in pixels, else the pipeline's default (transformers)."""
+    sample = getattr(comps.denoiser.config, "sample_size", None)
+    if sample is not None and hasattr(comps.vae.config, "block_out_channels"):
+        return sample * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    return pipe.default_sample_size * pipe.vae_scale_factor
 
 
 def _save(args, rows, seeds, inputs=None) -> None:

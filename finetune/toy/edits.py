@@ -2,8 +2,9 @@
 
 A pair is an input image (a shape of one colour at some place, on some background) and its target: the same shape,
 place and background in the instructed colour ("make it red"), or the instructed shape in the same colour and place
-("make it a circle"). Training inputs use the colours and shapes below; held-out inputs use what training never
-showed as an input (a purple object, a circle), so a score on them is about the instruction, not memory.
+("make it a circle"). Training inputs take any hue away from purple's (so copying a colour has to be learned as
+copying, not as a table of the palette) and the shapes below; held-out inputs are what training never showed as an
+input (a purple object, a circle), so a score on them is about the instruction, not memory.
 
 An output is scored against its pair: the instructed colour (or shape) is there, the input's shape (or colour) is
 kept, and the position is kept (the object's mask overlaps the target's with IoU >= 0.5; for a colour edit the
@@ -21,8 +22,7 @@ from PIL import Image
 
 from finetune.toy import world
 
-TRAIN_COLOURS = ("yellow", "green", "blue", "red")  # input colours training shows
-TRAIN_SHAPES = ("square", "triangle", "star")  # input shapes training shows
+TRAIN_SHAPES = ("square", "triangle", "star", "heart")  # input shapes training shows
 HELD_OUT_COLOURS = ("purple",)  # input colours only the held-out inputs have
 HELD_OUT_SHAPES = ("circle",)  # ... and input shapes
 IOU_KEPT = 0.5
@@ -58,23 +58,38 @@ class Pair:
     background: str
 
 
-def _inputs(held_out: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if held_out:
-        return HELD_OUT_COLOURS, (*TRAIN_SHAPES, *HELD_OUT_SHAPES)
-    return TRAIN_COLOURS, TRAIN_SHAPES
+def training_colour(rng: random.Random, avoid: str | None) -> tuple[int, int, int]:
+    """A saturated colour of any hue the scorer does not read as purple or as `avoid` (the instructed colour),
+    at the palette's saturation and brightness: between the palette's hues too, so a colour is copied, not named."""
+    import colorsys
+
+    from finetune.toy.score import colour_of
+
+    while True:
+        r, g, b = colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.75, 0.88), rng.uniform(0.75, 0.94))
+        rgb = round(r * 255), round(g * 255), round(b * 255)
+        if colour_of(world.draw("square", [rgb])) not in (*HELD_OUT_COLOURS, avoid):
+            return rgb
 
 
 def pair(instruction: Instruction, rng: random.Random, held_out: bool = False) -> Pair:
     """One pair: an input the instruction changes (never already its colour or shape), and the exact target."""
-    colours, shapes = _inputs(held_out)
-    colour = rng.choice([c for c in colours if c != instruction.colour])
-    shape = rng.choice([s for s in shapes if s != instruction.shape])
+    from finetune.toy.score import colour_of
+
+    if held_out:
+        colour = rng.choice([c for c in HELD_OUT_COLOURS if c != instruction.colour])
+        shape = rng.choice([s for s in (*TRAIN_SHAPES[:3], *HELD_OUT_SHAPES) if s != instruction.shape])
+    else:
+        colour = training_colour(rng, instruction.colour)
+        shape = rng.choice([s for s in TRAIN_SHAPES if s != instruction.shape])
     bg = rng.choice(world.BACKGROUNDS)
     cx, cy, r = world._placement(rng)
     seed = rng.randrange(1 << 30)  # the same background pattern in both
-    source = world.draw(shape, colour, bg, cx, cy, r, seed=seed)
-    target = world.draw(instruction.shape or shape, instruction.colour or colour, bg, cx, cy, r, seed=seed)
-    return Pair(instruction, source, target, colour, shape, bg)
+    paint = [colour] if isinstance(colour, tuple) else colour  # world.draw takes names or a list of RGB
+    source = world.draw(shape, paint, bg, cx, cy, r, seed=seed)
+    target = world.draw(instruction.shape or shape, instruction.colour or paint, bg, cx, cy, r, seed=seed)
+    name = colour if isinstance(colour, str) else colour_of(source)  # the palette name it reads as
+    return Pair(instruction, source, target, name, shape, bg)
 
 
 def pairs(instructions: list[str], n: int, seed: int = 0, held_out: bool = False) -> list[Pair]:
@@ -138,7 +153,7 @@ def edit_pipeline(path=None, lora=None):
     return pipe
 
 
-def run(pipe, ps: list[Pair], seed: int = 0, steps: int = 28, guidance: float = 5.0, chunk: int = 32) -> list:
+def run(pipe, ps: list[Pair], seed: int = 0, steps: int = 28, guidance: float = 2.0, chunk: int = 32) -> list:
     """Each pair's input edited by its instruction through the stock Kontext pipeline, as the model card says to
     call it on the toy: its own 64 px size (no auto-resize), max_area 64*64, 32 T5 tokens, true CFG against the
     empty instruction (the toy has no guidance input). Sample i draws its noise from seed + i."""
