@@ -102,6 +102,14 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
     return scan
 
 
+def prescan(data: DataSection, verbose: bool) -> Scan | None:
+    """The scan a run makes before it loads any model, so bad data stops it first. With prior preservation the
+    class images may still be missing (they are generated once the base is loaded): the data is scanned again
+    then, and None is returned."""
+    scan = scan_data(data, verbose=verbose, need_prior=False)
+    return scan if data.prior is None else None
+
+
 def _check_counts(sub: Subset, data: DataSection) -> None:
     """Paired data: every record carries data.conditioning.count images (a source that draws no pairs, or pairs
     in a recipe without data.conditioning, is a mistake worth one line)."""

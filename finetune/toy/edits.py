@@ -2,9 +2,9 @@
 
 A pair is an input image (a shape of one colour at some place, on some background) and its target: the same shape,
 place and background in the instructed colour ("make it red"), or the instructed shape in the same colour and place
-("make it a circle"). Training inputs take any hue away from purple's (so copying a colour has to be learned as
-copying, not as a table of the palette) and the shapes below; held-out inputs are what training never showed as an
-input (a purple object, a circle), so a score on them is about the instruction, not memory.
+("make it a circle"). Training inputs take any hue more than 20 degrees from purple's (so copying a colour has to be
+learned as copying, not as a table of the palette) and the shapes below; held-out inputs are what training never
+showed as an input (the palette's purple, a circle), so a score on them is about the instruction, not memory.
 
 An output is scored against its pair: the instructed colour (or shape) is there, the input's shape (or colour) is
 kept, and the position is kept (the object's mask overlaps the target's with IoU >= 0.5; for a colour edit the
@@ -25,6 +25,7 @@ from finetune.toy import world
 TRAIN_SHAPES = ("square", "triangle", "star", "heart")  # input shapes training shows
 HELD_OUT_COLOURS = ("purple",)  # input colours only the held-out inputs have
 HELD_OUT_SHAPES = ("circle",)  # ... and input shapes
+HELD_OUT_HUES = 20.0  # degrees around a held-out colour's hue no training input takes
 IOU_KEPT = 0.5
 _COLOUR = re.compile(r"make it (\w+)$")
 _SHAPE = re.compile(r"make it an? (\w+)$")
@@ -59,16 +60,21 @@ class Pair:
 
 
 def training_colour(rng: random.Random, avoid: str | None) -> tuple[int, int, int]:
-    """A saturated colour of any hue the scorer does not read as purple or as `avoid` (the instructed colour),
-    at the palette's saturation and brightness: between the palette's hues too, so a colour is copied, not named."""
+    """A saturated colour of any hue at least HELD_OUT_HUES degrees from purple's that the scorer does not read as
+    `avoid` (the instructed colour), at the palette's saturation and brightness: between the palette's hues too,
+    so a colour is copied, not named."""
     import colorsys
 
-    from finetune.toy.score import colour_of
+    from finetune.toy.score import _PALETTE_HUES, colour_of
 
+    held = [_PALETTE_HUES[c] for c in HELD_OUT_COLOURS]
     while True:
-        r, g, b = colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(0.75, 0.88), rng.uniform(0.75, 0.94))
+        hue = rng.uniform(0.0, 360.0)
+        if any(abs((hue - h + 180.0) % 360.0 - 180.0) < HELD_OUT_HUES for h in held):
+            continue
+        r, g, b = colorsys.hsv_to_rgb(hue / 360.0, rng.uniform(0.75, 0.88), rng.uniform(0.75, 0.94))
         rgb = round(r * 255), round(g * 255), round(b * 255)
-        if colour_of(world.draw("square", [rgb])) not in (*HELD_OUT_COLOURS, avoid):
+        if colour_of(world.draw("square", [rgb])) != avoid:
             return rgb
 
 

@@ -74,6 +74,12 @@ def pair_images(recipe, size: tuple[int, int]) -> list[list[Image.Image]]:
     return rows
 
 
+def validation_pairs(recipe) -> list[list[Image.Image]]:
+    """The validation pairs' conditioning images at the validation size (none without validation.images)."""
+    v, res = recipe.validation, recipe.data.resolution
+    return pair_images(recipe, (v.width or res, v.height or res)) if v.images else []
+
+
 def target_images(recipe) -> list[Image.Image | None]:
     """Each prompt's target image (validation.targets), or None where it has none."""
     v = recipe.validation

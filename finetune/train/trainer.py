@@ -49,16 +49,19 @@ class Trainer:
     def __init__(self, recipe: Recipe, acc):
         from accelerate.utils import set_seed
 
+        from finetune.data.scan import prescan
         from finetune.models.components import cast_frozen, load_components
         from finetune.models.detect import family_for
         from finetune.recipe import recheck_for_family
+        from finetune.train.edits import validation_pairs
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
-        self.scan = self._scan()  # bad data (a missing pair, a corrupt image) stops here, before any model loads
+        # bad data (a missing pair, a corrupt image) stops here, before any model loads
+        self.scan = prescan(recipe.data, acc.is_main_process and recipe.logging.progress)
         comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
             recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
@@ -83,7 +86,7 @@ class Trainer:
             self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
         self._resolve_text_cache()
-        self.pair_inputs = self._pair_inputs()
+        self.pair_inputs = validation_pairs(recipe)  # validation pairs' inputs, as training cuts them
         self.data = self._build_data(vae_dtype)
         self.prompt_cache = self._release_text_encoders()
         self.vae_released = self._release_vae()
@@ -97,24 +100,6 @@ class Trainer:
         self.stop_seen = False  # a stop request from any process, as of the last optimizer step
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _scan(self):
-        """The data scan (PIL only). Class images may still be missing (they are generated once the base is
-        loaded): then the data is scanned again with them."""
-        from finetune.data.scan import scan_data
-
-        verbose = self.acc.is_main_process and self.recipe.logging.progress
-        scan = scan_data(self.recipe.data, verbose=verbose, need_prior=False)
-        return scan if self.recipe.data.prior is None else None
-
-    def _pair_inputs(self) -> list:
-        """Validation pairs' conditioning images at their training geometry (none without validation.images)."""
-        v, res = self.recipe.validation, self.recipe.data.resolution
-        if not v.images:
-            return []
-        from finetune.train.edits import pair_images
-
-        return pair_images(self.recipe, (v.width or res, v.height or res))
-
     def _vae_dtype(self, family) -> torch.dtype:
         choice = self.recipe.model.vae_dtype
         if choice != "auto":
