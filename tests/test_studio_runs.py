@@ -1,7 +1,7 @@
 """The studio's run queue, its stop/resume semantics, the run page's data, and the recipe form.
 
-The trainer is played by a small script here (the real one runs in the browser test): it logs loss rows,
-and on SIGTERM writes a checkpoint and says 'stopped by SIGTERM', as finetune/train does.
+The trainer is played by a small script (tests/studio_helpers.py; the real one runs in the browser test): it
+logs loss rows, and on SIGTERM writes a checkpoint and says 'stopped by SIGTERM', as finetune/train does.
 """
 
 from __future__ import annotations
@@ -14,59 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from finetune.studio import procs
 from tests.helpers import ROOT
-from tests.studio_helpers import W, client, png, world  # noqa: F401  (fixture)
-
-TRAINER = textwrap.dedent('''
-    import json, os, signal, sys, time
-    from pathlib import Path
-    args = sys.argv[1:]
-    out = Path("runs/fake")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    Path(os.environ["PROBE"]).write_text(json.dumps({"args": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}))
-    step = [0]
-    def stop(signum, frame):
-        time.sleep(0.5)  # a checkpoint takes a while: the launcher must still be waiting for us
-        ck = out / "checkpoints" / f"step-{step[0]:06d}"
-        ck.mkdir(parents=True)
-        (ck / "COMPLETE").write_text("")
-        print(f"stopped by SIGTERM at step {step[0]}/100", flush=True)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, stop)
-    if "train.resume=latest" in args:
-        print("done: 5 steps in 1s; outputs in runs/fake", flush=True)
-        sys.exit(0)
-    with open(out / "logs" / "loss.csv", "w") as f:
-        f.write("step,loss,lr\\n")
-    while True:
-        step[0] += 1
-        with open(out / "logs" / "loss.csv", "a") as f:
-            f.write(f"{step[0]},{1 / step[0]:.4f},0.001\\n")
-        time.sleep(0.05)
-''')
-# the launcher, like accelerate's: runs the trainer as a child, waits, reports, exits with its code
-LAUNCHER = textwrap.dedent('''
-    import subprocess, sys
-    code = subprocess.call([sys.executable, sys.argv[1], *sys.argv[2:]])
-    print(f"launcher: trainer exited with {code}", flush=True)
-    sys.exit(code)
-''')
-
-
-@pytest.fixture()
-def fake_launch(tmp_path, monkeypatch):
-    (tmp_path / "trainer.py").write_text(TRAINER)
-    (tmp_path / "launcher.py").write_text(LAUNCHER)
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    monkeypatch.setenv("PROBE", str(probes / "last.json"))
-    monkeypatch.setattr(procs, "launch_command", lambda recipe, overrides, config: [
-        sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "trainer.py"), str(recipe), *overrides])
-    return probes / "last.json"
+from tests.studio_helpers import W, client, fake_launch, png, world  # noqa: F401  (fixtures)
 
 
 def _recipe(c, output_dir: str = "runs/fake") -> dict:
