@@ -106,3 +106,18 @@ def fake_launch(tmp_path, monkeypatch):
     monkeypatch.setattr(procs, "launch_command", lambda recipe, overrides, config: [
         sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "trainer.py"), str(recipe), *overrides])
     return probes / "last.json"
+
+
+# stands in for tools/caption.py (issue #26) with its command line, FOLDER and --prefix (argparse): writes a
+# caption for each image that has none
+CAPTIONER = textwrap.dedent('''
+    import argparse
+    from pathlib import Path
+    p = argparse.ArgumentParser()
+    p.add_argument("folder", type=Path)
+    p.add_argument("--prefix", default="")
+    args = p.parse_args()
+    for img in sorted(args.folder.glob("*.png")):
+        if not img.with_suffix(".txt").exists():
+            img.with_suffix(".txt").write_text(args.prefix + "a captioned image")
+''')

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from tests.helpers import ROOT
-from tests.studio_helpers import W, client, fake_launch, png, world  # noqa: F401  (fixtures)
+from tests.studio_helpers import CAPTIONER, W, client, fake_launch, png, world  # noqa: F401  (fixtures)
 
 
 def _recipe(c, output_dir: str = "runs/fake") -> dict:
@@ -54,8 +53,9 @@ def test_two_tabs_cannot_start_the_same_run_twice(world):  # noqa: F811
     assert c.post(f"/api/runs/{run.id}/stop", headers=W).status_code == 409
     r = c.post("/api/runs", json={"data": data}, headers=W)  # its folder still belongs to that run
     assert r.status_code == 409 and run.id in r.json()["error"]
-    saved = yaml.safe_load((root / ".studio" / "runs" / run.id / "recipe.yaml").read_text())
-    assert saved == data
+    launched = yaml.safe_load((root / ".studio" / "runs" / run.id / "recipe.yaml").read_text())
+    assert launched["train"]["output_dir"] == str(root / "runs" / "fake")  # absolute: runs start elsewhere
+    assert c.get(f"/api/runs/{run.id}/recipe").json() == data  # the form gets it back as it was sent
 
 
 def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, fake_launch):  # noqa: F811
@@ -185,17 +185,11 @@ def test_auto_caption_button_runs_the_captioning_tool_when_there_is_one(world, t
     c, _ = client(root, tools_dir=tools)
     assert c.get("/api/info").json()["features"]["caption"] is False
     assert c.post("/api/data/caption-all", json={"path": "data"}, headers=W).status_code == 400
-    # stands in for tools/caption.py (issue #26): FOLDER [--prefix P] writes a .txt for each uncaptioned image
-    (tools / "caption.py").write_text(textwrap.dedent('''
-        import sys
-        from pathlib import Path
-        folder, prefix = Path(sys.argv[1]), (sys.argv[3] if len(sys.argv) > 3 else "")
-        for img in sorted(folder.glob("*.png")):
-            if not img.with_suffix(".txt").exists():
-                img.with_suffix(".txt").write_text(prefix + "a captioned image")
-    '''))
+    (tools / "caption.py").write_text(CAPTIONER)
     c, _ = client(root, tools_dir=tools)
     assert c.get("/api/info").json()["features"]["caption"] is True
+    for link in ("link.png", "link.txt"):  # links out of the root: the folder would be refused (test_studio_holes)
+        (root / "data" / link).unlink()
     png(root / "data" / "new.png")
     job = c.post("/api/data/caption-all", json={"path": "data", "prefix": "sks, "}, headers=W).json()
     _wait(lambda: not c.get(f"/api/jobs/{job['id']}").json()["running"])
