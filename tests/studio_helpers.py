@@ -66,7 +66,7 @@ TRAINER = textwrap.dedent('''
     out = Path(yaml.safe_load(Path(args[0]).read_text())["train"]["output_dir"])  # relative to the cwd, or absolute
     (out / "logs").mkdir(parents=True, exist_ok=True)
     Path(os.environ["PROBE"]).write_text(json.dumps({"args": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                                    "cwd": os.getcwd()}))
+                                                    "cwd": os.getcwd(), "safe_path": getattr(sys.flags, "safe_path", None)}))
     step = [0]
     def stop(signum, frame):
         time.sleep(0.5)  # a checkpoint takes a while: the launcher must still be waiting for us

@@ -135,8 +135,15 @@ def test_uploads_are_capped_checked_and_never_overwrite(world):  # noqa: F811
     assert (root / "data" / "0.png").read_bytes() == original
     assert put("../x.png", buf.getvalue()).status_code == 403
     assert put("run.sh", b"echo").status_code == 400
+    # the bytes decide, not the name: a PNG is not a .jpg, nor a .py; a caption only beside its image, as text
+    for name, body in (("yaml.py", buf.getvalue()), ("x.jpg", buf.getvalue()), ("orphan.txt", b"a cat"),
+                       ("new.caption", b"\xff\xfe\x00"), ("new.yaml", b"a: 1")):
+        assert put(name, body).status_code == 400, name
+    assert put("new.txt", b"a cat").status_code == 200 and (root / "data" / "new.txt").read_text() == "a cat"
+    assert put("new.txt", b"again").status_code == 400 and (root / "data" / "new.txt").read_text() == "a cat"
     names = sorted(p.name for p in (root / "data").iterdir())
-    assert "big.png" not in names and "bad.png" not in names and not [n for n in names if n.startswith(".")]
+    assert not {"big.png", "bad.png", "yaml.py", "x.jpg", "orphan.txt", "new.caption", "new.yaml"} & set(names)
+    assert not [n for n in names if n.startswith(".")]
     huge = c.post("/api/recipe/validate", content=b"{" + b" " * (3 * 1024 * 1024) + b"}", headers=W)
     assert huge.status_code == 413
 

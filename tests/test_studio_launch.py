@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.studio_helpers import W, client, world  # noqa: F401  (fixture)
+from tests.studio_helpers import W, client, fake_launch, world  # noqa: F401  (fixtures)
 
 MODULES = ("yaml", "torch", "sitecustomize")  # what a launch imports first (and what Python imports at start)
 
@@ -53,3 +53,77 @@ def test_a_real_run_imports_nothing_from_the_root(world, tmp_path):  # noqa: F81
     assert sorted(p.name for p in markers.iterdir()) == [], log
     assert studio.runs.get(run_id).status == "done", log
     assert (root / "runs" / "tiny" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def _imports(cmd: list[str], cwd: Path, env: dict, markers: Path) -> list[str]:
+    """The planted modules a Python command imports (their markers), the markers then cleared."""
+    import subprocess
+
+    subprocess.run(cmd + ["-c", "import yaml"], cwd=cwd, env=env, check=True, capture_output=True, timeout=120)
+    found = sorted(p.name for p in markers.iterdir())
+    for p in markers.iterdir():
+        p.unlink()
+    return found
+
+
+def test_python_from_the_studio_never_imports_the_root(world, tmp_path):  # noqa: F811
+    import os
+    import sys
+
+    from finetune.studio import procs
+
+    root, _ = world
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    plant(root, markers)
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    assert _imports([sys.executable], root, plain, markers) == ["yaml"]  # the launch before: the test can fail
+    work = procs.work_dir(root / ".studio" / "runs" / "x")
+    assert _imports([sys.executable], work, plain, markers) == []  # the studio's working folder alone
+    if sys.version_info >= (3, 11):
+        assert _imports(procs.python(), root, plain, markers) == []  # -P alone
+        assert _imports([sys.executable], root, procs.safe_env(), markers) == []  # the environment alone (workers)
+    assert procs.launch_command(Path("r.yaml"), [], None)[:4] == [*procs.python(), "-m", "accelerate.commands.launch"]
+
+
+def test_a_run_starts_in_its_own_folder_in_safe_path_mode(world, fake_launch):  # noqa: F811
+    import json
+
+    root, _ = world
+    c, studio = client(root, hold=False)
+    data = copy_of(TINY)
+    run_id = c.post("/api/runs", json={"data": data}, headers=W).json()["id"]
+    _wait(fake_launch.is_file, 60)
+    probe = json.loads(fake_launch.read_text())
+    assert probe["cwd"] == str(root / ".studio" / "runs" / run_id / "work")
+    assert probe["safe_path"] in (True, None)  # None: Python 3.10, which has no safe-path mode
+    c.post(f"/api/runs/{run_id}/stop", headers=W)
+    _wait(lambda: studio.runs.get(run_id).status not in ("running", "stopping"), 60)
+    assert (root / "runs" / "tiny" / "checkpoints").is_dir()  # the absolute output_dir reached the trainer
+
+
+def test_a_run_launches_only_the_recipe_the_studio_wrote(world, fake_launch):  # noqa: F811
+    root, _ = world
+    c, studio = client(root)
+    ids = [c.post("/api/runs", json={"data": copy_of(TINY, f"runs/{n}")}, headers=W).json()["id"] for n in "abc"]
+    folder = root / ".studio" / "runs"
+    with (folder / ids[0] / "recipe.yaml").open("a") as f:
+        f.write("# one byte more than the studio wrote\n")
+    studio.runs.get(ids[1]).recipe_sha256 = ""  # a run from a studio that kept no hash
+    studio.runs.hold = False
+    studio.runs._schedule()
+    _wait(lambda: studio.runs.get(ids[2]).status == "running", 60)  # the third one is launched...
+    for run_id in ids[:2]:  # ...the first two are not
+        run = studio.runs.get(run_id)
+        assert run.status == "failed" and run.launches == 0
+        assert "not the one the studio wrote" in (folder / run_id / "log.txt").read_text()
+    c.post(f"/api/runs/{ids[2]}/stop", headers=W)
+    _wait(lambda: studio.runs.get(ids[2]).status not in ("running", "stopping"), 60)
+
+
+def copy_of(recipe: dict, output_dir: str = "runs/tiny") -> dict:
+    import copy
+
+    out = copy.deepcopy(recipe)
+    out["train"]["output_dir"] = output_dir
+    return out

@@ -168,6 +168,8 @@ def scan_folder(root: Path, rel: str, resolution: int = 512, buckets: bool = Tru
                 recursive: bool = False) -> dict[str, Any]:
     """The `--check` view of one folder: bucket plan, problems, caption statistics, the summary text."""
     folder = confine(root, rel, "folder")
+    if not folder.is_dir():
+        raise DataError("folder: not a folder under the studio root")
     refuse_links_out(root, folder, "folder", "the scan")
     src = {"type": "folder", "path": str(folder), "caption_ext": check_caption_ext(caption_ext),
            "recursive": recursive}

@@ -192,8 +192,8 @@ class RunManager:
     def _schedule(self) -> None:
         """Start queued runs on free device slots (called with the lock held, or at start-up)."""
         with self.lock:
-            for device, busy in self.slots.items():
-                if busy is None and self.queue and not self.hold:
+            for device in self.slots:
+                while self.slots[device] is None and self.queue and not self.hold:  # a refused launch frees it
                     self._launch(self.runs[self.queue.pop(0)], device)
 
     def _launch(self, run: Run, device: str | None) -> None:

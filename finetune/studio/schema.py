@@ -227,7 +227,7 @@ def _value_slots(tp: Any, info: FieldInfo | None, owner, name, key: str):
         yield from _model_slots(models[0], value, key + ".")
 
 
-ITEM = 0  # a step into a list's first item (see schema_path_fields)
+ITEM = "*"  # a step into a list item (see schema_path_fields)
 
 
 def schema_path_fields(model: type[BaseModel] | None = None) -> list[tuple[str, PathRef, tuple]]:
