@@ -74,8 +74,9 @@ async def upload(request: Request):
     s = _studio(request)
     folder = confine(s.root, _q(request, "folder"), "folder")
     name = _q(request, "name")
-    if len(relative_parts(name, "name")) != 1 or name.strip() != name or name.startswith("."):
-        raise PathError(f"name: '{name[:80]}' must be a plain file name")
+    if len(relative_parts(name, "name")) != 1 or name.strip() != name or name.startswith(".") \
+            or any(ord(c) < 32 for c in name):
+        raise PathError(f"name: {name[:80]!r} must be a plain file name")
     if not folder.is_dir():
         raise UserError("folder: not a folder under the studio root")
     if os.path.lexists(folder / name):  # checked again, atomically, when the file is linked into place
