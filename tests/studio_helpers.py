@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,15 @@ def world(tmp_path):
     (root / "data" / "link.txt").symlink_to(outside / "secret.txt")
     (root / "escape").symlink_to(outside, target_is_directory=True)
     return root, outside
+
+
+def wait_until(check, timeout: float = 60.0, every: float = 0.05) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError("timed out")
 
 
 def client(root: Path, **kw):

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.studio_helpers import CAPTIONER, W, client, png, snapshot, world  # noqa: F401  (fixture)
+from tests.studio_helpers import CAPTIONER, W, client, png, snapshot, wait_until, world  # noqa: F401  (fixture)
 
 
 def _png_bytes(colour=(9, 9, 9)) -> bytes:
@@ -124,16 +124,11 @@ def test_the_recipe_paths_the_attack_read_through_are_confined(world, key):  # n
 
 # -------------------------------------------------------------------------------------- 4. caption-all
 def _caption_all(c, body: dict) -> dict:
-    import time
-
     r = c.post("/api/data/caption-all", json=body, headers=W)
     assert r.status_code == 200, r.text
-    job = r.json()
-    end = time.monotonic() + 60
-    while job["running"] and time.monotonic() < end:
-        time.sleep(0.05)
-        job = c.get(f"/api/jobs/{job['id']}").json()
-    return job
+    job_id = r.json()["id"]
+    wait_until(lambda: not c.get(f"/api/jobs/{job_id}").json()["running"])
+    return c.get(f"/api/jobs/{job_id}").json()
 
 
 @pytest.fixture()

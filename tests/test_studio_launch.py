@@ -3,12 +3,11 @@ mode, and the recipe a run launches is the one the studio wrote and hashed."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.studio_helpers import W, client, fake_launch, world  # noqa: F401  (fixtures)
+from tests.studio_helpers import W, client, fake_launch, wait_until, world  # noqa: F401  (fixtures)
 
 MODULES = ("yaml", "torch", "sitecustomize")  # what a launch imports first (and what Python imports at start)
 
@@ -17,15 +16,6 @@ def plant(root: Path, markers: Path) -> None:
     """Python files in the root that leave a marker file when imported."""
     for name in MODULES:
         (root / f"{name}.py").write_text(f"open({str(markers / name)!r}, 'w').write('imported')\n")
-
-
-def _wait(check, timeout: float):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 TINY = {  # the smallest real run: two toy images, one step, no validation grids
@@ -48,7 +38,7 @@ def test_a_real_run_imports_nothing_from_the_root(world, tmp_path):  # noqa: F81
     r = c.post("/api/runs", json={"data": TINY}, headers=W)
     assert r.status_code == 200, r.text
     run_id = r.json()["id"]
-    _wait(lambda: studio.runs.get(run_id).status not in ("queued", "running", "stopping"), 600)
+    wait_until(lambda: studio.runs.get(run_id).status not in ("queued", "running", "stopping"), 600)
     log = (root / ".studio" / "runs" / run_id / "log.txt").read_text()
     assert sorted(p.name for p in markers.iterdir()) == [], log
     assert studio.runs.get(run_id).status == "done", log
@@ -93,12 +83,12 @@ def test_a_run_starts_in_its_own_folder_in_safe_path_mode(world, fake_launch):  
     c, studio = client(root, hold=False)
     data = copy_of(TINY)
     run_id = c.post("/api/runs", json={"data": data}, headers=W).json()["id"]
-    _wait(fake_launch.is_file, 60)
+    wait_until(fake_launch.is_file, 60)
     probe = json.loads(fake_launch.read_text())
     assert probe["cwd"] == str(root / ".studio" / "runs" / run_id / "work")
     assert probe["safe_path"] in (True, None)  # None: Python 3.10, which has no safe-path mode
     c.post(f"/api/runs/{run_id}/stop", headers=W)
-    _wait(lambda: studio.runs.get(run_id).status not in ("running", "stopping"), 60)
+    wait_until(lambda: studio.runs.get(run_id).status not in ("running", "stopping"), 60)
     assert (root / "runs" / "tiny" / "checkpoints").is_dir()  # the absolute output_dir reached the trainer
 
 
@@ -112,13 +102,13 @@ def test_a_run_launches_only_the_recipe_the_studio_wrote(world, fake_launch):  #
     studio.runs.get(ids[1]).recipe_sha256 = ""  # a run from a studio that kept no hash
     studio.runs.hold = False
     studio.runs._schedule()
-    _wait(lambda: studio.runs.get(ids[2]).status == "running", 60)  # the third one is launched...
+    wait_until(lambda: studio.runs.get(ids[2]).status == "running", 60)  # the third one is launched...
     for run_id in ids[:2]:  # ...the first two are not
         run = studio.runs.get(run_id)
         assert run.status == "failed" and run.launches == 0
         assert "not the one the studio wrote" in (folder / run_id / "log.txt").read_text()
     c.post(f"/api/runs/{ids[2]}/stop", headers=W)
-    _wait(lambda: studio.runs.get(ids[2]).status not in ("running", "stopping"), 60)
+    wait_until(lambda: studio.runs.get(ids[2]).status not in ("running", "stopping"), 60)
 
 
 def copy_of(recipe: dict, output_dir: str = "runs/tiny") -> dict:

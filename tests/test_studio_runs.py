@@ -16,22 +16,13 @@ from pathlib import Path
 import yaml
 
 from tests.helpers import ROOT
-from tests.studio_helpers import CAPTIONER, W, client, fake_launch, png, world  # noqa: F401  (fixtures)
+from tests.studio_helpers import CAPTIONER, W, client, fake_launch, png, wait_until, world  # noqa: F401  (fixtures)
 
 
 def _recipe(c, output_dir: str = "runs/fake") -> dict:
     data = c.get("/api/recipes/toy/lora.yaml").json()
     data["train"]["output_dir"] = output_dir
     return data
-
-
-def _wait(check, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_two_tabs_cannot_start_the_same_run_twice(world):  # noqa: F811
@@ -63,11 +54,11 @@ def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, 
     c, studio = client(root, hold=False)
     run_id = c.post("/api/runs", json={"data": _recipe(c)}, headers=W).json()["id"]
     loss = root / "runs" / "fake" / "logs" / "loss.csv"
-    _wait(lambda: loss.is_file() and len(loss.read_text().split()) > 3)
+    wait_until(lambda: loss.is_file() and len(loss.read_text().split()) > 3)
     snap = c.get(f"/api/runs/{run_id}").json()
     assert snap["run"]["status"] == "running" and snap["loss"][0][:2] == [1, 1.0]
     assert c.post(f"/api/runs/{run_id}/stop", headers=W).json()["status"] == "stopping"
-    _wait(lambda: studio.runs.get(run_id).status not in ("running", "stopping"))
+    wait_until(lambda: studio.runs.get(run_id).status not in ("running", "stopping"))
     run = studio.runs.get(run_id)
     log = (root / ".studio" / "runs" / run_id / "log.txt").read_text()
     assert run.status == "stopped" and run.exit_code == 0, log
@@ -75,7 +66,7 @@ def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, 
     assert c.get(f"/api/runs/{run_id}").json()["checkpoints"]
     r = c.post(f"/api/runs/{run_id}/resume", json={"max_steps": 5}, headers=W)
     assert r.status_code == 200, r.text
-    _wait(lambda: studio.runs.get(run_id).status == "done")
+    wait_until(lambda: studio.runs.get(run_id).status == "done")
     assert c.get(f"/api/runs/{run_id}").json()["max_steps"] == 5  # the resumed budget, not the recipe's
     assert json.loads(fake_launch.read_text())["args"][1:] == ["train.resume=latest", "train.max_steps=5"]
     assert studio.runs.get(run_id).launches == 2
@@ -86,21 +77,21 @@ def test_one_run_at_a_time_per_device(world, fake_launch):  # noqa: F811
     c, studio = client(root, hold=False)
     first = c.post("/api/runs", json={"data": _recipe(c, "runs/fake")}, headers=W).json()["id"]
     second = c.post("/api/runs", json={"data": _recipe(c, "runs/other")}, headers=W).json()["id"]
-    _wait(lambda: fake_launch.is_file())
+    wait_until(lambda: fake_launch.is_file())
     time.sleep(0.5)
     assert studio.runs.get(second).status == "queued"  # one device: it waits
     c.post(f"/api/runs/{first}/stop", headers=W)
-    _wait(lambda: studio.runs.get(second).status != "queued")
+    wait_until(lambda: studio.runs.get(second).status != "queued")
     c.post(f"/api/runs/{second}/stop", headers=W)
-    _wait(lambda: studio.runs.get(second).status not in ("running", "stopping"))
+    wait_until(lambda: studio.runs.get(second).status not in ("running", "stopping"))
 
     c2, studio2 = client(root / "data", hold=False, devices=["0", "1"])
     ids = [c2.post("/api/runs", json={"data": _recipe(c2, f"runs/{n}")}, headers=W).json()["id"] for n in "ab"]
-    _wait(lambda: all(studio2.runs.get(i).status == "running" for i in ids))  # two devices: both run
+    wait_until(lambda: all(studio2.runs.get(i).status == "running" for i in ids))  # two devices: both run
     assert sorted(studio2.runs.get(i).device for i in ids) == ["0", "1"]
     for i in ids:
         c2.post(f"/api/runs/{i}/stop", headers=W)
-    _wait(lambda: all(studio2.runs.get(i).status not in ("running", "stopping") for i in ids))
+    wait_until(lambda: all(studio2.runs.get(i).status not in ("running", "stopping") for i in ids))
 
 
 def test_run_page_data_from_the_run_folder(world):  # noqa: F811
@@ -192,7 +183,7 @@ def test_auto_caption_button_runs_the_captioning_tool_when_there_is_one(world, t
         (root / "data" / link).unlink()
     png(root / "data" / "new.png")
     job = c.post("/api/data/caption-all", json={"path": "data", "prefix": "sks, "}, headers=W).json()
-    _wait(lambda: not c.get(f"/api/jobs/{job['id']}").json()["running"])
+    wait_until(lambda: not c.get(f"/api/jobs/{job['id']}").json()["running"])
     assert (root / "data" / "new.txt").read_text() == "sks, a captioned image"
     assert (root / "data" / "0.txt").read_text() == "caption 0\n"
 
