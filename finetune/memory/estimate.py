@@ -21,6 +21,7 @@ from unittest import mock
 import torch
 
 from finetune.memory.trace import LiveBytes, fused_attention
+from finetune.models.keep_fp32 import kept_in_fp32
 from finetune.models.quantize import quantizable, quantized_bytes
 
 GB = 1024**3
@@ -102,12 +103,13 @@ class _Sizer:
         comps, est = self.comps, Estimate()
         compute = DTYPE_BYTES[recipe.train.mixed_precision]
         vae_bytes = 4 if _vae_fp32(recipe, comps.family) else compute
-        den = _weights(comps.denoiser, compute, recipe.model.quantize)
+        dtype = DTYPES_T[recipe.train.mixed_precision]
+        den = _weights(comps.denoiser, compute, recipe.model.quantize, dtype)
         swapped = _swapped(comps, recipe, compute)
         est.lines.append((f"denoiser weights ({_form(recipe.model.quantize, compute)})", den - swapped,
                           f"{_count(comps.denoiser) / 1e9:.2f}B parameters"))
-        texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders) for e in comps.text_encoders)
-        vae = _weights(comps.vae, vae_bytes, "none")
+        texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders, dtype) for e in comps.text_encoders)
+        vae = _weights(comps.vae, vae_bytes, "none", {4: torch.float32, 2: dtype}[vae_bytes])
         text_cached = _text_cached(recipe, comps.family, self.method)
         off = self.device != "cpu"
         est.lines.append(("text encoders", 0 if (text_cached and off) else texts,
@@ -156,8 +158,9 @@ def trace_step(comps, recipe) -> int:
         p.data = p.data.to(dtype)
         p.grad = torch.empty_like(p)  # gradients are counted apart too
     # frozen weights in the compute dtype, as the trainer casts them (a meta base is built in fp32)
-    cast = [(p, p.dtype) for p in den.parameters()
-            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != dtype and p.element_size() > 1]
+    kept = kept_in_fp32(den, dtype)
+    cast = [(p, p.dtype) for p in den.parameters() if not p.requires_grad and p.dtype.is_floating_point
+            and p.dtype != dtype and p.element_size() > 1 and id(p) not in kept]
     for p, _ in cast:
         p.data = p.data.to(dtype)
     den.train()
@@ -187,10 +190,13 @@ def trace_step(comps, recipe) -> int:
 
 
 # ------------------------------------------------------------------------------------------- sizes
-def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
-    """Bytes of a module's frozen weights in the compute dtype or quantized form, trained parameters apart."""
+def _weights(module: torch.nn.Module, compute: int, kind: str, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a module's frozen weights in the compute dtype (`dtype`, `compute` bytes each) or quantized
+    form, trained parameters apart; weights the libraries keep in fp32 at that dtype count 4 bytes (T5's `wo`
+    in fp16: finetune/models/keep_fp32.py)."""
     total = 0
     quantized = set()
+    kept = kept_in_fp32(module, dtype) if dtype is not None else set()
     if kind != "none":
         for _, layer in quantizable(module):
             total += quantized_bytes(kind, layer.weight.shape)
@@ -200,7 +206,7 @@ def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
                 quantized.add(layer.bias)
     for p in module.parameters():
         if p not in quantized and not p.requires_grad:
-            total += p.numel() * compute
+            total += p.numel() * (4 if id(p) in kept else compute)
     return total + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
@@ -247,7 +253,7 @@ def _swapped(comps, recipe, compute: int) -> int:
     from finetune.models.offload import swappable_blocks
 
     blocks = swappable_blocks(comps.denoiser, comps.family)[-recipe.train.block_swap:]
-    sizes = [_weights(b, compute, recipe.model.quantize) for b in blocks]
+    sizes = [_weights(b, compute, recipe.model.quantize, DTYPES_T[recipe.train.mixed_precision]) for b in blocks]
     return sum(sizes) - max(sizes)
 
 

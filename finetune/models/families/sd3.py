@@ -50,7 +50,7 @@ class SD3Family(Family):
     def _t5(self, comps, captions: list[str], device, dtype) -> torch.Tensor:
         import torch
 
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         enc = comps.encoder("text_encoder_3")
         if enc is None:
             width = comps.denoiser.config.joint_attention_dim
