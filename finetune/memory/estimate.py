@@ -20,7 +20,7 @@ from unittest import mock
 
 import torch
 
-from finetune.memory.trace import LiveBytes, fused_attention
+from finetune.memory.trace import LiveBytes, fused_attention, meta_safe
 from finetune.models.keep_fp32 import kept_in_fp32
 from finetune.models.quantize import quantizable, quantized_bytes
 
@@ -136,7 +136,7 @@ class _Sizer:
         key = ("vae", batch, recipe.data.resolution, _vae_fp32(recipe, self.comps.family))
         if key not in self.traces:
             dtype = torch.float32 if key[-1] else DTYPES_T[recipe.train.mixed_precision]
-            self.traces[key] = trace_encode(self.comps.vae.to(dtype), recipe, batch)
+            self.traces[key] = trace_encode(self.comps.vae.to(dtype), recipe, batch, self.comps.family)
         return self.traces[key]
 
     def activations(self, recipe) -> int:
@@ -166,15 +166,15 @@ def trace_step(comps, recipe) -> int:
     den.train()
     if recipe.train.gradient_checkpointing:
         den.enable_gradient_checkpointing()
-    with torch.no_grad():
+    with torch.no_grad(), meta_safe():
         text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}
-    scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    side = recipe.data.resolution // scale
+    shape = latent_shape(comps, recipe.data.resolution, b)
     size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
     batch = {"original_size": size, "crop_top_left": size * 0, "target_size": size, "guidance": 1.0}
-    with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live:
-        noisy = torch.randn(b, comps.vae.config.latent_channels, side, side, device=device, dtype=dtype)
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live, \
+            meta_safe():
+        noisy = torch.randn(shape, device=device, dtype=dtype)
         timesteps = torch.rand(b, device=device) * 1000
         pred = comps.family.predict(den, noisy, timesteps, text, batch)
         loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
@@ -187,6 +187,16 @@ def trace_step(comps, recipe) -> int:
     if recipe.train.gradient_checkpointing:
         den.disable_gradient_checkpointing()
     return live.peak
+
+
+def latent_shape(comps, resolution: int, batch: int) -> tuple[int, ...]:
+    """The latents the family's `encode_latents` makes of `batch` square images (a meta VAE: shapes only): 16
+    channels at 1/8 for FLUX.1, 128 at 1/16 for FLUX.2's patchified latents, one frame of Qwen-Image's video VAE."""
+    vae = comps.vae
+    p = next(vae.parameters())
+    with torch.no_grad():
+        pixels = torch.zeros(batch, 3, resolution, resolution, device=p.device, dtype=p.dtype)
+        return tuple(comps.family.encode_latents(vae, pixels).shape)
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -210,13 +220,15 @@ def _weights(module: torch.nn.Module, compute: int, kind: str, dtype: torch.dtyp
     return total + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def trace_encode(vae, recipe, batch: int) -> int:
-    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients)."""
+def trace_encode(vae, recipe, batch: int, family=None) -> int:
+    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients), through
+    the family's own `encode_latents` (one frame for Qwen-Image's video VAE, FLUX.2's patchify)."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     side = recipe.data.resolution
+    encode = family.encode_latents if family is not None else (lambda v, x: v.encode(x).latent_dist.mode())
     with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), \
             LiveBytes() as live:
-        vae.encode(torch.randn(batch, 3, side, side, device=device, dtype=dtype)).latent_dist.mode()
+        encode(vae, torch.randn(batch, 3, side, side, device=device, dtype=dtype))
     return live.peak
 
 
