@@ -116,7 +116,10 @@ class FlowSection(StrictModel):
     timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = Field(
         "auto", description="Timestep density; 'auto' uses the family's default (logit_normal for SD3 and FLUX)."
     )
-    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal.")
+    logit_mean: float = Field(
+        0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal. Positive moves training toward "
+        "clean samples (sigma ~ 1 - u, as diffusers' scripts): the opposite sign of the SD3 paper and sd-scripts.",
+    )
     logit_std: float = Field(1.0, gt=0.0, le=10.0, description="logit_normal: standard deviation.")
     mode_scale: float = Field(1.29, ge=-1.0, le=10.0, description="mode: the SD3 paper's scale s.")
     sigmoid_scale: float = Field(1.0, gt=0.0, le=10.0, description="sigmoid: u = sigmoid(scale * N(0, 1)).")

@@ -144,3 +144,14 @@ def test_flux_all_linear_mod_preset_is_sd_scripts_target_set():
     plain = FAMILIES["flux"].lora_targets("all_linear")
     assert [n for n in names if re.fullmatch(mod, n)] == names[:8]
     assert [n for n in names if re.fullmatch(plain, n)] == [n for n in names[:8] if "norm" not in n]
+
+
+def test_a_positive_logit_mean_moves_training_toward_clean_samples():
+    """Documented (docs/families.md), not changed: u indexes a grid that runs from noise to clean, so a positive
+    `logit_mean` lowers sigma, the opposite sign of the SD3 paper's and sd-scripts' (where sigma = u)."""
+    means = {}
+    for mean in (-1.0, 0.0, 1.0):
+        objective = _objective("sd3", logit_mean=mean)
+        us = torch.cat([objective.draw_u(torch.Generator().manual_seed(i)) for i in range(400)])
+        means[mean] = float(objective.sigmas_for(us, torch.zeros(1, 16, 64, 64)).mean())
+    assert means[1.0] < 0.4 < means[0.0] < 0.6 < means[-1.0], means
