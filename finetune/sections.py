@@ -135,7 +135,7 @@ class FlowSection(StrictModel):
         "none", description="Loss weighting over noise levels: diffusers' compute_loss_weighting_for_sd3 "
         "(sigma_sqrt, cosmap), or 'precondition': sigma^2, the MSE gradient of SD3's output preconditioning "
         "(x0 predicted as x_t - sigma * v; diffusers' SD3 script by default, sd-scripts' SD3 always). 'none' "
-        "(SimpleTuner's choice) measured better on the toy: docs/families.md.",
+        "(SimpleTuner's choice) is the default: preconditioning learned no better on the toy (docs/families.md).",
     )
 
 
