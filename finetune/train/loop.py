@@ -194,11 +194,12 @@ def _render(t, pipe):
 
     v, res, acc = t.recipe.validation, t.recipe.data.resolution, t.acc
     size = (v.width or res, v.height or res)
+    length = t.comps.family.sequence_length(t.comps)
     if v.images:
         return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, t.comps.family,
-                            text=t.prompt_cache, max_sequence_length=t.comps.max_sequence_length)
+                            text=t.prompt_cache, max_sequence_length=length)
     return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=t.comps.family,
-                  max_sequence_length=t.comps.max_sequence_length)
+                  max_sequence_length=length)
 
 
 def _score(t, rows, step: int) -> None:
