@@ -94,22 +94,28 @@ def test_the_model_cards_snippet_runs_as_written_and_edits(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "edited.png").size == (64, 64)
+    # the scoring tool (docs/toy.md's numbers) over the same run: every instruction, base and LoRA, one grid
+    from tests.test_tools_export import run_tool
+
+    assert run_tool("score_toy_edit", run, "--n", 1, "--steps", 2, "--out", tmp_path / "scores") == 0
+    scores = json.loads((tmp_path / "scores" / "results.json").read_text())
+    assert set(scores["base"]) == set(scores["lora"]) == set(INSTRUCTIONS)
+    assert Image.open(tmp_path / "scores" / "grid.png").size[0] == 64  # one column: n pairs per instruction
 
 
 @pytest.mark.slow
-def test_toy_edit_learns_every_instruction_on_held_out_inputs(tmp_path):
-    """The shipped recipe, then 16 held-out pairs per instruction through the stock Kontext pipeline with the
-    exported LoRA, against the untouched base on the same inputs and seeds (docs/toy.md has the numbers)."""
-    run = tmp_path / "run"
+def test_a_short_edit_run_learns_an_instruction_on_held_out_inputs(tmp_path):
+    """A small version of the shipped recipe (one instruction, 256 pairs, 150 steps: a few minutes on two cores):
+    the exported LoRA in the stock Kontext pipeline turns held-out purple objects green in place, where the untouched
+    base on the same inputs and seeds does not. The full recipe's numbers (every instruction) are in docs/toy.md."""
+    run, text = tmp_path / "run", "make it green"
     t = run_trainer(ROOT / "recipes" / "toy" / "flux_edit.yaml", f"train.output_dir={run}", "logging.progress=false",
-                    "validation.every=0")
-    ps = edits.pairs(INSTRUCTIONS, 16 * len(INSTRUCTIONS), seed=1, held_out=True)
+                    f"data.sources.0.edits=[{text}]", "data.sources.0.count=256", "train.max_steps=150",
+                    "train.batch_size=8", "validation.every=0", "validation.at_start=false", "export.formats=[diffusers]")
+    ps = edits.pairs([text], 12, seed=1, held_out=True)
     guidance = t.recipe.validation.guidance_scale
-    tuned = edits.score(edits.run(edits.edit_pipeline(lora=run), ps, guidance=guidance), ps)
-    base = edits.score(edits.run(edits.edit_pipeline(), ps, guidance=guidance), ps)
-    print("\nbase:\n" + edits.describe(base) + "\ntuned:\n" + edits.describe(tuned))
-    (tmp_path / "scores.json").write_text(json.dumps({"base": base, "tuned": tuned}, indent=2))
-    for text in INSTRUCTIONS:
-        t = tuned[text]
-        assert t["edit"] >= 0.8 and t["kept"] >= 0.8 and t["position"] >= 0.8 and t["all"] >= 0.7, (text, t)
-        assert t["all"] > base[text]["all"] + 0.3, (text, t, base[text])
+    tuned = edits.score(edits.run(edits.edit_pipeline(lora=run), ps, guidance=guidance), ps)[text]
+    base = edits.score(edits.run(edits.edit_pipeline(), ps, guidance=guidance), ps)[text]
+    print(f"\nbase {base}\ntuned {tuned}")
+    assert tuned["edit"] >= 0.75 and tuned["all"] >= 0.6, tuned  # measured 1.00 and 0.83 (10 of 12)
+    assert tuned["all"] >= base["all"] + 0.5, (tuned, base)  # the base: 0.00 (green in none of 12)
