@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.errors import RunError
+from finetune.errors import NonFiniteError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
@@ -24,11 +24,6 @@ from finetune.train.preserve import base_predictions, base_rows, training_loss
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
-
-
-class NonFiniteError(RunError):
-    """Loss, gradients or weights went NaN/inf."""
-
 
 VAE_NON_FINITE = "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"
 
@@ -391,7 +386,3 @@ def _with_encoders(comps, encoders):
     from dataclasses import replace
 
     return replace(comps, text_encoders=list(encoders))
-
-
-def nonfinite_state(params: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in params.items() if not torch.isfinite(v).all()]
