@@ -82,7 +82,7 @@ class ModelSection(StrictModel):
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:
-        from finetune.models.family import FAMILIES  # pure Python: registering families imports no torch
+        from finetune.models.families import FAMILIES  # pure Python: the registry imports no torch
 
         if v != "auto" and v not in FAMILIES:
             from finetune.errors import did_you_mean

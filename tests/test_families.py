@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.family import FAMILIES
+from finetune.models.families import FAMILIES
 from finetune.sections import ModelSection
 from tests.helpers import db_recipe, run_trainer, write_recipe
 
@@ -221,7 +221,7 @@ def test_non_finite_latents_name_the_fix(tiny_sdxl_base):
     vae = AutoencoderKL.from_pretrained(tiny_sdxl_base / "vae")
     with torch.no_grad():
         vae.encoder.conv_in.weight.fill_(1e38)  # overflows, as the SDXL VAE does in fp16
-    from finetune.models.family import SDXL
+    from finetune.models.families.sdxl import SDXL
 
     fake = SimpleNamespace(comps=SimpleNamespace(vae=vae, family=SDXL))  # the family normalises the latents
     with pytest.raises(NonFiniteError, match="model.vae_dtype: fp32"):
@@ -311,7 +311,7 @@ def test_detects_real_diffusers_folders(tmp_path, family):
 
 
 def test_detects_an_sdxl_refiner_and_refuses_it():
-    from finetune.models.family import family_from_configs
+    from finetune.models.detect import family_from_configs
 
     index, unet, _ = real_configs()["sdxl"]
     with pytest.raises(NotImplementedError, match="refiner"):

@@ -35,7 +35,7 @@ def test_text_is_the_pipelines(base):
 def test_latents_are_the_pipelines_image_latents(base):
     from diffusers import Flux2KleinPipeline
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     pipe = Flux2KleinPipeline.from_pretrained(base)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1

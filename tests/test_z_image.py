@@ -80,7 +80,7 @@ def test_padding_does_not_change_the_prediction(base):
     """`predict` cuts each caption back to its tokens: extra zero padding changes nothing."""
     from diffusers import ZImagePipeline
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     pipe = ZImagePipeline.from_pretrained(base)
     g = torch.Generator().manual_seed(0)

@@ -82,14 +82,14 @@ def check_energy(energy: float | None) -> None:
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     p.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help=help_text)
 
 
 def family_of(name: str):
     """The family object of a --family value (None for 'auto': read from the file)."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return None if name == "auto" else FAMILIES[name]
 

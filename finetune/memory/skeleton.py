@@ -22,7 +22,7 @@ def meta_components(model: ModelSection) -> Components:
     """The recipe's base on the meta device, frozen, as the trainer's `Components`."""
     from finetune.models.components import freeze
     from finetune.models.detect import family_of_folder
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
     from finetune.models.reference import REFERENCE_IDS, reference_modules
 
     folder = _config_folder(model)

@@ -67,7 +67,7 @@ class LoRAConfig(MethodConfig):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; name modules or use a preset")
         if isinstance(self.targets, str):
-            from finetune.models.family import FAMILIES
+            from finetune.models.families import FAMILIES
 
             presets = sorted({p for f in FAMILIES.values() for p in f.lora_presets})
             if self.targets not in presets:
@@ -89,7 +89,7 @@ class LoRAConfig(MethodConfig):
     def denoiser_targets(self, family=None) -> list[str] | str:
         """What to adapt in the denoiser, as peft takes it: module-name suffixes (the family's preset or the
         recipe's list) or one regex, narrowed to `blocks` when given."""
-        from finetune.models.family import SD1
+        from finetune.models.families.sd import SD1
 
         targets = list(self.targets) if isinstance(self.targets, list) else (family or SD1).lora_targets(self.targets)
         return within_blocks(targets, self.blocks) if self.blocks else targets

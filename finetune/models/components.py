@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.detect import family_of_checkpoint
-from finetune.models.family import FAMILIES, Family, family_from_configs
+from finetune.models.detect import family_from_configs, family_of_checkpoint
+from finetune.models.families import FAMILIES
+from finetune.models.family import Family
 from finetune.sections import ModelSection
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

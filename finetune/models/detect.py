@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import ModelError
-from finetune.models.family import FAMILIES, Family, family_from_configs
+from finetune.models.families import FAMILIES
+from finetune.models.family import Family
 
 SDXL_REFINER_SIGN = "conditioner.embedders.0.model."
 
@@ -33,6 +35,19 @@ def read_json(path: Path) -> dict:
         return {}
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: unreadable config ({e}); re-download or fix the model folder") from None
+
+
+def family_from_configs(model_index: dict[str, Any], denoiser_config: dict[str, Any],
+                        text_encoder_config: dict[str, Any] | None = None) -> Family:
+    """The family of a diffusers model from its model_index.json, the denoiser's config.json and (optionally)
+    text_encoder/config.json. Families are asked in priority order; SD 1.x is the fallback."""
+    for family in sorted(FAMILIES.values(), key=lambda f: -f.priority):
+        if family.matches(model_index, denoiser_config, text_encoder_config or {}):
+            return family
+    raise NotImplementedError(
+        f"no family recognises this model (denoiser {model_index.get('transformer') or model_index.get('unet')}); "
+        f"supported: {', '.join(FAMILIES)}"
+    )
 
 
 def family_of_folder(path: str | Path) -> Family:
