@@ -109,6 +109,13 @@ def test_the_package_has_no_import_circle():
     assert not found, "import circles: " + "; ".join(" -> ".join(loop) for loop in found)
 
 
+def test_the_model_layer_never_imports_the_recipe_schema():
+    graph = import_graph()
+    bad = sorted((m, t) for m in graph if m.startswith("finetune.models") for t in graph[m]
+                 if t.startswith(RECIPE_SCHEMA))
+    assert not bad, f"finetune/models imports the recipe schema: {bad}"
+
+
 def test_the_scan_sees_circles_and_lazy_imports(tmp_path):
     """The scan itself: a circle through a function-level import is found, one under TYPE_CHECKING is not."""
     pkg = tmp_path / "finetune"

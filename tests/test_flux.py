@@ -52,10 +52,10 @@ def trainer(recipe: Path, *overrides: str):
 def test_detected_and_text_matches_the_pipeline(tiny_flux):
     from diffusers import FluxPipeline
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(tiny_flux), max_sequence_length=32))
+    comps = load_components(resolve_base(str(tiny_flux)), LoadOptions(max_sequence_length=32))
     assert comps.family.name == "flux" and comps.denoiser_name == "transformer"
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     with torch.no_grad():
@@ -110,16 +110,16 @@ def test_packed_flow_loss_equals_the_pipeline_helpers(tmp_path, tiny_flux, flow)
 def test_presets_and_blocks_select_the_right_modules(tiny_flux):
     import peft
 
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
     from finetune.models.families import FAMILIES
-    from finetune.sections import ModelSection
 
-    comps = load_components(ModelSection(base=str(tiny_flux)))
+    comps = load_components(resolve_base(str(tiny_flux)))
     from finetune.methods.lora import LoRAConfig, peft_adapter_config
 
     def adapted(**cfg):
         config = LoRAConfig(rank=2, **cfg)
-        model = load_components(ModelSection(base=str(tiny_flux))).denoiser
+        model = load_components(resolve_base(str(tiny_flux))).denoiser
         peft.inject_adapter_in_model(peft_adapter_config(config, 2, 2, config.denoiser_targets(FAMILIES["flux"])), model)
         return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
 
@@ -323,13 +323,15 @@ def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
     """Offline, the shipped FLUX recipe's base is an uncached hub id: 'bfl' waits for the family, then the
     same rule applies to the family the base turned out to be."""
     from finetune.errors import RecipeError
-    from finetune.recipe import load_recipe, recheck_for_family
+    from finetune.models.families import FAMILIES
+    from finetune.recipe import complete_base, load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
-    assert "bfl" in recipe.export.formats
-    recheck_for_family(recipe, "flux")
+    assert "bfl" in recipe.export.formats and recipe.base.family is None
+    complete_base(recipe, recipe.base.known_as(FAMILIES["flux"]))
+    recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
     with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
-        recheck_for_family(recipe, "sd1")
+        complete_base(recipe, recipe.base.known_as(FAMILIES["sd1"]))
 
 
 def test_pivotal_trains_clip_and_t5_rows_and_reloads_in_a_stock_pipeline(tmp_path, tiny_flux):

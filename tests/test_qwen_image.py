@@ -33,10 +33,10 @@ def test_text_is_the_pipelines_with_more_padding(base):
     then zeros."""
     from diffusers import QwenImagePipeline
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    comps = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=32))
     pipe = QwenImagePipeline.from_pretrained(base)
     with torch.no_grad():
         ours = comps.family.encode_prompt(comps, CAPTIONS, "cpu")

@@ -66,11 +66,11 @@ def quiet() -> None:
 
 def load_base(base: str, family: str = "auto", config: str | None = None, allow_pickle: bool = False):
     """Components of a base, accepting every form recipe `model.base` accepts (incl. 'toy')."""
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
+    return load_components(resolve_base(base, family=family, config=config, allow_pickle=allow_pickle))
 
 
 def check_energy(energy: float | None) -> None:

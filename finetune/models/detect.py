@@ -1,4 +1,4 @@
-"""Which family a base is, read from its files without loading any weights.
+"""Which family a base is, read from its files without loading any weights (finetune/models/base.py asks).
 
 - a diffusers folder: model_index.json, the denoiser's config.json and text_encoder/config.json
   (`family_from_configs` asks each registered family);
@@ -105,34 +105,3 @@ def checkpoint_keys(path: str | Path, allow_pickle: bool = False) -> list[str]:
 
 def family_of_checkpoint(path: str | Path, allow_pickle: bool = False) -> Family:
     return family_of_keys(checkpoint_keys(path, allow_pickle), str(path))
-
-
-def family_for(model) -> Family | None:
-    """The family a recipe's `model` section names or its base shows, from config files and headers only
-    (no torch, no weights); None when that needs the network (a hub id not in the local cache)."""
-    if model.family != "auto":
-        return FAMILIES[model.family]
-    try:
-        from finetune.toy import toy_path
-
-        if toy_path(model.base) is not None:
-            return family_of_folder(toy_path(model.base))
-        path = Path(model.base).expanduser()
-        if path.is_dir():
-            return family_of_folder(path)
-        if path.suffix.lower() == ".safetensors" and path.is_file():
-            return family_of_checkpoint(path)
-        return _family_of_cached_hub_id(model.base, model.revision)
-    except ModelError:
-        return None  # the loader reports it with the full context
-
-
-def _family_of_cached_hub_id(repo: str, revision: str | None) -> Family | None:
-    if repo.startswith((".", "/", "~")) or repo.count("/") != 1 or Path(repo).suffix:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    index = try_to_load_from_cache(repo, "model_index.json", revision=revision)
-    if not isinstance(index, str):
-        return None
-    return family_of_folder(Path(index).parent)

@@ -50,7 +50,7 @@ def _banner(t) -> str:
     d = t.data
     trainable = sum(p.numel() for p in t.params.values())
     return (
-        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
+        f"finetune: {t.recipe.method.name} on {t.comps.base.name} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
         f"{describe(t.acc)} on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"

@@ -45,17 +45,15 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from finetune.models.components import cast_frozen, load_components
-        from finetune.models.detect import family_for
-        from finetune.recipe import recheck_for_family
+        from finetune.recipe import complete_base
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
-        comps = load_components(recipe.model, self._precision())
-        if recipe.model.family == "auto" and family_for(recipe.model) is None:
-            recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
+        comps = load_components(recipe.base, recipe.model.load_options(), self._precision())
+        complete_base(recipe, comps.base)  # a family that showed only now (a hub id just downloaded): its rules
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
@@ -99,9 +97,8 @@ class Trainer:
     def _precision(self):
         """Load frozen parts straight in the compute dtype; what the method trains in place in fp32."""
         from finetune.models.components import LoadPrecision
-        from finetune.models.detect import family_for
 
-        vae = self._vae_dtype(family_for(self.recipe.model))  # configs only; unknown family: fp32
+        vae = self._vae_dtype(self.recipe.base.family)  # unknown until downloaded: fp32
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
 
     def _place_denoiser(self) -> None:
