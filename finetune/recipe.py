@@ -56,7 +56,7 @@ class Recipe(StrictModel):
     def _cross_rules(self):
         m, d = self.method, self.data
         self._base = self.model.resolve()  # the one resolution of model.base; everything after takes `base`
-        if self._base.family is not None:  # else known once the base is downloaded: `complete_base` checks then
+        if self._base.family is not None:  # else known once its files are here: `complete_base` checks then
             check_family(self, self._base.family)
         check_memory_options(self)
         if d.cache_text is True and m.trains_text_encoder():
@@ -129,16 +129,18 @@ def check_family(recipe: Recipe, family) -> None:
     recipe.method.check_family(recipe, family)
 
 
-def complete_base(recipe: Recipe, base) -> None:
-    """Take the base as it loaded (`Components.base`). Where its family showed only then (a hub id that was not
-    in the local cache, a pickle checkpoint), the family rules run now, from that value; errors as RecipeError."""
+def complete_base(recipe: Recipe):
+    """The recipe's base, ready to load (`Base.complete`: a hub id's configs fetched, a pickle's keys read). Where
+    its family shows only now, the family rules that waited for it run now, from the completed value; errors
+    as RecipeError."""
     waited = recipe.base.family is None
-    recipe._base = base
+    recipe._base = recipe.base.complete()
     if waited:
         try:
-            check_family(recipe, base.family)
+            check_family(recipe, recipe.base.family)
         except ValueError as e:
             raise RecipeError(f"{recipe.path}: {_one_line(str(e))}" if recipe.path else _one_line(str(e))) from None
+    return recipe.base
 
 
 def _check_preservation(recipe: Recipe) -> None:

@@ -319,19 +319,23 @@ def test_bfl_refuses_what_it_cannot_hold(tmp_path, tiny_flux):
     assert out.returncode == 2 and "'bfl' is not a LoRA layout of the sd1 family" in out.stderr
 
 
-def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
+def test_a_hub_base_not_yet_cached_is_checked_once_it_loads(monkeypatch):
     """Offline, the shipped FLUX recipe's base is an uncached hub id: 'bfl' waits for the family, then the
     same rule applies to the family the base turned out to be."""
     from finetune.errors import RecipeError
+    from finetune.models.base import Base
     from finetune.models.families import FAMILIES
     from finetune.recipe import complete_base, load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
     assert "bfl" in recipe.export.formats and recipe.base.family is None
-    complete_base(recipe, recipe.base.known_as(FAMILIES["flux"]))
+    with monkeypatch.context() as m:  # the configs, as if fetched: a FLUX base
+        m.setattr(Base, "complete", lambda self: self.known_as(FAMILIES["flux"]))
+        assert complete_base(recipe).family.name == "flux"
     recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
-    with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
-        complete_base(recipe, recipe.base.known_as(FAMILIES["sd1"]))
+    with monkeypatch.context() as m, pytest.raises(RecipeError, match="the sd1 family"):  # flow options, bfl
+        m.setattr(Base, "complete", lambda self: self.known_as(FAMILIES["sd1"]))
+        complete_base(recipe)
 
 
 def test_pivotal_trains_clip_and_t5_rows_and_reloads_in_a_stock_pipeline(tmp_path, tiny_flux):

@@ -70,7 +70,7 @@ def load_base(base: str, family: str = "auto", config: str | None = None, allow_
     from finetune.models.components import load_components
 
     quiet()
-    return load_components(resolve_base(base, family=family, config=config, allow_pickle=allow_pickle))
+    return load_components(resolve_base(base, family=family, config=config, allow_pickle=allow_pickle).complete())
 
 
 def check_energy(energy: float | None) -> None:

@@ -144,9 +144,8 @@ def main(argv=None) -> int:
         from finetune.models.base import resolve_base
         from finetune.models.components import LoadOptions, load_components
 
-        return load_components(resolve_base(base, family=args.family, config=args.config,
-                                            allow_pickle=args.allow_pickle),
-                               LoadOptions(max_sequence_length=args.max_sequence_length))
+        base = resolve_base(base, family=args.family, config=args.config, allow_pickle=args.allow_pickle)
+        return load_components(base.complete(), LoadOptions(max_sequence_length=args.max_sequence_length))
 
     results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
                        allow_pickle=args.allow_pickle)

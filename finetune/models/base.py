@@ -1,18 +1,20 @@
 """What `model.base` names, resolved once into a value: where the weights are, in which form, which family.
 
     base = resolve_base("black-forest-labs/FLUX.1-dev")  # or a diffusers folder, a single file, 'toy'
-    base.form, base.location, base.family               # 'hub', the id, FLUX (None until it is downloaded)
+    base.form, base.location, base.family               # 'hub', the id, FLUX (None until its configs are here)
 
 A recipe resolves its base once (`Recipe.base`) and passes the value to everything that needs it: the recipe
 rules that depend on the family, the loader (finetune/models/components.py), `finetune estimate`, the tools.
-Nothing here reads weights or imports torch: a folder's family comes from its config files, a .safetensors
+Resolving reads no weights and imports no torch: a folder's family comes from its config files, a .safetensors
 file's from its header. What cannot be known yet leaves `family` None: a hub id not in the local cache, or a
-pickle checkpoint (its keys are read only once the loader has allowed unpickling it). The loader then
-completes the value (`Base.complete`) and the recipe runs its family rules from the completed one.
+pickle checkpoint (its keys are read only once it is to be loaded, with `model.allow_pickle`). Before loading,
+`complete()` fills it in: it fetches the hub id's configs into the cache, or reads the pickle's keys; the
+recipe's family rules then run from the completed value (`finetune.recipe.complete_base`).
 
-A base that cannot load (no such path, a folder without model_index.json, configs no family recognises) still
-resolves, with `problem` saying why; the loader raises it. So `--print`, `--check` and the studio work on a
-recipe written for another machine, and the error comes where it always did: when the base loads.
+A base that cannot load (no such path, a folder without model_index.json, configs no family recognises, a
+pickle not allowed) still resolves, with `problem` saying why; `complete()` and the loader raise it. So
+`--print`, `--check` and the studio work on a recipe written for another machine, and the error comes where it
+always did: when the base is about to load.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import ModelError
-from finetune.models.detect import family_of_checkpoint, family_of_folder, read_json
+from finetune.models.detect import describe
 from finetune.models.families import FAMILIES
 from finetune.models.family import Family
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*.json"]  # what detection reads, not weights
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class Base:
     revision: str | None = None
     config: str | None = None  # a single file's diffusers configs (model.config): a folder or a hub id
     allow_pickle: bool = False
-    problem: str | None = None  # why it cannot load: the loader raises it
+    problem: str | None = None  # why it cannot load: `check` and `complete` raise it
 
     def __deepcopy__(self, memo) -> Base:
         return self  # a value: a copied recipe shares it (and its family stays the registered object)
@@ -69,18 +72,25 @@ class Base:
         return replace(self, family=family)
 
     def complete(self) -> Base:
-        """This base with its family, once its files are on this machine: a hub id's configs from the local cache
-        (the loader has just downloaded them), a pickle checkpoint's keys (the loader has allowed reading them)."""
+        """This base ready to load, its family known: a hub id's configs fetched into the local cache when they
+        are not there yet (configs only: the loader fetches the weights), a pickle checkpoint's keys read (it
+        was allowed). Raises why it cannot load."""
+        self.check()
         if self.family is not None:
             return self
         if self.form == "file":
-            return self.known_as(family_of_checkpoint(self.location, self.allow_pickle))
-        folder = cached_folder(self.location, self.revision)
-        if folder is None:
-            raise ModelError(f"model.base '{self.name}': its model_index.json is not in the local Hugging Face "
-                             "cache after loading; download it once with `hf download` or set model.base to a folder")
-        return replace(self, family=family_of_folder(folder), folder=folder,
-                       index=read_json(folder / "model_index.json"))
+            return self.known_as(describe(self.location, self.allow_pickle)[1])
+        folder = cached_folder(self.location, self.revision) or self._fetch_configs()
+        index, family = describe(folder)
+        return replace(self, family=family, folder=folder, index=index)
+
+    def _fetch_configs(self) -> Path:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(self.location, revision=self.revision, allow_patterns=CONFIG_FILES))
+        except Exception as e:  # noqa: BLE001 - offline, unknown id, gated, no network: huggingface_hub's own errors
+            raise ModelError(load_failure(self.name, "hub", e)) from None
 
 
 def resolve_base(name: str, revision: str | None = None, family: str = "auto", *, config: str | None = None,
@@ -97,13 +107,12 @@ def resolve_base(name: str, revision: str | None = None, family: str = "auto", *
         return _single_file(base, config)
     folder = Path(location) if form != "hub" else cached_folder(location, revision)
     if folder is None:
-        return base  # a hub id not cached: its family is known once the loader has downloaded it
+        return base  # a hub id not cached: its family is known once its configs are here (`complete`)
     try:
-        index = read_json(folder / "model_index.json")
-        detected = base.family or family_of_folder(folder)
+        index, detected = describe(folder, detect=base.family is None)
     except ModelError as e:
         return replace(base, problem=str(e))
-    return replace(base, family=detected, folder=folder, index=index)
+    return replace(base, family=base.family or detected, folder=folder, index=index)
 
 
 def _locate(value: str, key: str) -> tuple[str, str, str | None]:
@@ -129,7 +138,11 @@ def _locate(value: str, key: str) -> tuple[str, str, str | None]:
 
 def _single_file(base: Base, config: str | None) -> Base:
     """A single-file checkpoint: its matching configs located; a .safetensors file's family read from its header
-    (a pickle's only at load, after `model.allow_pickle` was checked)."""
+    (a pickle's only once the loader completes it, and only with `model.allow_pickle`)."""
+    if base.location.lower().endswith(PICKLE_SUFFIXES) and not base.allow_pickle:
+        return replace(base, problem=(
+            f"model.base '{base.name}' is a pickle checkpoint, which can run code when loaded; convert it to "
+            ".safetensors, or set model.allow_pickle: true to load it with weights_only=True"))
     where = None
     if config:
         _, where, problem = _locate(config, "model.config")
@@ -139,7 +152,7 @@ def _single_file(base: Base, config: str | None) -> Base:
     if base.family is not None or not base.location.lower().endswith(".safetensors"):
         return base
     try:
-        return base.known_as(family_of_checkpoint(base.location))
+        return base.known_as(describe(base.location)[1])
     except ModelError as e:
         return replace(base, problem=str(e))
 
@@ -152,3 +165,16 @@ def cached_folder(repo: str, revision: str | None = None) -> Path | None:
 
     index = try_to_load_from_cache(repo, "model_index.json", revision=revision)
     return Path(index).parent if isinstance(index, str) else None
+
+
+def load_failure(name: str, form: str, e: Exception, key: str = "model.base") -> str:
+    """One line for a base (or VAE) that could not be fetched or loaded."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if form == "hub" and offline:
+        return (
+            f"{key} '{name}' is not in the local Hugging Face cache and the hub is offline "
+            f"(HF_HUB_OFFLINE=1): download it once with `hf download {name}` or set {key} to a local folder"
+        )
+    if form == "hub":
+        return f"{key} '{name}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
+    return f"{key} '{name}' could not be loaded: {str(e).splitlines()[0]}"

@@ -1,6 +1,6 @@
 """Load a base model's components, and freeze them.
 
-`load_components(base, options, precision)` takes plain values: the `Base` the recipe resolved
+`load_components(base, options, precision)` takes plain values: the `Base` the recipe resolved and completed
 (finetune/models/base.py: a hub id, a local diffusers folder, a single-file checkpoint or a toy base), how to
 load it (`LoadOptions`: the recipe's `model` section as the trainer translates it) and in which dtypes
 (`LoadPrecision`). Everything is loaded frozen: by default in fp32; the trainer passes a `LoadPrecision` so
@@ -12,7 +12,6 @@ method has chosen what trains (`cast_frozen`).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.base import PICKLE_SUFFIXES, SINGLE_FILE_SUFFIXES, Base
+from finetune.models.base import SINGLE_FILE_SUFFIXES, Base, load_failure
 from finetune.models.family import Family
 
 
@@ -160,18 +159,18 @@ class LoadPrecision:
 
 def load_components(base: Base, options: LoadOptions | None = None,
                     precision: LoadPrecision | None = None) -> Components:
-    """Load and freeze `base` (fp32 unless `precision` says). A base whose family showed only now (a hub id
-    downloaded by this load, a pickle checkpoint) comes back completed, as `comps.base`."""
+    """Load and freeze `base`, a complete one (its family known: `Base.complete()`), fp32 unless `precision`
+    says."""
+    if base.problem:
+        raise ModelError(base.problem)
+    if base.family is None:
+        raise ValueError(f"{base.name}: load_components takes a complete base (Base.complete()), its family known")
     options, precision = options or LoadOptions(), precision or LoadPrecision()
-    base.check()
     vae = _load_vae(options.vae, precision.vae) if options.vae else None
     if base.form == "file":
-        _refuse_pickle(base)
-        base = base.complete()
         pipe = _load_single_file(base, vae, precision.single())
     else:
         pipe = _load_pretrained(base, options, vae, precision.by_component())
-        base = base.complete()
     _check_fits(pipe, base, options)
     comps = _from_pipeline(pipe, base, options)
     freeze(comps)
@@ -215,7 +214,7 @@ def _load_vae(name: str, dtype: torch.dtype = torch.float32):
     try:
         return AutoencoderKL.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise ModelError(_load_failure(name, kind, e, key="model.vae")) from None
+        raise ModelError(load_failure(name, kind, e, key="model.vae")) from None
 
 
 def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | None = None):
@@ -235,27 +234,7 @@ def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | 
     try:
         return cls.from_pretrained(base.location, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(_load_failure(base.name, base.form, e)) from None
-
-
-def _load_failure(base: str, kind: str, e: Exception, key: str = "model.base") -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if kind == "hub" and offline:
-        return (
-            f"{key} '{base}' is not in the local Hugging Face cache and the hub is offline "
-            f"(HF_HUB_OFFLINE=1): download it once with `hf download {base}` or set {key} to a local folder"
-        )
-    if kind == "hub":
-        return f"{key} '{base}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
-    return f"{key} '{base}' could not be loaded: {str(e).splitlines()[0]}"
-
-
-def _refuse_pickle(base: Base) -> None:
-    if base.location.lower().endswith(PICKLE_SUFFIXES) and not base.allow_pickle:
-        raise ModelError(
-            f"model.base '{base.name}' is a pickle checkpoint, which can run code when loaded; convert it to "
-            ".safetensors, or set model.allow_pickle: true to load it with weights_only=True"
-        )
+        raise ModelError(load_failure(base.name, base.form, e)) from None
 
 
 def _load_single_file(base: Base, vae=None, dtype=torch.float32):

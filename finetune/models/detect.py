@@ -105,3 +105,12 @@ def checkpoint_keys(path: str | Path, allow_pickle: bool = False) -> list[str]:
 
 def family_of_checkpoint(path: str | Path, allow_pickle: bool = False) -> Family:
     return family_of_keys(checkpoint_keys(path, allow_pickle), str(path))
+
+
+def describe(path: str | Path, allow_pickle: bool = False, detect: bool = True) -> tuple[dict, Family | None]:
+    """What a base's files say, without reading weights: (model_index.json, family) of a diffusers folder, ({},
+    family) of a single-file checkpoint; family None where `detect` is off (the recipe names it)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_json(path / "model_index.json"), family_of_folder(path) if detect else None
+    return {}, family_of_checkpoint(path, allow_pickle) if detect else None

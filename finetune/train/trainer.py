@@ -52,8 +52,8 @@ class Trainer:
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
+        complete_base(recipe)  # a family that shows only now (a hub id's configs just fetched): its rules run
         comps = load_components(recipe.base, recipe.model.load_options(), self._precision())
-        complete_base(recipe, comps.base)  # a family that showed only now (a hub id just downloaded): its rules
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
@@ -98,7 +98,7 @@ class Trainer:
         """Load frozen parts straight in the compute dtype; what the method trains in place in fp32."""
         from finetune.models.components import LoadPrecision
 
-        vae = self._vae_dtype(self.recipe.base.family)  # unknown until downloaded: fp32
+        vae = self._vae_dtype(self.recipe.base.family)
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
 
     def _place_denoiser(self) -> None:
