@@ -187,9 +187,13 @@ def _qwen3(vocab: int, hidden: int, layers: int, causal_lm: bool = False):
     return model.to(torch.float32)
 
 
-def _tokenizer_in(folder: Path):
-    tok = qwen_tokenizer(folder / "_qwen_tokenizer")
-    return tok
+def _seeded(folder: Path, seed: int):
+    """(folder, a Qwen tokenizer written inside it for `_save` to remove) with torch's generator seeded."""
+    import torch
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    return folder, qwen_tokenizer(folder / "_qwen_tokenizer")
 
 
 def _save(pipe, folder: Path) -> Path:
@@ -205,9 +209,7 @@ def build_tiny_z_image(folder: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tok = _tokenizer_in(folder)
+    folder, tok = _seeded(folder, seed)
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])
@@ -248,7 +250,6 @@ def build_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
     """Qwen-Image-shaped: an MMDiT of 2 blocks (2 heads of 16, rotary axes 8 + 12 + 12) reading the last hidden
     state of a Qwen2.5-VL encoder 32 wide, a 16-channel causal-video VAE with Qwen-Image's per-channel latent
     mean and std, and Qwen-Image's scheduler."""
-    import torch
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -256,9 +257,7 @@ def build_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
         QwenImageTransformer2DModel,
     )
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tok = _tokenizer_in(folder)
+    folder, tok = _seeded(folder, seed)
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
@@ -287,9 +286,7 @@ def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) 
         Flux2Transformer2DModel,
     )
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    tok = _tokenizer_in(folder)
+    folder, tok = _seeded(folder, seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
