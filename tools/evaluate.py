@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import _common
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
 
     from finetune.eval.compare import Sampling, evaluate, table
     from finetune.eval.embedders import EvalModels
-    from finetune.eval.run import reference_dir_images
+    from finetune.eval.references import reference_dir_images
     from finetune.eval.scoring import Scorer
     from finetune.train.validation import grid
 
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
                                             max_sequence_length=args.max_sequence_length))
 
     results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, say=lambda line: print(line, file=sys.stderr, flush=True))
     print()
     print(table(results, scorer.metrics))
     print(f"\n{len(refs)} reference images; mean [95% bootstrap interval over images]; raw cosines")

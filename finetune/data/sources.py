@@ -73,6 +73,9 @@ def _no_images(root: Path, recursive: bool) -> DataError:
 
 
 def _missing_note(sub: Subset, missing: list[Path], ext: str, fallback: str) -> None:
+    """Counted after loading: a file the scan skipped (corrupt, too small) trains on nothing at all."""
+    loaded = {r.path for r in sub.records}
+    missing = [f for f in missing if str(f) in loaded]
     if missing:
         sub.notes.append(
             f"{len(missing)} image(s) without a {ext} caption train on {fallback}, e.g. {missing[0].name}"
@@ -94,9 +97,10 @@ def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
                 f"{root}: no {src.caption_ext} caption files, but the images have {other} captions; "
                 f"set caption_ext: '{other}' in {key}"
             )
-    empty = apply_rules("", sub.rules) or "an empty caption"
-    _missing_note(sub, missing, src.caption_ext, f"the template alone ({empty!r})")
     sub.records = load_images(pairs, probs)
+    template = apply_rules("", sub.rules)
+    _missing_note(sub, missing, src.caption_ext,
+                  f"the template alone ({template!r})" if template else "an empty caption")
     return [sub]
 
 
@@ -132,8 +136,8 @@ def scan_kohya(src, data, probs: Problems, key: str) -> list[Subset]:
             raise DataError(f"{d}: kohya folder holds no images; add images or remove the folder")
         sub = _subset(src, data, probs, name=str(d), repeats=int(count) * src.repeats)
         pairs, missing = _with_captions(files, src.caption_ext, prompt, probs, root)
-        _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
         sub.records = load_images(pairs, probs)
+        _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
         subsets.append(sub)
     ignored = [d.name for d in dirs if d not in named]
     if ignored:

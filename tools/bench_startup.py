@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Cold-start times of the commands a person runs first, and where the seconds go.
+
+    python tools/bench_startup.py                                # this checkout: median of 3 runs, a Markdown table
+    python tools/bench_startup.py --only check inspect --repeat 5
+    python tools/bench_startup.py --roots /tmp/main-copy .       # before / after, interleaved under the same load
+
+Each command runs in a fresh process, as typed in a shell, with the checkout as its working directory: wall
+seconds and CPU seconds (user + system of the process and its children), then once more under
+`python -X importtime` for the seconds spent importing (the top-level imports' cumulative times) and whether
+torch, diffusers or transformers were imported at all. Launch to first step trains the toy recipe
+(`recipes/toy/lora.yaml`, no step-0 grid, a fresh run folder and cache) and stops the clock when the first row
+of `logs/loss.csv` appears (it is written after every optimizer step), started with `python -m finetune` and
+with `accelerate launch`. A finished one-step toy LoRA is the file `inspect_file.py` reads. Several `--roots`
+take turns command by command, so a busy machine slows them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PY = sys.executable
+HEAVY = ("torch", "diffusers", "transformers")
+TOY = "recipes/toy/lora.yaml"
+RUN = ["validation.at_start=false", "train.checkpoint_every=0"]
+IMPORT_LINE = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)")
+
+
+def _env(root: Path) -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(root))
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmd: list[str], root: Path) -> tuple[float, float, int]:
+    """(wall s, CPU s, exit code) of one run of `cmd`."""
+    cpu, start = _children_cpu(), time.perf_counter()
+    done = subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True)
+    return time.perf_counter() - start, _children_cpu() - cpu, done.returncode
+
+
+def import_profile(cmd: list[str], root: Path) -> dict:
+    """`python -X importtime`: seconds importing and which heavy packages were imported."""
+    done = subprocess.run([PY, "-X", "importtime", *cmd[1:]], cwd=root, env=_env(root), capture_output=True,
+                          text=True)
+    total, seen = 0, set()
+    for line in done.stderr.splitlines():
+        m = IMPORT_LINE.match(line)
+        if m:
+            total += int(m.group(1)) if not m.group(2) else 0  # a top-level import holds its children's time
+            seen.add(m.group(3).split(".")[0])
+    return {"import_s": total / 1e6, "heavy": [h for h in HEAVY if h in seen]}
+
+
+def first_step(launcher: str, root: Path, out: Path) -> tuple[float, float]:
+    """(wall s, CPU s) from launch until step 1's loss row is on disk; the run is then stopped. CPU s counts the
+    launched process only (a launcher's own child is not reaped by us): NaN under accelerate."""
+    run = [TOY, f"train.output_dir={out}", f"data.cache_dir={out}/cache", *RUN]
+    if launcher == "accelerate":
+        cmd = [PY, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "finetune/run.py", *run]
+    else:
+        cmd = [PY, "-m", "finetune", *run]
+    loss = out / "logs" / "loss.csv"
+    cpu, start = _children_cpu(), time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    wall = None
+    try:
+        while proc.poll() is None:
+            if loss.is_file() and len(loss.read_text().splitlines()) > 1:
+                wall = time.perf_counter() - start
+                break
+            time.sleep(0.01)
+        else:
+            raise SystemExit(f"{' '.join(cmd)} ended ({proc.returncode}) before its first step:\n"
+                             + proc.stderr.read().decode()[-2000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return wall, (_children_cpu() - cpu) if launcher == "python" else float("nan")
+
+
+def commands(lora: Path) -> dict[str, list[str]]:
+    return {
+        "help": [PY, "-m", "finetune", "--help"],
+        "check": [PY, "-m", "finetune", TOY, "--check"],
+        "estimate": [PY, "-m", "finetune", "estimate", TOY],
+        "estimate-flux": [PY, "-m", "finetune", "estimate", "recipes/flux/lora.yaml"],
+        "inspect": [PY, "tools/inspect_file.py", str(lora)],
+        "studio-help": [PY, "-m", "finetune", "studio", "--help"],
+    }
+
+
+def one_step_lora(root: Path, out: Path) -> Path:
+    subprocess.run([PY, "-m", "finetune", TOY, f"train.output_dir={out}", "train.max_steps=1",
+                    "validation.prompts=[]", "validation.metrics=[]", "validation.score_subject=null"],
+                   cwd=root, env=_env(root), check=True, capture_output=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def measure(names: list[str], roots: list[Path], repeat: int, tmp: Path) -> dict[str, dict[str, dict]]:
+    """{command: {root: result}}, the roots taking turns run by run."""
+    lora = one_step_lora(roots[0], tmp / "lora") if "inspect" in names else tmp / "none"
+    cmds = commands(lora)
+    rows: dict[str, dict[str, dict]] = {}
+    for name in names:
+        runs: dict[Path, list] = {r: [] for r in roots}
+        for i in range(repeat):
+            for r in roots:
+                if name.startswith("first-step"):
+                    launcher = "accelerate" if name.endswith("accelerate") else "python"
+                    runs[r].append(first_step(launcher, r, tmp / f"{name}-{r.name}-{i}"))
+                else:
+                    runs[r].append(timed(cmds[name], r)[:2])
+        rows[name] = {}
+        for r in roots:
+            walls, cpus = [w for w, _ in runs[r]], [c for _, c in runs[r]]
+            rows[name][str(r)] = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
+                                  "runs": walls}
+            if name in cmds:
+                rows[name][str(r)] |= import_profile(cmds[name], r)
+    return rows
+
+
+def table(rows: dict[str, dict[str, dict]], roots: list[Path]) -> str:
+    head = "| command | " + " | ".join(f"{r.name or r}: wall s / CPU s / importing s / heavy imports"
+                                       for r in roots) + " |"
+    lines = [head, "|---|" + "---|" * len(roots)]
+    for name, per in rows.items():
+        cells = []
+        for r in roots:
+            x = per[str(r)]
+            imp = f"{x['import_s']:.2f}" if "import_s" in x else "-"
+            cells.append(f"{x['wall_s']:.2f} / {x['cpu_s']:.2f} / {imp} / {', '.join(x.get('heavy', [])) or '-'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    names = [*commands(Path("x")), "first-step", "first-step-accelerate"]
+    p.add_argument("--only", nargs="+", choices=names, default=names, help="which measurements")
+    p.add_argument("--repeat", type=int, default=3, help="runs per command and checkout; the median is reported")
+    p.add_argument("--roots", nargs="+", type=Path, default=[Path(__file__).resolve().parents[1]],
+                   help="checkouts to measure, taking turns (default: this one)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    roots = [r.resolve() for r in args.roots]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure([n for n in names if n in args.only], roots, args.repeat, Path(tmp))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(table(rows, roots))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
