@@ -59,6 +59,20 @@ def draw_images(folder: Path, n: int = 6, caption: str = "a sks circle", size: i
     return folder
 
 
+def cli(*args, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600):
+    """`python ARGS` as a person types it (a module with -m, or a tool's path), the checkout importable."""
+    import os
+    import subprocess
+    import sys
+
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TOY_SMALL = ["data.sources.1.count=8", "train.checkpoint_every=0", "validation.seeds=[0]", "validation.steps=2"]
+
+
 def own_pictures(folder: Path) -> dict[str, str]:
     """A newcomer's folder of 13 pictures: toy-world drawings (a red heart, so the toy base can learn it) at
     varied sizes and formats, some captioned (all saying 'sks'), one corrupt JPEG, one tiny image and one

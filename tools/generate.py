@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
     init = check_args(args, seeds)
-    print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), file=sys.stderr)
+    print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), flush=True)
     pipe, comps, _ = build_pipeline(args)
     extra = {}
     if init is not None:

@@ -21,7 +21,8 @@ def _spread(items: list) -> list:
 def folder_records(folder, key: str, on_bad: str = "error", verbose: bool = True) -> tuple[list[Record], Problems]:
     """A reference folder's images, each read and checked; a bad one stops (naming it) or, with on_bad 'skip',
     is left out and listed in the returned Problems. Any size will do: the metric models resize."""
-    probs = Problems(on_bad, min_side=1, verbose=verbose)
+    hint = "pass --on-bad-image skip" if key.startswith("--") else "set data.on_bad_image: skip"
+    probs = Problems(on_bad, min_side=1, verbose=verbose, skip_hint=hint)
     files = image_files(need_dir(str(folder), key))
     records = load_images([(f, "") for f in files], probs)
     if not records:
@@ -57,9 +58,9 @@ def decode_all(records: list[Record]) -> list:
     return out
 
 
-def reference_dir_images(folder, key: str) -> list:
+def reference_dir_images(folder, key: str, on_bad: str = "error") -> list:
     """The images of a reference folder (at most MAX_REFERENCES, evenly spread), upright RGB."""
-    return decode_all(folder_records(folder, key)[0])
+    return decode_all(folder_records(folder, key, on_bad)[0])
 
 
 def reference_images(recipe) -> list:
