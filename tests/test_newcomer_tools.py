@@ -82,15 +82,17 @@ def test_check_counts_only_the_images_it_loaded(tmp_path):
 def test_generate_writes_beside_the_lora_and_shows_its_defaults(tmp_path, toy_run):
     _, run = toy_run
     shown = cli("tools/generate.py", "--help").stdout
-    for flag, default in (("--steps", "default 30"), ("--guidance", "default 7.5"), ("--out", "generated/grid-NNN")):
-        assert re.search(rf"{flag}.*?\(default", shown, re.S) and default in " ".join(shown.split()), flag
+    for flag, default in (("--steps", "(default 30)"), ("--guidance", "(default 7.5)"),
+                          ("--out", "(default: output/generated/")):
+        entry = shown.split(f"\n  {flag} ")[1].split("\n  --")[0]  # the flag's own help, wrapped over lines
+        assert default in " ".join(entry.split()), flag
     for n in range(2):
         done = cli(str(ROOT / "tools/generate.py"), "a sks heart", "--base", "toy", "--lora", str(run),
                    "--steps", "2", "--seeds", "0", cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert f"wrote {run / 'generated' / f'grid-{n:03d}.png'}" in done.stdout
+        assert f"wrote output/generated/run-{n:03d}.png" in done.stdout  # named after the LoRA's run
         assert "generating" in done.stderr  # a progress bar over the images
-    assert list(tmp_path.iterdir()) == []  # nothing in the current folder
+    assert [p.name for p in tmp_path.iterdir()] == ["output"]  # nothing else in the current folder
 
 
 # ------------------------------------------------------------------------------- 10. trigger words kept

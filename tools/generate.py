@@ -47,26 +47,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.6,
                    help="image-to-image: how much to change, 0..1 (default 0.6)")
     p.add_argument("--out", type=Path, default=None,
-                   help="grid image to write (default: the next free generated/grid-NNN.png in the first --lora's "
-                   "run folder, else in output/)")
+                   help="grid image to write (default: output/generated/NAME-NNN.png, NAME the first --lora's (or the "
+                   "base's) name, NNN the next free number)")
     p.add_argument("--save-images", type=Path, help="also save every image into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = default_out(args.lora)
+        args.out = default_out(args.lora[0] if args.lora else args.base)
     return args
 
 
-def default_out(loras: list[str]) -> Path:
-    """A new file beside what the grid shows (the first LoRA's run folder), never in the current folder and
-    never over an earlier grid: generated/grid-000.png, grid-001.png, ..."""
-    folder = Path("output")
-    if loras:
-        first = Path(loras[0]) if Path(loras[0]).exists() else Path(loras[0].rpartition(":")[0])
-        folder = first if first.is_dir() else first.parent
-    taken = {p.name for p in (folder / "generated").glob("grid-*.png")}
-    n = next(i for i in range(len(taken) + 1) if f"grid-{i:03d}.png" not in taken)
-    return folder / "generated" / f"grid-{n:03d}.png"
+def default_out(source: str) -> Path:
+    """A new file under output/generated/ named after what the grid shows (the first LoRA, else the base), never
+    in the current folder and never over an earlier grid: my-lora-000.png, my-lora-001.png, ..."""
+    path = Path(source) if Path(source).exists() else Path(source.rpartition(":")[0] or source)
+    if path.suffix == ".safetensors" and path.stem in ("pytorch_lora_weights", "peft_adapter"):
+        path = path.parent  # a run's diffusers file: the run's name says more
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.stem or "grid"))
+    folder = Path("output") / "generated"
+    taken = {p.name for p in folder.glob(f"{name}-*.png")}
+    n = next(i for i in range(len(taken) + 1) if f"{name}-{i:03d}.png" not in taken)
+    return folder / f"{name}-{n:03d}.png"
 
 
 def check_args(args, seeds: list[int]):

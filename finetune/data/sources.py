@@ -7,6 +7,7 @@ folder (its own repeats and prompt); every other source gives one subset.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -267,21 +268,30 @@ def _hf_record(src, i: int, row: dict, probs: Problems) -> Record | None:
 
 
 def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
+    sub = _subset(src, data, probs)
+    for i, (png, caption, mask) in enumerate(_toy_drawn(src.subject, src.count, src.seed, src.variants, src.masks)):
+        rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption, png, probs)
+        if rec is not None:
+            sub.records.append(replace(rec, mask=mask) if mask is not None else rec)
+    return [sub]
+
+
+@functools.lru_cache(maxsize=16)
+def _toy_drawn(subject: str, count: int, seed: int, variants: bool, masks: bool) -> tuple:
+    """((PNG bytes, caption, mask PNG or None), ...) of a toy source, drawn once per process: the training scan,
+    the metrics' references and `--check` read the same source (drawing is most of a toy scan's time)."""
     from finetune.toy import world  # lazy: drawing code is only needed for toy runs
 
-    if src.subject == "world":
-        pairs = world.world_images(src.count, src.seed, variants=src.variants)
+    if subject == "world":
+        pairs = world.world_images(count, seed, variants=variants)
     else:
-        pairs = world.subject_images(src.subject, src.count, src.seed)
-    sub = _subset(src, data, probs)
-    for i, (img, caption) in enumerate(pairs):
+        pairs = world.subject_images(subject, count, seed)
+    out = []
+    for img, caption in pairs:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption,
-                          buf.getvalue(), probs)
-        if rec is not None:
-            sub.records.append(replace(rec, mask=_toy_mask(img)) if src.masks else rec)
-    return [sub]
+        out.append((buf.getvalue(), caption, _toy_mask(img) if masks else None))
+    return tuple(out)
 
 
 def _toy_mask(img) -> bytes:

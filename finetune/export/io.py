@@ -55,8 +55,10 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed."""
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed.
+    `durable=False` skips the fsync, for files whose reader detects a damaged one and makes it again (cache
+    entries): the rename still means a reader never sees a half-written file while the machine runs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path)
@@ -65,8 +67,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         # the writer may have replaced our file with its own (safetensors does, with mode 0600)
         os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
