@@ -225,11 +225,15 @@ def needs_local_files(model_id: str) -> bool:
 
     if Path(model_id).expanduser().is_dir():
         return False
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # not a hub id either (a folder that is not there): the loader says "not found"
+        return False
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable()
     if why is None:
-        return False
-    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-        return True
+        return False  # online: the library downloads it, or checks the cached copy
+    if cached:
+        return True  # offline: straight from the cache, no connection attempts (nor their retries)
     raise ModelError(f"{model_id}: not downloaded here and {why}; download it once where there is a network "
                      f"(hf download {model_id}), give a local folder with --model, or try the workflow offline "
                      "with --model toy (the toy world's captioner)")
