@@ -12,7 +12,9 @@ torch, diffusers or transformers were imported at all. Launch to first step trai
 (`recipes/toy/lora.yaml`, no step-0 grid, a fresh run folder and cache) and stops the clock when the first row
 of `logs/loss.csv` appears (it is written after every optimizer step), started with `python -m finetune` and
 with `accelerate launch`. A finished one-step toy LoRA is the file `inspect_file.py` reads. Several `--roots`
-take turns command by command, so a busy machine slows them alike.
+take turns command by command, so a busy machine slows them alike. `--account` runs the toy trainer once per
+checkout with marks from launch to the first step (imports library by library, the trainer's set-up stages, the
+step itself), one torch thread, so CPU seconds measure the work even on a shared machine.
 """
 
 from __future__ import annotations
@@ -96,6 +98,67 @@ def first_step(launcher: str, root: Path, out: Path) -> tuple[float, float]:
     return wall, (_children_cpu() - cpu) if launcher == "python" else float("nan")
 
 
+def _account_child(argv: list[str]) -> None:
+    """Inside the measured process: train the toy recipe to its first step, printing wall and CPU seconds at each
+    mark (imports by library, then the trainer's set-up stages and the first step)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def mark(what: str) -> None:
+        print(f"MARK {what}|{time.perf_counter() - t0:.3f}|{time.process_time() - c0:.3f}", flush=True)
+
+    mark("python started")
+    import torch  # noqa: F401
+    mark("import torch")
+    import diffusers.utils  # noqa: F401 (torch._dynamo, and with it inductor and sympy)
+    mark("import diffusers (torch._dynamo, inductor)")
+    from diffusers import UNet2DConditionModel  # noqa: F401 (quantizers: bitsandbytes; peft, transformers)
+    mark("import diffusers models (bitsandbytes, peft, transformers)")
+    from finetune.data import dataset
+    from finetune.train import trainer
+    mark("import finetune trainer")
+    _wrap(dataset, "_fill_caches", mark, "set-up: components, method, data scan", "set-up: latent cache fill")
+    _wrap(trainer.Trainer, "__init__", mark, None, "set-up: optimizer, accelerate.prepare")
+    step = trainer.Trainer.train_step
+
+    def first(self, batch):
+        step(self, batch)
+        mark("first step")
+        raise SystemExit(0)
+
+    trainer.Trainer.train_step = first
+    from finetune.run import main
+
+    main(argv)
+
+
+def _wrap(owner, name: str, mark, before: str | None, after: str) -> None:
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if before:
+            mark(before)
+        out = original(*args, **kwargs)
+        mark(after)
+        return out
+
+    setattr(owner, name, wrapped)
+
+
+def account(root: Path, out: Path) -> list[tuple[str, float, float]]:
+    """(stage, wall s, CPU s) from launch to the first step, one torch thread (CPU seconds then mean work)."""
+    env = _env(root) | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([PY, __file__, "--account-child", TOY, f"train.output_dir={out}",
+                           f"data.cache_dir={out}/cache", *RUN], cwd=root, env=env, capture_output=True, text=True)
+    marks = [line[5:].split("|") for line in done.stdout.splitlines() if line.startswith("MARK ")]
+    if not marks or marks[-1][0] != "first step":
+        raise SystemExit(f"no first step in {root}:\n{done.stderr[-2000:]}")
+    rows, last = [], (0.0, 0.0)
+    for stage, wall, cpu in marks:
+        rows.append((stage, float(wall) - last[0], float(cpu) - last[1]))
+        last = (float(wall), float(cpu))
+    return rows
+
+
 def commands(lora: Path) -> dict[str, list[str]]:
     return {
         "help": [PY, "-m", "finetune", "--help"],
@@ -152,7 +215,23 @@ def table(rows: dict[str, dict[str, dict]], roots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def account_table(roots: list[Path], tmp: Path) -> str:
+    per = {r: account(r, tmp / f"account-{i}") for i, r in enumerate(roots)}
+    lines = ["| stage (one torch thread) | " + " | ".join(f"{r.name}: wall s / CPU s" for r in roots) + " |",
+             "|---|" + "---|" * len(roots)]
+    for i, (stage, _, _) in enumerate(per[roots[0]]):
+        cells = [f"{per[r][i][1]:.2f} / {per[r][i][2]:.2f}" if i < len(per[r]) else "-" for r in roots]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(x[1] for x in per[r]):.2f} / {sum(x[2] for x in per[r]):.2f}" for r in roots]
+    lines.append("| launch to first step | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--account-child"]:
+        _account_child(argv[1:])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     names = [*commands(Path("x")), "first-step", "first-step-accelerate"]
     p.add_argument("--only", nargs="+", choices=names, default=names, help="which measurements")
@@ -160,8 +239,14 @@ def main(argv=None) -> int:
     p.add_argument("--roots", nargs="+", type=Path, default=[Path(__file__).resolve().parents[1]],
                    help="checkouts to measure, taking turns (default: this one)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--account", action="store_true",
+                   help="only say where launch-to-first-step's seconds go (imports by library, set-up stages, step)")
     args = p.parse_args(argv)
     roots = [r.resolve() for r in args.roots]
+    if args.account:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(account_table(roots, Path(tmp)))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure([n for n in names if n in args.only], roots, args.repeat, Path(tmp))
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

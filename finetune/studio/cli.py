@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"recipes_dir": args.recipes.resolve()} if args.recipes else {}
     studio = Studio.make(args.root, args.host, args.token, devices=devices,
                          max_upload=args.max_upload_mb * 1024 * 1024, **extra)
+    # the server's checks resolve what a run resolves, from an empty folder of the studio's (see procs)
+    from finetune.studio.procs import work_dir
+
+    os.chdir(work_dir(studio.root / ".studio"))
     query = f"?token={studio.token}" if studio.token else ""
     urls = [f"http://{_bracketed(h)}:{args.port}/{query}" for h in addresses(args.host)]
     print(f"finetune studio: {urls[0]}  (root: {studio.root})", flush=True)
