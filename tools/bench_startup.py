@@ -215,14 +215,20 @@ def table(rows: dict[str, dict[str, dict]], roots: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def account_table(roots: list[Path], tmp: Path) -> str:
-    per = {r: account(r, tmp / f"account-{i}") for i, r in enumerate(roots)}
+def account_table(roots: list[Path], tmp: Path, repeat: int) -> str:
+    """Median wall / CPU seconds per stage over `repeat` runs per checkout, the checkouts taking turns."""
+    runs: dict[Path, list] = {r: [] for r in roots}
+    for i in range(repeat):
+        for j, r in enumerate(roots):
+            runs[r].append(account(r, tmp / f"account-{j}-{i}"))
+    stages = [stage for stage, _, _ in runs[roots[0]][0]]
+    med = {r: [(statistics.median(run[k][1] for run in runs[r]), statistics.median(run[k][2] for run in runs[r]))
+               for k in range(len(stages))] for r in roots}
     lines = ["| stage (one torch thread) | " + " | ".join(f"{r.name}: wall s / CPU s" for r in roots) + " |",
              "|---|" + "---|" * len(roots)]
-    for i, (stage, _, _) in enumerate(per[roots[0]]):
-        cells = [f"{per[r][i][1]:.2f} / {per[r][i][2]:.2f}" if i < len(per[r]) else "-" for r in roots]
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    totals = [f"{sum(x[1] for x in per[r]):.2f} / {sum(x[2] for x in per[r]):.2f}" for r in roots]
+    for k, stage in enumerate(stages):
+        lines.append(f"| {stage} | " + " | ".join(f"{med[r][k][0]:.2f} / {med[r][k][1]:.2f}" for r in roots) + " |")
+    totals = [f"{sum(w for w, _ in med[r]):.2f} / {sum(c for _, c in med[r]):.2f}" for r in roots]
     lines.append("| launch to first step | " + " | ".join(totals) + " |")
     return "\n".join(lines)
 
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
     roots = [r.resolve() for r in args.roots]
     if args.account:
         with tempfile.TemporaryDirectory() as tmp:
-            print(account_table(roots, Path(tmp)))
+            print(account_table(roots, Path(tmp), args.repeat))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure([n for n in names if n in args.only], roots, args.repeat, Path(tmp))
