@@ -79,7 +79,7 @@ def test_check_counts_only_the_images_it_loaded(tmp_path):
 
 
 # ------------------------------------------------------------------------------ 9. generate's output
-def test_generate_writes_beside_the_lora_and_shows_its_defaults(tmp_path, toy_run):
+def test_generate_writes_under_output_and_shows_its_defaults(tmp_path, toy_run):
     _, run = toy_run
     shown = cli("tools/generate.py", "--help").stdout
     for flag, default in (("--steps", "(default 30)"), ("--guidance", "(default 7.5)"),
