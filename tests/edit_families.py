@@ -65,7 +65,7 @@ def stock(case: Case, base: Path):
     """The stock edit pipeline of a tiny base (Qwen-Image-Edit's processor loaded without torchvision)."""
     import diffusers
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     extra = {n: FAMILIES[case.family].load_component(n, str(base)) for n in FAMILIES[case.family].extra_components}
     pipe = getattr(diffusers, case.pipeline).from_pretrained(base, **extra)

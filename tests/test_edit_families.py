@@ -51,8 +51,8 @@ def trainer(path: Path, *overrides: str):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_detected_from_the_folder_never_as_the_text_to_image_sibling(bases, name):
-    from finetune.models.detect import family_of_folder
-    from finetune.models.family import FAMILIES, family_from_configs
+    from finetune.models.detect import family_from_configs, family_of_folder
+    from finetune.models.families import FAMILIES
 
     assert family_of_folder(bases(name)).name == CASES[name].family
     flux = {"transformer": ["diffusers", "FluxTransformer2DModel"]}
@@ -149,7 +149,7 @@ def test_the_comfy_form_uses_the_base_familys_key_names(runs, name):
     """ComfyUI loads Kontext as a Flux model and the Qwen edits as QwenImage (comfy/lora.py maps
     'lora_transformer_<diffusers path>' for Flux through flux_to_diffusers, and 'lycoris_<path>' for QwenImage):
     the keys are the text-to-image family's, module for module."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     t = runs(name)
     run = Path(t.recipe.train.output_dir)

@@ -45,32 +45,29 @@ def run(main, argv=None) -> int:
 
 
 def quiet() -> None:
-    """Library chatter off: the tools print what matters themselves."""
+    """Library chatter off: the tools print what matters themselves. A library not imported yet is told through
+    its environment switch (read when it loads): importing diffusers here would cost seconds of start-up."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     for name in ("diffusers", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        if name in sys.modules:
+            sys.modules[name].set_verbosity_error()
+            sys.modules[name].disable_progress_bar()
 
 
 def load_base(base: str, family: str = "auto", config: str | None = None, allow_pickle: bool = False):
     """Components of a base, accepting every form recipe `model.base` accepts (incl. 'toy')."""
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
+    return load_components(resolve_base(base, family=family, config=config, allow_pickle=allow_pickle).complete())
 
 
 def check_energy(energy: float | None) -> None:
@@ -82,14 +79,14 @@ def check_energy(energy: float | None) -> None:
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     p.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help=help_text)
 
 
 def family_of(name: str):
     """The family object of a --family value (None for 'auto': read from the file)."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return None if name == "auto" else FAMILIES[name]
 

@@ -145,6 +145,11 @@ def check_condition(rec: Record, cond: Conditioning, probs: Problems) -> bool:
     return False
 
 
+def fitting(records: list[Record], probs: Problems) -> list[Record]:
+    """The records whose conditioning images fit them; each pair that does not is reported and left out."""
+    return [r for r in records if all(check_condition(r, c, probs) for c in r.conditions)]
+
+
 def with_conditions(rec: Record, conds: list[Conditioning], probs: Problems) -> Record | None:
     """The record carrying its conditioning images, or None (after reporting) when one does not fit it."""
     from dataclasses import replace

@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.data.config import CaptionRules
@@ -72,10 +72,11 @@ class Problems:
     min_side: int = 64
     verbose: bool = True  # only the main process warns
     skipped: list[str] = field(default_factory=list)
+    skip_hint: str = "set data.on_bad_image: skip"  # how this caller's user says 'skip' (a tool: its flag)
 
     def bad(self, where: str, why: str, fix: str) -> None:
         if self.on_bad != "skip":
-            raise DataError(f"{where}: {why}; {fix} (or set data.on_bad_image: skip to leave such files out)")
+            raise DataError(f"{where}: {why}; {fix} (or {self.skip_hint} to leave such files out)")
         self.skipped.append(f"{where}: {why}")
         if self.verbose:  # a plain line, not warnings.warn: users should not see our source lines
             print(f"warning: skipping {where}: {why}", file=sys.stderr)
@@ -150,7 +151,8 @@ def load_images(items: list[tuple[Path, str]], probs: Problems,
                 controls: dict[Path, list[Path]] | None = None, role: str = "spatial") -> list[Record]:
     """(path, caption) pairs -> records, reading and checking every image; bad ones go through `probs`.
     `controls`: each target's conditioning files (paired data), read and checked the same way; a pair with a bad
-    conditioning image is reported (and, skipping, left out whole)."""
+    conditioning image is reported (and, skipping, left out whole). Whether they fit their target is
+    `finetune.data.pairs.fitting`'s to say."""
     extra = [c for p, _ in items for c in (controls or {}).get(p, ())]
     workers = min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(workers) as pool:
@@ -160,13 +162,11 @@ def load_images(items: list[tuple[Path, str]], probs: Problems,
     for path, caption in items:
         rec = _checked(path, got_of[path], probs, lambda key, h, size, c=caption: Record(key, size, h, path=key,
                                                                                           caption=c))
-        if rec is not None and controls is not None:
-            from finetune.data.pairs import with_conditions
-
+        if rec is not None and controls is not None:  # whether they fit it: finetune.data.pairs.fitting
             conds = [_checked(c, got_of[c], probs, lambda key, h, size: Conditioning(key, size, h, path=key,
                                                                                        role=role), pair=str(path))
                      for c in controls.get(path, ())]
-            rec = None if None in conds else with_conditions(rec, conds, probs)
+            rec = None if None in conds else replace(rec, conditions=tuple(conds))
         if rec is not None:
             out.append(rec)
     return out

@@ -9,6 +9,7 @@ the canvas centre, so a toy recipe needs no files.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -106,13 +107,18 @@ def pair_text(encode, prompts: list[str], images: list[list[Image.Image]], negat
 
 @torch.no_grad()
 def render_edits(pipe, prompts: list[str], images: list[list[Image.Image]], seeds: list[int], cfg, size, device,
-                 family, text: dict | None = None, max_sequence_length: int | None = None) -> list[list[Image.Image]]:
+                 family, text: dict | None = None, max_sequence_length: int | None = None,
+                 progress: str | None = None) -> list[list[Image.Image]]:
     """rows[p][s]: prompt p's output for seed s, its conditioning images going through the edit pipeline.
-    `text`: pre-encoded prompts, keyed by prompt (or by (prompt, row) where the text encoder sees the images)."""
+    `text`: pre-encoded prompts, keyed by prompt (or by (prompt, row) where the text encoder sees the images);
+    `progress`: a label for the pipeline's progress bar (None: silent)."""
     width, height = size
     guide = family.guidance_kwargs(pipe, cfg.guidance_scale)
     rows = []
     for i, (prompt, row) in enumerate(zip(prompts, images, strict=True)):
+        if progress is not None:
+            pipe.set_progress_bar_config(desc=f"{progress} editing input {i + 1}/{len(prompts)} x {len(seeds)} seeds",
+                                         leave=False, file=sys.stderr, unit="step")
         out_row = []
         for seed in seeds:  # one call per seed: the edit pipelines take one example at a time
             words = _words(family, prompt, cfg.negative_prompt, i, text, guide, max_sequence_length, device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import RunError, UserError
+from finetune.errors import NonFiniteError, RunError, UserError
 from finetune.eval.run import RunMetrics
 from finetune.train import checkpoint as ckpt
 from finetune.train.distributed import describe, is_sharded, unshard_for_export
@@ -50,7 +50,7 @@ def _banner(t) -> str:
     d = t.data
     trainable = sum(p.numel() for p in t.params.values())
     return (
-        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
+        f"finetune: {t.recipe.method.name} on {t.comps.base.name} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
         f"{describe(t.acc)} on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"
@@ -145,12 +145,21 @@ def save(t) -> Path:
 def _interrupted(t) -> None:
     path = save(t)
     if t.acc.is_main_process:
-        recipe = t.recipe.path or "RECIPE.yaml"
         print(
             f"stopped by {t.stop.signal_name or 'request'} at step {t.state.step}/{t.cfg.max_steps}; "
-            f"checkpoint saved to {path}\nresume with: python -m finetune {recipe} train.resume=latest"
+            f"checkpoint saved to {path}\nresume with: {resume_command(t.out, t.acc.num_processes)}"
         )
     t.acc.end_training()
+
+
+def resume_command(out: Path, processes: int = 1) -> str:
+    """The command that continues this run: its folder's recipe.yaml holds every override it was started with."""
+    import shlex
+
+    folder = shlex.quote(str(out))
+    if processes > 1:
+        return f"accelerate launch finetune/run.py --resume {folder} (with this run's launch options)"
+    return f"python -m finetune --resume {folder}"
 
 
 @torch.no_grad()
@@ -170,8 +179,9 @@ def validate(t, step: int) -> Path | None:
         was = t.training
         t.set_training(False)  # samples without dropout
         pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
+        shown = acc.is_main_process and t.recipe.logging.progress
         with acc.autocast(), t.vae_on_device():
-            rows = _render(t, pipe)
+            rows = _render(t, pipe, f"grid at step {step}:" if shown else None)
         t.set_training(was)
     if acc.is_main_process:
         image = (edit_grid(t.pair_inputs, rows, v.prompts, title=f"step {step}") if v.images else
@@ -187,8 +197,9 @@ def validate(t, step: int) -> Path | None:
     return path
 
 
-def _render(t, pipe):
-    """The grid's outputs: prompts x seeds, or (validation pairs) each prompt's inputs through the edit pipeline."""
+def _render(t, pipe, progress: str | None = None):
+    """The grid's outputs: prompts x seeds, or (validation pairs) each prompt's inputs through the edit pipeline;
+    `progress` labels the pipeline's progress bar (None: silent)."""
     from finetune.train.edits import render_edits
     from finetune.train.validation import render
 
@@ -197,9 +208,9 @@ def _render(t, pipe):
     length = t.comps.family.sequence_length(t.comps)
     if v.images:
         return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, t.comps.family,
-                            text=t.prompt_cache, max_sequence_length=length)
+                            text=t.prompt_cache, max_sequence_length=length, progress=progress)
     return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=t.comps.family,
-                  max_sequence_length=length)
+                  max_sequence_length=length, progress=progress)
 
 
 def _score(t, rows, step: int) -> None:
@@ -252,7 +263,8 @@ def _base_rows(t):
     was = t.training
     t.set_training(False)
     with adapters_off(modules), t.acc.autocast():
-        t.base_rows = _render(t, make_pipeline(t.comps, t.recipe.validation))
+        t.base_rows = _render(t, make_pipeline(t.comps, t.recipe.validation),
+                              "the base's grid (adapters off):" if t.recipe.logging.progress else None)
     t.set_training(was)
     return t.base_rows
 
@@ -262,7 +274,6 @@ def _metrics(t, rows, step: int) -> None:
     from dataclasses import replace
 
     from finetune.export.context import ExportContext
-    from finetune.train.trainer import nonfinite_state
 
     m = t.run_metrics
     scores = m.record(rows, step)
@@ -304,8 +315,6 @@ def _check_in_sync(t) -> None:
 
 def finish(t) -> None:
     """Final grid, loss plot and export (main process), with a guard against exporting NaN weights."""
-    from finetune.train.trainer import NonFiniteError, nonfinite_state
-
     acc = t.acc
     if t.ema is not None and t.recipe.export.use_ema:
         # every process, before the final grid: the grid and the model card show the weights exported
@@ -331,3 +340,8 @@ def finish(t) -> None:
         print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
     acc.wait_for_everyone()
     acc.end_training()
+
+
+def nonfinite_state(params: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the trained tensors holding NaN or inf."""
+    return [k for k, v in params.items() if not torch.isfinite(v).all()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from finetune.models.families.flux import FLUX, FluxFamily
-from finetune.models.family import register_family
 
 PIPELINE = "FluxKontextPipeline"
 
@@ -29,7 +28,7 @@ class FluxKontextFamily(FluxFamily):
             model_index, denoiser_config, text_encoder_config)
 
 
-FLUX_KONTEXT = register_family(FluxKontextFamily(**{
+FLUX_KONTEXT = FluxKontextFamily(**{
     **{f.name: getattr(FLUX, f.name) for f in fields(FLUX)},
     "name": "flux_kontext",
     "pipeline_class": PIPELINE,
@@ -38,4 +37,4 @@ FLUX_KONTEXT = register_family(FluxKontextFamily(**{
     "default_guidance": 2.5,
     "single_file_signs": (),  # a FLUX.1 checkpoint's keys: detected as flux, chosen with model.family
     "priority": FLUX.priority + 10,  # asked before flux, whose transformer class it shares
-}))
+})

@@ -22,7 +22,6 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from finetune.models.families.qwen_image import QWEN_IMAGE, QwenImageFamily
-from finetune.models.family import register_family
 
 if TYPE_CHECKING:
     import torch
@@ -171,5 +170,5 @@ def _edit_family(name: str, pipeline: str, plus: bool, max_conditions: int) -> Q
 
 
 # the first Edit takes one image; Edit-2509 / 2511 are trained for one to three (their model cards)
-QWEN_IMAGE_EDIT = register_family(_edit_family("qwen_image_edit", "QwenImageEditPipeline", False, 1))
-QWEN_IMAGE_EDIT_PLUS = register_family(_edit_family("qwen_image_edit_plus", "QwenImageEditPlusPipeline", True, 3))
+QWEN_IMAGE_EDIT = _edit_family("qwen_image_edit", "QwenImageEditPipeline", False, 1)
+QWEN_IMAGE_EDIT_PLUS = _edit_family("qwen_image_edit_plus", "QwenImageEditPlusPipeline", True, 3)
