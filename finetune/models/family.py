@@ -117,6 +117,8 @@ class Family:
     #: the text encoder sees the conditioning images too (Qwen-Image-Edit's vision-language encoder): prompts are
     #: encoded with them (`encode_conditioned_prompt`) and cached text is keyed on them
     prompt_reads_conditions: bool = False
+    #: the family a control method (control_lora) turns a base of this family into, by name (None: no control)
+    control_family: str | None = None
     #: pipeline components besides the denoiser, VAE, encoders and tokenizers (Qwen-Image-Edit: its 'processor')
     extra_components: tuple[str, ...] = ()
 

@@ -92,10 +92,10 @@ class FluxFamily(Family):
         from diffusers import FluxPipeline
 
         b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        packed = self.pack_inputs(noisy, batch)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
         n = packed.shape[1]
-        packed, img_ids = _with_references(packed, img_ids, batch.get("conditions") or [], noisy.dtype)
+        packed, img_ids = _with_references(packed, img_ids, self.references(batch), noisy.dtype)
         embeds = text["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
@@ -109,6 +109,16 @@ class FluxFamily(Family):
         # the target's tokens only (the loss never sees the references); the inverse of the packing:
         # vae_scale_factor 1 makes _unpack_latents take latent-space sizes
         return FluxPipeline._unpack_latents(out[:, :n], h, w, 1)
+
+    def pack_inputs(self, noisy, batch) -> torch.Tensor:
+        """The target's tokens: noisy latents in 2x2 patches (FluxPipeline._pack_latents)."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._pack_latents(noisy, *noisy.shape)
+
+    def references(self, batch) -> list:
+        """Conditioning latents appended as reference tokens (Kontext); the control variant takes them itself."""
+        return batch.get("conditions") or []
 
 
 def _with_references(packed, img_ids, conditions, dtype):
@@ -164,6 +174,7 @@ FLUX = FluxFamily(
     # a FLUX.1 base trains edits the Kontext way (the toy edit does): one reference, FluxKontextPipeline samples
     max_conditions=1,
     edit_pipeline_class="FluxKontextPipeline",
+    control_family="flux_control",  # control methods (control_lora) widen the input: finetune/models/families/flux_control.py
     lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,
     single_file_text={},

@@ -1,0 +1,190 @@
+"""Control training on a tiny FLUX.1 base built offline: `control_lora` (a widened input projection for the control
+latents, channel-concatenated as FluxControlPipeline does): a batch's loss against the stock pipeline's own helpers,
+the LoRA export reloaded in a stock FluxControlPipeline giving the trained model's images, the recipe's rules,
+2 processes = 1, and SIGKILL + resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.edit_families import flow_draws, pairs
+from tests.helpers import killed_and_resumed, one_vs_two_processes, run_trainer, write_recipe
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from finetune.models.tiny import build_tiny
+
+    return build_tiny("flux", tmp_path_factory.mktemp("flux") / "flux")
+
+
+def recipe(tmp_path: Path, base: Path, **sections) -> Path:
+    from finetune.recipe import deep_merge
+
+    defaults = {"model": {"max_sequence_length": 32},
+                "data": {"conditioning": {"count": 1, "role": "spatial"}},
+                "method": {"name": "control_lora", "rank": 4, "alpha": 2, "targets": "attention"},
+                "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, "seed": 5}}
+    return write_recipe(tmp_path, base, pairs(tmp_path / "pairs", 1), **deep_merge(defaults, sections))
+
+
+def trainer(path: Path, *overrides: str):
+    from finetune.recipe import load_recipe
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+
+    r = load_recipe(path, list(overrides))
+    return Trainer(r, make_accelerator(r))
+
+
+def stock(base: Path):
+    from diffusers import FluxControlPipeline
+
+    pipe = FluxControlPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def control_prediction(pipe, batch, draw, max_sequence_length: int):
+    """(clean target latents, prediction) as FluxControlPipeline computes them for a batch: its VAE encoding and
+    packing of the target and of the control image, concatenated on the feature axis, its ids and unpacking. The
+    pipeline's transformer is widened first as diffusers' loader widens it for a Control LoRA (zero columns)."""
+    px, control = batch["pixel_values"], batch["condition_pixels"][0]
+    b, _, height, width = px.shape
+
+    def encode(x):
+        z = pipe.vae.encode(x).latent_dist.mode()
+        return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+    latents = encode(px)
+    noisy, sigmas = draw(latents)
+    c, h, w = noisy.shape[1:]
+    packed = torch.cat([pipe._pack_latents(noisy, b, c, h, w), pipe._pack_latents(encode(control), b, c, h, w)], 2)
+    ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    embeds, pooled, text_ids = pipe.encode_prompt(batch["captions"], None, device="cpu",
+                                                  max_sequence_length=max_sequence_length)
+    out = pipe.transformer(hidden_states=packed, timestep=sigmas, guidance=torch.ones(b), pooled_projections=pooled,
+                           encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
+    return latents, pipe._unpack_latents(out, height, width, pipe.vae_scale_factor)
+
+
+def widened(pipe, lora: dict | None = None):
+    """The stock pipeline with its input projection widened by diffusers' own loader code path."""
+    x = pipe.transformer.x_embedder
+    shapes = lora or {"transformer.x_embedder.lora_A.weight": torch.zeros(1, 2 * x.in_features),
+                      "transformer.x_embedder.lora_B.weight": torch.zeros(x.out_features, 1)}
+    pipe._maybe_expand_transformer_param_shape_or_error_(pipe.transformer, shapes)
+    return pipe
+
+
+def test_the_widened_base_predicts_what_the_base_does(base):
+    """Zero new columns: before training, the control image changes nothing."""
+    from finetune.models.families import FAMILIES
+
+    pipe = stock(base)
+    t = pipe.transformer
+    x = torch.randn(1, 16, t.config.in_channels)
+    kw = {"timestep": torch.tensor([0.5]), "guidance": torch.ones(1), "pooled_projections": torch.randn(1, 16),
+          "encoder_hidden_states": torch.randn(1, 4, 32), "txt_ids": torch.zeros(4, 3), "img_ids": torch.zeros(16, 3),
+          "return_dict": False}
+    with torch.no_grad():
+        before = t(hidden_states=x, **kw)[0]
+        assert FAMILIES["flux_control"].widen_input(t) == "x_embedder"
+        after = t(hidden_states=torch.cat([x, torch.randn_like(x)], 2), **kw)[0]
+    assert t.config.in_channels == 2 * x.shape[2] and torch.equal(before, after)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_batch_loss_equals_the_stock_control_pipelines_own_computation(tmp_path, base, cached):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = {"timestep_sampling": "uniform", "resolution_shift": False}
+    t = trainer(recipe(tmp_path, base, train={"flow": flow}, data={"cache_text": cached}))
+    assert t.comps.family.name == "flux_control" and t.comps.denoiser.x_embedder.in_features == 128
+    batch = next(iter(t.data.loader(0)))
+    pipe = widened(stock(base))
+    # the trained LoRA starts at zero: put the same nonzero weights in both so the control path is exercised
+    with torch.no_grad():
+        w = torch.randn_like(pipe.transformer.x_embedder.weight) * 0.1
+        pipe.transformer.x_embedder.weight.copy_(w)
+        t.comps.denoiser.x_embedder.base_layer.weight.copy_(w)
+        loss, _ = t.compute_loss(batch)
+        b = batch["pixel_values"].shape[0]
+        sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
+        drawn = {}
+
+        def draw(latents):
+            noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
+            drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
+            s = sigmas.view(-1, 1, 1, 1)
+            return (1 - s) * latents + s * noise, sigmas
+
+        latents, pred = control_prediction(pipe, batch, draw, 32)
+        ref = ((pred - (drawn["noise"] - latents)) ** 2).reshape(b, -1).mean(1).mean()
+    assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
+
+
+def _render(pipe, image, seed: int = 0):
+    return pipe(prompt="red", control_image=image, height=64, width=64, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("control_run")
+    return run_trainer(recipe(folder, base, train={"lr": 5e-2}), "logging.progress=false")
+
+
+def test_the_export_in_a_stock_control_pipeline_gives_the_trained_models_images(base, run):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ours = _render(run.comps.pipeline(edit=True), image)
+    other = _render(run.comps.pipeline(edit=True), Image.fromarray(255 - np.asarray(image)))
+    lora = load_file(Path(run.recipe.train.output_dir) / "pytorch_lora_weights.safetensors")
+    assert lora["transformer.x_embedder.lora_A.weight"].shape[1] == 128  # the widened input, in the file
+    pipe = stock(base)
+    pipe.load_lora_weights(Path(run.recipe.train.output_dir))
+    loaded = _render(pipe, image)
+    assert pipe.transformer.config.in_channels == 128
+    assert np.abs(ours - other).max() > 1e-3  # the control image steers the trained model ...
+    assert np.abs(loaded - ours).max() < 1e-4, np.abs(loaded - ours).max()  # ... and the export holds it
+
+
+def test_only_the_lora_trains_and_the_new_columns_stay_zero(run):
+    x = run.comps.denoiser.x_embedder
+    assert not x.base_layer.weight.requires_grad and x.base_layer.weight.shape[1] == 128
+    assert torch.count_nonzero(x.base_layer.weight[:, 64:]) == 0
+    assert float(x.lora_B["default"].weight.detach().abs().max()) > 0  # the control path trained through the LoRA
+    assert all("lora" in n for n in run.params)
+
+
+@pytest.mark.parametrize(("sections", "words"), [
+    ({"data": {"conditioning": None}}, "data.conditioning"),
+    ({"data": {"conditioning": {"count": 1, "role": "reference"}}}, "role: spatial"),
+    ({"export": {"formats": ["kohya"]}}, "export.formats"),
+])
+def test_recipe_rules(tmp_path, base, sections, words):
+    from finetune.recipe import load_recipe
+
+    with pytest.raises(Exception, match=words) as e:
+        load_recipe(recipe(tmp_path, base, **sections), [])
+    assert "Traceback" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, base):
+    two, one = one_vs_two_processes(recipe(tmp_path, base), tmp_path)
+    assert max(float((two[k] - one[k]).abs().max()) for k in one) < 1e-6
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path, base):
+    path = recipe(tmp_path, base, train={"max_steps": 8, "checkpoint_every": 4})
+    resumed, ref = killed_and_resumed(path, tmp_path)
+    assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
