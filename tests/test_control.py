@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.edit_families import flow_draws, pairs
 from tests.helpers import killed_and_resumed, one_vs_two_processes, run_trainer, write_recipe
@@ -29,7 +30,12 @@ def recipe(tmp_path: Path, base: Path, **sections) -> Path:
                 "data": {"conditioning": {"count": 1, "role": "spatial"}},
                 "method": {"name": "control_lora", "rank": 4, "alpha": 2, "targets": "attention"},
                 "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, "seed": 5}}
-    return write_recipe(tmp_path, base, pairs(tmp_path / "pairs", 1), **deep_merge(defaults, sections))
+    method = sections.pop("method") if sections.get("method", {}).get("name", "control_lora") != "control_lora" \
+        else None
+    path = write_recipe(tmp_path, base, pairs(tmp_path / "pairs", 1), **deep_merge(defaults, sections))
+    if method is not None:  # another method, with its own keys only
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "method": method}))
+    return path
 
 
 def trainer(path: Path, *overrides: str):
@@ -186,5 +192,121 @@ def test_two_processes_match_one(tmp_path, base):
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path, base):
     path = recipe(tmp_path, base, train={"max_steps": 8, "checkpoint_every": 4})
+    resumed, ref = killed_and_resumed(path, tmp_path)
+    assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------- controlnet (FLUX)
+CONTROLNET = {"method": {"name": "controlnet"}, "export": {"formats": ["diffusers", "single_file"]}}
+
+
+def controlnet_prediction(pipe, batch, draw, max_sequence_length: int):
+    """(clean target latents, prediction) as FluxControlNetPipeline computes them: the control image encoded and
+    packed like the target, the ControlNet on the transformer's inputs, its residuals into the transformer."""
+    px, control = batch["pixel_values"], batch["condition_pixels"][0]
+    b, _, height, width = px.shape
+
+    def encode(x):
+        z = pipe.vae.encode(x).latent_dist.mode()
+        return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+
+    latents = encode(px)
+    noisy, sigmas = draw(latents)
+    c, h, w = noisy.shape[1:]
+    packed, cond = pipe._pack_latents(noisy, b, c, h, w), pipe._pack_latents(encode(control), b, c, h, w)
+    ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    embeds, pooled, text_ids = pipe.encode_prompt(batch["captions"], None, device="cpu",
+                                                  max_sequence_length=max_sequence_length)
+    common = {"hidden_states": packed, "timestep": sigmas, "guidance": torch.ones(b), "pooled_projections": pooled,
+              "encoder_hidden_states": embeds, "txt_ids": text_ids, "img_ids": ids, "return_dict": False}
+    blocks, singles = pipe.controlnet(controlnet_cond=cond, controlnet_mode=None, conditioning_scale=1.0, **common)
+    out = pipe.transformer(controlnet_block_samples=blocks, controlnet_single_block_samples=singles, **common)[0]
+    return latents, pipe._unpack_latents(out, height, width, pipe.vae_scale_factor)
+
+
+def test_the_controlnet_starts_from_the_bases_blocks_and_changes_nothing(tmp_path, base):
+    t = trainer(recipe(tmp_path, base, **CONTROLNET))
+    net, tr = t.comps.added["controlnet"], t.comps.denoiser
+    assert t.comps.family.name == "flux_controlnet"
+    assert torch.equal(net.transformer_blocks[0].attn.to_q.weight, tr.transformer_blocks[0].attn.to_q.weight)
+    assert torch.count_nonzero(net.controlnet_x_embedder.weight) == 0
+    assert not any(p.requires_grad for p in tr.parameters()) and all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, base, cached):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+
+    flow = {"timestep_sampling": "uniform", "resolution_shift": False}
+    t = trainer(recipe(tmp_path, base, train={"flow": flow}, data={"cache_text": cached}, **CONTROLNET))
+    batch = next(iter(t.data.loader(0)))
+    net = t.comps.added["controlnet"]
+    with torch.no_grad():  # the zero-initialised outputs made nonzero, so the ControlNet's path counts
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = FluxControlNetPipeline.from_pretrained(base, controlnet=net)
+    with torch.no_grad():
+        loss, _ = t.compute_loss(batch)
+        b = batch["pixel_values"].shape[0]
+        sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
+        drawn = {}
+
+        def draw(latents):
+            noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
+            drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
+            s = sigmas.view(-1, 1, 1, 1)
+            return (1 - s) * latents + s * noise, sigmas
+
+        latents, pred = controlnet_prediction(pipe, batch, draw, 32)
+        ref = ((pred - (drawn["noise"] - latents)) ** 2).reshape(b, -1).mean(1).mean()
+        base_pred = controlnet_prediction(stock_controlnet(base, zero=net), batch, draw, 32)[1]
+    assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
+    assert float((base_pred - pred).abs().max()) > 1e-3  # the ControlNet's path mattered
+
+
+def stock_controlnet(base: Path, folder: Path | None = None, zero=None):
+    """A stock FluxControlNetPipeline with the ControlNet from `folder`, or one shaped like `zero` with zero
+    residual outputs (the base's own prediction)."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    if folder is not None:
+        net = FluxControlNetModel.from_pretrained(folder)
+    else:
+        net = FluxControlNetModel.from_config(zero.config)
+        for blocks in (net.controlnet_blocks, net.controlnet_single_blocks):
+            for m in blocks:
+                torch.nn.init.zeros_(m.weight), torch.nn.init.zeros_(m.bias)
+    pipe = FluxControlNetPipeline.from_pretrained(base, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("controlnet_run")
+    return run_trainer(recipe(folder, base, train={"lr": 1e-2}, **CONTROLNET), "logging.progress=false")
+
+
+def test_the_controlnet_exports_load_in_the_stock_pipeline_and_give_the_trained_models_images(base, controlnet_run):
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    run = controlnet_run
+    out = Path(run.recipe.train.output_dir)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ours = _render(run.comps.pipeline(edit=True), image)
+    other = _render(run.comps.pipeline(edit=True), Image.fromarray(255 - np.asarray(image)))
+    loaded = _render(stock_controlnet(base, out / "controlnet"), image)
+    assert np.abs(ours - other).max() > 1e-3  # the control image steers the trained model ...
+    assert np.abs(loaded - ours).max() < 1e-4, np.abs(loaded - ours).max()  # ... and the export holds it
+    folder = load_file(out / "controlnet" / "diffusion_pytorch_model.safetensors")
+    single = load_file(out / f"{out.name}_controlnet.safetensors")
+    assert "controlnet_x_embedder.weight" in single  # what ComfyUI's loader recognises a FLUX ControlNet by
+    assert single.keys() == folder.keys() and all(torch.equal(single[k], folder[k]) for k in folder)
+
+
+@pytest.mark.slow
+def test_controlnet_sigkill_then_resume_is_bit_identical(tmp_path, base):
+    path = recipe(tmp_path, base, train={"max_steps": 8, "checkpoint_every": 4}, **CONTROLNET)
     resumed, ref = killed_and_resumed(path, tmp_path)
     assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)

@@ -42,6 +42,9 @@ class Components:
     text_encoder_names: tuple[str, ...] = ()
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: family default)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: modules a method adds beside the base, by their pipeline component name (a ControlNet): trained, handed to
+    #: the family's `predict` (batch["modules"]) and to the pipelines
+    added: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.text_encoder_names:
@@ -82,7 +85,7 @@ class Components:
         mods = {self.family.denoiser_name: self.denoiser, "vae": self.vae}
         for name, enc in zip(self.text_encoder_names, self.text_encoders, strict=True):
             mods[name] = enc
-        return mods
+        return mods | self.added
 
     def pipeline(self, denoiser=None, text_encoders=None, scheduler=None, edit: bool = False):
         """A diffusers pipeline over these components (for validation and class-image generation); `edit`: the
@@ -97,7 +100,7 @@ class Components:
         for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
-        parts |= self.extras.get("components", {})  # what else the pipeline takes (a processor)
+        parts |= self.extras.get("components", {}) | self.added  # what else the pipeline takes (a processor)
         decode_in_own_dtype(self.vae)
         kept = {k: v for k, v in self.extras.get("pipeline_config", {}).items() if k in family.pipeline_config_keys}
         return cls(**parts, **kept, **family.pipeline_kwargs)

@@ -119,6 +119,8 @@ class Family:
     prompt_reads_conditions: bool = False
     #: the family a control method (control_lora) turns a base of this family into, by name (None: no control)
     control_family: str | None = None
+    #: the family a `controlnet` method turns a base of this family into (a ControlNet beside the frozen base)
+    controlnet_family: str | None = None
     #: pipeline components besides the denoiser, VAE, encoders and tokenizers (Qwen-Image-Edit: its 'processor')
     extra_components: tuple[str, ...] = ()
 

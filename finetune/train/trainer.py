@@ -273,6 +273,8 @@ class Trainer:
                 batch = {**batch, "conditions": self.condition_latents(batch)}
         example = self.objective.example(latents, [example_generator(k) for k in keys])
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
+        if comps.added:  # what a method trains beside the base (a ControlNet), as the step runs it
+            batch = {**batch, "modules": {n: self.wrapped.get(n, m) for n, m in comps.added.items()}}
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
         with timer("denoiser_forward"), acc.autocast():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from finetune.models.families.flux import FLUX
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.flux_control import FLUX_CONTROL
+from finetune.models.families.flux_controlnet import FLUX_CONTROLNET
 from finetune.models.families.flux_kontext import FLUX_KONTEXT
 from finetune.models.families.qwen_image import QWEN_IMAGE
 from finetune.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
@@ -19,8 +20,8 @@ from finetune.models.families.sdxl import SDXL
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
-REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_KONTEXT, QWEN_IMAGE, QWEN_IMAGE_EDIT,
-                                  QWEN_IMAGE_EDIT_PLUS, SD1, SD2, SD3, SDXL, Z_IMAGE)
+REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_CONTROLNET, FLUX_KONTEXT, QWEN_IMAGE,
+                                  QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD2, SD3, SDXL, Z_IMAGE)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:

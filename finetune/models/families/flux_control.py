@@ -86,6 +86,7 @@ FLUX_CONTROL = FluxControlFamily(**{
     "pipeline_class": PIPELINE,
     "edit_pipeline_class": PIPELINE,
     "control_family": None,  # it is one
+    "controlnet_family": None,
     "modelspec_arch": {"flow": "flux-1-dev-control"},
     "single_file_signs": (),
     "priority": FLUX.priority + 10,  # asked before flux, whose transformer class it shares
