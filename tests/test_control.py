@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from tests.edit_families import flow_draws, pairs
 from tests.helpers import killed_and_resumed, one_vs_two_processes, run_trainer, write_recipe
@@ -308,5 +309,99 @@ def test_the_controlnet_exports_load_in_the_stock_pipeline_and_give_the_trained_
 @pytest.mark.slow
 def test_controlnet_sigkill_then_resume_is_bit_identical(tmp_path, base):
     path = recipe(tmp_path, base, train={"max_steps": 8, "checkpoint_every": 4}, **CONTROLNET)
-    resumed, ref = killed_and_resumed(path, tmp_path)
+    resumed, ref = killed_and_resumed(path, tmp_path, weights="controlnet/diffusion_pytorch_model.safetensors")
     assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
+
+
+# ------------------------------------------------------------------------------------------ controlnet (SDXL)
+def sdxl_recipe(tmp_path: Path, base: Path, **sections) -> Path:
+    return recipe(tmp_path, base, model={"max_sequence_length": None}, **CONTROLNET, **sections)
+
+
+def sdxl_controlnet_prediction(pipe, batch, noise, steps):
+    """(clean latents, prediction) as StableDiffusionXLControlNetPipeline's loop computes them: its prompt and
+    size/crop conditioning, its control image processor, the ControlNet's residuals into the U-Net."""
+    from diffusers import DDPMScheduler
+
+    px = batch["pixel_values"]
+    b = px.shape[0]
+    latents = pipe.vae.encode(px).latent_dist.mode() * pipe.vae.config.scaling_factor
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
+    embeds, _, pooled, _ = pipe.encode_prompt(batch["captions"], device="cpu", do_classifier_free_guidance=False)
+    ids = torch.cat([pipe._get_add_time_ids(tuple(batch["original_size"][i].tolist()),
+                                            tuple(batch["crop_top_left"][i].tolist()),
+                                            tuple(batch["target_size"][i].tolist()), torch.float32,
+                                            text_encoder_projection_dim=pooled.shape[1]) for i in range(b)])
+    pil = [Image.fromarray(((c.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+           for c in batch["condition_pixels"][0]]
+    image = pipe.control_image_processor.preprocess(pil, height=px.shape[2], width=px.shape[3])
+    added = {"text_embeds": pooled, "time_ids": ids}
+    down, mid = pipe.controlnet(noisy, steps, encoder_hidden_states=embeds, controlnet_cond=image,
+                                conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=added, return_dict=False)
+    pred = pipe.unet(noisy, steps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
+                     down_block_additional_residuals=down, mid_block_additional_residual=mid)[0]
+    return latents, pred
+
+
+def test_sdxl_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, tiny_sdxl_base):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from finetune.train.loss import ddpm_draws
+    from tests.helpers import first_step_generators
+
+    t = trainer(sdxl_recipe(tmp_path, tiny_sdxl_base))
+    assert t.comps.family.name == "sdxl_controlnet"
+    batch = next(iter(t.data.loader(0)))
+    net = t.comps.added["controlnet"]
+    with torch.no_grad():  # the zero-initialised residuals made nonzero, so the ControlNet's path counts
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_base, controlnet=net)
+    with torch.no_grad():
+        loss, _ = t.compute_loss(batch)
+        b = batch["pixel_values"].shape[0]
+        shape = (b, 4, 16, 16)
+        noise, steps = ddpm_draws(torch.zeros(shape), 1000, first_step_generators(t.recipe.train.seed, 0, 0, b), 0.0)
+        latents, pred = sdxl_controlnet_prediction(pipe, batch, noise, steps)
+        ref = ((pred - noise) ** 2).reshape(b, -1).mean(1).mean()
+    assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    from tests.helpers import build_tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl_controlnet_run")
+    base = build_tiny_sdxl(folder / "base")
+    return base, run_trainer(sdxl_recipe(folder, base, train={"lr": 1e-1}), "logging.progress=false")
+
+
+def test_the_sdxl_controlnet_exports_load_in_the_stock_pipeline(sdxl_run):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from safetensors.torch import load_file
+
+    base, run = sdxl_run
+    out = Path(run.recipe.train.output_dir)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def render(pipe, control):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt="red", image=control, height=64, width=64, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        base, controlnet=ControlNetModel.from_pretrained(out / "controlnet"))
+    loaded = render(pipe, image)
+    ours = render(run.comps.pipeline(edit=True, scheduler=pipe.scheduler), image)  # the base's sampler
+    other = render(run.comps.pipeline(edit=True, scheduler=pipe.scheduler), Image.fromarray(255 - np.asarray(image)))
+    assert np.abs(ours - other).max() > 1e-3  # the control image steers the trained model ...
+    assert np.abs(loaded - ours).max() < 1e-4, np.abs(loaded - ours).max()  # ... and the export holds it
+    single = load_file(out / f"{out.name}_controlnet.safetensors")
+    assert "controlnet_cond_embedding.conv_in.weight" in single  # ComfyUI's sign of a diffusers-form ControlNet
+
+
+def test_an_sdxl_controlnet_refuses_cached_latents(tmp_path, tiny_sdxl_base):
+    from finetune.recipe import load_recipe
+
+    with pytest.raises(Exception, match="data.cache_latents"):
+        load_recipe(sdxl_recipe(tmp_path, tiny_sdxl_base, data={"cache_latents": True}), [])

@@ -44,6 +44,11 @@ class ControlLoRAConfig(LoRAConfig):
             raise ValueError(f"method.name: control_lora needs a base whose input can be widened for a control "
                              f"image (FLUX.1); the {family.name} family has none: use controlnet")
 
+    def conditioning_family(self, family):
+        from finetune.models.families import FAMILIES
+
+        return FAMILIES.get(family.control_family or "", family)
+
     def build(self):
         return ControlLoRAMethod(self)
 

@@ -42,6 +42,14 @@ class ControlNetConfig(MethodConfig):
         if family.controlnet_family is None:
             raise ValueError(f"method.name: controlnet is not available for the {family.name} family (README's "
                              "family table lists those with one)")
+        if self.conditioning_family(family).control_pixels and recipe.data.cache_latents:
+            raise ValueError(f"data.cache_latents: a {family.name} ControlNet reads the control image's pixels, "
+                             "which the latent cache does not keep; set data.cache_latents: false")
+
+    def conditioning_family(self, family):
+        from finetune.models.families import FAMILIES
+
+        return FAMILIES.get(family.controlnet_family or "", family)
 
     def build(self):
         return ControlNetMethod(self)
@@ -59,7 +67,7 @@ class ControlNetMethod:
         from finetune.models.families import FAMILIES
 
         comps.family = FAMILIES[comps.family.controlnet_family]
-        net = comps.family.make_controlnet(comps.denoiser, self.config.layers, self.config.single_layers)
+        net = comps.family.make_controlnet(comps.denoiser, comps.vae, self.config.layers, self.config.single_layers)
         net.to(torch.float32).requires_grad_(True)
         comps.added[NAME] = net
         return [{"params": list(net.parameters()), "lr": train_lr}]

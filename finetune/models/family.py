@@ -121,6 +121,8 @@ class Family:
     control_family: str | None = None
     #: the family a `controlnet` method turns a base of this family into (a ControlNet beside the frozen base)
     controlnet_family: str | None = None
+    #: the conditioning images reach `predict` as pixels in [-1, 1] (a U-Net ControlNet's input), not as latents
+    control_pixels: bool = False
     #: pipeline components besides the denoiser, VAE, encoders and tokenizers (Qwen-Image-Edit: its 'processor')
     extra_components: tuple[str, ...] = ()
 
@@ -255,12 +257,13 @@ class Family:
                 raise ValueError("validation.images are the conditioning images of validation pairs: they need "
                                  "paired training data (data.conditioning)")
             return
-        if not self.max_conditions:
+        taker = recipe.method.conditioning_family(self)  # a control method's variant takes them (controlnet)
+        if not taker.max_conditions:
             raise ValueError(f"data.conditioning: the {self.name} family takes no conditioning images; use a base "
                              "of a family that does (FLUX.1 / Kontext, FLUX.2 [klein], Qwen-Image-Edit: README's "
                              "family table)")
-        if cond.count > self.max_conditions:
-            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {self.max_conditions} "
+        if cond.count > taker.max_conditions:
+            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {taker.max_conditions} "
                              f"conditioning image(s) per example (got {cond.count})")
         if self.prompt_reads_conditions and recipe.data.random_flip and cond.role == "spatial":
             raise ValueError(f"data.random_flip: the {self.name} family's text encoder sees the conditioning images, "

@@ -226,6 +226,8 @@ class Trainer:
         """The latents of each conditioning image of the batch ([B, C, h, w] each): cached, or encoded now."""
         if "conditions" in batch:
             return [c.to(self.acc.device, non_blocking=True).float() for c in batch["conditions"]]
+        if self.comps.family.control_pixels:  # a U-Net ControlNet reads the images themselves
+            return [p.to(self.acc.device, non_blocking=True).float() for p in batch["condition_pixels"]]
         out = []
         for pixels in batch["condition_pixels"]:
             out.append(self.encode_latents(pixels, check=False))

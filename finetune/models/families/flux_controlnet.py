@@ -23,7 +23,7 @@ class FluxControlNetFamily(FluxFamily):
     def matches(self, model_index, denoiser_config, text_encoder_config) -> bool:
         return False  # a base with a ControlNet is its base's family; a controlnet method makes this one
 
-    def make_controlnet(self, denoiser, layers: int | None, single_layers: int | None):
+    def make_controlnet(self, denoiser, vae, layers: int | None, single_layers: int | None):
         """A ControlNet initialised from the base's own embedders and first blocks (`layers` double-stream,
         `single_layers` single-stream; None: as many as the base has)."""
         from diffusers import FluxControlNetModel
