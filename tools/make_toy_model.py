@@ -16,6 +16,12 @@ from its last checkpoint in --workdir if interrupted:
     python tools/make_toy_model.py --flux
     python tools/make_toy_model.py --flux --eval-only
 
+The few-step student finetune/toy/base_flux_turbo/ (`toy-flux-turbo`: 4 Euler steps, no CFG) is distilled from
+the committed FLUX toy base in one command, resumable the same way (finetune/toy/build_flux_turbo.py):
+
+    python tools/make_toy_model.py --flux-turbo
+    python tools/make_toy_model.py --flux-turbo-adapter   # its de-distillation training adapter
+
 Every U-Net stage ends with the evaluation. The model folder is replaced atomically (written to a
 temp folder, then renamed). The tokenizer comes from the real CLIP BPE file inside the open_clip_torch
 wheel (pip download, build time only). Same seeds, same machine, same model.
@@ -45,6 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="which part to (re)train")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
     p.add_argument("--flux", action="store_true", help="build / evaluate the FLUX-shaped toy base instead")
+    p.add_argument("--flux-turbo", action="store_true",
+                   help="distil the FLUX toy base into its 4-step student (toy-flux-turbo) instead")
+    p.add_argument("--turbo-trajectories", type=int, default=1536, help="teacher trajectories to distil from")
+    p.add_argument("--turbo-steps", type=int, default=800, help="student steps (batch 16 trajectories x 4 windows)")
+    p.add_argument("--flux-turbo-adapter", action="store_true",
+                   help="train the student's de-distillation training adapter (after --flux-turbo)")
+    p.add_argument("--adapter-steps", type=int, default=400, help="training-adapter steps at batch 32")
     p.add_argument(
         "--out",
         type=pathlib.Path,
@@ -85,7 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from finetune.toy import toy_flux_base_path
 
     if args.out is None:
-        args.out = toy_flux_base_path() if args.flux else toy_base_path()
+        from finetune.toy import toy_path
+
+        args.out = toy_path("toy-flux-turbo") if args.flux_turbo else toy_flux_base_path() if args.flux else toy_base_path()
     if args.grid is None:
         args.grid = pathlib.Path(f"docs/images/{'toy_flux_base' if args.flux else 'toy_base'}_grid.png")
     return args
@@ -98,6 +113,17 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from finetune.toy import build, build_unet, evaluate
 
+    if args.flux_turbo_adapter:
+        from finetune.toy import build_flux_adapter
+
+        build_flux_adapter.build_flux_adapter(args.workdir, steps=args.adapter_steps, seed=args.seed)
+        return 0
+    if args.flux_turbo:
+        from finetune.toy import build_flux_turbo
+
+        build_flux_turbo.build_flux_turbo(args.workdir, args.out, trajectories=args.turbo_trajectories,
+                                          steps=args.turbo_steps, seed=args.seed)
+        return 0
     if args.eval_only:
         evaluate.report(args.out, grid_path=args.grid, grid_seeds=4 if args.flux else 6)
         return 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pathlib
 
-TOY_BASES = {"toy": "base", "toy-flux": "base_flux"}  # model.base names of the shipped toy bases
+#: model.base names of the shipped toy bases; toy-flux-turbo is toy-flux distilled to 4 steps without CFG
+TOY_BASES = {"toy": "base", "toy-flux": "base_flux", "toy-flux-turbo": "base_flux_turbo"}
 
 
 def toy_path(name: str) -> pathlib.Path | None:
