@@ -29,7 +29,7 @@ def transformer(base: Path):
 
 
 def flux_family():
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return FAMILIES["flux"]
 
@@ -154,3 +154,134 @@ def test_a_layer_the_base_lacks_or_of_another_shape_is_refused(tiny_flux, tmp_pa
     with pytest.raises(ModelError, match=r"model.training_adapter .*to_q.* does not fit the base layer \(32, 32\)"):
         TrainingAdapter.attach(path, {"transformer": base}, flux_family())
     assert not any(m._forward_hooks for m in base.modules())  # checked whole before any hook is placed
+
+
+# ------------------------------------------------------------------------------------------- in a run
+@pytest.fixture(scope="module")
+def adapter_file(tiny_flux, tmp_path_factory) -> Path:
+    """A training adapter over modules the runs below do not train (the modulation, the single blocks' MLP) and
+    some they do (to_q): whatever it covers, no export may carry it."""
+    return write_lora(transformer(tiny_flux), tmp_path_factory.mktemp("adapter"),
+                      targets=["to_q", "proj_mlp", "norm1.linear"], seed=7)
+
+
+def adapter_recipe(tmp_path, base, adapter, **sections):
+    from finetune.recipe import deep_merge
+    from tests.helpers import draw_images, write_recipe
+
+    defaults = {"model": {"max_sequence_length": 16, "training_adapter": str(adapter) if adapter else None},
+                "method": {"rank": 4, "alpha": 4, "targets": "attention"},
+                "train": {"max_steps": 2, "lr": 1e-2, "seed": 3},
+                "export": {"formats": ["diffusers", "kohya", "bfl"]}}
+    return write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=4), **deep_merge(defaults, sections))
+
+
+def losses(out: Path) -> list[float]:
+    return [float(line.split(",")[1]) for line in (out / "logs" / "loss.csv").read_text().splitlines()[1:]]
+
+
+def exported(out: Path) -> dict[str, set[str]]:
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            files[path.name] = set(f.keys())
+    return files
+
+
+def test_a_run_through_the_adapter_exports_only_what_it_trained(tmp_path, tiny_flux, adapter_file):
+    from tests.helpers import run_trainer
+
+    plain = run_trainer(adapter_recipe(tmp_path / "plain", tiny_flux, None))
+    through = run_trainer(adapter_recipe(tmp_path / "through", tiny_flux, adapter_file))
+    assert through.training_adapter is not None and len(through.training_adapter.layers) > 0
+    assert losses(plain.out) != losses(through.out)  # the adapter is in the forward
+    a, b = exported(plain.out), exported(through.out)
+    assert a.keys() == b.keys() == {"pytorch_lora_weights.safetensors", "out.safetensors", "out_bfl.safetensors"}
+    assert a == b  # the same files and keys as without it: only the trained LoRA
+    assert not [k for keys in b.values() for k in keys if "proj_mlp" in k or "norm1" in k or "mlp" in k]
+
+
+def test_a_full_finetune_through_the_adapter_exports_the_base_weights(tmp_path, tiny_flux, adapter_file):
+    """`full` trains the base layers the adapter hooks: the export holds those weights, never W + adapter."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_trainer
+
+    path = adapter_recipe(tmp_path, tiny_flux, adapter_file, train={"max_steps": 1, "lr": 1e-9})
+    data = yaml.safe_load(path.read_text())
+    data["method"], data["export"]["formats"] = {"name": "full"}, ["diffusers"]
+    path.write_text(yaml.safe_dump(data))
+    t = run_trainer(path)
+    saved = load_file(next((t.out / "model" / "transformer").glob("*.safetensors")))
+    original = transformer(tiny_flux).state_dict()
+    assert saved.keys() == original.keys()
+    assert max(float((saved[k].float() - original[k].float()).abs().max()) for k in saved) < 1e-5
+
+
+def test_preservation_holds_to_the_base_with_the_adapter(tmp_path, tiny_flux, adapter_file):
+    """The base's prediction (adapters off) is the base as trained through: with the adapter, not without."""
+    from finetune.train.preserve import base_predictions
+    from tests.helpers import draw_images
+
+    images = draw_images(tmp_path / "world", n=4, caption="a red square")
+    t = trainer(adapter_recipe(tmp_path, tiny_flux, adapter_file, data={
+        "sources": [{"type": "folder", "path": str(tmp_path / "images")},
+                    {"type": "folder", "path": str(images), "preserve": True}],
+        "preservation": {"share": 0.5, "weight": 1.0}}))
+    latents = t.encode_latents(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    example = t.objective.example(latents, [torch.Generator().manual_seed(i) for i in range(2)])
+    text = t.encode_text(["a red square", ""])
+    batch = {"captions": ["a red square", ""]}
+    with torch.no_grad():
+        mine = t.comps.family.predict(t.comps.denoiser, example.noisy, example.timesteps, text, batch)  # LoRA B = 0
+        held = base_predictions(t, example, text, batch, [0, 1], [True, True])
+        with t.training_adapter.off():
+            without = base_predictions(t, example, text, batch, [0, 1], [True, True])
+    assert (held - mine).abs().max() < 1e-5
+    assert (without - mine).abs().max() > 1e-3
+
+
+def trainer(recipe: Path):
+    from finetune.recipe import load_recipe
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+
+    r = load_recipe(recipe)
+    return Trainer(r, make_accelerator(r))
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "fp8"])
+def test_quantized_and_block_swapped_bases_train_through_it(tmp_path, tiny_flux, adapter_file, quantize):
+    """On a quantized base the adapter hooks the quantized layers; block swap streams their weights and gives
+    the same run as without it."""
+    from tests.helpers import run_trainer
+
+    swap = {"gradient_checkpointing": True}
+    plain = run_trainer(adapter_recipe(tmp_path / "plain", tiny_flux, adapter_file, model={"quantize": quantize},
+                                       train=swap))
+    swapped = run_trainer(adapter_recipe(tmp_path / "swap", tiny_flux, adapter_file, model={"quantize": quantize},
+                                         train={**swap, "block_swap": 1} if quantize == "fp8" else swap))
+    hooked = {type(a.layer).__name__ for a in swapped.training_adapter.layers}
+    assert hooked & {"Linear4bit", "Linear"}, hooked
+    a, b = losses(plain.out), losses(swapped.out)
+    assert all(torch.isfinite(torch.tensor(a))) and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    assert exported(swapped.out)["pytorch_lora_weights.safetensors"] == exported(plain.out)[
+        "pytorch_lora_weights.safetensors"]
+
+
+def test_validation_shows_the_grids_with_and_without_it(tmp_path, tiny_flux, adapter_file):
+    import numpy as np
+    from PIL import Image
+
+    from tests.helpers import run_trainer
+
+    t = run_trainer(adapter_recipe(tmp_path, tiny_flux, adapter_file, train={"max_steps": 1},
+                                   validation={"prompts": ["a sks circle"], "seeds": [0], "at_start": False,
+                                               "training_adapter": "both"}))
+    without = np.asarray(Image.open(t.out / "samples" / "step-000001.png"), np.float32)
+    with_it = np.asarray(Image.open(t.out / "samples" / "step-000001_with_adapter.png"), np.float32)
+    cells = slice(28, 28 + 64), slice(0, 64)  # below the title and the prompt label: the one sample
+    assert np.abs(without[cells] - with_it[cells]).max() > 10

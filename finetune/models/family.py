@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
 from finetune.export.ldm import ClipCheckpoint
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,12 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: how the family's undistilled bases sample (steps, guidance), where its publisher says; None: the recipe's
+    #: defaults and `default_guidance` (finetune/models/sampling.py)
+    sampling: Sampling | None = None
+    #: the family's distilled (and other) published variants, told apart by config values or name words: the
+    #: first that fits a base gives its sampling defaults and what it was distilled for
+    variants: tuple[Variant, ...] = ()
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],

@@ -133,3 +133,48 @@ def _fit(module: torch.nn.Module, up: torch.Tensor, down: torch.Tensor, where: s
         raise ModelError(f"{where} ({tuple(up.shape)} x {tuple(down.shape)}) does not fit the base layer {shape} "
                          "(an adapter for another base?)")
     return up, down
+
+
+def adapter_file(value: str) -> Path:
+    """`model.training_adapter` as a local file or folder: a shipped toy adapter's name, a local path, a hub file
+    'org/name/path/file.safetensors' or a hub repo 'org/name' (its pytorch_lora_weights.safetensors, or its one
+    .safetensors file). Hub files are fetched into the local cache (offline: a one-line error)."""
+    from finetune.routes import is_hub_reference
+    from finetune.toy import toy_adapter_path
+
+    toy = toy_adapter_path(value)
+    if toy is not None:
+        return toy
+    path = Path(value).expanduser()
+    if path.exists() or not is_hub_reference(value):
+        if not path.exists():
+            raise ModelError(f"model.training_adapter '{value}': no such file or folder; check the path")
+        return path
+    return _from_hub(value)
+
+
+def _from_hub(value: str) -> Path:
+    import os
+
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    org, name, *rest = value.split("/")
+    repo = f"{org}/{name}"
+    try:
+        if rest:
+            return Path(hf_hub_download(repo, "/".join(rest)))
+        files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+        pick = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else \
+            files[0] if len(files) == 1 else None
+        if pick is None:
+            raise ModelError(f"model.training_adapter '{value}': the repo holds {len(files)} .safetensors files; "
+                             f"name one, e.g. {repo}/{files[0] if files else 'adapter.safetensors'}")
+        return Path(hf_hub_download(repo, pick))
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: huggingface_hub's own errors
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else \
+            str(e).splitlines()[0]
+        raise ModelError(f"model.training_adapter '{value}' could not be fetched: {why}; download it once "
+                         f"(hf download {repo}) or give a local file") from None
