@@ -33,11 +33,19 @@ def check_routes(recipe) -> Base | None:
         raise ValueError(f"validation.base renders the grids with the trained adapters applied to another base; "
                          f"method '{m.name}' trains the denoiser's own weights: remove validation.base")
     target = resolve_base(v.base)
-    family = recipe.base.family if recipe.base is not None else None
-    if target.family is not None and family is not None and target.family is not family:
-        raise ValueError(f"validation.base '{v.base}' is a {target.family.name} base and model.base a {family.name} "
-                         "one: adapters move only between bases of one family")
+    problem = family_mismatch("validation.base", target, recipe.base)
+    if problem:
+        raise ValueError(problem)
     return target
+
+
+def family_mismatch(key: str, other: Base, base: Base | None) -> str | None:
+    """Why `other` cannot take adapters trained on `base`, when both families are known and differ."""
+    family = base.family if base is not None else None
+    if other.family is None or family is None or other.family is family:
+        return None
+    return (f"{key} '{other.name}' is a {other.family.name} base and model.base a {family.name} one: adapters move "
+            "only between bases of one family")
 
 
 def complete_other(recipe, base: Base, key: str) -> Base:
@@ -45,9 +53,9 @@ def complete_other(recipe, base: Base, key: str) -> Base:
     from finetune.errors import ModelError
 
     base = base.complete()
-    if base.family is not recipe.base.family:
-        raise ModelError(f"{key} '{base.name}' is a {base.family.name} base and model.base a "
-                         f"{recipe.base.family.name} one: adapters move only between bases of one family")
+    problem = family_mismatch(key, base, recipe.base)
+    if problem:
+        raise ModelError(problem)
     return base
 
 

@@ -215,3 +215,31 @@ def test_validation_base_of_another_shape_is_refused(tmp_path, tiny_pair, images
     with pytest.raises(ModelError, match=r"validation.base '.*wide': layer 'transformer_blocks.0.attn.to_q' is "
                                          r"\(16, 16\) there and \(32, 32\) in model.base"):
         run_trainer(recipe)
+
+
+def test_a_run_on_a_distilled_base_samples_at_its_defaults_and_warns(tmp_path, tiny_pair, images, monkeypatch,
+                                                                     capsys):
+    """No validation.base: model.base's own defaults ([schnell]-shaped: 4 steps, guidance 0) unless the recipe
+    sets them; the run's start prints the warning (main process, stderr)."""
+    import finetune.train.validation as validation
+    from tests.helpers import run_trainer
+
+    _, schnell = tiny_pair
+    seen = []
+    real = validation.render
+
+    def spy(pipe, prompts, seeds, cfg, *args, **kwargs):
+        seen.append((cfg.steps, cfg.guidance_scale))
+        return real(pipe, prompts, seeds, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "render", spy)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run_trainer(write_recipe(tmp_path / "a", schnell, images, **FLUX_LORA, train={"max_steps": 1},
+                             validation={"prompts": PROMPTS[:1], "seeds": [0], "at_start": False}))
+    assert seen == [(4, 0.0)]
+    assert "warning: model.base" in capsys.readouterr().err
+    run_trainer(write_recipe(tmp_path / "b", schnell, images, **FLUX_LORA, train={"max_steps": 1},
+                             validation={"prompts": PROMPTS[:1], "seeds": [0], "at_start": False, "steps": 2,
+                                         "guidance_scale": 1.0}))
+    assert seen[-1] == (2, 1.0)  # the recipe's own values win

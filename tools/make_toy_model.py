@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flux-turbo", action="store_true",
                    help="distil the FLUX toy base into its 4-step student (toy-flux-turbo) instead")
     p.add_argument("--turbo-trajectories", type=int, default=1536, help="teacher trajectories to distil from")
-    p.add_argument("--turbo-steps", type=int, default=800, help="student steps (batch 16 trajectories x 4 windows)")
+    p.add_argument("--turbo-steps", type=int, default=400, help="student steps (batch 16 trajectories x 4 windows)")
     p.add_argument("--flux-turbo-adapter", action="store_true",
                    help="train the student's de-distillation training adapter (after --flux-turbo)")
     p.add_argument("--adapter-steps", type=int, default=400, help="training-adapter steps at batch 32")

@@ -154,27 +154,22 @@ def adapter_file(value: str) -> Path:
 
 
 def _from_hub(value: str) -> Path:
+    """A hub file into the local cache: 'org/name/path/file.safetensors', or 'org/name' for its diffusers LoRA
+    file (pytorch_lora_weights.safetensors), as diffusers' load_lora_weights finds it."""
     import os
 
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import hf_hub_download
+
+    from finetune.export.layers import DIFFUSERS_FILE
 
     org, name, *rest = value.split("/")
-    repo = f"{org}/{name}"
+    repo, file = f"{org}/{name}", "/".join(rest) or DIFFUSERS_FILE
     try:
-        if rest:
-            return Path(hf_hub_download(repo, "/".join(rest)))
-        files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
-        pick = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in files else \
-            files[0] if len(files) == 1 else None
-        if pick is None:
-            raise ModelError(f"model.training_adapter '{value}': the repo holds {len(files)} .safetensors files; "
-                             f"name one, e.g. {repo}/{files[0] if files else 'adapter.safetensors'}")
-        return Path(hf_hub_download(repo, pick))
-    except ModelError:
-        raise
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: huggingface_hub's own errors
+        return Path(hf_hub_download(repo, file))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo or file, gated: huggingface_hub's own errors
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         why = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else \
             str(e).splitlines()[0]
-        raise ModelError(f"model.training_adapter '{value}' could not be fetched: {why}; download it once "
-                         f"(hf download {repo}) or give a local file") from None
+        hint = "" if rest else f"; a repo without {DIFFUSERS_FILE}: name its file, {repo}/<file>.safetensors"
+        raise ModelError(f"model.training_adapter '{value}': {file} could not be fetched from {repo}: {why}{hint}")\
+            from None

@@ -35,9 +35,6 @@ class Target:
         """The target's denoiser, frozen in the compute dtype (quantized as the training denoiser is)."""
         from finetune.models.components import load_denoiser
 
-        if base.family is not comps.family:
-            raise ModelError(f"{KEY} '{base.name}' is a {base.family.name} base and model.base a {comps.family.name} "
-                             "one: adapters move only between bases of one family")
         if base.form == "file":
             raise ModelError(f"{KEY} '{base.name}': give a diffusers folder or hub id (single files: model.base only)")
         check_shared_parts(comps.base, base, comps.family)
@@ -51,9 +48,9 @@ class Target:
 
         layers = [(p, m) for p, m in trained.named_modules() if isinstance(m, BaseTunerLayer)]
         for path, module in layers:
-            mine = module.get_base_layer().weight.shape
+            mine = _shape(module.get_base_layer())
             try:
-                theirs = self.denoiser.get_submodule(path).weight.shape
+                theirs = _shape(self.denoiser.get_submodule(path))
             except AttributeError:
                 raise ModelError(f"{KEY} '{self.base.name}' has no layer '{path}', which the method adapts in "
                                  "model.base; the two are not the same architecture") from None
@@ -74,9 +71,9 @@ class Target:
             self.denoiser.requires_grad_(False)
         state = get_peft_model_state_dict(trained)
         result = set_peft_model_state_dict(self.denoiser, state)
-        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "hada" in k or "lokr" in k]
-        if missing:
-            raise ModelError(f"{KEY} '{self.base.name}': the trained adapter's '{missing[0]}' has no place there")
+        unplaced = getattr(result, "unexpected_keys", [])
+        if unplaced:
+            raise ModelError(f"{KEY} '{self.base.name}': the trained adapter's '{unplaced[0]}' has no place there")
 
     def view(self, comps):
         """`comps` with the target's denoiser, sampler and pipeline settings: what validation renders with."""
@@ -95,6 +92,13 @@ class Target:
             yield
         finally:
             self.denoiser.to("cpu")
+
+
+def _shape(layer) -> tuple[int, ...]:
+    """A layer's weight shape as its constructor set it (a bitsandbytes 4-bit weight is stored packed)."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return (layer.out_features, layer.in_features)
+    return tuple(layer.weight.shape)
 
 
 def check_shared_parts(train: Base, target: Base, family) -> None:
