@@ -243,3 +243,48 @@ def test_a_run_on_a_distilled_base_samples_at_its_defaults_and_warns(tmp_path, t
                              validation={"prompts": PROMPTS[:1], "seeds": [0], "at_start": False, "steps": 2,
                                          "guidance_scale": 1.0}))
     assert seen[-1] == (2, 1.0)  # the recipe's own values win
+
+
+def test_validation_base_without_a_trained_layer_is_refused(tmp_path, tiny_pair, images):
+    """The key check: model.base has a second double-stream block, the target one; the run stops before a step."""
+    from diffusers import FluxTransformer2DModel
+
+    from finetune.errors import ModelError
+    from tests.helpers import run_trainer
+
+    base, target = tiny_pair
+    deep = shutil.copytree(base, tmp_path / "deep")
+    config = json.loads((deep / "transformer" / "config.json").read_text())
+    FluxTransformer2DModel.from_config(config | {"num_layers": 2}).save_pretrained(deep / "transformer")
+    recipe = write_recipe(tmp_path, deep, images, **FLUX_LORA, validation={"base": str(target)},
+                          train={"max_steps": 1})
+    with pytest.raises(ModelError, match=r"validation.base '.*tiny-flux-schnell' has no layer "
+                                         r"'transformer_blocks.1.attn.to_q', which the method adapts in model.base"):
+        run_trainer(recipe)
+    assert not (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_quantized_run_samples_on_its_quantized_target(tmp_path, tiny_pair, images, monkeypatch):
+    """model.quantize: nf4 quantizes the target as it does model.base. bitsandbytes packs a 4-bit weight when it
+    moves to a device (CUDA on a real run), so the training side may be packed when the target is checked: the
+    layer check reads each layer's shape as built. Here the move is made on the CPU, as a GPU run makes it."""
+    import finetune.train.target as target_mod
+    from tests.helpers import run_trainer
+
+    packed = []
+    check = target_mod.Target.check_layers
+
+    def on_a_device(self, trained):
+        trained.to("cpu")  # bitsandbytes quantizes on this move, as on the move to CUDA
+        packed.extend(m.weight.bnb_quantized for m in trained.modules() if type(m).__name__ == "Linear4bit")
+        return check(self, trained)
+
+    monkeypatch.setattr(target_mod.Target, "check_layers", on_a_device)
+    base, target = tiny_pair
+    recipe = write_recipe(tmp_path, base, images, **{**FLUX_LORA, "model": {**FLUX_LORA["model"], "quantize": "nf4"}},
+                          validation={"prompts": PROMPTS[:1], "seeds": [0], "at_start": False, "base": str(target)},
+                          train={"max_steps": 1})
+    t = run_trainer(recipe)
+    assert packed and all(packed)
+    assert any(type(m).__name__ == "Linear4bit" for m in t.target.denoiser.modules()) and t.target.resident
+    assert (t.out / "samples" / "step-000001.png").exists()
