@@ -86,8 +86,8 @@ def save_adapter_file(model, cfg, out: pathlib.Path, info: dict) -> pathlib.Path
     return save_diffusers_lora(tensors, {"transformer": _config_dict(cfg)}, out, meta, "lora")
 
 
-def build_flux_adapter(workdir: pathlib.Path, steps: int = 400, lr: float = 1e-3, batch: int = 32,
-                       n_images: int = 4096, seed: int = 0) -> pathlib.Path:
+def build_flux_adapter(workdir: pathlib.Path, steps: int = 40, lr: float = 1e-3, batch: int = 32,
+                       n_images: int = 512, seed: int = 0) -> pathlib.Path:
     """Train the toy's de-distillation adapter and write it into the student's folder; resumes from `workdir`."""
     from safetensors.torch import load_file, save_file
 

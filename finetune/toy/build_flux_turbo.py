@@ -196,7 +196,7 @@ def share_with_base(out: pathlib.Path) -> None:
             shutil.copyfile(src, out / rel)
 
 
-def build_flux_turbo(workdir: pathlib.Path, out: pathlib.Path, trajectories: int = 1536, steps: int = 400,
+def build_flux_turbo(workdir: pathlib.Path, out: pathlib.Path, trajectories: int = 128, steps: int = 60,
                      lr: float = 2e-4, batch: int = 16, seed: int = 0) -> dict:
     """Distil the committed FLUX toy base into `out` (toy-flux-turbo); resumes from `workdir`."""
     workdir.mkdir(parents=True, exist_ok=True)
