@@ -59,7 +59,7 @@ class TrainingAdapter:
         """Read the LoRA at `path` (any LoRA layout we read: diffusers, peft, kohya, the family's own) and hook it
         into `modules`. Every layer is checked before any hook is placed: a layer the base does not have, or
         of another shape, is a one-line ModelError naming the layer."""
-        from finetune.export.adapters import check_complete, read_adapter
+        from finetune.export.adapters import check_complete, locate_layer, read_adapter
         from finetune.export.layouts import bound_names
 
         adapter = read_adapter(path, allow_pickle=allow_pickle, family=family, modules=modules)
@@ -68,7 +68,7 @@ class TrainingAdapter:
         where = f"model.training_adapter '{path}'"
         found = []
         for name, layer in adapter.layers.items():
-            module = _base_layer(name, modules, names, where)
+            module = locate_layer(name, modules, names, where)
             found.append((module, *_fit(module, *_factors(name, layer, where), f"{where}: layer '{name}'")))
         owner = cls(Path(path), [])
         owner.layers = [_Applied(module, up, down, owner) for module, up, down in found]
@@ -92,26 +92,13 @@ class TrainingAdapter:
         return f"training adapter {self.path.name} ({len(self.layers)} layers, applied while training, not exported)"
 
 
-def _base_layer(name: str, modules: dict, names, where: str) -> torch.nn.Module:
-    component, path = name.split(".", 1)
-    if component not in modules:
-        raise ModelError(f"{where}: has layers for '{component}', which this base does not have")
-    try:
-        module = names[component].locate(modules[component], path) if component in names else \
-            modules[component].get_submodule(path)
-    except AttributeError:
-        raise ModelError(f"{where}: layer '{name}' is not in the base (an adapter for another family or base?)") from None
-    return getattr(module, "base_layer", module)  # a layer a method's peft adapter already wraps
-
-
 def _factors(name: str, layer, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(B * scale, A) in fp32: the only adapters applied this way are plain low-rank ones."""
-    factors = layer.spec.low_rank(layer)
-    if factors is None:
-        what = "DoRA" if layer.dora else layer.kind
-        raise ModelError(f"{where}: layer '{name}' is a {what} layer; a training adapter must be a plain LoRA "
-                         "(fuse the adapter into the base with tools/merge.py fuse and train on that instead)")
-    up, down = factors
+    from finetune.export.adapters import low_rank_factors
+
+    up, down = low_rank_factors(layer, f"{where}: layer '{name}' is a {{what}} layer; a training adapter must be a "
+                                "plain LoRA (fuse the adapter into the base with tools/merge.py fuse and train on that "
+                                "instead)")
     return up.float().contiguous(), down.float().contiguous()
 
 
