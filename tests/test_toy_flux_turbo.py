@@ -105,12 +105,12 @@ def test_the_training_adapter_brings_the_student_back_to_the_base():
 
 @pytest.mark.slow
 def test_route_bounds_at_4_steps(tmp_path):
-    """docs/toy.md's best route on the toy (filled in from its table): the heart learned, the unrelated prompts
-    kept, at the student's 4 steps without CFG."""
+    """docs/toy.md's best route on the toy (its table's step-200 column: half the recipe's 400 steps keeps the
+    test within CI's budget): the heart learned, the unrelated prompts kept, at the student's 4 steps without CFG."""
     from tests.helpers import run_trainer
 
     t = run_trainer(ROOT / "recipes" / "toy" / BEST_ROUTE, f"train.output_dir={tmp_path / 'run'}",
-                    "logging.progress=false")
+                    "logging.progress=false", "train.max_steps=200", "train.checkpoint_every=0")
     scores = json.loads((tmp_path / "run" / "samples" / "scores.json").read_text())
     last, first = scores[str(t.recipe.train.max_steps)], scores["0"]
     n = len(t.recipe.validation.seeds)
@@ -127,4 +127,4 @@ def test_route_bounds_at_4_steps(tmp_path):
     assert drift <= DRIFT_AT_MOST
 
 
-BEST_ROUTE, HEART_AT_LEAST, DRIFT_AT_MOST = "flux_turbo_on_base.yaml", 0.5, 0.1  # docs/toy.md: 0.656, 0.039
+BEST_ROUTE, HEART_AT_LEAST, DRIFT_AT_MOST = "flux_turbo_on_base.yaml", 0.4, 0.1  # docs/toy.md @200: 0.512, 0.050
