@@ -145,12 +145,21 @@ def save(t) -> Path:
 def _interrupted(t) -> None:
     path = save(t)
     if t.acc.is_main_process:
-        recipe = t.recipe.path or "RECIPE.yaml"
         print(
             f"stopped by {t.stop.signal_name or 'request'} at step {t.state.step}/{t.cfg.max_steps}; "
-            f"checkpoint saved to {path}\nresume with: python -m finetune {recipe} train.resume=latest"
+            f"checkpoint saved to {path}\nresume with: {resume_command(t.out, t.acc.num_processes)}"
         )
     t.acc.end_training()
+
+
+def resume_command(out: Path, processes: int = 1) -> str:
+    """The command that continues this run: its folder's recipe.yaml holds every override it was started with."""
+    import shlex
+
+    folder = shlex.quote(str(out))
+    if processes > 1:
+        return f"accelerate launch finetune/run.py --resume {folder} (with this run's launch options)"
+    return f"python -m finetune --resume {folder}"
 
 
 @torch.no_grad()
@@ -163,8 +172,11 @@ def validate(t, step: int) -> Path | None:
     path = rows = extra = None
     # a sharded denoiser gathers its weights inside forward: every process renders, the main one saves
     if acc.is_main_process or is_sharded(acc):
-        rows = render_rows(t, training_adapter=v.training_adapter == "on")
-        extra = render_rows(t, training_adapter=True) if v.training_adapter == "both" else None
+        shown = acc.is_main_process and t.recipe.logging.progress
+        rows = render_rows(t, training_adapter=v.training_adapter == "on",
+                           progress=f"grid at step {step}:" if shown else None)
+        extra = render_rows(t, training_adapter=True, progress=f"grid at step {step}, with the training adapter:"
+                            if shown else None) if v.training_adapter == "both" else None
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
@@ -226,7 +238,8 @@ def _base_rows(t):
         return rows
     from finetune.train.validation import render_rows
 
-    t.base_rows = render_rows(t, adapters=False, training_adapter=t.recipe.validation.training_adapter == "on")
+    t.base_rows = render_rows(t, adapters=False, training_adapter=t.recipe.validation.training_adapter == "on",
+                              progress="the base's grid (adapters off):" if t.recipe.logging.progress else None)
     return t.base_rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -36,14 +37,18 @@ def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=No
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
-           text: dict | None = None, family=None, max_sequence_length: int | None = None
+           text: dict | None = None, family=None, max_sequence_length: int | None = None, progress: str | None = None
            ) -> list[list[Image.Image]]:
     """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
     `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released;
-    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest)."""
+    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest).
+    `progress`: a label for the pipeline's own progress bar over each prompt's denoising steps (None: silent)."""
     width, height = size
     rows = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        if progress is not None:  # sampling is minutes on a CPU: say what runs, as the pipeline counts its steps
+            pipe.set_progress_bar_config(desc=f"{progress} sampling prompt {i + 1}/{len(prompts)} "
+                                         f"x {len(seeds)} images", leave=False, file=sys.stderr, unit="step")
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         if text is not None:
             n = len(seeds)
@@ -69,11 +74,12 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
 
 
 @torch.no_grad()
-def render_rows(t, adapters: bool = True, training_adapter: bool = False) -> list[list[Image.Image]]:
+def render_rows(t, adapters: bool = True, training_adapter: bool = False, progress: str | None = None
+                ) -> list[list[Image.Image]]:
     """The run's validation prompts x seeds as the grids show them, from the trainer `t`: with the trained
     adapters (or, `adapters=False`, without: the base's own samples), on validation.base when it is set (the
     adapters copied there first), and with model.training_adapter only when `training_adapter`. Sampling steps
-    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py)."""
+    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py); `progress`: render's."""
     from contextlib import ExitStack
 
     from finetune.train.preserve import adapters_off
@@ -104,7 +110,8 @@ def render_rows(t, adapters: bool = True, training_adapter: bool = False) -> lis
         stack.enter_context(acc.autocast())
         stack.enter_context(t.vae_on_device())
         return render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
-                      text=t.prompt_cache, family=comps.family, max_sequence_length=comps.family.sequence_length(comps))
+                      text=t.prompt_cache, family=comps.family, max_sequence_length=comps.family.sequence_length(comps),
+                      progress=progress)
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
