@@ -78,6 +78,11 @@ class ModelSection(StrictModel):
     quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
     )
+    experts: str = Field(
+        "all", description="Bases with several denoisers that split the noise levels (Wan 2.2 A14B): which one "
+        "trains, 'high_noise' or 'low_noise', or 'all' (they take turns by step); each trains only on its own "
+        "timesteps.",
+    )
 
     @field_validator("family")
     @classmethod

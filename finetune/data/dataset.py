@@ -82,12 +82,15 @@ class Render:
         return t.div_(127.5).sub_(1.0), c.top, left
 
     def batch(self, examples: list[Example]) -> dict:
-        tops, pix, lat, masks = [], [], [], []
+        tops, pix, lat, masks, conds = [], [], [], [], []
         for ex in examples:
             if self.latents is not None:
                 c = self.cover(ex.record, ex.bucket)
                 entry = self.latents.get(self.latent_entry(ex.record, ex.bucket))
-                lat.append(entry["latents_flip" if ex.flip else "latents"].float())
+                end = "_flip" if ex.flip else ""
+                lat.append(entry[f"latents{end}"].float())
+                conds.append({k[5:len(k) - len(end)]: v.float() for k, v in entry.items()
+                              if k.startswith("cond.") and k.endswith("_flip") == bool(end)})
                 tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
                 if self.masks is not None:
                     masks.append(entry["mask_flip" if ex.flip else "mask"].float())
@@ -98,6 +101,8 @@ class Render:
                 if self.masks is not None:
                     masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
+        if conds and conds[0]:  # cached conditions of the family (image-to-video's first frame)
+            out["conditions"] = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
         if masks:  # in [0, 1]; the loss weighs it (data.masks.unmasked_weight / unmasked_target)
             out["loss_mask"] = torch.stack(masks)
             out["masked"] = torch.tensor([bool(float(m.min()) < 1.0) for m in masks], dtype=torch.bool)
@@ -224,11 +229,15 @@ def _latent_jobs(planner: Planner, render: Render):
 
 
 def _encode_latents(render: Render, encoder: Callable, flips: bool):
+    def encoded(px) -> dict[str, torch.Tensor]:  # the latents, and any 'cond.*' conditions the family derives
+        out = encoder(px)
+        return out if isinstance(out, dict) else {"latents": out}
+
     def run(payloads):
         px = torch.stack([render.pixels(r, b)[0] for r, b in payloads])
-        out = {"latents": encoder(px)}
+        out = encoded(px)
         if flips:
-            out["latents_flip"] = encoder(px.flip(-1))
+            out |= {f"{k}_flip": v for k, v in encoded(px.flip(-1)).items()}
         if render.masks is not None:  # stored at the latent grid: what the loss reads
             m = torch.stack([render.mask(r, b) for r, b in payloads])
             out["mask"] = to_latent(m, out["latents"].shape[-2:]).to(out["latents"].device)

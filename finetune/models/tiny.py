@@ -137,8 +137,18 @@ def _qwen_family(name: str):
     return build
 
 
+def _wan(kind: str):
+    def build(folder: Path, **kwargs) -> Path:
+        from finetune.models.tiny_wan import build_tiny_wan
+
+        return build_tiny_wan(folder, kind, **kwargs)
+
+    return build
+
+
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux,
-            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein")}}  # finetune/models/tiny_qwen.py
+            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein")},  # finetune/models/tiny_qwen.py
+            "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts")}  # finetune/models/tiny_wan.py
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:
