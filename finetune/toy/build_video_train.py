@@ -56,7 +56,7 @@ class Stage:
         self.model, self.steps, self.ckpt = model.train(), steps, ckpt
         self.ema = EMAModel(model.parameters(), decay=ema)
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-        warm = min(200, steps // 10)
+        warm = max(1, min(200, steps // 10))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
         self.gen = torch.Generator().manual_seed(seed)
@@ -93,7 +93,7 @@ class Stage:
         self.sched.step()
         self.ema.step(self.model.parameters())
         self.step += 1
-        v = float(loss)
+        v = float(loss.detach())
         self.running = v if self.running is None else 0.98 * self.running + 0.02 * v
 
     def ema_model(self):
@@ -166,12 +166,23 @@ def prepare(vae, parts: dict, n_clips: int, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- transformer
+@torch.no_grad()
+def adaln_zero(model):
+    """DiT's adaLN-Zero start, in Wan's terms: the timestep projection, every block's modulation table and
+    the output projection at zero, so each block's gated self-attention and feed-forward start shut and the
+    model starts as 'predict 0' (from-scratch DiTs train markedly faster so; finetune/toy/build_flux_train.py)."""
+    for p in (model.condition_embedder.time_proj.weight, model.condition_embedder.time_proj.bias,
+              model.proj_out.weight, model.proj_out.bias, *(b.scale_shift_table for b in model.blocks)):
+        p.zero_()
+    return model
+
+
 def transformer_stage(workdir: pathlib.Path, data: dict, steps: int, seed: int, lr: float = 1e-3):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     grid = FlowMatchEulerDiscreteScheduler(shift=build_video.FLOW_SHIFT).sigmas[:1000]
-    stage = Stage(build_video.make_transformer(seed), steps, lr, seed, workdir / "video_transformer.pt")
+    stage = Stage(adaln_zero(build_video.make_transformer(seed)), steps, lr, seed, workdir / "video_transformer.pt")
     log(f"transformer: {sum(p.numel() for p in stage.model.parameters()) / 1e6:.2f} M params, {steps} steps "
         f"at batch {DIT_BATCH}, from step {stage.step}")
 
