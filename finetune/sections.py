@@ -286,6 +286,10 @@ class ValidationSection(StrictModel):
     )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Sample height; default data.resolution.")
+    frames: int | None = Field(None, ge=1, le=1025, description="Video families: frames per sample clip; default "
+                               "data.video.frames.")
+    fps: float | None = Field(None, gt=0.0, le=240.0, description="Video families: frame rate of the GIF / MP4 "
+                              "written; default data.video.fps, else 16.")
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
         "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."

@@ -116,10 +116,17 @@ def reference_loss(t, batch, pipe, kind: str) -> float:
     return float(((pred - (noise - latents)) ** 2).reshape(b, -1).mean(1).mean())
 
 
+CLIPS = {"sources": [{"type": "toy_video", "count": 4}], "video": {"frames": 5, "fps": 16}}
+
+
+@pytest.mark.parametrize("media", ["image", "clip"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_loss_equals_the_pipeline_helpers(tmp_path, wan_bases, kind):
-    t = trainer(wan_recipe(tmp_path, wan_bases[kind]))
+def test_batch_loss_equals_the_pipeline_helpers(tmp_path, wan_bases, kind, media):
+    """Images (one-frame clips) and 5-frame toy clips (2 latent frames: the I2V condition is then the first
+    frame followed by four zero frames through the causal VAE)."""
+    t = trainer(wan_recipe(tmp_path, wan_bases[kind], data=CLIPS if media == "clip" else {}))
     batch = next(iter(t.data.loader(0)))
+    assert batch["pixel_values"].shape[1:3] == ((3, 5) if media == "clip" else (3, 64))
     with torch.no_grad():
         loss, _ = t.compute_loss(batch)
         ref = reference_loss(t, batch, stock(wan_bases[kind], kind), kind)

@@ -92,9 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --flux docs/images/toy_flux_base_grid.png)",
     )
     args = p.parse_args(argv)
-    from finetune.toy import toy_flux_base_path
-
-    from finetune.toy import toy_path
+    from finetune.toy import toy_flux_base_path, toy_path
 
     if args.out is None:
         args.out = toy_path("toy-video") if args.video else toy_flux_base_path() if args.flux else toy_base_path()

@@ -48,11 +48,25 @@ def tiled(clips: list[Clip]) -> Clip:
     return [strip([c[i] for c in clips]) for i in range(len(clips[0]))]
 
 
-def save_gif(clips: list[Clip], path: Path, fps: int = 8) -> Path:
-    """An animated GIF of the clips side by side, looping (written atomically)."""
+def grid_clip(rows: list[list[Clip]]) -> Clip:
+    """Rows of clips as one clip: each row's clips side by side, rows stacked top to bottom."""
+    lines = [tiled(row) for row in rows]
+    w, h = max(line[0].width for line in lines), sum(line[0].height for line in lines)
+    out = []
+    for i in range(len(lines[0])):
+        frame, y = Image.new("RGB", (w, h), "white"), 0
+        for line in lines:
+            frame.paste(line[i], (0, y))
+            y += line[i].height
+        out.append(frame)
+    return out
+
+
+def save_gif(clips: list[Clip] | list[list[Clip]], path: Path, fps: int = 8) -> Path:
+    """An animated GIF, looping (written atomically): clips side by side, or rows of clips as a grid."""
     from finetune.export.io import atomic_path
 
-    frames = tiled(clips)
+    frames = grid_clip(clips) if isinstance(clips[0][0], list) else tiled(clips)
     with atomic_path(Path(path)) as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return Path(path)

@@ -118,6 +118,9 @@ class Family:
     extra_parts: tuple[str, ...] = ()
     #: the latents have a time axis ([B, C, F, H, W]): the data path samples clips of frames for it
     video: bool = False
+    #: sampling starts from an image (image-to-video): validation passes the pipeline `image`, the first frame
+    #: of the first training clip
+    start_image: bool = False
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
@@ -206,6 +209,9 @@ class Family:
         if recipe.train.block_swap and not self.swap_blocks:
             raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
                              "denoiser has no block lists to swap: set train.block_swap: 0")
+        if recipe.data.video is not None and not self.video:
+            raise ValueError(f"data.video: the {self.name} family makes images, not clips; remove data.video and the "
+                             "video sources (or use a video base: Wan)")
         if model.experts != "all" and model.experts not in self.experts:
             can = f"one of all, {', '.join(self.experts)}" if self.experts else "all (it has one denoiser)"
             raise ValueError(f"model.experts: '{model.experts}' is not an expert of a {self.name} base; use {can}")

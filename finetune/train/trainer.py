@@ -57,6 +57,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
+        self.scan = self._scan_data()  # bad data is one line before any model loads
         self.dtype = DTYPES[self.cfg.mixed_precision]
         comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
@@ -171,6 +172,16 @@ class Trainer:
             enc.to("cpu")
         return cache
 
+    def _scan_data(self):
+        """Every source read and checked (videos probed) before the base loads. With prior preservation the
+        class images may not exist yet: they are generated with the base, and the data is scanned again."""
+        from finetune.data.scan import scan_data
+
+        d = self.recipe.data
+        show = self.acc.is_main_process and self.recipe.logging.progress
+        scan = scan_data(d, verbose=show, need_prior=False)
+        return scan if d.prior is None else None
+
     def _build_data(self, vae_dtype):
         from finetune.data import build_train_data
 
@@ -183,7 +194,7 @@ class Trainer:
             latent_encoder=self.encode_for_cache, latent_key=key,
             text_encoder=self.encode_text_frozen, text_key=text_key,
             show_progress=acc.is_main_process and self.recipe.logging.progress,
-            barrier=acc.wait_for_everyone,
+            barrier=acc.wait_for_everyone, scan=self.scan,
         )
 
     def _build_optimization(self, groups) -> None:

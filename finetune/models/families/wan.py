@@ -179,6 +179,15 @@ class WanFamily(Family):
 
     def check_recipe(self, recipe) -> None:
         super().check_recipe(recipe)
+        video = recipe.data.video
+        counts = {"data.video.frames": [video.frames] if video else [], "validation.frames": [recipe.validation.frames],
+                  "data.video.frame_buckets": (video.frame_buckets or []) if video else []}
+        for key, values in counts.items():
+            bad = [n for n in values if n is not None and (n - 1) % 4]
+            if bad:
+                near = (bad[0] - 1) // 4 * 4 + 1
+                raise ValueError(f"{key}: {bad[0]} frames; Wan's VAE packs 4 frames into one latent after the first, so "
+                                 f"clips have 4k + 1 frames: use {near} or {near + 4}")
         if recipe.train.flow.resolution_shift:
             raise ValueError("train.flow.resolution_shift: Wan trains on its base's static shift (the sampler's "
                              "flow_shift), whose grid the experts' timestep ranges are cut from; remove it")
@@ -236,4 +245,5 @@ def _wan(name: str, **fields: Any) -> WanFamily:
 WAN = register_family(_wan("wan", pipeline_class="WanPipeline", base_version="wan", modelspec_arch={"flow": "wan"}))
 WAN_I2V = register_family(_wan(
     "wan_i2v", pipeline_class="WanImageToVideoPipeline", i2v=True, extra_parts=("image_processor", "image_encoder"),
+    start_image=True,
     base_version="wan_i2v", modelspec_arch={"flow": "wan-i2v"}))
