@@ -286,3 +286,43 @@ def test_experts_train_the_same_with_block_swap_checkpointing_and_fp8_storage(tm
     for f in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_low_noise.safetensors"):
         lora = load_file(tmp_path / "fp8" / "out" / f)
         assert max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k) > 1e-4
+
+
+def test_tools_convert_merge_inspect_and_generate_wan(tmp_path, wan_bases, wan_runs):
+    """tools/ on a Wan 2.2 run: the low-noise file converts kohya <-> diffusers exactly, `merge fuse` puts each
+    expert's file into its own expert (what the stock pipeline gives with both loaded), `inspect_file` names
+    the family and the expert, and `generate` writes frame strips, a GIF and one MP4 per clip."""
+    import subprocess
+    import sys
+
+    import av
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from tests.helpers import ROOT
+
+    out, trained = wan_runs["experts"]
+    low = out / "pytorch_lora_weights_low_noise.safetensors"
+
+    def tool(*args):
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    tool("tools/convert.py", "lora", str(low), "--to", "kohya", "--out", str(tmp_path / "k.safetensors"))
+    tool("tools/convert.py", "lora", str(tmp_path / "k.safetensors"), "--to", "diffusers", "--out",
+         str(tmp_path / "d.safetensors"))
+    a, b = load_file(low), load_file(tmp_path / "d.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = tool("tools/inspect_file.py", str(tmp_path / "k.safetensors"))
+    assert "family: wan" in info and "finetune.expert = low_noise" in info
+    tool("tools/merge.py", "fuse", "--base", str(wan_bases["experts"]), "--lora", str(out), "--lora",
+         str(tmp_path / "k.safetensors"), "--out", str(tmp_path / "merged"))
+    merged = outputs(stock(tmp_path / "merged", "experts"), "experts")
+    assert max(float((x - y).abs().max()) for x, y in zip(merged, trained, strict=True)) < 1e-4
+    tool("tools/generate.py", "a red circle moving left", "--base", str(wan_bases["experts"]), "--lora", str(out),
+         "--lora", str(low), "--width", "32", "--height", "32", "--frames", "5", "--steps", "2", "--seeds", "0", "1",
+         "--out", str(tmp_path / "gen.png"), "--save-images", str(tmp_path / "clips"))
+    assert Image.open(tmp_path / "gen.png").size[0] >= 5 * 32 and Image.open(tmp_path / "gen.gif").n_frames == 5
+    with av.open(str(tmp_path / "clips" / "p00-s1.mp4")) as clip:
+        assert sum(1 for _ in clip.decode(video=0)) == 5

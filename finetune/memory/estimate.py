@@ -102,10 +102,12 @@ class _Sizer:
         comps, est = self.comps, Estimate()
         compute = DTYPE_BYTES[recipe.train.mixed_precision]
         vae_bytes = 4 if _vae_fp32(recipe, comps.family) else compute
-        den = _weights(comps.denoiser, compute, recipe.model.quantize)
+        experts = list(comps.experts.values())  # one denoiser, or every expert (Wan 2.2 A14B: two)
+        den = sum(_weights(e, compute, recipe.model.quantize) for e in experts)
         swapped = _swapped(comps, recipe, compute)
         est.lines.append((f"denoiser weights ({_form(recipe.model.quantize, compute)})", den - swapped,
-                          f"{_count(comps.denoiser) / 1e9:.2f}B parameters"))
+                          f"{sum(_count(e) for e in experts) / 1e9:.2f}B parameters"
+                          + (f" ({len(experts)} experts)" if len(experts) > 1 else "")))
         texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders) for e in comps.text_encoders)
         vae = _weights(comps.vae, vae_bytes, "none")
         text_cached = _text_cached(recipe, comps.family, self.method)
@@ -120,7 +122,8 @@ class _Sizer:
         est.lines.append(("gradients (fp32)", 4 * n, ""))
         est.lines.append((f"optimizer state ({recipe.train.optimizer})", _optimizer_bytes(trained, recipe), ""))
         act = self.activations(recipe) + _dequantized(comps.denoiser, compute, recipe.model.quantize)
-        est.lines.append(("activations (one step)", act, f"{recipe.data.resolution} px, batch {recipe.train.batch_size}"
+        frames = f" x {clip_frames(recipe)} frames" if recipe.data.video is not None else ""
+        est.lines.append(("activations (one step)", act, f"{recipe.data.resolution} px{frames}, batch {recipe.train.batch_size}"
                           + (", checkpointed" if recipe.train.gradient_checkpointing else "")))
         if not recipe.data.cache_latents:  # each step encodes its batch first (freed before the denoiser runs)
             est.lines[-1] = (est.lines[-1][0], max(act, self.encode(recipe, recipe.train.batch_size)), est.lines[-1][2])
@@ -166,12 +169,13 @@ def trace_step(comps, recipe) -> int:
     with torch.no_grad():
         text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}
-    scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    channels, scale, per = comps.family.latent_geometry(comps.vae)
     side = recipe.data.resolution // scale
     size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
     batch = {"original_size": size, "crop_top_left": size * 0, "target_size": size, "guidance": 1.0}
+    time = [] if per is None else [(clip_frames(recipe) - 1) // per + 1]  # a video family's latent frames
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live:
-        noisy = torch.randn(b, comps.vae.config.latent_channels, side, side, device=device, dtype=dtype)
+        noisy = torch.randn(b, channels, *time, side, side, device=device, dtype=dtype)
         timesteps = torch.rand(b, device=device) * 1000
         pred = comps.family.predict(den, noisy, timesteps, text, batch)
         loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
@@ -208,10 +212,16 @@ def trace_encode(vae, recipe, batch: int) -> int:
     """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients)."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     side = recipe.data.resolution
+    time = [clip_frames(recipe)] if recipe.data.video is not None else []  # clips: [B, 3, F, H, W]
     with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), \
             LiveBytes() as live:
-        vae.encode(torch.randn(batch, 3, side, side, device=device, dtype=dtype)).latent_dist.mode()
+        vae.encode(torch.randn(batch, 3, *time, side, side, device=device, dtype=dtype)).latent_dist.mode()
     return live.peak
+
+
+def clip_frames(recipe) -> int:
+    """Frames per training clip (1: images)."""
+    return recipe.data.video.frames if recipe.data.video is not None else 1
 
 
 def _dequantized(module, compute: int, kind: str) -> int:
@@ -246,9 +256,12 @@ def _swapped(comps, recipe, compute: int) -> int:
         return 0
     from finetune.models.offload import swappable_blocks
 
-    blocks = swappable_blocks(comps.denoiser, comps.family)[-recipe.train.block_swap:]
-    sizes = [_weights(b, compute, recipe.model.quantize) for b in blocks]
-    return sum(sizes) - max(sizes)
+    total = 0
+    for expert in comps.experts.values():  # each expert streams its own last blocks
+        blocks = swappable_blocks(expert, comps.family)[-recipe.train.block_swap:]
+        sizes = [_weights(b, compute, recipe.model.quantize) for b in blocks]
+        total += sum(sizes) - max(sizes)
+    return total
 
 
 def _count(module) -> int:

@@ -43,7 +43,10 @@ def meta_components(model: ModelSection) -> Components:
     family = FAMILIES[model.family] if model.family != "auto" else detected
     present = [n for n in family.text_encoder_names if n in modules and n not in model.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]
-    comps = Components(denoiser=modules[family.denoiser_name], vae=modules["vae"],
+    slots = dict.fromkeys([family.denoiser_name, *family.experts.values()])
+    experts = {n: modules[n] for n in slots if n in modules}  # Wan 2.2 A14B: both experts stay resident
+    trained = tuple(experts) if model.experts == "all" else (family.experts[model.experts],)
+    comps = Components(denoiser=experts[trained[0]], experts=experts, trained_experts=trained, vae=modules["vae"],
                        text_encoders=[modules[n] for n in present], tokenizers=toks, scheduler=None,
                        family=family, base=model.base, source=str(folder or model.base), prediction_type="auto",
                        text_encoder_names=tuple(present), max_sequence_length=model.max_sequence_length)
@@ -106,7 +109,8 @@ def _reference_tokenizers(modules: dict) -> dict:
     from finetune.models.tiny import clip_tokenizer, t5_tokenizer
 
     out = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer()}
-    if type(modules.get("text_encoder_2")).__name__ == "T5EncoderModel":
-        with tempfile.TemporaryDirectory() as tmp:
-            out["tokenizer_2"] = t5_tokenizer(Path(tmp))
+    for name in ("text_encoder", "text_encoder_2"):  # FLUX's T5 (second), Wan's UMT5 (first)
+        if type(modules.get(name)).__name__ in ("T5EncoderModel", "UMT5EncoderModel"):
+            with tempfile.TemporaryDirectory() as tmp:
+                out[name.replace("text_encoder", "tokenizer")] = t5_tokenizer(Path(tmp))
     return out

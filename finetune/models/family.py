@@ -176,6 +176,11 @@ class Family:
         handed to `predict` as `batch["conditions"]`. Default: none."""
         return {}
 
+    def latent_geometry(self, vae) -> tuple[int, int, int | None]:
+        """(latent channels, spatial factor, temporal factor or None for image VAEs) of the family's VAE."""
+        c = vae.config
+        return c.latent_channels, 2 ** (len(c.block_out_channels) - 1), None
+
     # ------------------------------------------------------------------------------------- denoiser
     def training_scheduler(self, scheduler):
         """The flow-matching scheduler the objective draws noise levels from, built from the base's own

@@ -205,7 +205,12 @@ def reference_modules(model: str) -> tuple[str, dict]:
                 "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL))}
     if model == "sdxl":
         return "sdxl", sdxl_modules("meta")
-    raise ValueError(f"no reference architecture {model!r}; known: sd15, sdxl, flux-dev, flux-schnell")
+    from finetune.models.reference_wan import WAN_MODELS, wan_reference
+
+    if model in WAN_MODELS:
+        return wan_reference(model)
+    raise ValueError(f"no reference architecture {model!r}; known: sd15, sdxl, flux-dev, flux-schnell, "
+                     f"{', '.join(WAN_MODELS)}")
 
 
 #: hub ids whose architecture `reference_modules` builds (same shapes as the published weights)
@@ -214,3 +219,6 @@ REFERENCE_IDS = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
 }
+from finetune.models.reference_wan import WAN_IDS  # noqa: E402 (Wan's table lives beside its configs)
+
+REFERENCE_IDS |= WAN_IDS

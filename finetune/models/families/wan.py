@@ -111,7 +111,8 @@ class WanFamily(Family):
         inputs = tok([prompt_clean(c) for c in captions], padding="max_length", max_length=length, truncation=True,
                      add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         mask = inputs.attention_mask.to(device)
-        hidden = encoder(inputs.input_ids.to(device), mask).last_hidden_state
+        # the memory estimate runs this on the meta device, where transformers cannot read a mask's values
+        hidden = encoder(inputs.input_ids.to(device), None if mask.is_meta else mask).last_hidden_state
         return {"prompt_embeds": hidden * mask[..., None].to(hidden.dtype)}  # zeros past each caption's tokens
 
     def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
@@ -123,6 +124,10 @@ class WanFamily(Family):
         clip = pixel_values if pixel_values.ndim == 5 else pixel_values.unsqueeze(2)  # an image: one frame
         z = vae.encode(clip.to(vae.device, vae.dtype, non_blocking=True)).latent_dist.mode()
         return normalise(vae, z.float())
+
+    def latent_geometry(self, vae) -> tuple[int, int, int | None]:
+        c = vae.config
+        return c.z_dim, c.scale_factor_spatial, c.scale_factor_temporal
 
     def encode_conditions(self, comps, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image-to-video: the first frame as WanImageToVideoPipeline encodes its input image."""
