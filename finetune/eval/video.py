@@ -96,8 +96,9 @@ def save_mp4(clip: Clip, path: Path, fps: int = 8) -> Path:
 
 def clip_t_per_frame(clip_model, clip: Clip, prompt: str) -> list[float]:
     """CLIP-T of every frame (cosine of the prompt's text embedding with the frame's image embedding)."""
-    image = clip_model.images(clip)
-    text = clip_model.texts([prompt])
+    from torch.nn.functional import normalize
+
+    image, text = normalize(clip_model.images(clip), dim=-1), normalize(clip_model.texts([prompt]), dim=-1)
     return (image @ text.T).flatten().tolist()
 
 
@@ -105,5 +106,7 @@ def temporal_consistency(clip_model, clip: Clip) -> float:
     """Mean cosine similarity of consecutive frames' CLIP image embeddings (1.0 for a one-frame clip)."""
     if len(clip) < 2:
         return 1.0
-    e = clip_model.images(clip)
+    from torch.nn.functional import normalize
+
+    e = normalize(clip_model.images(clip), dim=-1)
     return float((e[1:] * e[:-1]).sum(dim=-1).mean())

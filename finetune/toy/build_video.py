@@ -20,7 +20,7 @@ import torch
 from finetune.toy import video_world, world
 
 LATENT_CHANNELS = 8
-VAE_CONFIG = dict(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1,
+VAE_CONFIG = dict(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1,
                   temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4)
 # 4 heads of 32: Wan's rotary embedding splits a head into time (12) and two space (10 + 10) parts
 TRANSFORMER_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
