@@ -326,3 +326,37 @@ def test_tools_convert_merge_inspect_and_generate_wan(tmp_path, wan_bases, wan_r
     assert Image.open(tmp_path / "gen.png").size[0] >= 5 * 32 and Image.open(tmp_path / "gen.gif").n_frames == 5
     with av.open(str(tmp_path / "clips" / "p00-s1.mp4")) as clip:
         assert sum(1 for _ in clip.decode(video=0)) == 5
+
+
+def test_estimate_covers_the_wan_reference_architectures(tmp_path):
+    """`finetune estimate` for Wan hub bases not in the cache: the reference architectures on the meta device;
+    Wan 2.2 A14B holds both 14B experts; clips' activations grow with their frames."""
+    import yaml
+
+    from finetune.memory.estimate import estimate
+    from finetune.memory.skeleton import meta_components
+    from finetune.recipe import load_recipe
+    from finetune.sections import ModelSection
+
+    sizes = {}
+    for base in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"):
+        comps = meta_components(ModelSection(base=base))
+        sizes[base] = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.experts.items()}
+        assert comps.family.name == "wan"
+    assert list(sizes["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]) == ["transformer", "transformer_2"]
+    assert sizes["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]["transformer_2"] == sizes["Wan-AI/Wan2.1-T2V-14B-Diffusers"][
+        "transformer"]
+    assert 14.0e9 < sizes["Wan-AI/Wan2.1-T2V-14B-Diffusers"]["transformer"] < 14.5e9
+    recipe = {"model": {"base": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"},
+              "data": {"sources": [{"type": "video", "path": str(tmp_path)}], "resolution": 128,
+                       "video": {"frames": 9}},
+              "method": {"name": "lora", "rank": 16, "targets": "attention"},
+              "train": {"output_dir": str(tmp_path / "out"), "mixed_precision": "bf16"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    peaks = {}
+    for frames in (9, 33):
+        est = estimate(load_recipe(tmp_path / "r.yaml", [f"data.video.frames={frames}"]), options=False)
+        peaks[frames] = est.bytes_of("activations")
+        weights = est.bytes_of("denoiser weights")
+        assert 1.3e9 < weights / 2 < 1.5e9  # bf16: 2 bytes per parameter of the 1.3B transformer
+    assert peaks[33] > 2 * peaks[9]  # 9 latent frames against 3

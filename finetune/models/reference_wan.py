@@ -18,7 +18,7 @@ WAN_14B = WAN_BLOCK | dict(num_attention_heads=40, in_channels=16, out_channels=
 WAN_5B = WAN_BLOCK | dict(num_attention_heads=24, in_channels=48, out_channels=48, ffn_dim=14336, num_layers=30)
 WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                  temperal_downsample=[False, True, True])
-WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, in_channels=12, out_channels=12,
                  temperal_downsample=[False, True, True], is_residual=True, patch_size=2, scale_factor_spatial=16,
                  latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
