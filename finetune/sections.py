@@ -313,6 +313,10 @@ class ValidationSection(StrictModel):
         description="Toy base only: score every grid with the toy scorer's similarity to this held-out subject "
         "(printed, logged and kept in samples/scores.json).",
     )
+    score_clips: bool = Field(
+        False, description="Toy video base only: score every clip's colour, shape and motion against its prompt "
+        "(finetune/toy/video_score.py; printed and kept in samples/scores.json).",
+    )
 
     @field_validator("score_subject")
     @classmethod

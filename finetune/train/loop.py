@@ -184,6 +184,8 @@ def validate(t, step: int) -> Path | None:
         _log_image(t, image, step)
         if v.score_subject:
             _score(t, rows, step)
+        if v.score_clips:
+            _score_clips(t, rows, step)
         t.last_grid = path
         if getattr(t, "run_metrics", None) is not None:
             _metrics(t, rows, step)
@@ -248,6 +250,22 @@ def _score(t, rows, step: int) -> None:
     if t.recipe.logging.report_to:
         t.acc.log({f"subject_similarity/{p}": scores[p] for p in v.prompts}, step=step)
         t.acc.log({f"drift/{k}": s for k, s in drift.items()}, step=step)
+
+
+def _score_clips(t, rows, step: int) -> None:
+    """Toy video runs: per prompt, the share of its clips whose colour, shape and motion all match it."""
+    import json
+
+    from finetune.export.io import write_text_atomic
+    from finetune.toy.video_score import score_clip
+
+    prompts = t.recipe.validation.prompts
+    scores = {p: sum(score_clip(c, p)["all_ok"] for c in row) / len(row) for p, row in zip(prompts, rows, strict=True)}
+    t.progress.write(f"step {step}: clips matching their prompt " + ", ".join(f"'{p}' {s:.2f}" for p, s in scores.items()))
+    path = t.out / "samples" / "scores.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    history[str(step)] = scores
+    write_text_atomic(path, json.dumps(history, indent=2))
 
 
 def _drift_line(drift: dict[str, float], n: int) -> str:

@@ -21,7 +21,7 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
 from finetune.train.objectives import build_objective
 from finetune.train.preserve import base_predictions, base_rows, training_loss
-from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+from finetune.train.setup import DTYPES, StopFlag, prepare_denoisers, resume_fingerprint, scan_first
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
 
@@ -57,7 +57,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
-        self.scan = self._scan_data()  # bad data is one line before any model loads
+        self.scan = scan_first(recipe, acc)  # bad data is one line before any model loads
         self.dtype = DTYPES[self.cfg.mixed_precision]
         comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
@@ -67,14 +67,7 @@ class Trainer:
         vae_dtype = self._vae_dtype(comps.family)
         cast_frozen(comps, self.dtype, vae_dtype)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
-        for name in comps.trained_experts:  # the denoiser (or each trained expert)
-            denoiser = comps.experts[name]
-            if self.cfg.gradient_checkpointing:
-                denoiser.enable_gradient_checkpointing()
-            if self.cfg.channels_last:
-                denoiser.to(memory_format=torch.channels_last)
-            if self.cfg.compile:
-                denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same
+        prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last, compile: each trained expert
         device = acc.device
         comps.vae.to(device)
         for enc in [*comps.text_encoders, *comps.part_modules().values()]:
@@ -171,16 +164,6 @@ class Trainer:
         for enc in self.comps.text_encoders:
             enc.to("cpu")
         return cache
-
-    def _scan_data(self):
-        """Every source read and checked (videos probed) before the base loads. With prior preservation the
-        class images may not exist yet: they are generated with the base, and the data is scanned again."""
-        from finetune.data.scan import scan_data
-
-        d = self.recipe.data
-        show = self.acc.is_main_process and self.recipe.logging.progress
-        scan = scan_data(d, verbose=show, need_prior=False)
-        return scan if d.prior is None else None
 
     def _build_data(self, vae_dtype):
         from finetune.data import build_train_data
