@@ -114,11 +114,8 @@ class ToySource(_Source):
         return self
 
 
-class VideoSource(_Source):
-    type: Literal["video"] = "video"
-    path: str = Field(description="Folder of video files (mp4, webm, mov, mkv, gif) with same-stem caption files.")
-    caption_ext: str = Field(".txt", description="Extension of caption files.")
-    recursive: bool = Field(False, description="Also read sub-folders.")
+class VideoSource(FolderSource):
+    type: Literal["video"] = "video"  # a folder source whose files are videos (mp4, webm, mov, mkv, gif)
 
 
 class FramesSource(_Source):

@@ -17,6 +17,7 @@ import shutil
 
 import torch
 
+from finetune.export.io import replace_folder
 from finetune.toy import video_world, world
 
 LATENT_CHANNELS = 8
@@ -103,10 +104,5 @@ def save_video_pipeline(out: pathlib.Path, parts: dict, info: dict) -> float:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "toy_build.json").write_text(json.dumps(info, indent=2) + "\n")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
     return folder_size_mb(out)

@@ -80,10 +80,9 @@ class Stage:
             log(f"resumed {ckpt.name} at step {self.step}/{steps}")
 
     def tick(self) -> dict:
-        now = (time.time(), time.process_time())
-        self.spent["minutes"] += (now[0] - self._clock[0]) / 60
-        self.spent["cpu_minutes"] += (now[1] - self._clock[1]) / 60
-        self._clock = now
+        from finetune.toy.build_flux_train import add_time
+
+        self._clock = add_time(self.spent, self._clock)
         return self.spent
 
     def save(self) -> None:
@@ -93,12 +92,9 @@ class Stage:
                           "step": self.step, "steps": self.steps, "running": self.running, "spent": self.spent})
 
     def update(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.sched.step()
-        self.ema.step(self.model.parameters())
+        from finetune.toy.build_flux_train import optimizer_step
+
+        optimizer_step(self.model, self.opt, self.sched, self.ema, loss)
         self.step += 1
         v = float(loss.detach())
         self.running = v if self.running is None else 0.98 * self.running + 0.02 * v
