@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from finetune.toy import build_video, video_world
 from finetune.toy.build import log
 
-VAE_BATCH, DIT_BATCH = 4, 16
+VAE_BATCH, DIT_BATCH = 2, 16
 
 
 def clips_uint8(clips) -> torch.Tensor:
@@ -118,8 +118,9 @@ class Stage:
 
 
 # ---------------------------------------------------------------------------------------------- VAE
-VAE_WINDOW = 5  # frames per VAE training clip: the first frame alone and one 4-frame chunk, the two paths a
-# causal Wan VAE has (later chunks run the same weights with the cache of the one before)
+# whole 9-frame clips: a causal Wan VAE runs each 4-frame chunk with the cached features of the one before, and
+# one trained on 5-frame windows (frame 0 + one chunk) decoded the second chunk wrongly
+VAE_WINDOW = video_world.FRAMES
 
 
 def vae_stage(workdir: pathlib.Path, steps: int, seed: int, n_clips: int = 3000):
