@@ -6,12 +6,34 @@ The `data` section lives in `finetune/data/config.py` and each method's section 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from finetune.eval import DEFAULT_CLIP, DEFAULT_DINO, METRIC_NAMES
 from finetune.eval.prompts import shows_subject as shows
+from finetune.toy import TOY_BASES
+
+
+@dataclass(frozen=True)
+class PathRef:
+    """Marks a recipe field that names a file or folder on disk: the recipe's path type.
+
+    Training ignores the mark (values stay plain strings, relative to the working folder); the studio reads it
+    to confine every such field to its root (finetune/studio/recipes.py), so a new path field is confined by
+    being declared with `LocalPath` or `HubOrPath`, or an `Annotated[str, PathRef(...)]` of its own."""
+
+    hub: bool = False  # the value may instead be a hub id ('org/name'), which is no path
+    names: tuple[str, ...] = ()  # values that name something built in rather than a path ('latest', 'toy')
+    within: Literal["cwd", "source", "image"] = "cwd"  # where a relative value starts: the working folder, the
+    # folder in the sibling `path` field (a file of a data source), or each image's own folder
+
+
+LocalPath = Annotated[str, PathRef()]
+HubOrPath = Annotated[str, PathRef(hub=True)]
+BaseRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_BASES))]  # a base: also 'toy' / 'toy-flux'
+EvalModel = Annotated[str, PathRef(hub=True, names=("toy",))]  # 'toy': the toy world's shipped tiny model
 
 
 class StrictModel(BaseModel):
@@ -25,7 +47,7 @@ SEED_MAX = 2**32 - 1  # numpy's seed range, which accelerate's set_seed passes e
 
 
 class ModelSection(StrictModel):
-    base: str = Field(
+    base: BaseRef = Field(
         "toy",
         description="Base model: a hub id, a local diffusers folder, a single-file .safetensors checkpoint, "
         "or 'toy' / 'toy-flux' for the built-in toy bases (SD-shaped / FLUX-shaped).",
@@ -33,14 +55,14 @@ class ModelSection(StrictModel):
     family: str = Field(
         "auto", description="Model architecture (sd1, sd2, sdxl, sd3, ...); 'auto' detects it from the base."
     )
-    config: str | None = Field(
+    config: BaseRef | None = Field(
         None,
         description="For a single-file base: a diffusers folder or cached hub id with the matching configs "
         "(needed offline).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base.")
     variant: str | None = Field(None, description="Weight variant to load from the hub, e.g. 'fp16'.")
-    vae: str | None = Field(None, description="Optional replacement VAE (hub id or folder).")
+    vae: HubOrPath | None = Field(None, description="Optional replacement VAE (hub id or folder).")
     vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto", description="dtype of the frozen VAE; 'auto' uses fp32 where the family's VAE overflows in fp16."
     )
@@ -163,7 +185,7 @@ class LossSection(StrictModel):
 
 
 class TrainSection(StrictModel):
-    output_dir: str = Field("output/run", description="Folder for checkpoints, samples, logs and exports.")
+    output_dir: LocalPath = Field("output/run", description="Folder for checkpoints, samples, logs and exports.")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
     batch_size: int = Field(1, ge=1, description="Images per process per micro-batch.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -202,7 +224,7 @@ class TrainSection(StrictModel):
     ema: EMASection = Field(default_factory=EMASection, description="EMA of trained parameters.")
     checkpoint_every: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps; 0 disables.")
     keep_last: int = Field(2, ge=1, description="How many checkpoints to keep.")
-    resume: str | None = Field(
+    resume: Annotated[str, PathRef(names=("latest",))] | None = Field(
         None, description="'latest' (newest complete checkpoint in output_dir) or a checkpoint folder."
     )
     resume_force: bool = Field(
@@ -299,13 +321,13 @@ class ValidationSection(StrictModel):
         description="DreamBench metrics of every grid: 'clip_i' and 'dino' (subject fidelity against the reference "
         "images), 'clip_t' (prompt fidelity); logged, kept in samples/metrics.json and plotted in metrics.png.",
     )
-    reference_dir: str | None = Field(
+    reference_dir: LocalPath | None = Field(
         None, description="Reference images for clip_i/dino; default the first data source's (at most 64, evenly spread)."
     )
-    clip_model: str = Field(
+    clip_model: EvalModel = Field(
         DEFAULT_CLIP, description="CLIP model for clip_i/clip_t: hub id or folder; 'toy' for the toy base's tiny CLIP."
     )
-    dino_model: str = Field(
+    dino_model: EvalModel = Field(
         DEFAULT_DINO, description="Self-supervised ViT for dino (ViT or DINOv2): hub id or folder; 'toy' for the toy's."
     )
     score_subject: str | None = Field(

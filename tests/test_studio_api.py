@@ -72,21 +72,25 @@ def test_recipe_paths_outside_the_root_are_errors_beside_their_keys(world):  # n
 
 
 def test_hub_ids_and_the_toy_base_are_not_paths(world):  # noqa: F811
-    from finetune.studio.recipes import confine_recipe
+    from finetune.studio.recipes import check_recipe
 
     root, _ = world
     (root / "data" / "link.png").unlink()
     (root / "data" / "link.txt").unlink()
-    data = {"model": {"base": "runwayml/stable-diffusion-v1-5", "vae": "toy"},
+    data = {"model": {"base": "runwayml/stable-diffusion-v1-5", "config": "toy", "vae": "madebyollin/sdxl-vae"},
             "data": {"sources": [{"type": "hf", "path": "user/set"}, {"type": "folder", "path": "data"}]},
-            "train": {"output_dir": "runs/a"}}
-    absolute, errors = confine_recipe(data, root)
-    assert errors == []
-    assert absolute["model"]["base"] == "runwayml/stable-diffusion-v1-5" and absolute["data"]["sources"][0]["path"] == "user/set"
-    assert absolute["data"]["sources"][1]["path"] == str(root / "data")
-    assert absolute["train"]["output_dir"] == str(root / "runs" / "a")
+            "method": {"name": "lora"}, "train": {"output_dir": "runs/a"}}
+    checked = check_recipe(data, root)
+    assert checked.errors == []
+    launch = checked.launch
+    assert launch["model"] == data["model"] and launch["data"]["sources"][0]["path"] == "user/set"
+    assert launch["data"]["sources"][1]["path"] == str(root / "data")
+    assert launch["train"]["output_dir"] == str(root / "runs" / "a")
+    assert checked.data == data  # what the form shows keeps the paths relative
+    (root / "user" / "set").mkdir(parents=True)  # a folder by that name under the root: then it is the folder
+    assert check_recipe(data, root).launch["data"]["sources"][0]["path"] == str(root / "user" / "set")
     data["model"]["base"] = "../models/sd"
-    assert [e["key"] for e in confine_recipe(data, root)[1]] == ["model.base"]
+    assert [e["key"] for e in check_recipe(data, root).errors] == ["model.base"]
 
 
 def test_caption_edit_writes_the_sidecar_atomically_and_never_the_image(world):  # noqa: F811
@@ -131,8 +135,15 @@ def test_uploads_are_capped_checked_and_never_overwrite(world):  # noqa: F811
     assert (root / "data" / "0.png").read_bytes() == original
     assert put("../x.png", buf.getvalue()).status_code == 403
     assert put("run.sh", b"echo").status_code == 400
+    # the bytes decide, not the name: a PNG is not a .jpg, nor a .py; a caption only beside its image, as text
+    for name, body in (("yaml.py", buf.getvalue()), ("x.jpg", buf.getvalue()), ("orphan.txt", b"a cat"),
+                       ("new.caption", b"\xff\xfe\x00"), ("new.yaml", b"a: 1")):
+        assert put(name, body).status_code == 400, name
+    assert put("new.txt", b"a cat").status_code == 200 and (root / "data" / "new.txt").read_text() == "a cat"
+    assert put("new.txt", b"again").status_code == 400 and (root / "data" / "new.txt").read_text() == "a cat"
     names = sorted(p.name for p in (root / "data").iterdir())
-    assert "big.png" not in names and "bad.png" not in names and not [n for n in names if n.startswith(".")]
+    assert not {"big.png", "bad.png", "yaml.py", "x.jpg", "orphan.txt", "new.caption", "new.yaml"} & set(names)
+    assert not [n for n in names if n.startswith(".")]
     huge = c.post("/api/recipe/validate", content=b"{" + b" " * (3 * 1024 * 1024) + b"}", headers=W)
     assert huge.status_code == 413
 
@@ -172,6 +183,7 @@ def test_cli_prints_the_token_url_for_a_non_loopback_host(world, monkeypatch, ca
     from finetune.run import main
 
     root, _ = world
+    monkeypatch.chdir(root.parent)  # the server moves into a folder of its own; the test's folder comes back
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     main(["studio", "--host", "0.0.0.0", "--port", "8123", "--root", str(root)])

@@ -1,7 +1,7 @@
 """The studio's run queue, its stop/resume semantics, the run page's data, and the recipe form.
 
-The trainer is played by a small script here (the real one runs in the browser test): it logs loss rows,
-and on SIGTERM writes a checkpoint and says 'stopped by SIGTERM', as finetune/train does.
+The trainer is played by a small script (tests/studio_helpers.py; the real one runs in the browser test): it
+logs loss rows, and on SIGTERM writes a checkpoint and says 'stopped by SIGTERM', as finetune/train does.
 """
 
 from __future__ import annotations
@@ -9,79 +9,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from finetune.studio import procs
 from tests.helpers import ROOT
-from tests.studio_helpers import W, client, png, world  # noqa: F401  (fixture)
-
-TRAINER = textwrap.dedent('''
-    import json, os, signal, sys, time
-    from pathlib import Path
-    args = sys.argv[1:]
-    out = Path("runs/fake")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    Path(os.environ["PROBE"]).write_text(json.dumps({"args": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}))
-    step = [0]
-    def stop(signum, frame):
-        time.sleep(0.5)  # a checkpoint takes a while: the launcher must still be waiting for us
-        ck = out / "checkpoints" / f"step-{step[0]:06d}"
-        ck.mkdir(parents=True)
-        (ck / "COMPLETE").write_text("")
-        print(f"stopped by SIGTERM at step {step[0]}/100", flush=True)
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, stop)
-    if "train.resume=latest" in args:
-        print("done: 5 steps in 1s; outputs in runs/fake", flush=True)
-        sys.exit(0)
-    with open(out / "logs" / "loss.csv", "w") as f:
-        f.write("step,loss,lr\\n")
-    while True:
-        step[0] += 1
-        with open(out / "logs" / "loss.csv", "a") as f:
-            f.write(f"{step[0]},{1 / step[0]:.4f},0.001\\n")
-        time.sleep(0.05)
-''')
-# the launcher, like accelerate's: runs the trainer as a child, waits, reports, exits with its code
-LAUNCHER = textwrap.dedent('''
-    import subprocess, sys
-    code = subprocess.call([sys.executable, sys.argv[1], *sys.argv[2:]])
-    print(f"launcher: trainer exited with {code}", flush=True)
-    sys.exit(code)
-''')
-
-
-@pytest.fixture()
-def fake_launch(tmp_path, monkeypatch):
-    (tmp_path / "trainer.py").write_text(TRAINER)
-    (tmp_path / "launcher.py").write_text(LAUNCHER)
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    monkeypatch.setenv("PROBE", str(probes / "last.json"))
-    monkeypatch.setattr(procs, "launch_command", lambda recipe, overrides, config: [
-        sys.executable, str(tmp_path / "launcher.py"), str(tmp_path / "trainer.py"), str(recipe), *overrides])
-    return probes / "last.json"
+from tests.studio_helpers import CAPTIONER, W, client, fake_launch, png, wait_until, world  # noqa: F401  (fixtures)
 
 
 def _recipe(c, output_dir: str = "runs/fake") -> dict:
     data = c.get("/api/recipes/toy/lora.yaml").json()
     data["train"]["output_dir"] = output_dir
     return data
-
-
-def _wait(check, timeout: float = 60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_two_tabs_cannot_start_the_same_run_twice(world):  # noqa: F811
@@ -103,8 +44,9 @@ def test_two_tabs_cannot_start_the_same_run_twice(world):  # noqa: F811
     assert c.post(f"/api/runs/{run.id}/stop", headers=W).status_code == 409
     r = c.post("/api/runs", json={"data": data}, headers=W)  # its folder still belongs to that run
     assert r.status_code == 409 and run.id in r.json()["error"]
-    saved = yaml.safe_load((root / ".studio" / "runs" / run.id / "recipe.yaml").read_text())
-    assert saved == data
+    launched = yaml.safe_load((root / ".studio" / "runs" / run.id / "recipe.yaml").read_text())
+    assert launched["train"]["output_dir"] == str(root / "runs" / "fake")  # absolute: runs start elsewhere
+    assert c.get(f"/api/runs/{run.id}/recipe").json() == data  # the form gets it back as it was sent
 
 
 def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, fake_launch):  # noqa: F811
@@ -112,11 +54,11 @@ def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, 
     c, studio = client(root, hold=False)
     run_id = c.post("/api/runs", json={"data": _recipe(c)}, headers=W).json()["id"]
     loss = root / "runs" / "fake" / "logs" / "loss.csv"
-    _wait(lambda: loss.is_file() and len(loss.read_text().split()) > 3)
+    wait_until(lambda: loss.is_file() and len(loss.read_text().split()) > 3)
     snap = c.get(f"/api/runs/{run_id}").json()
     assert snap["run"]["status"] == "running" and snap["loss"][0][:2] == [1, 1.0]
     assert c.post(f"/api/runs/{run_id}/stop", headers=W).json()["status"] == "stopping"
-    _wait(lambda: studio.runs.get(run_id).status not in ("running", "stopping"))
+    wait_until(lambda: studio.runs.get(run_id).status not in ("running", "stopping"))
     run = studio.runs.get(run_id)
     log = (root / ".studio" / "runs" / run_id / "log.txt").read_text()
     assert run.status == "stopped" and run.exit_code == 0, log
@@ -124,7 +66,7 @@ def test_stop_signals_the_trainer_not_the_launcher_then_resume_continues(world, 
     assert c.get(f"/api/runs/{run_id}").json()["checkpoints"]
     r = c.post(f"/api/runs/{run_id}/resume", json={"max_steps": 5}, headers=W)
     assert r.status_code == 200, r.text
-    _wait(lambda: studio.runs.get(run_id).status == "done")
+    wait_until(lambda: studio.runs.get(run_id).status == "done")
     assert c.get(f"/api/runs/{run_id}").json()["max_steps"] == 5  # the resumed budget, not the recipe's
     assert json.loads(fake_launch.read_text())["args"][1:] == ["train.resume=latest", "train.max_steps=5"]
     assert studio.runs.get(run_id).launches == 2
@@ -135,21 +77,21 @@ def test_one_run_at_a_time_per_device(world, fake_launch):  # noqa: F811
     c, studio = client(root, hold=False)
     first = c.post("/api/runs", json={"data": _recipe(c, "runs/fake")}, headers=W).json()["id"]
     second = c.post("/api/runs", json={"data": _recipe(c, "runs/other")}, headers=W).json()["id"]
-    _wait(lambda: fake_launch.is_file())
+    wait_until(lambda: fake_launch.is_file())
     time.sleep(0.5)
     assert studio.runs.get(second).status == "queued"  # one device: it waits
     c.post(f"/api/runs/{first}/stop", headers=W)
-    _wait(lambda: studio.runs.get(second).status != "queued")
+    wait_until(lambda: studio.runs.get(second).status != "queued")
     c.post(f"/api/runs/{second}/stop", headers=W)
-    _wait(lambda: studio.runs.get(second).status not in ("running", "stopping"))
+    wait_until(lambda: studio.runs.get(second).status not in ("running", "stopping"))
 
     c2, studio2 = client(root / "data", hold=False, devices=["0", "1"])
     ids = [c2.post("/api/runs", json={"data": _recipe(c2, f"runs/{n}")}, headers=W).json()["id"] for n in "ab"]
-    _wait(lambda: all(studio2.runs.get(i).status == "running" for i in ids))  # two devices: both run
+    wait_until(lambda: all(studio2.runs.get(i).status == "running" for i in ids))  # two devices: both run
     assert sorted(studio2.runs.get(i).device for i in ids) == ["0", "1"]
     for i in ids:
         c2.post(f"/api/runs/{i}/stop", headers=W)
-    _wait(lambda: all(studio2.runs.get(i).status not in ("running", "stopping") for i in ids))
+    wait_until(lambda: all(studio2.runs.get(i).status not in ("running", "stopping") for i in ids))
 
 
 def test_run_page_data_from_the_run_folder(world):  # noqa: F811
@@ -234,20 +176,14 @@ def test_auto_caption_button_runs_the_captioning_tool_when_there_is_one(world, t
     c, _ = client(root, tools_dir=tools)
     assert c.get("/api/info").json()["features"]["caption"] is False
     assert c.post("/api/data/caption-all", json={"path": "data"}, headers=W).status_code == 400
-    # stands in for tools/caption.py (issue #26): FOLDER [--prefix P] writes a .txt for each uncaptioned image
-    (tools / "caption.py").write_text(textwrap.dedent('''
-        import sys
-        from pathlib import Path
-        folder, prefix = Path(sys.argv[1]), (sys.argv[3] if len(sys.argv) > 3 else "")
-        for img in sorted(folder.glob("*.png")):
-            if not img.with_suffix(".txt").exists():
-                img.with_suffix(".txt").write_text(prefix + "a captioned image")
-    '''))
+    (tools / "caption.py").write_text(CAPTIONER)
     c, _ = client(root, tools_dir=tools)
     assert c.get("/api/info").json()["features"]["caption"] is True
+    for link in ("link.png", "link.txt"):  # links out of the root: the folder would be refused (test_studio_holes)
+        (root / "data" / link).unlink()
     png(root / "data" / "new.png")
     job = c.post("/api/data/caption-all", json={"path": "data", "prefix": "sks, "}, headers=W).json()
-    _wait(lambda: not c.get(f"/api/jobs/{job['id']}").json()["running"])
+    wait_until(lambda: not c.get(f"/api/jobs/{job['id']}").json()["running"])
     assert (root / "data" / "new.txt").read_text() == "sks, a captioned image"
     assert (root / "data" / "0.txt").read_text() == "caption 0\n"
 

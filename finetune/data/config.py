@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from finetune.sections import StrictModel
+from finetune.sections import HubOrPath, LocalPath, PathRef, StrictModel
 
 
 class CaptionRules(StrictModel):
@@ -56,27 +56,27 @@ class _Source(StrictModel):
 
 class FolderSource(_Source):
     type: Literal["folder"] = "folder"
-    path: str = Field(description="Folder of images with same-stem caption files.")
+    path: LocalPath = Field(description="Folder of images with same-stem caption files.")
     caption_ext: str = Field(".txt", description="Extension of caption files.")
     recursive: bool = Field(False, description="Also read sub-folders.")
 
 
 class MetadataSource(_Source):
     type: Literal["metadata"] = "metadata"
-    path: str = Field(description="Folder holding images and metadata.jsonl or metadata.csv.")
-    file: str | None = Field(None, description="Metadata file name; default metadata.jsonl, then metadata.csv.")
+    path: LocalPath = Field(description="Folder holding images and metadata.jsonl or metadata.csv.")
+    file: Annotated[str, PathRef(within="source")] | None = Field(None, description="Metadata file name; default metadata.jsonl, then metadata.csv.")
     caption_column: str = Field("text", description="Column holding the caption.")
 
 
 class KohyaSource(_Source):
     type: Literal["kohya"] = "kohya"
-    path: str = Field(description="Folder of 'N_prompt' sub-folders (kohya layout).")
+    path: LocalPath = Field(description="Folder of 'N_prompt' sub-folders (kohya layout).")
     caption_ext: str = Field(".txt", description="Extension of sidecar caption files.")
 
 
 class HFSource(_Source):
     type: Literal["hf"] = "hf"
-    path: str = Field(description="Dataset name on the hub, a local dataset folder, or a save_to_disk folder.")
+    path: HubOrPath = Field(description="Dataset name on the hub, a local dataset folder, or a save_to_disk folder.")
     split: str = Field("train", description="Split to read.")
     image_column: str = Field("image", description="Column holding the image.")
     caption_column: str = Field("text", description="Column holding the caption.")
@@ -85,7 +85,7 @@ class HFSource(_Source):
 
 class InstanceSource(_Source):
     type: Literal["instance"] = "instance"
-    path: str = Field(description="Folder of subject images (DreamBooth instance images).")
+    path: LocalPath = Field(description="Folder of subject images (DreamBooth instance images).")
     instance_prompt: str = Field(description="Prompt for every instance image, e.g. 'a photo of sks dog'.")
     caption_ext: str = Field(".txt", description="Optional per-image captions; used instead of the prompt.")
 
@@ -186,7 +186,7 @@ class BucketSection(StrictModel):
 
 class PriorSection(StrictModel):
     class_prompt: str = Field(description="Prompt of the class, e.g. 'a photo of a dog'.")
-    class_dir: str = Field(description="Folder of class images; missing ones are generated there.")
+    class_dir: LocalPath = Field(description="Folder of class images; missing ones are generated there.")
     num_class_images: int = Field(100, ge=1, description="How many class images prior preservation uses.")
     loss_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss.")
     generate_steps: int = Field(30, ge=1, description="Denoising steps when generating class images.")
@@ -211,7 +211,7 @@ class PreservationSection(StrictModel):
 class MaskSection(StrictModel):
     """Masked loss: per-image masks weight the loss in latent space (white = learn here, black = ignore)."""
 
-    folder: str = Field(
+    folder: Annotated[str, PathRef(within="image")] = Field(
         "masks", description="Folder of same-stem mask images, relative to each image's own folder (or absolute).",
     )
     alpha: bool = Field(True, description="Use an image's alpha channel as its mask when it has no mask file.")
@@ -244,7 +244,7 @@ class DataSection(StrictModel):
         description="Encode captions once and reuse the text-encoder outputs; 'auto' caches where the family's "
         "encoders are large (SD3, FLUX: T5-XXL) and captions never change, then releases the encoders.",
     )
-    cache_dir: str | None = Field(None, description="Cache folder; default <output_dir>/cache.")
+    cache_dir: LocalPath | None = Field(None, description="Cache folder; default <output_dir>/cache.")
     cache_in_memory: bool = Field(False, description="Keep caches in memory instead of on disk.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
     on_bad_image: Literal["error", "skip"] = Field(

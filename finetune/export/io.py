@@ -216,18 +216,20 @@ def check_output(out: str | Path, inputs=(), overwrite: bool = False, flag: str 
     return out
 
 def write_text_new(path: str | Path, text: str) -> Path:
-    """Write a small text file atomically under a name that must not exist yet: FileExistsError when it does,
-    even when it appears while we write (the finished temporary file is hard-linked into place, and a hard
-    link fails on an existing name). The file's mode follows the umask, like any new file."""
-    import secrets
+    """Write a small text file atomically under a name that must not exist yet (see write_bytes_new)."""
+    return write_bytes_new(path, text.encode("utf-8"))
 
+
+def write_bytes_new(path: str | Path, data: bytes) -> Path:
+    """Write a file atomically under a name that must not exist yet: FileExistsError when it does, even when it
+    appears while we write (the finished temporary file is hard-linked into place, and a hard link fails on an
+    existing name). The file's mode follows the umask, like any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         _link_new(tmp, path)

@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from finetune.data.images import IMAGE_EXTS, BadImage, probe
 from finetune.errors import UserError
-from finetune.studio import dataset, recipes
-from finetune.studio.http import TooLarge, endpoint, read_body, read_json, threaded
-from finetune.studio.paths import PathError, confine, relative
+from finetune.studio import dataset, procs, recipes
+from finetune.studio.http import TooLarge, endpoint, number, read_body, read_json, threaded
+from finetune.studio.paths import PathError, confine, refuse_links_out, relative_parts, short
 from finetune.studio.schema import form_spec
+
+MAX_PREFIX_CHARS = 1000
 
 
 def _studio(request: Request):
@@ -45,8 +46,8 @@ async def images(request: Request):
 
 @endpoint
 async def image(request: Request):
-    size = int(_q(request, "size", "256"))
-    data = await threaded(dataset.thumbnail, _studio(request).root, _q(request, "path"), max(0, min(size, 2048)))
+    size = number(_q(request, "size", "256"), "size", 0, 2048)
+    data = await threaded(dataset.thumbnail, _studio(request).root, _q(request, "path"), size)
     media = "image/png" if size > 0 else "application/octet-stream"
     return Response(data, media_type=media, headers={"cache-control": "no-store"})
 
@@ -61,61 +62,50 @@ async def caption(request: Request):
 @endpoint
 async def scan(request: Request):
     b = await read_json(request)
-    return await threaded(dataset.scan_folder, _studio(request).root, b.get("path", ""), int(b.get("resolution", 512)),
+    resolution = number(b.get("resolution", 512), "resolution", 64, 4096)
+    return await threaded(dataset.scan_folder, _studio(request).root, b.get("path", ""), resolution,
                           bool(b.get("buckets", True)), b.get("caption_ext", ".txt"), bool(b.get("recursive", False)))
 
 
 @endpoint
 async def upload(request: Request):
-    """PUT raw bytes as a new image (or .txt) in a folder under the root; size-capped, never overwrites."""
+    """PUT raw bytes as a new image (or a caption beside one) in a folder under the root; size-capped, the
+    content checked (dataset.upload), never over an existing file."""
     s = _studio(request)
     folder = confine(s.root, _q(request, "folder"), "folder")
     name = _q(request, "name")
-    if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
-        raise PathError(f"name: '{name}' must be a plain file name")
-    ext = Path(name).suffix.lower()
-    if ext not in IMAGE_EXTS and ext != ".txt":
-        raise UserError(f"name: '{name}': only images ({', '.join(sorted(IMAGE_EXTS))}) and .txt captions")
+    if len(relative_parts(name, "name")) != 1 or name.strip() != name or name.startswith(".") \
+            or any(ord(c) < 32 for c in name):
+        raise PathError(f"name: {name[:80]!r} must be a plain file name")
     if not folder.is_dir():
-        raise UserError(f"folder: '{_q(request, 'folder')}' is not a folder under the studio root")
-    target = folder / name  # a plain name in a confined folder; an existing entry (a link too) is refused
-    if os.path.lexists(target):
+        raise UserError("folder: not a folder under the studio root")
+    if os.path.lexists(folder / name):  # checked again, atomically, when the file is linked into place
         raise UserError(f"name: '{name}' already exists in that folder; nothing was overwritten")
     data = await read_body(request, s.max_upload)
-    if ext in IMAGE_EXTS:
-        try:
-            probe(data)
-        except BadImage as e:
-            raise UserError(f"{name}: {e}") from None
-    return await threaded(_write_new, folder, target, data, s.root)
-
-
-def _write_new(folder: Path, target: Path, data: bytes, root: Path) -> dict:
-    fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.link(tmp, target)  # fails if the name appeared meanwhile: no clobbering, ever
-    except FileExistsError:
-        raise UserError(f"{target.name} already exists; nothing was overwritten") from None
-    finally:
-        os.unlink(tmp)
-    return {"path": relative(root, target), "bytes": len(data)}
+    return await threaded(dataset.upload, s.root, folder, name, data)
 
 
 @endpoint
 async def caption_all(request: Request):
-    """The auto-caption button: runs the captioning tool (tools/caption.py) on a folder, as a job."""
+    """The auto-caption button: runs the captioning tool (tools/caption.py) on a folder, as a job. The folder
+    obeys the dataset rule (no links out of the root); the prefix reaches the tool as one `--prefix=` word and
+    the folder after `--`, so no text the page sends can become an option."""
     s = _studio(request)
     tool = s.caption_tool
     if tool is None:
         raise UserError("auto-captioning is not available: this checkout has no tools/caption.py")
     body = await read_json(request)
     folder = confine(s.root, body.get("path", ""), "folder")
-    cmd = [sys.executable, str(tool), str(folder)]
-    if body.get("prefix"):
-        cmd += ["--prefix", str(body["prefix"])]
-    return s.jobs.start("caption", cmd, s.root)
+    if not folder.is_dir():
+        raise UserError("path: not a folder under the studio root")
+    refuse_links_out(s.root, folder, "folder", "the captioning tool")
+    prefix = body.get("prefix") or ""
+    if not isinstance(prefix, str) or len(prefix) > MAX_PREFIX_CHARS or "\x00" in prefix or prefix == "--":
+        # argparse reads '--prefix=--' as no value at all: '--' alone is refused rather than mangled
+        raise UserError(f"prefix: text of at most {MAX_PREFIX_CHARS} characters (and not '--' alone)")
+    # tools/ finds its own helpers next to it (sys.path[0]), so no -P here; the working folder is the studio's
+    cmd = [sys.executable, str(tool), *([f"--prefix={prefix}"] if prefix else []), "--", str(folder)]
+    return s.jobs.start("caption", cmd, procs.work_dir(s.root / ".studio" / "jobs"))
 
 
 @endpoint
@@ -135,11 +125,8 @@ async def shipped(request: Request):
 
 
 def _check_recipe(s, data: dict) -> dict:
-    if not isinstance(data, dict):
-        raise UserError("data: the recipe must be a mapping of sections")
-    _, path_errors = recipes.confine_recipe(data, s.root)
-    errors = recipes.validation_errors(data) + path_errors
-    return {"errors": errors, "yaml": recipes.to_yaml(data)}
+    checked = recipes.check_recipe(data, s.root)
+    return {"errors": checked.errors, "yaml": checked.yaml}
 
 
 @endpoint
@@ -152,15 +139,15 @@ def _data_check(s, data: dict) -> dict:
     from finetune.data.check import check_data
     from finetune.recipe import validate as validate_recipe
 
-    result = _check_recipe(s, data)
-    if result["errors"]:
+    checked = recipes.check_recipe(data, s.root)
+    result = {"errors": checked.errors, "yaml": checked.yaml}
+    if checked.errors:
         return result | {"summary": ""}
-    absolute, _ = recipes.confine_recipe(data, s.root)
     try:
-        summary = check_data(validate_recipe(absolute, Path(recipes.SOURCE_NAME)))
+        summary = check_data(validate_recipe(checked.launch, Path(recipes.SOURCE_NAME)))
     except UserError as e:
-        return result | {"summary": "", "errors": [{"key": "", "message": dataset._short(s.root, str(e))}]}
-    return result | {"summary": dataset._short(s.root, summary)}
+        return result | {"summary": "", "errors": [{"key": "", "message": short(s.root, str(e))}]}
+    return result | {"summary": short(s.root, summary)}
 
 
 @endpoint
@@ -170,20 +157,21 @@ async def check(request: Request):
 
 
 def _estimate(s, data: dict) -> dict:
-    result = _check_recipe(s, data)
-    if result["errors"]:
+    checked = recipes.check_recipe(data, s.root)
+    result = {"errors": checked.errors, "yaml": checked.yaml}
+    if checked.errors:
         return result | {"estimate": ""}
     tmp = s.root / ".studio" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(suffix=".yaml", dir=tmp)
     with os.fdopen(fd, "w") as f:
-        f.write(result["yaml"])
-    try:
-        out = subprocess.run([sys.executable, "-m", "finetune", "estimate", path], cwd=s.root,
-                             capture_output=True, text=True, timeout=300)
+        f.write(recipes.to_yaml(checked.launch))
+    try:  # as a run starts: safe-path mode, in a working folder of the studio's (see procs)
+        out = subprocess.run([*procs.python(), "-m", "finetune", "estimate", path], cwd=procs.work_dir(tmp),
+                             env=procs.safe_env(), capture_output=True, text=True, timeout=300)
     finally:
         os.unlink(path)
-    return result | {"estimate": (out.stdout + out.stderr).strip()}
+    return result | {"estimate": short(s.root, (out.stdout + out.stderr).strip())}
 
 
 @endpoint

@@ -12,8 +12,8 @@ from starlette.routing import Route
 
 from finetune.errors import UserError
 from finetune.studio import outputs
-from finetune.studio.http import endpoint, read_json, status_of, threaded
-from finetune.studio.paths import confine
+from finetune.studio.http import endpoint, message_of, read_json, status_of, threaded
+from finetune.studio.paths import confine, short
 from finetune.studio.runs import RunManager
 
 EVENT_EVERY_S = 1.0
@@ -40,7 +40,7 @@ def snapshot(manager: RunManager, run_id: str, after_step: int = -1) -> dict:
     return {
         "run": _public(run),
         "progress": outputs.progress(tail),
-        "log": outputs.log_lines(tail, 40),
+        "log": [short(manager.root, line) for line in outputs.log_lines(tail, 40)],
         "loss": outputs.loss_rows(out, after_step),
         "grids": outputs.grids(out),
         "scores": outputs.scores(out),
@@ -70,8 +70,8 @@ async def create(request: Request):
     data = body.get("data")
     if not isinstance(data, dict):
         raise UserError("data: the recipe must be a mapping of sections")
-    run = await threaded(_runs(request).create, data, str(body.get("name") or ""),
-                         str(body.get("accelerate_config") or ""), body.get("parent"))
+    run = await threaded(_runs(request).create, data, body.get("name"), body.get("accelerate_config"),
+                         body.get("parent"))
     return _public(run)
 
 
@@ -88,8 +88,7 @@ async def stop(request: Request):
 @endpoint
 async def resume(request: Request):
     body = await read_json(request)
-    steps = body.get("max_steps")
-    run = await threaded(_runs(request).resume, request.path_params["run_id"], int(steps) if steps else None)
+    run = await threaded(_runs(request).resume, request.path_params["run_id"], body.get("max_steps"))
     return _public(run)
 
 
@@ -125,7 +124,7 @@ async def events(request: Request):
             try:
                 snap = await threaded(snapshot, manager, run_id, cursor)
             except Exception as e:  # noqa: BLE001 - tell the page, keep the stream
-                snap = {"error": str(e), "status": status_of(e)}
+                snap = {"error": message_of(e, manager.root), "status": status_of(e)}
             rows = snap.get("loss") or []
             if rows:
                 cursor = rows[-1][0]

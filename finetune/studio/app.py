@@ -53,7 +53,7 @@ class Studio:
             token = new_token()
         s = cls(root=real, host=host, token=token if not is_loopback(host) else None, **kw)
         s.runs = RunManager(real, s.recipes_dir, s.devices, s.hold)
-        s.jobs = Jobs(real / ".studio" / "jobs")
+        s.jobs = Jobs(real / ".studio" / "jobs", real)
         return s
 
     @property

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     extra = {"recipes_dir": args.recipes.resolve()} if args.recipes else {}
     studio = Studio.make(args.root, args.host, args.token, devices=devices,
                          max_upload=args.max_upload_mb * 1024 * 1024, **extra)
+    # the server's checks resolve what a run resolves, from an empty folder of the studio's (see procs)
+    from finetune.studio.procs import work_dir
+
+    os.chdir(work_dir(studio.root / ".studio"))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{shown}:{args.port}/" + (f"?token={studio.token}" if studio.token else "")
     print(f"finetune studio: {url}  (root: {studio.root})", flush=True)

@@ -14,19 +14,37 @@ from typing import Any
 
 from finetune.data.buckets import describe
 from finetune.data.config import DataSection
-from finetune.data.images import IMAGE_EXTS, BadImage, decode
+from finetune.data.images import IMAGE_EXTS, BadImage, decode, probe
 from finetune.data.scan import scan_data, summarize
 from finetune.data.stats import caption_stats
 from finetune.errors import DataError, UserError
-from finetune.studio.paths import PathError, confine, inside, links_out, relative
+from finetune.studio.paths import PathError, confine, inside, refuse_links_out, relative, short
 
 MAX_CAPTION_CHARS = 20_000
+CAPTION_EXTS = (".txt", ".caption")  # the only files a caption write creates: text no program runs or imports
+FORMATS = {"PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "WEBP": (".webp",), "BMP": (".bmp",), "GIF": (".gif",),
+           "TIFF": (".tif", ".tiff")}  # what an uploaded image's bytes must be, by the extension of its name
 
 
-def _caption_path(image: Path, caption_ext: str) -> Path:
-    if not caption_ext.startswith(".") or "/" in caption_ext or "\\" in caption_ext or len(caption_ext) > 16:
-        raise UserError(f"caption_ext: '{caption_ext}' is not a file extension like '.txt'")
-    return image.with_suffix(caption_ext)
+def check_caption_ext(value: object) -> str:
+    """A request's caption extension, from the allow-list (a recipe's caption_ext is one of these, or the
+    data page cannot write it)."""
+    if value not in CAPTION_EXTS:
+        shown = value if isinstance(value, str) and len(value) <= 16 else type(value).__name__
+        raise UserError(f"caption_ext: '{shown}' is not a caption extension; use one of {', '.join(CAPTION_EXTS)}")
+    return value
+
+
+def _caption_path(image: Path, ext: object) -> Path:
+    return image.with_suffix(check_caption_ext(ext))
+
+
+def _writable_caption(root: Path, side: Path) -> None:
+    """A caption may replace a caption file, nothing else: not a link, not a folder, not a device."""
+    if os.path.islink(side) or (side.exists() and not inside(root, side)):
+        raise PathError(f"caption: '{side.name}' is a link; replace it with a plain file first")
+    if os.path.lexists(side) and not side.is_file():
+        raise UserError(f"caption: '{side.name}' exists and is not a caption file; nothing was written")
 
 
 def list_folders(root: Path, rel: str) -> dict[str, Any]:
@@ -46,6 +64,7 @@ def list_folders(root: Path, rel: str) -> dict[str, Any]:
 
 def folder_images(root: Path, rel: str, caption_ext: str = ".txt") -> dict[str, Any]:
     """Every image directly in the folder with its caption; links that leave the root are named, not read."""
+    check_caption_ext(caption_ext)
     folder = confine(root, rel, "folder")
     if not folder.is_dir():
         raise DataError(f"folder: '{rel}' is not a folder under the studio root")
@@ -62,7 +81,8 @@ def folder_images(root: Path, rel: str, caption_ext: str = ".txt") -> dict[str, 
         caption, has = "", False
         if side.is_file() and inside(root, side):
             has = True
-            caption = side.read_text(encoding="utf-8-sig", errors="replace")
+            with side.open("rb") as f:  # a caption is short: a huge file is not read whole
+                caption = f.read(4 * MAX_CAPTION_CHARS).decode("utf-8-sig", errors="replace")
         images.append({"path": relative(root, p), "name": p.name, "caption": caption, "has_caption": has})
     return {"path": relative(root, folder), "images": images, "outside_root": outside}
 
@@ -77,10 +97,53 @@ def save_caption(root: Path, image_rel: str, text: str, caption_ext: str = ".txt
     if not isinstance(text, str) or len(text) > MAX_CAPTION_CHARS:
         raise UserError(f"caption: must be text of at most {MAX_CAPTION_CHARS} characters")
     side = _caption_path(image, caption_ext)
-    if os.path.islink(side) or (side.exists() and not inside(root, side)):
-        raise PathError(f"caption: '{side.name}' is a link; replace it with a plain file first")
+    _writable_caption(root, side)
     write_text_atomic(side, text.strip() + "\n")
     return {"path": relative(root, side), "caption": text.strip()}
+
+
+def upload(root: Path, folder: Path, name: str, data: bytes) -> dict[str, Any]:
+    """A new file in `folder` (confined, existing): an image its bytes prove to be, or a caption beside one."""
+    from finetune.export.io import write_bytes_new
+
+    ext = Path(name).suffix.lower()
+    if ext in CAPTION_EXTS:
+        _check_caption_upload(folder, name, data)
+    elif ext in IMAGE_EXTS:
+        _check_image_upload(name, ext, data)
+    else:
+        raise UserError(f"name: '{name}': only images ({', '.join(sorted(IMAGE_EXTS))}) and captions "
+                        f"({', '.join(CAPTION_EXTS)}) beside them")
+    try:
+        write_bytes_new(folder / name, data)  # the umask sets its mode; an existing name is never replaced
+    except FileExistsError:
+        raise UserError(f"name: '{name}' already exists in that folder; nothing was overwritten") from None
+    return {"path": relative(root, folder / name), "bytes": len(data)}
+
+
+def _check_image_upload(name: str, ext: str, data: bytes) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        probe(data)
+        kind = Image.open(io.BytesIO(data)).format
+    except (BadImage, UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{name}: not an image ({str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    if ext not in FORMATS.get(kind or "", ()):
+        raise UserError(f"{name}: the bytes are a {kind or 'unknown'} image, not what '{ext}' says; rename it")
+
+
+def _check_caption_upload(folder: Path, name: str, data: bytes) -> None:
+    stem = Path(name).stem
+    if not any((folder / f"{stem}{e}").is_file() for e in sorted(IMAGE_EXTS | {e.upper() for e in IMAGE_EXTS})):
+        raise UserError(f"{name}: a caption goes beside its image, and that folder has no image named {stem}; "
+                        "upload the image first")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{name}: not UTF-8 text; a caption is text") from None
+    if len(text) > MAX_CAPTION_CHARS or "\x00" in text:
+        raise UserError(f"{name}: a caption is text of at most {MAX_CAPTION_CHARS} characters")
 
 
 def thumbnail(root: Path, image_rel: str, size: int = 256) -> bytes:
@@ -105,11 +168,11 @@ def scan_folder(root: Path, rel: str, resolution: int = 512, buckets: bool = Tru
                 recursive: bool = False) -> dict[str, Any]:
     """The `--check` view of one folder: bucket plan, problems, caption statistics, the summary text."""
     folder = confine(root, rel, "folder")
-    escaping = links_out(root, folder) if folder.is_dir() else []
-    if escaping:
-        raise PathError(f"folder: {', '.join(escaping)} lead(s) outside the studio root; the scan would read "
-                        "them: copy the files in, or remove the links")
-    src = {"type": "folder", "path": str(folder), "caption_ext": caption_ext, "recursive": recursive}
+    if not folder.is_dir():
+        raise DataError("folder: not a folder under the studio root")
+    refuse_links_out(root, folder, "folder", "the scan")
+    src = {"type": "folder", "path": str(folder), "caption_ext": check_caption_ext(caption_ext),
+           "recursive": recursive}
     data = DataSection.model_validate({"sources": [src], "resolution": resolution,
                                        "buckets": {"enabled": buckets}, "on_bad_image": "skip"})
     scan = scan_data(data, verbose=False)
@@ -120,16 +183,11 @@ def scan_folder(root: Path, rel: str, resolution: int = 512, buckets: bool = Tru
         "buckets": [{"width": w, "height": h, "images": n}
                     for (h, w), n in sorted(scan.bucket_counts().items(), key=lambda kv: -kv[1])],
         "bucket_plan": describe(scan.bucket_counts()),
-        "skipped": [_short(root, s) for s in scan.problems.skipped],
+        "skipped": [short(root, s) for s in scan.problems.skipped],
         "notes": notes,
-        "duplicates": [[_short(root, k) for k in g] for g in stats.duplicates],
+        "duplicates": [[short(root, k) for k in g] for g in stats.duplicates],
         "stats": {"images": stats.images, "captioned": stats.images - stats.empty, "empty": stats.empty,
                   "words_min": stats.words_min, "words_median": stats.words_median, "words_max": stats.words_max,
                   "top_tags": stats.top_tags},
-        "summary": _short(root, summarize(scan)),
+        "summary": short(root, summarize(scan)),
     }
-
-
-def _short(root: Path, text: str) -> str:
-    """Messages name files by absolute path; the browser knows them relative to the root."""
-    return text.replace(str(root) + os.sep, "")

@@ -1,4 +1,6 @@
-"""HTTP plumbing shared by the API modules: JSON bodies with a size cap, errors as JSON with a status."""
+"""HTTP plumbing shared by the API modules: JSON bodies with a size and depth cap, numbers read strictly, and
+every failure a JSON answer with a status: a 4xx with one line for anything the request got wrong, never an
+absolute path (the root's own path is taken out of every message; OS errors say what failed, not where)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from finetune.errors import UserError
-from finetune.studio.paths import PathError
+from finetune.studio.paths import PathError, short
 from finetune.studio.runs import Conflict, RecipeInvalid
 
 MAX_JSON_BYTES = 2 * 1024 * 1024
+MAX_JSON_DEPTH = 64  # a recipe is 5-6 levels deep; deeper is a mistake or an attack on recursive code
+MAX_MESSAGE_CHARS = 1000
+INTERNAL = "internal error: the studio's console has the details"
 
 
 class TooLarge(UserError):
@@ -41,19 +46,61 @@ async def read_json(request: Request) -> dict[str, Any]:
     raw = await read_body(request, MAX_JSON_BYTES)
     try:
         data = json.loads(raw or b"{}")
+    except RecursionError:
+        raise UserError(f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError:
         raise UserError("request body is not JSON") from None
     if not isinstance(data, dict):
         raise UserError("request body must be a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise UserError(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return data
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def number(value: Any, key: str, lo: int, hi: int) -> int:
+    """A whole number from JSON or a query string, refused (400, naming the key) unless lo <= it <= hi."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 12:
+        value = int(value)
+    if type(value) is not int or not lo <= value <= hi:
+        raise UserError(f"{key}: must be a whole number from {lo} to {hi}")
+    return value
 
 
 def status_of(e: Exception) -> int:
     for cls, code in ((PathError, 403), (Conflict, 409), (RecipeInvalid, 422), (TooLarge, 413),
-                      (UserError, 400), (KeyError, 404), (FileNotFoundError, 404)):
+                      (UserError, 400), (KeyError, 404), (FileNotFoundError, 404), (PermissionError, 403),
+                      (OSError, 400)):
         if isinstance(e, cls):
             return code
     return 500
+
+
+def message_of(e: Exception, root=None) -> str:
+    """The one line a failure answers with: ours as written, an OS error without its file name, anything else
+    (a bug) a fixed line; the root's path is taken out, and the line is capped."""
+    if isinstance(e, KeyError):
+        text = f"not found: {e}"
+    elif isinstance(e, UserError):
+        text = str(e)
+    elif isinstance(e, OSError):
+        text = f"a file could not be read or written: {e.strerror or type(e).__name__}"
+    else:
+        text = INTERNAL
+    text = " ".join(text.split("\n"))
+    if root is not None:
+        text = short(root, text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def endpoint(fn: Callable[..., Awaitable[Any]]) -> Callable[[Request], Awaitable[Any]]:
@@ -67,8 +114,8 @@ def endpoint(fn: Callable[..., Awaitable[Any]]) -> Callable[[Request], Awaitable
             code = status_of(e)
             if code == 500:
                 traceback.print_exc()
-            message = f"not found: {e}" if isinstance(e, KeyError) else str(e)
-            body = {"error": message, "errors": getattr(e, "errors", [])}
+            studio = getattr(request.app.state, "studio", None)
+            body = {"error": message_of(e, getattr(studio, "root", None)), "errors": getattr(e, "errors", [])}
             return JSONResponse(body, status_code=code)
         return JSONResponse(result) if isinstance(result, dict | list) else result
 

@@ -8,16 +8,18 @@ import threading
 from pathlib import Path
 
 from finetune.studio.outputs import log_lines, read_tail
+from finetune.studio.paths import short
 
 
 class Jobs:
-    def __init__(self, home: Path):
-        self.home = home
+    def __init__(self, home: Path, root: Path):
+        self.home, self.root = home, root
         self.lock = threading.Lock()
         self.jobs: dict[str, dict] = {}
         self.counter = itertools.count(1)
 
     def start(self, kind: str, cmd: list[str], cwd: Path) -> dict:
+        """Start `cmd` in `cwd` (a working folder of the studio's, see procs.work_dir) unless one of its kind runs."""
         with self.lock:
             if any(j["kind"] == kind and j["proc"].poll() is None for j in self.jobs.values()):
                 raise _busy(kind)
@@ -34,7 +36,7 @@ class Jobs:
         job = self.jobs[job_id]
         code = job["proc"].poll()
         return {"id": job_id, "kind": job["kind"], "running": code is None, "exit_code": code,
-                "log": log_lines(read_tail(job["log"]), 20)}
+                "log": [short(self.root, line) for line in log_lines(read_tail(job["log"]), 20)]}
 
 
 def _busy(kind: str):

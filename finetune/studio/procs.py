@@ -1,7 +1,11 @@
 """Starting and stopping a run's processes.
 
 A run starts as `accelerate launch [--config_file C] finetune/run.py RECIPE [overrides]` in a new session
-(its own process group). Stopping sends SIGTERM to the launcher's direct children: those are the trainer
+(its own process group), in a working folder the studio owns (`.studio/runs/<id>/work`, which no request can
+reach) and in Python's safe-path mode (`-P`, and PYTHONSAFEPATH=1 for every process the launcher starts): no
+folder a user can write through the studio is ever on a launched process's import path, so a `yaml.py` or
+`torch.py` in the data root is never imported. The recipe it launches names its paths absolute (confined to
+the root when the studio wrote it), so it means the same from that folder. Stopping sends SIGTERM to the launcher's direct children: those are the trainer
 processes (one, or one per rank under torchrun), which finish the step, checkpoint and exit; the launcher
 then exits by itself. Signalling the whole group instead would also hit DataLoader workers, whose death
 the trainer treats as a crash, and the torchrun agent, which would kill its ranks before they checkpoint.
@@ -22,14 +26,35 @@ RUN_PY = Path(finetune.__file__).resolve().parent / "run.py"
 SINGLE = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+def python() -> list[str]:
+    """How the studio starts Python: in safe-path mode, so neither the working folder (`-m`, `-c`) nor a
+    script's own folder is put first on sys.path (Python 3.11+; on 3.10 the studio's own working folder is
+    what keeps the data root off the path)."""
+    return [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
+
+
+def safe_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched process: safe-path mode for every Python it starts in turn (accelerate's
+    workers, DataLoader workers), output unbuffered for the log."""
+    return dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def work_dir(folder: Path) -> Path:
+    """`folder/work`, an empty folder the studio owns, for a launched process to start in (anything a library
+    writes to its working folder lands there, and nothing there is importable)."""
+    work = folder / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def launch_command(recipe: Path, overrides: list[str], accelerate_config: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*python(), "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", str(accelerate_config)] if accelerate_config else SINGLE
     return cmd + [str(RUN_PY), str(recipe), *overrides]
 
 
 def start(cmd: list[str], cwd: Path, log: Path, device: str | None) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_MININTERVAL="1")  # tqdm: one log line a second at most
+    env = safe_env(TQDM_MININTERVAL="1")  # tqdm: one log line a second at most
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with log.open("ab") as out:

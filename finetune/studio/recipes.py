@@ -1,26 +1,36 @@
 """Recipes in the studio: start from a shipped recipe, validate what the form holds, confine its paths.
 
-Reading YAML stays in finetune/recipe.py (the one reader); validation is `finetune.recipe.validate`, so the
-form shows the CLI's own messages. This module only splits those messages by key for the form and adds
-one rule the CLI does not need: every local path in a recipe built in the browser lies inside the root.
+Reading YAML stays in finetune/recipe.py (the one reader, with its size and depth limits); validation is
+`finetune.recipe.validate`, so the form shows the CLI's own messages. This module splits those messages by key
+for the form and adds one rule the CLI does not need: every path field of a recipe built in the browser (each
+field the schema types as a path, wherever it sits) lies inside the root, and the recipe a run launches holds
+those paths absolute, so it means the same from the run's own working folder.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from finetune.errors import RecipeError
-from finetune.recipe import _load_chain, validate
-from finetune.studio.paths import PathError, confine, links_out
-from finetune.toy import TOY_BASES
+from finetune.errors import RecipeError, UserError
+from finetune.recipe import _load_chain, _read_yaml, validate
+from finetune.studio.paths import (
+    PathError,
+    confine,
+    inside,
+    refuse_links_out,
+    relative,
+    relative_parts,
+    short,
+)
+from finetune.studio.schema import path_slots
 
 SOURCE_NAME = "recipe.yaml"  # how messages name the form's recipe, as the CLI names a file
-HUB_OK = {"model.base", "model.config", "model.vae", "hf"}  # may be a hub id instead of a local path
 
 
 def shipped_recipes(recipes_dir: Path) -> list[str]:
@@ -39,21 +49,40 @@ def load_shipped(recipes_dir: Path, name: str) -> dict[str, Any]:
 
 
 def accelerate_configs(recipes_dir: Path) -> list[str]:
+    """The accelerate configs a run may name: the files of recipes/accelerate/, by name (never a path)."""
     folder = recipes_dir / "accelerate"
-    return sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return sorted(p.name for p in folder.glob("*.yaml") if p.is_file()) if folder.is_dir() else []
+
+
+def accelerate_config(recipes_dir: Path, name: Any) -> Path | None:
+    """The config file for a run's `accelerate_config` ('' for one process), chosen from the shipped list."""
+    if name in ("", None):
+        return None
+    choices = accelerate_configs(recipes_dir)
+    if not isinstance(name, str) or name not in choices:
+        raise UserError(f"accelerate_config: choose one of {', '.join(choices) or 'none (none ship)'}, or '' for "
+                        "one process")
+    return recipes_dir / "accelerate" / name
+
+
+def read_launched(path: Path, root: Path) -> dict[str, Any]:
+    """A run's recipe.yaml, read with the CLI's limits (size, depth, aliases), as the form shows it."""
+    try:
+        return shown(_read_yaml(path), root)
+    except RecipeError as e:
+        raise UserError(short(root, str(e)).splitlines()[0]) from None
 
 
 def to_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def validation_errors(data: dict[str, Any]) -> list[dict[str, str]]:
-    """The CLI's messages for this recipe, each with the dotted key it names ('' when it names none)."""
+def _validate(data: dict[str, Any]) -> tuple[Any, list[dict[str, str]]]:
+    """(the Recipe, []) or (None, the CLI's messages, each with the dotted key it names, '' when none)."""
     try:
-        validate(copy.deepcopy(data), Path(SOURCE_NAME))
+        return validate(copy.deepcopy(data), Path(SOURCE_NAME)), []
     except RecipeError as e:
-        return [_split(line) for line in str(e).splitlines() if line.strip()]
-    return []
+        return None, [_split(line) for line in str(e).splitlines() if line.strip()]
 
 
 def _split(line: str) -> dict[str, str]:
@@ -64,56 +93,112 @@ def _split(line: str) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ paths
-def _path_fields(data: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    """(dotted key, value, may be a hub id) for every field of the recipe that names a file or folder."""
-    model, train = data.get("model") or {}, data.get("train") or {}
-    section = data.get("data") or {}
-    out = [(f"model.{k}", model.get(k), True) for k in ("base", "config", "vae")]
-    out.append(("train.output_dir", train.get("output_dir"), False))
-    if train.get("resume") not in (None, "latest"):
-        out.append(("train.resume", train.get("resume"), False))
-    out.append(("data.cache_dir", section.get("cache_dir"), False))
-    if isinstance(section.get("prior"), dict):
-        out.append(("data.prior.class_dir", section["prior"].get("class_dir"), False))
-    for i, src in enumerate(section.get("sources") or []):
-        if isinstance(src, dict):
-            out.append((f"data.sources.{i}.path", src.get("path"), src.get("type") == "hf"))
-    return [(k, v, hub) for k, v, hub in out if isinstance(v, str) and v.strip()]
+REFUSED = ".studio/refused"  # what a refused path becomes while the rest of the recipe is validated: no read
+
+
+@dataclass
+class Checked:
+    """A recipe from the browser, checked: the CLI's messages and the root's path rules, by key."""
+
+    data: dict[str, Any]  # as sent, paths relative to the root: what the form shows
+    launch: dict[str, Any]  # every local path absolute under the root: what runs launch and checks read
+    errors: list[dict[str, str]]
+
+    @property
+    def yaml(self) -> str:
+        return to_yaml(self.data)
+
+
+def check_recipe(data: Any, root: Path) -> Checked:
+    """Confine every path field of the recipe (found through the schema, see schema.path_slots) to the root,
+    then validate the confined copy as the CLI would. A refused path is validated as a placeholder that reads
+    nothing, so the other keys still get their messages, and only the path rule speaks for that key."""
+    if not isinstance(data, dict):
+        raise UserError("data: the recipe must be a mapping of sections")
+    launch, path_errors, refused = _confine(data, root)
+    probe = copy.deepcopy(launch)
+    for slot in path_slots(probe):
+        if slot.key in refused:
+            slot.owner[slot.name] = str(root / REFUSED)
+    recipe, messages = _validate(probe)
+    errors = [e | {"message": short(root, e["message"])} for e in messages if e["key"] not in refused]
+    if recipe is not None and not path_errors:
+        _pin_defaults(launch, recipe.resolved(), root)
+    return Checked(data, launch, errors + path_errors)
+
+
+def _pin_defaults(launch: dict[str, Any], resolved: dict[str, Any], root: Path) -> None:
+    """Write into the launched recipe, absolute, every local path the recipe left to its default
+    (train.output_dir: output/run): a run starts in its own folder, where the default would land otherwise."""
+    given = {slot.key for slot in path_slots(launch)}
+    for slot in path_slots(resolved):
+        if slot.key in given or slot.ref.within != "cwd":
+            continue
+        target = _local(root, slot)
+        if target is None:
+            continue
+        refuse_links_out(root, target, slot.key, "the run")
+        node: Any = launch
+        *parents, last = slot.key.split(".")
+        for part in parents:
+            if isinstance(node, list):
+                node = node[int(part)]
+            else:
+                if not isinstance(node.get(part), dict | list):
+                    node[part] = {}
+                node = node[part]
+        node[last] = str(target)
+
+
+def _confine(data: dict[str, Any], root: Path) -> tuple[dict[str, Any], list[dict[str, str]], set[str]]:
+    out = copy.deepcopy(data)
+    errors: list[dict[str, str]] = []
+    folders: list[Path] = []  # every folder the recipe names, for paths relative to each image's folder
+    later = []
+    for slot in path_slots(out):
+        if slot.ref.within != "cwd":
+            later.append(slot)
+            continue
+        try:
+            target = _local(root, slot)
+            if target is None:
+                continue
+            slot.owner[slot.name] = str(target)
+            folders += [target] if target.is_dir() else []
+            refuse_links_out(root, target, slot.key, "the run")
+        except PathError as e:
+            errors.append({"key": slot.key, "message": str(e)})
+    for slot in later:  # a source's file (beside its folder), a folder beside every image
+        try:
+            parts = relative_parts(slot.value, slot.key)
+            bases = [Path(slot.owner.get("path", ""))] if slot.ref.within == "source" else folders
+            for base in (b for b in bases if b.is_absolute() and b.is_dir()):
+                confine(base, "/".join(parts), slot.key)
+        except PathError as e:
+            errors.append({"key": slot.key, "message": str(e)})
+    return out, errors, {e["key"] for e in errors}
+
+
+def _local(root: Path, slot) -> Path | None:
+    """The confined folder or file a path field names, or None when its value names no local path."""
+    value = slot.value
+    if value in slot.ref.names or (slot.ref.hub and not _looks_local(root, value)):
+        return None
+    return confine(root, value, slot.key)
 
 
 def _looks_local(root: Path, value: str) -> bool:
-    """A hub id ('org/name') or 'toy' is not a local path unless such a folder exists under the root."""
-    if value in TOY_BASES:
-        return False
+    """A hub id ('org/name') is not a local path unless such a folder exists under the root."""
     if value.startswith((".", "/", "~", "\\")) or ":" in value[:3]:
         return True
     return os.path.lexists(root / value) or value.count("/") != 1
 
 
-def confine_recipe(data: dict[str, Any], root: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """(a copy with every local path made absolute under the root, errors for paths that leave it).
-
-    The copy is what in-process checks read; runs get the relative paths and start in the root."""
-    out = copy.deepcopy(data)
-    errors = []
-    for key, value, hub_ok in _path_fields(data):
-        if hub_ok and not _looks_local(root, value):
-            continue
-        try:
-            target = confine(root, value, key)
-        except PathError as e:
-            errors.append({"key": key, "message": str(e)})
-            continue
-        escaping = links_out(root, target) if target.is_dir() and key.startswith("data.") else []
-        if escaping:  # the run would read them
-            errors.append({"key": key, "message": f"{key}: {', '.join(escaping)} lead(s) outside the studio root; "
-                           "copy the files in, or remove the links"})
-        node: Any = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = str(target)
-    name = ((data.get("export") or {}).get("name"))
-    if isinstance(name, str) and ("/" in name or "\\" in name or name in (".", "..")):
-        errors.append({"key": "export.name", "message": f"export.name: '{name}' is a path; give a plain file stem"})
-    return out, errors
+def shown(launch: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A launched recipe as the form shows it: every path inside the root relative to it again."""
+    out = copy.deepcopy(launch)
+    for slot in path_slots(out):
+        path = Path(slot.value)
+        if path.is_absolute() and inside(root, path):
+            slot.owner[slot.name] = relative(root, path) or "."
+    return out

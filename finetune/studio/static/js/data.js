@@ -39,8 +39,10 @@ export async function dataPage(main, info) {
     title: "data.resolution: the bucket plan and the size checks depend on it" });
   const scan = h("button", { id: "scan-folder", class: "plain", text: "Scan", disabled: !folder.images.length,
     onclick: () => runScan(scanBox, Number(resInput.value) || 512, buckets) });
-  const upload = h("input", { type: "file", id: "upload", multiple: true, accept: "image/*,.txt", onchange: async (e) => {
-    for (const file of e.target.files) {
+  const upload = h("input", { type: "file", id: "upload", multiple: true, accept: "image/*,.txt,.caption", onchange: async (e) => {
+    // images first: a caption is accepted only beside its image
+    const isCaption = (f) => /\.(txt|caption)$/i.test(f.name);
+    for (const file of [...e.target.files].sort((a, b) => isCaption(a) - isCaption(b))) {
       const r = await fetch(`/api/data/upload?${q({ folder: current, name: file.name })}`,
         { method: "PUT", headers: { "X-Studio": "1" }, body: file });
       const body = await r.json();
