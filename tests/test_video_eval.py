@@ -74,3 +74,26 @@ def test_video_run_writes_clips_metrics_and_card(tmp_path):
     assert "![sample clips](samples/step-000002.gif)" in card and "export_to_video(video" in card
     assert 'weight_name="pytorch_lora_weights_low_noise.safetensors", load_into_transformer_2=True' in card
     assert "out_low_noise.safetensors` is the low-noise expert's LoRA" in card
+
+
+def test_image_to_video_validation_starts_from_a_training_frame(tmp_path):
+    """Wan I2V: validation clips start from the first frame of the first training clip (the pipeline needs an
+    image), and the clips come out as frame strips and a GIF."""
+    from PIL import Image
+
+    from finetune.models.tiny_wan import build_tiny_wan
+    from tests.helpers import run_trainer
+
+    base = build_tiny_wan(tmp_path / "wan", "i2v")
+    recipe = write_recipe(
+        tmp_path, base, tmp_path, model={"max_sequence_length": 16}, method={"targets": "attention"},
+        data={"sources": [{"type": "toy_video", "count": 2}], "video": {"frames": 5, "fps": 16}},
+        train={"max_steps": 1, "batch_size": 1},
+        validation={"prompts": ["a red circle moving left"], "seeds": [0], "steps": 2, "at_start": False})
+    t = run_trainer(recipe)
+    from finetune.train.loop import start_image
+
+    first = start_image(t)
+    assert first.size == (64, 64)
+    gif = Image.open(tmp_path / "out" / "samples" / "step-000001.gif")
+    assert gif.n_frames == 5
