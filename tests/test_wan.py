@@ -360,3 +360,19 @@ def test_estimate_covers_the_wan_reference_architectures(tmp_path):
         weights = est.bytes_of("denoiser weights")
         assert 1.3e9 < weights / 2 < 1.5e9  # bf16: 2 bytes per parameter of the 1.3B transformer
     assert peaks[33] > 2 * peaks[9]  # 9 latent frames against 3
+
+
+def test_cached_clip_latents_and_i2v_conditions_give_the_same_loss(tmp_path, wan_bases):
+    """data.cache_latents on clips: the cache holds each clip's latents and its image-to-video conditions (first
+    frame latents, CLIP image states) and the first step's loss is the one computed from pixels."""
+    losses = {}
+    for cached in (False, True):
+        t = trainer(wan_recipe(tmp_path / str(cached), wan_bases["i2v"],
+                               data={**CLIPS, "cache_latents": cached}))
+        batch = next(iter(t.data.loader(0)))
+        assert ("conditions" in batch) == cached and ("latents" in batch) == cached
+        if cached:
+            assert set(batch["conditions"]) == {"cond_latents", "image_embeds"}
+        with torch.no_grad():
+            losses[cached] = float(t.compute_loss(batch)[0])
+    assert abs(losses[True] - losses[False]) < 1e-6, losses
