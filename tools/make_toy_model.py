@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
     p.add_argument("--flux", action="store_true", help="build / evaluate the FLUX-shaped toy base instead")
     p.add_argument("--video", action="store_true", help="build / evaluate the Wan-shaped toy video base instead")
-    p.add_argument("--video-vae-steps", type=int, default=1200, help="video VAE steps at batch 4")
+    p.add_argument("--video-vae-steps", type=int, default=1500, help="video VAE steps at batch 2 (whole clips)")
     p.add_argument("--video-steps", type=int, default=6000, help="video transformer steps at batch 16")
     p.add_argument(
         "--out",
