@@ -127,7 +127,8 @@ def crop_flip(arr: np.ndarray, c: Cover, bucket: tuple[int, int], flip: bool) ->
     """Cut the bucket out of a resized array; returns the crop and the left offset as SDXL sees it
     (measured on the flipped image when flipped, so the conditioning matches the pixels)."""
     bh, bw = bucket[:2]
-    out = arr[..., c.top : c.top + bh, c.left : c.left + bw, :]  # [H, W, 3], or [F, H, W, 3] for a clip
+    lead = (slice(None),) if arr.ndim == 4 else ()  # a clip's frames [F, H, W, 3]; else [H, W, 3] or a mask [H, W]
+    out = arr[(*lead, slice(c.top, c.top + bh), slice(c.left, c.left + bw))]
     if not flip:
         return out, c.left
-    return out[..., ::-1, :], c.rw - c.left - bw
+    return out[(*lead, slice(None), slice(None, None, -1))], c.rw - c.left - bw
