@@ -107,7 +107,7 @@ class WanFamily(Family):
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         tok, encoder = comps.tokenizer_for("text_encoder"), comps.encoder("text_encoder")
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         inputs = tok([prompt_clean(c) for c in captions], padding="max_length", max_length=length, truncation=True,
                      add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         mask = inputs.attention_mask.to(device)
@@ -125,9 +125,6 @@ class WanFamily(Family):
         z = vae.encode(clip.to(vae.device, vae.dtype, non_blocking=True)).latent_dist.mode()
         return normalise(vae, z.float())
 
-    def latent_geometry(self, vae) -> tuple[int, int, int | None]:
-        c = vae.config
-        return c.z_dim, c.scale_factor_spatial, c.scale_factor_temporal
 
     def encode_conditions(self, comps, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         """Image-to-video: the first frame as WanImageToVideoPipeline encodes its input image."""
