@@ -143,6 +143,9 @@ def resolve_base(base: str) -> tuple[str, str]:
     from finetune.toy import toy_path
 
     if toy_path(base) is not None:
+        if not (toy_path(base) / "model_index.json").is_file():  # a toy base whose build is not committed
+            raise ModelError(f"model.base '{base}': this toy base is not built in this checkout; build it with "
+                             f"`python tools/make_toy_model.py{'' if base == 'toy' else ' --' + base.split('-', 1)[1]}` (docs/toy.md)")
         return "folder", str(toy_path(base))
     path = Path(base).expanduser()
     if path.is_dir():
