@@ -49,7 +49,7 @@ def video_data(path: Path, **video) -> dict:
 
 @pytest.fixture(scope="module")
 def wan_base(tmp_path_factory) -> Path:
-    from finetune.models.tiny_wan import build_tiny_wan
+    from finetune.models.tiny import build_tiny_wan
 
     return build_tiny_wan(tmp_path_factory.mktemp("wan") / "t2v")
 

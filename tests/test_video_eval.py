@@ -50,7 +50,7 @@ def test_video_run_writes_clips_metrics_and_card(tmp_path):
     import av
     from PIL import Image
 
-    from finetune.models.tiny_wan import build_tiny_wan
+    from finetune.models.tiny import build_tiny_wan
     from tests.helpers import run_trainer
 
     base = build_tiny_wan(tmp_path / "wan", "experts")
@@ -81,7 +81,7 @@ def test_image_to_video_validation_starts_from_a_training_frame(tmp_path):
     image), and the clips come out as frame strips and a GIF."""
     from PIL import Image
 
-    from finetune.models.tiny_wan import build_tiny_wan
+    from finetune.models.tiny import build_tiny_wan
     from tests.helpers import run_trainer
 
     base = build_tiny_wan(tmp_path / "wan", "i2v")

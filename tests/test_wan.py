@@ -1,4 +1,4 @@
-"""Wan 2.1 / 2.2 on tiny models built offline (finetune/models/tiny_wan.py): text-to-video, image-to-video and
+"""Wan 2.1 / 2.2 on tiny models built offline (finetune/models/tiny.py): text-to-video, image-to-video and
 Wan 2.2's two experts. The loss of a batch against an independent computation with the pipelines' own helpers,
 LoRA training and reloading in the stock pipelines (diffusers and ComfyUI-named files), each expert on its own
 timesteps, and the resume / multi-process guarantees."""
@@ -24,7 +24,7 @@ PIPELINES = {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "experts": 
 
 @pytest.fixture(scope="session")
 def wan_bases(tmp_path_factory) -> dict[str, Path]:
-    from finetune.models.tiny_wan import build_tiny_wan
+    from finetune.models.tiny import build_tiny_wan
 
     root = tmp_path_factory.mktemp("wan")
     return {k: build_tiny_wan(root / k, k) for k in KINDS}
@@ -59,15 +59,15 @@ def trainer(recipe: Path, *overrides: str):
 
 
 def test_detected_and_text_matches_the_pipeline(wan_bases):
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
     captions = ["a red circle moving left", "  blue &amp; green  ", ""]
     for kind, family in (("t2v", "wan"), ("i2v", "wan_i2v"), ("experts", "wan")):
-        comps = load_components(ModelSection(base=str(wan_bases[kind]), max_sequence_length=16))
+        comps = load_components(resolve_base(str(wan_bases[kind])), LoadOptions(max_sequence_length=16))
         assert comps.family.name == family
     pipe = stock(wan_bases["t2v"], "t2v")
-    comps = load_components(ModelSection(base=str(wan_bases["t2v"]), max_sequence_length=16))
+    comps = load_components(resolve_base(str(wan_bases["t2v"])), LoadOptions(max_sequence_length=16))
     with torch.no_grad():
         ours = comps.family.encode_prompt(comps, captions, "cpu")["prompt_embeds"]
         theirs, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, max_sequence_length=16,
@@ -335,12 +335,12 @@ def test_estimate_covers_the_wan_reference_architectures(tmp_path):
 
     from finetune.memory.estimate import estimate
     from finetune.memory.skeleton import meta_components
+    from finetune.models.base import resolve_base
     from finetune.recipe import load_recipe
-    from finetune.sections import ModelSection
 
     sizes = {}
     for base in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers"):
-        comps = meta_components(ModelSection(base=base))
+        comps = meta_components(resolve_base(base))
         sizes[base] = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.experts.items()}
         assert comps.family.name == "wan"
     assert list(sizes["Wan-AI/Wan2.2-T2V-A14B-Diffusers"]) == ["transformer", "transformer_2"]

@@ -127,7 +127,7 @@ def to_compel(prompt: str) -> str:
     return A1111_WEIGHT.sub(lambda m: f"({m[1]}){m[2]}", prompt)
 
 
-def build_pipeline(args, video: bool = False):
+def build_pipeline(args):
     import torch
 
     from finetune.export.embeddings import load_into_pipeline
@@ -148,7 +148,7 @@ def build_pipeline(args, video: bool = False):
     for item in args.embedding:
         path, _, token = item.partition(":") if not Path(item).exists() else (item, "", "")
         tokens.append(load_into_pipeline(pipe, path, token or None, args.allow_pickle, comps.family))
-    if args.init_image is not None and not video:  # image-to-video pipelines take the frame themselves
+    if args.init_image is not None and not comps.family.video:  # image-to-video pipelines take the frame themselves
         from diffusers import AutoPipelineForImage2Image
 
         pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's own image-to-image pipeline
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
     init = check_args(args, seeds)
     print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), flush=True)
-    pipe, comps, _ = build_pipeline(args, video=_is_video(args))
+    pipe, comps, _ = build_pipeline(args)
     video = comps.family.video
     if video:
         extra = _video_inputs(args, comps, init)
@@ -222,14 +222,6 @@ def main(argv=None) -> int:
     bar.close()
     _save(args, rows, seeds)
     return 0
-
-
-def _is_video(args) -> bool:
-    from finetune.models.detect import family_for
-    from finetune.sections import ModelSection
-
-    family = family_for(ModelSection(base=args.base, family=args.family or "auto"))
-    return bool(family is not None and family.video)
 
 
 def _video_inputs(args, comps, init) -> dict:

@@ -56,7 +56,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
         clips = Path(ctx.sample_grid).with_suffix(".gif")  # video families: the samples playing
         if clips.is_file():
             grid += f"\n![sample clips]({os.path.relpath(clips, out_dir)})\n"
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"

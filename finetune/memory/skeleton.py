@@ -15,61 +15,49 @@ from pathlib import Path
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.components import Components
-from finetune.sections import ModelSection
+from finetune.models.base import Base
+from finetune.models.components import Components, LoadOptions
 
 
-def meta_components(model: ModelSection) -> Components:
-    """The recipe's base on the meta device, frozen, as the trainer's `Components`."""
+def meta_components(base: Base, options: LoadOptions | None = None) -> Components:
+    """The recipe's base (its `Base` value) on the meta device, frozen, as the trainer's `Components`."""
     from finetune.models.components import freeze
     from finetune.models.detect import family_of_folder
-    from finetune.models.family import FAMILIES
     from finetune.models.reference import REFERENCE_IDS, reference_folder
 
-    folder = _config_folder(model)
-    if folder is None and model.base in REFERENCE_IDS:
-        folder = reference_folder(REFERENCE_IDS[model.base])
+    options = options or LoadOptions()
+    folder = _config_folder(base)
+    if folder is None and base.name in REFERENCE_IDS:
+        folder = reference_folder(REFERENCE_IDS[base.name])
     if folder is None:
-        raise ModelError(f"model.base '{model.base}': its configs are not on this machine (not a folder, not in "
+        raise ModelError(f"model.base '{base.name}': its configs are not on this machine (not a folder, not in "
                          "the Hugging Face cache, no reference architecture); download the base once, or point "
                          "model.base at a local diffusers folder")
     index = json.loads((folder / "model_index.json").read_text())
     modules = {name: _meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
     tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
                   if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
-    family = FAMILIES[model.family] if model.family != "auto" else family_of_folder(folder)
-    present = [n for n in family.text_encoder_names if n in modules and n not in model.drop_text_encoders]
+    family = base.family or family_of_folder(folder)  # not cached: the reference architecture's
+    present = [n for n in family.text_encoder_names if n in modules and n not in options.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]
     slots = dict.fromkeys([family.denoiser_name, *family.experts.values()])
     experts = {n: modules[n] for n in slots if n in modules}  # Wan 2.2 A14B: both experts stay resident
-    trained = tuple(experts) if model.experts == "all" else (family.experts[model.experts],)
+    trained = tuple(experts) if options.experts == "all" else (family.experts[options.experts],)
     comps = Components(denoiser=experts[trained[0]], experts=experts, trained_experts=trained, vae=modules["vae"],
                        text_encoders=[modules[n] for n in present], tokenizers=toks, scheduler=None,
-                       family=family, base=model.base, source=str(folder), prediction_type="auto",
-                       text_encoder_names=tuple(present), max_sequence_length=model.max_sequence_length)
+                       family=family, base=base, prediction_type="auto",
+                       text_encoder_names=tuple(present), max_sequence_length=options.max_sequence_length)
     freeze(comps)
     return comps
 
 
-def _config_folder(model: ModelSection) -> Path | None:
-    if model.base == "toy":
-        from finetune.toy import toy_base_path
-
-        return toy_base_path()
-    path = Path(model.base).expanduser()
-    if path.is_dir():
-        return path
-    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
-        raise ModelError(f"model.base '{model.base}': the estimate reads diffusers folders and hub ids; give "
+def _config_folder(base: Base) -> Path | None:
+    """The diffusers folder holding the base's configs: the base's own, or its snapshot in the local cache."""
+    if base.form == "file":
+        raise ModelError(f"model.base '{base.name}': the estimate reads diffusers folders and hub ids; give "
                          "model.config (a diffusers folder of the same architecture) for a single file")
-    try:
-        from huggingface_hub import snapshot_download
-
-        got = snapshot_download(model.base, revision=model.revision, local_files_only=True,
-                                allow_patterns=["*.json", "*.txt", "*.model", "*tokenizer*", "*merges*", "*vocab*"])
-        return Path(got)
-    except Exception:  # noqa: BLE001 - not cached (or not a hub id): the reference table may know it
-        return None
+    base.check()
+    return base.folder
 
 
 def _is_model(entry) -> bool:

@@ -54,11 +54,10 @@ def reference_config(name: str, component: str) -> dict:
 def stand_in_tokenizer(cls_name: str):
     """A tokenizer of the kind `cls_name` names, for a folder that ships none: CLIP's own BPE (the toy's), or a
     small T5 / Qwen tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
-    head, finetune/models/tiny_qwen.py)."""
+    head, finetune/models/tiny.py)."""
     import tempfile
 
-    from finetune.models.tiny import clip_tokenizer, t5_tokenizer
-    from finetune.models.tiny_qwen import qwen_tokenizer
+    from finetune.models.tiny import clip_tokenizer, qwen_tokenizer, t5_tokenizer
 
     if cls_name.startswith("CLIP"):
         return clip_tokenizer()

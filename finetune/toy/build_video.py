@@ -73,7 +73,7 @@ def make_transformer(seed: int = 0):
 
 
 def make_scheduler():
-    from finetune.models.tiny_wan import wan_sampler
+    from finetune.models.tiny import wan_sampler
 
     return wan_sampler(FLOW_SHIFT)
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
-from finetune.models.family import Family, llm_flow_transformer, register_family
+from finetune.models.family import Family, llm_flow_transformer
 
 if TYPE_CHECKING:
     import torch
@@ -244,8 +244,8 @@ def _wan(name: str, **fields: Any) -> WanFamily:
     ))
 
 
-WAN = register_family(_wan("wan", pipeline_class="WanPipeline", base_version="wan", modelspec_arch={"flow": "wan"}))
-WAN_I2V = register_family(_wan(
+WAN = _wan("wan", pipeline_class="WanPipeline", base_version="wan", modelspec_arch={"flow": "wan"})
+WAN_I2V = _wan(
     "wan_i2v", pipeline_class="WanImageToVideoPipeline", i2v=True, extra_parts=("image_processor", "image_encoder"),
     start_image=True,
-    base_version="wan_i2v", modelspec_arch={"flow": "wan-i2v"}))
+    base_version="wan_i2v", modelspec_arch={"flow": "wan-i2v"})
