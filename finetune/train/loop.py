@@ -173,10 +173,11 @@ def validate(t, step: int) -> Path | None:
     # a sharded denoiser gathers its weights inside forward: every process renders, the main one saves
     if acc.is_main_process or is_sharded(acc):
         shown = acc.is_main_process and t.recipe.logging.progress
+        clip = {"frames": clip_frames(t), "image": start_image(t)}  # video families: clips from a first frame
         rows = render_rows(t, training_adapter=v.training_adapter == "on",
-                           progress=f"grid at step {step}:" if shown else None)
+                           progress=f"grid at step {step}:" if shown else None, **clip)
         extra = render_rows(t, training_adapter=True, progress=f"grid at step {step}, with the training adapter:"
-                            if shown else None) if v.training_adapter == "both" else None
+                            if shown else None, **clip) if v.training_adapter == "both" else None
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)

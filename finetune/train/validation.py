@@ -78,15 +78,14 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
 
 
 @torch.no_grad()
-def render_rows(t, adapters: bool = True, training_adapter: bool = False, progress: str | None = None
-                ) -> list[list[Image.Image]]:
+def render_rows(t, adapters: bool = True, training_adapter: bool = False, progress: str | None = None,
+                frames: int | None = None, image: Image.Image | None = None) -> list[list[Image.Image]]:
     """The run's validation prompts x seeds as the grids show them, from the trainer `t`: with the trained
     adapters (or, `adapters=False`, without: the base's own samples), on validation.base when it is set (the
     adapters copied there first), and with model.training_adapter only when `training_adapter`. Sampling steps
-    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py); `progress`: render's."""
+    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py); `progress`, `frames`, `image`: render's."""
     from contextlib import ExitStack
 
-    from finetune.train.loop import clip_frames, start_image
     from finetune.train.preserve import adapters_off
     from finetune.train.target import grid_settings
 
@@ -116,7 +115,7 @@ def render_rows(t, adapters: bool = True, training_adapter: bool = False, progre
         stack.enter_context(t.vae_on_device())
         return render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                       text=t.prompt_cache, family=comps.family, max_sequence_length=comps.family.sequence_length(comps),
-                      frames=clip_frames(t), image=start_image(t), progress=progress)
+                      frames=frames, image=image, progress=progress)
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
