@@ -100,6 +100,7 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     t = Trainer(recipe, acc)
     t.timer.enabled = profile is None
     stamps: list[float] = []
+    cpu: list[float] = []  # the process's CPU seconds (all its threads) at each step: steadier than wall time
     first_step: list[float] = []
     original = t.train_step
     prof = StepProfile(Path(profile)) if profile else None
@@ -110,6 +111,7 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
         stepped, logs = original(batch)
         if stepped:
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
             if not first_step:
                 first_step.append(time.time() - _process_start())
             if len(stamps) == warmup:
@@ -125,6 +127,7 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     wall = stamps[-1] - stamps[warmup - 1]
     out = {
         "steps": steps, "batch": recipe.train.batch_size, "step_s": wall / steps,
+        "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps, "threads": torch.get_num_threads(),
         "steps_per_s": steps / wall, "images_per_s": steps * recipe.train.batch_size / wall,
         "time_to_first_step_s": first_step[0],
         "peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -221,10 +224,10 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
     batch = {"original_size": size, "target_size": size, "crop_top_left": torch.zeros_like(size)}
     t = torch.randint(1, 1000, (b,), device=device)
     t = t.float() if comps.family.objective == "flow" else t
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
         _sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             pred = comps.family.predict(denoiser, latents, t, text, batch)
         torch.nn.functional.mse_loss(pred.float(), latents).backward()
@@ -235,7 +238,9 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
         _sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"step_s": sum(times) / len(times), "steps": steps, "batch": b}
+            cpu.append(time.process_time() - cpu_start)
+    return {"step_s": sum(times) / len(times), "cpu_s_per_step": sum(cpu) / len(cpu), "steps": steps, "batch": b,
+            "threads": torch.get_num_threads()}
 
 
 NOISE_SHAPES = {"sd15 512px": (4, 64, 64), "sdxl 1024px": (4, 128, 128), "flux 1024px": (16, 128, 128)}
@@ -293,14 +298,15 @@ def _process_start() -> float:
 
 # ------------------------------------------------------------------------------------------ harness
 def run_child(kind: str, recipe_data: dict[str, Any], warmup: int, steps: int, timeout: int = 3600,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recipe_data = json.loads(json.dumps(recipe_data))
         recipe_data["train"]["output_dir"] = str(Path(tmp) / "run")
         recipe_data["data"]["cache_dir"] = str(Path(tmp) / "cache")
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"kind": kind, "recipe": recipe_data, "warmup": warmup, "steps": steps,
-                                    "profile": str(profile.resolve()) if profile else None}))
+                                    "profile": str(profile.resolve()) if profile else None,
+                                    "threads": threads}))
         result = Path(tmp) / "result.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, "-m", "finetune.bench", "--child", str(spec), str(result)]
@@ -322,6 +328,10 @@ def time_bad_recipe() -> float:
 
 def _child_main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     if spec["kind"] == "train":
         result = measure(spec["recipe"], spec["warmup"], spec["steps"], spec.get("profile"))
     else:

@@ -209,6 +209,14 @@ class TrainSection(StrictModel):
         "device memory, costs host-to-device copies every step. See docs/memory.md.",
     )
     compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
+    optimizer_in_backward: bool = Field(
+        False,
+        description="Step each trained tensor inside the backward pass as soon as its gradient is complete, and "
+        "free that gradient at once: the same result as the ordinary step, with less peak memory (up to the size "
+        "of all gradients: full fine-tuning). Needs max_grad_norm: null (clipping needs every gradient first), "
+        "no fp16 (bf16 or no) and on_nan: stop; one process. With gradient_accumulation the earlier micro-batches "
+        "hold their gradients as usual. See docs/memory.md.",
+    )
     channels_last: bool = Field(False, description="Keep U-Net convolutions in channels-last memory format.")
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
@@ -264,6 +272,17 @@ class TrainSection(StrictModel):
         if self.block_swap and not self.gradient_checkpointing:
             raise ValueError("train.block_swap needs train.gradient_checkpointing: true (without it the graph keeps "
                              "every streamed block on the device until the backward, and nothing is saved)")
+        if self.optimizer_in_backward:  # what a step taken inside the backward cannot do exactly
+            for bad, key, why in (
+                (self.max_grad_norm, "max_grad_norm", "clipping needs the norm of every gradient before the first "
+                 "tensor steps: set train.max_grad_norm: null"),
+                (self.mixed_precision == "fp16", "mixed_precision", "fp16's loss scaler must see every gradient "
+                 "before a step: use bf16 or no"),
+                (self.on_nan == "skip", "on_nan", "a step taken inside the backward cannot be dropped afterwards: "
+                 "use train.on_nan: stop"),
+            ):
+                if bad:
+                    raise ValueError(f"train.optimizer_in_backward with train.{key}: {why}")
         if self.block_swap and self.compile:
             raise ValueError("train.block_swap swaps weights between steps of a block, which torch.compile cannot "
                              "trace; set train.compile: false")

@@ -205,10 +205,22 @@ class Trainer:
         self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})
+        self.in_backward = self._in_backward()
         self.ema = None
         if self.cfg.ema.enabled:
             self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay, foreach=True)
             self.ema.to(acc.device)
+
+    def _in_backward(self):
+        """`train.optimizer_in_backward`: each trained tensor steps from its gradient hook (train/in_backward.py)."""
+        if not self.cfg.optimizer_in_backward:
+            return None
+        if self.acc.num_processes > 1:
+            raise RunError("train.optimizer_in_backward runs on one process only (with several, a tensor would "
+                           "step before its gradient is averaged); set it to false, or launch one process")
+        from finetune.train.in_backward import StepInBackward
+
+        return StepInBackward(self.optimizer.optimizer, list(self.params.values()))
 
     # ------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -282,6 +294,8 @@ class Trainer:
             # back-propagated (its gradients are non-finite too) and the whole step is dropped below
             self.watch.note("loss", loss)
             self.watch.note_batch(batch)
+            if self.in_backward is not None:  # the last micro-batch's backward steps each tensor as it goes
+                self.in_backward.arm(acc.sync_gradients, self._resting())
             with self.timer("backward"):
                 acc.backward(loss)
             if not acc.sync_gradients:
@@ -302,8 +316,11 @@ class Trainer:
         GradScaler inside accelerate's optimizer skips that update and lowers the scale, the step still
         counts, and the learning-rate schedule does not advance (accelerate's optimizer_step_was_skipped).
         """
-        self._rest_groups()
-        report = self.watch.read(self.acc, self._grad_norm(), logs, self.stop.requested)
+        in_backward = self.in_backward is not None  # then the tensors stepped already, in the backward
+        if not in_backward:
+            self._rest_groups()
+        norm = self.in_backward.norm(self.acc.device) if in_backward else self._grad_norm()
+        report = self.watch.read(self.acc, norm, logs, self.stop.requested)
         self.stop_seen = report.stop
         logs = report.logs | {"grad_norm": report.norm}
         if report.bad["latents"]:
@@ -316,19 +333,24 @@ class Trainer:
                 self.acc.scaler.update()
             return False, logs
         with self.timer("optimizer"):
-            self.optimizer.step()
+            if not in_backward:
+                self.optimizer.step()
             if not self.acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return True, logs
 
+    def _resting(self) -> set[int]:
+        """Ids of the tensors whose parameter group is outside its `active_steps` window this step."""
+        step = self.state.step
+        return {id(p) for group in self.optimizer.param_groups
+                if not _active(group.get("active_steps"), step) for p in group["params"]}
+
     def _rest_groups(self) -> None:
         """A parameter group outside its `active_steps` window (e.g. pivotal's phases) gets no gradient: no
         update, no weight decay, no optimizer moments, no share of the clipped norm."""
-        step = self.state.step
         for group in self.optimizer.param_groups:
-            first, stop = group.get("active_steps") or (0, None)
-            if step < first or (stop is not None and step >= stop):
+            if not _active(group.get("active_steps"), self.state.step):
                 for p in group["params"]:
                     p.grad = None
 
@@ -385,6 +407,11 @@ def training_mode(module: torch.nn.Module, adapters_only: bool, on: bool = True)
             for name, child in sub.named_children():  # bitsandbytes 4-bit layer in eval repacks its weights)
                 if name != "base_layer":
                     child.train(on)
+
+
+def _active(window: tuple[int, int | None] | None, step: int) -> bool:
+    first, stop = window or (0, None)
+    return first <= step and (stop is None or step < stop)
 
 
 def _with_encoders(comps, encoders):
