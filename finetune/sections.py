@@ -69,11 +69,13 @@ class ModelSection(StrictModel):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="Training target; 'auto' reads the base's scheduler config."
     )
-    attention: Literal["sdpa", "xformers", "eager"] = Field(
+    attention: Literal["sdpa", "native", "flash", "flash3", "sage", "flex", "cudnn", "xformers", "eager"] = Field(
         "sdpa",
-        description="Attention kernel: 'sdpa' (torch scaled-dot-product attention; it picks the flash or "
-        "memory-efficient kernel itself), 'xformers' (needs the xformers package), 'eager' (plain matmul and "
-        "softmax: slower, more memory; for debugging).",
+        description="Attention kernel, through diffusers' attention dispatcher: 'sdpa' / 'native' (torch's "
+        "scaled-dot-product attention; it picks the flash or memory-efficient kernel itself), 'flash' (the "
+        "flash-attn package), 'flash3' (FlashAttention 3, Hopper), 'sage' (sageattention), 'flex' (torch's "
+        "flex_attention), 'cudnn' (torch's cuDNN kernel), 'xformers' (the xformers package); the GPU-only ones "
+        "need a CUDA device. 'eager' (plain matmul and softmax: slower, more memory; for debugging).",
     )
     allow_pickle: bool = Field(
         False,
@@ -115,9 +117,11 @@ class ModelSection(StrictModel):
     @field_validator("attention")
     @classmethod
     def _attention(cls, v: str) -> str:
-        if v == "xformers" and not _installed("xformers"):
-            raise ValueError("'xformers' needs the xformers package, which is not installed; pip install xformers "
-                             "(a build matching your torch), or use sdpa")
+        from finetune.models.attention import PACKAGES  # pure Python: the table, not torch
+
+        if v in PACKAGES and not _installed(PACKAGES[v][0]):
+            raise ValueError(f"'{v}' needs the {PACKAGES[v][0]} package, which is not installed; "
+                             f"{PACKAGES[v][1]}, or use sdpa")
         return v
 
 
@@ -208,7 +212,13 @@ class TrainSection(StrictModel):
         "each in for its forward and backward (transformer families; needs gradient_checkpointing). Saves "
         "device memory, costs host-to-device copies every step. See docs/memory.md.",
     )
-    compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
+    compile: bool | Literal["blocks"] = Field(
+        False,
+        description="torch.compile the denoiser: true (the whole of it) or 'blocks' (regional: each repeated "
+        "block compiled once and shared by its like, minutes less to compile; works with block_swap, gradient "
+        "checkpointing, adapters and quantized bases). Slow first steps, faster after (on GPUs; on a CPU it "
+        "helps small transformers). Graphs compiled per step are reported.",
+    )
     optimizer_in_backward: bool = Field(
         False,
         description="Step each trained tensor inside the backward pass as soon as its gradient is complete, and "
@@ -268,7 +278,7 @@ class TrainSection(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _block_swap(self):
+    def _combinations(self):
         if self.block_swap and not self.gradient_checkpointing:
             raise ValueError("train.block_swap needs train.gradient_checkpointing: true (without it the graph keeps "
                              "every streamed block on the device until the backward, and nothing is saved)")
@@ -283,9 +293,10 @@ class TrainSection(StrictModel):
             ):
                 if bad:
                     raise ValueError(f"train.optimizer_in_backward with train.{key}: {why}")
-        if self.block_swap and self.compile:
-            raise ValueError("train.block_swap swaps weights between steps of a block, which torch.compile cannot "
-                             "trace; set train.compile: false")
+        if self.block_swap and self.compile is True:
+            raise ValueError("train.block_swap streams each block's weights from hooks around the block, which a "
+                             "whole-denoiser compile would trace; set train.compile: blocks (each block compiled, "
+                             "the hooks outside)")
         return self
 
     @field_validator("resume")

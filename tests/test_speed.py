@@ -62,3 +62,162 @@ def test_optimizer_in_backward_lowers_the_step_peak():
     })
     peaks = step_peaks(recipe, device="cpu")
     assert peaks["in_backward"] < peaks["ordinary"] - 0.1 * peaks["gradient_bytes"], peaks
+
+
+# ------------------------------------------------------------------------------------------ regional compile
+def _bucketed_images(folder):
+    """Six images in three aspect buckets: the blocks see three shapes of image tokens."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(64, 64), (128, 64), (64, 128)] * 2):
+        Image.new("RGB", size, (40 * i, 120, 200 - 30 * i)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a sks thing")
+    return folder
+
+
+def _flux_recipe(tmp_path, images, **train):
+    return write_recipe(tmp_path, "toy-flux", images, model={"max_sequence_length": 32},
+                        data={"buckets": {"enabled": True}},
+                        method={"name": "lora", "rank": 4, "alpha": 4, "targets": "attention_mlp"},
+                        train={"max_steps": 4, "batch_size": 1, "max_grad_norm": None, **train})
+
+
+@pytest.fixture()
+def eager_compile(monkeypatch):
+    """Dynamo's graphs and guards without code generation (inductor's C++ build takes minutes on a CPU)."""
+    import finetune.train.compile as compile_module
+
+    monkeypatch.setattr(compile_module, "BACKEND", "eager")
+
+
+def test_regional_compile_is_the_same_run_and_compiles_each_block_kind_once(tmp_path, eager_compile):
+    """FLUX's 2 double- and 4 single-stream blocks: at most two graphs per block kind (the first block's input
+    needs no gradient, the rest do), all in the first step, none for later buckets; the same run as eager."""
+    from finetune.train.compile import compiled_blocks
+
+    recipe = _flux_recipe(tmp_path, _bucketed_images(tmp_path / "images"))
+    plain = run_trainer(recipe, f"train.output_dir={tmp_path / 'plain'}")
+    t = run_trainer(recipe, f"train.output_dir={tmp_path / 'blocks'}", "train.compile=blocks")
+    assert len(compiled_blocks(t.comps.denoiser, t.comps.family)) == 6
+    steps = t.compile_watch.per_step
+    assert len(steps) == 4 and 2 <= steps[0] <= 4 and steps[1:] == [0, 0, 0], steps
+    assert max_difference(plain.out / LORA, t.out / LORA) == 0.0
+    assert _losses(plain.out) == _losses(t.out)
+
+
+@pytest.mark.parametrize("quantize", ["none", "fp8"])
+def test_regional_compile_with_block_swap_checkpointing_and_quantized_base(tmp_path, eager_compile, quantize):
+    """The blocks' forwards are compiled, block swap's hooks and the checkpoint wrapper stay outside them."""
+    recipe = _flux_recipe(tmp_path, _bucketed_images(tmp_path / "images"), gradient_checkpointing=True,
+                          block_swap=2)
+    runs = [run_trainer(recipe, f"train.output_dir={tmp_path / str(c)}", f"train.compile={c}",
+                        f"model.quantize={quantize}") for c in ("false", "blocks")]
+    assert runs[1].swap is not None and runs[1].swap.loads == runs[0].swap.loads
+    assert runs[1].compile_watch.per_step[1:] == [0, 0, 0]
+    assert max_difference(runs[0].out / LORA, runs[1].out / LORA) == 0.0
+
+
+def test_regional_compile_of_a_unet(tmp_path, tiny_base, images, eager_compile):
+    """U-Nets: the family's down, middle and up blocks, one shape per step (no buckets): no recompiles."""
+    recipe = write_recipe(tmp_path, tiny_base, images, train={"max_steps": 3, "max_grad_norm": None})
+    plain = run_trainer(recipe, f"train.output_dir={tmp_path / 'plain'}")
+    t = run_trainer(recipe, f"train.output_dir={tmp_path / 'blocks'}", "train.compile=blocks")
+    assert t.compile_watch.per_step[0] > 0 and t.compile_watch.per_step[1:] == [0, 0]
+    assert max_difference(plain.out / LORA, t.out / LORA) < 1e-6
+
+
+def test_compile_refusals(tmp_path, images):
+    from finetune.errors import UserError
+    from finetune.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path, "toy-flux", images, model={"max_sequence_length": 32},
+                          method={"targets": "attention"})
+    with pytest.raises(UserError, match="train.compile: blocks") as e:
+        load_recipe(recipe, ["train.compile=true", "train.block_swap=2", "train.gradient_checkpointing=true"])
+    assert "\n" not in str(e.value).strip()
+    load_recipe(recipe, ["train.compile=blocks", "train.block_swap=2", "train.gradient_checkpointing=true"])
+
+
+@pytest.mark.slow
+def test_regional_compile_with_inductor_trains_the_same(tmp_path):
+    """The real backend (C++ code generation on a CPU: minutes): the same LoRA to float tolerance."""
+    recipe = _flux_recipe(tmp_path, _bucketed_images(tmp_path / "images"), max_steps=3)
+    plain = run_trainer(recipe, f"train.output_dir={tmp_path / 'plain'}")
+    t = run_trainer(recipe, f"train.output_dir={tmp_path / 'blocks'}", "train.compile=blocks")
+    assert t.compile_watch.per_step[1:] == [0, 0]
+    assert max_difference(plain.out / LORA, t.out / LORA) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ attention backends
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kind", ["native", "eager", "flex"])
+def test_attention_backends_compute_the_same(kind):
+    """Through diffusers' dispatcher: the FLUX toy's processors carry the backend (the process-wide active
+    backend stays as it was); the SD toy's U-Net gets the dispatching processor. Outputs agree with SDPA."""
+    import torch
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    from finetune.models.attention import BACKENDS, DispatchAttnProcessor, set_attention
+    from finetune.toy import toy_base_path, toy_flux_base_path
+
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    unet = UNet2DConditionModel.from_pretrained(toy_base_path() / "unet")
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 77, 64, generator=g))
+    outs = {}
+    for k in ("sdpa", kind):
+        set_attention(unet, k)
+        with torch.no_grad():
+            outs[k] = unet(*args).sample
+    if kind == "flex":
+        assert all(isinstance(p, DispatchAttnProcessor) for p in unet.attn_processors.values())
+    assert (outs[kind] - outs["sdpa"]).abs().max() < 1e-5
+
+    flux = FluxTransformer2DModel.from_pretrained(toy_flux_base_path() / "transformer")
+    n = 64
+    inputs = dict(hidden_states=torch.randn(1, n, 16, generator=g), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states=torch.randn(1, 8, 64, generator=g), pooled_projections=torch.ones(1, 64),
+                  img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    for k in ("sdpa", kind):
+        set_attention(flux, k)
+        assert {p._attention_backend.value for p in flux.attn_processors.values()} == {BACKENDS[k]}
+        with torch.no_grad():
+            outs[k] = flux(**inputs)[0]
+    assert (outs[kind] - outs["sdpa"]).abs().max() < 1e-5
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before
+
+
+@pytest.mark.parametrize("kind, install", [("flash", "pip install flash-attn"), ("sage", "pip install sageattention"),
+                                           ("flash3", "FlashAttention 3")])
+def test_missing_attention_package_is_one_line(tmp_path, tiny_base, images, kind, install, monkeypatch):
+    import finetune.sections as sections
+    from finetune.errors import RecipeError
+    from finetune.recipe import load_recipe
+
+    monkeypatch.setattr(sections, "_installed", lambda package: False)
+    with pytest.raises(RecipeError, match=f"model.attention: '{kind}' needs the") as e:
+        load_recipe(write_recipe(tmp_path, tiny_base, images), [f"model.attention={kind}"])
+    assert install in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gpu_only_attention_on_a_cpu_run_is_one_line(tmp_path, tiny_base, images):
+    from finetune.errors import ModelError
+
+    recipe = write_recipe(tmp_path, tiny_base, images)
+    with pytest.raises(ModelError, match="model.attention: cudnn runs on NVIDIA GPUs only") as e:
+        run_trainer(recipe, "model.attention=cudnn")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_attention_backend_is_recorded_in_the_export(tmp_path, tiny_base, images):
+    import json
+
+    from safetensors import safe_open
+
+    t = run_trainer(write_recipe(tmp_path, tiny_base, images, train={"max_steps": 1}), "model.attention=eager")
+    with safe_open(t.out / LORA, "pt") as f:
+        recipe = json.loads(f.metadata()["finetune.recipe"])
+    assert recipe["model"]["attention"] == "eager"

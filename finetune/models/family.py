@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 
 # the U-Net block layout of the real models (what a LoRA file for them is named after)
+#: a U-Net's blocks for regional compile: its down, middle and up blocks
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
 SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
 
@@ -98,6 +100,9 @@ class Family:
     #: the denoiser's block lists (ModuleList attributes), in order: what `train.block_swap` streams from the
     #: CPU (families whose gradient checkpointing wraps each block of these lists)
     swap_blocks: tuple[str, ...] = ()
+    #: what `train.compile: blocks` compiles, one block at a time (attributes: a block list or one block); empty:
+    #: the swap_blocks, else the denoiser's own `_repeated_blocks` (diffusers' regional-compile classes)
+    compile_blocks: tuple[str, ...] = ()
     #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
     cache_text_by_default: bool = False
     #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders

@@ -58,6 +58,9 @@ class Trainer:
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
         self.dtype = DTYPES[self.cfg.mixed_precision]
+        from finetune.models.attention import check_device
+
+        check_device(recipe.model.attention, acc.device)  # before loading anything
         comps = load_components(recipe.model, self._precision())
         if recipe.model.family == "auto" and family_for(recipe.model) is None:
             recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
@@ -71,8 +74,7 @@ class Trainer:
             denoiser.enable_gradient_checkpointing()
         if self.cfg.channels_last:
             denoiser.to(memory_format=torch.channels_last)
-        if self.cfg.compile:
-            denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same
+        self.compile_watch = self._compile(denoiser, comps.family)
         device = acc.device
         comps.vae.to(device)
         for enc in comps.text_encoders:
@@ -108,6 +110,16 @@ class Trainer:
 
         vae = self._vae_dtype(family_for(self.recipe.model))  # configs only; unknown family: fp32
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
+
+    def _compile(self, denoiser, family):
+        """`train.compile`: the whole denoiser or each repeated block, in place (parameter names, so
+        checkpoints and exports, stay the same); graphs per step are counted (train/compile.py)."""
+        if not self.cfg.compile:
+            return None
+        from finetune.train.compile import CompileWatch, compile_denoiser
+
+        compile_denoiser(denoiser, family, self.cfg.compile, dynamic=self.recipe.data.buckets.enabled)
+        return CompileWatch()
 
     def _place_denoiser(self) -> None:
         """Move the denoiser to the device (nf4 / int8 layers are quantized on this move); with
@@ -288,6 +300,8 @@ class Trainer:
         """One micro-batch; returns (an optimizer step happened, logs: host floats when it did)."""
         acc, cfg = self.acc, self.cfg
         self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
+        if self.compile_watch is not None:
+            self.compile_watch.before_step()
         with acc.accumulate(*self.wrapped.values()):
             loss, logs = self.compute_loss(batch)
             # finiteness is read once per optimizer step, not per micro-batch: a non-finite loss is still
@@ -301,6 +315,8 @@ class Trainer:
             if not acc.sync_gradients:
                 return False, logs
             stepped, logs = self._optimizer_step(logs)
+        if self.compile_watch is not None:
+            self.compile_watch.after_step()
         if not stepped:
             return False, logs
         self.method.after_step(self.comps)
