@@ -90,7 +90,8 @@ class ModelSection(StrictModel):
     )
     guidance: float | None = Field(
         None, ge=0.0, le=100.0,
-        description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0.",
+        description="Guidance value fed to guidance-distilled denoisers while training (FLUX.1 [dev]); null: 1.0 "
+        "(kohya's advice, SimpleTuner's and ai-toolkit's default; diffusers' script and sd-scripts default to 3.5).",
     )
     quantize: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none",
@@ -141,18 +142,26 @@ class FlowSection(StrictModel):
     timestep_sampling: Literal["auto", "uniform", "logit_normal", "mode", "sigmoid"] = Field(
         "auto", description="Timestep density; 'auto' uses the family's default (logit_normal for SD3 and FLUX)."
     )
-    logit_mean: float = Field(0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal.")
+    logit_mean: float = Field(
+        0.0, ge=-10.0, le=10.0, description="logit_normal: mean of the normal. Positive moves training toward "
+        "clean samples (sigma ~ 1 - u, as diffusers' scripts): the opposite sign of the SD3 paper and sd-scripts.",
+    )
     logit_std: float = Field(1.0, gt=0.0, le=10.0, description="logit_normal: standard deviation.")
     mode_scale: float = Field(1.29, ge=-1.0, le=10.0, description="mode: the SD3 paper's scale s.")
     sigmoid_scale: float = Field(1.0, gt=0.0, le=10.0, description="sigmoid: u = sigmoid(scale * N(0, 1)).")
     shift: float | None = Field(
-        None, gt=0.0, le=100.0, description="Static timestep shift; null uses the base scheduler's (SD3: 3.0)."
+        None, gt=0.0, le=100.0, description="Static timestep shift; null uses the base scheduler's (SD3: 3.0). "
+        "Setting it turns the resolution shift off (it replaces the static one)."
     )
     resolution_shift: bool | None = Field(
-        None, description="Shift by the image's token count (FLUX's dynamic shift); null: the family's default."
+        None, description="Shift by the image's token count (FLUX's dynamic shift); null: the family's default "
+        "(off when train.flow.shift is set)."
     )
-    weighting: Literal["none", "sigma_sqrt", "cosmap"] = Field(
-        "none", description="Loss weighting over noise levels (diffusers' compute_loss_weighting_for_sd3)."
+    weighting: Literal["none", "sigma_sqrt", "cosmap", "precondition"] = Field(
+        "none", description="Loss weighting over noise levels: diffusers' compute_loss_weighting_for_sd3 "
+        "(sigma_sqrt, cosmap), or 'precondition': sigma^2, the MSE gradient of SD3's output preconditioning "
+        "(x0 predicted as x_t - sigma * v; diffusers' SD3 script by default, sd-scripts' SD3 always). 'none' "
+        "(SimpleTuner's choice) is the default: preconditioning learned no better on the toy (docs/families.md).",
     )
 
 

@@ -142,11 +142,9 @@ def test_estimate_command_prints_the_table_and_savings(tmp_path, tiny_flux, caps
     assert not (tmp_path / "out").exists()  # nothing loaded, nothing written
 
 
-#: denoiser parameter counts of the published models (their model cards and the checkpoints' tensors)
-PUBLISHED = {"sd15": 859_520_964, "sdxl": 2_567_463_684, "flux-dev": 11_901_408_320}
 REFERENCE = {"sd15": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "attention_ff", 512),
              "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", "attention_ff", 1024),
-             "flux-dev": ("black-forest-labs/FLUX.1-dev", "attention_mlp", 1024)}
+             "flux1-dev": ("black-forest-labs/FLUX.1-dev", "attention_mlp", 1024)}
 
 
 def optimizer_state_bytes(groups, recipe) -> int:
@@ -178,6 +176,7 @@ def test_reference_architectures_parameter_and_state_bytes(tmp_path, model):
     from finetune.memory.estimate import _Sizer
     from finetune.memory.skeleton import meta_components
     from finetune.recipe import validate
+    from tests.published import PUBLISHED
 
     base, targets, res = REFERENCE[model]
     recipe = validate({"model": {"base": base},
@@ -189,9 +188,10 @@ def test_reference_architectures_parameter_and_state_bytes(tmp_path, model):
     comps = meta_components(recipe.model)
     groups = recipe.method.build().setup(comps, 1e-4)
     den = comps.denoiser
-    assert sum(p.numel() for p in den.parameters() if not p.requires_grad) == PUBLISHED[model]
+    published = PUBLISHED[model][comps.family.denoiser_name]  # the published checkpoints' counts
+    assert sum(p.numel() for p in den.parameters() if not p.requires_grad) == published
     trained = sum(p.numel() for g in groups for p in g["params"])
-    measured = {"weights": 2 * PUBLISHED[model] + sum(b.numel() * b.element_size() for b in den.buffers()),
+    measured = {"weights": 2 * published + sum(b.numel() * b.element_size() for b in den.buffers()),
                 "trained": 4 * trained, "gradients": 4 * trained}
     recipe8 = copy.deepcopy(recipe)
     recipe8.train.optimizer = "adamw8bit"

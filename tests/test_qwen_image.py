@@ -48,6 +48,21 @@ def test_text_is_the_pipelines_with_more_padding(base):
     assert float(ours["prompt_embeds"][:, n:].abs().max()) == 0 and not ours["prompt_embeds_mask"][:, n:].any()
 
 
+def test_text_does_not_depend_on_the_tokenizers_padding_side(base):
+    """The template's 34 tokens are dropped by position, which is right only with right padding: a tokenizer
+    that pads on the left (its own config may say so) used to lose the caption instead (issue 33)."""
+    from finetune.models.components import load_components
+    from finetune.sections import ModelSection
+
+    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    with torch.no_grad():
+        right = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
+        comps.tokenizer.padding_side = "left"
+        left = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
+    assert torch.equal(left["prompt_embeds_mask"], right["prompt_embeds_mask"])
+    assert float((left["prompt_embeds"] - right["prompt_embeds"]).abs().max()) == 0
+
+
 @pytest.mark.parametrize("flow", [{}, {"timestep_sampling": "uniform", "resolution_shift": False}])
 def test_packed_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, flow):
     """A batch's loss, written out with the pipeline's pieces: latents normalised as QwenImageImg2ImgPipeline

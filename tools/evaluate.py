@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin files (weights_only=True)")
     p.add_argument("--max-sequence-length", type=int, help="SD3/FLUX: T5 tokens per prompt, as the run's "
-                   "model.max_sequence_length (default: the family's, 256 SD3, 512 FLUX)")
+                   "model.max_sequence_length (default: the variant's: 256 SD3, 512 FLUX [dev], 256 [schnell])")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA to score (repeat)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:TOKEN]",
                    help="a Textual Inversion embedding to score (repeat)")

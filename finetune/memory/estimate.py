@@ -20,7 +20,8 @@ from unittest import mock
 
 import torch
 
-from finetune.memory.trace import LiveBytes, fused_attention
+from finetune.memory.trace import LiveBytes, fused_attention, meta_safe
+from finetune.models.keep_fp32 import kept_in_fp32
 from finetune.models.quantize import quantizable, quantized_bytes
 
 GB = 1024**3
@@ -102,12 +103,13 @@ class _Sizer:
         comps, est = self.comps, Estimate()
         compute = DTYPE_BYTES[recipe.train.mixed_precision]
         vae_bytes = 4 if _vae_fp32(recipe, comps.family) else compute
-        den = _weights(comps.denoiser, compute, recipe.model.quantize)
+        dtype = DTYPES_T[recipe.train.mixed_precision]
+        den = _weights(comps.denoiser, compute, recipe.model.quantize, dtype)
         swapped = _swapped(comps, recipe, compute)
         est.lines.append((f"denoiser weights ({_form(recipe.model.quantize, compute)})", den - swapped,
                           f"{_count(comps.denoiser) / 1e9:.2f}B parameters"))
-        texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders) for e in comps.text_encoders)
-        vae = _weights(comps.vae, vae_bytes, "none")
+        texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders, dtype) for e in comps.text_encoders)
+        vae = _weights(comps.vae, vae_bytes, "none", {4: torch.float32, 2: dtype}[vae_bytes])
         text_cached = _text_cached(recipe, comps.family, self.method)
         off = self.device != "cpu"
         est.lines.append(("text encoders", 0 if (text_cached and off) else texts,
@@ -134,7 +136,7 @@ class _Sizer:
         key = ("vae", batch, recipe.data.resolution, _vae_fp32(recipe, self.comps.family))
         if key not in self.traces:
             dtype = torch.float32 if key[-1] else DTYPES_T[recipe.train.mixed_precision]
-            self.traces[key] = trace_encode(self.comps.vae.to(dtype), recipe, batch)
+            self.traces[key] = trace_encode(self.comps.vae.to(dtype), recipe, batch, self.comps.family)
         return self.traces[key]
 
     def activations(self, recipe) -> int:
@@ -156,22 +158,23 @@ def trace_step(comps, recipe) -> int:
         p.data = p.data.to(dtype)
         p.grad = torch.empty_like(p)  # gradients are counted apart too
     # frozen weights in the compute dtype, as the trainer casts them (a meta base is built in fp32)
-    cast = [(p, p.dtype) for p in den.parameters()
-            if not p.requires_grad and p.dtype.is_floating_point and p.dtype != dtype and p.element_size() > 1]
+    kept = kept_in_fp32(den, dtype)
+    cast = [(p, p.dtype) for p in den.parameters() if not p.requires_grad and p.dtype.is_floating_point
+            and p.dtype != dtype and p.element_size() > 1 and id(p) not in kept]
     for p, _ in cast:
         p.data = p.data.to(dtype)
     den.train()
     if recipe.train.gradient_checkpointing:
         den.enable_gradient_checkpointing()
-    with torch.no_grad():
+    with torch.no_grad(), meta_safe():
         text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}
-    scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    side = recipe.data.resolution // scale
+    shape = latent_shape(comps, recipe.data.resolution, b)
     size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
     batch = {"original_size": size, "crop_top_left": size * 0, "target_size": size, "guidance": 1.0}
-    with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live:
-        noisy = torch.randn(b, comps.vae.config.latent_channels, side, side, device=device, dtype=dtype)
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live, \
+            meta_safe():
+        noisy = torch.randn(shape, device=device, dtype=dtype)
         timesteps = torch.rand(b, device=device) * 1000
         pred = comps.family.predict(den, noisy, timesteps, text, batch)
         loss = torch.nn.functional.mse_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32))
@@ -186,11 +189,24 @@ def trace_step(comps, recipe) -> int:
     return live.peak
 
 
+def latent_shape(comps, resolution: int, batch: int) -> tuple[int, ...]:
+    """The latents the family's `encode_latents` makes of `batch` square images (a meta VAE: shapes only): 16
+    channels at 1/8 for FLUX.1, 128 at 1/16 for FLUX.2's patchified latents, one frame of Qwen-Image's video VAE."""
+    vae = comps.vae
+    p = next(vae.parameters())
+    with torch.no_grad():
+        pixels = torch.zeros(batch, 3, resolution, resolution, device=p.device, dtype=p.dtype)
+        return tuple(comps.family.encode_latents(vae, pixels).shape)
+
+
 # ------------------------------------------------------------------------------------------- sizes
-def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
-    """Bytes of a module's frozen weights in the compute dtype or quantized form, trained parameters apart."""
+def _weights(module: torch.nn.Module, compute: int, kind: str, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a module's frozen weights in the compute dtype (`dtype`, `compute` bytes each) or quantized
+    form, trained parameters apart; weights the libraries keep in fp32 at that dtype count 4 bytes (T5's `wo`
+    in fp16: finetune/models/keep_fp32.py)."""
     total = 0
     quantized = set()
+    kept = kept_in_fp32(module, dtype) if dtype is not None else set()
     if kind != "none":
         for _, layer in quantizable(module):
             total += quantized_bytes(kind, layer.weight.shape)
@@ -200,17 +216,19 @@ def _weights(module: torch.nn.Module, compute: int, kind: str) -> int:
                 quantized.add(layer.bias)
     for p in module.parameters():
         if p not in quantized and not p.requires_grad:
-            total += p.numel() * compute
+            total += p.numel() * (4 if id(p) in kept else compute)
     return total + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def trace_encode(vae, recipe, batch: int) -> int:
-    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients)."""
+def trace_encode(vae, recipe, batch: int, family=None) -> int:
+    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients), through
+    the family's own `encode_latents` (one frame for Qwen-Image's video VAE, FLUX.2's patchify)."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     side = recipe.data.resolution
+    encode = family.encode_latents if family is not None else (lambda v, x: v.encode(x).latent_dist.mode())
     with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), \
             LiveBytes() as live:
-        vae.encode(torch.randn(batch, 3, side, side, device=device, dtype=dtype)).latent_dist.mode()
+        encode(vae, torch.randn(batch, 3, side, side, device=device, dtype=dtype))
     return live.peak
 
 
@@ -247,7 +265,7 @@ def _swapped(comps, recipe, compute: int) -> int:
     from finetune.models.offload import swappable_blocks
 
     blocks = swappable_blocks(comps.denoiser, comps.family)[-recipe.train.block_swap:]
-    sizes = [_weights(b, compute, recipe.model.quantize) for b in blocks]
+    sizes = [_weights(b, compute, recipe.model.quantize, DTYPES_T[recipe.train.mixed_precision]) for b in blocks]
     return sum(sizes) - max(sizes)
 
 

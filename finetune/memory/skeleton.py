@@ -1,9 +1,10 @@
 """A recipe's base as meta-device modules: every component built from its config.json, no weights read.
 
 A local diffusers folder (or the toy base) is read as is; a hub id is read from the local Hugging Face cache
-when its configs are there, else from the reference architectures of finetune/models/reference.py (SD 1.5,
-SDXL, FLUX.1). Tokenizers load for real (small files): the family's own `encode_prompt` then runs on the
-meta encoders, so the text conditioning has exactly the shapes training sees.
+when its configs are there, else from the published configs shipped in finetune/models/configs/ (SD 1.5, SDXL,
+SD 3.5, FLUX.1, Qwen-Image, Z-Image, FLUX.2 [klein]: finetune/models/reference.py). Tokenizers load for real
+(small files; stand-ins of the same kind where a reference folder ships none): the family's own
+`encode_prompt` then runs on the meta encoders, so the text conditioning has exactly the shapes training sees.
 """
 
 from __future__ import annotations
@@ -23,29 +24,25 @@ def meta_components(model: ModelSection) -> Components:
     from finetune.models.components import freeze
     from finetune.models.detect import family_of_folder
     from finetune.models.family import FAMILIES
-    from finetune.models.reference import REFERENCE_IDS, reference_modules
+    from finetune.models.reference import REFERENCE_IDS, reference_folder
 
     folder = _config_folder(model)
-    if folder is not None:
-        index = json.loads((folder / "model_index.json").read_text())
-        modules = {name: _meta_module(folder / name, entry[1]) for name, entry in index.items()
-                   if _is_model(entry)}
-        tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
-                      if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
-        detected = family_of_folder(folder)
-    elif model.base in REFERENCE_IDS:
-        detected, modules = reference_modules(REFERENCE_IDS[model.base])
-        detected, tokenizers = FAMILIES[detected], _reference_tokenizers(modules)
-    else:
+    if folder is None and model.base in REFERENCE_IDS:
+        folder = reference_folder(REFERENCE_IDS[model.base])
+    if folder is None:
         raise ModelError(f"model.base '{model.base}': its configs are not on this machine (not a folder, not in "
                          "the Hugging Face cache, no reference architecture); download the base once, or point "
                          "model.base at a local diffusers folder")
-    family = FAMILIES[model.family] if model.family != "auto" else detected
+    index = json.loads((folder / "model_index.json").read_text())
+    modules = {name: _meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
+    tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
+                  if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
+    family = FAMILIES[model.family] if model.family != "auto" else family_of_folder(folder)
     present = [n for n in family.text_encoder_names if n in modules and n not in model.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]
     comps = Components(denoiser=modules[family.denoiser_name], vae=modules["vae"],
                        text_encoders=[modules[n] for n in present], tokenizers=toks, scheduler=None,
-                       family=family, base=model.base, source=str(folder or model.base), prediction_type="auto",
+                       family=family, base=model.base, source=str(folder), prediction_type="auto",
                        text_encoder_names=tuple(present), max_sequence_length=model.max_sequence_length)
     freeze(comps)
     return comps
@@ -93,20 +90,11 @@ def _meta_module(folder: Path, cls_name: str) -> torch.nn.Module:
 
 
 def _tokenizer(folder: Path, cls_name: str):
+    """The folder's tokenizer; a stand-in of the same kind where it ships none (the reference configs)."""
     import transformers
 
+    from finetune.models.reference import stand_in_tokenizer
+
+    if not folder.is_dir():
+        return stand_in_tokenizer(cls_name)
     return getattr(transformers, cls_name).from_pretrained(folder)
-
-
-def _reference_tokenizers(modules: dict) -> dict:
-    """CLIP's BPE tokenizer (the toy base ships it); a T5-style one built offline: the estimate needs only
-    how many tokens a caption becomes (padded to the maximum length), not the vocabulary."""
-    import tempfile
-
-    from finetune.models.tiny import clip_tokenizer, t5_tokenizer
-
-    out = {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer()}
-    if type(modules.get("text_encoder_2")).__name__ == "T5EncoderModel":
-        with tempfile.TemporaryDirectory() as tmp:
-            out["tokenizer_2"] = t5_tokenizer(Path(tmp))
-    return out

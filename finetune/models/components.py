@@ -364,13 +364,16 @@ def freeze(comps: Components) -> None:
 
 def cast_frozen(comps: Components, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
     """Frozen weights to the compute dtype; trained parameters stay (or become) fp32; weights stored
-    quantized (bitsandbytes bytes, fp8) keep their form."""
+    quantized (bitsandbytes bytes, fp8) keep their form; weights the libraries keep in fp32 at this dtype
+    (`kept_in_fp32`: T5's `wo` in fp16) stay fp32, as the stock pipeline loads them."""
+    from finetune.models.keep_fp32 import kept_in_fp32
     from finetune.models.quantize import is_stored_quantized
 
     for name, module in comps.named_modules().items():
         target = vae_dtype if name == "vae" else dtype
+        kept = kept_in_fp32(module, target)
         for p in module.parameters():
-            if p.requires_grad:  # peft gives an adapter its base layer's float dtype: fp8 storage too
+            if p.requires_grad or id(p) in kept:  # peft gives an adapter its base layer's float dtype: fp8 too
                 p.data = p.data.to(torch.float32)
             elif not is_stored_quantized(p):
                 p.data = p.data.to(target)

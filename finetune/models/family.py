@@ -137,6 +137,15 @@ class Family:
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
 
+    def sequence_length(self, comps: Components) -> int | None:
+        """Tokens per caption of the T5-style / LLM encoder: the recipe's `model.max_sequence_length`, else this
+        variant's default (None: the family's encoders have a fixed length, e.g. CLIP's 77)."""
+        return comps.max_sequence_length or self.default_sequence_length(comps.denoiser)
+
+    def default_sequence_length(self, denoiser) -> int | None:
+        """The caption length the base was trained with, when the denoiser's config tells variants apart."""
+        return self.max_sequence_length
+
     def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
         """The validation guidance scale as the pipeline's keyword arguments (None: the family's default);
         here classifier-free guidance. Qwen-Image: true_cfg_scale; FLUX: distilled guidance or true CFG."""
@@ -199,6 +208,10 @@ class Family:
             if model.prediction_type != "auto":
                 raise ValueError(f"model.prediction_type '{model.prediction_type}' does not apply to the "
                                  f"{self.name} family (rectified flow); remove it")
+            if train.flow.shift is not None and train.flow.resolution_shift:
+                raise ValueError("train.flow.shift is a static shift and train.flow.resolution_shift: true "
+                                 "replaces it by one that follows the image size (the scheduler applies one, not "
+                                 "both): remove one of them")
             if recipe.validation.scheduler not in ("auto", "base"):
                 raise ValueError(f"validation.scheduler '{recipe.validation.scheduler}' is a DDPM sampler; the "
                                  f"{self.name} family samples with its base's flow-matching scheduler: use auto")

@@ -1,29 +1,73 @@
-"""Real architectures with random weights, built from their public configs (for benchmarks: timing and
-memory need the shapes, not trained weights, and nothing can be downloaded).
+"""Real architectures from their published configs, without weights.
 
-The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses).
+finetune/models/configs/<name>/ holds, for each reference base, the published `model_index.json` and each
+component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
+SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B. They are
+built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
+real shapes (tests/test_real_shapes.py); the benchmarks build some with random weights (timing and memory need
+the shapes, not trained weights, and nothing can be downloaded).
+
+The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses); the T5 and
+Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`): what matters at real shapes is how
+many tokens a caption becomes, not the vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-)
-CLIP_L = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-)
+CONFIGS = Path(__file__).with_name("configs")
+
+#: hub ids whose published configs ship in finetune/models/configs/<name>/
+REFERENCE_IDS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/stable-diffusion-3.5-medium": "sd35-medium", "stabilityai/stable-diffusion-3.5-large": "sd35-large",
+    "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
+    "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+}
+
+
+def reference_folder(name: str) -> Path:
+    """The config-only diffusers folder of a reference base ('sd15', 'flux1-dev', ...)."""
+    folder = CONFIGS / name
+    if not (folder / "model_index.json").is_file():
+        known = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir())
+        raise ValueError(f"no reference config {name!r}; known: {', '.join(known)}")
+    return folder
+
+
+def reference_config(name: str, component: str) -> dict:
+    """One component's published config as constructor arguments (bookkeeping keys left out)."""
+    folder = reference_folder(name) / component
+    path = folder / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    skip = {"architectures", "model_type", "torch_dtype"}
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_") and k not in skip}
+
+
+def stand_in_tokenizer(cls_name: str):
+    """A tokenizer of the kind `cls_name` names, for a folder that ships none: CLIP's own BPE (the toy's), or a
+    small T5 / Qwen tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
+    head, finetune/models/tiny_qwen.py)."""
+    import tempfile
+
+    from finetune.models.tiny import clip_tokenizer, t5_tokenizer
+    from finetune.models.tiny_qwen import qwen_tokenizer
+
+    if cls_name.startswith("CLIP"):
+        return clip_tokenizer()
+    for prefix, build in (("T5", t5_tokenizer), ("Qwen2", qwen_tokenizer)):
+        if cls_name.startswith(prefix):
+            with tempfile.TemporaryDirectory() as tmp:
+                return build(Path(tmp) / "tokenizer")
+    raise ValueError(f"no stand-in tokenizer for {cls_name}")
+
+
+SD15_UNET = reference_config("sd15", "unet")
+SD_VAE = reference_config("sd15", "vae")
+CLIP_L = reference_config("sd15", "text_encoder")
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
@@ -35,36 +79,18 @@ OPENCLIP_H = dict(
     max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
 )
 
-# SDXL base 1.0: three levels, 1/2/10 transformer layers, 2048-wide cross-attention over CLIP-L + OpenCLIP-bigG,
-# 'text_time' added conditioning: 6 size/crop ids x 256 + 1280 pooled = 2816
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SDXL_VAE = SD_VAE | dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-OPENCLIP_BIGG = dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
-)
+SDXL_UNET = reference_config("sdxl", "unet")
+SDXL_VAE = reference_config("sdxl", "vae")
+OPENCLIP_BIGG = reference_config("sdxl", "text_encoder_2")
 SDXL_SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                       steps_offset=1, timestep_spacing="leading")
 
 
-# SD 3.5 Medium: an MMDiT-X of 24 joint blocks (dual attention in the first 13), 1536 wide, qk RMS-norm;
-# a 16-channel VAE; CLIP-L and OpenCLIP-bigG with projections; T5-XXL (4.7B) is left out of the random base
-# (the benchmark caches text embeddings, so it never reaches the GPU; SD3 takes zeros in its place)
-SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-SD3_VAE = SD_VAE | dict(sample_size=1024, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                        use_quant_conv=False, use_post_quant_conv=False)
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+# SD 3.5 Medium; T5-XXL (4.7B) is left out of the random base (the benchmark caches text embeddings, so it
+# never reaches the GPU; SD3 takes zeros in its place)
+SD35M_TRANSFORMER = reference_config("sd35-medium", "transformer")
+SD3_VAE = reference_config("sd35-medium", "vae")
+SD3_SCHEDULER = reference_config("sd35-medium", "scheduler")
 
 
 def build_reference_base(model: str, path: Path) -> Path:
@@ -167,50 +193,3 @@ def _sd35m():
         tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer, pad_token="!"), tokenizer_3=None,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
     )
-
-
-# FLUX.1 [dev]: 19 double-stream + 38 single-stream blocks, 24 heads of 128 (3072 wide), guidance embedding;
-# CLIP-L (pooled) and T5-XXL v1.1 (4096 wide, 24 layers); a 16-channel VAE (the published config.json files)
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
-)
-T5_XXL = dict(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    relative_attention_num_buckets=32, dense_act_fn="gelu_new", feed_forward_proj="gated-gelu",
-    is_encoder_decoder=False, tie_word_embeddings=False,
-)
-FLUX_VAE = SD3_VAE | dict(scaling_factor=0.3611, shift_factor=0.1159)
-FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                      max_image_seq_len=4096)
-
-
-def reference_modules(model: str) -> tuple[str, dict]:
-    """(family name, {component: module}) of a reference architecture built on the meta device (shapes
-    only, no memory): what `finetune estimate` sizes when a hub base is not in the local cache."""
-    import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    with torch.device("meta"):
-        if model == "sd15":
-            return "sd1", {
-                "unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD_VAE),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L))}
-        if model in ("flux-dev", "flux-schnell"):
-            return "flux", {
-                "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER,
-                                                      guidance_embeds=model == "flux-dev"), "vae": AutoencoderKL(**FLUX_VAE),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-                "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL))}
-    if model == "sdxl":
-        return "sdxl", sdxl_modules("meta")
-    raise ValueError(f"no reference architecture {model!r}; known: sd15, sdxl, flux-dev, flux-schnell")
-
-
-#: hub ids whose architecture `reference_modules` builds (same shapes as the published weights)
-REFERENCE_IDS = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
-    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
-    "black-forest-labs/FLUX.1-dev": "flux-dev", "black-forest-labs/FLUX.1-schnell": "flux-schnell",
-}

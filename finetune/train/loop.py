@@ -177,7 +177,7 @@ def validate(t, step: int) -> Path | None:
         with acc.autocast(), t.vae_on_device():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                           text=t.prompt_cache, family=t.comps.family,
-                          max_sequence_length=t.comps.max_sequence_length)
+                          max_sequence_length=t.comps.family.sequence_length(t.comps))
         t.set_training(was)
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")

@@ -115,7 +115,11 @@ class FlowObjective:
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy = (1.0 - s) * latents + s * noise
         weights = None
-        if self.weighting != "none":
+        if self.weighting == "precondition":
+            # SD3's preconditioned output x_t - s v against x0 differs from the target by s (e - x0 - v): its
+            # squared error is s^2 times the flow loss's (diffusers' SD3 script's precondition_outputs)
+            weights = sigmas.float() ** 2
+        elif self.weighting != "none":
             weights = compute_loss_weighting_for_sd3(self.weighting, sigmas).float()
         timesteps = sigmas * self.scheduler.config.num_train_timesteps
         # x_t = (1 - s) x0 + s e: signal over noise amplitude (1 - s) / s, squared
@@ -123,8 +127,13 @@ class FlowObjective:
         return Example(noisy, timesteps, noise - latents, weights, sigmas, snr=snr, t_frac=sigmas.float())
 
     def describe(self) -> str:
-        shift = "resolution shift" if self.resolution_shift else f"shift {self.scheduler.config.get('shift', 1.0):g}"
-        return f"flow, {self.sampling}, {shift}"
+        c = self.scheduler.config
+        if self.resolution_shift:
+            shift = f"resolution shift (mu {c.get('base_shift', 0.5):g} to {c.get('max_shift', 1.15):g})"
+        else:
+            shift = f"shift {c.get('shift', 1.0):g}"
+        weighting = "" if self.weighting == "none" else f", {self.weighting} weighting"
+        return f"flow, {self.sampling}, {shift}{weighting}"
 
 
 def build_objective(family, scheduler, train):
@@ -132,10 +141,8 @@ def build_objective(family, scheduler, train):
     run's prediction type, or the base's flow-matching scheduler), `train` the recipe's train section."""
     if family.objective == "ddpm":
         return DDPMObjective(scheduler, train.min_snr_gamma, train.noise_offset)
-    flow, defaults = train.flow, family.flow_defaults
-    resolution = flow.resolution_shift
-    if resolution is None:
-        resolution = defaults.get("resolution_shift", bool(scheduler.config.get("use_dynamic_shifting")))
+    flow = train.flow
+    resolution = resolution_shift_of(family, scheduler, flow)
     overrides: dict[str, Any] = {"use_dynamic_shifting": resolution}
     if flow.shift is not None:
         overrides["shift"] = flow.shift
@@ -144,9 +151,22 @@ def build_objective(family, scheduler, train):
         # static `shift` unused, so without the resolution shift its grid is unshifted (as diffusers' script)
         overrides["shift"] = 1.0
     grid = type(scheduler).from_config(scheduler.config, **overrides)
-    sampling = flow.timestep_sampling if flow.timestep_sampling != "auto" else defaults.get("sampling", "uniform")
+    sampling = flow.timestep_sampling if flow.timestep_sampling != "auto" else family.flow_defaults.get(
+        "sampling", "uniform")
     return FlowObjective(grid, sampling, flow.weighting, train.noise_offset, flow.logit_mean, flow.logit_std,
                          flow.mode_scale, flow.sigmoid_scale, resolution, family.patch_size)
+
+
+def resolution_shift_of(family, scheduler, flow) -> bool:
+    """Whether the run shifts timesteps by image size. An explicit `train.flow.shift` is a static shift and
+    turns the family's default resolution shift off: the scheduler applies one or the other, never both, so a
+    shift ported from sd-scripts (3.1582) or musubi (2.2) must not be silently dropped (Family.check_recipe
+    refuses `shift` with `resolution_shift: true`)."""
+    if flow.resolution_shift is not None:
+        return flow.resolution_shift
+    if flow.shift is not None:
+        return False
+    return family.flow_defaults.get("resolution_shift", bool(scheduler.config.get("use_dynamic_shifting")))
 
 
 def logit_normal_density(u: torch.Tensor, mean: float, std: float) -> torch.Tensor:

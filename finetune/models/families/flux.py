@@ -2,13 +2,14 @@
 rectified flow, exactly as `FluxPipeline` drives it:
 
 - text: CLIP-L's pooled output -> `pooled_projections`; T5-XXL's last hidden state (`max_sequence_length`
-  tokens, 512 by default) -> `encoder_hidden_states`; text position ids are zeros;
+  tokens: 512 for [dev], 256 for [schnell], the lengths each was trained with) -> `encoder_hidden_states`;
+  text position ids are zeros;
 - latents: `(z - shift_factor) * scaling_factor` from the 16-channel VAE, packed into 2x2 patches
   (`FluxPipeline._pack_latents`) with (0, row, column) position ids (`_prepare_latent_image_ids`), and the
   prediction unpacked back to the latent layout before the loss;
 - timestep: sigma (the pipeline passes t / 1000); guidance: the guidance-distilled [dev] takes a guidance
-  value (`model.guidance`, 1.0 by default when training, as diffusers' and kohya's FLUX scripts do), [schnell]
-  has no guidance input.
+  value while training (`model.guidance`; 1.0 by default: what kohya's docs advise and SimpleTuner and
+  ai-toolkit default to; diffusers' script and sd-scripts default to 3.5), [schnell] has no guidance input.
 """
 
 from __future__ import annotations
@@ -22,18 +23,27 @@ from finetune.models.family import Family, register_family
 if TYPE_CHECKING:
     import torch
 
+#: T5 tokens per caption of FLUX.1 [schnell] (the family's max_sequence_length, 512, is [dev]'s)
+SCHNELL_TOKENS = 256
+#: the guidance value [dev] is trained at when the recipe leaves `model.guidance` null (see the module docstring)
+TRAIN_GUIDANCE = 1.0
+
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-FLUX_PRESETS: dict[str, list[str]] = {
+ALL_LINEAR = (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+              r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))|single_transformer_blocks\.\d+\."
+              r"(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))")
+FLUX_PRESETS: dict[str, list[str] | str] = {
     # attention of both block kinds (single blocks have to_q/k/v and fold the output into proj_out)
     "attention": ATTENTION,
     # diffusers' FLUX LoRA default: attention + both streams' MLPs of the double blocks
     "attention_mlp": ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
     # + the single blocks' MLP input (proj_mlp) and output projection (proj_out): every attention and MLP
-    # linear of every block, as kohya's and ai-toolkit's FLUX LoRAs train (a regex: peft full-matches it, and
-    # the transformer's final proj_out stays out)
-    "all_linear": (r"(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
-                   r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2))|single_transformer_blocks\.\d+\."
-                   r"(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out))"),
+    # linear of every block (a regex: peft full-matches it, and the transformer's final proj_out stays out)
+    "all_linear": ALL_LINEAR,
+    # + the blocks' modulation linears (norm1 / norm1_context / norm .linear): every Linear of every block, what
+    # sd-scripts' FLUX LoRA trains (its 304 fused BFL modules: 19 x 10 double + 38 x 3 single)
+    "all_linear_mod": ALL_LINEAR[:-1] + r"|transformer_blocks\.\d+\.(norm1|norm1_context)\.linear"
+                                        r"|single_transformer_blocks\.\d+\.norm\.linear)",
 }
 
 
@@ -44,11 +54,16 @@ class FluxFamily(Family):
         ids = clip_tok(captions, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids
         pooled = clip(ids.to(device), output_hidden_states=False).pooler_output
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         t5_tok, t5 = comps.tokenizer_for("text_encoder_2"), comps.encoder("text_encoder_2")
         ids = t5_tok(captions, padding="max_length", max_length=length, truncation=True,
                      return_tensors="pt").input_ids
         return {"prompt_embeds": t5(ids.to(device), output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
+
+    def default_sequence_length(self, denoiser) -> int | None:
+        """[dev] (guidance input) was trained with 512 T5 tokens, [schnell] with 256 (sd-scripts uses the same
+        lengths; FluxPipeline defaults to 512 for both)."""
+        return self.max_sequence_length if denoiser_config(denoiser).get("guidance_embeds") else SCHNELL_TOKENS
 
     def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
         """[dev] takes the scale as its distilled guidance input (default 3.5). A transformer without one
@@ -78,7 +93,8 @@ class FluxFamily(Family):
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
         if denoiser_config(denoiser).get("guidance_embeds"):
-            value = batch.get("guidance") or 1.0
+            value = batch.get("guidance")
+            value = TRAIN_GUIDANCE if value is None else value  # an explicit 0 trains at guidance 0
             guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                        pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=embeds,

@@ -62,7 +62,7 @@ class Flux2KleinFamily(Family):
         import torch
 
         tok, encoder = comps.tokenizer_for("text_encoder"), comps.encoder("text_encoder")
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False) for c in captions]
         inputs = tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")

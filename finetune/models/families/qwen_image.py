@@ -52,11 +52,13 @@ QWEN_IMAGE_WORDS = ("transformer_blocks", "to_q", "to_k", "to_v", "to_out", "add
 class QwenImageFamily(Family):
     def encode_prompt(self, comps, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
         tok, encoder = comps.tokenizer_for("text_encoder"), comps.encoder("text_encoder")
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         # the encoder is causal: states of the first DROP + length tokens do not depend on what follows, so
-        # tokenizing only those gives the pipeline's states (it encodes up to 1024 + 34 and cuts after)
+        # tokenizing only those gives the pipeline's states (it encodes up to 1024 + 34 and cuts after). Padding
+        # on the right keeps the template's DROP tokens first whatever the tokenizer's own padding side (the
+        # pipeline selects by mask; dropping by position is right only with right padding)
         inputs = tok([TEMPLATE.format(c) for c in captions], max_length=length + DROP, padding="max_length",
-                     truncation=True, return_tensors="pt")
+                     truncation=True, padding_side="right", return_tensors="pt")
         lm = getattr(encoder, "model", encoder)  # the hidden states without the LM head's logits
         hidden = lm(input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
                     output_hidden_states=True).hidden_states[-1][:, DROP:]

@@ -3,7 +3,8 @@
 Text conditioning, exactly as `StableDiffusion3Pipeline.encode_prompt` computes it: the penultimate hidden
 states of CLIP-L and CLIP-G concatenated on the feature axis (768 + 1280), zero-padded to T5's width (4096)
 and followed on the sequence axis by T5-XXL's last hidden state (`max_sequence_length` tokens, zeros when the
-recipe drops T5: SD3 runs without it); the pooled embedding is both CLIPs' projected outputs concatenated.
+recipe drops T5: SD3 runs without it, and the pipeline pads with 256 zero tokens as we do; ComfyUI feeds 77, which
+`model.max_sequence_length: 77` matches); the pooled embedding is both CLIPs' projected outputs concatenated.
 The 16-channel VAE's latents are `(z - shift_factor) * scaling_factor`; the transformer patches 2x2 itself
 and takes the timestep as sigma * 1000.
 """
@@ -50,7 +51,7 @@ class SD3Family(Family):
     def _t5(self, comps, captions: list[str], device, dtype) -> torch.Tensor:
         import torch
 
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         enc = comps.encoder("text_encoder_3")
         if enc is None:
             width = comps.denoiser.config.joint_attention_dim

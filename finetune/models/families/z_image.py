@@ -45,7 +45,7 @@ Z_IMAGE_WORDS = ("noise_refiner", "context_refiner", "feed_forward", "to_q", "to
 class ZImageFamily(Family):
     def encode_prompt(self, comps, captions: list[str], device: Any) -> dict[str, torch.Tensor]:
         tok, encoder = comps.tokenizer_for("text_encoder"), comps.encoder("text_encoder")
-        length = comps.max_sequence_length or self.max_sequence_length
+        length = self.sequence_length(comps)
         texts = [tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=True) for c in captions]
         inputs = tok(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")

@@ -1,0 +1,26 @@
+"""What the published weights say about the reference bases (finetune/models/configs/): parameter counts to
+check the shipped configs against. Sources, per number:
+
+- "index": the checkpoint's safetensors index (`metadata.total_size`, bf16 bytes) / 2;
+- "card": the count the model card / the widely quoted converted-checkpoint count gives;
+- the SD 3.5 pair: keras-hub's presets count SD 3.5 Large and Medium with the same CLIPs and VAE (9,048,410,595
+  and 3,371,793,763 parameters), so their difference is the MMDiTs' alone, position table included.
+"""
+
+from __future__ import annotations
+
+#: reference name -> {component: parameters}
+PUBLISHED = {
+    "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},  # card
+    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+             "text_encoder_2": 694_659_840},  # card
+    "flux1-dev": {"transformer": 23_802_816_640 // 2, "text_encoder_2": 9_524_621_312 // 2},  # index
+    "flux1-schnell": {"transformer": 23_782_357_120 // 2, "text_encoder_2": 9_524_621_312 // 2},  # index
+    "qwen-image": {"transformer": 40_860_802_176 // 2, "text_encoder": 16_584_333_312 // 2},  # index
+    "flux2-klein-4b": {"vae": 84_046_115},  # its VAE safetensors (250 weights + batch-norm statistics)
+}
+#: SD 3.5 Large minus Medium, MMDiT parameters and position embeddings (keras-hub presets' difference)
+SD35_LARGE_MINUS_MEDIUM = 9_048_410_595 - 3_371_793_763
+#: Qwen3 model cards (Qwen3-4B, Qwen3-8B): total and non-embedding parameters in billions, and half a unit of
+#: the card's last digit
+QWEN3_CARDS = {"flux2-klein-4b": (4.0, 3.6, 0.05), "z-image-turbo": (4.0, 3.6, 0.05), "flux2-klein-9b": (8.2, 6.95, 0.005)}

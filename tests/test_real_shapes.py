@@ -1,0 +1,311 @@
+"""The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
+FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo and FLUX.2 [klein] 4B / 9B (finetune/models/configs/) built
+on the meta device, no weights, and every quantity that depends on real shapes checked against the published
+checkpoints and the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768
+/ 1024 px and at non-square buckets, caption tokens per variant, which weights stay fp32 after our casts, LoRA
+target counts per preset with their kohya / ComfyUI / BFL key counts, and `finetune estimate`'s weight bytes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.published import PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
+
+FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux1-dev": "flux",
+          "flux1-schnell": "flux", "qwen-image": "qwen_image", "z-image-turbo": "z_image",
+          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein"}
+FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl")]
+SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
+
+
+def hub_id(name: str) -> str:
+    from finetune.models.reference import REFERENCE_IDS
+
+    return next(hub for hub, n in REFERENCE_IDS.items() if n == name)
+
+
+def fresh(name: str):
+    """The reference base on the meta device, frozen, as `finetune estimate` builds it."""
+    from finetune.memory.skeleton import meta_components
+    from finetune.sections import ModelSection
+
+    return meta_components(ModelSection(base=hub_id(name)))
+
+
+@functools.cache
+def shared(name: str):
+    """The same, built once per test session, for the tests that only read it."""
+    return fresh(name)
+
+
+def scheduler(name: str):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from finetune.models.reference import reference_folder
+
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(reference_folder(name) / "scheduler")
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_published_configs_are_the_published_models(name):
+    """Each component's parameter count is the published checkpoint's; the family is detected from the
+    configs alone."""
+    from finetune.models.detect import family_of_folder
+    from finetune.models.reference import reference_folder
+
+    comps = shared(name)
+    assert family_of_folder(reference_folder(name)).name == comps.family.name == FAMILY[name]
+    counts = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.named_modules().items()}
+    for component, published in PUBLISHED.get(name, {}).items():
+        assert counts[component] == published, (name, component)
+    if name in QWEN3_CARDS:  # the Qwen3 encoders: total and non-embedding, to the model card's precision
+        total, body, half_digit = QWEN3_CARDS[name]
+        enc = comps.text_encoders[0]
+        head = enc.get_output_embeddings()
+        embeds = enc.get_input_embeddings().weight.numel()
+        embeds += head.weight.numel() if head is not None and not enc.config.tie_word_embeddings else 0
+        assert round(counts["text_encoder"] / 1e9, 1) == total
+        assert abs((counts["text_encoder"] - embeds) / 1e9 - body) < half_digit
+
+
+def test_sd35_large_and_medium_differ_as_published():
+    def size(m):
+        return sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+
+    assert size(shared("sd35-large").denoiser) - size(shared("sd35-medium").denoiser) == SD35_LARGE_MINUS_MEDIUM
+
+
+class _Denoiser:
+    """Stands in for the transformer: records what the family's `predict` gives it, returns zeros shaped
+    like its input (the packing and unpacking around it are the family's own)."""
+
+    def __init__(self, config):
+        self.config, self.seen = config, None
+
+    def __call__(self, *args, **kwargs):
+        self.seen = kwargs.get("hidden_states", args[0] if args else None)
+        zero = [torch.zeros_like(x) for x in self.seen] if isinstance(self.seen, list) else torch.zeros_like(self.seen)
+        return (zero,)
+
+
+def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]:
+    """(image tokens the denoiser gets, our latents) for one image through `encode_latents` and `predict`."""
+    from finetune.memory.trace import meta_safe
+
+    family, den = comps.family, _Denoiser(dict(comps.denoiser.config))
+    with torch.no_grad(), meta_safe():
+        latents = family.encode_latents(comps.vae, torch.zeros(1, 3, height, width, device="meta"))
+        out = family.predict(den, latents, torch.full((1,), 500.0, device="meta"), text, {})
+    assert out.shape == latents.shape  # the prediction comes back in the latents' layout
+    x = den.seen[0] if isinstance(den.seen, list) else den.seen
+    if x.ndim == 3:  # packed tokens [B, N, C]
+        return x.shape[1], latents
+    patch = den.config.get("patch_size") or den.config["all_patch_size"][0]  # SD3 / Z-Image patch inside
+    return (x.shape[-2] // patch) * (x.shape[-1] // patch), latents
+
+
+def pipeline_tokens(pipe, height: int, width: int) -> int:
+    """Image tokens as the stock pipeline's `__call__` counts them: its own `prepare_latents`."""
+    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline")
+    channels = pipe.transformer.config.in_channels // (4 if packs else 1)  # num_channels_latents, as __call__
+    out = pipe.prepare_latents(1, channels, height, width, torch.float32, torch.device("meta"), None)
+    latents = out[0] if isinstance(out, tuple) else out
+    if latents.ndim == 3:  # packed
+        return latents.shape[1]
+    return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)  # SD3 and Z-Image count 2x2 patches
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_image_tokens_and_resolution_shift_are_the_pipelines(name):
+    """At 512 / 768 / 1024 px and non-square buckets: the denoiser sees as many image tokens as the pipeline
+    makes, and the resolution-shift mu is the pipeline's (`calculate_shift` over the base's scheduler config;
+    FLUX.2 [klein]'s pipeline shifts by an empirical, step-dependent mu instead: ours is FLUX.1's rule, by
+    choice), or the run uses the base's static shift where its pipeline does (SD 3.5, Z-Image)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from finetune.memory.trace import meta_safe
+    from finetune.sections import TrainSection
+    from finetune.train.objectives import build_objective
+
+    comps, sched = shared(name), scheduler(name)
+    objective = build_objective(comps.family, sched, TrainSection())
+    pipe, c = comps.pipeline(scheduler=sched), sched.config
+    with torch.no_grad(), meta_safe():
+        text = comps.family.encode_prompt(comps, ["a photo"], "meta")
+    for height, width in SIZES:
+        tokens, latents = our_tokens(comps, text, height, width)
+        assert tokens == pipeline_tokens(pipe, height, width) == (height // 16) * (width // 16)
+        if objective.resolution_shift:
+            mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+            assert abs(objective.mu(latents) - mu) < 1e-9, (name, height, width)
+    if not objective.resolution_shift:  # the static grid the pipeline samples on (SD 3.5, Z-Image: shift 3)
+        assert not c.use_dynamic_shifting and objective.scheduler.config.shift == c.shift == 3.0
+    else:
+        assert c.use_dynamic_shifting or name == "flux1-schnell"  # [schnell]: see docs/families.md
+
+
+#: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
+CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
+PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
+             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_caption_tokens_and_width_per_variant(name):
+    """The text conditioning's length is the variant's (the pipeline's default max_sequence_length, [schnell]
+    256) and its width what the denoiser reads (cross_attention_dim, joint_attention_dim, cap_feat_dim)."""
+    import diffusers
+
+    from finetune.memory.trace import meta_safe
+
+    comps = shared(name)
+    with torch.no_grad(), meta_safe():
+        text = comps.family.encode_prompt(comps, ["a photo of a cat"], "meta")
+    length = CAPTION_TOKENS.get(name)
+    if length is None:
+        call = getattr(diffusers, PIPELINES[comps.family.name]).__call__
+        length = inspect.signature(call).parameters["max_sequence_length"].default
+    if comps.family.name == "sd3":
+        assert inspect.signature(diffusers.StableDiffusion3Pipeline.__call__).parameters[
+            "max_sequence_length"].default == 256
+    c = comps.denoiser.config
+    width = c.get("cross_attention_dim") or c.get("joint_attention_dim") or c.get("cap_feat_dim")
+    assert tuple(text["prompt_embeds"].shape) == (1, length, width)
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_weights_kept_in_fp32_after_our_cast(name):
+    """After the trainer's cast only what transformers keeps in fp32 at that dtype stays fp32: T5-XXL's 24
+    `wo` in fp16 (SD 3.5, FLUX.1), nothing in bf16 and nothing in the other families."""
+    from finetune.models.components import cast_frozen
+
+    comps = fresh(name)
+    t5 = comps.encoder("text_encoder_3") or (comps.encoder("text_encoder_2") if comps.family.name == "flux" else None)
+    for dtype in (torch.float16, torch.bfloat16):  # fp16 first: bf16 then casts T5's wo down as transformers does
+        cast_frozen(comps, dtype, dtype)
+        fp32 = [f"{c}.{n}" for c, m in comps.named_modules().items() for n, p in m.named_parameters()
+                if p.dtype == torch.float32]
+        if t5 is not None and dtype == torch.float16:
+            assert len(fp32) == t5.config.num_layers == 24
+            assert all(n.endswith("layer.1.DenseReluDense.wo.weight") for n in fp32), fp32[:3]
+        else:
+            assert fp32 == [], (name, dtype)
+
+
+def _per_block(c, **n):
+    return sum(n.get(k, 0) * c[k] for k in ("num_layers", "num_single_layers"))
+
+
+#: (family, preset) -> adapted modules from the denoiser config (how many of each block kind the preset takes)
+TARGETS = {
+    ("flux", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
+    ("flux", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
+    ("flux", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
+    ("flux", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
+    ("flux2_klein", "attention"): lambda c: _per_block(c, num_layers=8),
+    ("flux2_klein", "attention_mlp"): lambda c: _per_block(c, num_layers=12),
+    ("flux2_klein", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2),
+    # SD3's last block is context_pre_only (no to_add_out, no ff_context); SD 3.5 Medium's first 13 blocks add
+    # a second image attention (attn2: to_q/k/v/out.0)
+    ("sd3", "attention"): lambda c: 8 * c["num_layers"] - 1 + 4 * len(c["dual_attention_layers"]),
+    ("sd3", "attention_mlp"): lambda c: 12 * c["num_layers"] - 3 + 4 * len(c["dual_attention_layers"]),
+    # the last block's text stream never reaches the output and is left out (Family.unused_modules)
+    ("qwen_image", "attention"): lambda c: 8 * c["num_layers"] - 1,
+    ("qwen_image", "attention_mlp"): lambda c: 12 * c["num_layers"] - 3,
+    # main layers and both refiners
+    ("z_image", "attention"): lambda c: 4 * (c["n_layers"] + 2 * c["n_refiner_layers"]),
+    ("z_image", "attention_mlp"): lambda c: 7 * (c["n_layers"] + 2 * c["n_refiner_layers"]),
+    # U-Nets: 16 (SD 1.5) / 70 (SDXL) transformer blocks (8 attention + 2 feed-forward linears each) in 16 / 11
+    # Transformer2DModels (proj_in, proj_out), 22 / 17 resnets (conv1, conv2, time_emb_proj) of which 14 / 11
+    # change width (conv_shortcut)
+    ("sd1", "attention"): lambda c: 8 * 16, ("sd1", "attention_ff"): lambda c: 10 * 16 + 2 * 16,
+    ("sd1", "locon"): lambda c: 10 * 16 + 2 * 16 + 3 * 22 + 14,
+    ("sdxl", "attention"): lambda c: 8 * 70, ("sdxl", "attention_ff"): lambda c: 10 * 70 + 2 * 11,
+    ("sdxl", "locon"): lambda c: 10 * 70 + 2 * 11 + 3 * 17 + 11,
+}
+#: FLUX's fused BFL modules per preset (sd-scripts' own FLUX LoRA: 304, its "all blocks" count)
+BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear": 19 * 8 + 38 * 2,
+             "all_linear_mod": 19 * 10 + 38 * 3}
+CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
+                                      "flux2-klein-4b") for (family, preset) in TARGETS if family == FAMILY[name]]
+CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear")]  # the other sizes, one preset each
+
+
+@pytest.mark.parametrize("name,preset", CASES)
+def test_lora_targets_and_kohya_keys_per_preset(name, preset):
+    """Each preset adapts the modules it says, at real depth; each becomes one kohya / LyCORIS key stem that
+    ComfyUI's names map back to it (3 tensors: down, up, alpha), and FLUX's fused BFL form has sd-scripts'
+    module count."""
+    from finetune.export.layouts import bound_names
+    from finetune.recipe import validate
+
+    comps = fresh(name)
+    recipe = validate({"model": {"base": hub_id(name)}, "data": {"sources": [{"type": "folder", "path": "."}]},
+                       "method": {"name": "lora", "rank": 4, "targets": preset}}, Path("r.yaml"), set())
+    recipe.method.build().setup(comps, 1e-4)
+    adapted = [n for n, m in comps.denoiser.named_modules() if hasattr(m, "lora_A")]
+    assert len(adapted) == TARGETS[(comps.family.name, preset)](dict(comps.denoiser.config)), (name, preset)
+    component = comps.family.denoiser_name
+    names = bound_names(comps.family.kohya_names, comps.named_modules())[component]
+    stems = {names.key(path): path for path in adapted}
+    assert len(stems) == len(adapted)  # 3 * len(adapted) tensors in the file
+    assert all(names.canonical(names.path_of(stem)) == names.canonical(path) for stem, path in stems.items())
+    if comps.family.name == "flux":
+        from finetune.models.families.flux_bfl import geometry_of_model, owner
+
+        owners = owner(geometry_of_model(dict(comps.denoiser.config)))
+        assert len({owners[p][0] for p in adapted}) == BFL_STEMS[preset]
+
+
+@pytest.mark.parametrize("name,precision", [(name, "bf16") for name in FAMILY]
+                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16")])  # with T5-XXL
+def test_estimate_weight_bytes(monkeypatch, name, precision):
+    """`finetune estimate`'s weight lines: the denoiser's 16-bit bytes are the published checkpoint's where
+    its size is published (FLUX.1 [dev]: 23,802,816,640 bytes), the text encoders count T5's `wo` at 4 bytes
+    in fp16 (what the trainer keeps), buffers at their own size. The activation traces are left out here."""
+    from finetune.memory import estimate as est_module
+    from finetune.recipe import validate
+
+    monkeypatch.setattr(est_module._Sizer, "activations", lambda self, recipe: 0)
+    monkeypatch.setattr(est_module._Sizer, "encode", lambda self, recipe, batch: 0)
+    recipe = validate({"model": {"base": hub_id(name)}, "data": {"sources": [{"type": "folder", "path": "."}],
+                                                                 "cache_text": False},
+                       "method": {"name": "lora", "rank": 4}, "train": {"mixed_precision": precision}},
+                      Path("r.yaml"), set())
+    est = est_module.estimate(recipe, options=False)
+    comps = shared(name)
+
+    def nbytes(module, wide=()):
+        params = sum(p.numel() * (4 if n.endswith(wide) and wide else 2) for n, p in module.named_parameters())
+        return params + sum(b.numel() * b.element_size() for b in module.buffers())
+
+    denoiser = PUBLISHED.get(name, {}).get(comps.family.denoiser_name)
+    expected = nbytes(comps.denoiser) if denoiser is None else 2 * denoiser + nbytes(comps.denoiser) - 2 * sum(
+        p.numel() for p in comps.denoiser.parameters())
+    assert est.bytes_of("denoiser weights") == expected
+    wide = ("DenseReluDense.wo.weight",) if precision == "fp16" else ()
+    assert est.bytes_of("text encoders") == sum(nbytes(e, wide) for e in comps.text_encoders)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
+                                  "flux2-klein-4b"])
+def test_estimate_traces_every_family_at_real_shapes(name):
+    """The whole estimate, activation traces included, at 512 px for one base per family: the language-model
+    encoders, Z-Image's variable-length captions and the FLUX.2 / Qwen-Image latent layouts all trace on the
+    meta device (they used to fail: a mask read on meta, a boolean selection, the VAE's own latent shape)."""
+    from finetune.memory.estimate import estimate
+    from finetune.recipe import validate
+
+    recipe = validate({"model": {"base": hub_id(name)}, "data": {"sources": [{"type": "folder", "path": "."}],
+                                                                 "resolution": 512, "cache_latents": False},
+                       "method": {"name": "lora", "rank": 4},
+                       "train": {"mixed_precision": "bf16", "gradient_checkpointing": True}}, Path("r.yaml"), set())
+    est = estimate(recipe, options=False)
+    activations = est.bytes_of("activations")
+    assert activations > 0 and est.training > est.bytes_of("denoiser weights") + activations - 1
