@@ -34,6 +34,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"data": {"cache_latents": True, "cache_text": True}, "train": {"optimizer": "adamw8bit"}},
     "channels-last": {"data": {"cache_latents": True, "cache_text": True}, "train": {"channels_last": True}},
     "compile": {"data": {"cache_latents": True, "cache_text": True}, "train": {"compile": True}},
+    # issue 41: regional compile, the optimizer stepped inside the backward, token routing (flow transformers)
+    "compile-blocks": {"data": {"cache_latents": True, "cache_text": True}, "train": {"compile": "blocks"}},
+    "in-backward": {"data": {"cache_latents": True, "cache_text": True},
+                    "train": {"optimizer_in_backward": True, "max_grad_norm": None, "on_nan": "stop"}},
+    "routing": {"data": {"cache_latents": True, "cache_text": True},
+                "train": {"routing": {"drop_ratio": 0.5, "first_block": 1, "last_block": -2}}},
+    "everything": {"data": {"cache_latents": True, "cache_text": True},
+                   "train": {"compile": "blocks", "optimizer_in_backward": True, "max_grad_norm": None,
+                             "on_nan": "stop"}},
     # base-prediction preservation: half of every batch also runs the base (adapters off, no gradients)
     "preservation": {"data": {"cache_latents": True, "cache_text": True,
                               "sources": [_WORLD, {**_WORLD, "seed": 1, "preserve": True}],
@@ -43,24 +52,30 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 #: tiny transformers (finetune/models/tiny.py): the families block swap works on, small enough for a CPU
 TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3"}
-RESOLUTION = {"toy": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024}
-TARGETS = {"toy": "locon", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp"}
+RESOLUTION = {"toy": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512}
+TARGETS = {"toy": "locon", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp",
+           "flux-dev": "attention"}
 
 
 def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str,
-                quantize: str = "none", block_swap: int = 0) -> dict[str, Any]:
+                quantize: str = "none", block_swap: int = 0, build: bool = True) -> dict[str, Any]:
     """The recipe every variant starts from; `quantize` (model.quantize) and `block_swap` (train.block_swap,
-    with gradient checkpointing, which it needs) apply to all of them."""
+    with gradient checkpointing, which it needs) apply to all of them. `build=False`: name the random base's
+    folder without building it (a dry run)."""
     small = model == "toy" or model in TINY
     train = {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
              "mixed_precision": precision, "seed": 0}
     if block_swap:
         train |= {"block_swap": block_swap, "gradient_checkpointing": True}
+    if not small:  # random weights: a stray non-finite step is skipped (its time still counts), not fatal
+        train |= {"on_nan": "skip", "max_nan_skips": 1000}
     return {
-        "model": {"base": "toy" if model == "toy" else str(random_base(model)), "quantize": quantize,
-                  **({"max_sequence_length": 32} if model in TINY else {})},
+        "model": {"base": "toy" if model == "toy" else str(random_base(model, build)), "quantize": quantize,
+                  **({"max_sequence_length": 32} if model in TINY else {}),
+                  **({"max_sequence_length": 512, "guidance": 1.0} if model == "flux-dev" else {})},
+        # the toy world's 64 px drawings, upscaled to the model's size (timing needs the shapes only)
         "data": {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}],
-                 "resolution": RESOLUTION[model], "buckets": {"enabled": False}},
+                 "resolution": RESOLUTION[model], "buckets": {"enabled": False, "min_side": 64}},
         "method": {"name": "lora", "rank": rank, "adapter": adapter,
                    "targets": TARGETS.get(model, "attention_ff")},
         "train": train,
@@ -70,10 +85,12 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
     }
 
 
-def random_base(model: str) -> Path:
-    """SD 1.5 / SDXL / SD 3.5 Medium built from their public configs with random weights (timing needs no
-    trained weights), or a tiny FLUX / SD3 transformer."""
+def random_base(model: str, build: bool = True) -> Path:
+    """SD 1.5 / SDXL / SD 3.5 Medium / FLUX.1 [dev] built from their public configs with random weights (timing
+    needs no trained weights), or a tiny FLUX / SD3 transformer."""
     folder = ROOT / "output" / "bench" / f"{model}-random"
+    if not build:
+        return folder
     if model in TINY:
         from finetune.models.tiny import build_tiny
 
@@ -102,6 +119,7 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     stamps: list[float] = []
     cpu: list[float] = []  # the process's CPU seconds (all its threads) at each step: steadier than wall time
     first_step: list[float] = []
+    swap_start = [0]
     original = t.train_step
     prof = StepProfile(Path(profile)) if profile else None
 
@@ -116,6 +134,9 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
                 first_step.append(time.time() - _process_start())
             if len(stamps) == warmup:
                 t.timer.reset()
+                swap_start[0] = t.swap.bytes_moved if t.swap is not None else 0
+                if torch.cuda.is_available():  # the training peak, not the caching phase's
+                    torch.cuda.reset_peak_memory_stats()
                 if prof:
                     prof.start()
             if prof and len(stamps) == warmup + steps:
@@ -138,9 +159,13 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     if prof:
         out["phases_s"] = {}
         out["profile"] = prof.result
-    if t.swap is not None:  # block swap: the same bytes every step (each block's forward and recomputed forward)
+    if t.swap is not None:  # block swap: host -> device only (never back), each block's forward and recomputation
         out["swapped_mib"] = t.swap.swapped_bytes() / 2**20
-        out["swap_copied_mib_per_step"] = t.swap.bytes_moved / (warmup + steps) / 2**20
+        out["swap_copied_mib_per_step"] = (t.swap.bytes_moved - swap_start[0]) / steps / 2**20
+        out["swap_copied_back_mib_per_step"] = 0.0  # by construction: the device copies are dropped
+    if t.compile_watch is not None:
+        out["compile_graphs_per_step"] = t.compile_watch.per_step
+        out["recompiles_after_step_2"] = t.compile_watch.after(2)
     return out
 
 
@@ -310,7 +335,10 @@ def run_child(kind: str, recipe_data: dict[str, Any], warmup: int, steps: int, t
         result = Path(tmp) / "result.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, "-m", "finetune.bench", "--child", str(spec), str(result)]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": [f"stopped after {timeout:.0f} s (the budget)"]}
         if done.returncode != 0:
             return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
         return json.loads(result.read_text())

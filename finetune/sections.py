@@ -136,6 +136,16 @@ class EMASection(StrictModel):
     update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
 
 
+class RoutingSection(StrictModel):
+    """Token routing (TREAD): part of the image tokens skips a window of the denoiser's blocks while training."""
+
+    drop_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="Share of the image tokens that skip the window "
+                              "(0.5: half the tokens go through its blocks; more is faster and noisier).")
+    first_block: int = Field(2, description="First block of the window, counted over the family's block lists "
+                             "in order (FLUX: 19 double- then 38 single-stream blocks); negative counts from the end.")
+    last_block: int = Field(-2, description="Last block of the window (inclusive); negative counts from the end.")
+
+
 class FlowSection(StrictModel):
     """Rectified-flow options (SD3, FLUX and later families); refused for DDPM families."""
 
@@ -227,6 +237,10 @@ class TrainSection(StrictModel):
         "block compiled once and shared by its like, minutes less to compile; works with block_swap, gradient "
         "checkpointing, adapters and quantized bases). Slow first steps, faster after (on GPUs; on a CPU it "
         "helps small transformers). Graphs compiled per step are reported.",
+    )
+    routing: RoutingSection | None = Field(
+        None, description="Token routing (TREAD) for flow transformers (flux, sd3): a share of the image tokens "
+        "skips the middle blocks in training forwards, for a cheaper step; null: off. See docs/benchmarks.md.",
     )
     optimizer_in_backward: bool = Field(
         False,

@@ -221,3 +221,66 @@ def test_attention_backend_is_recorded_in_the_export(tmp_path, tiny_base, images
     with safe_open(t.out / LORA, "pt") as f:
         recipe = json.loads(f.metadata()["finetune.recipe"])
     assert recipe["model"]["attention"] == "eager"
+
+
+# ------------------------------------------------------------------------------------------ token routing
+def _router_trainer(tmp_path, images, name, **train):
+    from finetune.recipe import load_recipe
+    from finetune.train.setup import make_accelerator
+    from finetune.train.trainer import Trainer
+
+    recipe = load_recipe(_flux_recipe(tmp_path, images, max_steps=3, batch_size=2, **train),
+                         [f"train.output_dir={tmp_path / name}"])
+    return Trainer(recipe, make_accelerator(recipe))
+
+
+def test_token_routing_keeping_every_token_is_the_plain_run(tmp_path):
+    """The gather and the skip connection are exact: with nothing dropped the run is bit for bit the plain one."""
+    images = _bucketed_images(tmp_path / "images")
+    plain = run_trainer(_flux_recipe(tmp_path, images, max_steps=3, batch_size=2), f"train.output_dir={tmp_path / 'p'}")
+    t = _router_trainer(tmp_path, images, "r", routing={"first_block": 1, "last_block": 4})
+    t.router.drop = 0.0
+    t.run()
+    assert max_difference(plain.out / LORA, t.out / LORA) == 0.0
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_token_routing_sends_half_the_image_tokens_through_the_window(tmp_path, checkpointing):
+    """Blocks 1-4 of the toy's 6 see half the image tokens in training forwards (their recomputation under
+    checkpointing too, with the same tokens: the same run as without), every token elsewhere and when sampling."""
+    import torch
+
+    images = _bucketed_images(tmp_path / "images")
+    seen: dict[int, list[tuple[int, bool]]] = {}
+    runs = {}
+    for ckpt in sorted({False, checkpointing}):
+        t = _router_trainer(tmp_path, images, f"r{ckpt}", routing={"first_block": 1, "last_block": 4},
+                            gradient_checkpointing=ckpt)
+        blocks = list(t.comps.denoiser.transformer_blocks) + list(t.comps.denoiser.single_transformer_blocks)
+
+        def watch(i):
+            def hook(block, args, kwargs):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                seen.setdefault(i, []).append((hidden.shape[1], torch.is_grad_enabled()))
+            return hook
+
+        if ckpt == checkpointing:
+            for i, block in enumerate(blocks):  # after the router's hook: sees what the block computes on
+                block.register_forward_pre_hook(watch(i), with_kwargs=True)
+        t.run()
+        runs[ckpt] = t
+    full = {n for n, _ in seen[0]}
+    assert all(n in full for i in (0, 5) for n, _ in seen[i])
+    routed = [n for i in (1, 2, 3, 4) for n, grad in seen[i] if grad]
+    assert routed and all(2 * n in full or 2 * n - 1 in full or 2 * n + 1 in full for n in routed), (routed, full)
+    if checkpointing:
+        assert max_difference(runs[False].out / LORA, runs[True].out / LORA) < 1e-6
+
+
+def test_token_routing_is_refused_where_blocks_do_not_route(tmp_path, tiny_base, images):
+    from finetune.errors import UserError
+    from finetune.recipe import load_recipe
+
+    with pytest.raises(UserError, match="train.routing") as e:
+        load_recipe(write_recipe(tmp_path, tiny_base, images), ["train.routing={drop_ratio: 0.5}"])
+    assert "\n" not in str(e.value).strip()

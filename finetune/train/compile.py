@@ -14,13 +14,16 @@ and the base's samples compile their own no-grad graphs, outside the steps); the
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from finetune.errors import ModelError
 
-BACKEND = "inductor"  # tests swap in "eager": the same graphs and guards without code generation
+#: torch.compile's backend; FINETUNE_COMPILE_BACKEND=eager (or aot_eager) gives the same graphs, guards and
+#: recompile counts without code generation (tests, tools/gpu_bench.sh's CPU check, debugging graph breaks)
+BACKEND = os.environ.get("FINETUNE_COMPILE_BACKEND", "inductor")
 
 
 def compile_denoiser(denoiser: torch.nn.Module, family, how: bool | str, dynamic: bool) -> int:

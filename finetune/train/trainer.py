@@ -9,7 +9,7 @@ only does the step, and keeps the run safe: checkpoints, clean interrupts, non-f
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,11 @@ class Trainer:
         if self.cfg.channels_last:
             denoiser.to(memory_format=torch.channels_last)
         self.compile_watch = self._compile(denoiser, comps.family)
+        self.router = None
+        if self.cfg.routing is not None:  # TREAD: hooks on the window's blocks (train/routing.py)
+            from finetune.train.routing import TokenRouter
+
+            self.router = TokenRouter(denoiser, comps.family, self.cfg.routing, self.cfg.seed)
         device = acc.device
         comps.vae.to(device)
         for enc in comps.text_encoders:
@@ -280,7 +285,8 @@ class Trainer:
         denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
-        with timer("denoiser_forward"), acc.autocast():
+        routing = self.router.routing(self.state.step) if self.router is not None else nullcontext()
+        with timer("denoiser_forward"), acc.autocast(), routing:
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         target, base = example.target, None
         need = base_rows(self, batch)  # data.preservation, masks toward the base (host tensors: no sync)
