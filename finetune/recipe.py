@@ -362,6 +362,20 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _other_source_hint(parent_cls, loc: tuple, shown: list[str]) -> str:
+    """A key another kind of data source has (`path` on a toy source): say how to switch the item's kind, the
+    first thing a newcomer tries when pointing a toy recipe at their own pictures."""
+    from finetune.data.config import FolderSource, ToySource
+
+    key = loc[-1] if loc else None
+    if parent_cls is not ToySource or key not in FolderSource.model_fields:
+        return ""
+    item = ".".join(shown)
+    return (f"; {item} is a toy source (drawn images, no files): for a folder of your own pictures replace the "
+            f"whole item, '{item}={{type: folder, path: DIR}}', or start from recipes/toy/my_pictures.yaml "
+            f"(python -m finetune recipes/toy/my_pictures.yaml data.sources.0.path=DIR)")
+
+
 def _describe(err: dict, source: Path | None) -> str:
     loc = tuple(err["loc"])
     kind = err["type"]
@@ -384,7 +398,7 @@ def _describe(err: dict, source: Path | None) -> str:
         options = list(parent_cls.model_fields) if isinstance(parent_cls, type) else []
         hint = did_you_mean(loc[-1], options)
         listing = f"; known keys here: {', '.join(options)}" if options and not hint else ""
-        return f"{where}{key}: unknown key{hint}{listing}"
+        return f"{where}{key}: unknown key{hint}{listing}{_other_source_hint(parent_cls, loc, shown)}"
     if kind == "missing":
         return f"{where}{key}: required key is missing"
     value = err.get("input")

@@ -16,7 +16,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import build_tiny_sd, build_tiny_sd2, build_tiny_sdxl, draw_images  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    TOY_SMALL,
+    build_tiny_sd,
+    build_tiny_sd2,
+    build_tiny_sdxl,
+    cli,
+    draw_images,
+    own_pictures,
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +45,21 @@ def tiny_sd2_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_base(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny") / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory) -> Path:
+    """A newcomer's folder of 13 own pictures: one corrupt, one tiny, one duplicate (helpers.own_pictures)."""
+    folder = tmp_path_factory.mktemp("own") / "pictures"
+    own_pictures(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """(the finished process, its run folder): the shipped toy recipe cut to one step, with its grids and metrics."""
+    out = tmp_path_factory.mktemp("toy_run") / "run"
+    done = cli("-m", "finetune", "recipes/toy/lora.yaml", "data.sources.0.count=8", f"train.output_dir={out}",
+               "train.max_steps=1", *TOY_SMALL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done, out

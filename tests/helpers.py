@@ -59,6 +59,44 @@ def draw_images(folder: Path, n: int = 6, caption: str = "a sks circle", size: i
     return folder
 
 
+def cli(*args, cwd: Path = ROOT, env: dict | None = None, timeout: float = 600):
+    """`python ARGS` as a person types it (a module with -m, or a tool's path), the checkout importable."""
+    import os
+    import subprocess
+    import sys
+
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TOY_SMALL = ["data.sources.1.count=8", "train.checkpoint_every=0", "validation.seeds=[0]", "validation.steps=2"]
+
+
+def own_pictures(folder: Path) -> dict[str, str]:
+    """A newcomer's folder of 13 pictures: toy-world drawings (a red heart, so the toy base can learn it) at
+    varied sizes and formats, some captioned (all saying 'sks'), one corrupt JPEG, one tiny image and one
+    byte-identical duplicate. Returns {'corrupt', 'tiny', 'duplicate'}: the odd files' names."""
+    import io
+
+    from finetune.toy.world import subject_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(96, 96), (128, 96), (96, 160), (200, 150), (150, 200), (256, 256), (120, 120), (300, 180),
+             (180, 300), (96, 128)]
+    for i, ((img, caption), (w, h)) in enumerate(zip(subject_images("red_heart", len(sizes)), sizes, strict=True)):
+        ext = (".jpg", ".png", ".webp")[i % 3]
+        img.resize((w, h)).save(folder / f"photo_{i:02d}{ext}")
+        if i % 2 == 0:
+            (folder / f"photo_{i:02d}.txt").write_text(caption.replace("heart", "sks heart", 1))
+    buf = io.BytesIO()
+    subject_images("red_heart", 1, seed=5)[0][0].resize((160, 160)).save(buf, format="JPEG")
+    (folder / "corrupt.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])  # cut off mid-scan
+    subject_images("red_heart", 1, seed=6)[0][0].resize((24, 24)).save(folder / "tiny.png")
+    (folder / "photo_00_copy.jpg").write_bytes((folder / "photo_00.jpg").read_bytes())
+    return {"corrupt": "corrupt.jpg", "tiny": "tiny.png", "duplicate": "photo_00_copy.jpg"}
+
+
 def write_recipe(tmp_path: Path, base: Path | str, images: Path, **sections) -> Path:
     """A small LoRA recipe over `images`; `sections` deep-update it (train={"max_steps": 3}, ...)."""
     from finetune.recipe import deep_merge

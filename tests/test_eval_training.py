@@ -44,7 +44,7 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 def test_run_with_metrics_writes_logs_and_keeps_the_best_step(tmp_path, tiny_base, images):
     from safetensors import safe_open
 
-    from finetune.eval.run import reference_images
+    from finetune.eval.references import reference_images
 
     t = run_trainer(metrics_recipe(tmp_path, tiny_base, images))
     out = Path(t.cfg.output_dir)

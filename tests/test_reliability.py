@@ -83,13 +83,12 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, long_recip
     proc.send_signal(signal.SIGTERM)
     text = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, text[-3000:]
-    assert "stopped by SIGTERM" in text and "train.resume=latest" in text
+    assert "stopped by SIGTERM" in text and f"resume with: python -m finetune --resume {out}\n" in text
     assert not (out / EXPORT).exists()
     (saved,) = list((out / "checkpoints").glob("step-*"))
     step = int(saved.name.split("-")[1])
     assert 3 <= step < 30
-    resumed = subprocess.run([sys.executable, "-m", "finetune", str(long_recipe), f"train.output_dir={out}",
-                              "train.resume=latest", "train.checkpoint_every=0"],
+    resumed = subprocess.run([sys.executable, "-m", "finetune", "--resume", str(out)],  # the printed command
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_weights(out / EXPORT, reference)

@@ -45,23 +45,20 @@ def run(main, argv=None) -> int:
 
 
 def quiet() -> None:
-    """Library chatter off: the tools print what matters themselves."""
+    """Library chatter off: the tools print what matters themselves. A library not imported yet is told through
+    its environment switch (read when it loads): importing diffusers here would cost seconds of start-up."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore")
     for name in ("diffusers", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        if name in sys.modules:
+            sys.modules[name].set_verbosity_error()
+            sys.modules[name].disable_progress_bar()
 
 
 def load_base(base: str, family: str = "auto", config: str | None = None, allow_pickle: bool = False):

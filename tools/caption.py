@@ -63,14 +63,14 @@ def list_models() -> str:
 
 
 def _quiet() -> None:
-    """transformers' chatter off, without importing diffusers/torch before a model is needed (fast errors)."""
+    """transformers' chatter off through its environment switches, read when it is first imported: importing it
+    here would cost seconds before a bad folder or an unreachable model is reported."""
+    import os
     import warnings
 
-    from transformers.utils import logging as tlog
-
     warnings.filterwarnings("ignore")
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main(argv=None) -> int:
@@ -80,13 +80,13 @@ def main(argv=None) -> int:
     if args.list_models:
         print(list_models())
         return 0
-    _quiet()
     opts = CaptionOptions(
         model=args.model, style=args.style, prefix=args.prefix, suffix=args.suffix, trigger=args.trigger,
         class_words=tuple(args.class_words), overwrite=args.overwrite, fill_empty=args.fill_empty,
         dry_run=args.dry_run, limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         max_new_tokens=args.max_new_tokens, recursive=args.recursive, caption_ext=args.caption_ext,
     )
+    _quiet()
     echo = None if args.quiet else (lambda line: print(line, flush=True))
     result = caption_folder(args.folder, opts, progress=not args.quiet, echo=echo)
     print(summary(result, opts))

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     opts = HygieneOptions(resolution=args.resolution, max_aspect=args.max_aspect, near_rms=args.near_rms,
                           tokenizer=args.tokenizer, max_tokens=args.max_tokens, caption_ext=args.caption_ext,
                           recursive=args.recursive)
-    report = check_folder(args.folder, opts)
+    report = check_folder(args.folder, opts, progress=not args.json)
     dest = args.quarantine or default_quarantine(report.folder)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))

@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a folder of generated images, each with its prompt in a same-stem .txt (repeat)")
     p.add_argument("--with-base", action="store_true", help="also score the untouched base")
     p.add_argument("--references", type=Path, help="folder of reference images of the subject (DINO, CLIP-I)")
+    p.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                   help="an unreadable reference image: stop naming it (default), or skip it with a warning")
     p.add_argument("--prompts", nargs="+", default=[], help="prompts, or one set: dreambench, dreambench_live, "
                    "dreambench_toy ('{}' = token + class word)")
     p.add_argument("--token", help="the trigger token in the prompts, e.g. sks")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
 
     from finetune.eval.compare import Sampling, evaluate, table
     from finetune.eval.embedders import EvalModels
-    from finetune.eval.run import reference_dir_images
+    from finetune.eval.references import reference_dir_images
     from finetune.eval.scoring import Scorer
     from finetune.train.validation import grid
 
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     _common.quiet()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    refs = reference_dir_images(args.references, "--references") if args.references else []
+    refs = reference_dir_images(args.references, "--references", args.on_bad_image) if args.references else []
     models = EvalModels(args.clip_model, args.dino_model, dtype, keys=("--clip-model", "--dino-model"))
     scorer = Scorer(args.metrics, models, refs, args.token, args.class_word, device)
     sampling = Sampling(prompts, args.seeds, args.steps, args.guidance, args.negative, args.scheduler,
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
                                             max_sequence_length=args.max_sequence_length))
 
     results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
-                       allow_pickle=args.allow_pickle)
+                       allow_pickle=args.allow_pickle, say=lambda line: print(line, flush=True))
     print()
     print(table(results, scorer.metrics))
     print(f"\n{len(refs)} reference images; mean [95% bootstrap interval over images]; raw cosines")

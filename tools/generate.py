@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import _common
@@ -33,21 +34,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="textual-inversion embedding (repeat); TOKEN overrides the file's token")
     p.add_argument("--negative", default="", help="negative prompt for every image")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="one grid column per seed")
-    p.add_argument("--seed", type=int, default=0, help="first seed when --seeds is not given")
-    p.add_argument("--batch", type=int, default=2, help="images per prompt when --seeds is not given")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="ddim", help="sampler")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype")
+    p.add_argument("--seed", type=int, default=0, help="first seed when --seeds is not given (default 0)")
+    p.add_argument("--batch", type=int, default=2, help="images per prompt when --seeds is not given (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="ddim", help="sampler (default ddim)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda when available)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the base's)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the base's)")
     p.add_argument("--init-image", type=Path, help="image-to-image: the starting image")
-    p.add_argument("--strength", type=float, default=0.6, help="image-to-image: how much to change (0..1)")
-    p.add_argument("--out", type=Path, default=Path("generated.png"), help="grid image to write")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="image-to-image: how much to change, 0..1 (default 0.6)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="grid image to write (default: output/generated/NAME-NNN.png, NAME the first --lora's (or the "
+                   "base's) name, NNN the next free number)")
     p.add_argument("--save-images", type=Path, help="also save every image into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = default_out(args.lora[0] if args.lora else args.base)
+    return args
+
+
+def default_out(source: str) -> Path:
+    """A new file under output/generated/ named after what the grid shows (the first LoRA, else the base), never
+    in the current folder and never over an earlier grid: my-lora-000.png, my-lora-001.png, ..."""
+    path = Path(source) if Path(source).exists() else Path(source.rpartition(":")[0] or source)
+    if path.suffix == ".safetensors" and path.stem in ("pytorch_lora_weights", "peft_adapter"):
+        path = path.parent  # a run's diffusers file: the run's name says more
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (path.stem or "grid"))
+    folder = Path("output") / "generated"
+    taken = {p.name for p in folder.glob(f"{name}-*.png")}
+    n = next(i for i in range(len(taken) + 1) if f"{name}-{i:03d}.png" not in taken)
+    return folder / f"{name}-{n:03d}.png"
 
 
 def check_args(args, seeds: list[int]):
@@ -168,6 +188,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     seeds = args.seeds or list(range(args.seed, args.seed + args.batch))
     init = check_args(args, seeds)
+    print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), flush=True)
     pipe, comps, _ = build_pipeline(args)
     extra = {}
     if init is not None:
@@ -176,16 +197,20 @@ def main(argv=None) -> int:
         size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
         extra = {"width": args.width or size, "height": args.height or size}
     rows = []
-    for prompt in tqdm(args.prompts, desc="prompts", disable=len(args.prompts) < 2):
+    bar = tqdm(total=len(args.prompts) * len(seeds), desc="generating", unit="image", file=sys.stderr)
+    for prompt in args.prompts:
         text = encode(pipe, comps.family, prompt, args.negative)
         images = []
         for seed in seeds:
             g = torch.Generator("cpu").manual_seed(seed)
+            pipe.set_progress_bar_config(desc=f"  seed {seed}", leave=False, file=sys.stderr)  # the steps
             with torch.no_grad():
                 out = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=g,
                            **extra)
             images.append(out.images[0])
+            bar.update(1)
         rows.append(images)
+    bar.close()
     _save(args, rows, seeds)
     return 0
 

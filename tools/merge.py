@@ -62,7 +62,9 @@ def fuse(args, specs) -> int:
         check_output(args.out, inputs, args.overwrite, "--out", folder=True)
     if args.single_file is not None:
         check_output(args.single_file, inputs, args.overwrite, "--single-file")
+    print(f"[1/2] loading the base {args.base}", flush=True)  # each step is minutes for a large base
     comps = _common.load_base(args.base, args.family, args.config, args.allow_pickle)
+    print(f"[2/2] fusing {len(specs)} LoRA(s) into it and writing", flush=True)
     for path in merge_into_base(comps, specs, args.out, args.single_file, args.allow_pickle, args.dtype,
                                 args.overwrite):
         print(f"wrote {path}")

@@ -168,16 +168,22 @@ class Captioner:
 
 
 def load_captioner(model_id: str, device: str = "auto", dtype: str = "auto") -> Captioner:
-    """Load a natively supported image-text-to-text model and its processor; one-line ModelError otherwise."""
+    """Load a natively supported image-text-to-text model and its processor; one-line ModelError otherwise.
+    'toy' is the toy world's offline captioner (finetune/caption/toy.py)."""
+    if model_id == "toy":
+        from finetune.caption.toy import ToyCaptioner
+
+        return ToyCaptioner()
+    local = {"local_files_only": True} if needs_local_files(model_id) else {}  # before transformers loads
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = _native_config(model_id)
+    config = _native_config(model_id, local)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     try:
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=False, **local)
         model, info = AutoModelForImageTextToText.from_pretrained(
-            model_id, dtype=torch_dtype, trust_remote_code=False, output_loading_info=True
+            model_id, dtype=torch_dtype, trust_remote_code=False, output_loading_info=True, **local
         )
     except ImportError as e:  # e.g. a processor that needs torchvision or num2words
         raise ModelError(f"{model_id}: its processor needs a missing package ({_first_line(e)})") from None
@@ -191,15 +197,57 @@ def load_captioner(model_id: str, device: str = "auto", dtype: str = "auto") -> 
     return Captioner(model_id, model, processor, prompts_for(config.model_type, processor, model_id), dev, torch_dtype)
 
 
-def _native_config(model_id: str):
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached from here (one quick connection, no retries), or None when it can or we
+    cannot tell (a proxy is configured: the library goes through it, a direct connection proves nothing)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached from here ({e.strerror or e})"
+    return None
+
+
+def needs_local_files(model_id: str) -> bool:
+    """True when a hub id must come from the local cache (offline, or the hub unreachable: the library would
+    spend half a minute retrying). Not cached either: a one-line ModelError saying what to do."""
+    from pathlib import Path
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(model_id).expanduser().is_dir():
+        return False
+    try:
+        cached = isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except ValueError:  # not a hub id either (a folder that is not there): the loader says "not found"
+        return False
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable()
+    if why is None:
+        return False  # online: the library downloads it, or checks the cached copy
+    if cached:
+        return True  # offline: straight from the cache, no connection attempts (nor their retries)
+    raise ModelError(f"{model_id}: not downloaded here and {why}; download it once where there is a network "
+                     f"(hf download {model_id}), give a local folder with --model, or try the workflow offline "
+                     "with --model toy (the toy world's captioner)")
+
+
+def _native_config(model_id: str, local: dict | None = None):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     try:
-        config = AutoConfig.from_pretrained(model_id, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model_id, trust_remote_code=False, **(local or {}))
     except OSError as e:
-        raise ModelError(f"{model_id}: not found ({_first_line(e)}); give a local folder, or a hub id that is "
-                         "downloaded (or reachable without HF_HUB_OFFLINE)") from None
+        raise ModelError(f"{model_id}: not found ({_first_line(e)}); give a local folder or a hub id "
+                         "(python tools/caption.py --list-models), or --model toy to try the workflow offline") from None
     except ValueError as e:
         raise ModelError(f"{model_id}: {_remote_code_hint(model_id)} ({_first_line(e)})") from None
     if getattr(config, "auto_map", None):

@@ -87,7 +87,8 @@ class Cache:
         path = self._path(key)
         from finetune.export.io import atomic_path
 
-        with atomic_path(path) as tmp:
+        # no fsync per entry (hundreds of them before the first step): `usable` finds an entry a crash damaged
+        with atomic_path(path, durable=False) as tmp:
             save_file(tensors, str(tmp))
 
 

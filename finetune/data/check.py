@@ -18,6 +18,9 @@ def check_data(recipe) -> str:
     planner = Planner(scan, bs, recipe.train.seed, accumulation=accum)
     extra = [f"optimizer steps per epoch on one process (batch size {bs} x {accum} accumulated, one bucket "
              f"per batch): {planner.total_batches}"]
+    from finetune.eval.references import reference_summary
+
+    extra += reference_summary(recipe)  # the metrics' reference images, read with the run's own rules
     if data.prior is not None:
         missing = data.prior.num_class_images - count_class_images(data.prior)
         if missing > 0:

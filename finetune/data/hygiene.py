@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -115,14 +116,18 @@ def _inspect(path: Path) -> _Image:
     return _Image(path, size, digest(data), phash(img), dhash(img), thumbnail(img))
 
 
-def inspect_images(files: list[Path]) -> list[_Image]:
-    """Read, check and hash every image in a thread pool (decoding and hashing release the GIL)."""
+def inspect_images(files: list[Path], progress: bool = False) -> list[_Image]:
+    """Read, check and hash every image in a thread pool (decoding and hashing release the GIL); `progress`: a
+    bar on stderr (a large folder takes minutes)."""
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as pool:
-        return list(pool.map(_inspect, files))
+        return list(tqdm(pool.map(_inspect, files), total=len(files), desc="reading images", unit="img",
+                         disable=not progress, file=sys.stderr, leave=False))
 
 
 # -------------------------------------------------------------------------------------------- the checks
-def check_folder(folder: str | Path, options: HygieneOptions | None = None) -> HygieneReport:
+def check_folder(folder: str | Path, options: HygieneOptions | None = None, progress: bool = False) -> HygieneReport:
     """Every check over one folder (the studio and tools/dataset.py both call this). Reads; writes nothing."""
     opts = options or HygieneOptions()
     opts.check()
@@ -130,7 +135,7 @@ def check_folder(folder: str | Path, options: HygieneOptions | None = None) -> H
     files = image_files(root, opts.recursive)
     if not files:
         raise DataError(f"{root}: no images found" + ("" if opts.recursive else " (pass --recursive for sub-folders)"))
-    images = inspect_images(files)
+    images = inspect_images(files, progress)
     good = [im for im in images if im.error is None]
     captions = {im.path: _read_caption(im.path.with_suffix(opts.caption_ext)) for im in images}
     findings = [Finding("unreadable", str(im.path), im.error) for im in images if im.error]

@@ -55,10 +55,11 @@ class Problems:
     min_side: int = 64
     verbose: bool = True  # only the main process warns
     skipped: list[str] = field(default_factory=list)
+    skip_hint: str = "set data.on_bad_image: skip"  # how this caller's user says 'skip' (a tool: its flag)
 
     def bad(self, where: str, why: str, fix: str) -> None:
         if self.on_bad != "skip":
-            raise DataError(f"{where}: {why}; {fix} (or set data.on_bad_image: skip to leave such files out)")
+            raise DataError(f"{where}: {why}; {fix} (or {self.skip_hint} to leave such files out)")
         self.skipped.append(f"{where}: {why}")
         if self.verbose:  # a plain line, not warnings.warn: users should not see our source lines
             print(f"warning: skipping {where}: {why}", file=sys.stderr)

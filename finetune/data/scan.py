@@ -133,6 +133,6 @@ def summarize(scan: Scan, seed: int = 0, extra: list[str] | None = None) -> str:
     if skipped:
         notes.append(f"{len(skipped)} file(s) skipped (on_bad_image: skip): " + "; ".join(skipped[:5])
                      + (" ..." if len(skipped) > 5 else ""))
-    lines.append("problems: " + ("none" if not notes else ""))
+    lines.append("problems: none" if not notes else "problems:")
     lines += [f"  - {n}" for n in notes]
     return "\n".join(lines)

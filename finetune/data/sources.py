@@ -7,6 +7,7 @@ folder (its own repeats and prompt); every other source gives one subset.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -73,6 +74,9 @@ def _no_images(root: Path, recursive: bool) -> DataError:
 
 
 def _missing_note(sub: Subset, missing: list[Path], ext: str, fallback: str) -> None:
+    """Counted after loading: a file the scan skipped (corrupt, too small) trains on nothing at all."""
+    loaded = {r.path for r in sub.records}
+    missing = [f for f in missing if str(f) in loaded]
     if missing:
         sub.notes.append(
             f"{len(missing)} image(s) without a {ext} caption train on {fallback}, e.g. {missing[0].name}"
@@ -94,9 +98,10 @@ def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
                 f"{root}: no {src.caption_ext} caption files, but the images have {other} captions; "
                 f"set caption_ext: '{other}' in {key}"
             )
-    empty = apply_rules("", sub.rules) or "an empty caption"
-    _missing_note(sub, missing, src.caption_ext, f"the template alone ({empty!r})")
     sub.records = load_images(pairs, probs)
+    template = apply_rules("", sub.rules)
+    _missing_note(sub, missing, src.caption_ext,
+                  f"the template alone ({template!r})" if template else "an empty caption")
     return [sub]
 
 
@@ -132,8 +137,8 @@ def scan_kohya(src, data, probs: Problems, key: str) -> list[Subset]:
             raise DataError(f"{d}: kohya folder holds no images; add images or remove the folder")
         sub = _subset(src, data, probs, name=str(d), repeats=int(count) * src.repeats)
         pairs, missing = _with_captions(files, src.caption_ext, prompt, probs, root)
-        _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
         sub.records = load_images(pairs, probs)
+        _missing_note(sub, missing, src.caption_ext, f"the folder prompt {prompt!r}")
         subsets.append(sub)
     ignored = [d.name for d in dirs if d not in named]
     if ignored:
@@ -263,21 +268,30 @@ def _hf_record(src, i: int, row: dict, probs: Problems) -> Record | None:
 
 
 def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
+    sub = _subset(src, data, probs)
+    for i, (png, caption, mask) in enumerate(_toy_drawn(src.subject, src.count, src.seed, src.variants, src.masks)):
+        rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption, png, probs)
+        if rec is not None:
+            sub.records.append(replace(rec, mask=mask) if mask is not None else rec)
+    return [sub]
+
+
+@functools.lru_cache(maxsize=16)
+def _toy_drawn(subject: str, count: int, seed: int, variants: bool, masks: bool) -> tuple:
+    """((PNG bytes, caption, mask PNG or None), ...) of a toy source, drawn once per process: the training scan,
+    the metrics' references and `--check` read the same source (drawing is most of a toy scan's time)."""
     from finetune.toy import world  # lazy: drawing code is only needed for toy runs
 
-    if src.subject == "world":
-        pairs = world.world_images(src.count, src.seed, variants=src.variants)
+    if subject == "world":
+        pairs = world.world_images(count, seed, variants=variants)
     else:
-        pairs = world.subject_images(src.subject, src.count, src.seed)
-    sub = _subset(src, data, probs)
-    for i, (img, caption) in enumerate(pairs):
+        pairs = world.subject_images(subject, count, seed)
+    out = []
+    for img, caption in pairs:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption,
-                          buf.getvalue(), probs)
-        if rec is not None:
-            sub.records.append(replace(rec, mask=_toy_mask(img)) if src.masks else rec)
-    return [sub]
+        out.append((buf.getvalue(), caption, _toy_mask(img) if masks else None))
+    return tuple(out)
 
 
 def _toy_mask(img) -> bytes:

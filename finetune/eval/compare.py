@@ -77,7 +77,7 @@ def _components(cand: Candidate, base: str | None, loader, allow_pickle: bool = 
 
 
 def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, loader, device, dtype,
-                     allow_pickle: bool = False) -> list[list]:
+                     allow_pickle: bool = False, progress: bool = False) -> list[list]:
     """rows[p][s] for one generated candidate; the base is reloaded for each, so none sees another's weights.
     Any family: the pipeline, sampler, guidance and embedding loading all come from the family object."""
     from finetune.sections import ValidationSection
@@ -96,7 +96,7 @@ def render_candidate(cand: Candidate, base: str | None, sampling: Sampling, load
     pipe.to(device, dtype)
     text = None if cand.kind == "embedding" else _family_text(comps, cfg, device)
     return render(pipe, sampling.prompts, sampling.seeds, cfg, sampling.size, device, text=text,
-                  family=comps.family)
+                  family=comps.family, progress=f"{cand.label}:" if progress else None)
 
 
 @torch.no_grad()
@@ -124,16 +124,24 @@ def table(results: list[tuple[str, Scores]], metrics: list[str]) -> str:
 
 
 def evaluate(candidates: list[Candidate], scorer: Scorer, sampling: Sampling | None, base: str | None,
-             loader, device, dtype, on_rows=None, allow_pickle: bool = False) -> list[tuple[str, Scores]]:
-    """Score every candidate; `on_rows(candidate, rows, prompts)` sees each one's images (to save a grid)."""
+             loader, device, dtype, on_rows=None, allow_pickle: bool = False,
+             say=None) -> list[tuple[str, Scores]]:
+    """Score every candidate; `on_rows(candidate, rows, prompts)` sees each one's images (to save a grid).
+    `say(line)`: what is happening, candidate by candidate (rendering shows the pipeline's progress bar too)."""
     results = []
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
+        if say is not None:
+            say(f"[{i + 1}/{len(candidates)}] {cand.label}: " + ("reading the images" if cand.kind == "images"
+                                                                  else "loading, then sampling"))
         if cand.kind == "images":
             rows, prompts = images_with_prompts(Path(cand.spec), "clip_t" in scorer.metrics)
         else:
-            rows, prompts = (render_candidate(cand, base, sampling, loader, device, dtype, allow_pickle),
-                            sampling.prompts)
+            rows, prompts = (render_candidate(cand, base, sampling, loader, device, dtype, allow_pickle,
+                                              progress=say is not None), sampling.prompts)
         if on_rows is not None:
             on_rows(cand, rows, prompts)
+        if say is not None:
+            say(f"[{i + 1}/{len(candidates)}] {cand.label}: scoring {sum(len(r) for r in rows)} images"
+                + (" (the metric models load first)" if i == 0 else ""))
         results.append((cand.label, scorer.score(rows, prompts)))
     return results

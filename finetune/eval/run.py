@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
+from finetune.eval.references import reference_images
 from finetune.eval.scoring import LABELS, Scorer, Scores
 
-MAX_REFERENCES = 64  # more reference images add little to a mean and cost an embedding pass each
 BEST_PREFIX = "best-step-"
 
 
@@ -20,39 +21,6 @@ def objective_weights(keep_best) -> dict[str, float]:
     if keep_best is None:
         return {}
     return {keep_best: 1.0} if isinstance(keep_best, str) else dict(keep_best)
-
-
-def _spread(items: list) -> list:
-    if len(items) <= MAX_REFERENCES:
-        return items
-    return [items[i * len(items) // MAX_REFERENCES] for i in range(MAX_REFERENCES)]
-
-
-def reference_dir_images(folder, key: str) -> list:
-    """The images of a reference folder (at most MAX_REFERENCES, evenly spread), upright RGB."""
-    from finetune.data.images import decode
-    from finetune.data.records import image_files, need_dir
-    from finetune.errors import DataError
-
-    files = image_files(need_dir(str(folder), key))
-    if not files:
-        raise DataError(f"{folder}: no images ({key}); add .png/.jpg/.webp images of the subject")
-    return [decode(f.read_bytes()) for f in _spread(files)]
-
-
-def reference_images(recipe) -> list:
-    """validation.reference_dir's images, else the first data source's (the instance images)."""
-    from finetune.data.images import decode
-    from finetune.data.records import Problems
-    from finetune.data.sources import SCANNERS
-
-    v = recipe.validation
-    if v.reference_dir:
-        return reference_dir_images(v.reference_dir, "validation.reference_dir")
-    src = recipe.data.sources[0]
-    records = [r for sub in SCANNERS[src.type](src, recipe.data, Problems(verbose=False), "data.sources.0")
-               for r in sub.records]
-    return [decode(r.read()) for r in _spread(records)]
 
 
 class RunMetrics:
@@ -84,6 +52,10 @@ class RunMetrics:
             from finetune.eval.embedders import EvalModels
 
             v = self.recipe.validation
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"metrics: loading the metric models (clip {v.clip_model}, dino {v.dino_model}) and the "
+                       "reference images; once, at the first grid", file=sys.stderr)
             models = EvalModels(v.clip_model, v.dino_model, self.dtype,
                                 keys=("validation.clip_model", "validation.dino_model"))
             self._scorer = Scorer(self.metrics, models, reference_images(self.recipe), v.token, v.class_word,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetune.errors import ModelError
 from finetune.export.io import read_tensors
@@ -29,21 +28,25 @@ from finetune.export.layers import (  # noqa: F401 - re-exported: the adapter AP
 from finetune.export.layouts import bound_names
 from finetune.kinds import kind_of_peft, peft_spellings
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger("finetune.export")
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modules=None) -> Adapter:
+def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modules=None,
+                 reader=read_tensors) -> Adapter:
     """Read any LoRA-family file we know; a one-line ModelError for anything else. `family` and `modules`
     (the base it will be applied to) fit the key names to that base; without them the file's header and
-    the family's reference layout are used."""
+    the family's reference layout are used. `reader`: io.read_header_tensors describes a file without torch."""
     path = Path(path)
     if path.is_dir():
         found = [path / f for f in (DIFFUSERS_FILE, PEFT_FILE) if (path / f).is_file()]
         if not found:
             raise ModelError(f"{path}: folder holds no {DIFFUSERS_FILE} or {PEFT_FILE}")
         path = found[0]
-    tensors, meta = read_tensors(path, allow_pickle)
+    tensors, meta = reader(path, allow_pickle)
     if not tensors:
         raise ModelError(f"{path}: holds no tensors")
     layout = None if family is not None and not family.lora_layouts else _family_layout(tensors, family)
@@ -141,6 +144,8 @@ def peft_layers(tensors: dict[str, torch.Tensor], configs: dict[str, dict], wher
 # ----------------------------------------------------------------------------------------------- math
 def factors_delta(layer: Layer, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """scale * (the factors' product), shaped like the base weight (fp32); a DoRA magnitude is not applied."""
+    import torch
+
     d = layer.spec.factors({k: v.float() for k, v in layer.tensors.items()})
     if d.numel() != torch.Size(shape).numel():
         raise ValueError(f"delta of {tuple(d.shape)} does not fit a weight of {tuple(shape)}")
@@ -158,6 +163,8 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
     `names` is the base's family table (`Family.kohya_names`). All layers are checked before any weight
     changes (and a file missing layers its config names is refused), so a bad file leaves the model untouched.
     """
+    import torch
+
     if names is None:
         from finetune.models.family import FAMILIES
 
@@ -191,6 +198,7 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
 def check_complete(adapter: Adapter, modules: dict[str, torch.nn.Module], names) -> None:
     """Refuse a file that lacks layers its own header's peft config targets in this base (a truncated file
     would otherwise apply partially and silently), naming the missing tensors."""
+    import torch
     from peft import PeftConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 

@@ -64,7 +64,7 @@ class ExportContext:
             steps=t.state.step,
             resolution=r.data.resolution,
             dataset_fingerprint=t.state.dataset_fingerprint,
-            trigger_words=trigger_words(r),
+            trigger_words=trigger_words(r, scan.subsets if scan is not None else ()),
             sample_grid=getattr(t, "last_grid", None),
             dtype=r.export.dtype,
             model_card=r.export.model_card,
@@ -77,9 +77,10 @@ class ExportContext:
         )
 
 
-def trigger_words(recipe) -> list[str]:
-    """Words a user must put in prompts: caption-rule triggers and new tokens (an instance prompt is a whole
-    sentence, not a trigger word: it is recorded as such, see `instance_prompts`)."""
+def trigger_words(recipe, subsets=()) -> list[str]:
+    """Words a user must put in prompts: caption-rule triggers, new tokens, and `validation.token` when the
+    training captions (or instance prompts) hold it. An instance prompt is a whole sentence, not a trigger
+    word: it is recorded as such, see `instance_prompts`."""
     words: list[str] = []
     d = recipe.data
     for src in d.sources:
@@ -89,7 +90,21 @@ def trigger_words(recipe) -> list[str]:
     tokens = getattr(recipe.method, "tokens", None)
     if tokens:
         words.extend(t if isinstance(t, str) else getattr(t, "token", str(t)) for t in tokens)
+    token = recipe.validation.token
+    if token and _captions_hold(token, recipe, subsets):
+        words.append(token)
     return list(dict.fromkeys(words))
+
+
+def _captions_hold(token: str, recipe, subsets) -> bool:
+    """The token is in what the subject trained on: instance prompts, caption templates, or the captions of
+    the subsets that are not preservation or class images."""
+    from finetune.eval.prompts import shows_subject
+
+    d = recipe.data
+    texts = [*instance_prompts(recipe), *(d.caption_rules(src).template for src in d.sources)]
+    texts += [r.caption for s in subsets if not (s.preserve or s.is_prior) for r in s.records]
+    return any(shows_subject(text, token) for text in texts)
 
 
 def instance_prompts(recipe) -> list[str]:

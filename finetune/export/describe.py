@@ -1,4 +1,9 @@
-"""What a weights file is (for tools/inspect_file.py): format, family, method, ranks, targets, trigger words."""
+"""What a weights file is (for tools/inspect_file.py): format, family, method, ranks, targets, trigger words.
+
+A safetensors file is described from its header (names, shapes, dtypes, metadata; alphas read one by one) with
+no torch: a second's work for the biggest LoRA. A layout whose reading needs arithmetic (FLUX's BFL names split
+fused tensors) and pickle files are read in full.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from finetune.errors import ModelError
-from finetune.export.io import read_tensors
+from finetune.export.io import read_header_tensors, read_tensors
 
 LDM_MARKERS = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 
@@ -16,11 +21,16 @@ def describe_file(path: str | Path, allow_pickle: bool = False) -> dict:
     path = Path(path)
     if path.is_dir():
         return _describe_folder(path, allow_pickle)
-    tensors, meta = read_tensors(path, allow_pickle)
+    tensors, meta = read_header_tensors(path, allow_pickle)
+    try:
+        what = _what(path, tensors, meta, read_header_tensors)
+    except (TypeError, AttributeError):  # header tensors cannot be sliced or summed: the full read
+        tensors, meta = read_tensors(path, allow_pickle)
+        what = _what(path, tensors, meta, read_tensors)
     info: dict = {"file": str(path), "tensors": len(tensors),
                   "size_mb": round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 2),
                   "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values()))}
-    info.update(_what(path, tensors, meta))
+    info.update(what)
     info["family"] = meta.get("finetune.family") or meta.get("ss_base_model_version") or info.get("family", "unknown")
     info["method"] = meta.get("finetune.method", info.get("method", "unknown"))
     info["base_model"] = meta.get("finetune.base_model") or meta.get("ss_sd_model_name") or "unknown"
@@ -29,14 +39,14 @@ def describe_file(path: str | Path, allow_pickle: bool = False) -> dict:
     return info
 
 
-def _what(path: Path, tensors, meta) -> dict:
+def _what(path: Path, tensors, meta, reader) -> dict:
     keys = list(tensors)
     if any(k.startswith(LDM_MARKERS) for k in keys):
         return {"format": "single-file checkpoint (LDM layout)", "method": "full"}
     try:
         from finetune.export.adapters import read_adapter
 
-        adapter = read_adapter(path, allow_pickle=True)
+        adapter = read_adapter(path, allow_pickle=True, reader=reader)
     except ModelError:
         adapter = None
     if adapter is not None:
@@ -44,7 +54,7 @@ def _what(path: Path, tensors, meta) -> dict:
     from finetune.export.embeddings import read_embeddings
 
     try:
-        emb = read_embeddings(path, allow_pickle=True)
+        emb = read_embeddings(path, allow_pickle=True, reader=reader)
     except ModelError:
         emb = None
     if emb is not None:

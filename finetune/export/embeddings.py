@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetune.errors import ModelError
-from finetune.export.io import DTYPES, read_tensors, save_safetensors
+from finetune.export.io import read_tensors, save_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_KEYS = {"text_encoder": "emb_params"}
 DIFFUSERS_NAMES = {"text_encoder": "learned_embeds.safetensors", "text_encoder_2": "learned_embeds_2.safetensors"}
@@ -63,6 +65,7 @@ def save_embeddings(vectors: dict[str, torch.Tensor], tokens: str | list[str], o
                     formats=("diffusers", "a1111"), family=None) -> list[Path]:
     """Write the trained rows (per text encoder) in each requested format, plus the model card."""
     from finetune.export.context import common_metadata
+    from finetune.export.io import DTYPES
 
     out_dir = Path(out_dir)
     token = _as_token(tokens)
@@ -90,20 +93,20 @@ def save_embeddings(vectors: dict[str, torch.Tensor], tokens: str | list[str], o
     return written
 
 
-def read_embeddings(path: str | Path, allow_pickle: bool = False, family=None) -> Embedding:
-    """Read either form (a folder means its learned_embeds*.safetensors)."""
+def read_embeddings(path: str | Path, allow_pickle: bool = False, family=None, reader=read_tensors) -> Embedding:
+    """Read either form (a folder means its learned_embeds*.safetensors); `reader` as in adapters.read_adapter."""
     path = Path(path)
     if path.is_dir():
         files = [path / f for f in DIFFUSERS_NAMES.values() if (path / f).is_file()]
         if not files:
             raise ModelError(f"{path}: folder holds no learned_embeds.safetensors")
-        parts = [read_embeddings(f, allow_pickle, family) for f in files]
+        parts = [read_embeddings(f, allow_pickle, family, reader) for f in files]
         vectors = {n: v for p in parts for n, v in p.vectors.items()}
         return Embedding(parts[0].token, vectors, "diffusers", parts[0].metadata)
-    tensors, meta = read_tensors(path, allow_pickle)
+    tensors, meta = reader(path, allow_pickle)
     by_key = {v: k for k, v in _keys(family).items()} | {"emb_params": "text_encoder", "clip_l": "text_encoder",
                                                           "clip_g": "text_encoder_2"}
-    bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor) or v.dim() not in (1, 2)]
+    bad = [k for k, v in tensors.items() if not hasattr(v, "dim") or v.dim() not in (1, 2)]  # torch's or header's
     if not tensors or bad:
         raise ModelError(f"{path}: not an embedding file (expected {{token: [n, dim]}} or emb_params)")
     if set(tensors) <= set(by_key):

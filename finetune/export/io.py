@@ -13,11 +13,21 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def __getattr__(name: str):
+    """`DTYPES` ({'fp32': torch.float32, ...}) built on first use: importing this module must not load torch
+    (tools that only write text, inspect_file.py reading a header)."""
+    if name == "DTYPES":
+        import torch
+
+        globals()["DTYPES"] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        return globals()["DTYPES"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _temp_beside(path: Path) -> tuple[int, Path]:
@@ -45,8 +55,10 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed."""
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path`, else removed.
+    `durable=False` skips the fsync, for files whose reader detects a damaged one and makes it again (cache
+    entries): the rename still means a reader never sees a half-written file while the machine runs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path)
@@ -55,8 +67,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         # the writer may have replaced our file with its own (safetensors does, with mode 0600)
         os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -140,6 +153,8 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
         if not allow_pickle:
             raise ModelError(f"{path}: pickle file, which can run code when loaded; convert it to .safetensors "
                              "or pass --allow-pickle to read it with weights_only=True")
+        import torch
+
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
@@ -162,14 +177,34 @@ def read_tensors(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str
 def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
     """`tensors`, refused (one line naming the file and the first bad tensor) when a float tensor holds NaN or
     inf: merged, combined or sampled, one such value spreads into a NaN model or a black image."""
-    from finetune.errors import ModelError
+    import torch
 
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            raise ModelError(f"{path}: tensor '{name}' holds {n} NaN/inf value(s) (a diverged or damaged file); "
-                             "use an earlier checkpoint or re-export it")
+            _refuse_nonfinite(path, name, int((~torch.isfinite(t)).sum()))
     return tensors
+
+
+def _refuse_nonfinite(path, name: str, count: int) -> None:
+    from finetune.errors import ModelError
+
+    raise ModelError(f"{path}: tensor '{name}' holds {count} NaN/inf value(s) (a diverged or damaged file); "
+                     "use an earlier checkpoint or re-export it")
+
+
+def read_header_tensors(path: str | Path, allow_pickle: bool = False):
+    """`read_tensors` without torch for a safetensors file: header tensors (names, shapes, dtypes; values read on
+    demand, finetune/export/header.py), NaN/inf refused the same way. Pickle files need torch: read_tensors."""
+    from finetune.export.header import first_nonfinite, read_header
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES or not path.is_file():
+        return read_tensors(path, allow_pickle)
+    tensors, meta = read_header(path)
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        _refuse_nonfinite(path, *bad)
+    return tensors, meta
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

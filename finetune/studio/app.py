@@ -63,7 +63,7 @@ class Studio:
 
     @property
     def has_estimate(self) -> bool:
-        return importlib.util.find_spec("finetune.estimate") is not None
+        return importlib.util.find_spec("finetune.memory.estimate") is not None  # what `finetune estimate` runs
 
 
 async def index(request: Request):

@@ -29,6 +29,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def addresses(host: str) -> list[str]:
+    """Addresses to print for a bind: the host itself, or for a wildcard bind (0.0.0.0, ::) the ones another
+    machine can open (this machine's own addresses; a wildcard is not an address a browser can reach)."""
+    import socket
+
+    if host not in ("0.0.0.0", "::", ""):
+        return [host]
+    family = socket.AF_INET6 if host == "::" else socket.AF_INET
+    found = []
+    try:
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, family)]
+    except OSError:
+        pass
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:  # the interface of the default route (a UDP connect sends nothing; 192.0.2.1 is a documentation address)
+            probe.connect(("2001:db8::1" if family == socket.AF_INET6 else "192.0.2.1", 9))
+            found.append(probe.getsockname()[0])
+        except OSError:
+            pass
+    outside = [a for a in dict.fromkeys(found) if not a.startswith(("127.", "::1", "fe80:"))]
+    return [*outside, "::1" if family == socket.AF_INET6 else "127.0.0.1"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if not args.root.is_dir():
@@ -53,9 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.studio.procs import work_dir
 
     os.chdir(work_dir(studio.root / ".studio"))
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    url = f"http://{shown}:{args.port}/" + (f"?token={studio.token}" if studio.token else "")
-    print(f"finetune studio: {url}  (root: {studio.root})", flush=True)
+    query = f"?token={studio.token}" if studio.token else ""
+    urls = [f"http://{_bracketed(h)}:{args.port}/{query}" for h in addresses(args.host)]
+    print(f"finetune studio: {urls[0]}  (root: {studio.root})", flush=True)
+    for url in urls[1:]:
+        print(f"  also: {url}", flush=True)
     if studio.token:
         print("not a loopback address: every request needs the token in that URL", flush=True)
     uvicorn.run(create_app(studio), host=args.host, port=args.port, log_level="warning",

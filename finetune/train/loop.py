@@ -149,12 +149,21 @@ def save(t) -> Path:
 def _interrupted(t) -> None:
     path = save(t)
     if t.acc.is_main_process:
-        recipe = t.recipe.path or "RECIPE.yaml"
         print(
             f"stopped by {t.stop.signal_name or 'request'} at step {t.state.step}/{t.cfg.max_steps}; "
-            f"checkpoint saved to {path}\nresume with: python -m finetune {recipe} train.resume=latest"
+            f"checkpoint saved to {path}\nresume with: {resume_command(t.out, t.acc.num_processes)}"
         )
     t.acc.end_training()
+
+
+def resume_command(out: Path, processes: int = 1) -> str:
+    """The command that continues this run: its folder's recipe.yaml holds every override it was started with."""
+    import shlex
+
+    folder = shlex.quote(str(out))
+    if processes > 1:
+        return f"accelerate launch finetune/run.py --resume {folder} (with this run's launch options)"
+    return f"python -m finetune --resume {folder}"
 
 
 @torch.no_grad()
@@ -174,10 +183,12 @@ def validate(t, step: int) -> Path | None:
         t.set_training(False)  # samples without dropout
         pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         res = t.recipe.data.resolution
+        shown = acc.is_main_process and t.recipe.logging.progress
         with acc.autocast(), t.vae_on_device():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                           text=t.prompt_cache, family=t.comps.family,
-                          max_sequence_length=t.comps.family.sequence_length(t.comps))
+                          max_sequence_length=t.comps.family.sequence_length(t.comps),
+                          progress=f"grid at step {step}:" if shown else None)
         t.set_training(was)
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
@@ -245,7 +256,8 @@ def _base_rows(t):
     with adapters_off(modules), t.acc.autocast():
         pipe = make_pipeline(t.comps, v)
         t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
-                             text=t.prompt_cache, family=t.comps.family)
+                             text=t.prompt_cache, family=t.comps.family,
+                             progress="the base's grid (adapters off):" if t.recipe.logging.progress else None)
     t.set_training(was)
     return t.base_rows
 

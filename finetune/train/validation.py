@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -36,14 +37,18 @@ def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=No
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
-           text: dict | None = None, family=None, max_sequence_length: int | None = None
+           text: dict | None = None, family=None, max_sequence_length: int | None = None, progress: str | None = None
            ) -> list[list[Image.Image]]:
     """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
     `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released;
-    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest)."""
+    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest).
+    `progress`: a label for the pipeline's own progress bar over each prompt's denoising steps (None: silent)."""
     width, height = size
     rows = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
+        if progress is not None:  # sampling is minutes on a CPU: say what runs, as the pipeline counts its steps
+            pipe.set_progress_bar_config(desc=f"{progress} sampling prompt {i + 1}/{len(prompts)} "
+                                         f"x {len(seeds)} images", leave=False, file=sys.stderr, unit="step")
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         if text is not None:
             n = len(seeds)

@@ -17,8 +17,10 @@ they use. Only plain LoRA fuses like this; LoHa, LoKr and DoRA are refused in on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from finetune.errors import ModelError
 
@@ -127,6 +129,8 @@ def geometry_of_bfl(tensors: dict[str, torch.Tensor]) -> dict:
 def lora_to_bfl(layers: dict, config: dict, where: str) -> dict[str, torch.Tensor]:
     """'transformer.<module>' LoRA layers (finetune.export.layers.Layer) as fused BFL-named kohya tensors;
     `config` is the geometry (inner_dim, num_layers, num_single_layers)."""
+    import torch
+
     owners = owner(config)
     grouped: dict[str, list[tuple[Part, object]]] = {}
     for name, layer in layers.items():
@@ -158,6 +162,8 @@ def _rows(config: dict, bfl: str) -> int:
 def _fuse(parts, total: int):
     """Stack the downs, place each up as a diagonal block; alpha keeps alpha / rank when the parts share a
     scale, else each part's scale is folded into its up and the fused scale is 1."""
+    import torch
+
     scales = {layer.scale for _, layer in parts}
     shared = scales.pop() if len(scales) == 1 else None
     downs, ups = [], []
@@ -232,6 +238,8 @@ def bfl_state_dict(state: dict[str, torch.Tensor], config: dict) -> dict[str, to
     """A diffusers FluxTransformer2DModel state dict in BFL's original names (fused linears, qk-norm scales,
     the final modulation's (shift, scale) order): what FLUX single files hold, and what UIs' LoRA loaders
     name. tests/test_flux.py checks it against diffusers' own BFL -> diffusers converter."""
+    import torch
+
     out = dict(state)
     for bfl, parts in bfl_table(config).items():
         for suffix in ("weight", "bias"):
