@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "everything": {"data": {"cache_latents": True, "cache_text": True},
                    "train": {"compile": "blocks", "optimizer_in_backward": True, "max_grad_norm": None,
                              "on_nan": "stop"}},
+    "everything+routing": {"data": {"cache_latents": True, "cache_text": True},  # flow transformers
+                           "train": {"compile": "blocks", "optimizer_in_backward": True, "max_grad_norm": None,
+                                     "on_nan": "stop",
+                                     "routing": {"drop_ratio": 0.5, "first_block": 1, "last_block": -2}}},
     # base-prediction preservation: half of every batch also runs the base (adapters off, no gradients)
     "preservation": {"data": {"cache_latents": True, "cache_text": True,
                               "sources": [_WORLD, {**_WORLD, "seed": 1, "preserve": True}],
@@ -52,8 +56,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 #: tiny transformers (finetune/models/tiny.py): the families block swap works on, small enough for a CPU
 TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3"}
-RESOLUTION = {"toy": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512}
-TARGETS = {"toy": "locon", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp",
+#: the shipped toy bases (trained weights, CPU-sized): the SD-shaped U-Net and the FLUX-shaped transformer
+TOYS = ("toy", "toy-flux")
+RESOLUTION = {"toy": 64, "toy-flux": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512}
+TARGETS = {"toy": "locon", "toy-flux": "all_linear", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp",
            "flux-dev": "attention"}
 
 
@@ -62,7 +68,7 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
     """The recipe every variant starts from; `quantize` (model.quantize) and `block_swap` (train.block_swap,
     with gradient checkpointing, which it needs) apply to all of them. `build=False`: name the random base's
     folder without building it (a dry run)."""
-    small = model == "toy" or model in TINY
+    small = model in TOYS or model in TINY
     train = {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
              "mixed_precision": precision, "seed": 0}
     if block_swap:
@@ -70,8 +76,8 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
     if not small:  # random weights: a stray non-finite step is skipped (its time still counts), not fatal
         train |= {"on_nan": "skip", "max_nan_skips": 1000}
     return {
-        "model": {"base": "toy" if model == "toy" else str(random_base(model, build)), "quantize": quantize,
-                  **({"max_sequence_length": 32} if model in TINY else {}),
+        "model": {"base": model if model in TOYS else str(random_base(model, build)), "quantize": quantize,
+                  **({"max_sequence_length": 32} if model in TINY or model == "toy-flux" else {}),
                   **({"max_sequence_length": 512, "guidance": 1.0} if model == "flux-dev" else {})},
         # the toy world's 64 px drawings, upscaled to the model's size (timing needs the shapes only)
         "data": {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}],
@@ -163,9 +169,10 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
         out["swapped_mib"] = t.swap.swapped_bytes() / 2**20
         out["swap_copied_mib_per_step"] = (t.swap.bytes_moved - swap_start[0]) / steps / 2**20
         out["swap_copied_back_mib_per_step"] = 0.0  # by construction: the device copies are dropped
-    if t.compile_watch is not None:
-        out["compile_graphs_per_step"] = t.compile_watch.per_step
-        out["recompiles_after_step_2"] = t.compile_watch.after(2)
+    watch = getattr(t, "compile_watch", None)  # None too in a checkout before regional compile (a before run)
+    if watch is not None:
+        out["compile_graphs_per_step"] = watch.per_step
+        out["recompiles_after_step_2"] = watch.after(2)
     return out
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.bench import (  # noqa: E402
     PHASES,
     RESOLUTION,
+    TOYS,
     VARIANTS,
     base_recipe,
     noise_paths,
@@ -40,7 +41,7 @@ from finetune.recipe import deep_merge  # noqa: E402
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=list(RESOLUTION), default="toy",
-                   help="base to train (toy; flux-tiny, sd3-tiny: tiny transformers; sd15, sdxl, sd35m: public "
+                   help="base to train (toy, toy-flux: the shipped toy bases; flux-tiny, sd3-tiny: tiny transformers; sd15, sdxl, sd35m: public "
                    "configs with random weights, use a GPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8 toy, 1 sd15)")
@@ -180,7 +181,7 @@ def main() -> None:
 
 def configurations(args):
     """(batch, row name, 'bare' or 'train', recipe) for every run, the bare floor first in each batch."""
-    for batch in args.batch or ([8] if args.model == "toy" else [1]):
+    for batch in args.batch or ([8] if args.model in TOYS else [1]):
         if args.recipe:
             from finetune.recipe import load_recipe
 
@@ -220,7 +221,7 @@ def step_memory(args) -> None:
 
     base = base_recipe(args.model, (args.batch or [1])[0], 2, args.precision, args.rank, args.adapter)
     recipe = validate(deep_merge(base, {"method": {"name": "full"}, "train": {"max_grad_norm": None}}))
-    device = "cpu" if args.model in ("toy", "flux-tiny", "sd3-tiny") else "meta"
+    device = "cpu" if args.model in (*TOYS, "flux-tiny", "sd3-tiny") else "meta"
     peaks = step_peaks(recipe, device=device)
     mib = {k: v / 2**20 for k, v in peaks.items() if k != "trained_tensors"}
     print(f"{args.model} full fine-tune, {RESOLUTION[args.model]} px, batch {recipe.train.batch_size}, "
