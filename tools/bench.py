@@ -220,7 +220,8 @@ def step_memory(args) -> None:
     from finetune.recipe import validate
 
     base = base_recipe(args.model, (args.batch or [1])[0], 2, args.precision, args.rank, args.adapter)
-    recipe = validate(deep_merge(base, {"method": {"name": "full"}, "train": {"max_grad_norm": None}}))
+    base["method"] = {"name": "full"}  # full fine-tuning: the adapter keys do not apply
+    recipe = validate(deep_merge(base, {"train": {"max_grad_norm": None}}))
     device = "cpu" if args.model in (*TOYS, "flux-tiny", "sd3-tiny") else "meta"
     peaks = step_peaks(recipe, device=device)
     mib = {k: v / 2**20 for k, v in peaks.items() if k != "trained_tensors"}
