@@ -240,7 +240,7 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
     recipe = validate(recipe_data)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.train.mixed_precision]
-    comps = load_components(recipe.model)
+    comps = load_components(recipe.base.complete(), recipe.model.load_options())
     method = recipe.method.build()
     groups = method.setup(comps, recipe.train.lr)
     cast_frozen(comps, dtype, dtype)

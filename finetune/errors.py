@@ -36,6 +36,10 @@ class RunError(UserError):
     exit_code = 3
 
 
+class NonFiniteError(RunError):
+    """Loss, gradients or weights went NaN/inf."""
+
+
 # what the machine says when a file cannot be written or read: the user's to fix (space, permissions, a
 # read-only mount), never a bug of ours, so one line instead of a traceback
 ENVIRONMENT_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EISDIR", "ENOTDIR", "EFBIG",

@@ -50,15 +50,14 @@ class Recipe(StrictModel):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     _path: Path | None = PrivateAttr(None)
+    _base: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _cross_rules(self):
         m, d = self.method, self.data
-        from finetune.models.detect import family_for
-
-        family = family_for(self.model)  # None for a hub id that is not cached: the loader checks then
-        if family is not None:
-            family.check_recipe(self)
+        self._base = self.model.resolve()  # the one resolution of model.base; everything after takes `base`
+        if self._base.family is not None:  # else known once its files are here: `complete_base` checks then
+            check_family(self, self._base.family)
         check_memory_options(self)
         if d.cache_text is True and m.trains_text_encoder():
             raise ValueError(
@@ -97,6 +96,12 @@ class Recipe(StrictModel):
     def path(self) -> Path | None:
         return self._path
 
+    @property
+    def base(self):
+        """What `model.base` names, resolved once when the recipe validated (a `Base`, finetune/models/base.py):
+        the loader, `estimate`, the tools and every family rule take this value."""
+        return self._base
+
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe as plain data (what --print shows and runs store)."""
         return self.model_dump(mode="json")
@@ -115,6 +120,27 @@ class _DuplicateKey(yaml.MarkedYAMLError):
 class _StrictLoader(yaml.SafeLoader):
     """The safe loader, except that a key given twice in one mapping is an error: PyYAML keeps the last
     silently, so a recipe would train with a value its author did not see."""
+
+
+def check_family(recipe: Recipe, family) -> None:
+    """The rules that depend on the base's family: the family's own and the method's (ValueError naming the key).
+    They run while the recipe validates when the family is known then, else once the base has loaded."""
+    family.check_recipe(recipe)
+    recipe.method.check_family(recipe, family)
+
+
+def complete_base(recipe: Recipe):
+    """The recipe's base, ready to load (`Base.complete`: a hub id's configs fetched, a pickle's keys read). Where
+    its family shows only now, the family rules that waited for it run now, from the completed value; errors
+    as RecipeError."""
+    waited = recipe.base.family is None
+    recipe._base = recipe.base.complete()
+    if waited:
+        try:
+            check_family(recipe, recipe.base.family)
+        except ValueError as e:
+            raise RecipeError(f"{recipe.path}: {_one_line(str(e))}" if recipe.path else _one_line(str(e))) from None
+    return recipe.base
 
 
 def _check_preservation(recipe: Recipe) -> None:
@@ -362,6 +388,10 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _one_line(msg: str) -> str:
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
 def _other_source_hint(parent_cls, loc: tuple, shown: list[str]) -> str:
     """A key another kind of data source has (`path` on a toy source): say how to switch the item's kind, the
     first thing a newcomer tries when pointing a toy recipe at their own pictures."""
@@ -402,8 +432,7 @@ def _describe(err: dict, source: Path | None) -> str:
     if kind == "missing":
         return f"{where}{key}: required key is missing"
     value = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ")
-    msg = msg if len(msg) <= 300 else msg[:297] + "..."
+    msg = _one_line(err["msg"].removeprefix("Value error, "))
     allowed = _allowed(err)
     if isinstance(value, dict) or kind == "value_error" and isinstance(parent_cls, type):
         shown_all, _ = _walk(loc)
@@ -475,14 +504,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if as_text != value:
             written[".".join(keys)] = (keys, as_text)
     return validate(data, path, written)
-
-
-def recheck_for_family(recipe: Recipe, family: str) -> None:
-    """Rules that need the family, for a base whose family showed only once it loaded (a hub id that was not
-    in the local cache at recipe time): the same validation with `model.family` set; errors as RecipeError."""
-    data = recipe.resolved()
-    data["model"]["family"] = family
-    validate(data, recipe._path)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -107,7 +107,7 @@ class ModelSection(StrictModel):
     @field_validator("family")
     @classmethod
     def _family(cls, v: str) -> str:
-        from finetune.models.family import FAMILIES  # pure Python: registering families imports no torch
+        from finetune.models.families import FAMILIES  # pure Python: the registry imports no torch
 
         if v != "auto" and v not in FAMILIES:
             from finetune.errors import did_you_mean
@@ -124,6 +124,24 @@ class ModelSection(StrictModel):
             raise ValueError(f"'{v}' needs the {PACKAGES[v][0]} package, which is not installed; "
                              f"{PACKAGES[v][1]}, or use sdpa")
         return v
+
+    # the model layer takes plain values, never this section: these two translate it
+    def resolve(self):
+        """`base` (+ revision, family, config, allow_pickle) as one `Base` value (finetune/models/base.py).
+        A recipe does this once, while it validates: `Recipe.base`."""
+        from finetune.models.base import resolve_base
+
+        return resolve_base(self.base, self.revision, self.family, config=self.config,
+                            allow_pickle=self.allow_pickle)
+
+    def load_options(self):
+        """How the loader loads the base, as `LoadOptions` (finetune/models/components.py)."""
+        from finetune.models.components import LoadOptions
+
+        return LoadOptions(variant=self.variant, vae=self.vae, drop_text_encoders=tuple(self.drop_text_encoders),
+                           attention=self.attention, prediction_type=self.prediction_type,
+                           max_sequence_length=self.max_sequence_length, quantize=self.quantize,
+                           quantize_text_encoders=self.quantize_text_encoders)
 
 
 class EMASection(StrictModel):

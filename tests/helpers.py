@@ -250,10 +250,10 @@ def fresh_pipe(base: Path):
 
 
 def load_comps(base: Path):
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
-    return load_components(ModelSection(base=str(base)))
+    return load_components(resolve_base(str(base)))
 
 
 # ---------------------------------------------------------------------------------------- adapters and exports

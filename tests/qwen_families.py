@@ -74,7 +74,7 @@ def fixed_text(case: Case, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 def fixed_output(case: Case, denoiser) -> torch.Tensor:
     """The denoiser's prediction (through the family's own `predict`) on fixed latents, sigmas and text."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, *case.latent, generator=g)

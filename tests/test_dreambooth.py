@@ -51,7 +51,7 @@ def ensure(recipe_path: Path, *overrides: str):
     from finetune.models.components import load_components
 
     recipe = load_recipe(recipe_path, ["logging.progress=false", *overrides])
-    return ensure_class_images(recipe, load_components(recipe.model))
+    return ensure_class_images(recipe, load_components(recipe.base, recipe.model.load_options()))
 
 
 # --------------------------------------------------------------------------------------------- class images

@@ -35,8 +35,8 @@ def test_kept_best_step_renders_its_recorded_score_through_the_family(tmp_path, 
     import torch
 
     from finetune.eval.compare import Candidate, Sampling, evaluate
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
     family, base = family_base
     images = draw_images(tmp_path / "images")
@@ -61,7 +61,7 @@ def test_kept_best_step_renders_its_recorded_score_through_the_family(tmp_path, 
     sampling = Sampling(v.prompts, v.seeds, v.steps, v.guidance_scale, v.negative_prompt, v.scheduler, (64, 64))
     results = dict(evaluate([Candidate("base", str(base)), Candidate("lora", str(out / f"best-step-{best:06d}"))],
                             t.run_metrics.scorer, sampling, str(base),
-                            lambda b: load_components(ModelSection(base=b, **MODEL[family])), "cpu", torch.float32))
+                            lambda b: load_components(resolve_base(b), LoadOptions(**MODEL[family])), "cpu", torch.float32))
     again = {label.split()[0]: sc.means()["dino"] for label, sc in results.items()}
     spread = max(dino.values()) - min(dino.values())
     print(f"{family}: DINO by step {dino}; best {best}; re-rendered base {again['base']:.6f}, "

@@ -95,12 +95,12 @@ def test_clip_i_and_dino_agree_with_the_toy_scorer(tmp_path):
     import torch
 
     from finetune.eval.compare import Candidate, Sampling, render_candidate
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
     sampling = Sampling(v.prompts, v.seeds, v.steps, v.guidance_scale, v.negative_prompt, v.scheduler, (64, 64))
     rows = render_candidate(Candidate("lora", str(out / f"best-step-{best:06d}")), "toy", sampling,
-                            lambda base: load_components(ModelSection(base=base)), "cpu", torch.float32)
+                            lambda base: load_components(resolve_base(base)), "cpu", torch.float32)
     again = scorer.score(rows, v.prompts).means()["dino"]
     print(f"best step {best}: DINO {subject_rows[best]:.4f} recorded, {again:.4f} from the kept export")
     assert again == pytest.approx(subject_rows[best], abs=2e-3)

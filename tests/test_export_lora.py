@@ -15,7 +15,7 @@ from tests.helpers import fixed_unet_output as unet_out
 
 def canon(component: str, path: str, family: str = "sd1") -> str:
     """The adapter-layer name of a model module (text encoders keep CLIP's `text_model.` level)."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return f"{component}.{FAMILIES[family].kohya_names[component].canonical(path)}"
 

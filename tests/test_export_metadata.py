@@ -63,7 +63,7 @@ def test_sd2_run_metadata_is_true_and_private(tmp_path, images, sd2_epsilon):
 
 def test_sd2_v_prediction_and_sdxl_labels(tiny_sd2_base):
     from finetune.export.kohya import network_metadata
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
     from tests.helpers import make_ctx
 
     ctx = make_ctx()

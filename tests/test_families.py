@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.family import FAMILIES
-from finetune.sections import ModelSection
+from finetune.models.base import resolve_base
+from finetune.models.components import LoadOptions
+from finetune.models.families import FAMILIES
 from tests.helpers import db_recipe, run_trainer, write_recipe
 
 CAPTIONS = ["a sks circle", "a blue square"]
@@ -160,7 +161,7 @@ def test_every_method_reloads_in_the_family_pipeline(tmp_path, images, family_ba
 def test_sdxl_conditioning_matches_the_diffusers_pipeline(tiny_sdxl_base):
     from finetune.models.components import load_components
 
-    comps = load_components(ModelSection(base=str(tiny_sdxl_base)))
+    comps = load_components(resolve_base(str(tiny_sdxl_base)))
     assert comps.family.name == "sdxl" and comps.family.vae_fp16_unsafe
     text = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
     pipe = comps.pipeline()
@@ -195,7 +196,7 @@ def test_sdxl_vae_stays_fp32_under_mixed_precision(tiny_sdxl_base, tiny_base):
 
     for base, vae_dtype, expected in [(tiny_sdxl_base, "auto", torch.float32), (tiny_base, "auto", torch.bfloat16),
                                       (tiny_sdxl_base, "bf16", torch.bfloat16)]:
-        comps = SimpleNamespace(family=load_components(ModelSection(base=str(base))).family)
+        comps = SimpleNamespace(family=load_components(resolve_base(str(base))).family)
         fake = SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(vae_dtype=vae_dtype)), dtype=torch.bfloat16)
         assert Trainer._vae_dtype(fake, comps.family) == expected  # (quant19: it takes the family)
 
@@ -203,7 +204,7 @@ def test_sdxl_vae_stays_fp32_under_mixed_precision(tiny_sdxl_base, tiny_base):
 def test_generation_decodes_in_the_vae_dtype_under_autocast(tiny_sdxl_base):
     from finetune.models.components import load_components
 
-    comps = load_components(ModelSection(base=str(tiny_sdxl_base)))
+    comps = load_components(resolve_base(str(tiny_sdxl_base)))
     comps.unet.to(torch.bfloat16)  # the trainer's frozen U-Net under mixed precision; the VAE stays fp32
     pipe = comps.pipeline()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -221,7 +222,7 @@ def test_non_finite_latents_name_the_fix(tiny_sdxl_base):
     vae = AutoencoderKL.from_pretrained(tiny_sdxl_base / "vae")
     with torch.no_grad():
         vae.encoder.conv_in.weight.fill_(1e38)  # overflows, as the SDXL VAE does in fp16
-    from finetune.models.family import SDXL
+    from finetune.models.families.sdxl import SDXL
 
     fake = SimpleNamespace(comps=SimpleNamespace(vae=vae, family=SDXL))  # the family normalises the latents
     with pytest.raises(NonFiniteError, match="model.vae_dtype: fp32"):
@@ -311,7 +312,7 @@ def test_detects_real_diffusers_folders(tmp_path, family):
 
 
 def test_detects_an_sdxl_refiner_and_refuses_it():
-    from finetune.models.family import family_from_configs
+    from finetune.models.detect import family_from_configs
 
     index, unet, _ = real_configs()["sdxl"]
     with pytest.raises(NotImplementedError, match="refiner"):
@@ -322,7 +323,7 @@ def test_tiny_bases_are_detected_when_loaded(family_base):
     from finetune.models.components import load_components
 
     family, base = family_base
-    comps = load_components(ModelSection(base=str(base)))
+    comps = load_components(resolve_base(str(base)))
     assert comps.family.name == family
     assert comps.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
     assert [type(e).__name__ for e in comps.text_encoders] == (
@@ -369,19 +370,19 @@ def test_single_file_errors_say_what_to_do(tmp_path):
     # an SDXL single file needs its diffusers configs, which offline only model.config can give
     sdxl = write_keys(tmp_path / "sdxl.safetensors", SINGLE_FILE_KEYS["sdxl"])
     with pytest.raises(ModelError, match=r"single-file sdxl checkpoint .*set model.config"):
-        load_components(ModelSection(base=str(sdxl)))
+        load_components(resolve_base(str(sdxl)))
     (tmp_path / "old.ckpt").write_bytes(b"not read")
     with pytest.raises(ModelError, match="allow_pickle"):
-        load_components(ModelSection(base=str(tmp_path / "old.ckpt")))
+        load_components(resolve_base(str(tmp_path / "old.ckpt")))
 
 
 def test_replacement_vae(tiny_base, tiny_sdxl_base):
     from finetune.models.components import load_components
 
-    comps = load_components(ModelSection(base=str(tiny_base), vae=str(tiny_sdxl_base / "vae")))
+    comps = load_components(resolve_base(str(tiny_base)), LoadOptions(vae=str(tiny_sdxl_base / "vae")))
     assert comps.vae.config.scaling_factor == 0.13025 and comps.family.name == "sd1"
     with pytest.raises(ModelError, match="model.vae 'nobody/no-vae' is not in the local Hugging Face cache"):
-        load_components(ModelSection(base=str(tiny_base), vae="nobody/no-vae"))
+        load_components(resolve_base(str(tiny_base)), LoadOptions(vae="nobody/no-vae"))
 
 
 # ------------------------------------------------------------------------------ reference SDXL

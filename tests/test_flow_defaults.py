@@ -18,7 +18,7 @@ FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shift
 def _objective(family: str, **flow):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
     from finetune.sections import TrainSection
     from finetune.train.objectives import build_objective
 
@@ -67,7 +67,7 @@ class _Transformer:
 @pytest.mark.parametrize("value,expected", [(None, 1.0), (0.0, 0.0), (3.5, 3.5)])
 def test_flux_guidance_zero_means_zero(value, expected):
     """`model.guidance: 0` used to become 1.0 (`batch.get('guidance') or 1.0`); null keeps 1.0."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     den = _Transformer(guidance_embeds=True)
     batch = {} if value is None else {"guidance": value}
@@ -95,7 +95,7 @@ def test_precondition_weighting_is_sd3s_preconditioned_loss():
 def test_flux_t5_length_follows_the_variant(guidance, length):
     """[dev] was trained with 512 T5 tokens, [schnell] with 256 (it used to get 512 too); the recipe's
     `model.max_sequence_length` still wins."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     flux = FAMILIES["flux"]
     comps = SimpleNamespace(max_sequence_length=None, denoiser=_Transformer(guidance))
@@ -135,7 +135,7 @@ def test_flux_all_linear_mod_preset_is_sd_scripts_target_set():
     modulation out and said otherwise; `all_linear_mod` is sd-scripts' set."""
     import re
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     names = [f"transformer_blocks.0.{m}" for m in ("attn.to_q", "ff.net.2", "norm1.linear", "norm1_context.linear")]
     names += [f"single_transformer_blocks.3.{m}" for m in ("attn.to_v", "proj_mlp", "proj_out", "norm.linear")]

@@ -52,10 +52,10 @@ def trainer(recipe: Path, *overrides: str):
 def test_detected_and_text_matches_the_pipeline(tiny_flux):
     from diffusers import FluxPipeline
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(tiny_flux), max_sequence_length=32))
+    comps = load_components(resolve_base(str(tiny_flux)), LoadOptions(max_sequence_length=32))
     assert comps.family.name == "flux" and comps.denoiser_name == "transformer"
     pipe = FluxPipeline.from_pretrained(tiny_flux)
     with torch.no_grad():
@@ -110,16 +110,16 @@ def test_packed_flow_loss_equals_the_pipeline_helpers(tmp_path, tiny_flux, flow)
 def test_presets_and_blocks_select_the_right_modules(tiny_flux):
     import peft
 
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.models.family import FAMILIES
-    from finetune.sections import ModelSection
+    from finetune.models.families import FAMILIES
 
-    comps = load_components(ModelSection(base=str(tiny_flux)))
+    comps = load_components(resolve_base(str(tiny_flux)))
     from finetune.methods.lora import LoRAConfig, peft_adapter_config
 
     def adapted(**cfg):
         config = LoRAConfig(rank=2, **cfg)
-        model = load_components(ModelSection(base=str(tiny_flux))).denoiser
+        model = load_components(resolve_base(str(tiny_flux))).denoiser
         peft.inject_adapter_in_model(peft_adapter_config(config, 2, 2, config.denoiser_targets(FAMILIES["flux"])), model)
         return {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
 
@@ -207,8 +207,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_flux):
 
 
 def test_family_file_is_self_contained():
+    """FLUX is one family file building its object, and one entry in the registry's list."""
+    from finetune.models.families import FAMILIES
+    from finetune.models.families.flux import FLUX
+
     text = (ROOT / "finetune" / "models" / "families" / "flux.py").read_text()
-    assert re.search(r"register_family\(FluxFamily\(", text)
+    assert re.search(r"^FLUX = FluxFamily\(", text, re.MULTILINE)
+    assert FAMILIES["flux"] is FLUX
 
 
 # ------------------------------------------------------------------------------------------- exports
@@ -314,17 +319,23 @@ def test_bfl_refuses_what_it_cannot_hold(tmp_path, tiny_flux):
     assert out.returncode == 2 and "'bfl' is not a LoRA layout of the sd1 family" in out.stderr
 
 
-def test_a_hub_base_not_yet_cached_is_checked_once_it_loads():
+def test_a_hub_base_not_yet_cached_is_checked_once_it_loads(monkeypatch):
     """Offline, the shipped FLUX recipe's base is an uncached hub id: 'bfl' waits for the family, then the
     same rule applies to the family the base turned out to be."""
     from finetune.errors import RecipeError
-    from finetune.recipe import load_recipe, recheck_for_family
+    from finetune.models.base import Base
+    from finetune.models.families import FAMILIES
+    from finetune.recipe import complete_base, load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
-    assert "bfl" in recipe.export.formats
-    recheck_for_family(recipe, "flux")
-    with pytest.raises(RecipeError, match="the sd1 family"):  # flow options and bfl both refused
-        recheck_for_family(recipe, "sd1")
+    assert "bfl" in recipe.export.formats and recipe.base.family is None
+    with monkeypatch.context() as m:  # the configs, as if fetched: a FLUX base
+        m.setattr(Base, "complete", lambda self: self.known_as(FAMILIES["flux"]))
+        assert complete_base(recipe).family.name == "flux"
+    recipe = load_recipe(ROOT / "recipes" / "flux" / "lora.yaml")
+    with monkeypatch.context() as m, pytest.raises(RecipeError, match="the sd1 family"):  # flow options, bfl
+        m.setattr(Base, "complete", lambda self: self.known_as(FAMILIES["sd1"]))
+        complete_base(recipe)
 
 
 def test_pivotal_trains_clip_and_t5_rows_and_reloads_in_a_stock_pipeline(tmp_path, tiny_flux):
@@ -335,7 +346,7 @@ def test_pivotal_trains_clip_and_t5_rows_and_reloads_in_a_stock_pipeline(tmp_pat
     from safetensors.torch import load_file
 
     from finetune.export.embeddings import load_into_pipeline
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     method = {"name": "pivotal", "embedding": {"token": "<sks>", "num_vectors": 2, "initializer": "circle",
                                                "templates": "none", "lr": 5e-2},

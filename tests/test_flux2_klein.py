@@ -20,10 +20,10 @@ def base(tmp_path_factory):
 def test_text_is_the_pipelines(base):
     from diffusers import Flux2KleinPipeline
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    comps = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=32))
     pipe = Flux2KleinPipeline.from_pretrained(base)
     with torch.no_grad():
         ours = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
@@ -35,7 +35,7 @@ def test_text_is_the_pipelines(base):
 def test_latents_are_the_pipelines_image_latents(base):
     from diffusers import Flux2KleinPipeline
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     pipe = Flux2KleinPipeline.from_pretrained(base)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -47,7 +47,7 @@ def test_toy_lora_learns_the_held_out_subject(tmp_path):
 
 
 def _base_components():
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
-    return load_components(ModelSection(base="toy"))
+    return load_components(resolve_base("toy"))

@@ -55,10 +55,10 @@ def test_meta_trace_equals_the_real_step(tiny_flux):
     recipe = validate({"model": {"base": str(tiny_flux), "max_sequence_length": 16},
                        "data": {"sources": [{"type": "folder", "path": str(tiny_flux)}], "resolution": 128},
                        "method": {"name": "lora", "rank": 4}, "train": {"batch_size": 2}}, Path("r.yaml"), set())
-    comps = meta_components(recipe.model)
+    comps = meta_components(recipe.base, recipe.model.load_options())
     recipe.method.build().setup(comps, 1e-3)
     meta = trace_step(comps, recipe)
-    real = load_components(recipe.model)
+    real = load_components(recipe.base, recipe.model.load_options())
     recipe.method.build().setup(real, 1e-3)
     assert trace_step(real, recipe) == meta
     assert meta > 1_000_000
@@ -185,7 +185,7 @@ def test_reference_architectures_parameter_and_state_bytes(tmp_path, model):
                        "method": {"name": "lora", "rank": 16, "targets": targets},
                        "train": {"batch_size": 1, "mixed_precision": "bf16", "gradient_checkpointing": True}},
                       Path("r.yaml"), set())
-    comps = meta_components(recipe.model)
+    comps = meta_components(recipe.base)
     groups = recipe.method.build().setup(comps, 1e-4)
     den = comps.denoiser
     published = PUBLISHED[model][comps.family.denoiser_name]  # the published checkpoints' counts

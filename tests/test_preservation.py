@@ -50,8 +50,8 @@ def _trainer(path, *overrides):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_preservation_target_is_the_untouched_base_prediction(tmp_path, tmp_path_factory, family):
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
     from finetune.train.loss import example_generator, example_keys
     from finetune.train.preserve import base_predictions, base_rows, take
 
@@ -73,7 +73,7 @@ def test_preservation_target_is_the_untouched_base_prediction(tmp_path, tmp_path
     target = base_predictions(t, example, text, batch, keys, base_rows(t, batch))
 
     idx = torch.nonzero(pres).flatten()
-    fresh = load_components(ModelSection(base=str(base), max_sequence_length=t.recipe.model.max_sequence_length))
+    fresh = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=t.recipe.model.max_sequence_length))
     with torch.no_grad():
         expected = fresh.family.predict(fresh.denoiser, example.noisy[idx], example.timesteps[idx],
                                         take(text, idx, 4), take(batch, idx, 4))

@@ -43,7 +43,8 @@ def test_detected_from_the_folder(bases, name):
 
 
 def test_flux2_dev_and_flux1_are_not_klein():
-    from finetune.models.family import FAMILIES, family_from_configs
+    from finetune.models.detect import family_from_configs
+    from finetune.models.families import FAMILIES
 
     index = {"transformer": ["diffusers", "Flux2Transformer2DModel"], "text_encoder": ["transformers", "x"]}
     assert family_from_configs(index, {}, {"model_type": "qwen3"}).name == "flux2_klein"

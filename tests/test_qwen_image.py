@@ -33,10 +33,10 @@ def test_text_is_the_pipelines_with_more_padding(base):
     then zeros."""
     from diffusers import QwenImagePipeline
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    comps = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=32))
     pipe = QwenImagePipeline.from_pretrained(base)
     with torch.no_grad():
         ours = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
@@ -51,10 +51,10 @@ def test_text_is_the_pipelines_with_more_padding(base):
 def test_text_does_not_depend_on_the_tokenizers_padding_side(base):
     """The template's 34 tokens are dropped by position, which is right only with right padding: a tokenizer
     that pads on the left (its own config may say so) used to lose the caption instead (issue 33)."""
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    comps = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=32))
     with torch.no_grad():
         right = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
         comps.tokenizer.padding_side = "left"

@@ -32,9 +32,9 @@ def hub_id(name: str) -> str:
 def fresh(name: str):
     """The reference base on the meta device, frozen, as `finetune estimate` builds it."""
     from finetune.memory.skeleton import meta_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
 
-    return meta_components(ModelSection(base=hub_id(name)))
+    return meta_components(resolve_base(hub_id(name)))
 
 
 @functools.cache

@@ -39,11 +39,11 @@ def sd3_recipe(tmp_path: Path, base: Path, **sections) -> Path:
     return path
 
 
-def components(base: Path, **model):
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+def components(base: Path, **options):
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
-    return load_components(ModelSection(base=str(base), **model))
+    return load_components(resolve_base(str(base)), LoadOptions(**options))
 
 
 def test_detected_as_sd3_and_text_matches_the_pipeline(tiny_sd3):
@@ -65,7 +65,7 @@ def test_detected_as_sd3_and_text_matches_the_pipeline(tiny_sd3):
 def test_without_t5_the_t5_part_is_zeros_as_in_the_pipeline(tiny_sd3):
     from diffusers import StableDiffusion3Pipeline
 
-    comps = components(tiny_sd3, drop_text_encoders=["text_encoder_3"], max_sequence_length=16)
+    comps = components(tiny_sd3, drop_text_encoders=("text_encoder_3",), max_sequence_length=16)
     assert comps.text_encoder_names == ("text_encoder", "text_encoder_2")
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, text_encoder_3=None, tokenizer_3=None)
     with torch.no_grad():

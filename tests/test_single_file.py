@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune.export.context import ExportContext
-from finetune.models.family import FAMILIES
+from finetune.models.families import FAMILIES
 from tests.helpers import _tiny_vae, build_tiny_sd, build_tiny_sd2, load_comps, tokenizer_dir
 
 

@@ -190,7 +190,7 @@ def test_generate_applies_the_lora_and_the_embedding(tiny_base, tmp_path, two_lo
 def test_weighted_prompt_scales_the_words_embedding(tiny_base):
     """(red:w): the prompt embedding at the word's position moves linearly with w (compel: empty + w x
     (word - empty)); every other position keeps the plain prompt's embedding."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     gen = tool("generate")
     pipe, _, _ = gen.build_pipeline(gen.parse_args(["x", "--base", str(tiny_base), "--device", "cpu"]))

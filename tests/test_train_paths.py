@@ -241,12 +241,12 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, tiny_base, images, monkeyp
 def test_attention_choice_sets_the_processors_and_both_agree(tiny_base):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from finetune.models.components import load_components
-    from finetune.sections import ModelSection
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
 
     outs = {}
     for kind, cls in (("sdpa", AttnProcessor2_0), ("eager", AttnProcessor)):
-        comps = load_components(ModelSection(base=str(tiny_base), attention=kind))
+        comps = load_components(resolve_base(str(tiny_base)), LoadOptions(attention=kind))
         processors = list(comps.unet.attn_processors.values())
         assert processors and all(type(p) is cls for p in processors), kind
         outs[kind] = fixed_unet_output(comps.unet, comps.text_encoder, comps.tokenizer)

@@ -13,7 +13,7 @@ from finetune.export.kohya import kohya_layers, layers_to_kohya
 from finetune.export.layers import Layer
 from finetune.export.layouts import bound_names
 from finetune.export.lora import export_lora
-from finetune.models.family import FAMILIES
+from finetune.models.families import FAMILIES
 from tests import ui_tables as ui
 from tests.helpers import adapted, count_adapted, make_ctx
 

@@ -21,11 +21,11 @@ def test_text_is_the_pipelines_captions(base):
     the chat template with thinking on, the second-to-last hidden state, prompt tokens only."""
     from diffusers import ZImagePipeline
 
-    from finetune.models.components import load_components
+    from finetune.models.base import resolve_base
+    from finetune.models.components import LoadOptions, load_components
     from finetune.models.families.z_image import captions_of
-    from finetune.sections import ModelSection
 
-    comps = load_components(ModelSection(base=str(base), max_sequence_length=32))
+    comps = load_components(resolve_base(str(base)), LoadOptions(max_sequence_length=32))
     pipe = ZImagePipeline.from_pretrained(base)
     with torch.no_grad():
         ours = comps.family.encode_prompt(comps, CAPTIONS, "cpu")
@@ -80,7 +80,7 @@ def test_padding_does_not_change_the_prediction(base):
     """`predict` cuts each caption back to its tokens: extra zero padding changes nothing."""
     from diffusers import ZImagePipeline
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     pipe = ZImagePipeline.from_pretrained(base)
     g = torch.Generator().manual_seed(0)

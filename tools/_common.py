@@ -63,11 +63,11 @@ def quiet() -> None:
 
 def load_base(base: str, family: str = "auto", config: str | None = None, allow_pickle: bool = False):
     """Components of a base, accepting every form recipe `model.base` accepts (incl. 'toy')."""
+    from finetune.models.base import resolve_base
     from finetune.models.components import load_components
-    from finetune.sections import ModelSection
 
     quiet()
-    return load_components(ModelSection(base=base, family=family, config=config, allow_pickle=allow_pickle))
+    return load_components(resolve_base(base, family=family, config=config, allow_pickle=allow_pickle).complete())
 
 
 def check_energy(energy: float | None) -> None:
@@ -79,14 +79,14 @@ def check_energy(energy: float | None) -> None:
 
 
 def add_family_arg(p, help_text: str = "model family") -> None:
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     p.add_argument("--family", default="auto", choices=["auto", *FAMILIES], help=help_text)
 
 
 def family_of(name: str):
     """The family object of a --family value (None for 'auto': read from the file)."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return None if name == "auto" else FAMILIES[name]
 

@@ -143,12 +143,11 @@ def main(argv=None) -> int:
         print(f"{cand.label}: {sum(len(r) for r in rows)} images, grid {path}")
 
     def loader(base):
-        from finetune.models.components import load_components
-        from finetune.sections import ModelSection
+        from finetune.models.base import resolve_base
+        from finetune.models.components import LoadOptions, load_components
 
-        return load_components(ModelSection(base=base, family=args.family, config=args.config,
-                                            allow_pickle=args.allow_pickle,
-                                            max_sequence_length=args.max_sequence_length))
+        base = resolve_base(base, family=args.family, config=args.config, allow_pickle=args.allow_pickle)
+        return load_components(base.complete(), LoadOptions(max_sequence_length=args.max_sequence_length))
 
     results = evaluate(candidates(args), scorer, sampling, args.base, loader, device, dtype, on_rows=save_grid,
                        allow_pickle=args.allow_pickle, say=lambda line: print(line, flush=True))

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from finetune.caption.text import STYLES
 from finetune.errors import ModelError
 
-STYLES = ("short", "detailed", "tags")
 FLORENCE_BASE = "florence-community/Florence-2-base"
 SMOLVLM_256M = "HuggingFaceTB/SmolVLM-256M-Instruct"
 # Florence-2 is the best small captioner for sentences but has no tagging task, so tags default to a chat model.

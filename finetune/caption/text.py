@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+STYLES = ("short", "detailed", "tags")  # what a caption can be; here, below the captioners that all offer them
+
 # Openers VLMs like to add; they spend CLIP tokens on nothing.
 _LEAD_IN = re.compile(
     r"^\s*(?:in\s+)?(?:the|this)\s+(?:image|picture|photo(?:graph)?|illustration|painting|artwork)\s+"

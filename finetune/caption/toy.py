@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 
-from finetune.caption.models import STYLES
+from finetune.caption.text import STYLES
 
 TOY = "toy"
 

@@ -77,7 +77,7 @@ def _family_layout(tensors, family=None):
     """(family, format, module) of the family layout these tensors are written in, or None."""
     import importlib
 
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     for f in [family] if family is not None else FAMILIES.values():
         for fmt, module_name in f.lora_layouts.items():
@@ -166,7 +166,7 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
     import torch
 
     if names is None:
-        from finetune.models.family import FAMILIES
+        from finetune.models.families import FAMILIES
 
         names = FAMILIES[adapter.family or "sd1"].kohya_names
     names = bound_names(names, modules)

@@ -53,7 +53,7 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
     grid = ""
     if ctx.sample_grid and Path(ctx.sample_grid).is_file():
         grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"

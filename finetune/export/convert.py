@@ -52,7 +52,7 @@ def convert_lora(src: str | Path, dst: str | Path, fmt: str, allow_pickle: bool 
     target = check_lora_output(lora_target(src, dst, fmt), [src], overwrite)
     adapter = read_adapter(src, allow_pickle=allow_pickle, family=family)
     if family is None:
-        from finetune.models.family import FAMILIES
+        from finetune.models.families import FAMILIES
 
         family = FAMILIES[adapter.family or "sd1"]
     if fmt not in ("kohya", "diffusers", *family_layouts(family)):

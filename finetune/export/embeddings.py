@@ -71,7 +71,7 @@ def save_embeddings(vectors: dict[str, torch.Tensor], tokens: str | list[str], o
     token = _as_token(tokens)
     dtype = DTYPES[getattr(ctx, "dtype", "fp32")]
     vectors = {n: v.detach().to("cpu", dtype) for n, v in vectors.items()}
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     known = FAMILIES.get(ctx.family)
     arch = known.modelspec_arch.get(getattr(ctx, "prediction_type", "epsilon"), ctx.family) if known else ctx.family

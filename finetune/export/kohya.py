@@ -24,7 +24,7 @@ from finetune.kinds import kind_of_kohya, kohya_spellings
 
 
 def known_prefixes() -> tuple[str, ...]:
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     return tuple(sorted({p for f in FAMILIES.values() for n in f.kohya_names.values() for p in n.prefixes}))
 
@@ -37,7 +37,7 @@ def is_kohya(tensors: dict[str, Any]) -> bool:
 def guess_family(tensors: dict[str, Any], meta: dict[str, str]):
     """The family a LoRA file is for: our header, kohya's metadata, then a key prefix or component only one
     family has (SDXL's lora_te2 / text_encoder_2); SD 1.x otherwise (SD 1.x and 2.x share every key name)."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     if meta.get("finetune.family") in FAMILIES:
         return FAMILIES[meta["finetune.family"]]

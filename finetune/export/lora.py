@@ -111,7 +111,7 @@ def transformers_dora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None) -> Path:
     """Write an `Adapter` (finetune.export.layers) as 'kohya' (a file), 'diffusers' (a folder or file) or one
     of the family's own layouts (FLUX: 'bfl')."""
-    from finetune.models.family import FAMILIES
+    from finetune.models.families import FAMILIES
 
     family = family or FAMILIES[adapter.family or "sd1"]
     meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META, LAYOUT_META)}

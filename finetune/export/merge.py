@@ -72,7 +72,7 @@ def merge_into_base(comps, specs: list[LoraSpec], out_dir: Path | None = None, s
     fuse_all(comps, adapters, [s.weight for s in specs])
     from finetune.export.context import public_path
 
-    meta = merge_metadata(specs, adapters, {"finetune.base_model": public_path(comps.base),
+    meta = merge_metadata(specs, adapters, {"finetune.base_model": public_path(comps.base.name),
                                             "finetune.family": comps.family.name})
     written = []
     if out_dir is not None:

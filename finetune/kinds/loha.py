@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune.kinds import AdapterKind, register_kind
+from finetune.kinds.base import AdapterKind
 
 NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -27,6 +27,3 @@ class LoHa(AdapterKind):
 
     def factors(self, t):
         return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
-
-
-register_kind(LoHa)

@@ -7,7 +7,7 @@ layer is written in kohya form (and read back as scale 1).
 
 from __future__ import annotations
 
-from finetune.kinds import AdapterKind, register_kind
+from finetune.kinds.base import AdapterKind
 
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -55,6 +55,3 @@ class LoKr(AdapterKind):
             w1 = out["lokr_w1"]
             out["lokr_w1"] = (w1.float() * layer.scale).to(w1.dtype)
         return out
-
-
-register_kind(LoKr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.errors import ModelError
-from finetune.kinds import AdapterKind, register_kind
+from finetune.kinds.base import AdapterKind
 
 MAGNITUDE = "lora_magnitude_vector"
 DORA_IN_KOHYA = ("DoRA layers cannot be written in kohya form: AUTOMATIC1111 normalises the magnitude over input "
@@ -90,6 +90,3 @@ def _peft_magnitude(m, up, where: str):
         return m.reshape(-1) if up.dim() <= 2 else m.reshape(1, out, *([1] * (up.dim() - 2)))
     raise ModelError(f"{where}: DoRA magnitude of shape {tuple(m.shape)} is per input column, a decomposition "
                      "peft (and finetune) cannot hold; use it in the UI that made it")
-
-
-register_kind(LoRA)

@@ -94,7 +94,7 @@ class _Sizer:
         from finetune.memory.skeleton import meta_components
 
         self.device = device
-        self.comps = meta_components(recipe.model)
+        self.comps = meta_components(recipe.base, recipe.model.load_options())
         self.method = recipe.method.build()
         self.method.setup(self.comps, recipe.train.lr)
         self.traces: dict[tuple, int] = {}

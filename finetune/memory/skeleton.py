@@ -12,81 +12,54 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from finetune.errors import ModelError
-from finetune.models.components import Components
-from finetune.sections import ModelSection
+from finetune.models.base import Base
+from finetune.models.components import Components, LoadOptions
+from finetune.models.reference import meta_module
 
 
-def meta_components(model: ModelSection) -> Components:
-    """The recipe's base on the meta device, frozen, as the trainer's `Components`."""
+def meta_components(base: Base, options: LoadOptions | None = None) -> Components:
+    """The recipe's base (its `Base` value) on the meta device, frozen, as the trainer's `Components`."""
     from finetune.models.components import freeze
     from finetune.models.detect import family_of_folder
-    from finetune.models.family import FAMILIES
     from finetune.models.reference import REFERENCE_IDS, reference_folder
 
-    folder = _config_folder(model)
-    if folder is None and model.base in REFERENCE_IDS:
-        folder = reference_folder(REFERENCE_IDS[model.base])
+    options = options or LoadOptions()
+    folder = _config_folder(base)
+    if folder is None and base.name in REFERENCE_IDS:
+        folder = reference_folder(REFERENCE_IDS[base.name])
     if folder is None:
-        raise ModelError(f"model.base '{model.base}': its configs are not on this machine (not a folder, not in "
+        raise ModelError(f"model.base '{base.name}': its configs are not on this machine (not a folder, not in "
                          "the Hugging Face cache, no reference architecture); download the base once, or point "
                          "model.base at a local diffusers folder")
     index = json.loads((folder / "model_index.json").read_text())
-    modules = {name: _meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
+    modules = {name: meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
     tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
                   if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
-    family = FAMILIES[model.family] if model.family != "auto" else family_of_folder(folder)
-    present = [n for n in family.text_encoder_names if n in modules and n not in model.drop_text_encoders]
+    family = base.family or family_of_folder(folder)  # not cached: the reference architecture's
+    present = [n for n in family.text_encoder_names if n in modules and n not in options.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]
     comps = Components(denoiser=modules[family.denoiser_name], vae=modules["vae"],
                        text_encoders=[modules[n] for n in present], tokenizers=toks, scheduler=None,
-                       family=family, base=model.base, source=str(folder), prediction_type="auto",
-                       text_encoder_names=tuple(present), max_sequence_length=model.max_sequence_length)
+                       family=family, base=base, prediction_type="auto",
+                       text_encoder_names=tuple(present), max_sequence_length=options.max_sequence_length)
     freeze(comps)
     return comps
 
 
-def _config_folder(model: ModelSection) -> Path | None:
-    if model.base == "toy":
-        from finetune.toy import toy_base_path
-
-        return toy_base_path()
-    path = Path(model.base).expanduser()
-    if path.is_dir():
-        return path
-    if path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
-        raise ModelError(f"model.base '{model.base}': the estimate reads diffusers folders and hub ids; give "
+def _config_folder(base: Base) -> Path | None:
+    """The diffusers folder holding the base's configs: the base's own, or its snapshot in the local cache."""
+    if base.form == "file":
+        raise ModelError(f"model.base '{base.name}': the estimate reads diffusers folders and hub ids; give "
                          "model.config (a diffusers folder of the same architecture) for a single file")
-    try:
-        from huggingface_hub import snapshot_download
-
-        got = snapshot_download(model.base, revision=model.revision, local_files_only=True,
-                                allow_patterns=["*.json", "*.txt", "*.model", "*tokenizer*", "*merges*", "*vocab*"])
-        return Path(got)
-    except Exception:  # noqa: BLE001 - not cached (or not a hub id): the reference table may know it
-        return None
+    base.check()
+    return base.folder
 
 
 def _is_model(entry) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers") and \
         entry[1] is not None and not entry[1].endswith(("Tokenizer", "TokenizerFast", "Scheduler")) and \
         "Scheduler" not in entry[1] and "Processor" not in entry[1] and "Extractor" not in entry[1]
-
-
-def _meta_module(folder: Path, cls_name: str) -> torch.nn.Module:
-    import diffusers
-    import transformers
-
-    if hasattr(diffusers, cls_name) and hasattr(getattr(diffusers, cls_name), "load_config"):
-        cls = getattr(diffusers, cls_name)
-        with torch.device("meta"):
-            return cls.from_config(cls.load_config(folder))
-    cls = getattr(transformers, cls_name)
-    config = cls.config_class.from_pretrained(folder)
-    with torch.device("meta"):
-        return cls(config)
 
 
 def _tokenizer(folder: Path, cls_name: str):

@@ -38,11 +38,11 @@ def _components(recipe, device: str):
     if device == "meta":
         from finetune.memory.skeleton import meta_components
 
-        comps = meta_components(recipe.model)
+        comps = meta_components(recipe.base, recipe.model.load_options())
     else:
         from finetune.models.components import load_components
 
-        comps = load_components(recipe.model)
+        comps = load_components(recipe.base.complete(), recipe.model.load_options())
     groups = recipe.method.build().setup(comps, recipe.train.lr)
     dtype = DTYPES[recipe.train.mixed_precision]
     cast_frozen(comps, dtype, dtype)

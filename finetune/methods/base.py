@@ -45,6 +45,10 @@ class MethodConfig(StrictModel):
     def check_recipe(self, recipe) -> None:
         """Checks that need the rest of the recipe (e.g. the base's vocabulary); raise ValueError naming the key."""
 
+    def check_family(self, recipe, family) -> None:
+        """Checks that need the base's family (LoRA presets, export forms). They run as soon as the family is
+        known: while the recipe validates, or once a base that was not on this machine has loaded."""
+
     def build(self) -> Method:
         raise NotImplementedError
 

@@ -40,19 +40,18 @@ class FullConfig(MethodConfig):
         return frozenset({"denoiser", "text_encoders"} if self.train_text_encoder else {"denoiser"})
 
     def check_recipe(self, recipe) -> None:
-        """A quantized part cannot train in place. A family without an original single-file layout (SD3,
-        FLUX) writes the diffusers folder only; asking for the single file there is refused before anything
-        loads."""
-        from finetune.models.detect import family_for
-
+        """A quantized part cannot train in place."""
         if recipe.model.quantize != "none":
             raise ValueError(f"model.quantize: {recipe.model.quantize} stores the denoiser's weights quantized, and "
                              "method 'full' trains those weights; use method lora (QLoRA) or model.quantize: none")
         if self.train_text_encoder and recipe.model.quantize_text_encoders != "none":
             raise ValueError("model.quantize_text_encoders: method 'full' with train_text_encoder trains the text "
                              "encoders' weights; set model.quantize_text_encoders: none or train_text_encoder: false")
-        family = family_for(recipe.model)
-        if family is None or family.single_file_writer:
+
+    def check_family(self, recipe, family) -> None:
+        """A family without an original single-file layout (SD3, FLUX) writes the diffusers folder only; asking
+        for the single file there is refused before anything loads."""
+        if family.single_file_writer:
             return
         if recipe.export.formats is None:
             recipe.export.formats = ["diffusers"]
@@ -114,9 +113,10 @@ def _with_full_precision_frozen(comps, trained: list[str], ctx):
     from finetune.models.components import load_components
     from finetune.sections import ModelSection
 
-    # ctx.recipe hides local paths; the export carries the base's own weights, never quantized ones
+    # the same base (its value, as it loaded), with the base's own weights, never quantized ones;
+    # ctx.recipe hides local paths (a local model.vae), ctx.model keeps them
     section = {**(ctx.model or ctx.recipe["model"]), "quantize": "none", "quantize_text_encoders": "none"}
-    fresh = load_components(ModelSection(**section))
+    fresh = load_components(comps.base, ModelSection(**section).load_options())
     names = comps.text_encoder_names
     encoders = [enc if name in trained else fresh.text_encoders[i]
                 for i, (name, enc) in enumerate(zip(names, comps.text_encoders, strict=True))]

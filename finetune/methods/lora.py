@@ -67,7 +67,7 @@ class LoRAConfig(MethodConfig):
         if isinstance(self.targets, list) and not self.targets:
             raise ValueError("targets is an empty list; name modules or use a preset")
         if isinstance(self.targets, str):
-            from finetune.models.family import FAMILIES
+            from finetune.models.families import FAMILIES
 
             presets = sorted({p for f in FAMILIES.values() for p in f.lora_presets})
             if self.targets not in presets:
@@ -89,17 +89,17 @@ class LoRAConfig(MethodConfig):
     def denoiser_targets(self, family=None) -> list[str] | str:
         """What to adapt in the denoiser, as peft takes it: module-name suffixes (the family's preset or the
         recipe's list) or one regex, narrowed to `blocks` when given."""
-        from finetune.models.family import SD1
+        from finetune.models.families.sd import SD1
 
         targets = list(self.targets) if isinstance(self.targets, list) else (family or SD1).lora_targets(self.targets)
         return within_blocks(targets, self.blocks) if self.blocks else targets
 
     def check_recipe(self, recipe) -> None:
-        from finetune.models.detect import family_for
+        check_formats(self, recipe, None)  # the default, where the family is not known yet (checked again then)
 
-        family = family_for(recipe.model)
+    def check_family(self, recipe, family) -> None:
         check_formats(self, recipe, family)
-        if family is not None and isinstance(self.targets, str) and self.targets not in family.lora_presets:
+        if isinstance(self.targets, str) and self.targets not in family.lora_presets:
             raise ValueError(f"method.targets '{self.targets}' is not a preset of the {family.name} family; its "
                              f"presets are {', '.join(family.lora_presets)}, or list module-name suffixes")
 
@@ -143,13 +143,6 @@ def check_formats(cfg: LoRAConfig, recipe, family, key: str = "method.use_dora")
         if f in inexact:
             raise ValueError(f"export.formats: '{f}' fuses q/k/v and holds plain LoRA only, not "
                              f"{'DoRA' if cfg.use_dora else cfg.adapter}; drop it (kohya and diffusers keep it)")
-
-
-def check_dora_formats(cfg: LoRAConfig, recipe, key: str) -> None:
-    """(pivotal tuning) the same rules, with the family read from the recipe."""
-    from finetune.models.detect import family_for
-
-    check_formats(cfg, recipe, family_for(recipe.model), key)
 
 
 def peft_adapter_config(cfg: LoRAConfig, rank: int, alpha: float, targets: list[str] | str):

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from finetune.methods.base import MethodConfig, register_method
-from finetune.methods.lora import LoRAConfig, LoRAMethod, check_dora_formats
+from finetune.methods.lora import LoRAConfig, LoRAMethod, check_formats
 from finetune.methods.textual_inversion import NewTokens, TokenSettings
 
 
@@ -47,12 +47,15 @@ class PivotalConfig(MethodConfig):
         return [self.embedding.token]
 
     def check_recipe(self, recipe) -> None:
-        check_dora_formats(self.lora, recipe, "method.lora.use_dora")
-        self.embedding.check_base(recipe.model.base, "method.embedding")
+        check_formats(self.lora, recipe, None, "method.lora.use_dora")
+        self.embedding.check_base(recipe.base, "method.embedding")
         self.embedding.template_check(recipe, "method.embedding")
         if self.token_steps >= recipe.train.max_steps:
             raise ValueError(f"method.token_steps ({self.token_steps}) leaves no step for the LoRA "
                              f"(train.max_steps {recipe.train.max_steps}); lower it, or 0 to train both together")
+
+    def check_family(self, recipe, family) -> None:
+        check_formats(self.lora, recipe, family, "method.lora.use_dora")
 
     def build(self):
         return PivotalMethod(self)

@@ -87,10 +87,12 @@ class TokenSettings(StrictModel):
                         "word close to the concept (several words are averaged)")
         return None
 
-    def check_base(self, base: str, key: str) -> None:
-        """Recipe-time vocabulary check against a local base folder (hub ids are checked at set-up)."""
-        for folder, vocab in local_vocabularies(base).items():
-            problem = self.vocabulary_problem(vocab, f"model.base '{base}' ({folder})", key)
+    def check_base(self, base, key: str) -> None:
+        """Recipe-time vocabulary check against a local base folder (`base`: the recipe's `Base`; hub ids are
+        checked at set-up)."""
+        folders = local_vocabularies(str(base.folder)) if base.local and base.folder else {}
+        for folder, vocab in folders.items():
+            problem = self.vocabulary_problem(vocab, f"model.base '{base.name}' ({folder})", key)
             if problem:
                 raise ValueError(problem)
 
@@ -104,14 +106,10 @@ class TokenSettings(StrictModel):
 
 
 @functools.lru_cache(maxsize=8)
-def local_vocabularies(base: str) -> dict[str, frozenset[str]]:
-    """Entries of each tokenizer of a local diffusers folder (or the toy base), read as plain JSON."""
-    from finetune.toy import toy_path
-
-    root = toy_path(base) or Path(base).expanduser()
+def local_vocabularies(folder: str) -> dict[str, frozenset[str]]:
+    """Entries of each tokenizer of a local diffusers folder (or a toy base), read as plain JSON."""
+    root = Path(folder)
     out: dict[str, frozenset[str]] = {}
-    if not root.is_dir():
-        return out
     for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         entries: set[str] = set()
         for name in ("vocab.json", "added_tokens.json"):  # what slow tokenizers save
@@ -147,7 +145,7 @@ class TextualInversionConfig(TokenSettings, MethodConfig):
         return [self.token]
 
     def check_recipe(self, recipe) -> None:
-        self.check_base(recipe.model.base, "method")
+        self.check_base(recipe.base, "method")
         self.template_check(recipe, "method")
 
     def build(self):
@@ -174,7 +172,7 @@ class NewTokens:
 
         words = self.settings.placeholder_tokens()
         for name, tok, enc in zip(comps.text_encoder_names, comps.tokenizers, comps.text_encoders, strict=True):
-            self._check(tok, f"model.base '{comps.base}' ({name})")
+            self._check(tok, f"model.base '{comps.base.name}' ({name})")
             init = self._initializer_row(tok, enc)
             tok.add_tokens(words)
             rows = enc.get_input_embeddings().weight.shape[0]

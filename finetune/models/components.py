@@ -1,17 +1,17 @@
-"""Load the base model's components from the recipe, and freeze them.
+"""Load a base model's components, and freeze them.
 
-`model.base` may be a hub id, a local diffusers folder, a single-file checkpoint (.safetensors; pickle
-formats only with `model.allow_pickle`) or `toy`. Everything is loaded frozen: by default in fp32; the
-trainer passes a `LoadPrecision` so that frozen parts load straight in the compute dtype (a 12B FLUX
-transformer is 24 GB of host RAM in bf16, 48 GB in fp32) and only what a method trains in place loads in
-fp32. `model.quantize` / `model.quantize_text_encoders` then convert the frozen linear layers
-(finetune/models/quantize.py). The trainer casts what is left after the method has chosen what trains
-(`cast_frozen`).
+`load_components(base, options, precision)` takes plain values: the `Base` the recipe resolved and completed
+(finetune/models/base.py: a hub id, a local diffusers folder, a single-file checkpoint or a toy base), how to
+load it (`LoadOptions`: the recipe's `model` section as the trainer translates it) and in which dtypes
+(`LoadPrecision`). Everything is loaded frozen: by default in fp32; the trainer passes a `LoadPrecision` so
+that frozen parts load straight in the compute dtype (a 12B FLUX transformer is 24 GB of host RAM in bf16,
+48 GB in fp32) and only what a method trains in place loads in fp32. `quantize` / `quantize_text_encoders`
+then convert the frozen linear layers (finetune/models/quantize.py). The trainer casts what is left after the
+method has chosen what trains (`cast_frozen`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,8 @@ from typing import Any
 import torch
 
 from finetune.errors import ModelError
-from finetune.models.detect import family_of_checkpoint
-from finetune.models.family import FAMILIES, Family, family_from_configs
-from finetune.sections import ModelSection
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+from finetune.models.base import SINGLE_FILE_SUFFIXES, Base, load_failure
+from finetune.models.family import Family
 
 
 @dataclass
@@ -41,8 +37,7 @@ class Components:
     tokenizers: list[Any]
     scheduler: Any  # the training scheduler: DDPM from the base's config, or the base's flow-matching one
     family: Family
-    base: str  # the recipe's model.base
-    source: str  # where it was loaded from (resolved folder, file or hub id)
+    base: Base  # what was loaded, its family known
     prediction_type: str  # 'epsilon' / 'v_prediction' (DDPM) or 'flow'
     text_encoder_names: tuple[str, ...] = ()
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: family default)
@@ -51,6 +46,11 @@ class Components:
     def __post_init__(self):
         if not self.text_encoder_names:
             self.text_encoder_names = tuple(self.family.text_encoder_names[: len(self.text_encoders)])
+
+    @property
+    def source(self) -> str:
+        """Where the base was loaded from: the resolved folder, file or hub id."""
+        return self.base.location
 
     @property
     def denoiser_name(self) -> str:
@@ -117,27 +117,19 @@ def decode_in_own_dtype(vae) -> None:
     vae._decodes_in_own_dtype = True
 
 
-def resolve_base(base: str) -> tuple[str, str]:
-    """('folder' | 'file' | 'hub', location) for a model.base value."""
-    from finetune.toy import toy_path
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a base, besides where it is and in which dtypes: the recipe's `model` keys as plain values
+    (the trainer translates them: `ModelSection.load_options`)."""
 
-    if toy_path(base) is not None:
-        return "folder", str(toy_path(base))
-    path = Path(base).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(
-                f"model.base '{base}': folder has no model_index.json; point it at a diffusers model folder "
-                "(the one holding unet/, vae/, text_encoder/ ...) or at a single .safetensors file"
-            )
-        return "folder", str(path)
-    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        if not path.is_file():
-            raise ModelError(f"model.base '{base}': file does not exist; check the path")
-        return "file", str(path)
-    if base.startswith((".", "/", "~")) or os.sep in base.strip("/").replace("/", "", 1):
-        raise ModelError(f"model.base '{base}': no such folder or file; check the path")
-    return "hub", base
+    variant: str | None = None  # weight variant on the hub, e.g. 'fp16'
+    vae: str | None = None  # a replacement VAE: a diffusers folder or hub id
+    drop_text_encoders: tuple[str, ...] = ()  # optional text encoders not to load (SD3's T5)
+    attention: str = "sdpa"  # 'sdpa', 'eager' or 'xformers' (see set_attention)
+    prediction_type: str = "auto"  # DDPM target; 'auto' reads the base's scheduler
+    max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: the family's)
+    quantize: str = "none"  # the frozen denoiser's linear layers: 'nf4', 'int8', 'fp8' or 'none'
+    quantize_text_encoders: str = "none"
 
 
 @dataclass(frozen=True)
@@ -165,159 +157,118 @@ class LoadPrecision:
         return self.compute if not self.trained and self.vae == self.compute else torch.float32
 
 
-def load_components(model: ModelSection, precision: LoadPrecision | None = None) -> Components:
-    """Load and freeze the base named by the recipe's `model` section (fp32 unless `precision` says)."""
-    precision = precision or LoadPrecision()
-    kind, where = resolve_base(model.base)
-    vae = _load_vae(model, precision.vae) if model.vae else None
-    if kind == "file":
-        _refuse_pickle(model, where)
-        family = _chosen(model) or family_of_checkpoint(where, model.allow_pickle)
-        pipe = _load_single_file(model, where, family, vae, precision.single())
-        family = _chosen(model) or family
+def load_components(base: Base, options: LoadOptions | None = None,
+                    precision: LoadPrecision | None = None) -> Components:
+    """Load and freeze `base`, a complete one (its family known: `Base.complete()`), fp32 unless `precision`
+    says."""
+    if base.problem:
+        raise ModelError(base.problem)
+    if base.family is None:
+        raise ValueError(f"{base.name}: load_components takes a complete base (Base.complete()), its family known")
+    options, precision = options or LoadOptions(), precision or LoadPrecision()
+    vae = _load_vae(options.vae, precision.vae) if options.vae else None
+    if base.form == "file":
+        pipe = _load_single_file(base, vae, precision.single())
     else:
-        pipe = _load_pretrained(model, kind, where, vae, precision.by_component())
-        family = _chosen(model) or _detect(pipe, model.base)
-    _check_fits(pipe, family, model)
-    comps = _from_pipeline(pipe, family, model, where)
+        pipe = _load_pretrained(base, options, vae, precision.by_component())
+    _check_fits(pipe, base, options)
+    comps = _from_pipeline(pipe, base, options)
     freeze(comps)
-    quantize_components(comps, model, precision.compute)
+    quantize_components(comps, options, precision.compute)
     return comps
 
 
-def _check_fits(pipe, family: Family, model: ModelSection) -> None:
+def _check_fits(pipe, base: Base, options: LoadOptions) -> None:
     """A `model.family` forced onto a base of another family leaves the family's parts empty: say so here,
     not as an AttributeError at the first caption."""
+    family = base.family
     wanted = [family.denoiser_name, family.tokenizer_names[0],
-              *(n for n in family.text_encoder_names if n not in model.drop_text_encoders)]
+              *(n for n in family.text_encoder_names if n not in options.drop_text_encoders)]
     missing = [n for n in wanted if getattr(pipe, n, None) is None]
     if missing:
-        raise ModelError(f"model.base '{model.base}' has no {missing[0]} for a {family.name} model "
-                         f"(model.family: {model.family}); set model.family: auto, or the base's own family")
+        named = family.name if base.forced else "auto"
+        raise ModelError(f"model.base '{base.name}' has no {missing[0]} for a {family.name} model "
+                         f"(model.family: {named}); set model.family: auto, or the base's own family")
 
 
-def quantize_components(comps: Components, model: ModelSection, compute: torch.dtype) -> None:
+def quantize_components(comps: Components, options: LoadOptions, compute: torch.dtype) -> None:
     """`model.quantize` (denoiser) and `model.quantize_text_encoders`: frozen linear layers converted in
     place; nf4 / int8 weights are quantized when the trainer moves each part to its device."""
     from finetune.models.quantize import quantize_module
 
-    if model.quantize != "none":
-        quantize_module(comps.denoiser, model.quantize, compute, what="model.quantize")
-    if model.quantize_text_encoders != "none":
+    if options.quantize != "none":
+        quantize_module(comps.denoiser, options.quantize, compute, what="model.quantize")
+    if options.quantize_text_encoders != "none":
         for enc in comps.text_encoders:
-            quantize_module(enc, model.quantize_text_encoders, compute, what="model.quantize_text_encoders")
+            quantize_module(enc, options.quantize_text_encoders, compute, what="model.quantize_text_encoders")
 
 
-def _chosen(model: ModelSection) -> Family | None:
-    return FAMILIES[model.family] if model.family != "auto" else None
-
-
-def _detect(pipe, base: str) -> Family:
-    index = {k: v for k, v in pipe.config.items() if not k.startswith("_")}
-    encoder = getattr(pipe, "text_encoder", None)
-    encoder_config = encoder.config.to_dict() if encoder is not None else {}
-    try:
-        denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
-        return family_from_configs(index, dict(denoiser.config) if denoiser is not None else {}, encoder_config)
-    except NotImplementedError as e:
-        raise ModelError(f"model.base '{base}': {e}") from None
-
-
-def _pipeline_class(model: ModelSection):
-    import diffusers
-
-    if model.family != "auto":
-        return getattr(diffusers, FAMILIES[model.family].pipeline_class)
-    return diffusers.DiffusionPipeline
-
-
-def _load_vae(model: ModelSection, dtype: torch.dtype = torch.float32):
+def _load_vae(name: str, dtype: torch.dtype = torch.float32):
     """`model.vae`: a replacement VAE (e.g. an fp16-safe SDXL VAE), a diffusers folder or hub id."""
     from diffusers import AutoencoderKL
 
-    path = Path(model.vae).expanduser()
-    kind, where = ("folder", str(path)) if path.is_dir() else ("hub", model.vae)
+    path = Path(name).expanduser()
+    kind, where = ("folder", str(path)) if path.is_dir() else ("hub", name)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        raise ModelError(f"model.vae '{model.vae}': give a diffusers VAE folder or hub id, not a single file")
+        raise ModelError(f"model.vae '{name}': give a diffusers VAE folder or hub id, not a single file")
     try:
         return AutoencoderKL.from_pretrained(where, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise ModelError(_load_failure(model.vae, kind, e, key="model.vae")) from None
+        raise ModelError(load_failure(name, kind, e, key="model.vae")) from None
 
 
-def _load_pretrained(model: ModelSection, kind: str, where: str, vae=None, dtypes: dict | None = None):
-    cls = _pipeline_class(model)
-    kwargs: dict[str, Any] = {"dtype": dtypes or torch.float32, "revision": model.revision,
-                              "variant": model.variant}
+def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | None = None):
+    import diffusers
+
+    # a named family loads as its own pipeline; 'auto' as the one model_index.json names
+    cls = getattr(diffusers, base.family.pipeline_class) if base.forced else diffusers.DiffusionPipeline
+    kwargs: dict[str, Any] = {"dtype": dtypes or torch.float32, "revision": base.revision,
+                              "variant": options.variant}
     if vae is not None:
         kwargs["vae"] = vae
-    for name in model.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
+    for name in options.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
         kwargs[name] = None
         kwargs[name.replace("text_encoder", "tokenizer")] = None
-    if kind == "folder":
-        from finetune.models.detect import read_json
-
-        index = read_json(Path(where) / "model_index.json")  # damaged: one line naming the file
-        if "safety_checker" in index:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-    else:
+    if not base.local or "safety_checker" in base.index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        return cls.from_pretrained(where, **kwargs)
+        return cls.from_pretrained(base.location, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(_load_failure(model.base, kind, e)) from None
+        raise ModelError(load_failure(base.name, base.form, e)) from None
 
 
-def _load_failure(base: str, kind: str, e: Exception, key: str = "model.base") -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if kind == "hub" and offline:
-        return (
-            f"{key} '{base}' is not in the local Hugging Face cache and the hub is offline "
-            f"(HF_HUB_OFFLINE=1): download it once with `hf download {base}` or set {key} to a local folder"
-        )
-    if kind == "hub":
-        return f"{key} '{base}' could not be loaded from the hub ({str(e).splitlines()[0]}); check the id"
-    return f"{key} '{base}' could not be loaded: {str(e).splitlines()[0]}"
-
-
-def _refuse_pickle(model: ModelSection, where: str) -> None:
-    if where.lower().endswith(PICKLE_SUFFIXES) and not model.allow_pickle:
-        raise ModelError(
-            f"model.base '{model.base}' is a pickle checkpoint, which can run code when loaded; convert it to "
-            ".safetensors, or set model.allow_pickle: true to load it with weights_only=True"
-        )
-
-
-def _load_single_file(model: ModelSection, where: str, family: Family, vae=None, dtype=torch.float32):
+def _load_single_file(base: Base, vae=None, dtype=torch.float32):
     """An original-layout checkpoint through diffusers' from_single_file, as the detected family's pipeline.
     diffusers needs the matching diffusers configs: `model.config`, else it fetches the family's reference
     repo from the hub (impossible offline, and wrong for v-prediction SD 2.x bases without the config)."""
     import diffusers
 
+    family = base.family
     cls = getattr(diffusers, family.pipeline_class)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if vae is not None:
         kwargs["vae"] = vae
-    if model.config:
-        kwargs["config"] = str(resolve_base(model.config)[1])
+    if base.config:
+        kwargs["config"] = base.config
     try:
-        return cls.from_single_file(where, **kwargs)
+        return cls.from_single_file(base.location, **kwargs)
     except Exception as e:  # noqa: BLE001 - torch, safetensors and diffusers each raise their own on a bad file
         raise ModelError(
-            f"model.base '{model.base}': single-file {family.name} checkpoint could not be loaded "
+            f"model.base '{base.name}': single-file {family.name} checkpoint could not be loaded "
             f"({(str(e).splitlines() or [type(e).__name__])[0][:200]}); offline, set model.config to a diffusers folder (or cached hub id) "
             "of the same architecture"
         ) from None
 
 
-def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Components:
+def _from_pipeline(pipe, base: Base, options: LoadOptions) -> Components:
     from diffusers import DDPMScheduler
 
+    family = base.family
     # no x0 clipping: no SD model wants it, and samplers built from this config (validation, class images)
     # would otherwise inherit DDPM's default and clip latents to [-1, 1] for bases whose config omits it (SDXL)
     if family.objective == "ddpm":
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
-        prediction = model.prediction_type
+        prediction = options.prediction_type
         if prediction == "auto":
             prediction = scheduler.config.get("prediction_type", "epsilon")
         scheduler.register_to_config(prediction_type=prediction)
@@ -326,7 +277,7 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         prediction, sampler = "flow", type(pipe.scheduler).from_config(pipe.scheduler.config)
     denoiser = getattr(pipe, family.denoiser_name)
-    set_attention(denoiser, model.attention)
+    set_attention(denoiser, options.attention)
     present = [(n, t) for n, t in zip(family.text_encoder_names, family.tokenizer_names, strict=True)
                if getattr(pipe, n, None) is not None]
     return Components(
@@ -336,11 +287,10 @@ def _from_pipeline(pipe, family: Family, model: ModelSection, where: str) -> Com
         tokenizers=[getattr(pipe, t) for _, t in present],
         scheduler=scheduler,
         family=family,
-        base=model.base,
-        source=where,
+        base=base,
         prediction_type=prediction,
         text_encoder_names=tuple(n for n, _ in present),
-        max_sequence_length=model.max_sequence_length,
+        max_sequence_length=options.max_sequence_length,
         # the base's own sampler, for `validation.scheduler: base`; its pipeline settings the family keeps
         extras={"sampler": sampler,
                 "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}},

@@ -1,4 +1,4 @@
-"""Which family a base is, read from its files without loading any weights.
+"""Which family a base is, read from its files without loading any weights (finetune/models/base.py asks).
 
 - a diffusers folder: model_index.json, the denoiser's config.json and text_encoder/config.json
   (`family_from_configs` asks each registered family);
@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import ModelError
-from finetune.models.family import FAMILIES, Family, family_from_configs
+from finetune.models.families import FAMILIES
+from finetune.models.family import Family
 
 SDXL_REFINER_SIGN = "conditioner.embedders.0.model."
 
@@ -33,6 +35,19 @@ def read_json(path: Path) -> dict:
         return {}
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: unreadable config ({e}); re-download or fix the model folder") from None
+
+
+def family_from_configs(model_index: dict[str, Any], denoiser_config: dict[str, Any],
+                        text_encoder_config: dict[str, Any] | None = None) -> Family:
+    """The family of a diffusers model from its model_index.json, the denoiser's config.json and (optionally)
+    text_encoder/config.json. Families are asked in priority order; SD 1.x is the fallback."""
+    for family in sorted(FAMILIES.values(), key=lambda f: -f.priority):
+        if family.matches(model_index, denoiser_config, text_encoder_config or {}):
+            return family
+    raise NotImplementedError(
+        f"no family recognises this model (denoiser {model_index.get('transformer') or model_index.get('unet')}); "
+        f"supported: {', '.join(FAMILIES)}"
+    )
 
 
 def family_of_folder(path: str | Path) -> Family:
@@ -92,32 +107,10 @@ def family_of_checkpoint(path: str | Path, allow_pickle: bool = False) -> Family
     return family_of_keys(checkpoint_keys(path, allow_pickle), str(path))
 
 
-def family_for(model) -> Family | None:
-    """The family a recipe's `model` section names or its base shows, from config files and headers only
-    (no torch, no weights); None when that needs the network (a hub id not in the local cache)."""
-    if model.family != "auto":
-        return FAMILIES[model.family]
-    try:
-        from finetune.toy import toy_path
-
-        if toy_path(model.base) is not None:
-            return family_of_folder(toy_path(model.base))
-        path = Path(model.base).expanduser()
-        if path.is_dir():
-            return family_of_folder(path)
-        if path.suffix.lower() == ".safetensors" and path.is_file():
-            return family_of_checkpoint(path)
-        return _family_of_cached_hub_id(model.base, model.revision)
-    except ModelError:
-        return None  # the loader reports it with the full context
-
-
-def _family_of_cached_hub_id(repo: str, revision: str | None) -> Family | None:
-    if repo.startswith((".", "/", "~")) or repo.count("/") != 1 or Path(repo).suffix:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    index = try_to_load_from_cache(repo, "model_index.json", revision=revision)
-    if not isinstance(index, str):
-        return None
-    return family_of_folder(Path(index).parent)
+def describe(path: str | Path, allow_pickle: bool = False, detect: bool = True) -> tuple[dict, Family | None]:
+    """What a base's files say, without reading weights: (model_index.json, family) of a diffusers folder, ({},
+    family) of a single-file checkpoint; family None where `detect` is off (the recipe names it)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_json(path / "model_index.json"), family_of_folder(path) if detect else None
+    return {}, family_of_checkpoint(path, allow_pickle) if detect else None

@@ -8,9 +8,9 @@ weights have in the files other tools read. The trainer never branches on a fami
 Exporters read the family's tables: `kohya_names` (LoRA keys for ComfyUI / AUTOMATIC1111), `single_file_text`
 (how an original checkpoint stores the text encoders), `embedding_keys` and the metadata ids.
 
-Each family is one file in finetune/models/families/ that builds a `Family` (or subclass) and registers it;
-importing this module registers them all. Nothing here imports torch at module level: recipes validate
-family names without loading anything heavy.
+Each family is one file in finetune/models/families/ that builds a `Family` (or subclass); the registry, the
+list of them all, is `finetune.models.families.FAMILIES`. Nothing here imports torch at module level: recipes
+validate family names without loading anything heavy.
 """
 
 from __future__ import annotations
@@ -244,9 +244,6 @@ class Family:
         return targets if isinstance(targets, str) else list(targets)
 
 
-_REGISTRY: dict[str, Family] = {}
-
-
 def llm_flow_transformer(**fields: Any) -> dict[str, Any]:
     """Family settings shared by rectified-flow transformers conditioned by one frozen language model (Z-Image,
     Qwen-Image, FLUX.2 [klein]), with the family's own `fields` on top: no text-encoder LoRA, Textual Inversion
@@ -256,34 +253,3 @@ def llm_flow_transformer(**fields: Any) -> dict[str, Any]:
         "embedding_keys": {}, "pipeline_kwargs": {}, "default_sampler": "base", "cache_text_by_default": True,
         "textual_inversion": False, "single_file_writer": False, "single_file_text": {}, "priority": 30, **fields,
     }
-
-
-def register_family(family: Family) -> Family:
-    """Register a family object under its name. Duplicates are refused."""
-    if family.name in _REGISTRY or family.name == "auto":
-        raise ValueError(f"family {family.name!r} is registered twice (or uses the reserved name 'auto')")
-    _REGISTRY[family.name] = family
-    return family
-
-
-def family_from_configs(model_index: dict[str, Any], denoiser_config: dict[str, Any],
-                        text_encoder_config: dict[str, Any] | None = None) -> Family:
-    """The family of a diffusers model from its model_index.json, the denoiser's config.json and (optionally)
-    text_encoder/config.json. Families are asked in priority order; SD 1.x is the fallback."""
-    for family in sorted(FAMILIES.values(), key=lambda f: -f.priority):
-        if family.matches(model_index, denoiser_config, text_encoder_config or {}):
-            return family
-    raise NotImplementedError(
-        f"no family recognises this model (denoiser {model_index.get('transformer') or model_index.get('unet')}); "
-        f"supported: {', '.join(FAMILIES)}"
-    )
-
-
-FAMILIES: dict[str, Family] = _REGISTRY
-
-# registers every family file (the U-Net ones first: SD1 / SD2 / SDXL are named below, and importing this
-# module from inside a family file's own import must still find them)
-from finetune.models.families import sd, sdxl  # noqa: E402,F401,I001
-import finetune.models.families  # noqa: E402,F401
-
-SD1, SD2, SDXL = FAMILIES["sd1"], FAMILIES["sd2"], FAMILIES["sdxl"]

@@ -50,11 +50,10 @@ def reference_config(name: str, component: str) -> dict:
 def stand_in_tokenizer(cls_name: str):
     """A tokenizer of the kind `cls_name` names, for a folder that ships none: CLIP's own BPE (the toy's), or a
     small T5 / Qwen tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
-    head, finetune/models/tiny_qwen.py)."""
+    head, finetune/models/tiny.py)."""
     import tempfile
 
-    from finetune.models.tiny import clip_tokenizer, t5_tokenizer
-    from finetune.models.tiny_qwen import qwen_tokenizer
+    from finetune.models.tiny import clip_tokenizer, qwen_tokenizer, t5_tokenizer
 
     if cls_name.startswith("CLIP"):
         return clip_tokenizer()
@@ -212,8 +211,6 @@ def build_random_folder(name: str | Path, path: Path, device: str | None = None,
 
     import torch
 
-    from finetune.memory.skeleton import _meta_module
-
     folder = name if isinstance(name, Path) else reference_folder(name)
     index = json.loads((folder / "model_index.json").read_text())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,7 +229,7 @@ def build_random_folder(name: str | Path, path: Path, device: str | None = None,
                 cls = getattr(diffusers, cls_name)
                 part = cls.from_config(cls.load_config(folder / component))
             else:
-                part = _meta_module(folder / component, cls_name).to_empty(device=device)
+                part = meta_module(folder / component, cls_name).to_empty(device=device)
                 _fill(part)
                 if hasattr(part, "tie_weights"):  # to_empty gives tied weights (T5's embeddings) storages of their own
                     part.tie_weights()
@@ -261,3 +258,19 @@ def _fill(module) -> None:
         for b in module.buffers():
             if b.is_floating_point():
                 b.zero_()
+
+
+def meta_module(folder: Path, cls_name: str):  # -> torch.nn.Module (torch imported only inside)
+    """The diffusers or transformers model `cls_name` of a config folder, built on the meta device."""
+    import diffusers
+    import torch
+    import transformers
+
+    if hasattr(diffusers, cls_name) and hasattr(getattr(diffusers, cls_name), "load_config"):
+        cls = getattr(diffusers, cls_name)
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(folder))
+    cls = getattr(transformers, cls_name)
+    config = cls.config_class.from_pretrained(folder)
+    with torch.device("meta"):
+        return cls(config)

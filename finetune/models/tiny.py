@@ -1,12 +1,19 @@
-"""Tiny random models of each family, built offline from configs (tests and plumbing checks: shapes and
-wiring, not learning). Tokenizers come from the toy base (CLIP BPE) or are built here (a T5-style Unigram
-tokenizer over a small vocabulary), so nothing is downloaded.
+"""Tiny random models of each family, built offline from configs (tests, benchmarks and plumbing checks: shapes
+and wiring, not learning). Tokenizers come from the toy base (CLIP BPE) or are built here, so nothing is
+downloaded: a T5-style Unigram tokenizer over a small vocabulary, and for the Qwen-family language models
+(Z-Image, Qwen-Image, FLUX.2 [klein]) a byte-level BPE with Qwen's own pre-tokenizer, trained here on a few
+sentences so that every word of them is one token: the Qwen-Image prompt template's system part is then 34
+tokens, as with the real tokenizer (the pipeline drops exactly 34), and the chat template renders a user turn
+the way Qwen3's does.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
+    build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein"
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 WORDS = (
@@ -91,8 +98,6 @@ def build_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
         text_encoder_3=_t5(len(tok3), 32) if t5 else None, tokenizer=tok, tokenizer_2=tok,
         tokenizer_3=tok3 if t5 else None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.save_pretrained(folder)
-    import shutil
-
     shutil.rmtree(folder / "_t5_tokenizer")
     return folder
 
@@ -102,8 +107,6 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
     CLIP-L-style encoder whose pooled output (16 wide) feeds pooled_projections, a T5 encoder 32 wide, a
     16-channel VAE with FLUX's shift and scale factors (2x2 packing: 64 input channels), guidance embedding
     as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler."""
-    import shutil
-
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -128,17 +131,180 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
     return folder
 
 
-def _qwen_family(name: str):
-    def build(folder: Path, **kwargs) -> Path:
-        from finetune.models import tiny_qwen
+# Qwen-Image's system prompt (QwenImagePipeline.prompt_template_encode): the words the tokenizer must keep whole
+QWEN_IMAGE_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+                     "relationships of the objects and background:")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
-        return getattr(tiny_qwen, f"build_tiny_{name}")(folder, **kwargs)
+# A user turn as Qwen3's chat template writes it: the assistant header follows when a generation prompt is asked
+# for, and with thinking switched off an empty think block closes it (Z-Image asks with thinking on, FLUX.2
+# [klein] with it off)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+)
 
-    return build
+
+def qwen_tokenizer(folder: Path):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen's split regex, ChatML specials, pad = <|endoftext|>, right
+    padding) over our words, written to `folder` and loaded back from it."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    corpus = [QWEN_IMAGE_SYSTEM, "system\nuser\nassistant\n", " ".join(WORDS)]
+    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(corpus, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = 32768
+    tok.save_pretrained(folder)
+    return Qwen2Tokenizer.from_pretrained(folder)
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux,
-            **{n: _qwen_family(n) for n in ("z_image", "qwen_image", "flux2_klein")}}  # finetune/models/tiny_qwen.py
+def _qwen3(vocab: int, hidden: int, layers: int, causal_lm: bool = False):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024)
+    model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+    return model.to(torch.float32)
+
+
+def _seeded(folder: Path, seed: int):
+    """(folder, a Qwen tokenizer written inside it for `_save` to remove) with torch's generator seeded."""
+    import torch
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    return folder, qwen_tokenizer(folder / "_qwen_tokenizer")
+
+
+def _save(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_qwen_tokenizer", ignore_errors=True)
+    return folder
+
+
+def build_tiny_z_image(folder: Path, seed: int = 0) -> Path:
+    """Z-Image-shaped: a single-stream DiT (2 layers, 1 noise + 1 context refiner, 2 heads of 16, rotary axes
+    8 + 4 + 4) reading the second-to-last hidden state of a Qwen3 encoder 16 wide, FLUX's 16-channel VAE
+    factors, and Z-Image-Turbo's scheduler (static shift 3)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    folder, tok = _seeded(folder, seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])
+    with torch.no_grad():  # the pad tokens are allocated uninitialised (torch.empty)
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    pipe = ZImagePipeline(
+        transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_qwen3(len(tok), 16, 3), tokenizer=tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False))
+    return _save(pipe, folder)
+
+
+# Qwen-Image's scheduler: shift by image size at inference (exponential time shift, 0.5 at 256 tokens to 0.9 at
+# 8192), stretched to end at 0.02
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                            time_shift_type="exponential", shift_terminal=0.02)
+
+
+def _qwen25_vl(vocab: int, hidden: int):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": None,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4)
+    return Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+
+
+def build_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
+    """Qwen-Image-shaped: an MMDiT of 2 blocks (2 heads of 16, rotary axes 8 + 12 + 12) reading the last hidden
+    state of a Qwen2.5-VL encoder 32 wide, a 16-channel causal-video VAE with Qwen-Image's per-channel latent
+    mean and std, and Qwen-Image's scheduler."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    folder, tok = _seeded(folder, seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True])
+    pipe = QwenImagePipeline(transformer=transformer, vae=vae, text_encoder=_qwen25_vl(len(tok), 32), tokenizer=tok,
+                             scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER))
+    return _save(pipe, folder)
+
+
+# FLUX.2's scheduler (inference shifts by an empirical, step-dependent mu; see the family file)
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                       max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
+
+
+def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) -> Path:
+    """FLUX.2 [klein]-shaped: one double- and one single-stream block (2 heads of 16, rotary axes 4 x 4), no
+    guidance input, reading hidden states 9, 18 and 27 of a Qwen3 causal LM (28 layers 16 wide: the layers the
+    pipeline reads exist), a VAE of 4 latent channels patchified 2x2 (16 transformer channels) with non-trivial
+    batch-norm statistics; `distilled=False`: [klein] Base (the pipeline then samples with CFG)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    folder, tok = _seeded(folder, seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                             layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+                             use_quant_conv=False, use_post_quant_conv=False)
+    with torch.no_grad():  # the real VAE's statistics are far from (0, 1): make the normalisation matter
+        vae.bn.running_mean.uniform_(-0.5, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=_qwen3(len(tok), 16, 28, causal_lm=True),
+                              tokenizer=tok, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
+                              is_distilled=distilled)
+    return _save(pipe, folder)
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tiny_z_image,
+            "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

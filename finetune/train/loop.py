@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.errors import RunError, UserError
+from finetune.errors import NonFiniteError, RunError, UserError
 from finetune.eval.run import RunMetrics
 from finetune.train import checkpoint as ckpt
 from finetune.train.distributed import describe, is_sharded, unshard_for_export
@@ -50,7 +50,7 @@ def _banner(t) -> str:
     d = t.data
     trainable = sum(p.numel() for p in t.params.values())
     return (
-        f"finetune: {t.recipe.method.name} on {t.comps.base} ({t.comps.family.name}, {t.objective.describe()}); "
+        f"finetune: {t.recipe.method.name} on {t.comps.base.name} ({t.comps.family.name}, {t.objective.describe()}); "
         f"{trainable:,} trained parameters; {d.num_images} images, {d.batches_per_epoch} batches/epoch/process; "
         f"{describe(t.acc)} on {t.acc.device}; first step after "
         f"{time.perf_counter() - t.t_start:.1f}s of set-up"
@@ -267,7 +267,6 @@ def _metrics(t, rows, step: int) -> None:
     from dataclasses import replace
 
     from finetune.export.context import ExportContext
-    from finetune.train.trainer import nonfinite_state
 
     m = t.run_metrics
     scores = m.record(rows, step)
@@ -309,8 +308,6 @@ def _check_in_sync(t) -> None:
 
 def finish(t) -> None:
     """Final grid, loss plot and export (main process), with a guard against exporting NaN weights."""
-    from finetune.train.trainer import NonFiniteError, nonfinite_state
-
     acc = t.acc
     if t.ema is not None and t.recipe.export.use_ema:
         # every process, before the final grid: the grid and the model card show the weights exported
@@ -338,3 +335,8 @@ def finish(t) -> None:
         print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
     acc.wait_for_everyone()
     acc.end_training()
+
+
+def nonfinite_state(params: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the trained tensors holding NaN or inf."""
+    return [k for k, v in params.items() if not torch.isfinite(v).all()]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from finetune.errors import RunError
+from finetune.errors import NonFiniteError, RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
@@ -24,11 +24,6 @@ from finetune.train.preserve import base_predictions, base_rows, training_loss
 from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
-
-
-class NonFiniteError(RunError):
-    """Loss, gradients or weights went NaN/inf."""
-
 
 VAE_NON_FINITE = "the VAE produced non-finite latents (fp16 overflow?); set model.vae_dtype: fp32"
 
@@ -50,8 +45,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from finetune.models.components import cast_frozen, load_components
-        from finetune.models.detect import family_for
-        from finetune.recipe import recheck_for_family
+        from finetune.recipe import complete_base
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
@@ -61,9 +55,8 @@ class Trainer:
         from finetune.models.attention import check_device
 
         check_device(recipe.model.attention, acc.device)  # before loading anything
-        comps = load_components(recipe.model, self._precision())
-        if recipe.model.family == "auto" and family_for(recipe.model) is None:
-            recheck_for_family(recipe, comps.family.name)  # a hub id that was not cached at recipe time
+        complete_base(recipe)  # a family that shows only now (a hub id's configs just fetched): its rules run
+        comps = load_components(recipe.base, recipe.model.load_options(), self._precision())
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
@@ -111,9 +104,8 @@ class Trainer:
     def _precision(self):
         """Load frozen parts straight in the compute dtype; what the method trains in place in fp32."""
         from finetune.models.components import LoadPrecision
-        from finetune.models.detect import family_for
 
-        vae = self._vae_dtype(family_for(self.recipe.model))  # configs only; unknown family: fp32
+        vae = self._vae_dtype(self.recipe.base.family)
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
 
     def _compile(self, denoiser, family):
@@ -440,7 +432,3 @@ def _with_encoders(comps, encoders):
     from dataclasses import replace
 
     return replace(comps, text_encoders=list(encoders))
-
-
-def nonfinite_state(params: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in params.items() if not torch.isfinite(v).all()]

@@ -1,3 +1,32 @@
-"""One file per model family; importing this package registers them all (see finetune/models/family.py)."""
+"""The registry of model families: one file per family in this folder, and this list of them all.
 
-from finetune.models.families import flux, flux2_klein, qwen_image, sd, sd3, sdxl, z_image  # noqa: F401
+`FAMILIES` maps each name (what `model.family` and `--family` take) to its `Family` object, in this order;
+detection (finetune/models/detect.py) asks them by `priority`, ties in this order. Adding a family is its file
+here plus one line in `REGISTERED` (docs/adding-a-family.md). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from finetune.models.families.flux import FLUX
+from finetune.models.families.flux2_klein import FLUX2_KLEIN
+from finetune.models.families.qwen_image import QWEN_IMAGE
+from finetune.models.families.sd import SD1, SD2
+from finetune.models.families.sd3 import SD3
+from finetune.models.families.sdxl import SDXL
+from finetune.models.families.z_image import Z_IMAGE
+from finetune.models.family import Family
+
+REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, Z_IMAGE)
+
+
+def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
+    """Name -> family; a name given twice (or the reserved 'auto') is refused."""
+    out: dict[str, Family] = {}
+    for family in families:
+        if family.name in out or family.name == "auto":
+            raise ValueError(f"family {family.name!r} is registered twice (or uses the reserved name 'auto')")
+        out[family.name] = family
+    return out
+
+
+FAMILIES: dict[str, Family] = _by_name(REGISTERED)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
-from finetune.models.family import Family, register_family
+from finetune.models.family import Family
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +110,7 @@ def denoiser_config(denoiser) -> dict:
     return dict(inner.config)
 
 
-FLUX = register_family(FluxFamily(
+FLUX = FluxFamily(
     "flux",
     pipeline_class="FluxPipeline",
     denoiser_name="transformer",
@@ -142,4 +142,4 @@ FLUX = register_family(FluxFamily(
     single_file_text={},
     single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),
     priority=30,
-))
+)

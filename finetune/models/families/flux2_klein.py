@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ModuleNames
-from finetune.models.family import Family, llm_flow_transformer, register_family
+from finetune.models.family import Family, llm_flow_transformer
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,7 @@ class Flux2KleinFamily(Family):
         return Flux2KleinPipeline._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
 
 
-FLUX2_KLEIN = register_family(Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
+FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
     pipeline_class="Flux2KleinPipeline",
     denoiser_class="Flux2Transformer2DModel",
     # logit-normal timesteps with FLUX's resolution shift (mu 1.15 at 1 MP): FLUX.2 samples at strongly
@@ -118,4 +118,4 @@ FLUX2_KLEIN = register_family(Flux2KleinFamily("flux2_klein", **llm_flow_transfo
     lora_presets=FLUX2_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Qwen3",
-)))
+))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
-from finetune.models.family import Family, llm_flow_transformer, register_family
+from finetune.models.family import Family, llm_flow_transformer
 
 if TYPE_CHECKING:
     import torch
@@ -113,7 +113,7 @@ class QwenImageFamily(Family):
                              f"(got {recipe.model.max_sequence_length}); lower it")
 
 
-QWEN_IMAGE = register_family(QwenImageFamily("qwen_image", **llm_flow_transformer(
+QWEN_IMAGE = QwenImageFamily("qwen_image", **llm_flow_transformer(
     pipeline_class="QwenImagePipeline",
     denoiser_class="QwenImageTransformer2DModel",
     # logit-normal timesteps shifted by image size as Qwen-Image samples (its scheduler's exponential shift,
@@ -128,4 +128,4 @@ QWEN_IMAGE = register_family(QwenImageFamily("qwen_image", **llm_flow_transforme
     lora_presets=QWEN_IMAGE_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Qwen2.5-VL-7B",
-)))
+))

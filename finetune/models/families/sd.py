@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.export.ldm import OpenClipCheckpoint
-from finetune.models.family import UNET_BLOCKS, Family, register_family
+from finetune.models.family import UNET_BLOCKS, Family
 
 # LoRA target presets for SD-style U-Nets (module-name suffixes as peft matches them)
 UNET_PRESETS: dict[str, list[str]] = {
@@ -39,8 +39,8 @@ class SDFamily(Family):
         return openclip if self.name == "sd2" else True  # sd1 is the U-Net fallback (lowest priority)
 
 
-SD1 = register_family(SDFamily("sd1", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd1"]))
-SD2 = register_family(SDFamily(
+SD1 = SDFamily("sd1", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd1"])
+SD2 = SDFamily(
     "sd2",
     lora_presets=UNET_PRESETS,
     single_file_signs=SD_SINGLE_FILE["sd2"],
@@ -50,4 +50,4 @@ SD2 = register_family(SDFamily(
     ss_v2=True,
     modelspec_arch={"epsilon": "stable-diffusion-v2-512", "v_prediction": "stable-diffusion-v2-768-v"},
     priority=10,
-))
+)

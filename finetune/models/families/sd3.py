@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
-from finetune.models.family import Family, register_family
+from finetune.models.family import Family
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ class SD3Family(Family):
                         pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
 
 
-SD3 = register_family(SD3Family(
+SD3 = SD3Family(
     "sd3",
     pipeline_class="StableDiffusion3Pipeline",
     denoiser_name="transformer",
@@ -99,4 +99,4 @@ SD3 = register_family(SD3Family(
     single_file_text={},
     single_file_signs=("model.diffusion_model.joint_blocks.", "joint_blocks."),
     priority=30,
-))
+)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.export.layouts import ClipNames, UNetNames
 from finetune.export.ldm import ClipCheckpoint, OpenClipCheckpoint
 from finetune.models.families.sd import UNET_PRESETS
-from finetune.models.family import SDXL_GEOMETRY, UNET_BLOCKS, Family, register_family
+from finetune.models.family import SDXL_GEOMETRY, UNET_BLOCKS, Family
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ def _missing(entry: Any) -> bool:
     return entry is None or (isinstance(entry, (list, tuple)) and not any(entry))
 
 
-SDXL = register_family(SDXLFamily(
+SDXL = SDXLFamily(
     "sdxl",
     pipeline_class="StableDiffusionXLPipeline",
     text_encoder_names=("text_encoder", "text_encoder_2"),
@@ -83,4 +83,4 @@ SDXL = register_family(SDXLFamily(
     lora_presets=UNET_PRESETS,
     single_file_signs=("conditioner.embedders.1.model.",),
     priority=20,
-))
+)

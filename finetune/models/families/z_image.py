@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
-from finetune.models.family import Family, llm_flow_transformer, register_family
+from finetune.models.family import Family, llm_flow_transformer
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ def captions_of(text: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [e[m.bool()] for e, m in zip(text["prompt_embeds"], text["prompt_mask"], strict=True)]
 
 
-Z_IMAGE = register_family(ZImageFamily("z_image", **llm_flow_transformer(
+Z_IMAGE = ZImageFamily("z_image", **llm_flow_transformer(
     pipeline_class="ZImagePipeline",
     denoiser_class="ZImageTransformer2DModel",
     # logit-normal timesteps on the base's statically shifted grid (Turbo: shift 3, what it samples with);
@@ -89,4 +89,4 @@ Z_IMAGE = register_family(ZImageFamily("z_image", **llm_flow_transformer(
     lora_presets=Z_IMAGE_PRESETS,
     default_guidance=0.0,
     frozen_text_encoder="Qwen3-4B",
-)))
+))
