@@ -103,6 +103,11 @@ class ModelSection(StrictModel):
     quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
     )
+    experts: str = Field(
+        "all", description="Bases with several denoisers that split the noise levels (Wan 2.2 A14B): which one "
+        "trains, 'high_noise' or 'low_noise', or 'all' (they take turns by step); each trains only on its own "
+        "timesteps.",
+    )
 
     @field_validator("family")
     @classmethod
@@ -141,7 +146,7 @@ class ModelSection(StrictModel):
         return LoadOptions(variant=self.variant, vae=self.vae, drop_text_encoders=tuple(self.drop_text_encoders),
                            attention=self.attention, prediction_type=self.prediction_type,
                            max_sequence_length=self.max_sequence_length, quantize=self.quantize,
-                           quantize_text_encoders=self.quantize_text_encoders)
+                           quantize_text_encoders=self.quantize_text_encoders, experts=self.experts)
 
 
 class EMASection(StrictModel):
@@ -374,6 +379,10 @@ class ValidationSection(StrictModel):
     )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Sample height; default data.resolution.")
+    frames: int | None = Field(None, ge=1, le=1025, description="Video families: frames per sample clip; default "
+                               "data.video.frames.")
+    fps: float | None = Field(None, gt=0.0, le=240.0, description="Video families: frame rate of the GIF / MP4 "
+                              "written; default data.video.fps, else 16.")
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
         "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."
@@ -396,6 +405,10 @@ class ValidationSection(StrictModel):
         None,
         description="Toy base only: score every grid with the toy scorer's similarity to this held-out subject "
         "(printed, logged and kept in samples/scores.json).",
+    )
+    score_clips: bool = Field(
+        False, description="Toy video base only: score every clip's colour, shape and motion against its prompt "
+        "(finetune/toy/video_score.py; printed and kept in samples/scores.json).",
     )
 
     @field_validator("score_subject")

@@ -22,7 +22,7 @@ from tests.helpers import draw_images, write_recipe
 STEPS = 3
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "wan"])
 def tiny_transformer(request, tmp_path_factory) -> tuple[str, Path]:
     from finetune.models.tiny import build_tiny
 
@@ -35,7 +35,7 @@ def swap_trainer(tmp_path: Path, base: Path, kind: str, swap: int, quantize: str
     from finetune.train.setup import make_accelerator
     from finetune.train.trainer import Trainer
 
-    targets = "attention_mlp" if kind == "flux" else "attention"
+    targets = {"flux": "attention_mlp", "wan": "attention_ffn"}.get(kind, "attention")
     path = write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=4),
                         model={"max_sequence_length": 16, "quantize": quantize}, data={"cache_latents": True},
                         method={"rank": 4, "alpha": 4, "targets": targets},

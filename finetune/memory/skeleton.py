@@ -2,8 +2,8 @@
 
 A local diffusers folder (or the toy base) is read as is; a hub id is read from the local Hugging Face cache
 when its configs are there, else from the published configs shipped in finetune/models/configs/ (SD 1.5, SDXL,
-SD 3.5, FLUX.1, Qwen-Image, Z-Image, FLUX.2 [klein]: finetune/models/reference.py). Tokenizers load for real
-(small files; stand-ins of the same kind where a reference folder ships none): the family's own
+SD 3.5, FLUX.1, Qwen-Image, Z-Image, FLUX.2 [klein], Wan 2.1 / 2.2: finetune/models/reference.py). Tokenizers
+load for real (small files; stand-ins of the same kind where a reference folder ships none): the family's own
 `encode_prompt` then runs on the meta encoders, so the text conditioning has exactly the shapes training sees.
 """
 
@@ -39,7 +39,10 @@ def meta_components(base: Base, options: LoadOptions | None = None) -> Component
     family = base.family or family_of_folder(folder)  # not cached: the reference architecture's
     present = [n for n in family.text_encoder_names if n in modules and n not in options.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]
-    comps = Components(denoiser=modules[family.denoiser_name], vae=modules["vae"],
+    slots = dict.fromkeys([family.denoiser_name, *family.experts.values()])
+    experts = {n: modules[n] for n in slots if n in modules}  # Wan 2.2 A14B: both experts stay resident
+    trained = tuple(experts) if options.experts == "all" else (family.experts[options.experts],)
+    comps = Components(denoiser=experts[trained[0]], experts=experts, trained_experts=trained, vae=modules["vae"],
                        text_encoders=[modules[n] for n in present], tokenizers=toks, scheduler=None,
                        family=family, base=base, prediction_type="auto",
                        text_encoder_names=tuple(present), max_sequence_length=options.max_sequence_length)

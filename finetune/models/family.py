@@ -118,6 +118,18 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: bases with several denoisers that split the noise levels between them (Wan 2.2 A14B's high- and
+    #: low-noise experts): `model.experts` value -> pipeline slot. Each trained expert trains only on the
+    #: timesteps it owns (`expert_ranges`); several take turns by optimizer step
+    experts: dict[str, str] = field(default_factory=dict)
+    #: frozen pipeline parts besides the text encoders that the family's conditioning reads (Wan 2.1
+    #: image-to-video: the CLIP image encoder and its processor); loaded, moved and cast with the base
+    extra_parts: tuple[str, ...] = ()
+    #: the latents have a time axis ([B, C, F, H, W]): the data path samples clips of frames for it
+    video: bool = False
+    #: sampling starts from an image (image-to-video): validation passes the pipeline `image`, the first frame
+    #: of the first training clip
+    start_image: bool = False
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
@@ -176,7 +188,23 @@ class Family:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor
 
+    def encode_conditions(self, comps: Components, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditioning derived from the training target itself (image-to-video: the first frame, encoded as
+        the pipeline encodes its input image), keyed by name; computed (and cached) with the latents and
+        handed to `predict` as `batch["conditions"]`. Default: none."""
+        return {}
+
+
     # ------------------------------------------------------------------------------------- denoiser
+    def training_scheduler(self, scheduler):
+        """The flow-matching scheduler the objective draws noise levels from, built from the base's own
+        sampler (default: a copy of it; Wan ships UniPC and trains on the matching FlowMatch grid)."""
+        return type(scheduler).from_config(scheduler.config)
+
+    def expert_ranges(self, pipeline_config: dict[str, Any], scheduler) -> dict[str, tuple[float, float]]:
+        """Timesteps (0..num_train_timesteps) each expert slot owns, as the pipeline switches between them."""
+        return {}
+
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 batch: dict[str, Any]) -> torch.Tensor:
         """The denoiser's output for noisy latents in the VAE's latent layout [B, C, H, W]."""
@@ -203,6 +231,12 @@ class Family:
         if recipe.train.block_swap and not self.swap_blocks:
             raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
                              "denoiser has no block lists to swap: set train.block_swap: 0")
+        if recipe.data.video is not None and not self.video:
+            raise ValueError(f"data.video: the {self.name} family makes images, not clips; remove data.video and the "
+                             "video sources (or use a video base: Wan)")
+        if model.experts != "all" and model.experts not in self.experts:
+            can = f"one of all, {', '.join(self.experts)}" if self.experts else "all (it has one denoiser)"
+            raise ValueError(f"model.experts: '{model.experts}' is not an expert of a {self.name} base; use {can}")
         bad = [n for n in model.drop_text_encoders if n not in self.optional_text_encoders]
         if bad:
             can = ", ".join(self.optional_text_encoders) or "none"
@@ -228,6 +262,11 @@ class Family:
         if changed:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
+
+    def export_groups(self, trained: list[str]) -> list[tuple[str, dict[str, str]]]:
+        """How the trained modules split into adapter files: (file-name suffix, {module: the component name it
+        has in that file}). Default: one file, named as they are (Wan 2.2: one file per expert)."""
+        return [("", {n: n for n in trained})]
 
     def unused_modules(self, denoiser) -> list[str]:
         """Modules of `denoiser` whose output never reaches the prediction (Qwen-Image: the last block's text

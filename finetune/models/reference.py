@@ -2,14 +2,16 @@
 
 finetune/models/configs/<name>/ holds, for each reference base, the published `model_index.json` and each
 component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
-SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B. They are
+SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, Wan 2.1 T2V
+1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
+writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
 real shapes (tests/test_real_shapes.py); the benchmarks build some with random weights (timing and memory need
 the shapes, not trained weights, and nothing can be downloaded).
 
 The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses); the T5 and
-Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`): what matters at real shapes is how
-many tokens a caption becomes, not the vocabulary.
+Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`; Wan's UMT5 tokenizer is a
+T5TokenizerFast too): what matters at real shapes is how many tokens a caption becomes, not the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ REFERENCE_IDS = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
     "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
 }
 
 

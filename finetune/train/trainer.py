@@ -21,7 +21,7 @@ from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
 from finetune.train.objectives import build_objective
 from finetune.train.preserve import base_predictions, base_rows, training_loss
-from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+from finetune.train.setup import DTYPES, StopFlag, prepare_denoisers, resume_fingerprint, scan_first
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
 
@@ -51,6 +51,7 @@ class Trainer:
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
+        self.scan = scan_first(recipe, acc)  # bad data is one line before any model loads
         self.dtype = DTYPES[self.cfg.mixed_precision]
         from finetune.models.attention import check_device
 
@@ -62,12 +63,11 @@ class Trainer:
         vae_dtype = self._vae_dtype(comps.family)
         cast_frozen(comps, self.dtype, vae_dtype)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
+        prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last: each trained expert
         denoiser = comps.denoiser
-        if self.cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        if self.cfg.channels_last:
-            denoiser.to(memory_format=torch.channels_last)
-        self.compile_watch = self._compile(denoiser, comps.family)
+        self.compile_watch = None  # train.compile (whole or per block): each trained expert
+        for name in comps.trained_experts:
+            self.compile_watch = self._compile(comps.experts[name], comps.family)
         self.router = None
         if self.cfg.routing is not None:  # TREAD: hooks on the window's blocks (train/routing.py)
             from finetune.train.routing import TokenRouter
@@ -75,9 +75,9 @@ class Trainer:
             self.router = TokenRouter(denoiser, comps.family, self.cfg.routing, self.cfg.seed)
         device = acc.device
         comps.vae.to(device)
-        for enc in comps.text_encoders:
+        for enc in [*comps.text_encoders, *comps.part_modules().values()]:
             enc.to(device)  # (quantized encoders are quantized on this move)
-        self.comps, self.swap = comps, None
+        self.comps, self.swap, self.swaps = comps, None, None
         if recipe.data.prior is not None:
             self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
@@ -121,14 +121,17 @@ class Trainer:
     def _place_denoiser(self) -> None:
         """Move the denoiser to the device (nf4 / int8 layers are quantized on this move); with
         `train.block_swap` the last blocks' frozen weights stay on the CPU and stream in (models/offload.py)."""
-        if self.swap is not None:
+        if self.swaps is not None:
             return
-        if self.cfg.block_swap:
-            from finetune.models.offload import BlockSwap
+        self.swaps = {}
+        for name, expert in self.comps.experts.items():  # every denoiser the base has (Wan 2.2: two experts)
+            if self.cfg.block_swap:
+                from finetune.models.offload import BlockSwap
 
-            self.swap = BlockSwap(self.comps.denoiser, self.comps.family, self.cfg.block_swap, self.acc.device)
-        else:
-            self.comps.denoiser.to(self.acc.device)
+                self.swaps[name] = BlockSwap(expert, self.comps.family, self.cfg.block_swap, self.acc.device)
+            else:
+                expert.to(self.acc.device)
+        self.swap = self.swaps.get(self.comps.denoiser_name)
 
     def _release_vae(self) -> bool:
         """With every latent cached, the VAE only decodes validation grids: it waits on the CPU and
@@ -185,10 +188,10 @@ class Trainer:
         # every process encodes its share of the missing cache entries, then all read all of them
         return build_train_data(
             self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
-            latent_encoder=self.encode_latents, latent_key=key,
+            latent_encoder=self.encode_for_cache, latent_key=key,
             text_encoder=self.encode_text_frozen, text_key=text_key,
             show_progress=acc.is_main_process and self.recipe.logging.progress,
-            barrier=acc.wait_for_everyone,
+            barrier=acc.wait_for_everyone, scan=self.scan,
         )
 
     def _build_optimization(self, groups) -> None:
@@ -208,7 +211,7 @@ class Trainer:
         acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         acc.register_load_state_pre_hook(lambda models, inp: models.clear())
         # a block-swapped denoiser is placed already: accelerate must not move its CPU-held blocks to the device
-        placement = [self.swap is None or n != self.comps.denoiser_name for n in self.trained_names]
+        placement = [n not in self.swaps for n in self.trained_names]
         prepared = acc.prepare(*[modules[n] for n in self.trained_names], optimizer, scheduler,
                                device_placement=[*placement, True, True])
         self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
@@ -242,6 +245,14 @@ class Trainer:
         return latents
 
     @torch.no_grad()
+    def encode_for_cache(self, pixel_values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the latent cache keeps per entry: the latents, with the conditions the family derives from the
+        same pixels (image-to-video's first frame) under 'cond.<name>'."""
+        latents = self.encode_latents(pixel_values)
+        conds = self.comps.family.encode_conditions(self.comps, pixel_values)
+        return {"latents": latents, **{f"cond.{k}": v for k, v in conds.items()}} if conds else latents
+
+    @torch.no_grad()
     def encode_text_frozen(self, captions: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
 
@@ -264,8 +275,10 @@ class Trainer:
         with timer("vae_encode"):
             if "latents" in batch:  # the loader pins its batches on a GPU: copies need not stall the host
                 latents = batch["latents"].to(acc.device, non_blocking=True).float()
+                conds = {k: v.to(acc.device, non_blocking=True) for k, v in batch.get("conditions", {}).items()}
             else:
                 latents = self.encode_latents(batch["pixel_values"], check=False)
+                conds = comps.family.encode_conditions(comps, batch["pixel_values"])
                 self.watch.note("latents", latents)
         # each example's random stream, keyed by where the planner put it in the step's global batch: the
         # same however the step is split into micro-batches and processes
@@ -273,8 +286,11 @@ class Trainer:
         with timer("text_encode"):
             text = batch.get("text") or self.encode_text(batch["captions"], keys)
             text = {k: v.to(acc.device, non_blocking=True) for k, v in text.items()}
-        example = self.objective.example(latents, [example_generator(k) for k in keys])
-        denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
+        # a base with experts (Wan 2.2): the step's expert, on timesteps of its own range only
+        expert, t_range = comps.expert_at(self.state.step)
+        example = self.objective.example(latents, [example_generator(k) for k in keys], t_range)
+        denoiser = self.wrapped.get(expert, comps.experts[expert])
+        batch = {**batch, "conditions": conds}  # what the family derived from the target (image-to-video)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
         routing = self.router.routing(self.state.step) if self.router is not None else nullcontext()
