@@ -121,7 +121,11 @@ class _Sizer:
         trained = [p for p in _trained(comps)]
         n = sum(p.numel() for p in trained)
         est.lines.append(("trained parameters (fp32)", 4 * n, f"{n / 1e6:.2f}M"))
-        est.lines.append(("gradients (fp32)", 4 * n, ""))
+        if recipe.train.optimizer_in_backward:  # each tensor steps and frees its gradient as soon as it is complete
+            est.lines.append(("gradients (fp32)", 4 * max((p.numel() for p in trained), default=0),
+                              "stepped in the backward: about one tensor's at a time"))
+        else:
+            est.lines.append(("gradients (fp32)", 4 * n, ""))
         est.lines.append((f"optimizer state ({recipe.train.optimizer})", _optimizer_bytes(trained, recipe), ""))
         act = self.activations(recipe) + _dequantized(comps.denoiser, compute, recipe.model.quantize)
         frames = f" x {clip_frames(recipe)} frames" if recipe.data.video is not None else ""

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from finetune.errors import ModelError
 from finetune.models.base import Base
 from finetune.models.components import Components, LoadOptions
+from finetune.models.reference import meta_module
 
 
 def meta_components(base: Base, options: LoadOptions | None = None) -> Components:
@@ -34,7 +33,7 @@ def meta_components(base: Base, options: LoadOptions | None = None) -> Component
                          "the Hugging Face cache, no reference architecture); download the base once, or point "
                          "model.base at a local diffusers folder")
     index = json.loads((folder / "model_index.json").read_text())
-    modules = {name: _meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
+    modules = {name: meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
     tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
                   if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
     family = base.family or family_of_folder(folder)  # not cached: the reference architecture's
@@ -64,20 +63,6 @@ def _is_model(entry) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers") and \
         entry[1] is not None and not entry[1].endswith(("Tokenizer", "TokenizerFast", "Scheduler")) and \
         "Scheduler" not in entry[1] and "Processor" not in entry[1] and "Extractor" not in entry[1]
-
-
-def _meta_module(folder: Path, cls_name: str) -> torch.nn.Module:
-    import diffusers
-    import transformers
-
-    if hasattr(diffusers, cls_name) and hasattr(getattr(diffusers, cls_name), "load_config"):
-        cls = getattr(diffusers, cls_name)
-        with torch.device("meta"):
-            return cls.from_config(cls.load_config(folder))
-    cls = getattr(transformers, cls_name)
-    config = cls.config_class.from_pretrained(folder)
-    with torch.device("meta"):
-        return cls(config)
 
 
 def _tokenizer(folder: Path, cls_name: str):

@@ -359,29 +359,11 @@ def _experts(pipe, base: Base, chosen: str) -> tuple[dict[str, Any], tuple[str, 
 
 
 def set_attention(denoiser, kind: str) -> None:
-    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser).
-    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package.
-    U-Nets swap attention processors; transformers (SD3, FLUX, ...) keep their family's processors and pick
-    the kernel through diffusers' attention dispatcher."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser),
+    through diffusers' attention dispatcher (finetune/models/attention.py)."""
+    from finetune.models.attention import set_attention as through_dispatcher
 
-    if not isinstance(denoiser, UNet2DConditionModel):
-        backend = {"sdpa": None, "eager": "_native_math", "xformers": "xformers"}[kind]
-        if backend is not None:
-            try:
-                denoiser.set_attention_backend(backend)
-            except (ImportError, ModuleNotFoundError, ValueError, RuntimeError) as e:
-                raise ModelError(f"model.attention: {kind} cannot run here ({e}); use sdpa") from None
-        return
-    unet = denoiser
-    if kind == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
-            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
-        return
-    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+    through_dispatcher(denoiser, kind)
 
 
 def freeze(comps: Components) -> None:

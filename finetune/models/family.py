@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 
 # the U-Net block layout of the real models (what a LoRA file for them is named after)
+#: a U-Net's blocks for regional compile: its down, middle and up blocks
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
 SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
 
@@ -99,6 +101,13 @@ class Family:
     #: the denoiser's block lists (ModuleList attributes), in order: what `train.block_swap` streams from the
     #: CPU (families whose gradient checkpointing wraps each block of these lists)
     swap_blocks: tuple[str, ...] = ()
+    #: what `train.compile: blocks` compiles, one block at a time (attributes: a block list or one block); empty:
+    #: the swap_blocks, else the denoiser's own `_repeated_blocks` (diffusers' regional-compile classes)
+    compile_blocks: tuple[str, ...] = ()
+    #: how `train.routing` (TREAD) finds the image tokens in the swap_blocks' arguments: 'text_first_rope'
+    #: (`hidden_states`, and `image_rotary_emb` over text-then-image positions: FLUX), 'plain' (`hidden_states`,
+    #: positions added before the blocks: SD3); None: no token routing (finetune/train/routing.py)
+    token_routing: str | None = None
     #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
     cache_text_by_default: bool = False
     #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders
@@ -223,6 +232,9 @@ class Family:
         if recipe.method.adds_tokens() and not self.textual_inversion:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
+        if recipe.train.routing is not None and self.token_routing is None:
+            raise ValueError(f"train.routing (token routing) is available for flux and sd3; the {self.name} family's "
+                             "blocks do not route tokens here: remove train.routing")
         if recipe.train.block_swap and not self.swap_blocks:
             raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
                              "denoiser has no block lists to swap: set train.block_swap: 0")

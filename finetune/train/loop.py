@@ -111,6 +111,10 @@ def _epochs(t) -> bool:
 
 def _after_step(t, logs) -> None:
     cfg, step, acc = t.cfg, t.state.step, t.acc
+    watch = t.compile_watch
+    if acc.is_main_process and watch is not None and len(watch.per_step) > 2 and watch.per_step[-1]:
+        t.progress.write(f"compile: {watch.per_step[-1]} graphs recompiled at step {step} (a shape or setting that "
+                         "changes between steps; TORCH_LOGS=recompiles says which)")
     if acc.is_main_process:  # logs are host floats already: the step's one read brought them (train/sync.py)
         loss = logs["loss"]
         lr = t.lr_scheduler.get_last_lr()[0]
@@ -364,6 +368,8 @@ def finish(t) -> None:
         written = t.method.export(t.comps, t.out, ctx)
         for p in written:
             t.progress.write(f"wrote {p}")
+        if t.compile_watch is not None:
+            t.progress.write(t.compile_watch.line())
         print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
     acc.wait_for_everyone()
     acc.end_training()

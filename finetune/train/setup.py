@@ -189,7 +189,8 @@ def scan_first(recipe, acc):
 
 
 def prepare_denoisers(comps, cfg) -> None:
-    """`train.gradient_checkpointing`, `channels_last` and `compile` on the denoiser, or on each trained expert."""
+    """`train.gradient_checkpointing` and `channels_last` on the denoiser, or on each trained expert (the trainer
+    compiles them after: train/compile.py)."""
     import torch
 
     for name in comps.trained_experts:
@@ -198,5 +199,3 @@ def prepare_denoisers(comps, cfg) -> None:
             denoiser.enable_gradient_checkpointing()
         if cfg.channels_last:
             denoiser.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.errors import NonFiniteError
+from finetune.errors import NonFiniteError, RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
@@ -56,6 +56,9 @@ class Trainer:
         set_seed(self.cfg.seed)
         self.scan = scan_first(recipe, acc)  # bad data is one line before any model loads
         self.dtype = DTYPES[self.cfg.mixed_precision]
+        from finetune.models.attention import check_device
+
+        check_device(recipe.model.attention, acc.device)  # before loading anything
         complete_base(recipe)  # a family that shows only now (a hub id's configs just fetched): its rules run
         if acc.is_main_process:
             for line in recipe_warnings(recipe):
@@ -68,7 +71,16 @@ class Trainer:
         cast_frozen(comps, self.dtype, vae_dtype)
         self.target = load_target(recipe, comps, self._precision())  # validation.base (or None)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
-        prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last, compile: each trained expert
+        prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last: each trained expert
+        denoiser = comps.denoiser
+        self.compile_watch = None  # train.compile (whole or per block): each trained expert
+        for name in comps.trained_experts:
+            self.compile_watch = self._compile(comps.experts[name], comps.family)
+        self.router = None
+        if self.cfg.routing is not None:  # TREAD: hooks on the window's blocks (train/routing.py)
+            from finetune.train.routing import TokenRouter
+
+            self.router = TokenRouter(denoiser, comps.family, self.cfg.routing, self.cfg.seed)
         device = acc.device
         comps.vae.to(device)
         for enc in [*comps.text_encoders, *comps.part_modules().values()]:
@@ -103,6 +115,16 @@ class Trainer:
 
         vae = self._vae_dtype(self.recipe.base.family)
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
+
+    def _compile(self, denoiser, family):
+        """`train.compile`: the whole denoiser or each repeated block, in place (parameter names, so
+        checkpoints and exports, stay the same); graphs per step are counted (train/compile.py)."""
+        if not self.cfg.compile:
+            return None
+        from finetune.train.compile import CompileWatch, compile_denoiser
+
+        compile_denoiser(denoiser, family, self.cfg.compile, dynamic=self.recipe.data.buckets.enabled)
+        return CompileWatch()
 
     def _place_denoiser(self) -> None:
         """Move the denoiser to the device (nf4 / int8 layers are quantized on this move); with
@@ -203,10 +225,22 @@ class Trainer:
         self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})
+        self.in_backward = self._in_backward()
         self.ema = None
         if self.cfg.ema.enabled:
             self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay, foreach=True)
             self.ema.to(acc.device)
+
+    def _in_backward(self):
+        """`train.optimizer_in_backward`: each trained tensor steps from its gradient hook (train/in_backward.py)."""
+        if not self.cfg.optimizer_in_backward:
+            return None
+        if self.acc.num_processes > 1:
+            raise RunError("train.optimizer_in_backward runs on one process only (with several, a tensor would "
+                           "step before its gradient is averaged); set it to false, or launch one process")
+        from finetune.train.in_backward import StepInBackward
+
+        return StepInBackward(self.optimizer.optimizer, list(self.params.values()))
 
     # ------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -267,7 +301,8 @@ class Trainer:
         batch = {**batch, "conditions": conds}  # what the family derived from the target (image-to-video)
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
-        with timer("denoiser_forward"), acc.autocast():
+        routing = self.router.routing(self.state.step) if self.router is not None else nullcontext()
+        with timer("denoiser_forward"), acc.autocast(), routing:
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         target, base = example.target, None
         need = base_rows(self, batch)  # data.preservation, masks toward the base (host tensors: no sync)
@@ -287,17 +322,23 @@ class Trainer:
         """One micro-batch; returns (an optimizer step happened, logs: host floats when it did)."""
         acc, cfg = self.acc, self.cfg
         self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
+        if self.compile_watch is not None:
+            self.compile_watch.before_step()
         with acc.accumulate(*self.wrapped.values()):
             loss, logs = self.compute_loss(batch)
             # finiteness is read once per optimizer step, not per micro-batch: a non-finite loss is still
             # back-propagated (its gradients are non-finite too) and the whole step is dropped below
             self.watch.note("loss", loss)
             self.watch.note_batch(batch)
+            if self.in_backward is not None:  # the last micro-batch's backward steps each tensor as it goes
+                self.in_backward.arm(acc.sync_gradients, self._resting())
             with self.timer("backward"):
                 acc.backward(loss)
             if not acc.sync_gradients:
                 return False, logs
             stepped, logs = self._optimizer_step(logs)
+        if self.compile_watch is not None:
+            self.compile_watch.after_step()
         if not stepped:
             return False, logs
         self.method.after_step(self.comps)
@@ -313,8 +354,11 @@ class Trainer:
         GradScaler inside accelerate's optimizer skips that update and lowers the scale, the step still
         counts, and the learning-rate schedule does not advance (accelerate's optimizer_step_was_skipped).
         """
-        self._rest_groups()
-        report = self.watch.read(self.acc, self._grad_norm(), logs, self.stop.requested)
+        in_backward = self.in_backward is not None  # then the tensors stepped already, in the backward
+        if not in_backward:
+            self._rest_groups()
+        norm = self.in_backward.norm(self.acc.device) if in_backward else self._grad_norm()
+        report = self.watch.read(self.acc, norm, logs, self.stop.requested)
         self.stop_seen = report.stop
         logs = report.logs | {"grad_norm": report.norm}
         if report.bad["latents"]:
@@ -327,19 +371,24 @@ class Trainer:
                 self.acc.scaler.update()
             return False, logs
         with self.timer("optimizer"):
-            self.optimizer.step()
+            if not in_backward:
+                self.optimizer.step()
             if not self.acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return True, logs
 
+    def _resting(self) -> set[int]:
+        """Ids of the tensors whose parameter group is outside its `active_steps` window this step."""
+        step = self.state.step
+        return {id(p) for group in self.optimizer.param_groups
+                if not _active(group.get("active_steps"), step) for p in group["params"]}
+
     def _rest_groups(self) -> None:
         """A parameter group outside its `active_steps` window (e.g. pivotal's phases) gets no gradient: no
         update, no weight decay, no optimizer moments, no share of the clipped norm."""
-        step = self.state.step
         for group in self.optimizer.param_groups:
-            first, stop = group.get("active_steps") or (0, None)
-            if step < first or (stop is not None and step >= stop):
+            if not _active(group.get("active_steps"), self.state.step):
                 for p in group["params"]:
                     p.grad = None
 
@@ -396,6 +445,11 @@ def training_mode(module: torch.nn.Module, adapters_only: bool, on: bool = True)
             for name, child in sub.named_children():  # bitsandbytes 4-bit layer in eval repacks its weights)
                 if name != "base_layer":
                     child.train(on)
+
+
+def _active(window: tuple[int, int | None] | None, step: int) -> bool:
+    first, stop = window or (0, None)
+    return first <= step and (stop is None or step < stop)
 
 
 def _with_encoders(comps, encoders):
