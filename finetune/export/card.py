@@ -122,8 +122,11 @@ def _base_expression(base: str, real: str | None = None, out_dir: Path | None = 
     snippet runs (the card keeps no absolute paths of the trainer's machine)."""
     from finetune.toy import TOY_BASES
 
+    if base in ("toy", "toy-flux"):
+        name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
+        return f"{name}()", f"from finetune.toy import {name}\n"
     if base in TOY_BASES:
-        return f"toy_path({base!r})", "from finetune.toy import toy_path\n"
+        return f'toy_path("{base}")', "from finetune.toy import toy_path\n"
     if real and out_dir is not None and Path(real).expanduser().exists():
         return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
     return repr(base), ""
