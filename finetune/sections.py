@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from finetune.eval import DEFAULT_CLIP, DEFAULT_DINO, METRIC_NAMES
 from finetune.eval.prompts import shows_subject as shows
-from finetune.toy import TOY_BASES
+from finetune.toy import TOY_ADAPTERS, TOY_BASES
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ LocalPath = Annotated[str, PathRef()]
 HubOrPath = Annotated[str, PathRef(hub=True)]
 BaseRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_BASES))]  # a base: also 'toy' / 'toy-flux'
 EvalModel = Annotated[str, PathRef(hub=True, names=("toy",))]  # 'toy': the toy world's shipped tiny model
+AdapterRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_ADAPTERS))]  # a LoRA file or folder, hub, or a toy's
 
 
 class StrictModel(BaseModel):
@@ -103,6 +104,13 @@ class ModelSection(StrictModel):
     quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
     )
+    training_adapter: AdapterRef | None = Field(
+        None,
+        description="A LoRA applied to the frozen base while training and removed afterwards: never trained, never "
+        "exported (a de-distillation adapter lets a LoRA train on a step-distilled base such as FLUX.1 [schnell] "
+        "or Z-Image-Turbo without breaking its few steps). A .safetensors file or folder (diffusers, kohya or BFL "
+        "names), a hub repo 'org/name' or file 'org/name/file.safetensors', or 'toy-flux-turbo-adapter'.",
+    )
     experts: str = Field(
         "all", description="Bases with several denoisers that split the noise levels (Wan 2.2 A14B): which one "
         "trains, 'high_noise' or 'low_noise', or 'all' (they take turns by step); each trains only on its own "
@@ -118,6 +126,15 @@ class ModelSection(StrictModel):
             from finetune.errors import did_you_mean
 
             raise ValueError(f"unknown family{did_you_mean(v, FAMILIES)}; choose auto or one of {', '.join(FAMILIES)}")
+        return v
+
+    @field_validator("training_adapter")
+    @classmethod
+    def _adapter(cls, v: str | None) -> str | None:
+        if v is not None:
+            from finetune.routes import check_adapter_value
+
+            check_adapter_value(v)
         return v
 
     @field_validator("attention")
@@ -371,11 +388,26 @@ class ValidationSection(StrictModel):
         default_factory=lambda: [0, 1], description="One grid column per seed.")
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
     at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
-    steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
+    base: BaseRef | None = Field(
+        None,
+        description="Render the grids with this base instead of model.base, the trained adapters applied: the "
+        "distilled model a LoRA trained on its undistilled base is for (Z-Image-Turbo for Z-Image, FLUX.2 [klein] "
+        "4B for its Base). Same family and layer shapes as model.base; its own steps and guidance unless set here.",
+    )
+    steps: int | None = Field(
+        None, ge=1, le=1000,
+        description="Denoising steps per sample; null: the sampling base's own (validation.base, else model.base: "
+        "e.g. 4 for FLUX.1 [schnell], 9 for Z-Image-Turbo, 28 for FLUX.1 [dev]), 30 where it publishes none.",
+    )
     guidance_scale: float | None = Field(
         None, ge=0.0, le=100.0,
-        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the family's usual value "
-        "(SD 7.5, SD3 7.0, FLUX 3.5).",
+        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the sampling base's own (0 for "
+        "step-distilled bases), else the family's usual value (SD 7.5, SD3 7.0, FLUX 3.5).",
+    )
+    training_adapter: Literal["off", "on", "both"] = Field(
+        "off",
+        description="With model.training_adapter: render the grids without it (off: what the export does at "
+        "inference), with it (on), or both (a second grid, *_with_adapter.png).",
     )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Sample height; default data.resolution.")
@@ -471,6 +503,11 @@ class ExportSection(StrictModel):
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights.")
     model_card: bool = Field(True, description="Write a README.md model card beside the weights.")
     use_ema: bool = Field(True, description="Export the EMA weights when EMA is enabled.")
+    target_base: BaseRef | None = Field(
+        None,
+        description="The base the export is for, named in the model card (load snippet, sampling settings) and the "
+        "metadata (finetune.target_base); null: validation.base, else model.base.",
+    )
 
     @field_validator("formats")
     @classmethod

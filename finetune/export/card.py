@@ -60,7 +60,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
-    base, imports = _base_expression(ctx.base, (getattr(ctx, "model", None) or {}).get("base"), out_dir)
+    target = getattr(ctx, "target", "") or ctx.base  # the base the export is for (route 1: the distilled one)
+    real = (getattr(ctx, "model", None) or {}).get("base") if target == ctx.base else None
+    base, imports = _base_expression(target, real, out_dir)
     dtype = SNIPPET_DTYPES.get(ctx.recipe.get("train", {}).get("mixed_precision", "no"), "torch.float32")
     snippet = LOAD_SNIPPETS.get(kind, "").format(base=base, folder=out_dir.name, pipeline=pipeline, dtype=dtype)
     if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
@@ -78,14 +80,14 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
         triggers += "\n\n**Instance prompt(s):** " + ", ".join(f"`{p}`" for p in prompts)
     # a local base is named '<local>/<folder>' (no paths of the trainer's machine); the hub's base_model key
     # wants a hub id, so it is left out then
-    front = "" if ctx.base.startswith(LOCAL) else f"base_model: {ctx.base}\n"
+    front = "" if target.startswith(LOCAL) else f"base_model: {target}\n"
     text = f"""---
 {front}tags: [text-to-image, diffusers, {ctx.method}, finetune]
 ---
 # {ctx.name}
 
-A {ctx.method} ({kind}) for `{ctx.base}` ({ctx.family}), trained with finetune for {ctx.steps} steps
-at {ctx.resolution} px.
+A {ctx.method} ({kind}) for `{target}` ({ctx.family}), trained with finetune for {ctx.steps} steps
+at {ctx.resolution} px{_route_note(ctx)}.
 
 **Trigger words:** {triggers}
 
@@ -118,15 +120,27 @@ def _base_expression(base: str, real: str | None = None, out_dir: Path | None = 
     """The Python expression that names the base in the snippet, and the import it needs. The toy bases live
     inside the installed package; a local folder is named relative to the folder holding the run, where the
     snippet runs (the card keeps no absolute paths of the trainer's machine)."""
+    from finetune.toy import TOY_BASES
+
     if base in ("toy", "toy-flux"):
         name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
         return f"{name}()", f"from finetune.toy import {name}\n"
-    if base == "toy-video":
-        return 'toy_path("toy-video")', "from finetune.toy import toy_path\n"
+    if base in TOY_BASES:
+        return f'toy_path("{base}")', "from finetune.toy import toy_path\n"
     if real and out_dir is not None and Path(real).expanduser().exists():
         return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
     return repr(base), ""
 
+
+def _route_note(ctx) -> str:
+    """Where it trained when that is not the base it is for, and the training adapter it trained through."""
+    parts = []
+    if getattr(ctx, "target", ""):
+        parts.append(f", on `{ctx.base}`")
+    if getattr(ctx, "training_adapter", ""):
+        parts.append(f", through the training adapter `{ctx.training_adapter}` (applied while training only: it "
+                     "is not part of these files, and using them does not need it)")
+    return "".join(parts)
 
 def _sample_line(family, ctx, prompt: str, files) -> str:
     """The snippet's last lines: an image, or (video families) a clip written as MP4, with a Wan 2.2 run's
@@ -148,15 +162,21 @@ def _validation(ctx) -> dict:
     return ctx.recipe.get("validation", {}) if isinstance(ctx.recipe, dict) else {}
 
 
+def _steps(ctx) -> int:
+    """The steps the grids used: the run's sampling settings, else the recipe's (30 by default)."""
+    return (getattr(ctx, "sampling", None) or {}).get("steps") or _validation(ctx).get("steps") or 30
+
+
 def _guidance(family, ctx) -> float:
-    g = _validation(ctx).get("guidance_scale")
+    g = (getattr(ctx, "sampling", None) or {}).get("guidance")
+    g = _validation(ctx).get("guidance_scale") if g is None else g
     return float(g) if g is not None else (family.default_guidance if family else 7.5)
 
 
 def _call_args(family, ctx) -> str:
     """The sampler settings the validation grids used, so the snippet renders what the grids showed."""
     v = _validation(ctx)
-    return f", num_inference_steps={v.get('steps', 30)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
+    return f", num_inference_steps={_steps(ctx)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
 
 
 def _sampling_note(family, ctx) -> str:
@@ -168,8 +188,12 @@ def _sampling_note(family, ctx) -> str:
     sampler = ("the base's own scheduler" if choice == "base" else f"`{choice}`")
     if family.objective == "flow":
         sampler += " (flow matching, with the shift the pipeline applies)"
-    return (f"**Sampling:** the grids above used {sampler}, {v.get('steps', 30)} steps, guidance "
-            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.")
+    what = (getattr(ctx, "sampling", None) or {})
+    made = f" The base it is for is {what['what']}, " + (
+        " and ".join(f"{d}-distilled" for d in what["distilled"]) + "." if what.get("distilled") else
+        "not distilled.") if what.get("what") else ""
+    return (f"**Sampling:** the grids above used {sampler}, {_steps(ctx)} steps, guidance "
+            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.{made}")
 
 
 def _lora_ui_note(family, ctx, files) -> str:

@@ -29,6 +29,7 @@ from finetune.errors import ModelError
 from finetune.models.detect import describe
 from finetune.models.families import FAMILIES
 from finetune.models.family import Family
+from finetune.models.sampling import Sampling, sampling_of
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -61,6 +62,14 @@ class Base:
     def local(self) -> bool:
         """The weights are a folder on this machine (a shipped toy base or a diffusers folder)."""
         return self.form in ("toy", "folder")
+
+    @property
+    def sampling(self) -> Sampling | None:
+        """How this base is meant to be sampled and whether it was distilled (finetune/models/sampling.py), from
+        its family, configs and name; None while its family is unknown."""
+        if self.family is None:
+            return None
+        return sampling_of(self.family, self.folder, self.index, self.name)
 
     def check(self) -> None:
         """Raise the reason this base cannot load, if there is one."""

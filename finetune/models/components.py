@@ -12,7 +12,7 @@ method has chosen what trains (`cast_frozen`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,24 @@ def load_components(base: Base, options: LoadOptions | None = None,
     freeze(comps)
     quantize_components(comps, options, precision.compute)
     return comps
+
+
+def load_denoiser(base: Base, options: LoadOptions, precision: LoadPrecision, vae=None):
+    """Only the denoiser of a complete `base` (frozen, quantized as `options` say), its own sampler and the
+    pipeline settings its family keeps: a second base that shares the first one's encoders and `vae`
+    (`validation.base`, finetune/train/target.py)."""
+    family = base.family
+    shared = replace(options, drop_text_encoders=tuple(family.text_encoder_names))  # nor their tokenizers
+    pipe = _load_pretrained(base, shared, vae, precision.by_component())
+    denoiser = getattr(pipe, family.denoiser_name)
+    set_attention(denoiser, options.attention)
+    denoiser.requires_grad_(False).eval()
+    if options.quantize != "none":
+        from finetune.models.quantize import quantize_module
+
+        quantize_module(denoiser, options.quantize, precision.compute, what="model.quantize")
+    keep = {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}
+    return denoiser, type(pipe.scheduler).from_config(pipe.scheduler.config), keep
 
 
 def _check_fits(pipe, base: Base, options: LoadOptions) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
 from finetune.export.ldm import ClipCheckpoint
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +119,12 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: how the family's undistilled bases sample (steps, guidance), where its publisher says; None: the recipe's
+    #: defaults and `default_guidance` (finetune/models/sampling.py)
+    sampling: Sampling | None = None
+    #: the family's distilled (and other) published variants, told apart by config values or name words: the
+    #: first that fits a base gives its sampling defaults and what it was distilled for
+    variants: tuple[Variant, ...] = ()
     #: bases with several denoisers that split the noise levels between them (Wan 2.2 A14B's high- and
     #: low-noise experts): `model.experts` value -> pipeline slot. Each trained expert trains only on the
     #: timesteps it owns (`expert_ranges`); several take turns by optimizer step

@@ -168,33 +168,28 @@ def resume_command(out: Path, processes: int = 1) -> str:
 
 @torch.no_grad()
 def validate(t, step: int) -> Path | None:
-    """Render the validation grid on the main process (the others wait)."""
-    from finetune.train.validation import grid, make_pipeline, render, save_grid
+    """Render the validation grid on the main process (the others wait); with validation.training_adapter: both,
+    a second grid with model.training_adapter applied."""
+    from finetune.train.validation import grid, render_rows, save_grid
 
     acc, v = t.acc, t.recipe.validation
-    path = None
+    path = rows = extra = None
     # a sharded denoiser gathers its weights inside forward: every process renders, the main one saves
     if acc.is_main_process or is_sharded(acc):
-        name = t.comps.denoiser_name
-        denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
-        encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
-                    for n, e in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)]
-        was = t.training
-        t.set_training(False)  # samples without dropout
-        pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
-        res = t.recipe.data.resolution
         shown = acc.is_main_process and t.recipe.logging.progress
-        with acc.autocast(), t.vae_on_device():
-            rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
-                          text=t.prompt_cache, family=t.comps.family,
-                          max_sequence_length=t.comps.family.sequence_length(t.comps), frames=clip_frames(t),
-                          image=start_image(t), progress=f"grid at step {step}:" if shown else None)
-        t.set_training(was)
+        clip = {"frames": clip_frames(t), "image": start_image(t)}  # video families: clips from a first frame
+        rows = render_rows(t, training_adapter=v.training_adapter == "on",
+                           progress=f"grid at step {step}:" if shown else None, **clip)
+        extra = render_rows(t, training_adapter=True, progress=f"grid at step {step}, with the training adapter:"
+                            if shown else None, **clip) if v.training_adapter == "both" else None
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
         if clip_frames(t):
             save_clips(t, rows, path)
+        if extra is not None:
+            save_grid(grid(extra, v.prompts, title=f"step {step}, with the training adapter"), t.out / "samples",
+                      step, "_with_adapter")
         _log_image(t, image, step)
         if v.score_subject:
             _score(t, rows, step)
@@ -298,19 +293,10 @@ def _base_rows(t):
     rows = getattr(t, "base_rows", None)
     if rows is not None or not t.method.config.switchable_adapters():
         return rows
-    from finetune.train.preserve import adapters_off
-    from finetune.train.validation import make_pipeline, render
+    from finetune.train.validation import render_rows
 
-    v, res = t.recipe.validation, t.recipe.data.resolution
-    modules = [t.comps.named_modules()[n] for n in t.trained_names]
-    was = t.training
-    t.set_training(False)
-    with adapters_off(modules), t.acc.autocast():
-        pipe = make_pipeline(t.comps, v)
-        t.base_rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), t.acc.device,
-                             text=t.prompt_cache, family=t.comps.family,
-                             progress="the base's grid (adapters off):" if t.recipe.logging.progress else None)
-    t.set_training(was)
+    t.base_rows = render_rows(t, adapters=False, training_adapter=t.recipe.validation.training_adapter == "on",
+                              progress="the base's grid (adapters off):" if t.recipe.logging.progress else None)
     return t.base_rows
 
 

@@ -8,6 +8,7 @@ only does the step, and keeps the run safe: checkpoints, clean interrupts, non-f
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -46,6 +47,8 @@ class Trainer:
 
         from finetune.models.components import cast_frozen, load_components
         from finetune.recipe import complete_base
+        from finetune.routes import recipe_warnings
+        from finetune.train.target import attach_training_adapter, load_target
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
@@ -57,11 +60,16 @@ class Trainer:
 
         check_device(recipe.model.attention, acc.device)  # before loading anything
         complete_base(recipe)  # a family that shows only now (a hub id's configs just fetched): its rules run
+        if acc.is_main_process:
+            for line in recipe_warnings(recipe):
+                print(f"warning: {line}", file=sys.stderr)
         comps = load_components(recipe.base, recipe.model.load_options(), self._precision())
+        self.training_adapter = attach_training_adapter(recipe, comps)  # model.training_adapter (or None)
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
         cast_frozen(comps, self.dtype, vae_dtype)
+        self.target = load_target(recipe, comps, self._precision())  # validation.base (or None)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
         prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last: each trained expert
         denoiser = comps.denoiser

@@ -77,6 +77,47 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
     return rows
 
 
+@torch.no_grad()
+def render_rows(t, adapters: bool = True, training_adapter: bool = False, progress: str | None = None,
+                frames: int | None = None, image: Image.Image | None = None) -> list[list[Image.Image]]:
+    """The run's validation prompts x seeds as the grids show them, from the trainer `t`: with the trained
+    adapters (or, `adapters=False`, without: the base's own samples), on validation.base when it is set (the
+    adapters copied there first), and with model.training_adapter only when `training_adapter`. Sampling steps
+    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py); `progress`, `frames`, `image`: render's."""
+    from contextlib import ExitStack
+
+    from finetune.train.preserve import adapters_off
+    from finetune.train.target import grid_settings
+
+    acc, comps = t.acc, t.comps
+    v = grid_settings(t, t.recipe.validation)
+    name = comps.denoiser_name
+    denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else comps.denoiser
+    encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
+                for n, e in zip(comps.text_encoder_names, comps.text_encoders, strict=True)]
+    adapted = [comps.named_modules()[n] for n in t.trained_names]
+    with ExitStack() as stack:
+        if t.target is not None:
+            t.target.sync(denoiser)
+            comps, denoiser = t.target.view(comps), t.target.denoiser
+            adapted = [denoiser, *(m for m in adapted if m is not t.comps.denoiser)]
+            stack.enter_context(t.target.on_device(acc.device))
+        if t.training_adapter is not None and not training_adapter:
+            stack.enter_context(t.training_adapter.off())
+        if not adapters:
+            stack.enter_context(adapters_off(adapted))
+        was = t.training
+        t.set_training(False)  # samples without dropout
+        stack.callback(t.set_training, was)
+        pipe = make_pipeline(comps, v, denoiser=denoiser, text_encoders=encoders)
+        res = t.recipe.data.resolution
+        stack.enter_context(acc.autocast())
+        stack.enter_context(t.vae_on_device())
+        return render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
+                      text=t.prompt_cache, family=comps.family, max_sequence_length=comps.family.sequence_length(comps),
+                      frames=frames, image=image, progress=progress)
+
+
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
     """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row. Clips
     are shown as frame strips, one row per seed."""
@@ -100,9 +141,9 @@ def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> I
     return canvas
 
 
-def save_grid(image: Image.Image, samples_dir: Path, step: int) -> Path:
+def save_grid(image: Image.Image, samples_dir: Path, step: int, suffix: str = "") -> Path:
     samples_dir.mkdir(parents=True, exist_ok=True)
-    path = samples_dir / f"step-{step:06d}.png"
+    path = samples_dir / f"step-{step:06d}{suffix}.png"
     tmp = path.with_suffix(".png.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(path)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
 from finetune.models.family import Family
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -110,6 +111,16 @@ def denoiser_config(denoiser) -> dict:
     return dict(inner.config)
 
 
+# FLUX.1 [dev] (and Krea, fine-tunes of it) takes the guidance as an input (guidance-distilled; BFL's 28-50 steps
+# at 3.5); FLUX.1 [schnell] is also step-distilled: 1-4 steps, no guidance input, a static shift of 1 (its
+# scheduler config; BFL and diffusers sample it at 4 steps, guidance 0). A FLUX transformer with neither (the
+# FLUX toy, de-distilled community bases) samples with true CFG against a negative prompt.
+FLUX_VARIANTS = (
+    Variant(Sampling(28, 3.5, distilled=("guidance",), what="FLUX.1 [dev]"), {"transformer.guidance_embeds": True}),
+    Variant(Sampling(4, 0.0, distilled=("guidance", "steps"), what="FLUX.1 [schnell]"),
+            {"transformer.guidance_embeds": False, "scheduler.use_dynamic_shifting": False}),
+)
+
 FLUX = FluxFamily(
     "flux",
     pipeline_class="FluxPipeline",
@@ -142,4 +153,5 @@ FLUX = FluxFamily(
     single_file_text={},
     single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),
     priority=30,
+    variants=FLUX_VARIANTS,
 )

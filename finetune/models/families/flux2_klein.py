@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ModuleNames
 from finetune.models.family import Family, llm_flow_transformer
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -118,4 +119,9 @@ FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
     lora_presets=FLUX2_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Qwen3",
+    # BFL: [klein] 4B / 9B are step- and guidance-distilled (4 steps; the pipeline ignores the scale when
+    # model_index.json says is_distilled), [klein] Base 4B / 9B neither (CFG 4 over 50 steps, diffusers' example)
+    sampling=Sampling(50, 4.0, what="FLUX.2 [klein] Base"),
+    variants=(Variant(Sampling(4, 1.0, distilled=("guidance", "steps"), what="FLUX.2 [klein] (distilled)"),
+                      {"model_index.is_distilled": True}),),
 ))
