@@ -37,7 +37,8 @@ def set_attention(denoiser: torch.nn.Module, kind: str) -> None:
     if isinstance(denoiser, UNet2DConditionModel):
         _unet(denoiser, kind)
         return
-    processors = list(denoiser.attn_processors.values())
+    # every attention module's processor (Z-Image's transformer has no `attn_processors` property)
+    processors = [m.processor for m in denoiser.modules() if getattr(m, "processor", None) is not None]
     dispatching = [p for p in processors if hasattr(p, "_attention_backend")]
     if len(dispatching) < len(processors):
         if kind in ("sdpa", "native"):
