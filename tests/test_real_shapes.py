@@ -1,5 +1,5 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
-FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo and FLUX.2 [klein] 4B / 9B (finetune/models/configs/) built
+FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B and Chroma1-HD (finetune/models/configs/) built
 on the meta device, no weights, and every quantity that depends on real shapes checked against the published
 checkpoints and the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768
 / 1024 px and at non-square buckets, caption tokens per variant, which weights stay fp32 after our casts, LoRA
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.published import PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
+from tests.published import CARDS, PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux1-dev": "flux",
           "flux1-schnell": "flux", "qwen-image": "qwen_image", "z-image-turbo": "z_image",
-          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein"}
+          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma"}
 FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl")]
 SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
 
@@ -63,6 +63,8 @@ def test_published_configs_are_the_published_models(name):
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.named_modules().items()}
     for component, published in PUBLISHED.get(name, {}).items():
         assert counts[component] == published, (name, component)
+    for component, billions in CARDS.get(name, {}).items():
+        assert round(counts[component] / 1e9, 1) == billions, (name, component, counts[component])
     if name in QWEN3_CARDS:  # the Qwen3 encoders: total and non-embedding, to the model card's precision
         total, body, half_digit = QWEN3_CARDS[name]
         enc = comps.text_encoders[0]
@@ -111,7 +113,7 @@ def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]
 
 def pipeline_tokens(pipe, height: int, width: int) -> int:
     """Image tokens as the stock pipeline's `__call__` counts them: its own `prepare_latents`."""
-    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline")
+    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ChromaPipeline")
     channels = pipe.transformer.config.in_channels // (4 if packs else 1)  # num_channels_latents, as __call__
     out = pipe.prepare_latents(1, channels, height, width, torch.float32, torch.device("meta"), None)
     latents = out[0] if isinstance(out, tuple) else out
@@ -152,7 +154,7 @@ def test_image_tokens_and_resolution_shift_are_the_pipelines(name):
 #: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
 CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
 PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
-             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline"}
+             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -181,11 +183,11 @@ def test_caption_tokens_and_width_per_variant(name):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_weights_kept_in_fp32_after_our_cast(name):
     """After the trainer's cast only what transformers keeps in fp32 at that dtype stays fp32: T5-XXL's 24
-    `wo` in fp16 (SD 3.5, FLUX.1), nothing in bf16 and nothing in the other families."""
+    `wo` in fp16 (SD 3.5, FLUX.1, Chroma), nothing in bf16 and nothing in the other families."""
     from finetune.models.components import cast_frozen
 
     comps = fresh(name)
-    t5 = comps.encoder("text_encoder_3") or (comps.encoder("text_encoder_2") if comps.family.name == "flux" else None)
+    t5 = next((e for e in comps.text_encoders if type(e).__name__ == "T5EncoderModel"), None)
     for dtype in (torch.float16, torch.bfloat16):  # fp16 first: bf16 then casts T5's wo down as transformers does
         cast_frozen(comps, dtype, dtype)
         fp32 = [f"{c}.{n}" for c, m in comps.named_modules().items() for n, p in m.named_parameters()
@@ -207,6 +209,10 @@ TARGETS = {
     ("flux", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
     ("flux", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
     ("flux", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
+    # Chroma: FLUX's blocks without modulation linears
+    ("chroma", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
+    ("chroma", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
+    ("chroma", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
     ("flux2_klein", "attention"): lambda c: _per_block(c, num_layers=8),
     ("flux2_klein", "attention_mlp"): lambda c: _per_block(c, num_layers=12),
     ("flux2_klein", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2),
@@ -232,7 +238,7 @@ TARGETS = {
 BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear": 19 * 8 + 38 * 2,
              "all_linear_mod": 19 * 10 + 38 * 3}
 CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                      "flux2-klein-4b") for (family, preset) in TARGETS if family == FAMILY[name]]
+                                      "flux2-klein-4b", "chroma1-hd") for (family, preset) in TARGETS if family == FAMILY[name]]
 CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear")]  # the other sizes, one preset each
 
 
@@ -263,7 +269,7 @@ def test_lora_targets_and_kohya_keys_per_preset(name, preset):
 
 
 @pytest.mark.parametrize("name,precision", [(name, "bf16") for name in FAMILY]
-                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16")])  # with T5-XXL
+                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16"), ("chroma1-hd", "fp16")])  # with T5-XXL
 def test_estimate_weight_bytes(monkeypatch, name, precision):
     """`finetune estimate`'s weight lines: the denoiser's 16-bit bytes are the published checkpoint's where
     its size is published (FLUX.1 [dev]: 23,802,816,640 bytes), the text encoders count T5's `wo` at 4 bytes
@@ -294,7 +300,7 @@ def test_estimate_weight_bytes(monkeypatch, name, precision):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                  "flux2-klein-4b"])
+                                  "flux2-klein-4b", "chroma1-hd"])
 def test_estimate_traces_every_family_at_real_shapes(name):
     """The whole estimate, activation traces included, at 512 px for one base per family: the language-model
     encoders, Z-Image's variable-length captions and the FLUX.2 / Qwen-Image latent layouts all trace on the

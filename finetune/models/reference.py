@@ -2,7 +2,9 @@
 
 finetune/models/configs/<name>/ holds, for each reference base, the published `model_index.json` and each
 component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
-SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B. They are
+SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, Chroma1-HD
+(its transformer config is diffusers' ChromaTransformer2DModel defaults, which are Chroma's; T5-XXL, the FLUX.1
+VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
 real shapes (tests/test_real_shapes.py); the benchmarks build some with random weights (timing and memory need
 the shapes, not trained weights, and nothing can be downloaded).
@@ -27,6 +29,7 @@ REFERENCE_IDS = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
     "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "lodestones/Chroma1-HD": "chroma1-hd", "lodestones/Chroma1-Base": "chroma1-hd",
 }
 
 
