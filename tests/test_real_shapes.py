@@ -1,9 +1,10 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
-FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B and Chroma1-HD (finetune/models/configs/) built
-on the meta device, no weights, and every quantity that depends on real shapes checked against the published
-checkpoints and the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768
-/ 1024 px and at non-square buckets, caption tokens per variant, which weights stay fp32 after our casts, LoRA
-target counts per preset with their kohya / ComfyUI / BFL key counts, and `finetune estimate`'s weight bytes."""
+FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev] and Chroma1-HD
+(finetune/models/configs/) built on the meta device, no weights, and every quantity that depends on real shapes
+checked against the published checkpoints and the pipelines' own code: parameter counts, image tokens and the
+resolution-shift mu at 512 / 768 / 1024 px and at non-square buckets, caption tokens per variant, which weights stay
+fp32 after our casts, LoRA target counts per preset with their kohya / ComfyUI / BFL key counts, and `finetune
+estimate`'s weight bytes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tests.published import CARDS, PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDI
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux1-dev": "flux",
           "flux1-schnell": "flux", "qwen-image": "qwen_image", "z-image-turbo": "z_image",
-          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma"}
+          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma",
+          "flux2-dev": "flux2_dev"}
 FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl")]
 SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
 
@@ -63,8 +65,8 @@ def test_published_configs_are_the_published_models(name):
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.named_modules().items()}
     for component, published in PUBLISHED.get(name, {}).items():
         assert counts[component] == published, (name, component)
-    for component, billions in CARDS.get(name, {}).items():
-        assert round(counts[component] / 1e9, 1) == billions, (name, component, counts[component])
+    for component, (billions, decimals) in CARDS.get(name, {}).items():
+        assert round(counts[component] / 1e9, decimals) == billions, (name, component, counts[component])
     if name in QWEN3_CARDS:  # the Qwen3 encoders: total and non-embedding, to the model card's precision
         total, body, half_digit = QWEN3_CARDS[name]
         enc = comps.text_encoders[0]
@@ -113,7 +115,8 @@ def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]
 
 def pipeline_tokens(pipe, height: int, width: int) -> int:
     """Image tokens as the stock pipeline's `__call__` counts them: its own `prepare_latents`."""
-    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ChromaPipeline")
+    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ChromaPipeline",
+                                    "Flux2Pipeline")
     channels = pipe.transformer.config.in_channels // (4 if packs else 1)  # num_channels_latents, as __call__
     out = pipe.prepare_latents(1, channels, height, width, torch.float32, torch.device("meta"), None)
     latents = out[0] if isinstance(out, tuple) else out
@@ -154,7 +157,8 @@ def test_image_tokens_and_resolution_shift_are_the_pipelines(name):
 #: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
 CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
 PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
-             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline"}
+             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline",
+             "flux2_dev": "Flux2Pipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -213,9 +217,10 @@ TARGETS = {
     ("chroma", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
     ("chroma", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
     ("chroma", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
-    ("flux2_klein", "attention"): lambda c: _per_block(c, num_layers=8),
-    ("flux2_klein", "attention_mlp"): lambda c: _per_block(c, num_layers=12),
-    ("flux2_klein", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2),
+    **{(f, "attention"): lambda c: _per_block(c, num_layers=8) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "attention_mlp"): lambda c: _per_block(c, num_layers=12) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2)
+       for f in ("flux2_klein", "flux2_dev")},
     # SD3's last block is context_pre_only (no to_add_out, no ff_context); SD 3.5 Medium's first 13 blocks add
     # a second image attention (attn2: to_q/k/v/out.0)
     ("sd3", "attention"): lambda c: 8 * c["num_layers"] - 1 + 4 * len(c["dual_attention_layers"]),
@@ -239,7 +244,7 @@ BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear
              "all_linear_mod": 19 * 10 + 38 * 3}
 CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
                                       "flux2-klein-4b", "chroma1-hd") for (family, preset) in TARGETS if family == FAMILY[name]]
-CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear")]  # the other sizes, one preset each
+CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear"), ("flux2-dev", "all_linear")]  # the other sizes, one preset each
 
 
 @pytest.mark.parametrize("name,preset", CASES)
@@ -300,7 +305,7 @@ def test_estimate_weight_bytes(monkeypatch, name, precision):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                  "flux2-klein-4b", "chroma1-hd"])
+                                  "flux2-klein-4b", "chroma1-hd", "flux2-dev"])
 def test_estimate_traces_every_family_at_real_shapes(name):
     """The whole estimate, activation traces included, at 512 px for one base per family: the language-model
     encoders, Z-Image's variable-length captions and the FLUX.2 / Qwen-Image latent layouts all trace on the

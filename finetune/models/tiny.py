@@ -345,18 +345,27 @@ MISTRAL_TEMPLATE = (
 )
 
 
+def mistral_tokenizer(qwen):
+    """A Mistral-style tokenizer over `qwen_tokenizer`'s byte-level BPE: <s> / </s> / <pad> and the instruction
+    specials, Mistral's chat template (system and user turns, text parts)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, chat_template=MISTRAL_TEMPLATE)
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "additional_special_tokens":
+                            ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
+    tok.model_max_length = 32768
+    return tok
+
+
 def build_tiny_flux2_dev(folder: Path, seed: int = 0) -> Path:
     """FLUX.2 [dev]-shaped: [klein]'s tiny layout with a guidance input, reading hidden states 10, 20 and 30 of
     a Mistral-3 encoder (30 layers 16 wide, a one-layer Pixtral vision tower it never uses), and the byte-level BPE
     of `qwen_tokenizer` with Mistral's specials and chat template (FLUX.2's system message is then ~150 tokens)."""
     from diffusers import Flux2Pipeline
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     folder, qwen = _seeded(folder, seed)
-    tok = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, chat_template=MISTRAL_TEMPLATE)
-    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "additional_special_tokens":
-                            ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
-    tok.model_max_length = 32768
+    tok = mistral_tokenizer(qwen)
     config = Mistral3Config(
         text_config={"model_type": "mistral", "vocab_size": len(tok) + 8, "hidden_size": 16, "intermediate_size": 32,
                      "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
