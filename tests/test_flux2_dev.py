@@ -95,12 +95,16 @@ def test_dev_and_klein_never_mistaken():
     """Same transformer class: the text encoder's model type tells them apart, and without its config the
     guidance input does ([dev] has one, [klein] not)."""
     from finetune.models.detect import family_from_configs
+    from finetune.models.families import FAMILIES
 
     index = {"transformer": ["diffusers", "Flux2Transformer2DModel"], "text_encoder": ["transformers", "x"]}
     assert family_from_configs(index, {"guidance_embeds": True}, {"model_type": "mistral3"}).name == "flux2_dev"
     assert family_from_configs(index, {"guidance_embeds": False}, {"model_type": "qwen3"}).name == "flux2_klein"
     assert family_from_configs(index, {"guidance_embeds": True}, {}).name == "flux2_dev"
     assert family_from_configs(index, {"guidance_embeds": False}, {}).name == "flux2_klein"
+    dev = FAMILIES["flux2_dev"]  # each asked alone, whatever the registry's order
+    assert not dev.matches(index, {"guidance_embeds": False}, {"model_type": "qwen3"})
+    assert not dev.matches(index, {"guidance_embeds": False}, {})
     flux1 = {"transformer": ["diffusers", "FluxTransformer2DModel"]}
     assert family_from_configs(flux1, {"guidance_embeds": True}, {"model_type": "clip_text_model"}).name == "flux"
 
