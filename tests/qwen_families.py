@@ -91,3 +91,25 @@ def pipeline_class(case: Case):
     import diffusers
 
     return getattr(diffusers, case.pipeline)
+
+
+def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int):
+    """(noise, sigmas) of a trainer's first step, drawn as the trainer draws them: its per-sample generators,
+    diffusers' density helper (logit-normal by default; uniform where the test's `flow` override is given), the
+    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from tests.helpers import first_step_generators
+
+    noise, u = [], []
+    for g in first_step_generators(t.recipe.train.seed, 0, 0, latents.shape[0]):
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+        u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
+                                                       logit_std=1.0, generator=g))
+    sigmas = sched.sigmas[(torch.cat(u) * 1000).long()]
+    if not flow:
+        c = sched.config
+        mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        sigmas = sched.time_shift(mu, 1.0, sigmas)
+    return torch.stack(noise), sigmas

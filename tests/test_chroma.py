@@ -10,8 +10,7 @@ import functools
 import pytest
 import torch
 
-from tests.helpers import first_step_generators
-from tests.qwen_families import CAPTIONS, CASES, build, recipe, trainer
+from tests.qwen_families import CAPTIONS, CASES, build, first_step_noise_and_sigmas, recipe, trainer
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +62,6 @@ def test_packed_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, f
     with t / 1000, `_unpack_latents`; sigmas from the scheduler's grid, shifted by `calculate_shift` for the
     token count (default) or unshifted."""
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.chroma.pipeline_chroma import calculate_shift
-    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     t = trainer(recipe(tmp_path, base, CASES["chroma"], train={"flow": flow}, data={"cache_text": False}))
     pipe = ChromaPipeline.from_pretrained(base)
@@ -76,18 +73,7 @@ def test_packed_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, f
                                                          max_sequence_length=32, do_classifier_free_guidance=False)
         b, c, h, w = latents.shape
         sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        noise, u = [], []
-        for g in first_step_generators(t.recipe.train.seed, 0, 0, b):
-            noise.append(torch.randn(latents.shape[1:], generator=g))
-            u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
-                                                           logit_std=1.0, generator=g))
-        noise, u = torch.stack(noise), torch.cat(u)
-        sigmas = sched.sigmas[(u * 1000).long()]
-        if not flow:
-            c_ = sched.config
-            mu = calculate_shift((h // 2) * (w // 2), c_.base_image_seq_len, c_.max_image_seq_len, c_.base_shift,
-                                 c_.max_shift)
-            sigmas = sched.time_shift(mu, 1.0, sigmas)
+        noise, sigmas = first_step_noise_and_sigmas(t, latents, sched, flow, (h // 2) * (w // 2))
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         packed = pipe._pack_latents(noisy, b, c, h, w)

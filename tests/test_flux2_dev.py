@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import first_step_generators
-from tests.qwen_families import CAPTIONS, CASES, build, recipe, trainer
+from tests.qwen_families import CAPTIONS, CASES, build, first_step_noise_and_sigmas, recipe, trainer
 
 TOKENS = CASES["flux2_dev"].tokens
 
@@ -55,8 +54,6 @@ def test_packed_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, f
     `_unpack_latents_with_ids`): by default logit-normal sigmas shifted by FLUX.1's rule at guidance 1.0;
     diffusers' script's choice (uniform, unshifted, guidance 3.5) through the recipe."""
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     t = trainer(recipe(tmp_path, base, CASES["flux2_dev"], train={"flow": flow}, data={"cache_text": False},
                        model={"guidance": guidance}))
@@ -68,17 +65,7 @@ def test_packed_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, f
         embeds, text_ids = pipe.encode_prompt(list(batch["captions"]), device="cpu", max_sequence_length=TOKENS)
         b, c, h, w = latents.shape
         sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
-        noise, u = [], []
-        for g in first_step_generators(t.recipe.train.seed, 0, 0, b):
-            noise.append(torch.randn(latents.shape[1:], generator=g))
-            u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
-                                                           logit_std=1.0, generator=g))
-        noise, u = torch.stack(noise), torch.cat(u)
-        sigmas = sched.sigmas[(u * 1000).long()]
-        if not flow:
-            c_ = sched.config
-            mu = calculate_shift(h * w, c_.base_image_seq_len, c_.max_image_seq_len, c_.base_shift, c_.max_shift)
-            sigmas = sched.time_shift(mu, 1.0, sigmas)
+        noise, sigmas = first_step_noise_and_sigmas(t, latents, sched, flow, h * w)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         ids = pipe._prepare_latent_ids(noisy)
