@@ -16,6 +16,13 @@ from its last checkpoint in --workdir if interrupted:
     python tools/make_toy_model.py --flux
     python tools/make_toy_model.py --flux --eval-only
 
+The Wan-shaped toy video base finetune/toy/base_video/ (WanPipeline layout: its own causal video VAE, a
+small UMT5 and a WanTransformer3DModel, trained on finetune/toy/video_world.py clips) likewise, resuming
+each stage from --workdir:
+
+    python tools/make_toy_model.py --video --workdir /tmp/toy_video_build
+    python tools/make_toy_model.py --video --eval-only
+
 Every U-Net stage ends with the evaluation. The model folder is replaced atomically (written to a
 temp folder, then renamed). The tokenizer comes from the real CLIP BPE file inside the open_clip_torch
 wheel (pip download, build time only). Same seeds, same machine, same model.
@@ -45,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="which part to (re)train")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
     p.add_argument("--flux", action="store_true", help="build / evaluate the FLUX-shaped toy base instead")
+    p.add_argument("--video", action="store_true", help="build / evaluate the Wan-shaped toy video base instead")
+    p.add_argument("--video-vae-steps", type=int, default=1500, help="video VAE steps at batch 2 (whole clips)")
+    p.add_argument("--video-steps", type=int, default=6000, help="video transformer steps at batch 16")
     p.add_argument(
         "--out",
         type=pathlib.Path,
@@ -82,12 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --flux docs/images/toy_flux_base_grid.png)",
     )
     args = p.parse_args(argv)
-    from finetune.toy import toy_flux_base_path
+    from finetune.toy import toy_flux_base_path, toy_path
 
     if args.out is None:
-        args.out = toy_flux_base_path() if args.flux else toy_base_path()
+        args.out = toy_path("toy-video") if args.video else toy_flux_base_path() if args.flux else toy_base_path()
     if args.grid is None:
-        args.grid = pathlib.Path(f"docs/images/{'toy_flux_base' if args.flux else 'toy_base'}_grid.png")
+        name = "toy_video_base" if args.video else "toy_flux_base" if args.flux else "toy_base"
+        args.grid = pathlib.Path(f"docs/images/{name}_grid.png")
     return args
 
 
@@ -98,6 +109,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from finetune.toy import build, build_unet, evaluate
 
+    if args.video:
+        return _video(args)
     if args.eval_only:
         evaluate.report(args.out, grid_path=args.grid, grid_seeds=4 if args.flux else 6)
         return 0
@@ -117,6 +130,15 @@ def main(argv=None) -> int:
             args.workdir, args.out, steps=args.unet_steps, seed=args.seed, lr=args.unet_lr, resume=args.resume
         )
         evaluate.report(args.out, grid_path=args.grid)
+    return 0
+
+
+def _video(args) -> int:
+    from finetune.toy import build_video_train, video_evaluate
+
+    if not args.eval_only:
+        build_video_train.build_video_base(args.workdir, args.out, args.video_vae_steps, args.video_steps, args.seed)
+    video_evaluate.report(args.out, grid_path=args.grid)
     return 0
 
 

@@ -25,6 +25,7 @@ from finetune.data.images import BadImage, Cover, cover, crop_flip, decode, resi
 from finetune.data.masks import mask_digest, mask_pixels, to_latent
 from finetune.data.plan import Example, Planner
 from finetune.data.scan import Scan, scan_data, summarize
+from finetune.data.video import BadVideo
 from finetune.errors import DataError
 
 MEMO_BYTES = 1 << 30  # decoded, resized images kept per process; beyond this, decode again each sighting
@@ -47,6 +48,8 @@ class Render:
     def latent_entry(self, record: int, bucket) -> str:
         rec, c = self.records[record], self.cover(record, bucket)
         parts = ["latents", rec.digest, bucket, [c.rh, c.rw, c.top, c.left], self.flips, self.latent_key]
+        if rec.clip is not None:  # which frames of the source: the clip sampling settings (fps, frames, mode)
+            parts.append(list(rec.clip))
         if self.masks is not None:  # the entry holds the mask too: a changed mask is a new entry
             parts.append(mask_digest(rec, self.masks))
         return entry_key(*parts)
@@ -66,28 +69,45 @@ class Render:
             return arr
         rec = self.records[record]
         try:
-            arr = resize(decode(rec.read(), need=(c.rh, c.rw)), c.rh, c.rw)
-        except (BadImage, OSError) as e:
+            arr = self._decoded(rec, c)
+        except (BadImage, BadVideo, OSError) as e:
             raise DataError(f"{rec.key}: {e}; it changed since the data was scanned, fix it and restart") from None
         if self.memo_bytes + arr.nbytes <= MEMO_BYTES:
             self.memo[(record, bucket)] = arr
             self.memo_bytes += arr.nbytes
         return arr
 
+    @staticmethod
+    def _decoded(rec, c: Cover) -> np.ndarray:
+        """uint8 [rh, rw, 3] (an image) or [F, rh, rw, 3] (a clip's frames), resized to cover the bucket."""
+        if rec.clip is None:
+            return resize(decode(rec.read(), need=(c.rh, c.rw)), c.rh, c.rw)
+        from finetune.data.video import clip_pixels
+        from finetune.data.video_sources import decode_clip
+
+        return clip_pixels(decode_clip(rec), c.rh, c.rw)
+
     def pixels(self, record: int, bucket, flip: bool = False, seed: int = 0) -> tuple[torch.Tensor, int, int]:
-        """[3,H,W] in [-1, 1], and the crop's (top, left) as SDXL conditioning sees it."""
+        """[3, H, W] in [-1, 1] ([3, F, H, W] for a clip; with data.video an image is [3, 1, H, W]), and the crop's
+        (top, left) as SDXL conditioning sees it."""
         c = self.cover(record, bucket, seed)
         arr, left = crop_flip(self.resized(record, bucket, c), c, bucket, flip)
-        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
+        t = torch.from_numpy(arr.copy()).float()  # copy: PIL arrays are read-only
+        t = t.permute(3, 0, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
+        if len(bucket) == 3 and t.ndim == 3:
+            t = t.unsqueeze(1)  # an image among clips: a one-frame clip
         return t.div_(127.5).sub_(1.0), c.top, left
 
     def batch(self, examples: list[Example]) -> dict:
-        tops, pix, lat, masks = [], [], [], []
+        tops, pix, lat, masks, conds = [], [], [], [], []
         for ex in examples:
             if self.latents is not None:
                 c = self.cover(ex.record, ex.bucket)
                 entry = self.latents.get(self.latent_entry(ex.record, ex.bucket))
-                lat.append(entry["latents_flip" if ex.flip else "latents"].float())
+                end = "_flip" if ex.flip else ""
+                lat.append(entry[f"latents{end}"].float())
+                conds.append({k[5:len(k) - len(end)]: v.float() for k, v in entry.items()
+                              if k.startswith("cond.") and k.endswith("_flip") == bool(end)})
                 tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
                 if self.masks is not None:
                     masks.append(entry["mask_flip" if ex.flip else "mask"].float())
@@ -98,6 +118,8 @@ class Render:
                 if self.masks is not None:
                     masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
+        if conds and conds[0]:  # cached conditions of the family (image-to-video's first frame)
+            out["conditions"] = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
         if masks:  # in [0, 1]; the loss weighs it (data.masks.unmasked_weight / unmasked_target)
             out["loss_mask"] = torch.stack(masks)
             out["masked"] = torch.tensor([bool(float(m.min()) < 1.0) for m in masks], dtype=torch.bool)
@@ -107,7 +129,7 @@ class Render:
             out["text"] = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
         out["original_size"] = torch.tensor([self.records[ex.record].size for ex in examples], dtype=torch.long)
         out["crop_top_left"] = torch.tensor(tops, dtype=torch.long)
-        out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
+        out["target_size"] = torch.tensor([ex.bucket[:2] for ex in examples], dtype=torch.long)
         out["paths"] = [self.records[ex.record].key for ex in examples]
         out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
         out["preserve"] = torch.tensor([ex.preserve for ex in examples], dtype=torch.bool)
@@ -224,11 +246,15 @@ def _latent_jobs(planner: Planner, render: Render):
 
 
 def _encode_latents(render: Render, encoder: Callable, flips: bool):
+    def encoded(px) -> dict[str, torch.Tensor]:  # the latents, and any 'cond.*' conditions the family derives
+        out = encoder(px)
+        return out if isinstance(out, dict) else {"latents": out}
+
     def run(payloads):
         px = torch.stack([render.pixels(r, b)[0] for r, b in payloads])
-        out = {"latents": encoder(px)}
+        out = encoded(px)
         if flips:
-            out["latents_flip"] = encoder(px.flip(-1))
+            out |= {f"{k}_flip": v for k, v in encoded(px.flip(-1)).items()}
         if render.masks is not None:  # stored at the latent grid: what the loss reads
             m = torch.stack([render.mask(r, b) for r, b in payloads])
             out["mask"] = to_latent(m, out["latents"].shape[-2:]).to(out["latents"].device)
@@ -289,13 +315,14 @@ def build_train_data(
     text_key: str = "",
     show_progress: bool = True,
     barrier: Callable[[], None] | None = None,
+    scan: Scan | None = None,
 ) -> TrainData:
     """Scan the sources, plan batches for this rank and fill the caches the recipe asks for.
     With several processes and a `barrier` (every process calls this together) each encodes and writes its
     share of the missing cache entries, then all read all of them. Without a barrier only rank 0 writes
     cache files and other ranks encode what is missing into memory: run rank 0 first then."""
     d = recipe.data
-    scan = scan_data(d, verbose=show_progress)
+    scan = scan or scan_data(d, verbose=show_progress)  # `scan`: the trainer's, done before any model loaded
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
                       recipe.train.gradient_accumulation)
     write = rank == 0 or barrier is not None

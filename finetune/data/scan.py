@@ -45,7 +45,8 @@ class Scan:
         for s in self.subsets + ([self.prior] if self.prior else []):
             h.update(json.dumps([s.name, s.kind, s.repeats, s.is_prior] + ([True] if s.preserve else [])).encode())
             for r in s.records:
-                h.update(json.dumps([r.key, r.digest, r.caption, r.size]).encode())
+                clip = [list(r.clip)] if r.clip is not None else []  # which frames: the sampling settings
+                h.update(json.dumps([r.key, r.digest, r.caption, r.size, *clip]).encode())
         return h.hexdigest()
 
 
@@ -97,6 +98,8 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
     scan = Scan(data, subsets, prior, buckets_for(data), probs)
     for i, sub in enumerate(subsets):
         scan.assigned[i] = assign([r.size for r in sub.records], scan.buckets)
+        if data.video is not None:  # spatio-temporal buckets: (h, w, frames); an image is a one-frame clip
+            scan.assigned[i] = [(*b, r.frames) for b, r in zip(scan.assigned[i], sub.records, strict=True)]
     return scan
 
 

@@ -53,6 +53,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
     grid = ""
     if ctx.sample_grid and Path(ctx.sample_grid).is_file():
         grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
+        clips = Path(ctx.sample_grid).with_suffix(".gif")  # video families: the samples playing
+        if clips.is_file():
+            grid += f"\n![sample clips]({os.path.relpath(clips, out_dir)})\n"
     from finetune.models.families import FAMILIES
 
     family = FAMILIES.get(ctx.family)
@@ -99,7 +102,7 @@ import torch
 from diffusers import {pipeline}
 {imports}
 device = "cuda" if torch.cuda.is_available() else "cpu"
-{snippet}image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]
+{snippet}{_sample_line(family, ctx, prompt, files)}
 ```
 
 {_sampling_note(family, ctx)}
@@ -118,9 +121,27 @@ def _base_expression(base: str, real: str | None = None, out_dir: Path | None = 
     if base in ("toy", "toy-flux"):
         name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
         return f"{name}()", f"from finetune.toy import {name}\n"
+    if base == "toy-video":
+        return 'toy_path("toy-video")', "from finetune.toy import toy_path\n"
     if real and out_dir is not None and Path(real).expanduser().exists():
         return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
     return repr(base), ""
+
+
+def _sample_line(family, ctx, prompt: str, files) -> str:
+    """The snippet's last lines: an image, or (video families) a clip written as MP4, with a Wan 2.2 run's
+    low-noise LoRA loaded into the second expert first."""
+    if family is None or not family.video:
+        return f'image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]'
+    low = [Path(f).name for f in files if Path(f).name.startswith("pytorch_lora_weights_low_noise")]
+    lines = [f'pipe.load_lora_weights("{Path(files[0]).parent.name}", weight_name="{low[0]}", '
+             "load_into_transformer_2=True)"] if low else []
+    frames = (_validation(ctx).get("frames") or (ctx.recipe.get("data", {}).get("video") or {}).get("frames", 81))
+    start = ", image=first_frame" if family.start_image else ""
+    lines += ["from diffusers.utils import export_to_video",
+              f'video = pipe("{prompt}"{start}, num_frames={frames}{_call_args(family, ctx)}).frames[0]',
+              'export_to_video(video, "sample.mp4", fps=16)']
+    return "\n".join(lines)
 
 
 def _validation(ctx) -> dict:
@@ -160,6 +181,10 @@ def _lora_ui_note(family, ctx, files) -> str:
         where = "ComfyUI (LoRA loader)" if family.objective == "flow" else \
             "ComfyUI (LoRA loader) and AUTOMATIC1111 / Forge (`models/Lora`)"
         lines.append(f"`{kohya}` loads in {where}.")
+    low = f"{ctx.name}_low_noise.safetensors"
+    if low in names:  # Wan 2.2: one file per expert
+        lines.append(f"`{low}` is the low-noise expert's LoRA: load it on the low-noise model (ComfyUI), or with "
+                     "`load_lora_weights(..., load_into_transformer_2=True)` in diffusers.")
     if bfl in names:
         lines.append(f"`{bfl}` holds the same LoRA in Black Forest Labs' names (q/k/v fused: the fused layers' "
                      "rank is 3x, or 4x for single blocks, with alpha scaled to match) for sd-scripts and Forge.")

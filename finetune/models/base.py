@@ -120,6 +120,10 @@ def _locate(value: str, key: str) -> tuple[str, str, str | None]:
     from finetune.toy import toy_path
 
     if toy_path(value) is not None:
+        if not (toy_path(value) / "model_index.json").is_file():  # a toy base whose build is not committed
+            flag = "" if value == "toy" else " --" + value.split("-", 1)[1]
+            return "toy", str(toy_path(value)), (f"{key} '{value}': this toy base is not built in this checkout; build "
+                                                 f"it with `python tools/make_toy_model.py{flag}` (docs/toy.md)")
         return "toy", str(toy_path(value)), None
     path = Path(value).expanduser()
     if path.is_dir():

@@ -42,10 +42,20 @@ class Components:
     text_encoder_names: tuple[str, ...] = ()
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: family default)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: every denoiser of the base by pipeline slot (one, unless the family has experts: Wan 2.2 A14B has two);
+    #: `denoiser` is the first of `trained_experts`
+    experts: dict[str, Any] = field(default_factory=dict)
+    trained_experts: tuple[str, ...] = ()  # the experts that train, taking turns by optimizer step
+    expert_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # timesteps each expert owns
+    parts: dict[str, Any] = field(default_factory=dict)  # the family's extra_parts (image encoder, ...)
 
     def __post_init__(self):
         if not self.text_encoder_names:
             self.text_encoder_names = tuple(self.family.text_encoder_names[: len(self.text_encoders)])
+        if not self.experts:
+            self.experts = {self.family.denoiser_name: self.denoiser}
+        if not self.trained_experts:
+            self.trained_experts = (next(n for n, m in self.experts.items() if m is self.denoiser),)
 
     @property
     def source(self) -> str:
@@ -54,7 +64,13 @@ class Components:
 
     @property
     def denoiser_name(self) -> str:
-        return self.family.denoiser_name
+        return self.trained_experts[0]
+
+    def expert_at(self, step: int) -> tuple[str, tuple[float, float] | None]:
+        """The expert that trains at optimizer step `step` (several take turns) and the timesteps it owns
+        (None: all of them)."""
+        name = self.trained_experts[step % len(self.trained_experts)]
+        return name, self.expert_ranges.get(name)
 
     @property
     def unet(self):
@@ -79,10 +95,15 @@ class Components:
         return toks.get(encoder_name)
 
     def named_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {self.family.denoiser_name: self.denoiser, "vae": self.vae}
+        mods = {**self.experts, "vae": self.vae}
         for name, enc in zip(self.text_encoder_names, self.text_encoders, strict=True):
             mods[name] = enc
+        mods |= self.part_modules()
         return mods
+
+    def part_modules(self) -> dict[str, torch.nn.Module]:
+        """The family's extra parts that are modules (frozen with the base, moved to the device with it)."""
+        return {n: p for n, p in self.parts.items() if isinstance(p, torch.nn.Module)}
 
     def pipeline(self, denoiser=None, text_encoders=None, scheduler=None):
         """A diffusers pipeline over these components (for validation and class-image generation)."""
@@ -91,8 +112,8 @@ class Components:
         family = self.family
         cls = getattr(diffusers, family.pipeline_class)
         encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
-        parts: dict[str, Any] = {family.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
-                                 "scheduler": scheduler or self.scheduler}
+        parts: dict[str, Any] = {**self.experts, self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
+                                 "scheduler": scheduler or self.scheduler, **self.parts}
         for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
@@ -130,6 +151,7 @@ class LoadOptions:
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: the family's)
     quantize: str = "none"  # the frozen denoiser's linear layers: 'nf4', 'int8', 'fp8' or 'none'
     quantize_text_encoders: str = "none"
+    experts: str = "all"  # a family with experts (Wan 2.2 A14B): 'all', or the one expert that trains
 
 
 @dataclass(frozen=True)
@@ -147,7 +169,8 @@ class LoadPrecision:
         fp32 = torch.float32
         denoiser = fp32 if "denoiser" in self.trained else self.compute
         text = fp32 if "text_encoders" in self.trained else self.compute
-        out = {"default": self.compute, "vae": self.vae, "unet": denoiser, "transformer": denoiser}
+        out = {"default": self.compute, "vae": self.vae, "unet": denoiser, "transformer": denoiser,
+               "transformer_2": denoiser}
         out |= {f"text_encoder{s}": text for s in ("", "_2", "_3")}
         return out
 
@@ -197,7 +220,8 @@ def quantize_components(comps: Components, options: LoadOptions, compute: torch.
     from finetune.models.quantize import quantize_module
 
     if options.quantize != "none":
-        quantize_module(comps.denoiser, options.quantize, compute, what="model.quantize")
+        for expert in comps.experts.values():
+            quantize_module(expert, options.quantize, compute, what="model.quantize")
     if options.quantize_text_encoders != "none":
         for enc in comps.text_encoders:
             quantize_module(enc, options.quantize_text_encoders, compute, what="model.quantize_text_encoders")
@@ -274,14 +298,19 @@ def _from_pipeline(pipe, base: Base, options: LoadOptions) -> Components:
         scheduler.register_to_config(prediction_type=prediction)
         sampler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
     else:
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler = family.training_scheduler(pipe.scheduler)
         prediction, sampler = "flow", type(pipe.scheduler).from_config(pipe.scheduler.config)
-    denoiser = getattr(pipe, family.denoiser_name)
-    set_attention(denoiser, options.attention)
+    experts, trained = _experts(pipe, base, options.experts)
+    for expert in experts.values():
+        set_attention(expert, options.attention)
     present = [(n, t) for n, t in zip(family.text_encoder_names, family.tokenizer_names, strict=True)
                if getattr(pipe, n, None) is not None]
     return Components(
-        denoiser=denoiser,
+        denoiser=experts[trained[0]],
+        experts=experts,
+        trained_experts=trained,
+        expert_ranges=family.expert_ranges(dict(pipe.config), scheduler) if len(experts) > 1 else {},
+        parts={n: getattr(pipe, n) for n in family.extra_parts if getattr(pipe, n, None) is not None},
         vae=pipe.vae,
         text_encoders=[getattr(pipe, n) for n, _ in present],
         tokenizers=[getattr(pipe, t) for _, t in present],
@@ -297,30 +326,26 @@ def _from_pipeline(pipe, base: Base, options: LoadOptions) -> Components:
     )
 
 
-def set_attention(denoiser, kind: str) -> None:
-    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser).
-    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package.
-    U-Nets swap attention processors; transformers (SD3, FLUX, ...) keep their family's processors and pick
-    the kernel through diffusers' attention dispatcher."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+def _experts(pipe, base: Base, chosen: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The base's denoisers by pipeline slot, and which of them train (`model.experts`: `chosen`)."""
+    family = base.family
+    slots = dict.fromkeys([family.denoiser_name, *family.experts.values()])
+    experts = {s: getattr(pipe, s) for s in slots if getattr(pipe, s, None) is not None}
+    if chosen == "all":
+        return experts, tuple(experts)
+    slot = family.experts[chosen]
+    if slot not in experts:
+        raise ModelError(f"model.experts: '{chosen}' ({slot}) is not in the base '{base.name}' (it has "
+                         f"{', '.join(experts)}); use all")
+    return experts, (slot,)
 
-    if not isinstance(denoiser, UNet2DConditionModel):
-        backend = {"sdpa": None, "eager": "_native_math", "xformers": "xformers"}[kind]
-        if backend is not None:
-            try:
-                denoiser.set_attention_backend(backend)
-            except (ImportError, ModuleNotFoundError, ValueError, RuntimeError) as e:
-                raise ModelError(f"model.attention: {kind} cannot run here ({e}); use sdpa") from None
-        return
-    unet = denoiser
-    if kind == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
-            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
-        return
-    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+def set_attention(denoiser, kind: str) -> None:
+    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser),
+    through diffusers' attention dispatcher (finetune/models/attention.py)."""
+    from finetune.models.attention import set_attention as through_dispatcher
+
+    through_dispatcher(denoiser, kind)
 
 
 def freeze(comps: Components) -> None:

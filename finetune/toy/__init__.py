@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pathlib
 
-TOY_BASES = {"toy": "base", "toy-flux": "base_flux"}  # model.base names of the shipped toy bases
+TOY_BASES = {"toy": "base", "toy-flux": "base_flux", "toy-video": "base_video"}  # model.base names of the toy bases
 
 
 def toy_path(name: str) -> pathlib.Path | None:
-    """The folder of a shipped toy base named in `model.base` ('toy', 'toy-flux'); None for other values."""
+    """The folder of a shipped toy base named in `model.base` ('toy', 'toy-flux', 'toy-video'); None otherwise."""
     sub = TOY_BASES.get(name)
     return pathlib.Path(__file__).resolve().parent / sub if sub else None
 

@@ -130,6 +130,24 @@ def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def optimizer_step(model, opt, sched, ema, loss: torch.Tensor) -> None:
+    """Backward, clip to norm 1, AdamW and lr-schedule step, EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(model.parameters())
+
+
+def add_time(spent: dict, clock: tuple[float, float]) -> tuple[float, float]:
+    """Add the wall and CPU minutes since `clock` (time, process_time) to `spent`; returns the new clock."""
+    now = (time.time(), time.process_time())
+    spent["minutes"] += (now[0] - clock[0]) / 60
+    spent["cpu_minutes"] += (now[1] - clock[1]) / 60
+    return now
+
+
 class Trainer:
     """AdamW + warm-up/cosine + EMA over the transformer, with a resumable checkpoint."""
 
@@ -165,10 +183,7 @@ class Trainer:
 
     def tick(self) -> dict:
         """Add the wall and CPU time since the last tick to `spent` (CPU time: the cost on an unshared core)."""
-        now = (time.time(), time.process_time())
-        self.spent["minutes"] += (now[0] - self._clock[0]) / 60
-        self.spent["cpu_minutes"] += (now[1] - self._clock[1]) / 60
-        self._clock = now
+        self._clock = add_time(self.spent, self._clock)
         return self.spent
 
     def save(self) -> None:
@@ -191,12 +206,7 @@ class Trainer:
     def train_step(self, objective: FlowObjective, data: dict, uncond: float) -> float:
         raw, t5, pooled = _batch(data, self.batch, uncond, self.gen)
         loss = objective.loss(self.model, raw, t5, pooled, self.gen)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.sched.step()
-        self.ema.step(self.model.parameters())
+        optimizer_step(self.model, self.opt, self.sched, self.ema, loss)
         self.step += 1
         self.running = loss.item() if self.running is None else 0.98 * self.running + 0.02 * loss.item()
         return loss.item()

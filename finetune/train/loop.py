@@ -111,6 +111,10 @@ def _epochs(t) -> bool:
 
 def _after_step(t, logs) -> None:
     cfg, step, acc = t.cfg, t.state.step, t.acc
+    watch = t.compile_watch
+    if acc.is_main_process and watch is not None and len(watch.per_step) > 2 and watch.per_step[-1]:
+        t.progress.write(f"compile: {watch.per_step[-1]} graphs recompiled at step {step} (a shape or setting that "
+                         "changes between steps; TORCH_LOGS=recompiles says which)")
     if acc.is_main_process:  # logs are host floats already: the step's one read brought them (train/sync.py)
         loss = logs["loss"]
         lr = t.lr_scheduler.get_last_lr()[0]
@@ -183,20 +187,56 @@ def validate(t, step: int) -> Path | None:
         with acc.autocast(), t.vae_on_device():
             rows = render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
                           text=t.prompt_cache, family=t.comps.family,
-                          max_sequence_length=t.comps.family.sequence_length(t.comps),
-                          progress=f"grid at step {step}:" if shown else None)
+                          max_sequence_length=t.comps.family.sequence_length(t.comps), frames=clip_frames(t),
+                          image=start_image(t), progress=f"grid at step {step}:" if shown else None)
         t.set_training(was)
     if acc.is_main_process:
         image = grid(rows, v.prompts, title=f"step {step}")
         path = save_grid(image, t.out / "samples", step)
+        if clip_frames(t):
+            save_clips(t, rows, path)
         _log_image(t, image, step)
         if v.score_subject:
             _score(t, rows, step)
+        if v.score_clips:
+            _score_clips(t, rows, step)
         t.last_grid = path
         if getattr(t, "run_metrics", None) is not None:
             _metrics(t, rows, step)
     acc.wait_for_everyone()
     return path
+
+
+def clip_frames(t) -> int | None:
+    """Frames per validation clip for a video family (None: images)."""
+    if not t.comps.family.video:
+        return None
+    d = t.recipe.data.video
+    return t.recipe.validation.frames or (d.frames if d is not None else 1)
+
+
+def start_image(t):
+    """Image-to-video families: the first frame of the first training example, as a PIL image (else None)."""
+    if not t.comps.family.start_image:
+        return None
+    from PIL import Image
+
+    ex = t.data.plan(0)[0][0]
+    px, _, _ = t.data.render.pixels(ex.record, ex.bucket)
+    first = px[:, 0] if px.ndim == 4 else px
+    return Image.fromarray(((first + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def save_clips(t, rows, grid_path: Path) -> None:
+    """Beside a video run's frame-strip grid: an animated GIF of every sample (prompts down, seeds across) and
+    an MP4 of each prompt's first seed."""
+    from finetune.eval.video import save_gif, save_mp4
+
+    v, d = t.recipe.validation, t.recipe.data.video
+    fps = round(v.fps or (d.fps if d is not None and d.fps else 16))
+    save_gif(rows, grid_path.with_suffix(".gif"), fps)
+    for i, row in enumerate(rows):
+        save_mp4(row[0], grid_path.with_name(f"{grid_path.stem}-prompt{i}.mp4"), fps)
 
 
 def _score(t, rows, step: int) -> None:
@@ -224,6 +264,22 @@ def _score(t, rows, step: int) -> None:
     if t.recipe.logging.report_to:
         t.acc.log({f"subject_similarity/{p}": scores[p] for p in v.prompts}, step=step)
         t.acc.log({f"drift/{k}": s for k, s in drift.items()}, step=step)
+
+
+def _score_clips(t, rows, step: int) -> None:
+    """Toy video runs: per prompt, the share of its clips whose colour, shape and motion all match it."""
+    import json
+
+    from finetune.export.io import write_text_atomic
+    from finetune.toy.video_score import score_clip
+
+    prompts = t.recipe.validation.prompts
+    scores = {p: sum(score_clip(c, p)["all_ok"] for c in row) / len(row) for p, row in zip(prompts, rows, strict=True)}
+    t.progress.write(f"step {step}: clips matching their prompt " + ", ".join(f"'{p}' {s:.2f}" for p, s in scores.items()))
+    path = t.out / "samples" / "scores.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    history[str(step)] = scores
+    write_text_atomic(path, json.dumps(history, indent=2))
 
 
 def _drift_line(drift: dict[str, float], n: int) -> str:
@@ -326,6 +382,8 @@ def finish(t) -> None:
         written = t.method.export(t.comps, t.out, ctx)
         for p in written:
             t.progress.write(f"wrote {p}")
+        if t.compile_watch is not None:
+            t.progress.write(t.compile_watch.line())
         print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
     acc.wait_for_everyone()
     acc.end_training()

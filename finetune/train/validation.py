@@ -37,13 +37,17 @@ def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=No
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
-           text: dict | None = None, family=None, max_sequence_length: int | None = None, progress: str | None = None
-           ) -> list[list[Image.Image]]:
-    """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
-    `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released;
-    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest).
-    `progress`: a label for the pipeline's own progress bar over each prompt's denoising steps (None: silent)."""
+           text: dict | None = None, family=None, max_sequence_length: int | None = None, frames: int | None = None,
+           image: Image.Image | None = None, progress: str | None = None) -> list[list[Image.Image]]:
+    """rows[p][s]: one image per prompt and seed (video families, `frames` given: one clip, a list of frames).
+    Seeds are per image, so a grid is comparable across steps. `text` holds pre-encoded prompts ({prompt:
+    embeddings}) when the text encoders were released; `max_sequence_length` the T5 length the run encodes
+    captions at (pipelines default to their longest). `progress`: a label for the pipeline's own progress bar
+    over each prompt's denoising steps (None: silent)."""
     width, height = size
+    clip = {"num_frames": frames} if frames else {}
+    if image is not None:  # image-to-video: every sample starts from this frame
+        clip["image"] = image
     rows = []
     for i, prompt in enumerate(prompts):
         if progress is not None:  # sampling is minutes on a CPU: say what runs, as the pipeline counts its steps
@@ -67,14 +71,19 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
             guide = family.guidance_kwargs(pipe, cfg.guidance_scale)
         if "true_cfg_scale" in guide and text is None:  # true CFG runs only with a negative, even an empty one
             words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)
-        out = pipe(**words, **guide, num_inference_steps=cfg.steps, generator=gens,
+        out = pipe(**words, **guide, **clip, num_inference_steps=cfg.steps, generator=gens,
                    width=width, height=height, output_type="pil")
-        rows.append(list(out.images))
+        rows.append(list(out.frames) if frames else list(out.images))  # video pipelines return frames
     return rows
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
-    """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row."""
+    """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row. Clips
+    are shown as frame strips, one row per seed."""
+    if isinstance(rows[0][0], list):
+        from finetune.eval.video import strip_grid
+
+        return strip_grid(dict(zip(labels, rows, strict=True)), title)
     w, h = rows[0][0].size
     label_h = 14
     top = label_h if title else 0

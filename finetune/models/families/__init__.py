@@ -15,10 +15,11 @@ from finetune.models.families.qwen_image import QWEN_IMAGE
 from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
+from finetune.models.families.wan import WAN, WAN_I2V
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
-REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, Z_IMAGE, CHROMA,
+REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA,
                                    FLUX2_DEV)
 
 

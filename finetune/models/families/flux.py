@@ -135,6 +135,7 @@ FLUX = FluxFamily(
     default_guidance=3.5,
     cache_text_by_default=True,
     swap_blocks=("transformer_blocks", "single_transformer_blocks"),
+    token_routing="text_first_rope",
     textual_inversion=True,  # new rows in CLIP-L and T5 (both see the token)
     lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,

@@ -93,6 +93,7 @@ SD3 = SD3Family(
     default_guidance=7.0,
     cache_text_by_default=True,
     swap_blocks=("transformer_blocks",),
+    token_routing="plain",
     textual_inversion=False,  # three encoders incl. T5: not wired yet (refused at recipe time, one line)
     single_file_writer=False,
     single_file_text={},
