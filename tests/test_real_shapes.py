@@ -1,5 +1,4 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
-"""The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
 FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD, Wan 2.1 T2V
 1.3B / 14B and Wan 2.2 T2V A14B / TI2V 5B (finetune/models/configs/) built
 on the meta device, no weights, and every quantity that depends on real shapes checked against the published
