@@ -1,6 +1,6 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
-FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, Wan 2.1 T2V 1.3B / 14B and Wan 2.2
-T2V A14B / TI2V 5B (finetune/models/configs/) built
+FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD, Wan 2.1 T2V
+1.3B / 14B and Wan 2.2 T2V A14B / TI2V 5B (finetune/models/configs/) built
 on the meta device, no weights, and every quantity that depends on real shapes checked against the published
 checkpoints and the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768
 / 1024 px and at non-square buckets (Wan: video tokens of 480p x 81-frame clips), caption tokens per variant,
@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.published import PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
+from tests.published import CARDS, PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux1-dev": "flux",
           "flux1-schnell": "flux", "qwen-image": "qwen_image", "z-image-turbo": "z_image",
-          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan",
-          "wan2.2-a14b": "wan", "wan2.2-5b": "wan"}
+          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma",
+          "flux2-dev": "flux2_dev", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan", "wan2.2-a14b": "wan",
+          "wan2.2-5b": "wan"}
 WAN = [name for name, family in FAMILY.items() if family == "wan"]
 FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl", "wan")]  # image flow families
 SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
@@ -70,6 +71,8 @@ def test_published_configs_are_the_published_models(name):
         assert list(comps.experts) == experts and counts["transformer"] == counts[experts[-1]]
     for component, published in PUBLISHED.get(name, {}).items():
         assert counts[component] == published, (name, component)
+    for component, (billions, decimals) in CARDS.get(name, {}).items():
+        assert round(counts[component] / 1e9, decimals) == billions, (name, component, counts[component])
     if name in QWEN3_CARDS:  # the Qwen3 encoders: total and non-embedding, to the model card's precision
         total, body, half_digit = QWEN3_CARDS[name]
         enc = comps.text_encoders[0]
@@ -118,7 +121,8 @@ def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]
 
 def pipeline_tokens(pipe, height: int, width: int) -> int:
     """Image tokens as the stock pipeline's `__call__` counts them: its own `prepare_latents`."""
-    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline")
+    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ChromaPipeline",
+                                    "Flux2Pipeline")
     channels = pipe.transformer.config.in_channels // (4 if packs else 1)  # num_channels_latents, as __call__
     out = pipe.prepare_latents(1, channels, height, width, torch.float32, torch.device("meta"), None)
     latents = out[0] if isinstance(out, tuple) else out
@@ -190,7 +194,8 @@ def test_wan_clip_tokens_are_the_pipelines(name):
 #: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
 CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
 PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
-             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
+             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline",
+             "flux2_dev": "Flux2Pipeline", "wan": "WanPipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -219,8 +224,8 @@ def test_caption_tokens_and_width_per_variant(name):
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_weights_kept_in_fp32_after_our_cast(name):
     """After the trainer's cast only what transformers keeps in fp32 at that dtype stays fp32: T5-XXL's (and
-    Wan's UMT5-XXL's) 24 `wo` in fp16 (SD 3.5, FLUX.1, Wan), nothing in bf16 and nothing in the other families;
-    Wan's transformer keeps what diffusers keeps in fp32 at every dtype."""
+    Wan's UMT5-XXL's) 24 `wo` in fp16 (SD 3.5, FLUX.1, Chroma, Wan), nothing in bf16 and nothing in the other
+    families; Wan's transformer keeps what diffusers keeps in fp32 at every dtype."""
     from finetune.models.components import cast_frozen
 
     comps = fresh(name)
@@ -253,9 +258,14 @@ TARGETS = {
     ("flux", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
     ("flux", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
     ("flux", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
-    ("flux2_klein", "attention"): lambda c: _per_block(c, num_layers=8),
-    ("flux2_klein", "attention_mlp"): lambda c: _per_block(c, num_layers=12),
-    ("flux2_klein", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2),
+    # Chroma: FLUX's blocks without modulation linears
+    ("chroma", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
+    ("chroma", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
+    ("chroma", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
+    **{(f, "attention"): lambda c: _per_block(c, num_layers=8) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "attention_mlp"): lambda c: _per_block(c, num_layers=12) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2)
+       for f in ("flux2_klein", "flux2_dev")},
     # SD3's last block is context_pre_only (no to_add_out, no ff_context); SD 3.5 Medium's first 13 blocks add
     # a second image attention (attn2: to_q/k/v/out.0)
     ("sd3", "attention"): lambda c: 8 * c["num_layers"] - 1 + 4 * len(c["dual_attention_layers"]),
@@ -281,10 +291,10 @@ TARGETS = {
 BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear": 19 * 8 + 38 * 2,
              "all_linear_mod": 19 * 10 + 38 * 3}
 CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                      "flux2-klein-4b", "wan2.1-1.3b") for (family, preset) in TARGETS
+                                      "flux2-klein-4b", "chroma1-hd", "wan2.1-1.3b") for (family, preset) in TARGETS
           if family == FAMILY[name]]
-CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear"), ("wan2.1-14b", "attention_ffn"),
-          ("wan2.2-a14b", "attention"), ("wan2.2-5b", "attention_ffn")]  # the other sizes, one preset each
+CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear"), ("flux2-dev", "all_linear"),
+          ("wan2.1-14b", "attention_ffn"), ("wan2.2-a14b", "attention"), ("wan2.2-5b", "attention_ffn")]  # the other sizes
 
 
 @pytest.mark.parametrize("name,preset", CASES)
@@ -316,7 +326,8 @@ def test_lora_targets_and_kohya_keys_per_preset(name, preset):
 
 
 @pytest.mark.parametrize("name,precision", [(name, "bf16") for name in FAMILY]
-                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16"), ("wan2.1-1.3b", "fp16")])  # (U)T5-XXL
+                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16"), ("chroma1-hd", "fp16"),
+                            ("wan2.1-1.3b", "fp16")])  # with (U)T5-XXL
 def test_estimate_weight_bytes(monkeypatch, name, precision):
     """`finetune estimate`'s weight lines: the denoiser's 16-bit bytes are the published checkpoint's where
     its size is published (FLUX.1 [dev]: 23,802,816,640 bytes), the text encoders count T5's `wo` at 4 bytes
@@ -354,7 +365,7 @@ def test_estimate_weight_bytes(monkeypatch, name, precision):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                  "flux2-klein-4b"])
+                                  "flux2-klein-4b", "chroma1-hd", "flux2-dev"])
 def test_estimate_traces_every_family_at_real_shapes(name):
     """The whole estimate, activation traces included, at 512 px for one base per family: the language-model
     encoders, Z-Image's variable-length captions and the FLUX.2 / Qwen-Image latent layouts all trace on the

@@ -34,8 +34,8 @@ def meta_components(base: Base, options: LoadOptions | None = None) -> Component
                          "model.base at a local diffusers folder")
     index = json.loads((folder / "model_index.json").read_text())
     modules = {name: meta_module(folder / name, entry[1]) for name, entry in index.items() if _is_model(entry)}
-    tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()
-                  if isinstance(entry, list) and entry[1] and "Tokenizer" in entry[1]}
+    tokenizers = {name: _tokenizer(folder / name, entry[1]) for name, entry in index.items()  # FLUX.2 [dev]'s is a
+                  if isinstance(entry, list) and entry[1] and ("Tokenizer" in entry[1] or name.startswith("tokenizer"))}
     family = base.family or family_of_folder(folder)  # not cached: the reference architecture's
     present = [n for n in family.text_encoder_names if n in modules and n not in options.drop_text_encoders]
     toks = [tokenizers[family.tokenizer_names[family.text_encoder_names.index(n)]] for n in present]

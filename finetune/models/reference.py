@@ -2,7 +2,9 @@
 
 finetune/models/configs/<name>/ holds, for each reference base, the published `model_index.json` and each
 component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
-SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, Wan 2.1 T2V
+SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD
+(its transformer config is diffusers' ChromaTransformer2DModel defaults, which are Chroma's; T5-XXL, the FLUX.1
+VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Wan 2.1 T2V
 1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
 writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
@@ -29,6 +31,8 @@ REFERENCE_IDS = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
     "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "lodestones/Chroma1-HD": "chroma1-hd", "lodestones/Chroma1-Base": "chroma1-hd",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
 }
@@ -53,14 +57,17 @@ def reference_config(name: str, component: str) -> dict:
 
 def stand_in_tokenizer(cls_name: str):
     """A tokenizer of the kind `cls_name` names, for a folder that ships none: CLIP's own BPE (the toy's), or a
-    small T5 / Qwen tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
+    small T5 / Qwen / Mistral tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
     head, finetune/models/tiny.py)."""
     import tempfile
 
-    from finetune.models.tiny import clip_tokenizer, qwen_tokenizer, t5_tokenizer
+    from finetune.models.tiny import clip_tokenizer, mistral_tokenizer, qwen_tokenizer, t5_tokenizer
 
     if cls_name.startswith("CLIP"):
         return clip_tokenizer()
+    if cls_name.startswith("Pixtral"):  # FLUX.2 [dev]'s Mistral processor: its tokenizer and chat template
+        with tempfile.TemporaryDirectory() as tmp:
+            return mistral_tokenizer(qwen_tokenizer(Path(tmp) / "tokenizer"))
     for prefix, build in (("T5", t5_tokenizer), ("Qwen2", qwen_tokenizer)):
         if cls_name.startswith(prefix):
             with tempfile.TemporaryDirectory() as tmp:

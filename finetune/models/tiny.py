@@ -7,7 +7,8 @@ tokens, as with the real tokenizer (the pipeline drops exactly 34), and the chat
 the way Qwen3's does.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
-    build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "wan", "wan_i2v", "wan_experts"
+    build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
+                                   # "wan_i2v", "wan_experts"
 """
 
 from __future__ import annotations
@@ -126,6 +127,29 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
     pipe = FluxPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
                         text_encoder=clip, tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2,
                         scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_t5_tokenizer")
+    return folder
+
+
+def build_tiny_chroma(folder: Path, seed: int = 0) -> Path:
+    """Chroma-shaped: FLUX's tiny layout (one double- and one single-stream block, 2 heads of 16, rotary axes
+    4 + 6 + 6, 64 packed input channels) with Chroma's approximator (2 layers 32 wide) in place of the
+    modulation linears, a T5 encoder 32 wide and no CLIP, FLUX's VAE factors and resolution-shift scheduler."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = t5_tokenizer(folder / "_t5_tokenizer")
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = ChromaPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+                          text_encoder=_t5(len(tok), 32), tokenizer=tok, scheduler=scheduler)
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "_t5_tokenizer")
     return folder
@@ -273,33 +297,86 @@ FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting
                        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
 
 
-def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) -> Path:
-    """FLUX.2 [klein]-shaped: one double- and one single-stream block (2 heads of 16, rotary axes 4 x 4), no
-    guidance input, reading hidden states 9, 18 and 27 of a Qwen3 causal LM (28 layers 16 wide: the layers the
-    pipeline reads exist), a VAE of 4 latent channels patchified 2x2 (16 transformer channels) with non-trivial
-    batch-norm statistics; `distilled=False`: [klein] Base (the pipeline then samples with CFG)."""
+def _flux2_parts(guidance: bool = False):
+    """One double- and one single-stream FLUX.2 block (2 heads of 16, rotary axes 4 x 4) reading 3 x 16 wide text
+    states, and a VAE of 4 latent channels (16 after the 2x2 patchify) with batch-norm statistics far from (0, 1),
+    as the real VAE's are, so that the normalisation matters."""
     import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    folder, tok = _seeded(folder, seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance)
     vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                              up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
                              layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
                              use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # the real VAE's statistics are far from (0, 1): make the normalisation matter
+    with torch.no_grad():
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
+    return transformer, vae
+
+
+def _flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+
+
+def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) -> Path:
+    """FLUX.2 [klein]-shaped: `_flux2_parts` without a guidance input, reading hidden states 9, 18 and 27 of a
+    Qwen3 causal LM (28 layers 16 wide: the layers the pipeline reads exist); `distilled=False`: [klein] Base
+    (the pipeline then samples with CFG)."""
+    from diffusers import Flux2KleinPipeline
+
+    folder, tok = _seeded(folder, seed)
+    transformer, vae = _flux2_parts()
     pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=_qwen3(len(tok), 16, 28, causal_lm=True),
-                              tokenizer=tok, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
-                              is_distilled=distilled)
+                              tokenizer=tok, scheduler=_flux2_scheduler(), is_distilled=distilled)
+    return _save(pipe, folder)
+
+
+# Mistral's chat template as FLUX.2 [dev] renders it: system and user turns with text parts, no generation prompt
+MISTRAL_TEMPLATE = (
+    "{{- bos_token -}}{%- for m in messages -%}"
+    "{%- set text = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -%}"
+    "{%- if m['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' -}}"
+    "{%- else -%}{{- '[INST]' + text + '[/INST]' -}}{%- endif -%}{%- endfor -%}"
+)
+
+
+def mistral_tokenizer(qwen):
+    """A Mistral-style tokenizer over `qwen_tokenizer`'s byte-level BPE: <s> / </s> / <pad> and the instruction
+    specials, Mistral's chat template (system and user turns, text parts)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, chat_template=MISTRAL_TEMPLATE)
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "additional_special_tokens":
+                            ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
+    tok.model_max_length = 32768
+    return tok
+
+
+def build_tiny_flux2_dev(folder: Path, seed: int = 0) -> Path:
+    """FLUX.2 [dev]-shaped: [klein]'s tiny layout with a guidance input, reading hidden states 10, 20 and 30 of
+    a Mistral-3 encoder (30 layers 16 wide, a one-layer Pixtral vision tower it never uses), and the byte-level BPE
+    of `qwen_tokenizer` with Mistral's specials and chat template (FLUX.2's system message is then ~150 tokens)."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    folder, qwen = _seeded(folder, seed)
+    tok = mistral_tokenizer(qwen)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok) + 8, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 32, "image_size": 28, "patch_size": 14, "head_dim": 8},
+        image_token_index=len(tok) + 1, spatial_merge_size=1)
+    transformer, vae = _flux2_parts(guidance=True)
+    pipe = Flux2Pipeline(transformer=transformer, vae=vae, text_encoder=Mistral3ForConditionalGeneration(config),
+                         tokenizer=tok, scheduler=_flux2_scheduler())
     return _save(pipe, folder)
 
 
@@ -387,8 +464,8 @@ def _wan(kind: str):
 
 
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tiny_z_image,
-            "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein,
-            "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts")}
+            "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein, "chroma": build_tiny_chroma,
+            "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts")}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

@@ -7,7 +7,9 @@ here plus one line in `REGISTERED` (docs/adding-a-family.md). Nothing here impor
 
 from __future__ import annotations
 
+from finetune.models.families.chroma import CHROMA
 from finetune.models.families.flux import FLUX
+from finetune.models.families.flux2_dev import FLUX2_DEV
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.qwen_image import QWEN_IMAGE
 from finetune.models.families.sd import SD1, SD2
@@ -17,7 +19,8 @@ from finetune.models.families.wan import WAN, WAN_I2V
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
-REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE)
+REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA,
+                                   FLUX2_DEV)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:

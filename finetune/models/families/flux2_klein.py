@@ -95,10 +95,24 @@ class Flux2KleinFamily(Family):
         embeds = text["prompt_embeds"]
         ids = Flux2KleinPipeline._prepare_latent_ids(noisy).to(noisy.device)
         tokens = Flux2KleinPipeline._pack_latents(noisy)
-        out = denoiser(hidden_states=tokens, timestep=timesteps / 1000, guidance=None, encoder_hidden_states=embeds,
-                       txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds).to(noisy.device), img_ids=ids,
-                       return_dict=False)[0]
+        guidance = train_guidance(denoiser, batch, noisy)  # None for [klein]; FLUX.2 [dev] takes one
+        out = denoiser(hidden_states=tokens, timestep=timesteps / 1000, guidance=guidance,
+                       encoder_hidden_states=embeds, txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds).to(noisy.device),
+                       img_ids=ids, return_dict=False)[0]
         return Flux2KleinPipeline._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
+
+
+def train_guidance(denoiser, batch, noisy):
+    """The guidance input of a guidance-distilled transformer while training (`model.guidance`, else FLUX's
+    TRAIN_GUIDANCE); None for a transformer without one."""
+    import torch
+
+    from finetune.models.families.flux import TRAIN_GUIDANCE, denoiser_config
+
+    if not denoiser_config(denoiser).get("guidance_embeds"):
+        return None
+    value = TRAIN_GUIDANCE if batch.get("guidance") is None else batch["guidance"]
+    return torch.full((noisy.shape[0],), float(value), device=noisy.device, dtype=torch.float32)
 
 
 FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
