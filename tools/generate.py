@@ -289,8 +289,7 @@ def _video_inputs(args, comps, init) -> dict:
 
 
 def _save(args, rows, seeds, inputs=None) -> None:
-    from finetune.train.edits import edit_grid
-    from finetune.train.validation import grid
+    from finetune.train.validation import edit_grid, grid
 
     title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
     title = f"{title} | seeds {seeds}"[:200]

@@ -170,8 +170,7 @@ def resume_command(out: Path, processes: int = 1) -> str:
 def validate(t, step: int) -> Path | None:
     """Render the validation grid on the main process (the others wait); with validation.training_adapter: both,
     a second grid with model.training_adapter applied."""
-    from finetune.train.edits import edit_grid
-    from finetune.train.validation import grid, render_rows, save_grid
+    from finetune.train.validation import edit_grid, grid, render_rows, save_grid
 
     acc, v = t.acc, t.recipe.validation
     path = rows = extra = None

@@ -147,6 +147,14 @@ def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> I
     return canvas
 
 
+def edit_grid(inputs: list[list[Image.Image]], rows: list[list[Image.Image]], labels: list[str], title: str = ""):
+    """The validation grid of pairs: each row's input(s) (resized to the outputs' size), then its outputs."""
+    w, h = rows[0][0].size
+    full = [[im.resize((w, h), Image.Resampling.LANCZOS) for im in ins] + outs
+            for ins, outs in zip(inputs, rows, strict=True)]
+    return grid(full, [f"{label}  (input | outputs)" for label in labels], title=title)
+
+
 def save_grid(image: Image.Image, samples_dir: Path, step: int, suffix: str = "") -> Path:
     samples_dir.mkdir(parents=True, exist_ok=True)
     path = samples_dir / f"step-{step:06d}{suffix}.png"
