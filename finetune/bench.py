@@ -34,6 +34,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adamw8bit": {"data": {"cache_latents": True, "cache_text": True}, "train": {"optimizer": "adamw8bit"}},
     "channels-last": {"data": {"cache_latents": True, "cache_text": True}, "train": {"channels_last": True}},
     "compile": {"data": {"cache_latents": True, "cache_text": True}, "train": {"compile": True}},
+    # issue 41: regional compile, the optimizer stepped inside the backward, token routing (flow transformers)
+    "compile-blocks": {"data": {"cache_latents": True, "cache_text": True}, "train": {"compile": "blocks"}},
+    "in-backward": {"data": {"cache_latents": True, "cache_text": True},
+                    "train": {"optimizer_in_backward": True, "max_grad_norm": None, "on_nan": "stop"}},
+    "routing": {"data": {"cache_latents": True, "cache_text": True},
+                "train": {"routing": {"drop_ratio": 0.5, "first_block": 1, "last_block": -2}}},
+    "everything": {"data": {"cache_latents": True, "cache_text": True},
+                   "train": {"compile": "blocks", "optimizer_in_backward": True, "max_grad_norm": None,
+                             "on_nan": "stop"}},
+    "everything+routing": {"data": {"cache_latents": True, "cache_text": True},  # flow transformers
+                           "train": {"compile": "blocks", "optimizer_in_backward": True, "max_grad_norm": None,
+                                     "on_nan": "stop",
+                                     "routing": {"drop_ratio": 0.5, "first_block": 1, "last_block": -2}}},
     # base-prediction preservation: half of every batch also runs the base (adapters off, no gradients)
     "preservation": {"data": {"cache_latents": True, "cache_text": True,
                               "sources": [_WORLD, {**_WORLD, "seed": 1, "preserve": True}],
@@ -43,24 +56,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 #: tiny transformers (finetune/models/tiny.py): the families block swap works on, small enough for a CPU
 TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3"}
-RESOLUTION = {"toy": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024}
-TARGETS = {"toy": "locon", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp"}
+#: the shipped toy bases (trained weights, CPU-sized): the SD-shaped U-Net and the FLUX-shaped transformer
+TOYS = ("toy", "toy-flux")
+RESOLUTION = {"toy": 64, "toy-flux": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512}
+TARGETS = {"toy": "locon", "toy-flux": "all_linear", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp",
+           "flux-dev": "attention"}
 
 
 def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str,
-                quantize: str = "none", block_swap: int = 0) -> dict[str, Any]:
+                quantize: str = "none", block_swap: int = 0, build: bool = True) -> dict[str, Any]:
     """The recipe every variant starts from; `quantize` (model.quantize) and `block_swap` (train.block_swap,
-    with gradient checkpointing, which it needs) apply to all of them."""
-    small = model == "toy" or model in TINY
+    with gradient checkpointing, which it needs) apply to all of them. `build=False`: name the random base's
+    folder without building it (a dry run)."""
+    small = model in TOYS or model in TINY
     train = {"max_steps": steps, "batch_size": batch, "lr": 1e-4, "checkpoint_every": 0,
              "mixed_precision": precision, "seed": 0}
     if block_swap:
         train |= {"block_swap": block_swap, "gradient_checkpointing": True}
+    if not small:  # random weights: a stray non-finite step is skipped (its time still counts), not fatal
+        train |= {"on_nan": "skip", "max_nan_skips": 1000}
     return {
-        "model": {"base": "toy" if model == "toy" else str(random_base(model)), "quantize": quantize,
-                  **({"max_sequence_length": 32} if model in TINY else {})},
+        "model": {"base": model if model in TOYS else str(random_base(model, build)), "quantize": quantize,
+                  **({"max_sequence_length": 32} if model in TINY or model == "toy-flux" else {}),
+                  **({"max_sequence_length": 512, "guidance": 1.0} if model == "flux-dev" else {})},
+        # the toy world's 64 px drawings, upscaled to the model's size (timing needs the shapes only)
         "data": {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}],
-                 "resolution": RESOLUTION[model], "buckets": {"enabled": False}},
+                 "resolution": RESOLUTION[model], "buckets": {"enabled": False, "min_side": 64}},
         "method": {"name": "lora", "rank": rank, "adapter": adapter,
                    "targets": TARGETS.get(model, "attention_ff")},
         "train": train,
@@ -70,10 +91,12 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
     }
 
 
-def random_base(model: str) -> Path:
-    """SD 1.5 / SDXL / SD 3.5 Medium built from their public configs with random weights (timing needs no
-    trained weights), or a tiny FLUX / SD3 transformer."""
+def random_base(model: str, build: bool = True) -> Path:
+    """SD 1.5 / SDXL / SD 3.5 Medium / FLUX.1 [dev] built from their public configs with random weights (timing
+    needs no trained weights), or a tiny FLUX / SD3 transformer."""
     folder = ROOT / "output" / "bench" / f"{model}-random"
+    if not build:
+        return folder
     if model in TINY:
         from finetune.models.tiny import build_tiny
 
@@ -100,7 +123,9 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     t = Trainer(recipe, acc)
     t.timer.enabled = profile is None
     stamps: list[float] = []
+    cpu: list[float] = []  # the process's CPU seconds (all its threads) at each step: steadier than wall time
     first_step: list[float] = []
+    swap_start = [0]
     original = t.train_step
     prof = StepProfile(Path(profile)) if profile else None
 
@@ -110,10 +135,14 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
         stepped, logs = original(batch)
         if stepped:
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
             if not first_step:
                 first_step.append(time.time() - _process_start())
             if len(stamps) == warmup:
                 t.timer.reset()
+                swap_start[0] = t.swap.bytes_moved if t.swap is not None else 0
+                if torch.cuda.is_available():  # the training peak, not the caching phase's
+                    torch.cuda.reset_peak_memory_stats()
                 if prof:
                     prof.start()
             if prof and len(stamps) == warmup + steps:
@@ -125,6 +154,7 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     wall = stamps[-1] - stamps[warmup - 1]
     out = {
         "steps": steps, "batch": recipe.train.batch_size, "step_s": wall / steps,
+        "cpu_s_per_step": (cpu[-1] - cpu[warmup - 1]) / steps, "threads": torch.get_num_threads(),
         "steps_per_s": steps / wall, "images_per_s": steps * recipe.train.batch_size / wall,
         "time_to_first_step_s": first_step[0],
         "peak_host_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -135,9 +165,14 @@ def measure(recipe_data: dict[str, Any], warmup: int, steps: int, profile: str |
     if prof:
         out["phases_s"] = {}
         out["profile"] = prof.result
-    if t.swap is not None:  # block swap: the same bytes every step (each block's forward and recomputed forward)
+    if t.swap is not None:  # block swap: host -> device only (never back), each block's forward and recomputation
         out["swapped_mib"] = t.swap.swapped_bytes() / 2**20
-        out["swap_copied_mib_per_step"] = t.swap.bytes_moved / (warmup + steps) / 2**20
+        out["swap_copied_mib_per_step"] = (t.swap.bytes_moved - swap_start[0]) / steps / 2**20
+        out["swap_copied_back_mib_per_step"] = 0.0  # by construction: the device copies are dropped
+    watch = getattr(t, "compile_watch", None)  # None too in a checkout before regional compile (a before run)
+    if watch is not None:
+        out["compile_graphs_per_step"] = watch.per_step
+        out["recompiles_after_step_2"] = watch.after(2)
     return out
 
 
@@ -221,10 +256,10 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
     batch = {"original_size": size, "target_size": size, "crop_top_left": torch.zeros_like(size)}
     t = torch.randint(1, 1000, (b,), device=device)
     t = t.float() if comps.family.objective == "flow" else t
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
         _sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             pred = comps.family.predict(denoiser, latents, t, text, batch)
         torch.nn.functional.mse_loss(pred.float(), latents).backward()
@@ -235,7 +270,9 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
         _sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return {"step_s": sum(times) / len(times), "steps": steps, "batch": b}
+            cpu.append(time.process_time() - cpu_start)
+    return {"step_s": sum(times) / len(times), "cpu_s_per_step": sum(cpu) / len(cpu), "steps": steps, "batch": b,
+            "threads": torch.get_num_threads()}
 
 
 NOISE_SHAPES = {"sd15 512px": (4, 64, 64), "sdxl 1024px": (4, 128, 128), "flux 1024px": (16, 128, 128)}
@@ -293,18 +330,22 @@ def _process_start() -> float:
 
 # ------------------------------------------------------------------------------------------ harness
 def run_child(kind: str, recipe_data: dict[str, Any], warmup: int, steps: int, timeout: int = 3600,
-              profile: Path | None = None) -> dict:
+              profile: Path | None = None, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         recipe_data = json.loads(json.dumps(recipe_data))
         recipe_data["train"]["output_dir"] = str(Path(tmp) / "run")
         recipe_data["data"]["cache_dir"] = str(Path(tmp) / "cache")
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"kind": kind, "recipe": recipe_data, "warmup": warmup, "steps": steps,
-                                    "profile": str(profile.resolve()) if profile else None}))
+                                    "profile": str(profile.resolve()) if profile else None,
+                                    "threads": threads}))
         result = Path(tmp) / "result.json"
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
         cmd = [sys.executable, "-m", "finetune.bench", "--child", str(spec), str(result)]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": [f"stopped after {timeout:.0f} s (the budget)"]}
         if done.returncode != 0:
             return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
         return json.loads(result.read_text())
@@ -322,6 +363,10 @@ def time_bad_recipe() -> float:
 
 def _child_main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     if spec["kind"] == "train":
         result = measure(spec["recipe"], spec["warmup"], spec["steps"], spec.get("profile"))
     else:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_valid
 from finetune.data.config import DataSection
 from finetune.errors import RecipeError, did_you_mean
 from finetune.methods import registered_methods
+from finetune.routes import check_routes
 from finetune.sections import (
     ExportSection,
     LoggingSection,
@@ -51,6 +52,7 @@ class Recipe(StrictModel):
 
     _path: Path | None = PrivateAttr(None)
     _base: Any = PrivateAttr(None)
+    _validation_base: Any = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _cross_rules(self):
@@ -58,6 +60,7 @@ class Recipe(StrictModel):
         self._base = self.model.resolve()  # the one resolution of model.base; everything after takes `base`
         if self._base.family is not None:  # else known once its files are here: `complete_base` checks then
             check_family(self, self._base.family)
+        self._validation_base = check_routes(self)  # validation.base resolved; distilled-base rules (routes.py)
         check_memory_options(self)
         if d.cache_text is True and m.trains_text_encoder():
             raise ValueError(
@@ -101,6 +104,11 @@ class Recipe(StrictModel):
         """What `model.base` names, resolved once when the recipe validated (a `Base`, finetune/models/base.py):
         the loader, `estimate`, the tools and every family rule take this value."""
         return self._base
+
+    @property
+    def validation_base(self):
+        """`validation.base` resolved (a `Base`), or None: the grids render with it (finetune/routes.py)."""
+        return self._validation_base
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved recipe as plain data (what --print shows and runs store)."""

@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.check:
             from finetune.data.check import check_data
+            from finetune.routes import recipe_warnings
 
+            for line in recipe_warnings(recipe):
+                print(f"warning: {line}", file=sys.stderr)
             print(check_data(recipe))
             return
         from finetune.env import check_compatibility

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from finetune.eval import DEFAULT_CLIP, DEFAULT_DINO, METRIC_NAMES
 from finetune.eval.prompts import shows_subject as shows
-from finetune.toy import TOY_BASES
+from finetune.toy import TOY_ADAPTERS, TOY_BASES
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ LocalPath = Annotated[str, PathRef()]
 HubOrPath = Annotated[str, PathRef(hub=True)]
 BaseRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_BASES))]  # a base: also 'toy' / 'toy-flux'
 EvalModel = Annotated[str, PathRef(hub=True, names=("toy",))]  # 'toy': the toy world's shipped tiny model
+AdapterRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_ADAPTERS))]  # a LoRA file or folder, hub, or a toy's
 
 
 class StrictModel(BaseModel):
@@ -69,11 +70,13 @@ class ModelSection(StrictModel):
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
         "auto", description="Training target; 'auto' reads the base's scheduler config."
     )
-    attention: Literal["sdpa", "xformers", "eager"] = Field(
+    attention: Literal["sdpa", "native", "flash", "flash3", "sage", "flex", "cudnn", "xformers", "eager"] = Field(
         "sdpa",
-        description="Attention kernel: 'sdpa' (torch scaled-dot-product attention; it picks the flash or "
-        "memory-efficient kernel itself), 'xformers' (needs the xformers package), 'eager' (plain matmul and "
-        "softmax: slower, more memory; for debugging).",
+        description="Attention kernel, through diffusers' attention dispatcher: 'sdpa' / 'native' (torch's "
+        "scaled-dot-product attention; it picks the flash or memory-efficient kernel itself), 'flash' (the "
+        "flash-attn package), 'flash3' (FlashAttention 3, Hopper), 'sage' (sageattention), 'flex' (torch's "
+        "flex_attention), 'cudnn' (torch's cuDNN kernel), 'xformers' (the xformers package); the GPU-only ones "
+        "need a CUDA device. 'eager' (plain matmul and softmax: slower, more memory; for debugging).",
     )
     allow_pickle: bool = Field(
         False,
@@ -101,6 +104,18 @@ class ModelSection(StrictModel):
     quantize_text_encoders: Literal["none", "nf4", "int8", "fp8"] = Field(
         "none", description="The same for the frozen text encoders (e.g. T5-XXL while captions are cached)."
     )
+    training_adapter: AdapterRef | None = Field(
+        None,
+        description="A LoRA applied to the frozen base while training and removed afterwards: never trained, never "
+        "exported (a de-distillation adapter lets a LoRA train on a step-distilled base such as FLUX.1 [schnell] "
+        "or Z-Image-Turbo without breaking its few steps). A .safetensors file or folder (diffusers, kohya or BFL "
+        "names), a hub repo 'org/name' or file 'org/name/file.safetensors', or 'toy-flux-turbo-adapter'.",
+    )
+    experts: str = Field(
+        "all", description="Bases with several denoisers that split the noise levels (Wan 2.2 A14B): which one "
+        "trains, 'high_noise' or 'low_noise', or 'all' (they take turns by step); each trains only on its own "
+        "timesteps.",
+    )
 
     @field_validator("family")
     @classmethod
@@ -113,12 +128,23 @@ class ModelSection(StrictModel):
             raise ValueError(f"unknown family{did_you_mean(v, FAMILIES)}; choose auto or one of {', '.join(FAMILIES)}")
         return v
 
+    @field_validator("training_adapter")
+    @classmethod
+    def _adapter(cls, v: str | None) -> str | None:
+        if v is not None:
+            from finetune.routes import check_adapter_value
+
+            check_adapter_value(v)
+        return v
+
     @field_validator("attention")
     @classmethod
     def _attention(cls, v: str) -> str:
-        if v == "xformers" and not _installed("xformers"):
-            raise ValueError("'xformers' needs the xformers package, which is not installed; pip install xformers "
-                             "(a build matching your torch), or use sdpa")
+        from finetune.models.attention import PACKAGES  # pure Python: the table, not torch
+
+        if v in PACKAGES and not _installed(PACKAGES[v][0]):
+            raise ValueError(f"'{v}' needs the {PACKAGES[v][0]} package, which is not installed; "
+                             f"{PACKAGES[v][1]}, or use sdpa")
         return v
 
     # the model layer takes plain values, never this section: these two translate it
@@ -137,7 +163,7 @@ class ModelSection(StrictModel):
         return LoadOptions(variant=self.variant, vae=self.vae, drop_text_encoders=tuple(self.drop_text_encoders),
                            attention=self.attention, prediction_type=self.prediction_type,
                            max_sequence_length=self.max_sequence_length, quantize=self.quantize,
-                           quantize_text_encoders=self.quantize_text_encoders)
+                           quantize_text_encoders=self.quantize_text_encoders, experts=self.experts)
 
 
 class EMASection(StrictModel):
@@ -148,6 +174,16 @@ class EMASection(StrictModel):
         "early updates follow the weights closely.",
     )
     update_every: int = Field(1, ge=1, description="Update the EMA every N optimizer steps.")
+
+
+class RoutingSection(StrictModel):
+    """Token routing (TREAD): part of the image tokens skips a window of the denoiser's blocks while training."""
+
+    drop_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="Share of the image tokens that skip the window "
+                              "(0.5: half the tokens go through its blocks; more is faster and noisier).")
+    first_block: int = Field(2, description="First block of the window, counted over the family's block lists "
+                             "in order (FLUX: 19 double- then 38 single-stream blocks); negative counts from the end.")
+    last_block: int = Field(-2, description="Last block of the window (inclusive); negative counts from the end.")
 
 
 class FlowSection(StrictModel):
@@ -235,7 +271,25 @@ class TrainSection(StrictModel):
         "each in for its forward and backward (transformer families; needs gradient_checkpointing). Saves "
         "device memory, costs host-to-device copies every step. See docs/memory.md.",
     )
-    compile: bool = Field(False, description="torch.compile the U-Net (slow first step, faster after on GPUs).")
+    compile: bool | Literal["blocks"] = Field(
+        False,
+        description="torch.compile the denoiser: true (the whole of it) or 'blocks' (regional: each repeated "
+        "block compiled once and shared by its like, minutes less to compile; works with block_swap, gradient "
+        "checkpointing, adapters and quantized bases). Slow first steps, faster after (on GPUs; on a CPU it "
+        "helps small transformers). Graphs compiled per step are reported.",
+    )
+    routing: RoutingSection | None = Field(
+        None, description="Token routing (TREAD) for flow transformers (flux, sd3): a share of the image tokens "
+        "skips the middle blocks in training forwards, for a cheaper step; null: off. See docs/benchmarks.md.",
+    )
+    optimizer_in_backward: bool = Field(
+        False,
+        description="Step each trained tensor inside the backward pass as soon as its gradient is complete, and "
+        "free that gradient at once: the same result as the ordinary step, with less peak memory (up to the size "
+        "of all gradients: full fine-tuning). Needs max_grad_norm: null (clipping needs every gradient first), "
+        "no fp16 (bf16 or no) and on_nan: stop; one process. With gradient_accumulation the earlier micro-batches "
+        "hold their gradients as usual. See docs/memory.md.",
+    )
     channels_last: bool = Field(False, description="Keep U-Net convolutions in channels-last memory format.")
     min_snr_gamma: float | None = Field(
         None, gt=0.0, description="Min-SNR loss weighting gamma (5.0 is usual); null disables."
@@ -287,13 +341,25 @@ class TrainSection(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _block_swap(self):
+    def _combinations(self):
         if self.block_swap and not self.gradient_checkpointing:
             raise ValueError("train.block_swap needs train.gradient_checkpointing: true (without it the graph keeps "
                              "every streamed block on the device until the backward, and nothing is saved)")
-        if self.block_swap and self.compile:
-            raise ValueError("train.block_swap swaps weights between steps of a block, which torch.compile cannot "
-                             "trace; set train.compile: false")
+        if self.optimizer_in_backward:  # what a step taken inside the backward cannot do exactly
+            for bad, key, why in (
+                (self.max_grad_norm, "max_grad_norm", "clipping needs the norm of every gradient before the first "
+                 "tensor steps: set train.max_grad_norm: null"),
+                (self.mixed_precision == "fp16", "mixed_precision", "fp16's loss scaler must see every gradient "
+                 "before a step: use bf16 or no"),
+                (self.on_nan == "skip", "on_nan", "a step taken inside the backward cannot be dropped afterwards: "
+                 "use train.on_nan: stop"),
+            ):
+                if bad:
+                    raise ValueError(f"train.optimizer_in_backward with train.{key}: {why}")
+        if self.block_swap and self.compile is True:
+            raise ValueError("train.block_swap streams each block's weights from hooks around the block, which a "
+                             "whole-denoiser compile would trace; set train.compile: blocks (each block compiled, "
+                             "the hooks outside)")
         return self
 
     @field_validator("resume")
@@ -333,14 +399,33 @@ class ValidationSection(StrictModel):
         default_factory=lambda: [0, 1], description="One grid column per seed.")
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
     at_start: bool = Field(True, description="Render the untouched base at step 0 for comparison.")
-    steps: int = Field(30, ge=1, le=1000, description="Denoising steps per sample.")
+    base: BaseRef | None = Field(
+        None,
+        description="Render the grids with this base instead of model.base, the trained adapters applied: the "
+        "distilled model a LoRA trained on its undistilled base is for (Z-Image-Turbo for Z-Image, FLUX.2 [klein] "
+        "4B for its Base). Same family and layer shapes as model.base; its own steps and guidance unless set here.",
+    )
+    steps: int | None = Field(
+        None, ge=1, le=1000,
+        description="Denoising steps per sample; null: the sampling base's own (validation.base, else model.base: "
+        "e.g. 4 for FLUX.1 [schnell], 9 for Z-Image-Turbo, 28 for FLUX.1 [dev]), 30 where it publishes none.",
+    )
     guidance_scale: float | None = Field(
         None, ge=0.0, le=100.0,
-        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the family's usual value "
-        "(SD 7.5, SD3 7.0, FLUX 3.5).",
+        description="Guidance scale (FLUX [dev]: the distilled guidance); null: the sampling base's own (0 for "
+        "step-distilled bases), else the family's usual value (SD 7.5, SD3 7.0, FLUX 3.5).",
+    )
+    training_adapter: Literal["off", "on", "both"] = Field(
+        "off",
+        description="With model.training_adapter: render the grids without it (off: what the export does at "
+        "inference), with it (on), or both (a second grid, *_with_adapter.png).",
     )
     width: int | None = Field(None, ge=8, multiple_of=8, description="Sample width; default data.resolution.")
     height: int | None = Field(None, ge=8, multiple_of=8, description="Sample height; default data.resolution.")
+    frames: int | None = Field(None, ge=1, le=1025, description="Video families: frames per sample clip; default "
+                               "data.video.frames.")
+    fps: float | None = Field(None, gt=0.0, le=240.0, description="Video families: frame rate of the GIF / MP4 "
+                              "written; default data.video.fps, else 16.")
     scheduler: Literal["auto", "ddim", "euler", "euler_a", "dpm++", "pndm", "base"] = Field(
         "auto", description="Sampler for validation images; 'base' uses the base's own sampler; 'auto' the "
         "family's choice (DDIM for SD 1/2/XL, the base's flow-matching sampler for SD3 and FLUX)."
@@ -363,6 +448,10 @@ class ValidationSection(StrictModel):
         None,
         description="Toy base only: score every grid with the toy scorer's similarity to this held-out subject "
         "(printed, logged and kept in samples/scores.json).",
+    )
+    score_clips: bool = Field(
+        False, description="Toy video base only: score every clip's colour, shape and motion against its prompt "
+        "(finetune/toy/video_score.py; printed and kept in samples/scores.json).",
     )
 
     @field_validator("score_subject")
@@ -439,6 +528,11 @@ class ExportSection(StrictModel):
     dtype: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="dtype of the exported weights.")
     model_card: bool = Field(True, description="Write a README.md model card beside the weights.")
     use_ema: bool = Field(True, description="Export the EMA weights when EMA is enabled.")
+    target_base: BaseRef | None = Field(
+        None,
+        description="The base the export is for, named in the model card (load snippet, sampling settings) and the "
+        "metadata (finetune.target_base); null: validation.base, else model.base.",
+    )
 
     @field_validator("formats")
     @classmethod

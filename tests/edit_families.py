@@ -67,7 +67,7 @@ def stock(case: Case, base: Path):
 
     from finetune.models.families import FAMILIES
 
-    extra = {n: FAMILIES[case.family].load_component(n, str(base)) for n in FAMILIES[case.family].extra_components}
+    extra = {n: FAMILIES[case.family].load_component(n, str(base)) for n in FAMILIES[case.family].extra_parts}
     pipe = getattr(diffusers, case.pipeline).from_pretrained(base, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -95,7 +95,7 @@ def kontext_prediction(pipe, batch, draw, max_sequence_length: int) -> tuple[tor
     latents = pipe._encode_vae_image(px, generator=None)
     noisy, sigmas = draw(latents)
     packed = pipe._pack_latents(noisy, b, *noisy.shape[1:])
-    _, refs, latent_ids, ref_ids = pipe.prepare_latents(batch["condition_pixels"][0], b, noisy.shape[1], height,
+    _, refs, latent_ids, ref_ids = pipe.prepare_latents(batch["reference_pixels"][0], b, noisy.shape[1], height,
                                                         width, torch.float32, "cpu", None, latents=packed)
     embeds, pooled, text_ids = pipe.encode_prompt(batch["captions"], None, device="cpu",
                                                   max_sequence_length=max_sequence_length)
@@ -120,7 +120,7 @@ def qwen_edit_prediction(pipe, batch, draw, plus: bool) -> tuple[torch.Tensor, t
     noisy, sigmas = draw(latents)
     preds = []
     for i in range(b):
-        refs = [c[i : i + 1] for c in batch["condition_pixels"]]
+        refs = [c[i : i + 1] for c in batch["reference_pixels"]]
         pil = [pipe.image_processor.postprocess(r, output_type="pil")[0] for r in refs]
         area = CONDITION_IMAGE_SIZE if plus else VAE_IMAGE_SIZE  # the pipelines' resize of what the encoder sees
         pil = [pipe.image_processor.resize(im, *reversed(calculate_dimensions(area, im.width / im.height)))
@@ -148,7 +148,7 @@ def klein_prediction(pipe, batch, draw, max_sequence_length: int) -> tuple[torch
     latents = pipe._encode_vae_image(px, generator=None)
     noisy, sigmas = draw(latents)
     packed, ids = pipe._pack_latents(noisy), pipe._prepare_latent_ids(noisy)
-    ref_tokens, ref_ids = zip(*[pipe.prepare_image_latents([c[i : i + 1] for c in batch["condition_pixels"]], 1,
+    ref_tokens, ref_ids = zip(*[pipe.prepare_image_latents([c[i : i + 1] for c in batch["reference_pixels"]], 1,
                                                            None, "cpu", torch.float32) for i in range(b)],
                               strict=True)
     embeds, text_ids = pipe.encode_prompt(batch["captions"], device="cpu", max_sequence_length=max_sequence_length)

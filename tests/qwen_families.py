@@ -1,5 +1,6 @@
-"""Shared cases for the tests of the families with Qwen-family text encoders (Z-Image, Qwen-Image, FLUX.2
-[klein]): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
+"""Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
+Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3): tiny bases, recipes, a trainer, and a fixed
+denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ class Case:
     text_width: int
     masked: str | None  # the text mask's key, where the family has one
     targets: str  # the preset that reaches every block kind of the tiny model
+    tokens: int = 32  # caption tokens (FLUX.2 [dev]'s system message alone is 99 tokens of the tiny tokenizer)
 
 
 CASES = {
     "z_image": Case("z_image", "ZImagePipeline", (16, 16, 16), 16, "prompt_mask", "attention_mlp"),
     "qwen_image": Case("qwen_image", "QwenImagePipeline", (16, 16, 16), 32, "prompt_embeds_mask", "attention_mlp"),
     "flux2_klein": Case("flux2_klein", "Flux2KleinPipeline", (16, 8, 8), 48, None, "all_linear"),
+    "chroma": Case("chroma", "ChromaPipeline", (16, 16, 16), 32, "prompt_attention_mask", "all_linear"),
+    "flux2_dev": Case("flux2_dev", "Flux2Pipeline", (16, 8, 8), 48, None, "all_linear", tokens=128),
 }
 
 
@@ -38,10 +42,10 @@ def build(name: str, folder: Path, **kwargs) -> Path:
 
 
 def recipe(tmp_path: Path, base: Path, case: Case, **sections) -> Path:
-    """A 3-step LoRA recipe (rank 4, alpha 2: the scale is not 1) on 64 px images with 32 caption tokens."""
+    """A 3-step LoRA recipe (rank 4, alpha 2: the scale is not 1) on 64 px images with the case's caption tokens."""
     from finetune.recipe import deep_merge
 
-    defaults = {"model": {"max_sequence_length": 32},
+    defaults = {"model": {"max_sequence_length": case.tokens},
                 "method": {"name": "lora", "rank": 4, "alpha": 2, "targets": case.targets},
                 "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 0, "seed": 5}}
     path = write_recipe(tmp_path, base, draw_images(tmp_path / "images"), **deep_merge(defaults, sections))
@@ -87,3 +91,25 @@ def pipeline_class(case: Case):
     import diffusers
 
     return getattr(diffusers, case.pipeline)
+
+
+def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int):
+    """(noise, sigmas) of a trainer's first step, drawn as the trainer draws them: its per-sample generators,
+    diffusers' density helper (logit-normal by default; uniform where the test's `flow` override is given), the
+    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from tests.helpers import first_step_generators
+
+    noise, u = [], []
+    for g in first_step_generators(t.recipe.train.seed, 0, 0, latents.shape[0]):
+        noise.append(torch.randn(latents.shape[1:], generator=g))
+        u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
+                                                       logit_std=1.0, generator=g))
+    sigmas = sched.sigmas[(torch.cat(u) * 1000).long()]
+    if not flow:
+        c = sched.config
+        mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+        sigmas = sched.time_shift(mu, 1.0, sigmas)
+    return torch.stack(noise), sigmas

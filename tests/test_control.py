@@ -60,7 +60,7 @@ def control_prediction(pipe, batch, draw, max_sequence_length: int):
     """(clean target latents, prediction) as FluxControlPipeline computes them for a batch: its VAE encoding and
     packing of the target and of the control image, concatenated on the feature axis, its ids and unpacking. The
     pipeline's transformer is widened first as diffusers' loader widens it for a Control LoRA (zero columns)."""
-    px, control = batch["pixel_values"], batch["condition_pixels"][0]
+    px, control = batch["pixel_values"], batch["reference_pixels"][0]
     b, _, height, width = px.shape
 
     def encode(x):
@@ -204,7 +204,7 @@ CONTROLNET = {"method": {"name": "controlnet"}, "export": {"formats": ["diffuser
 def controlnet_prediction(pipe, batch, draw, max_sequence_length: int):
     """(clean target latents, prediction) as FluxControlNetPipeline computes them: the control image encoded and
     packed like the target, the ControlNet on the transformer's inputs, its residuals into the transformer."""
-    px, control = batch["pixel_values"], batch["condition_pixels"][0]
+    px, control = batch["pixel_values"], batch["reference_pixels"][0]
     b, _, height, width = px.shape
 
     def encode(x):
@@ -333,7 +333,7 @@ def sdxl_controlnet_prediction(pipe, batch, noise, steps):
                                             tuple(batch["target_size"][i].tolist()), torch.float32,
                                             text_encoder_projection_dim=pooled.shape[1]) for i in range(b)])
     pil = [Image.fromarray(((c.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
-           for c in batch["condition_pixels"][0]]
+           for c in batch["reference_pixels"][0]]
     image = pipe.control_image_processor.preprocess(pil, height=px.shape[2], width=px.shape[3])
     added = {"text_embeds": pooled, "time_ids": ids}
     down, mid = pipe.controlnet(noisy, steps, encoder_hidden_states=embeds, controlnet_cond=image,

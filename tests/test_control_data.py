@@ -84,7 +84,7 @@ def test_a_flipped_target_takes_its_flipped_control_and_the_cache_holds_it(tmp_p
             px, flipped = want[None], torch.flip(want[None], dims=[-1])
             if cached:  # the cache holds the latents of the control as cut (and of its mirror image)
                 px, flipped = t.encode_latents(px), t.encode_latents(flipped)
-            got = batch["conditions"][0][i : i + 1] if cached else batch["condition_pixels"][0][i : i + 1]
+            got = batch["references"][0][i : i + 1] if cached else batch["reference_pixels"][0][i : i + 1]
             same, mirrored = (got - px).abs().max(), (got - flipped).abs().max()
             assert min(same, mirrored) < 1e-4, (same, mirrored)
             flips.append(bool(mirrored < same))

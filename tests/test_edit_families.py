@@ -77,7 +77,7 @@ def test_batch_loss_equals_the_stock_pipelines_own_computation(tmp_path, bases, 
     flow = {"timestep_sampling": "uniform", "resolution_shift": False}
     t = trainer(recipe(tmp_path, base, case, train={"flow": flow}, data={"cache_text": cached}))
     batch = next(iter(t.data.loader(0)))
-    assert len(batch["condition_pixels"]) == case.count
+    assert len(batch["reference_pixels"]) == case.count
     pipe = stock(case, base)
     with torch.no_grad():
         loss, _ = t.compute_loss(batch)

@@ -22,7 +22,7 @@ from tests.helpers import draw_images, write_recipe
 STEPS = 3
 
 
-@pytest.fixture(scope="module", params=["flux", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "sd3", "wan"])
 def tiny_transformer(request, tmp_path_factory) -> tuple[str, Path]:
     from finetune.models.tiny import build_tiny
 
@@ -35,7 +35,7 @@ def swap_trainer(tmp_path: Path, base: Path, kind: str, swap: int, quantize: str
     from finetune.train.setup import make_accelerator
     from finetune.train.trainer import Trainer
 
-    targets = "attention_mlp" if kind == "flux" else "attention"
+    targets = {"flux": "attention_mlp", "wan": "attention_ffn"}.get(kind, "attention")
     path = write_recipe(tmp_path, base, draw_images(tmp_path / "images", n=4),
                         model={"max_sequence_length": 16, "quantize": quantize}, data={"cache_latents": True},
                         method={"rank": 4, "alpha": 4, "targets": targets},
@@ -49,15 +49,24 @@ def losses(out: Path) -> list[float]:
     return [float(line.split(",")[1]) for line in (out / "logs" / "loss.csv").read_text().splitlines()[1:]]
 
 
-@pytest.mark.parametrize("quantize", ["none", "fp8"])
-def test_block_swap_trains_the_same_and_keeps_blocks_home(tmp_path, tiny_transformer, quantize):
-    """(fp8: the swapped weights are the fp8-stored ones, and diffusers' layerwise casting upcasts the copy)"""
+@pytest.mark.parametrize("quantize, prefetch", [("none", False), ("fp8", False), ("none", True)])
+def test_block_swap_trains_the_same_and_keeps_blocks_home(tmp_path, tiny_transformer, quantize, prefetch,
+                                                          monkeypatch):
+    """(fp8: the swapped weights are the fp8-stored ones, and diffusers' layerwise casting upcasts the copy;
+    prefetch: the next block's upload is queued when a block starts, as on CUDA with its side stream)"""
+    import finetune.models.offload as offload
     from finetune.models.offload import swappable_blocks
 
+    class Swap(offload.BlockSwap):
+        def __init__(self, *args):
+            super().__init__(*args, prefetch=prefetch)
+
+    monkeypatch.setattr(offload, "BlockSwap", Swap)
     kind, base = tiny_transformer
     plain = swap_trainer(tmp_path / "plain", base, kind, 0, quantize)
     plain.run()
     t = swap_trainer(tmp_path / "swap", base, kind, 2, quantize)
+    assert t.swap.prefetch == prefetch
     swap, den = t.swap, t.comps.denoiser
     blocks = swappable_blocks(den, t.comps.family)
     assert swap.blocks == blocks[-2:] and len(swap.home) > 0
@@ -94,11 +103,16 @@ def test_block_swap_trains_the_same_and_keeps_blocks_home(tmp_path, tiny_transfo
     assert {i: len(v) for i, v in seen.items()} == {0: 2 * STEPS, 1: 2 * STEPS}
     assert all(all(v) for v in seen.values())
     assert swap.loads == 2 * STEPS * len(swap.blocks)
+    # one way: each block uploaded for its forward and its recomputation, nothing else (a prefetched copy is
+    # one of those uploads, made a block earlier)
     assert swap.bytes_moved == 2 * STEPS * swap.swapped_bytes()
+    assert swap.prefetched == (2 * STEPS * (len(swap.blocks) - 1) if prefetch else 0)
     # between uses: every swapped weight is its home tensor again, and no copy of it is alive anywhere
     assert all(p.data_ptr() == home.data_ptr() for p, home in swap.home.items())
     assert swap.resident == 0
     sizes = [sum(p.numel() * p.element_size() for p in swap._frozen(b)) for b in swap.blocks]
-    assert swap.max_resident == max(sizes)  # one block's weights at a time
+    pairs = [a + b for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+    assert swap.max_resident == (max(pairs) if prefetch else max(sizes))  # one block at a time, or it and the next
+    assert not swap.pending
     gc.collect()
     assert len(copies) == 2 * STEPS * len(swap.home) and not [r for r in copies if r() is not None]

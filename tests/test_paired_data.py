@@ -112,7 +112,7 @@ def test_spatial_images_follow_their_target_through_buckets_crops_and_flips(tmp_
     seen_flip = False
     for epoch in range(3):
         for batch in data.loader(epoch):
-            (cond,) = batch["condition_pixels"]
+            (cond,) = batch["reference_pixels"]
             assert batch["pixel_values"].shape[-2] != batch["pixel_values"].shape[-1]  # an aspect bucket
             assert torch.equal(cond, batch["pixel_values"])
     for ex in sum(data.plan(0) + data.plan(1) + data.plan(2), []):
@@ -127,7 +127,7 @@ def test_references_take_their_own_size_and_are_never_flipped(tmp_path):
     flips = []
     for epoch in range(3):
         for batch, plan in zip(data.loader(epoch), data.plan(epoch), strict=True):
-            (cond,) = batch["condition_pixels"]
+            (cond,) = batch["reference_pixels"]
             assert cond.shape[-2:] == (128, 128) and batch["pixel_values"].shape[-2:] == (64, 64)
             ref = torch.nn.functional.interpolate(cond, size=(64, 64), mode="area")
             for i, ex in enumerate(plan):  # a reference is its target, larger, never flipped
@@ -149,8 +149,8 @@ def test_conditioning_latents_are_cached_under_keys_holding_every_input(tmp_path
 
     data = build(r, latent_encoder=encoder, latent_key="k")
     batch = next(iter(data.loader(0)))
-    (cond,) = batch["conditions"]
-    assert cond.shape == batch["latents"].shape and "condition_pixels" not in batch
+    (cond,) = batch["references"]
+    assert cond.shape == batch["latents"].shape and "reference_pixels" not in batch
     plain = build(recipe(tmp_path, [folder_src(root)], random_flip=True))
     ex = data.plan(0)[0][0]
     px = plain.render.conditions(ex.record, ex.bucket, ex.flip)[0]
@@ -176,7 +176,7 @@ def test_text_reading_the_conditions_is_keyed_on_them(tmp_path):
     data = build(r, text_encoder=text, text_key="t", text_reads_conditions=True)
     assert len(seen) == 1 and len(seen[0][0]) == 2  # one caption, two records: two entries
     batch = next(iter(data.loader(0)))
-    want = batch["condition_pixels"][0].mean((1, 2, 3))[:, None]
+    want = batch["reference_pixels"][0].mean((1, 2, 3))[:, None]
     assert torch.allclose(batch["text"]["prompt_embeds"], want)
 
 

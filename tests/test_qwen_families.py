@@ -1,4 +1,4 @@
-"""Z-Image, Qwen-Image and FLUX.2 [klein], table-driven on tiny models built offline: detection, every adapter
+"""Z-Image, Qwen-Image, FLUX.2 [klein] / [dev] and Chroma, table-driven on tiny models built offline: detection, every adapter
 kind and `full` reloading in the stock pipeline, cached text, the ComfyUI (kohya/LyCORIS) form with the key
 names ComfyUI's loader maps and the strength it applies, conversions both ways, DDP and exact resume.
 Per-family text and loss checks against each pipeline's own helpers live in tests/test_<family>.py."""
@@ -96,7 +96,7 @@ def test_text_is_cached_and_validation_renders_from_the_cache(tmp_path, bases, n
                                                                 "steps": 2, "width": 64, "height": 64}))
     assert t.recipe.data.cache_text is True and set(t.prompt_cache) == {"a red circle", ""}
     batch = next(iter(t.data.loader(0)))
-    assert batch["text"]["prompt_embeds"].shape == (2, 32, case.text_width)  # fixed length: entries stack
+    assert batch["text"]["prompt_embeds"].shape == (2, case.tokens, case.text_width)  # fixed length: entries stack
     t.run()
     assert (tmp_path / "out" / "samples" / "step-000003.png").is_file()
 
@@ -114,9 +114,9 @@ def test_text_encoder_training_is_refused_in_one_line(tmp_path, bases, name):
 def comfy_names(name: str, model) -> set[str]:
     """The diffusers module names ComfyUI's loader maps for this family (read from comfy/lora.py
     `model_lora_keys_unet` and comfy/utils.py): Qwen-Image keeps diffusers names for every weight; Z-Image
-    (`z_image_to_diffusers`) maps the blocks of layers / noise_refiner / context_refiner; FLUX.2 goes through
-    `flux_to_diffusers`, which knows the double blocks' split q/k/v, projections and MLPs and the single
-    blocks' fused to_qkv_mlp_proj / to_out."""
+    (`z_image_to_diffusers`) maps the blocks of layers / noise_refiner / context_refiner; FLUX.2 ([klein] and [dev]) and Chroma
+    (whose ComfyUI model class subclasses Flux) go through `flux_to_diffusers`, which knows the double blocks'
+    split q/k/v, projections and MLPs and the single blocks' fused projections."""
     weights = [k[: -len(".weight")].replace(".base_layer", "") for k in model.state_dict()
                if k.endswith(".weight") and "lora_" not in k]
     if name == "qwen_image":
@@ -125,10 +125,15 @@ def comfy_names(name: str, model) -> set[str]:
         return {w for w in weights if re.match(r"(layers|noise_refiner|context_refiner)\.\d+\.", w)}
     double = r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|ff(_context)?\.linear_(in|out))"
     single = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
+    if name == "chroma":  # FLUX.1's names (ComfyUI's Chroma is its Flux model): MLPs as net.0.proj / net.2,
+        # the single blocks' q/k/v and proj_mlp (parts of linear1) and proj_out (linear2)
+        double = r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|ff(_context)?\.net\.(0\.proj|2))"
+        single = r"single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|proj_out)"
     return {w for w in weights if re.fullmatch(f"{double}|{single}", w)}
 
 
-COMFY_PREFIX = {"z_image": "lycoris_", "qwen_image": "lycoris_", "flux2_klein": "lora_transformer_"}
+COMFY_PREFIX = {"z_image": "lycoris_", "qwen_image": "lycoris_", "flux2_klein": "lora_transformer_",
+                "chroma": "lora_transformer_", "flux2_dev": "lora_transformer_"}
 
 
 @pytest.fixture(scope="module")

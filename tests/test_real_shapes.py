@@ -1,9 +1,11 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
-FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo and FLUX.2 [klein] 4B / 9B (finetune/models/configs/) built
+FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD, Wan 2.1 T2V
+1.3B / 14B and Wan 2.2 T2V A14B / TI2V 5B (finetune/models/configs/) built
 on the meta device, no weights, and every quantity that depends on real shapes checked against the published
 checkpoints and the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768
-/ 1024 px and at non-square buckets, caption tokens per variant, which weights stay fp32 after our casts, LoRA
-target counts per preset with their kohya / ComfyUI / BFL key counts, and `finetune estimate`'s weight bytes."""
+/ 1024 px and at non-square buckets (Wan: video tokens of 480p x 81-frame clips), caption tokens per variant,
+which weights stay fp32 after our casts, LoRA target counts per preset with their kohya / ComfyUI / BFL key
+counts, and `finetune estimate`'s weight bytes (every expert of Wan 2.2 A14B)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.published import PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
+from tests.published import CARDS, PUBLISHED, QWEN3_CARDS, SD35_LARGE_MINUS_MEDIUM
 
 FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux1-dev": "flux",
           "flux1-schnell": "flux", "qwen-image": "qwen_image", "z-image-turbo": "z_image",
-          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein"}
-FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl")]
+          "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma",
+          "flux2-dev": "flux2_dev", "wan2.1-1.3b": "wan", "wan2.1-14b": "wan", "wan2.2-a14b": "wan",
+          "wan2.2-5b": "wan"}
+WAN = [name for name, family in FAMILY.items() if family == "wan"]
+FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl", "wan")]  # image flow families
 SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
 
 
@@ -61,8 +66,13 @@ def test_published_configs_are_the_published_models(name):
     comps = shared(name)
     assert family_of_folder(reference_folder(name)).name == comps.family.name == FAMILY[name]
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in comps.named_modules().items()}
+    if name in WAN:  # Wan 2.2 A14B: two experts of the 14B shape, split at the published boundary
+        experts = ["transformer", "transformer_2"] if name == "wan2.2-a14b" else ["transformer"]
+        assert list(comps.experts) == experts and counts["transformer"] == counts[experts[-1]]
     for component, published in PUBLISHED.get(name, {}).items():
         assert counts[component] == published, (name, component)
+    for component, (billions, decimals) in CARDS.get(name, {}).items():
+        assert round(counts[component] / 1e9, decimals) == billions, (name, component, counts[component])
     if name in QWEN3_CARDS:  # the Qwen3 encoders: total and non-embedding, to the model card's precision
         total, body, half_digit = QWEN3_CARDS[name]
         enc = comps.text_encoders[0]
@@ -111,7 +121,8 @@ def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]
 
 def pipeline_tokens(pipe, height: int, width: int) -> int:
     """Image tokens as the stock pipeline's `__call__` counts them: its own `prepare_latents`."""
-    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline")
+    packs = type(pipe).__name__ in ("FluxPipeline", "QwenImagePipeline", "Flux2KleinPipeline", "ChromaPipeline",
+                                    "Flux2Pipeline")
     channels = pipe.transformer.config.in_channels // (4 if packs else 1)  # num_channels_latents, as __call__
     out = pipe.prepare_latents(1, channels, height, width, torch.float32, torch.device("meta"), None)
     latents = out[0] if isinstance(out, tuple) else out
@@ -149,10 +160,42 @@ def test_image_tokens_and_resolution_shift_are_the_pipelines(name):
         assert c.use_dynamic_shifting or name == "flux1-schnell"  # [schnell]: see docs/families.md
 
 
+#: (frames, height, width) -> video tokens (latent frames x latent rows x latent columns after the 2x2 patch):
+#: 480p x 81 frames on the 8x VAE (21 x 30 x 52), the TI2V 5B's 16x VAE at 480p and at its 704 x 1280 x 121
+WAN_TOKENS = {"wan2.1": {(81, 480, 832): 21 * 30 * 52, (33, 832, 480): 9 * 52 * 30},
+              "wan2.2-5b": {(81, 480, 832): 21 * 15 * 26, (121, 704, 1280): 31 * 22 * 40}}
+
+
+@pytest.mark.parametrize("name", WAN)
+def test_wan_clip_tokens_are_the_pipelines(name):
+    """A clip's latents through our `encode_latents` (the meta VAE) have the shape WanPipeline's own
+    `prepare_latents` makes for that clip, and the transformer sees the published token counts."""
+    from diffusers import UniPCMultistepScheduler
+
+    from finetune.memory.trace import meta_safe
+    from finetune.models.reference import reference_folder
+
+    comps = shared(name)
+    pipe = comps.pipeline(scheduler=UniPCMultistepScheduler.from_pretrained(reference_folder(name) / "scheduler"))
+    den = _Denoiser(dict(comps.denoiser.config))
+    with torch.no_grad(), meta_safe():
+        text = comps.family.encode_prompt(comps, ["a cat"], "meta")
+        for (frames, height, width), tokens in WAN_TOKENS["wan2.2-5b" if name == "wan2.2-5b" else "wan2.1"].items():
+            latents = comps.family.encode_latents(comps.vae, torch.zeros(1, 3, frames, height, width, device="meta"))
+            ref = pipe.prepare_latents(1, comps.denoiser.config.in_channels, height, width, frames, torch.float32,
+                                       torch.device("meta"))
+            assert latents.shape == ref.shape, (name, frames, height, width)
+            out = comps.family.predict(den, latents, torch.full((1,), 500.0, device="meta"), text, {})
+            _, p_t, p_h, p_w = (1, *comps.denoiser.config.patch_size)
+            f, h, w = den.seen.shape[2:]
+            assert out.shape == latents.shape and (f // p_t) * (h // p_h) * (w // p_w) == tokens
+
+
 #: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
 CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
 PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
-             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline"}
+             "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline",
+             "flux2_dev": "Flux2Pipeline", "wan": "WanPipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -174,22 +217,30 @@ def test_caption_tokens_and_width_per_variant(name):
         assert inspect.signature(diffusers.StableDiffusion3Pipeline.__call__).parameters[
             "max_sequence_length"].default == 256
     c = comps.denoiser.config
-    width = c.get("cross_attention_dim") or c.get("joint_attention_dim") or c.get("cap_feat_dim")
+    width = c.get("cross_attention_dim") or c.get("joint_attention_dim") or c.get("cap_feat_dim") or c.get("text_dim")
     assert tuple(text["prompt_embeds"].shape) == (1, length, width)
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_weights_kept_in_fp32_after_our_cast(name):
-    """After the trainer's cast only what transformers keeps in fp32 at that dtype stays fp32: T5-XXL's 24
-    `wo` in fp16 (SD 3.5, FLUX.1), nothing in bf16 and nothing in the other families."""
+    """After the trainer's cast only what transformers keeps in fp32 at that dtype stays fp32: T5-XXL's (and
+    Wan's UMT5-XXL's) 24 `wo` in fp16 (SD 3.5, FLUX.1, Chroma, Wan), nothing in bf16 and nothing in the other
+    families; Wan's transformer keeps what diffusers keeps in fp32 at every dtype."""
     from finetune.models.components import cast_frozen
 
     comps = fresh(name)
-    t5 = comps.encoder("text_encoder_3") or (comps.encoder("text_encoder_2") if comps.family.name == "flux" else None)
+    t5 = next((e for e in comps.text_encoders if type(e).__name__ in ("T5EncoderModel", "UMT5EncoderModel")), None)
     for dtype in (torch.float16, torch.bfloat16):  # fp16 first: bf16 then casts T5's wo down as transformers does
         cast_frozen(comps, dtype, dtype)
         fp32 = [f"{c}.{n}" for c, m in comps.named_modules().items() for n, p in m.named_parameters()
                 if p.dtype == torch.float32]
+        if comps.family.name == "wan":  # diffusers keeps Wan's time embedder, modulation tables and cross-attention
+            # norms in fp32 in any dtype (_keep_in_fp32_modules): 1 + 4 outside the blocks, 3 in each
+            den = [n for n in fp32 if n.startswith(tuple(comps.experts))]
+            parts = {"time_embedder", "scale_shift_table", "norm2"}
+            assert all(parts & set(n.split(".")) for n in den)
+            assert len(den) == len(comps.experts) * (5 + 3 * comps.denoiser.config.num_layers), (name, len(den))
+            fp32 = [n for n in fp32 if n not in den]
         if t5 is not None and dtype == torch.float16:
             assert len(fp32) == t5.config.num_layers == 24
             assert all(n.endswith("layer.1.DenseReluDense.wo.weight") for n in fp32), fp32[:3]
@@ -207,9 +258,14 @@ TARGETS = {
     ("flux", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
     ("flux", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
     ("flux", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
-    ("flux2_klein", "attention"): lambda c: _per_block(c, num_layers=8),
-    ("flux2_klein", "attention_mlp"): lambda c: _per_block(c, num_layers=12),
-    ("flux2_klein", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2),
+    # Chroma: FLUX's blocks without modulation linears
+    ("chroma", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
+    ("chroma", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
+    ("chroma", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
+    **{(f, "attention"): lambda c: _per_block(c, num_layers=8) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "attention_mlp"): lambda c: _per_block(c, num_layers=12) for f in ("flux2_klein", "flux2_dev")},
+    **{(f, "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=2)
+       for f in ("flux2_klein", "flux2_dev")},
     # SD3's last block is context_pre_only (no to_add_out, no ff_context); SD 3.5 Medium's first 13 blocks add
     # a second image attention (attn2: to_q/k/v/out.0)
     ("sd3", "attention"): lambda c: 8 * c["num_layers"] - 1 + 4 * len(c["dual_attention_layers"]),
@@ -227,20 +283,25 @@ TARGETS = {
     ("sd1", "locon"): lambda c: 10 * 16 + 2 * 16 + 3 * 22 + 14,
     ("sdxl", "attention"): lambda c: 8 * 70, ("sdxl", "attention_ff"): lambda c: 10 * 70 + 2 * 11,
     ("sdxl", "locon"): lambda c: 10 * 70 + 2 * 11 + 3 * 17 + 11,
+    # Wan: self- and cross-attention q / k / v / o per block (+ the image keys / values of I2V, none in T2V),
+    # and the feed-forward's two linears
+    ("wan", "attention"): lambda c: 8 * c["num_layers"], ("wan", "attention_ffn"): lambda c: 10 * c["num_layers"],
 }
 #: FLUX's fused BFL modules per preset (sd-scripts' own FLUX LoRA: 304, its "all blocks" count)
 BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear": 19 * 8 + 38 * 2,
              "all_linear_mod": 19 * 10 + 38 * 3}
 CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                      "flux2-klein-4b") for (family, preset) in TARGETS if family == FAMILY[name]]
-CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear")]  # the other sizes, one preset each
+                                      "flux2-klein-4b", "chroma1-hd", "wan2.1-1.3b") for (family, preset) in TARGETS
+          if family == FAMILY[name]]
+CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear"), ("flux2-dev", "all_linear"),
+          ("wan2.1-14b", "attention_ffn"), ("wan2.2-a14b", "attention"), ("wan2.2-5b", "attention_ffn")]  # the other sizes
 
 
 @pytest.mark.parametrize("name,preset", CASES)
 def test_lora_targets_and_kohya_keys_per_preset(name, preset):
     """Each preset adapts the modules it says, at real depth; each becomes one kohya / LyCORIS key stem that
     ComfyUI's names map back to it (3 tensors: down, up, alpha), and FLUX's fused BFL form has sd-scripts'
-    module count."""
+    module count. Wan 2.2 A14B: each expert gets the same adapter, written as its own file of the same keys."""
     from finetune.export.layouts import bound_names
     from finetune.recipe import validate
 
@@ -250,6 +311,8 @@ def test_lora_targets_and_kohya_keys_per_preset(name, preset):
     recipe.method.build().setup(comps, 1e-4)
     adapted = [n for n, m in comps.denoiser.named_modules() if hasattr(m, "lora_A")]
     assert len(adapted) == TARGETS[(comps.family.name, preset)](dict(comps.denoiser.config)), (name, preset)
+    for expert in comps.experts.values():  # model.experts: all (the default) trains every expert alike
+        assert [n for n, m in expert.named_modules() if hasattr(m, "lora_A")] == adapted
     component = comps.family.denoiser_name
     names = bound_names(comps.family.kohya_names, comps.named_modules())[component]
     stems = {names.key(path): path for path in adapted}
@@ -263,11 +326,13 @@ def test_lora_targets_and_kohya_keys_per_preset(name, preset):
 
 
 @pytest.mark.parametrize("name,precision", [(name, "bf16") for name in FAMILY]
-                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16")])  # with T5-XXL
+                         + [("sd35-medium", "fp16"), ("flux1-dev", "fp16"), ("chroma1-hd", "fp16"),
+                            ("wan2.1-1.3b", "fp16")])  # with (U)T5-XXL
 def test_estimate_weight_bytes(monkeypatch, name, precision):
     """`finetune estimate`'s weight lines: the denoiser's 16-bit bytes are the published checkpoint's where
     its size is published (FLUX.1 [dev]: 23,802,816,640 bytes), the text encoders count T5's `wo` at 4 bytes
-    in fp16 (what the trainer keeps), buffers at their own size. The activation traces are left out here."""
+    in fp16 (what the trainer keeps), what diffusers keeps in fp32 at 4 bytes, buffers at their own size; Wan
+    2.2 A14B counts both experts. The activation traces are left out here."""
     from finetune.memory import estimate as est_module
     from finetune.recipe import validate
 
@@ -280,13 +345,19 @@ def test_estimate_weight_bytes(monkeypatch, name, precision):
     est = est_module.estimate(recipe, options=False)
     comps = shared(name)
 
-    def nbytes(module, wide=()):
-        params = sum(p.numel() * (4 if n.endswith(wide) and wide else 2) for n, p in module.named_parameters())
+    def nbytes(module, wide=(), parts=()):
+        params = sum(p.numel() * (4 if (wide and n.endswith(wide)) or set(parts) & set(n.split(".")) else 2)
+                     for n, p in module.named_parameters())
         return params + sum(b.numel() * b.element_size() for b in module.buffers())
 
+    # diffusers keeps these denoiser modules in fp32 at any dtype (Wan: time embedder, modulation, norms)
+    parts = getattr(comps.denoiser, "_keep_in_fp32_modules", None) or ()
+
     denoiser = PUBLISHED.get(name, {}).get(comps.family.denoiser_name)
-    expected = nbytes(comps.denoiser) if denoiser is None else 2 * denoiser + nbytes(comps.denoiser) - 2 * sum(
-        p.numel() for p in comps.denoiser.parameters())
+    expected = nbytes(comps.denoiser, parts=parts)
+    if denoiser is not None:  # the published count in place of the config's
+        expected += 2 * (denoiser - sum(p.numel() for p in comps.denoiser.parameters()))
+    expected *= len(comps.experts)  # Wan 2.2 A14B: both 14B experts are resident
     assert est.bytes_of("denoiser weights") == expected
     wide = ("DenseReluDense.wo.weight",) if precision == "fp16" else ()
     assert est.bytes_of("text encoders") == sum(nbytes(e, wide) for e in comps.text_encoders)
@@ -294,7 +365,7 @@ def test_estimate_weight_bytes(monkeypatch, name, precision):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
-                                  "flux2-klein-4b"])
+                                  "flux2-klein-4b", "chroma1-hd", "flux2-dev"])
 def test_estimate_traces_every_family_at_real_shapes(name):
     """The whole estimate, activation traces included, at 512 px for one base per family: the language-model
     encoders, Z-Image's variable-length captions and the FLUX.2 / Qwen-Image latent layouts all trace on the

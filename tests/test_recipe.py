@@ -56,7 +56,7 @@ def test_toy_recipes_extend_the_main_ones():
     for p in toy:
         parent = yaml.safe_load(p.read_text()).get("extends")
         assert parent and (p.parent / parent).is_file(), p
-        assert load_recipe(p).model.base in ("toy", "toy-flux"), p  # a shipped toy base
+        assert load_recipe(p).model.base in ("toy", "toy-flux", "toy-flux-turbo", "toy-video"), p  # a shipped toy base
 
 
 def test_minimal_recipe_gets_defaults(tmp_path):

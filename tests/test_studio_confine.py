@@ -20,6 +20,7 @@ NOT_PATHS = {
     "export.name": "a file stem: the schema refuses separators, a leading '.' or '~'",
     "method.blocks": "module paths inside the model, not files",
     "method.lora.blocks": "module paths inside the model, not files",
+    "train.compile": "true / false / 'blocks', a choice (its help text mentions what compiles)",
 }
 LOOKS_LIKE_A_PATH = re.compile(r"folder|file|path|director|checkpoint|hub id|_dir$|_model$|^config$|^vae$", re.I)
 FIELDS = schema_path_fields()

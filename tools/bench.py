@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.bench import (  # noqa: E402
     PHASES,
     RESOLUTION,
+    TOYS,
     VARIANTS,
     base_recipe,
     noise_paths,
@@ -40,7 +41,7 @@ from finetune.recipe import deep_merge  # noqa: E402
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=list(RESOLUTION), default="toy",
-                   help="base to train (toy; flux-tiny, sd3-tiny: tiny transformers; sd15, sdxl, sd35m: public "
+                   help="base to train (toy, toy-flux: the shipped toy bases; flux-tiny, sd3-tiny: tiny transformers; sd15, sdxl, sd35m: public "
                    "configs with random weights, use a GPU)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 8 toy, 1 sd15)")
@@ -64,15 +65,27 @@ def parse() -> argparse.Namespace:
                    help="only print one table from the results.json under these folders, then exit")
     p.add_argument("--metrics", action="store_true", help="instead: time CLIP-I/CLIP-T/DINO on one validation "
                    "grid (25 prompts x 4 seeds, DreamBench-sized models) in fp32 and, on a GPU, bf16/fp16")
+    p.add_argument("--recipe", type=Path, default=None,
+                   help="start every variant from this recipe (with --set overrides) instead of --model's")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --recipe")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in each run (1 makes CPU seconds per step comparable on a shared machine)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per configuration: the median and the spread")
+    p.add_argument("--budget", type=float, default=None, metavar="S",
+                   help="skip the configurations left once S seconds have passed (a fixed device slot)")
+    p.add_argument("--dry-run", action="store_true", help="print each configuration's recipe and run nothing")
+    p.add_argument("--step-memory", action="store_true", help="instead: peak bytes of a full fine-tuning step with "
+                   "and without train.optimizer_in_backward (meta device for sd15/sdxl/flux-dev, real for tiny ones)")
     return p.parse_args()
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "batch", "s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB",
-            "swap copies MiB/step", "first step s", *[f"{p} %" for p in PHASES], "host reads/step", "GPU syncs/step"]
+    head = ["config", "batch", "s/step", "CPU s/step", "x bare", "steps/s", "img/s", "peak host MiB", "peak GPU MiB",
+            "swap H2D MiB/step", "recompiles after step 2", "first step s", *[f"{p} %" for p in PHASES],
+            "host reads/step", "GPU syncs/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # the floor of each run and batch (rows of one run share the name's "model ...:" prefix in --collect)
-    floor = {(r["name"].rpartition(":")[0], r.get("batch")): r["step_s"] for r in rows
+    floor = {(r["name"].rpartition(":")[0], r.get("batch")): r for r in rows
              if r["name"].endswith("bare denoiser fwd+bwd+opt") and "step_s" in r}
     for r in rows:
         if "error" in r:
@@ -83,19 +96,33 @@ def table(rows: list[dict]) -> str:
         prof = r.get("profile") or {}
         syncs = prof.get("sync_warnings_per_step")
         lines.append("| " + " | ".join([
-            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", _ratio(r, floor), f"{1 / r['step_s']:.2f}",
+            r["name"], str(r["batch"]), f"{r['step_s']:.4f}", _cpu(r), _ratio(r, floor), f"{1 / r['step_s']:.2f}",
             f"{r['batch'] / r['step_s']:.1f}", f"{r.get('peak_host_mib', 0):.0f}",
             f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-",
             f"{r['swap_copied_mib_per_step']:.2f}" if "swap_copied_mib_per_step" in r else "-",
+            str(r["recompiles_after_step_2"]) if "recompiles_after_step_2" in r else "-",
             f"{r['time_to_first_step_s']:.1f}" if "time_to_first_step_s" in r else "-", *shares,
             f"{prof['host_reads_per_step']:.2f}" if prof else "", f"{syncs:.2f}" if syncs is not None else "",
         ]) + " |")
     return "\n".join(lines)
 
 
+def _cpu(row: dict) -> str:
+    """CPU seconds per step; with --repeat, the median and the runs' range."""
+    if "cpu_s_per_step" not in row:
+        return "-"
+    runs = [c for c in row.get("runs_cpu_s_per_step") or [] if c is not None]
+    spread = f" ({min(runs):.4f}-{max(runs):.4f})" if len(runs) > 1 else ""
+    return f"{row['cpu_s_per_step']:.4f}{spread}"
+
+
 def _ratio(row: dict, floor: dict) -> str:
+    """Step time over the bare denoiser's: in CPU seconds when both have them (a shared machine), else wall."""
     bare = floor.get((row["name"].rpartition(":")[0], row.get("batch")))
-    return f"{row['step_s'] / bare:.2f}" if bare else ""
+    if not bare:
+        return ""
+    key = "cpu_s_per_step" if "cpu_s_per_step" in row and "cpu_s_per_step" in bare else "step_s"
+    return f"{row[key] / bare[key]:.2f}"
 
 
 def collect(folders: list[Path]) -> str:
@@ -121,34 +148,88 @@ def main() -> None:
         return
     if args.metrics:
         return bench_metrics(args.out)
+    if args.step_memory:
+        return step_memory(args)
     if args.warmup < 1:
         sys.exit("error: --warmup must be at least 1")
-    batches = args.batch or ([8] if args.model == "toy" else [1])
-    rows = []
-    for batch in batches:
-        base = base_recipe(args.model, batch, args.warmup + args.steps, args.precision, args.rank, args.adapter,
-                           args.quantize, args.block_swap)
-        if not args.no_bare:
-            bare = deep_merge(base, {"model": {"quantize": "none"}, "train": {"block_swap": 0}})
-            r = run_child("bare", bare, args.warmup, args.steps)
-            rows.append({"name": "bare denoiser fwd+bwd+opt", **r})
-            print(f"bare denoiser, batch {batch}: {r.get('step_s', float('nan')):.4f} s/step", flush=True)
-        for variant in args.variants:
-            trace = args.out / f"trace-{variant}-b{batch}.json" if args.profile else None
-            r = run_child("train", deep_merge(base, VARIANTS[variant]), args.warmup, args.steps, profile=trace)
-            name = variant + suffix(args)
-            rows.append({"name": name, "batch": batch, **r})
-            print(f"{name}, batch {batch}: {json.dumps(r)}", flush=True)
+    start, rows = time.perf_counter(), []
+    for batch, name, kind, recipe in configurations(args):
+        if args.dry_run:
+            print(f"{name}, batch {batch} ({kind}): {json.dumps(recipe)}", flush=True)
+            continue
+        if args.budget and time.perf_counter() - start > args.budget:
+            rows.append({"name": name, "batch": batch, "error": [f"skipped: past the {args.budget:.0f} s budget"]})
+            continue
+        left = args.budget - (time.perf_counter() - start) + 60 if args.budget else 3600
+        runs = [run_child(kind, recipe, args.warmup, args.steps, timeout=left, threads=args.threads,
+                          profile=_trace(args, name, batch, kind)) for _ in range(args.repeat)]
+        rows.append({"name": name, "batch": batch, **median_run(runs)})
+        print(f"{name}, batch {batch}: {json.dumps(rows[-1])}", flush=True)
+    if args.dry_run:
+        return
     reject = time_bad_recipe()
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "quantize": args.quantize, "block_swap": args.block_swap,
+    meta = {"model": str(args.recipe or args.model), "quantize": args.quantize, "block_swap": args.block_swap,
             "precision": args.precision, "rank": args.rank, "adapter": args.adapter, "steps": args.steps,
-            "warmup": args.warmup, "profile": args.profile, "bad_recipe_rejected_s": reject, "machine": machine(),
-            "date": time.strftime("%Y-%m-%d")}
+            "warmup": args.warmup, "repeat": args.repeat, "threads": args.threads, "profile": args.profile,
+            "bad_recipe_rejected_s": reject, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = f"{table(rows)}\n\nbad recipe rejected in {reject:.2f} s; machine: {meta['machine']}\n"
     (args.out / "results.md").write_text(md)
     print(md)
+
+
+def configurations(args):
+    """(batch, row name, 'bare' or 'train', recipe) for every run, the bare floor first in each batch."""
+    for batch in args.batch or ([8] if args.model in TOYS else [1]):
+        if args.recipe:
+            from finetune.recipe import load_recipe
+
+            base = load_recipe(args.recipe, [*args.set, f"train.batch_size={batch}",
+                                             f"train.max_steps={args.warmup + args.steps}"]).resolved()
+        else:
+            base = base_recipe(args.model, batch, args.warmup + args.steps, args.precision, args.rank,
+                               args.adapter, args.quantize, args.block_swap, build=not args.dry_run)
+        if not args.no_bare:
+            yield batch, "bare denoiser fwd+bwd+opt", "bare", deep_merge(
+                base, {"model": {"quantize": "none"}, "train": {"block_swap": 0}})
+        for variant in args.variants:
+            yield batch, variant + suffix(args), "train", deep_merge(base, VARIANTS[variant])
+
+
+def _trace(args, name: str, batch: int, kind: str):
+    return args.out / f"trace-{name.split(' ')[0]}-b{batch}.json" if args.profile and kind == "train" else None
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median CPU time per step, with every run's wall and CPU seconds beside it."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    good.sort(key=lambda r: r.get("cpu_s_per_step", r["step_s"]))
+    out = dict(good[len(good) // 2])
+    if len(runs) > 1:
+        out["runs_step_s"] = [r["step_s"] for r in good]
+        out["runs_cpu_s_per_step"] = [r.get("cpu_s_per_step") for r in good]
+    return out
+
+
+def step_memory(args) -> None:
+    """Peak bytes of whole full-fine-tuning steps, ordinary vs optimizer-in-backward (finetune/memory/step.py)."""
+    from finetune.memory.step import step_peaks
+    from finetune.recipe import validate
+
+    base = base_recipe(args.model, (args.batch or [1])[0], 2, args.precision, args.rank, args.adapter)
+    base["method"] = {"name": "full"}  # full fine-tuning: the adapter keys do not apply
+    recipe = validate(deep_merge(base, {"train": {"max_grad_norm": None}}))
+    device = "cpu" if args.model in (*TOYS, "flux-tiny", "sd3-tiny") else "meta"
+    peaks = step_peaks(recipe, device=device)
+    mib = {k: v / 2**20 for k, v in peaks.items() if k != "trained_tensors"}
+    print(f"{args.model} full fine-tune, {RESOLUTION[args.model]} px, batch {recipe.train.batch_size}, "
+          f"{args.precision} ({device} device): step peak above resident weights {mib['ordinary']:.1f} MiB "
+          f"ordinary, {mib['in_backward']:.1f} MiB with train.optimizer_in_backward "
+          f"(-{100 * (1 - peaks['in_backward'] / peaks['ordinary']):.0f}%); gradients {mib['gradient_bytes']:.1f} MiB "
+          f"over {peaks['trained_tensors']} tensors")
 
 
 def bench_metrics(out: Path) -> None:

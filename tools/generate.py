@@ -41,12 +41,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
-                   help="sampler (default: the family's: DDIM for SD 1/2/XL, the base's own for flow models)")
+                   help="sampler (default: the family's, e.g. ddim for SD, the base's own for flow models and Wan)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda when available)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the base's)")
     p.add_argument("--height", type=int, default=None, help="image height (default: the base's)")
-    p.add_argument("--init-image", type=Path, help="image-to-image: the starting image")
+    p.add_argument("--init-image", type=Path, help="image-to-image: the starting image (image-to-video bases: "
+                   "the first frame)")
+    p.add_argument("--frames", type=int, default=None, help="video bases: frames per clip (4k + 1; default: the "
+                   "base's own, 81 for Wan)")
+    p.add_argument("--fps", type=int, default=16, help="video bases: frame rate of the GIF / MP4s written (default 16)")
     p.add_argument("--strength", type=float, default=0.6,
                    help="image-to-image: how much to change, 0..1 (default 0.6)")
     p.add_argument("--image", type=Path, action="append", default=[],
@@ -56,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text tokens the base reads (the toy FLUX base: 32)")
     p.add_argument("--out", type=Path, default=None,
                    help="grid image to write (default: output/generated/NAME-NNN.png, NAME the first --lora's (or the "
-                   "base's) name, NNN the next free number)")
-    p.add_argument("--save-images", type=Path, help="also save every image into this folder")
+                   "base's) name, NNN the next free number; video bases: frame strips, and an animated GIF beside it)")
+    p.add_argument("--save-images", type=Path, help="also save every image (video: every clip as MP4) into this folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
     args = p.parse_args(argv)
     if args.out is None:
@@ -87,7 +91,8 @@ def check_args(args, seeds: list[int]):
     from finetune.errors import ModelError
     from finetune.export.io import check_output
 
-    for flag, value in (("--steps", args.steps), ("--batch", args.batch)):
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch), ("--frames", args.frames or 1),
+                        ("--fps", args.fps)):
         if value < 1:
             raise ModelError(f"{flag} {value}: must be at least 1")
     for flag, value in (("--width", args.width), ("--height", args.height)):
@@ -166,7 +171,7 @@ def build_pipeline(args):
     for item in args.embedding:
         path, _, token = item.partition(":") if not Path(item).exists() else (item, "", "")
         tokens.append(load_into_pipeline(pipe, path, token or None, args.allow_pickle, comps.family))
-    if args.init_image is not None:
+    if args.init_image is not None and not comps.family.video:  # image-to-video pipelines take the frame themselves
         from diffusers import AutoPipelineForImage2Image
 
         pipe = AutoPipelineForImage2Image.from_pipe(pipe)  # the family's own image-to-image pipeline
@@ -215,8 +220,11 @@ def main(argv=None) -> int:
     init = check_args(args, seeds)
     print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), flush=True)
     pipe, comps, _ = build_pipeline(args)
-    extra, guide = {}, {"guidance_scale": args.guidance}
-    if init is not None:
+    guide = {"guidance_scale": args.guidance}
+    video = comps.family.video
+    if video:
+        extra = _video_inputs(args, comps, init)
+    elif init is not None:
         extra = {"image": init, "strength": args.strength}
     else:
         size = None if args.width and args.height else _default_size(pipe, comps)
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
             pipe.set_progress_bar_config(desc=f"  seed {seed}", leave=False, file=sys.stderr)  # the steps
             with torch.no_grad():
                 out = pipe(**text, num_inference_steps=args.steps, generator=g, **guide, **extra)
-            images.append(out.images[0])
+            images.append(out.frames[0] if video else out.images[0])
             bar.update(1)
         rows.append(images)
     bar.close()
@@ -257,15 +265,47 @@ def _default_size(pipe, comps) -> int:
     return pipe.default_sample_size * pipe.vae_scale_factor
 
 
+def _video_inputs(args, comps, init) -> dict:
+    """A video base's sampling inputs: size and frames (default: the toy base's own, else Wan's 480p x 81), and
+    the first frame for image-to-video."""
+    import json
+
+    from finetune.errors import ModelError
+
+    made = Path(comps.source) / "toy_build.json"
+    own = json.loads(made.read_text()).get("sampler", {}) if made.is_file() else {}
+    frames = args.frames or own.get("frames", 81)
+    if (frames - 1) % 4:
+        raise ModelError(f"--frames {frames}: video clips have 4k + 1 frames; use {(frames - 1) // 4 * 4 + 1}")
+    extra = {"width": args.width or own.get("size", 832), "height": args.height or own.get("size", 480),
+             "num_frames": frames, "output_type": "pil"}
+    if own.get("max_sequence_length"):
+        extra["max_sequence_length"] = own["max_sequence_length"]
+    if comps.family.start_image:
+        if init is None:
+            raise ModelError(f"{args.base}: an image-to-video base; give the first frame with --init-image")
+        extra["image"] = init
+    return extra
+
+
 def _save(args, rows, seeds, inputs=None) -> None:
-    from finetune.train.edits import edit_grid
-    from finetune.train.validation import grid
+    from finetune.train.validation import edit_grid, grid
 
     title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
     title = f"{title} | seeds {seeds}"[:200]
     image = edit_grid([inputs] * len(rows), rows, args.prompts, title) if inputs else grid(rows, args.prompts, title)
     _save_image(image, args.out)
     print(f"wrote {args.out}")
+    if isinstance(rows[0][0], list):  # clips: an animated GIF beside the frame strips, MP4s on request
+        from finetune.eval.video import save_gif, save_mp4
+
+        print(f"wrote {save_gif(rows, args.out.with_suffix('.gif'), args.fps)}")
+        for i, row in enumerate(rows if args.save_images else []):
+            for seed, clip in zip(seeds, row, strict=True):
+                save_mp4(clip, args.save_images / f"p{i:02d}-s{seed}.mp4", args.fps)
+        if args.save_images:
+            print(f"wrote {sum(len(r) for r in rows)} clips to {args.save_images}")
+        return
     if args.save_images:
         for i, row in enumerate(rows):
             for seed, img in zip(seeds, row, strict=True):

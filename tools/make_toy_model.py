@@ -16,6 +16,22 @@ from its last checkpoint in --workdir if interrupted:
     python tools/make_toy_model.py --flux
     python tools/make_toy_model.py --flux --eval-only
 
+The few-step student finetune/toy/base_flux_turbo/ (`toy-flux-turbo`: 4 Euler steps, no CFG) is distilled from
+the committed FLUX toy base in one command, resumable the same way (finetune/toy/build_flux_turbo.py):
+
+    python tools/make_toy_model.py --flux-turbo           # 128 teacher trajectories, 60 student steps
+    python tools/make_toy_model.py --flux-turbo-adapter   # its de-distillation training adapter: 40 steps
+
+(the committed student and adapter: 2.0 + 0.6 CPU minutes, one thread. A larger student, --turbo-trajectories
+1536 --turbo-steps 300, took 16.1 CPU minutes and follows prompts a little better at 4 steps: docs/toy.md.)
+
+The Wan-shaped toy video base finetune/toy/base_video/ (WanPipeline layout: its own causal video VAE, a
+small UMT5 and a WanTransformer3DModel, trained on finetune/toy/video_world.py clips) likewise, resuming
+each stage from --workdir:
+
+    python tools/make_toy_model.py --video --workdir /tmp/toy_video_build
+    python tools/make_toy_model.py --video --eval-only
+
 Every U-Net stage ends with the evaluation. The model folder is replaced atomically (written to a
 temp folder, then renamed). The tokenizer comes from the real CLIP BPE file inside the open_clip_torch
 wheel (pip download, build time only). Same seeds, same machine, same model.
@@ -45,6 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", choices=["vae", "unet", "all"], default="all", help="which part to (re)train")
     p.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out (no training)")
     p.add_argument("--flux", action="store_true", help="build / evaluate the FLUX-shaped toy base instead")
+    p.add_argument("--flux-turbo", action="store_true",
+                   help="distil the FLUX toy base into its 4-step student (toy-flux-turbo) instead")
+    p.add_argument("--turbo-trajectories", type=int, default=128, help="teacher trajectories to distil from")
+    p.add_argument("--turbo-steps", type=int, default=60, help="student steps (batch 16 trajectories x 4 windows)")
+    p.add_argument("--flux-turbo-adapter", action="store_true",
+                   help="train the student's de-distillation training adapter (after --flux-turbo)")
+    p.add_argument("--adapter-steps", type=int, default=40, help="training-adapter steps at batch 32")
+    p.add_argument("--adapter-images", type=int, default=512, help="world images the training adapter learns on")
+    p.add_argument("--video", action="store_true", help="build / evaluate the Wan-shaped toy video base instead")
+    p.add_argument("--video-vae-steps", type=int, default=1500, help="video VAE steps at batch 2 (whole clips)")
+    p.add_argument("--video-steps", type=int, default=6000, help="video transformer steps at batch 16")
     p.add_argument(
         "--out",
         type=pathlib.Path,
@@ -82,12 +109,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with --flux docs/images/toy_flux_base_grid.png)",
     )
     args = p.parse_args(argv)
-    from finetune.toy import toy_flux_base_path
+    from finetune.toy import toy_flux_base_path, toy_path
 
     if args.out is None:
-        args.out = toy_flux_base_path() if args.flux else toy_base_path()
+        args.out = toy_path("toy-flux-turbo") if args.flux_turbo else toy_path("toy-video") if args.video else \
+            toy_flux_base_path() if args.flux else toy_base_path()
     if args.grid is None:
-        args.grid = pathlib.Path(f"docs/images/{'toy_flux_base' if args.flux else 'toy_base'}_grid.png")
+        name = "toy_video_base" if args.video else "toy_flux_base" if args.flux else "toy_base"
+        args.grid = pathlib.Path(f"docs/images/{name}_grid.png")
     return args
 
 
@@ -98,6 +127,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from finetune.toy import build, build_unet, evaluate
 
+    if args.flux_turbo_adapter:
+        from finetune.toy import build_flux_adapter
+
+        build_flux_adapter.build_flux_adapter(args.workdir, steps=args.adapter_steps, n_images=args.adapter_images,
+                                              seed=args.seed)
+        return 0
+    if args.flux_turbo:
+        from finetune.toy import build_flux_turbo
+
+        build_flux_turbo.build_flux_turbo(args.workdir, args.out, trajectories=args.turbo_trajectories,
+                                          steps=args.turbo_steps, seed=args.seed)
+        return 0
+    if args.video:
+        return _video(args)
     if args.eval_only:
         evaluate.report(args.out, grid_path=args.grid, grid_seeds=4 if args.flux else 6)
         return 0
@@ -117,6 +160,15 @@ def main(argv=None) -> int:
             args.workdir, args.out, steps=args.unet_steps, seed=args.seed, lr=args.unet_lr, resume=args.resume
         )
         evaluate.report(args.out, grid_path=args.grid)
+    return 0
+
+
+def _video(args) -> int:
+    from finetune.toy import build_video_train, video_evaluate
+
+    if not args.eval_only:
+        build_video_train.build_video_base(args.workdir, args.out, args.video_vae_steps, args.video_steps, args.seed)
+    video_evaluate.report(args.out, grid_path=args.grid)
     return 0
 
 

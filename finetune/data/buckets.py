@@ -49,8 +49,12 @@ def assign(sizes: list[tuple[int, int]], buckets: list[tuple[int, int]]) -> list
 
 
 def describe(counts: Counter) -> str:
-    """'512x512: 10, 448x576: 3' (width x height, most used first), as users name image sizes."""
-    return ", ".join(f"{w}x{h}: {n}" for (h, w), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    """'512x512: 10, 448x576: 3' (width x height, most used first), as users name image sizes; clips add their
+    frame count ('480x832x81')."""
+    def name(b) -> str:
+        return "x".join(str(v) for v in (b[1], b[0], *b[2:]))
+
+    return ", ".join(f"{name(b)}: {n}" for b, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def buckets_for(data) -> list[tuple[int, int]]:

@@ -136,10 +136,57 @@ class ToySource(_Source):
         return self
 
 
+class VideoSource(FolderSource):
+    type: Literal["video"] = "video"  # a folder source whose files are videos (mp4, webm, mov, mkv, gif)
+
+
+class FramesSource(_Source):
+    type: Literal["frames"] = "frames"
+    path: str = Field(description="Folder of clip folders, each holding its frames as images (sorted by name), "
+                      "captioned by '<clip folder>.txt' beside it or 'caption.txt' inside it.")
+    fps: float = Field(16.0, gt=0.0, le=240.0, description="The frame rate the frames were taken at.")
+    caption_ext: str = Field(".txt", description="Extension of the caption file beside each clip folder.")
+
+
+class ToyVideoSource(_Source):
+    type: Literal["toy_video"] = "toy_video"
+    motion: str = Field("world", description="'world' for captioned world clips, or one motion (e.g. 'shrinking', "
+                        "held out of the toy video base).")
+    count: int = Field(16, ge=1, le=100_000, description="How many clips to draw.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the drawing.")
+    prompt: str | None = Field(None, description="Caption for every clip; default the world's own captions.")
+
+
 Source = Annotated[
-    FolderSource | MetadataSource | KohyaSource | HFSource | InstanceSource | ToySource,
+    FolderSource | MetadataSource | KohyaSource | HFSource | InstanceSource | ToySource | VideoSource | FramesSource
+    | ToyVideoSource,
     Field(discriminator="type"),
 ]
+VIDEO_SOURCES = ("video", "frames", "toy_video")
+
+
+class VideoSection(StrictModel):
+    """Clips for video families (Wan): how many frames, at what rate, and how they are taken from each video."""
+
+    frames: int = Field(81, ge=1, le=1025, description="Frames per clip (Wan: 4k + 1, e.g. 81 = 5 s at 16 fps).")
+    fps: float | None = Field(16.0, gt=0.0, le=240.0, description="Frame rate clips are sampled at (Wan trains at "
+                              "16); null: each video's own rate.")
+    sampling: Literal["head", "uniform", "clips"] = Field(
+        "head", description="'head': the first frames; 'uniform': frames spread over the whole video (fps "
+        "ignored); 'clips': `clips` clips per video, their starts spread over it.")
+    clips: int = Field(1, ge=1, le=64, description="Clips per video (sampling: clips).")
+    frame_buckets: list[int] | None = Field(
+        None, description="Shorter clip lengths a video too short for `frames` may use (each 4k + 1, e.g. "
+        "[17, 33, 49]); null: every video must fill `frames`.")
+    max_side: int = Field(4096, ge=64, le=16384, description="Largest video side accepted, in px.")
+
+    @model_validator(mode="after")
+    def _buckets(self):
+        if self.sampling == "clips" and self.clips < 2:
+            raise ValueError("sampling: clips takes several clips per video; set clips: 2 or more (or sampling: head)")
+        if self.frame_buckets and max(self.frame_buckets) > self.frames:
+            raise ValueError(f"frame_buckets {self.frame_buckets} holds a length above frames {self.frames}")
+        return self
 
 
 class BucketSection(StrictModel):
@@ -292,6 +339,9 @@ class DataSection(StrictModel):
         None, description="Compute each target's control image (canny edges, the toy's masks) instead of pairing "
         "files; needs data.conditioning {count: 1, role: spatial}.",
     )
+    video: VideoSection | None = Field(
+        None, description="Video clips (video families: Wan): frames per clip, rate, sampling, frame-count "
+        "buckets; image sources then train as one-frame clips.")
 
     @model_validator(mode="after")
     def _rules(self):
@@ -308,6 +358,7 @@ class DataSection(StrictModel):
             )
         self._check_preservation()
         self._check_conditioning()
+        self._check_video()
         return self
 
     def _check_conditioning(self) -> None:
@@ -324,6 +375,20 @@ class DataSection(StrictModel):
         if self.prior is not None or self.masks is not None:
             key = "data.prior" if self.prior is not None else "data.masks"
             raise ValueError(f"{key} is not supported with data.conditioning yet; remove one of them")
+        if self.video is not None:
+            raise ValueError("data.conditioning with data.video (video edits, references for clips) is not "
+                             "supported yet; remove one of them")
+
+    def _check_video(self) -> None:
+        clips = [i for i, s in enumerate(self.sources) if s.type in VIDEO_SOURCES]
+        if clips and self.video is None:
+            raise ValueError(f"data.sources.{clips[0]} is a {self.sources[clips[0]].type} source; add a data.video "
+                             "section (frames, fps) to take clips from it")
+        if self.video is not None and self.masks is not None:
+            raise ValueError("data.masks is for images; video clips train unmasked: remove data.masks")
+        if self.video is not None and (self.prior is not None or self.preservation is not None):
+            raise ValueError("data.video: prior / base-prediction preservation with clips is not supported yet; "
+                             "remove data.prior and data.preservation")
 
     def _check_preservation(self) -> None:
         marked = [i for i, s in enumerate(self.sources) if s.preserve]

@@ -26,6 +26,7 @@ from finetune.data.masks import mask_digest, mask_pixels, to_latent
 from finetune.data.pairs import Pairs, cond_name
 from finetune.data.plan import Example, Planner
 from finetune.data.scan import Scan, scan_data, summarize
+from finetune.data.video import BadVideo
 from finetune.errors import DataError
 
 MEMO_BYTES = 1 << 30  # decoded, resized images kept per process; beyond this, decode again each sighting
@@ -49,6 +50,8 @@ class Render:
     def latent_entry(self, record: int, bucket) -> str:
         rec, c = self.records[record], self.cover(record, bucket)
         parts = ["latents", rec.digest, bucket, [c.rh, c.rw, c.top, c.left], self.flips, self.latent_key]
+        if rec.clip is not None:  # which frames of the source: the clip sampling settings (fps, frames, mode)
+            parts.append(list(rec.clip))
         if self.masks is not None:  # the entry holds the mask too: a changed mask is a new entry
             parts.append(mask_digest(rec, self.masks))
         if rec.conditions:  # ... and the conditioning latents: every input is in the key
@@ -93,33 +96,50 @@ class Render:
         if arr is not None:
             return arr
         try:
-            arr = resize(decode(image.read(), need=size), *size)
-        except (BadImage, OSError) as e:
+            arr = self._decode_media(image, size)
+        except (BadImage, BadVideo, OSError) as e:
             raise DataError(f"{image.key}: {e}; it changed since the data was scanned, fix it and restart") from None
         if self.memo_bytes + arr.nbytes <= MEMO_BYTES:
             self.memo[key] = arr
             self.memo_bytes += arr.nbytes
         return arr
 
+    @staticmethod
+    def _decode_media(image, size: tuple[int, int]) -> np.ndarray:
+        """uint8 [h, w, 3] (an image) or [F, h, w, 3] (a clip's frames), resized to `size`."""
+        if getattr(image, "clip", None) is None:  # an image, or a conditioning image
+            return resize(decode(image.read(), need=size), *size)
+        from finetune.data.video import clip_pixels
+        from finetune.data.video_sources import decode_clip
+
+        return clip_pixels(decode_clip(image), *size)
+
     def pixels(self, record: int, bucket, flip: bool = False, seed: int = 0) -> tuple[torch.Tensor, int, int]:
-        """[3,H,W] in [-1, 1], and the crop's (top, left) as SDXL conditioning sees it."""
+        """[3, H, W] in [-1, 1] ([3, F, H, W] for a clip; with data.video an image is [3, 1, H, W]), and the crop's
+        (top, left) as SDXL conditioning sees it."""
         c = self.cover(record, bucket, seed)
         arr, left = crop_flip(self.resized(record, bucket, c), c, bucket, flip)
-        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()  # copy: PIL arrays are read-only
+        t = torch.from_numpy(arr.copy()).float()  # copy: PIL arrays are read-only
+        t = t.permute(3, 0, 1, 2) if t.ndim == 4 else t.permute(2, 0, 1)
+        if len(bucket) == 3 and t.ndim == 3:
+            t = t.unsqueeze(1)  # an image among clips: a one-frame clip
         return t.div_(127.5).sub_(1.0), c.top, left
 
     def batch(self, examples: list[Example]) -> dict:
-        tops, pix, lat, masks, conds, cond_pix = [], [], [], [], [], []
+        tops, pix, lat, masks, conds, refs, ref_pix = [], [], [], [], [], [], []
         for ex in examples:
             if self.latents is not None:
                 c = self.cover(ex.record, ex.bucket)
                 entry = self.latents.get(self.latent_entry(ex.record, ex.bucket))
-                lat.append(entry["latents_flip" if ex.flip else "latents"].float())
+                end = "_flip" if ex.flip else ""
+                lat.append(entry[f"latents{end}"].float())
+                conds.append({k[5:len(k) - len(end)]: v.float() for k, v in entry.items()
+                              if k.startswith("cond.") and k.endswith("_flip") == bool(end)})
                 tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
                 if self.masks is not None:
                     masks.append(entry["mask_flip" if ex.flip else "mask"].float())
-                conds.append([entry[cond_name(j, ex.flip and f"cond_{j}_flip" in entry)].float()
-                              for j in range(len(self.records[ex.record].conditions))])
+                refs.append([entry[cond_name(j, ex.flip and f"cond_{j}_flip" in entry)].float()
+                             for j in range(len(self.records[ex.record].conditions))])
             else:
                 t, top, left = self.pixels(ex.record, ex.bucket, ex.flip, ex.crop_seed)
                 pix.append(t)
@@ -127,12 +147,14 @@ class Render:
                 if self.masks is not None:
                     masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
             if self.pairs is not None and (self.latents is None or self.pairs.text_reads and self.text is None):
-                cond_pix.append(self.conditions(ex.record, ex.bucket, ex.flip, ex.crop_seed))
+                ref_pix.append(self.conditions(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
-        if any(conds):  # one tensor per conditioning image: [B, C, h, w] latents or [B, 3, H, W] pixels
-            out["conditions"] = [torch.stack(group) for group in zip(*conds, strict=True)]
-        if cond_pix:
-            out["condition_pixels"] = [torch.stack(group) for group in zip(*cond_pix, strict=True)]
+        if conds and conds[0]:  # cached conditions of the family (image-to-video's first frame)
+            out["conditions"] = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+        if any(refs):  # paired data, one tensor per conditioning image: [B, C, h, w] latents ...
+            out["references"] = [torch.stack(group) for group in zip(*refs, strict=True)]
+        if ref_pix:  # ... or [B, 3, H, W] pixels
+            out["reference_pixels"] = [torch.stack(group) for group in zip(*ref_pix, strict=True)]
         if masks:  # in [0, 1]; the loss weighs it (data.masks.unmasked_weight / unmasked_target)
             out["loss_mask"] = torch.stack(masks)
             out["masked"] = torch.tensor([bool(float(m.min()) < 1.0) for m in masks], dtype=torch.bool)
@@ -142,7 +164,7 @@ class Render:
             out["text"] = {k: stack_padded([e[k] for e in entries]) for k in entries[0]}
         out["original_size"] = torch.tensor([self.records[ex.record].size for ex in examples], dtype=torch.long)
         out["crop_top_left"] = torch.tensor(tops, dtype=torch.long)
-        out["target_size"] = torch.tensor([ex.bucket for ex in examples], dtype=torch.long)
+        out["target_size"] = torch.tensor([ex.bucket[:2] for ex in examples], dtype=torch.long)
         out["paths"] = [self.records[ex.record].key for ex in examples]
         out["is_prior"] = torch.tensor([ex.is_prior for ex in examples], dtype=torch.bool)
         out["preserve"] = torch.tensor([ex.preserve for ex in examples], dtype=torch.bool)
@@ -270,18 +292,22 @@ def _latent_jobs(planner: Planner, render: Render):
 
 
 def _encode_latents(render: Render, encoder: Callable, flips: bool):
+    def encoded(px) -> dict[str, torch.Tensor]:  # the latents, and any 'cond.*' conditions the family derives
+        out = encoder(px)
+        return out if isinstance(out, dict) else {"latents": out}
+
     def run(payloads):
         px = torch.stack([render.pixels(r, b)[0] for r, b in payloads])
-        out = {"latents": encoder(px)}
+        out = encoded(px)
         if flips:
-            out["latents_flip"] = encoder(px.flip(-1))
+            out |= {f"{k}_flip": v for k, v in encoded(px.flip(-1)).items()}
         if render.pairs is not None:  # the conditioning images, in the same entry (their inputs are in its key)
             conds = [render.conditions(r, b) for r, b in payloads]
             for j, cond in enumerate(render.records[payloads[0][0]].conditions):
                 cpx = torch.stack([c[j] for c in conds])
-                out[f"cond_{j}"] = encoder(cpx)
+                out[f"cond_{j}"] = encoded(cpx)["latents"]
                 if flips and cond.role == "spatial":
-                    out[f"cond_{j}_flip"] = encoder(cpx.flip(-1))
+                    out[f"cond_{j}_flip"] = encoded(cpx.flip(-1))["latents"]
         if render.masks is not None:  # stored at the latent grid: what the loss reads
             m = torch.stack([render.mask(r, b) for r, b in payloads])
             out["mask"] = to_latent(m, out["latents"].shape[-2:]).to(out["latents"].device)
@@ -383,7 +409,7 @@ def build_train_data(
     `text_reads_conditions`: the text encoder also takes the conditioning images (`text_encoder(captions,
     images)`), so cached text is keyed on them."""
     d = recipe.data
-    scan = scan or scan_data(d, verbose=show_progress)
+    scan = scan or scan_data(d, verbose=show_progress)  # `scan`: the trainer's, done before any model loaded
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
                       recipe.train.gradient_accumulation)
     write = rank == 0 or barrier is not None

@@ -105,7 +105,7 @@ class Cover:
 def cover(size: tuple[int, int], bucket: tuple[int, int], crop: str = "center", seed: int = 0) -> Cover:
     """Resize-to-cover then crop: the smallest resize that fills the bucket, no padding or stretching."""
     h, w = size
-    bh, bw = bucket
+    bh, bw = bucket[:2]  # a clip's bucket adds its frame count
     scale = max(bh / h, bw / w)
     rh, rw = max(bh, round(h * scale)), max(bw, round(w * scale))
     if crop == "random":
@@ -126,8 +126,9 @@ def resize(img: Image.Image, rh: int, rw: int) -> np.ndarray:
 def crop_flip(arr: np.ndarray, c: Cover, bucket: tuple[int, int], flip: bool) -> tuple[np.ndarray, int]:
     """Cut the bucket out of a resized array; returns the crop and the left offset as SDXL sees it
     (measured on the flipped image when flipped, so the conditioning matches the pixels)."""
-    bh, bw = bucket
-    out = arr[c.top : c.top + bh, c.left : c.left + bw]
+    bh, bw = bucket[:2]
+    lead = (slice(None),) if arr.ndim == 4 else ()  # a clip's frames [F, H, W, 3]; else [H, W, 3] or a mask [H, W]
+    out = arr[(*lead, slice(c.top, c.top + bh), slice(c.left, c.left + bw))]
     if not flip:
         return out, c.left
-    return out[:, ::-1], c.rw - c.left - bw
+    return out[(*lead, slice(None), slice(None, None, -1))], c.rw - c.left - bw

@@ -34,7 +34,7 @@ from finetune.data.records import Record
 @dataclass(frozen=True)
 class Example:
     record: int  # index into Planner.records
-    bucket: tuple[int, int]  # (h, w)
+    bucket: tuple[int, ...]  # (h, w), or (h, w, frames) for clips
     caption: str  # after the caption rules
     flip: bool
     crop_seed: int

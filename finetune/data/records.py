@@ -50,6 +50,18 @@ class Record(ImageFile):
     caption: str = ""  # before caption rules
     mask: bytes | None = field(default=None, repr=False)  # a loss mask that came with the image (toy subjects)
     conditions: tuple[Conditioning, ...] = ()
+    #: a video clip: its frames' indices in the source (None: an image). `media` says how the source is held:
+    #: 'video' (a file PyAV decodes), 'frames' (a folder of frame images, `members` in order) or 'strip'
+    #: (frames tiled left to right in `blob`, `total` of them: toy clips)
+    clip: tuple[int, ...] | None = None
+    media: str = "image"
+    members: tuple[str, ...] = field(default=(), repr=False)
+    total: int = 1
+
+    @property
+    def frames(self) -> int:
+        """Frames in the clip (1 for an image)."""
+        return len(self.clip) if self.clip is not None else 1
 
 
 @dataclass

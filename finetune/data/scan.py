@@ -46,7 +46,8 @@ class Scan:
             h.update(json.dumps([s.name, s.kind, s.repeats, s.is_prior] + ([True] if s.preserve else [])).encode())
             for r in s.records:
                 conds = [[c.key, c.digest, c.role] for c in r.conditions]  # paired data: every input counts
-                h.update(json.dumps([r.key, r.digest, r.caption, r.size] + ([conds] if conds else [])).encode())
+                clip = [list(r.clip)] if r.clip is not None else []  # which frames: the sampling settings
+                h.update(json.dumps([r.key, r.digest, r.caption, r.size, *clip] + ([conds] if conds else [])).encode())
         return h.hexdigest()
 
 
@@ -105,15 +106,9 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
     scan = Scan(data, subsets, prior, buckets_for(data), probs)
     for i, sub in enumerate(subsets):
         scan.assigned[i] = assign([r.size for r in sub.records], scan.buckets)
+        if data.video is not None:  # spatio-temporal buckets: (h, w, frames); an image is a one-frame clip
+            scan.assigned[i] = [(*b, r.frames) for b, r in zip(scan.assigned[i], sub.records, strict=True)]
     return scan
-
-
-def prescan(data: DataSection, verbose: bool) -> Scan | None:
-    """The scan a run makes before it loads any model, so bad data stops it first. With prior preservation the
-    class images may still be missing (they are generated once the base is loaded): the data is scanned again
-    then, and None is returned."""
-    scan = scan_data(data, verbose=verbose, need_prior=False)
-    return scan if data.prior is None else None
 
 
 def _check_counts(sub: Subset, data: DataSection) -> None:

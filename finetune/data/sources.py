@@ -387,3 +387,15 @@ SCANNERS = {
     "instance": scan_instance,
     "toy": scan_toy,
 }
+
+
+def _video_scanner(name: str):
+    def scan(src, data, probs: Problems, key: str) -> list[Subset]:
+        from finetune.data.video_sources import VIDEO_SCANNERS  # PyAV only where videos are read
+
+        return VIDEO_SCANNERS[name](src, data, probs, key)
+
+    return scan
+
+
+SCANNERS |= {name: _video_scanner(name) for name in ("video", "frames", "toy_video")}

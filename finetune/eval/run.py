@@ -45,6 +45,7 @@ class RunMetrics:
                 if old.is_dir() and step.isdigit() and int(step) > resume_step:
                     shutil.rmtree(old, ignore_errors=True)
         self._scorer: Scorer | None = None
+        self.temporal: dict[int, float] = {}  # video runs: mean temporal consistency of the clips per step
 
     @property
     def scorer(self) -> Scorer:
@@ -71,9 +72,19 @@ class RunMetrics:
 
     # ------------------------------------------------------------------------------------------- record
     def record(self, rows: list[list], step: int) -> Scores:
-        """Score one grid, store it, rewrite metrics.json and metrics.png."""
-        scores = self.scorer.score(rows, self.recipe.validation.prompts)
+        """Score one grid, store it, rewrite metrics.json and metrics.png. A video run's rows hold clips: every
+        frame is scored as an image (CLIP-T per frame, averaged; CLIP-I / DINO against the references likewise)
+        and the clips' temporal consistency is kept beside (finetune/eval/video.py)."""
+        clips = isinstance(rows[0][0], list)
+        frames = [[f for clip in row for f in clip] for row in rows] if clips else rows
+        scores = self.scorer.score(frames, self.recipe.validation.prompts)
         self.history[step] = scores
+        if clips:
+            from finetune.eval.video import temporal_consistency
+
+            model = self.scorer.models.clip
+            values = [temporal_consistency(model, clip) for row in rows for clip in row]
+            self.temporal[step] = sum(values) / len(values)
         self._write()
         return scores
 
@@ -90,6 +101,8 @@ class RunMetrics:
             "best_step": self.best_step(),
             "steps": {str(s): sc.to_json() for s, sc in sorted(self.history.items())},
         }
+        if self.temporal:
+            data["temporal_consistency"] = {str(s): round(v, 4) for s, v in sorted(self.temporal.items())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.path, json.dumps(data, indent=2))
         plot_metrics(self.history, self.plot_path, self.best_step())
@@ -97,7 +110,8 @@ class RunMetrics:
     def line(self, step: int, scores: Scores) -> str:
         best = self.best_step()
         mark = " (best so far)" if best == step and self.weights else ""
-        return f"step {step}: {scores.line()}{mark}"
+        temporal = f", temporal consistency {self.temporal[step]:.3f}" if step in self.temporal else ""
+        return f"step {step}: {scores.line()}{temporal}{mark}"
 
     @staticmethod
     def scalars(scores: Scores) -> dict[str, float]:

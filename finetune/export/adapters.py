@@ -157,6 +157,30 @@ def delta(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
     return layer.spec.delta(layer, weight.float())
 
 
+def low_rank_factors(layer: Layer, refusal: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B * scale, A) of a layer whose delta is a plain product B @ A (its kind says so); otherwise a ModelError
+    with `refusal`, its '{what}' filled with the layer's kind (or DoRA)."""
+    factors = layer.spec.low_rank(layer)
+    if factors is None:
+        raise ModelError(refusal.format(what="DoRA" if layer.dora else layer.kind))
+    return factors
+
+
+def locate_layer(name: str, modules: dict, names, where: str) -> torch.nn.Module:
+    """The base layer an adapter layer 'component.path' applies to (kohya names through `names`; under a layer a
+    method's peft adapter already wraps, the wrapped one), or a ModelError naming `where` and the layer."""
+    component, path = name.split(".", 1)
+    if component not in modules:
+        raise ModelError(f"{where}: has layers for '{component}', which this base does not have")
+    try:
+        module = names[component].locate(modules[component], path) if component in names else \
+            modules[component].get_submodule(path)
+    except AttributeError:
+        raise ModelError(f"{where}: layer '{name}' is not in the base (an adapter for another family or base?)") \
+            from None
+    return getattr(module, "base_layer", module)
+
+
 def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float = 1.0, names=None) -> int:
     """Add the adapter's deltas (times `strength`) into the weights of `modules`; returns layers fused.
 
@@ -173,16 +197,7 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
     check_complete(adapter, modules, names)
     targets = []
     for name, layer in adapter.layers.items():
-        component, path = name.split(".", 1)
-        if component not in modules:
-            raise ModelError(f"{adapter.path}: has layers for '{component}', which this model does not have")
-        try:
-            module = names[component].locate(modules[component], path) if component in names else \
-                modules[component].get_submodule(path)
-        except AttributeError:
-            raise ModelError(f"{adapter.path}: layer '{name}' is not in the base (a LoRA for another "
-                             "family or base?)") from None
-        weight = getattr(module, "base_layer", module).weight
+        weight = locate_layer(name, modules, names, str(adapter.path)).weight
         try:
             d = delta(layer, weight.data)
         except (ValueError, RuntimeError):

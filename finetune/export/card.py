@@ -60,6 +60,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
     grid = ""
     if ctx.sample_grid and Path(ctx.sample_grid).is_file():
         grid = f"![samples]({os.path.relpath(ctx.sample_grid, out_dir)})\n"
+        clips = Path(ctx.sample_grid).with_suffix(".gif")  # video families: the samples playing
+        if clips.is_file():
+            grid += f"\n![sample clips]({os.path.relpath(clips, out_dir)})\n"
     from finetune.models.families import FAMILIES
 
     family = FAMILIES.get(ctx.family)
@@ -67,7 +70,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
     edit = family is not None and family.edit_pipeline_class and (ctx.recipe.get("data") or {}).get("conditioning")
     if edit:  # an edit or reference model: its edit pipeline, with an input image
         pipeline = family.edit_pipeline_class
-    base, imports = _base_expression(ctx.base, (getattr(ctx, "model", None) or {}).get("base"), out_dir)
+    target = getattr(ctx, "target", "") or ctx.base  # the base the export is for (route 1: the distilled one)
+    real = (getattr(ctx, "model", None) or {}).get("base") if target == ctx.base else None
+    base, imports = _base_expression(target, real, out_dir)
     dtype = SNIPPET_DTYPES.get(ctx.recipe.get("train", {}).get("mixed_precision", "no"), "torch.float32")
     snippet = LOAD_SNIPPETS.get(kind, "").format(base=base, folder=out_dir.name, pipeline=pipeline, dtype=dtype)
     if family and len(family.text_encoder_names) > 1 and kind in ("embedding", "pivotal"):
@@ -85,14 +90,14 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
         triggers += "\n\n**Instance prompt(s):** " + ", ".join(f"`{p}`" for p in prompts)
     # a local base is named '<local>/<folder>' (no paths of the trainer's machine); the hub's base_model key
     # wants a hub id, so it is left out then
-    front = "" if ctx.base.startswith(LOCAL) else f"base_model: {ctx.base}\n"
+    front = "" if target.startswith(LOCAL) else f"base_model: {target}\n"
     text = f"""---
 {front}tags: [text-to-image, diffusers, {ctx.method}, finetune]
 ---
 # {ctx.name}
 
-A {ctx.method} ({kind}) for `{ctx.base}` ({ctx.family}), trained with finetune for {ctx.steps} steps
-at {ctx.resolution} px.
+A {ctx.method} ({kind}) for `{target}` ({ctx.family}), trained with finetune for {ctx.steps} steps
+at {ctx.resolution} px{_route_note(ctx)}.
 
 **Trigger words:** {triggers}
 
@@ -109,7 +114,7 @@ import torch
 from diffusers import {pipeline}
 {imports}
 device = "cuda" if torch.cuda.is_available() else "cpu"
-{snippet}{_edit_call(family, ctx, prompt, base) if edit else _plain_call(family, ctx, prompt)}
+{snippet}{_edit_call(family, ctx, prompt, base) if edit else _sample_line(family, ctx, prompt, files)}
 ```
 
 {_sampling_note(family, ctx)}
@@ -125,25 +130,57 @@ def _base_expression(base: str, real: str | None = None, out_dir: Path | None = 
     """The Python expression that names the base in the snippet, and the import it needs. The toy bases live
     inside the installed package; a local folder is named relative to the folder holding the run, where the
     snippet runs (the card keeps no absolute paths of the trainer's machine)."""
+    from finetune.toy import TOY_BASES
+
     if base in ("toy", "toy-flux"):
         name = "toy_base_path" if base == "toy" else "toy_flux_base_path"
         return f"{name}()", f"from finetune.toy import {name}\n"
+    if base in TOY_BASES:
+        return f'toy_path("{base}")', "from finetune.toy import toy_path\n"
     if real and out_dir is not None and Path(real).expanduser().exists():
         return repr(os.path.relpath(Path(real).expanduser().resolve(), out_dir.resolve().parent)), ""
     return repr(base), ""
+
+
+def _route_note(ctx) -> str:
+    """Where it trained when that is not the base it is for, and the training adapter it trained through."""
+    parts = []
+    if getattr(ctx, "target", ""):
+        parts.append(f", on `{ctx.base}`")
+    if getattr(ctx, "training_adapter", ""):
+        parts.append(f", through the training adapter `{ctx.training_adapter}` (applied while training only: it "
+                     "is not part of these files, and using them does not need it)")
+    return "".join(parts)
+
+def _sample_line(family, ctx, prompt: str, files) -> str:
+    """The snippet's last lines: an image, or (video families) a clip written as MP4, with a Wan 2.2 run's
+    low-noise LoRA loaded into the second expert first."""
+    if family is None or not family.video:
+        return f'image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]'
+    low = [Path(f).name for f in files if Path(f).name.startswith("pytorch_lora_weights_low_noise")]
+    lines = [f'pipe.load_lora_weights("{Path(files[0]).parent.name}", weight_name="{low[0]}", '
+             "load_into_transformer_2=True)"] if low else []
+    frames = (_validation(ctx).get("frames") or (ctx.recipe.get("data", {}).get("video") or {}).get("frames", 81))
+    start = ", image=first_frame" if family.start_image else ""
+    lines += ["from diffusers.utils import export_to_video",
+              f'video = pipe("{prompt}"{start}, num_frames={frames}{_call_args(family, ctx)}).frames[0]',
+              'export_to_video(video, "sample.mp4", fps=16)']
+    return "\n".join(lines)
 
 
 def _validation(ctx) -> dict:
     return ctx.recipe.get("validation", {}) if isinstance(ctx.recipe, dict) else {}
 
 
+def _steps(ctx) -> int:
+    """The steps the grids used: the run's sampling settings, else the recipe's (30 by default)."""
+    return (getattr(ctx, "sampling", None) or {}).get("steps") or _validation(ctx).get("steps") or 30
+
+
 def _guidance(family, ctx) -> float:
-    g = _validation(ctx).get("guidance_scale")
+    g = (getattr(ctx, "sampling", None) or {}).get("guidance")
+    g = _validation(ctx).get("guidance_scale") if g is None else g
     return float(g) if g is not None else (family.default_guidance if family else 7.5)
-
-
-def _plain_call(family, ctx, prompt: str) -> str:
-    return f'image = pipe("{prompt}"{_call_args(family, ctx)}).images[0]'
 
 
 def _edit_call(family, ctx, prompt: str, base: str) -> str:
@@ -186,7 +223,7 @@ def _transformer_config(base: str, real: str | None) -> dict:
 def _call_args(family, ctx) -> str:
     """The sampler settings the validation grids used, so the snippet renders what the grids showed."""
     v = _validation(ctx)
-    return f", num_inference_steps={v.get('steps', 30)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
+    return f", num_inference_steps={_steps(ctx)}, guidance_scale={_guidance(family, ctx):g}" if v else ""
 
 
 def _sampling_note(family, ctx) -> str:
@@ -198,8 +235,12 @@ def _sampling_note(family, ctx) -> str:
     sampler = ("the base's own scheduler" if choice == "base" else f"`{choice}`")
     if family.objective == "flow":
         sampler += " (flow matching, with the shift the pipeline applies)"
-    return (f"**Sampling:** the grids above used {sampler}, {v.get('steps', 30)} steps, guidance "
-            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.")
+    what = (getattr(ctx, "sampling", None) or {})
+    made = f" The base it is for is {what['what']}, " + (
+        " and ".join(f"{d}-distilled" for d in what["distilled"]) + "." if what.get("distilled") else
+        "not distilled.") if what.get("what") else ""
+    return (f"**Sampling:** the grids above used {sampler}, {_steps(ctx)} steps, guidance "
+            f"{_guidance(family, ctx):g}; use the same in ComfyUI to see the same images.{made}")
 
 
 def _lora_ui_note(family, ctx, files) -> str:
@@ -211,6 +252,10 @@ def _lora_ui_note(family, ctx, files) -> str:
         where = "ComfyUI (LoRA loader)" if family.objective == "flow" else \
             "ComfyUI (LoRA loader) and AUTOMATIC1111 / Forge (`models/Lora`)"
         lines.append(f"`{kohya}` loads in {where}.")
+    low = f"{ctx.name}_low_noise.safetensors"
+    if low in names:  # Wan 2.2: one file per expert
+        lines.append(f"`{low}` is the low-noise expert's LoRA: load it on the low-noise model (ComfyUI), or with "
+                     "`load_lora_weights(..., load_into_transformer_2=True)` in diffusers.")
     if bfl in names:
         lines.append(f"`{bfl}` holds the same LoRA in Black Forest Labs' names (q/k/v fused: the fused layers' "
                      "rank is 3x, or 4x for single blocks, with alpha scaled to match) for sd-scripts and Forge.")

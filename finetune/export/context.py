@@ -47,6 +47,12 @@ class ExportContext:
     instance_prompts: list[str] = field(default_factory=list)
     #: the recipe's model section as given (local paths included) to reload the base; never written to a file
     model: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: the base the export is for (export.target_base / validation.base), when not the trained one
+    target: str = ""
+    #: how the grids sampled, which the card repeats: steps, guidance, and what the sampling base is
+    sampling: dict[str, Any] = field(default_factory=dict)
+    #: model.training_adapter's file name: applied while training, not part of the export
+    training_adapter: str = ""
 
     @classmethod
     def from_trainer(cls, t) -> ExportContext:
@@ -74,7 +80,29 @@ class ExportContext:
             tag_frequency=tag_frequency(scan.subsets) if scan is not None else {},
             instance_prompts=instance_prompts(r),
             model=r.model.model_dump(),
+            **_route_fields(t),
         )
+
+
+def _route_fields(t) -> dict[str, Any]:
+    """What the export is for and how it samples (finetune/routes.py), as ExportContext fields."""
+    from finetune.routes import target_base
+    from finetune.train.target import grid_settings, sampling_base
+
+    r = t.recipe
+    target = target_base(r)
+    v = grid_settings(t, r.validation)
+    s = sampling_base(t).sampling
+    if r.export.target_base and r.export.target_base not in (r.validation.base, r.model.base):
+        from finetune.models.base import resolve_base
+
+        s = resolve_base(r.export.target_base).sampling  # configs only; None for a hub id not cached
+    sampling = {"steps": v.steps, "guidance": v.guidance_scale}
+    if s is not None:
+        sampling |= {"what": s.what, "distilled": list(s.distilled)}
+    adapter = r.model.training_adapter
+    return {"target": public_path(target) if target != r.model.base else "", "sampling": sampling,
+            "training_adapter": Path(adapter).name if adapter else ""}
 
 
 def trigger_words(recipe, subsets=()) -> list[str]:
@@ -231,7 +259,23 @@ def common_metadata(ctx: ExportContext, extra: dict[str, Any] | None = None) -> 
     }
     if ctx.instance_prompts:
         meta["finetune.instance_prompts"] = json.dumps(ctx.instance_prompts)
+    meta |= route_metadata(ctx)
     meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def route_metadata(ctx: ExportContext) -> dict[str, str]:
+    """The base the export is for and how to sample it; the training adapter it was trained through (not in it)."""
+    meta: dict[str, str] = {}
+    if ctx.target:
+        meta["finetune.target_base"] = ctx.target
+    if ctx.sampling:
+        meta["finetune.sampling"] = json.dumps(ctx.sampling, sort_keys=True)
+        steps, guidance = ctx.sampling.get("steps"), ctx.sampling.get("guidance")
+        hint = f"{steps} steps" + (f", guidance {guidance:g}" if guidance is not None else "")
+        meta["modelspec.usage_hint"] = f"for {ctx.target or ctx.base}: {hint}"
+    if ctx.training_adapter:
+        meta["finetune.training_adapter"] = ctx.training_adapter
     return meta
 
 

@@ -312,3 +312,18 @@ def move_no_clobber(src: str | Path, dst: str | Path) -> Path:
             tmp.unlink(missing_ok=True)
     os.unlink(src)
     return dst
+
+
+def replace_folder(tmp: str | Path, out: str | Path) -> Path:
+    """Put a fully written folder `tmp` in the place of `out` (kept as `<out>.old` until the rename is done), so
+    `out` is always either the old folder or the new one, never half of either."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

@@ -69,36 +69,52 @@ def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
 
 def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
     cfg = method.config
-    tensors, configs = adapter_states(comps, method.trained_modules())
-    tensors = {k: v.detach().to("cpu", DTYPES[ctx.dtype]) for k, v in tensors.items()}
+    all_tensors, all_configs = adapter_states(comps, method.trained_modules())
     names = bound_names(comps.family.kohya_names, comps.named_modules())
-    meta = common_metadata(ctx, lora_metadata(cfg, configs)) | layout_metadata(names)
     written: list[Path] = []
-    if "diffusers" in ctx.formats:
-        written.append(save_diffusers_lora(tensors, configs, out_dir, meta, cfg.adapter))
-    if "kohya" in ctx.formats:
-        layers = peft_layers(tensors, configs, "trained adapter")
-        kohya = layers_to_kohya(layers, names, "trained adapter")
-        kmeta = meta | kohya_metadata(ctx, cfg, comps.family) | {PEFT_META: json.dumps(configs)}
-        written.append(save_safetensors(kohya, out_dir / f"{ctx.name}.safetensors", kmeta))
-    for fmt in family_layouts(comps.family):  # the family's own layouts (FLUX: 'bfl'), '<name>_<fmt>.safetensors'
-        if fmt in ctx.formats:
-            layers = peft_layers(tensors, configs, "trained adapter")
-            out = layout_module(comps.family, fmt).write(layers, names, "trained adapter")
-            written.append(save_safetensors(out, out_dir / f"{ctx.name}_{fmt}.safetensors",
-                                            meta | kohya_metadata(ctx, cfg, comps.family) | {LAYOUT_META: fmt}))
+    # one file set per group: everything at once, or (Wan 2.2) each expert under its own suffix
+    for suffix, renamed in comps.family.export_groups(method.trained_modules()):
+        tensors = {f"{renamed[m]}.{k}": v.detach().to("cpu", DTYPES[ctx.dtype])
+                   for key, v in all_tensors.items() for m, k in [key.split(".", 1)] if m in renamed}
+        configs = {renamed[m]: c for m, c in all_configs.items() if m in renamed}
+        meta = common_metadata(ctx, lora_metadata(cfg, configs)) | layout_metadata(names)
+        meta |= {"finetune.expert": suffix.lstrip("_")} if suffix else {}
+        written += _write_lora_files(comps, cfg, ctx, out_dir, suffix, tensors, configs, names, meta)
     if ctx.model_card:
         written.append(write_model_card(out_dir, ctx, written, kind="lora", dora=cfg.use_dora))
     return written
 
 
-def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], adapter: str) -> Path:
-    """Kinds diffusers loads: the file `load_lora_weights` reads. Others: a peft file for our loader."""
+def _write_lora_files(comps, cfg, ctx, out_dir: Path, suffix: str, tensors, configs, names, meta) -> list[Path]:
+    written: list[Path] = []
+    if "diffusers" in ctx.formats:
+        written.append(save_diffusers_lora(tensors, configs, out_dir, meta, cfg.adapter, suffix))
+    if "kohya" in ctx.formats:
+        layers = peft_layers(tensors, configs, "trained adapter")
+        kohya = layers_to_kohya(layers, names, "trained adapter")
+        kmeta = meta | kohya_metadata(ctx, cfg, comps.family) | {PEFT_META: json.dumps(configs)}
+        written.append(save_safetensors(kohya, out_dir / f"{ctx.name}{suffix}.safetensors", kmeta))
+    for fmt in family_layouts(comps.family):  # the family's own layouts (FLUX: 'bfl'), '<name>_<fmt>.safetensors'
+        if fmt in ctx.formats:
+            layers = peft_layers(tensors, configs, "trained adapter")
+            out = layout_module(comps.family, fmt).write(layers, names, "trained adapter")
+            written.append(save_safetensors(out, out_dir / f"{ctx.name}{suffix}_{fmt}.safetensors",
+                                            meta | kohya_metadata(ctx, cfg, comps.family) | {LAYOUT_META: fmt}))
+    return written
+
+
+def save_diffusers_lora(tensors, configs, out_dir: Path, meta: dict[str, str], adapter: str,
+                        suffix: str = "") -> Path:
+    """Kinds diffusers loads: the file `load_lora_weights` reads. Others: a peft file for our loader.
+    `suffix` goes before the extension (Wan 2.2's low-noise expert: '_low_noise')."""
+    def named(file: str) -> Path:
+        return out_dir / file.replace(".safetensors", f"{suffix}.safetensors")
+
     if get_kind(adapter).diffusers_file:
         packed = {f"{module}.{key}": value for module, cfg in configs.items() for key, value in cfg.items()}
-        return save_safetensors(transformers_dora_keys(tensors), out_dir / DIFFUSERS_FILE,
+        return save_safetensors(transformers_dora_keys(tensors), named(DIFFUSERS_FILE),
                                 meta | {ADAPTER_META: json.dumps(packed)})
-    return save_safetensors(tensors, out_dir / PEFT_FILE, meta | {PEFT_META: json.dumps(configs)})
+    return save_safetensors(tensors, named(PEFT_FILE), meta | {PEFT_META: json.dumps(configs)})
 
 
 def transformers_dora_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

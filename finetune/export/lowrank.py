@@ -29,12 +29,10 @@ class LayerReport:
 def _factors(adapter: Adapter, name: str, layer: Layer, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B * weight * scale, A) of a layer whose delta is a plain product B @ A (its kind says so); others are
     refused with the file and layer named."""
-    factors = layer.spec.low_rank(layer)
-    if factors is None:
-        what = "DoRA" if layer.dora else layer.kind
-        raise ModelError(f"{adapter.path}: layer '{name}' is {what}; merging ranks and resizing work on plain "
-                         "LoRA layers (fuse it into the base instead)")
-    b, a = factors
+    from finetune.export.adapters import low_rank_factors
+
+    b, a = low_rank_factors(layer, f"{adapter.path}: layer '{name}' is {{what}}; merging ranks and resizing work on "
+                            "plain LoRA layers (fuse it into the base instead)")
     return b * weight, a
 
 

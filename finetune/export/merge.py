@@ -38,9 +38,16 @@ def read_all(specs: list[LoraSpec], allow_pickle: bool = False, family=None, mod
 
 
 def fuse_all(comps, adapters: list[Adapter], weights: list[float]) -> int:
-    """Fuse every adapter into the components' weights; each file is checked whole before it changes anything."""
+    """Fuse every adapter into the components' weights; each file is checked whole before it changes anything.
+    A file written for one expert of a base with several (Wan 2.2's low-noise LoRA, header 'finetune.expert')
+    goes into that expert."""
     modules = comps.named_modules()
-    return sum(fuse(a, modules, w, comps.family.kohya_names) for a, w in zip(adapters, weights, strict=True))
+    total = 0
+    for a, w in zip(adapters, weights, strict=True):
+        slot = comps.family.experts.get(a.metadata.get("finetune.expert", ""))
+        target = modules if slot is None else {**modules, comps.family.denoiser_name: modules[slot]}
+        total += fuse(a, target, w, comps.family.kohya_names)
+    return total
 
 
 def merge_metadata(specs: list[LoraSpec], adapters: list[Adapter], extra: dict | None = None) -> dict[str, str]:

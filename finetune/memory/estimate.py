@@ -104,10 +104,12 @@ class _Sizer:
         compute = DTYPE_BYTES[recipe.train.mixed_precision]
         vae_bytes = 4 if _vae_fp32(recipe, comps.family) else compute
         dtype = DTYPES_T[recipe.train.mixed_precision]
-        den = _weights(comps.denoiser, compute, recipe.model.quantize, dtype)
+        experts = list(comps.experts.values())  # one denoiser, or every expert (Wan 2.2 A14B: two)
+        den = sum(_weights(e, compute, recipe.model.quantize, dtype) for e in experts)
         swapped = _swapped(comps, recipe, compute)
         est.lines.append((f"denoiser weights ({_form(recipe.model.quantize, compute)})", den - swapped,
-                          f"{_count(comps.denoiser) / 1e9:.2f}B parameters"))
+                          f"{sum(_count(e) for e in experts) / 1e9:.2f}B parameters"
+                          + (f" ({len(experts)} experts)" if len(experts) > 1 else "")))
         texts = sum(_weights(e, compute, recipe.model.quantize_text_encoders, dtype) for e in comps.text_encoders)
         vae = _weights(comps.vae, vae_bytes, "none", {4: torch.float32, 2: dtype}[vae_bytes])
         text_cached = _text_cached(recipe, comps.family, self.method)
@@ -119,10 +121,15 @@ class _Sizer:
         trained = [p for p in _trained(comps)]
         n = sum(p.numel() for p in trained)
         est.lines.append(("trained parameters (fp32)", 4 * n, f"{n / 1e6:.2f}M"))
-        est.lines.append(("gradients (fp32)", 4 * n, ""))
+        if recipe.train.optimizer_in_backward:  # each tensor steps and frees its gradient as soon as it is complete
+            est.lines.append(("gradients (fp32)", 4 * max((p.numel() for p in trained), default=0),
+                              "stepped in the backward: about one tensor's at a time"))
+        else:
+            est.lines.append(("gradients (fp32)", 4 * n, ""))
         est.lines.append((f"optimizer state ({recipe.train.optimizer})", _optimizer_bytes(trained, recipe), ""))
         act = self.activations(recipe) + _dequantized(comps.denoiser, compute, recipe.model.quantize)
-        est.lines.append(("activations (one step)", act, f"{recipe.data.resolution} px, batch {recipe.train.batch_size}"
+        frames = f" x {clip_frames(recipe)} frames" if recipe.data.video is not None else ""
+        est.lines.append(("activations (one step)", act, f"{recipe.data.resolution} px{frames}, batch {recipe.train.batch_size}"
                           + (", checkpointed" if recipe.train.gradient_checkpointing else "")))
         if not recipe.data.cache_latents:  # each step encodes its batch first (freed before the denoiser runs)
             est.lines[-1] = (est.lines[-1][0], max(act, self.encode(recipe, recipe.train.batch_size)), est.lines[-1][2])
@@ -169,7 +176,7 @@ def trace_step(comps, recipe) -> int:
     with torch.no_grad(), meta_safe():
         text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}
-    shape = latent_shape(comps, recipe.data.resolution, b)
+    shape = latent_shape(comps, recipe.data.resolution, b, clip_frames(recipe))
     size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)
     batch = {"original_size": size, "crop_top_left": size * 0, "target_size": size, "guidance": 1.0}
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), LiveBytes() as live, \
@@ -189,14 +196,20 @@ def trace_step(comps, recipe) -> int:
     return live.peak
 
 
-def latent_shape(comps, resolution: int, batch: int) -> tuple[int, ...]:
-    """The latents the family's `encode_latents` makes of `batch` square images (a meta VAE: shapes only): 16
-    channels at 1/8 for FLUX.1, 128 at 1/16 for FLUX.2's patchified latents, one frame of Qwen-Image's video VAE."""
+def latent_shape(comps, resolution: int, batch: int, frames: int = 1) -> tuple[int, ...]:
+    """The latents the family's `encode_latents` makes of `batch` square images or clips of `frames` (a meta VAE:
+    shapes only): 16 channels at 1/8 for FLUX.1, 128 at 1/16 for FLUX.2's patchified latents, one frame of
+    Qwen-Image's video VAE, Wan's (frames - 1) / 4 + 1 latent frames."""
     vae = comps.vae
     p = next(vae.parameters())
     with torch.no_grad():
-        pixels = torch.zeros(batch, 3, resolution, resolution, device=p.device, dtype=p.dtype)
+        pixels = torch.zeros(_pixels(batch, resolution, frames), device=p.device, dtype=p.dtype)
         return tuple(comps.family.encode_latents(vae, pixels).shape)
+
+
+def _pixels(batch: int, side: int, frames: int) -> tuple[int, ...]:
+    """A batch of images [B, 3, H, W], or of clips [B, 3, F, H, W] (a video recipe)."""
+    return (batch, 3, side, side) if frames == 1 else (batch, 3, frames, side, side)
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -221,15 +234,20 @@ def _weights(module: torch.nn.Module, compute: int, kind: str, dtype: torch.dtyp
 
 
 def trace_encode(vae, recipe, batch: int, family=None) -> int:
-    """Peak bytes the VAE's encoder adds for `batch` images at the recipe's resolution (no gradients), through
+    """Peak bytes the VAE's encoder adds for `batch` images (or clips) at the recipe's resolution (no gradients), through
     the family's own `encode_latents` (one frame for Qwen-Image's video VAE, FLUX.2's patchify)."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     side = recipe.data.resolution
     encode = family.encode_latents if family is not None else (lambda v, x: v.encode(x).latent_dist.mode())
     with torch.no_grad(), mock.patch("torch.nn.functional.scaled_dot_product_attention", fused_attention), \
             LiveBytes() as live:
-        encode(vae, torch.randn(batch, 3, side, side, device=device, dtype=dtype))
+        encode(vae, torch.randn(_pixels(batch, side, clip_frames(recipe)), device=device, dtype=dtype))
     return live.peak
+
+
+def clip_frames(recipe) -> int:
+    """Frames per training clip (1: images)."""
+    return recipe.data.video.frames if recipe.data.video is not None else 1
 
 
 def _dequantized(module, compute: int, kind: str) -> int:
@@ -264,9 +282,12 @@ def _swapped(comps, recipe, compute: int) -> int:
         return 0
     from finetune.models.offload import swappable_blocks
 
-    blocks = swappable_blocks(comps.denoiser, comps.family)[-recipe.train.block_swap:]
-    sizes = [_weights(b, compute, recipe.model.quantize, DTYPES_T[recipe.train.mixed_precision]) for b in blocks]
-    return sum(sizes) - max(sizes)
+    total = 0
+    for expert in comps.experts.values():  # each expert streams its own last blocks
+        blocks = swappable_blocks(expert, comps.family)[-recipe.train.block_swap:]
+        sizes = [_weights(b, compute, recipe.model.quantize, DTYPES_T[recipe.train.mixed_precision]) for b in blocks]
+        total += sum(sizes) - max(sizes)
+    return total
 
 
 def _count(module) -> int:

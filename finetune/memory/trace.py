@@ -83,11 +83,12 @@ def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 @contextlib.contextmanager
 def meta_safe():
     """Let the language-model encoders and variable-length captions run on the meta device, where no value can
-    be read: transformers' check whether a padding mask is all ones (to skip the causal mask) is answered 'no'
-    (the mask is built, as with real padding), and a boolean selection (Z-Image's captions cut to their mask)
+    be read: transformers' check whether a padding mask is all ones (to skip the causal mask, or the bidirectional
+    one of T5 given a mask, as Chroma's) is answered 'no' (the mask is built, as with real padding), and a boolean selection (Z-Image's captions cut to their mask)
     keeps every element, the longest a caption can be."""
     import torch.fx.experimental._config as fx_config
 
     with mock.patch("transformers.masking_utils._ignore_causal_mask_sdpa", return_value=False), \
+            mock.patch("transformers.masking_utils._ignore_bidirectional_mask_sdpa", return_value=False), \
             mock.patch.object(fx_config, "meta_nonzero_assume_all_nonzero", True):
         yield

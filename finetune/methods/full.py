@@ -72,9 +72,11 @@ class FullMethod:
 
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
-        comps.denoiser.requires_grad_(True)
-        groups = [{"params": list(comps.denoiser.parameters()), "lr": train_lr}]
-        self.trained = [comps.denoiser_name]
+        groups = []
+        for name in comps.trained_experts:  # the denoiser, or each trained expert (Wan 2.2)
+            comps.experts[name].requires_grad_(True)
+            groups.append({"params": list(comps.experts[name].parameters()), "lr": train_lr})
+        self.trained = list(comps.trained_experts)
         if cfg.train_text_encoder:
             for name, encoder in zip(comps.text_encoder_names, comps.text_encoders, strict=True):
                 encoder.requires_grad_(True)

@@ -160,15 +160,18 @@ class LoRAMethod:
     def setup(self, comps, train_lr: float) -> list[dict]:
         cfg = self.config
         alpha = cfg.alpha or cfg.rank
-        config = peft_adapter_config(cfg, cfg.rank, alpha, self.denoiser_targets(comps))
-        # modules whose output reaches nothing (Qwen-Image's last text stream) would never train, and DDP
-        # refuses parameters without gradients: the family names them, peft leaves them out
-        config.exclude_modules = comps.family.unused_modules(comps.denoiser) or None
-        with warnings.catch_warnings():  # peft warns when the targets never reached those modules anyway
-            warnings.filterwarnings("ignore", message="You have passed exclude_modules")
-            _add_adapter(comps.denoiser, config, "method.targets", cfg.targets)
-        groups = [{"params": _trainable(comps.denoiser), "lr": train_lr}]
-        self.adapted = [comps.denoiser_name]
+        groups = []
+        for name in comps.trained_experts:  # one denoiser, or each trained expert (Wan 2.2) its own adapter
+            denoiser = comps.experts[name]
+            config = peft_adapter_config(cfg, cfg.rank, alpha, self.denoiser_targets(comps))
+            # modules whose output reaches nothing (Qwen-Image's last text stream) would never train, and DDP
+            # refuses parameters without gradients: the family names them, peft leaves them out
+            config.exclude_modules = comps.family.unused_modules(denoiser) or None
+            with warnings.catch_warnings():  # peft warns when the targets never reached those modules anyway
+                warnings.filterwarnings("ignore", message="You have passed exclude_modules")
+                _add_adapter(denoiser, config, "method.targets", cfg.targets)
+            groups.append({"params": _trainable(denoiser), "lr": train_lr})
+        self.adapted = list(comps.trained_experts)
         te = cfg.text_encoder
         if te.enabled:
             rank = te.rank or cfg.rank

@@ -29,6 +29,7 @@ from finetune.errors import ModelError
 from finetune.models.detect import describe
 from finetune.models.families import FAMILIES
 from finetune.models.family import Family
+from finetune.models.sampling import Sampling, sampling_of
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
@@ -61,6 +62,14 @@ class Base:
     def local(self) -> bool:
         """The weights are a folder on this machine (a shipped toy base or a diffusers folder)."""
         return self.form in ("toy", "folder")
+
+    @property
+    def sampling(self) -> Sampling | None:
+        """How this base is meant to be sampled and whether it was distilled (finetune/models/sampling.py), from
+        its family, configs and name; None while its family is unknown."""
+        if self.family is None:
+            return None
+        return sampling_of(self.family, self.folder, self.index, self.name)
 
     def check(self) -> None:
         """Raise the reason this base cannot load, if there is one."""
@@ -120,6 +129,10 @@ def _locate(value: str, key: str) -> tuple[str, str, str | None]:
     from finetune.toy import toy_path
 
     if toy_path(value) is not None:
+        if not (toy_path(value) / "model_index.json").is_file():  # a toy base whose build is not committed
+            flag = "" if value == "toy" else " --" + value.split("-", 1)[1]
+            return "toy", str(toy_path(value)), (f"{key} '{value}': this toy base is not built in this checkout; build "
+                                                 f"it with `python tools/make_toy_model.py{flag}` (docs/toy.md)")
         return "toy", str(toy_path(value)), None
     path = Path(value).expanduser()
     if path.is_dir():

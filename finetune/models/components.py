@@ -12,7 +12,7 @@ method has chosen what trains (`cast_frozen`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,20 @@ class Components:
     #: modules a method adds beside the base, by their pipeline component name (a ControlNet): trained, handed to
     #: the family's `predict` (batch["modules"]) and to the pipelines
     added: dict[str, Any] = field(default_factory=dict)
+    #: every denoiser of the base by pipeline slot (one, unless the family has experts: Wan 2.2 A14B has two);
+    #: `denoiser` is the first of `trained_experts`
+    experts: dict[str, Any] = field(default_factory=dict)
+    trained_experts: tuple[str, ...] = ()  # the experts that train, taking turns by optimizer step
+    expert_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # timesteps each expert owns
+    parts: dict[str, Any] = field(default_factory=dict)  # the family's extra_parts (image encoder, ...)
 
     def __post_init__(self):
         if not self.text_encoder_names:
             self.text_encoder_names = tuple(self.family.text_encoder_names[: len(self.text_encoders)])
+        if not self.experts:
+            self.experts = {self.family.denoiser_name: self.denoiser}
+        if not self.trained_experts:
+            self.trained_experts = (next(n for n, m in self.experts.items() if m is self.denoiser),)
 
     @property
     def source(self) -> str:
@@ -57,7 +67,13 @@ class Components:
 
     @property
     def denoiser_name(self) -> str:
-        return self.family.denoiser_name
+        return self.trained_experts[0]
+
+    def expert_at(self, step: int) -> tuple[str, tuple[float, float] | None]:
+        """The expert that trains at optimizer step `step` (several take turns) and the timesteps it owns
+        (None: all of them)."""
+        name = self.trained_experts[step % len(self.trained_experts)]
+        return name, self.expert_ranges.get(name)
 
     @property
     def unet(self):
@@ -82,10 +98,15 @@ class Components:
         return toks.get(encoder_name)
 
     def named_modules(self) -> dict[str, torch.nn.Module]:
-        mods = {self.family.denoiser_name: self.denoiser, "vae": self.vae}
+        mods = {**self.experts, "vae": self.vae}
         for name, enc in zip(self.text_encoder_names, self.text_encoders, strict=True):
             mods[name] = enc
+        mods |= self.part_modules()
         return mods | self.added
+
+    def part_modules(self) -> dict[str, torch.nn.Module]:
+        """The family's extra parts that are modules (frozen with the base, moved to the device with it)."""
+        return {n: p for n, p in self.parts.items() if isinstance(p, torch.nn.Module)}
 
     def pipeline(self, denoiser=None, text_encoders=None, scheduler=None, edit: bool = False):
         """A diffusers pipeline over these components (for validation and class-image generation); `edit`: the
@@ -95,12 +116,11 @@ class Components:
         family = self.family
         cls = getattr(diffusers, family.edit_pipeline_class if edit else family.pipeline_class)
         encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
-        parts: dict[str, Any] = {family.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
-                                 "scheduler": scheduler or self.scheduler}
+        parts: dict[str, Any] = {**self.experts, self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
+                                 "scheduler": scheduler or self.scheduler, **self.parts, **self.added}
         for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None
-        parts |= self.extras.get("components", {}) | self.added  # what else the pipeline takes (a processor)
         decode_in_own_dtype(self.vae)
         kept = {k: v for k, v in self.extras.get("pipeline_config", {}).items() if k in family.pipeline_config_keys}
         return cls(**parts, **kept, **family.pipeline_kwargs)
@@ -135,6 +155,7 @@ class LoadOptions:
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: the family's)
     quantize: str = "none"  # the frozen denoiser's linear layers: 'nf4', 'int8', 'fp8' or 'none'
     quantize_text_encoders: str = "none"
+    experts: str = "all"  # a family with experts (Wan 2.2 A14B): 'all', or the one expert that trains
 
 
 @dataclass(frozen=True)
@@ -152,7 +173,8 @@ class LoadPrecision:
         fp32 = torch.float32
         denoiser = fp32 if "denoiser" in self.trained else self.compute
         text = fp32 if "text_encoders" in self.trained else self.compute
-        out = {"default": self.compute, "vae": self.vae, "unet": denoiser, "transformer": denoiser}
+        out = {"default": self.compute, "vae": self.vae, "unet": denoiser, "transformer": denoiser,
+               "transformer_2": denoiser}
         out |= {f"text_encoder{s}": text for s in ("", "_2", "_3")}
         return out
 
@@ -183,6 +205,24 @@ def load_components(base: Base, options: LoadOptions | None = None,
     return comps
 
 
+def load_denoiser(base: Base, options: LoadOptions, precision: LoadPrecision, vae=None):
+    """Only the denoiser of a complete `base` (frozen, quantized as `options` say), its own sampler and the
+    pipeline settings its family keeps: a second base that shares the first one's encoders and `vae`
+    (`validation.base`, finetune/train/target.py)."""
+    family = base.family
+    shared = replace(options, drop_text_encoders=tuple(family.text_encoder_names))  # nor their tokenizers
+    pipe = _load_pretrained(base, shared, vae, precision.by_component())
+    denoiser = getattr(pipe, family.denoiser_name)
+    set_attention(denoiser, options.attention)
+    denoiser.requires_grad_(False).eval()
+    if options.quantize != "none":
+        from finetune.models.quantize import quantize_module
+
+        quantize_module(denoiser, options.quantize, precision.compute, what="model.quantize")
+    keep = {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}
+    return denoiser, type(pipe.scheduler).from_config(pipe.scheduler.config), keep
+
+
 def _check_fits(pipe, base: Base, options: LoadOptions) -> None:
     """A `model.family` forced onto a base of another family leaves the family's parts empty: say so here,
     not as an AttributeError at the first caption."""
@@ -202,7 +242,8 @@ def quantize_components(comps: Components, options: LoadOptions, compute: torch.
     from finetune.models.quantize import quantize_module
 
     if options.quantize != "none":
-        quantize_module(comps.denoiser, options.quantize, compute, what="model.quantize")
+        for expert in comps.experts.values():
+            quantize_module(expert, options.quantize, compute, what="model.quantize")
     if options.quantize_text_encoders != "none":
         for enc in comps.text_encoders:
             quantize_module(enc, options.quantize_text_encoders, compute, what="model.quantize_text_encoders")
@@ -244,9 +285,9 @@ def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | 
 
 
 def _extra_components(base: Base) -> dict[str, Any]:
-    """Pipeline parts the family loads itself (Qwen-Image-Edit's processor)."""
+    """Pipeline parts the family loads itself (Qwen-Image-Edit's processor); the others diffusers loads."""
     out = {}
-    for name in base.family.extra_components if base.family is not None else ():
+    for name in base.family.extra_parts if base.family is not None else ():
         try:
             part = base.family.load_component(name, base.location, base.revision)
         except (OSError, ValueError) as e:
@@ -293,14 +334,19 @@ def _from_pipeline(pipe, base: Base, options: LoadOptions) -> Components:
         scheduler.register_to_config(prediction_type=prediction)
         sampler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
     else:
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler = family.training_scheduler(pipe.scheduler)
         prediction, sampler = "flow", type(pipe.scheduler).from_config(pipe.scheduler.config)
-    denoiser = getattr(pipe, family.denoiser_name)
-    set_attention(denoiser, options.attention)
+    experts, trained = _experts(pipe, base, options.experts)
+    for expert in experts.values():
+        set_attention(expert, options.attention)
     present = [(n, t) for n, t in zip(family.text_encoder_names, family.tokenizer_names, strict=True)
                if getattr(pipe, n, None) is not None]
     return Components(
-        denoiser=denoiser,
+        denoiser=experts[trained[0]],
+        experts=experts,
+        trained_experts=trained,
+        expert_ranges=family.expert_ranges(dict(pipe.config), scheduler) if len(experts) > 1 else {},
+        parts={n: getattr(pipe, n) for n in family.extra_parts if getattr(pipe, n, None) is not None},
         vae=pipe.vae,
         text_encoders=[getattr(pipe, n) for n, _ in present],
         tokenizers=[getattr(pipe, t) for _, t in present],
@@ -312,35 +358,30 @@ def _from_pipeline(pipe, base: Base, options: LoadOptions) -> Components:
         max_sequence_length=options.max_sequence_length,
         # the base's own sampler, for `validation.scheduler: base`; its pipeline settings the family keeps
         extras={"sampler": sampler,
-                "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config},
-                "components": {n: getattr(pipe, n, None) for n in family.extra_components}},
+                "pipeline_config": {k: pipe.config[k] for k in family.pipeline_config_keys if k in pipe.config}},
     )
 
 
-def set_attention(denoiser, kind: str) -> None:
-    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser).
-    'sdpa' is diffusers' own choice on torch 2; 'eager' is the plain one; 'xformers' needs the package.
-    U-Nets swap attention processors; transformers (SD3, FLUX, ...) keep their family's processors and pick
-    the kernel through diffusers' attention dispatcher."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+def _experts(pipe, base: Base, chosen: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The base's denoisers by pipeline slot, and which of them train (`model.experts`: `chosen`)."""
+    family = base.family
+    slots = dict.fromkeys([family.denoiser_name, *family.experts.values()])
+    experts = {s: getattr(pipe, s) for s in slots if getattr(pipe, s, None) is not None}
+    if chosen == "all":
+        return experts, tuple(experts)
+    slot = family.experts[chosen]
+    if slot not in experts:
+        raise ModelError(f"model.experts: '{chosen}' ({slot}) is not in the base '{base.name}' (it has "
+                         f"{', '.join(experts)}); use all")
+    return experts, (slot,)
 
-    if not isinstance(denoiser, UNet2DConditionModel):
-        backend = {"sdpa": None, "eager": "_native_math", "xformers": "xformers"}[kind]
-        if backend is not None:
-            try:
-                denoiser.set_attention_backend(backend)
-            except (ImportError, ModuleNotFoundError, ValueError, RuntimeError) as e:
-                raise ModelError(f"model.attention: {kind} cannot run here ({e}); use sdpa") from None
-        return
-    unet = denoiser
-    if kind == "xformers":
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except (ModuleNotFoundError, ValueError) as e:  # not installed, or no GPU kernel for this device
-            raise ModelError(f"model.attention: xformers cannot run here ({e}); use sdpa") from None
-        return
-    unet.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
+
+def set_attention(denoiser, kind: str) -> None:
+    """`model.attention`: the denoiser's attention kernel (validation and class images use the same denoiser),
+    through diffusers' attention dispatcher (finetune/models/attention.py)."""
+    from finetune.models.attention import set_attention as through_dispatcher
+
+    through_dispatcher(denoiser, kind)
 
 
 def freeze(comps: Components) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ClipNames, ModuleNames, UNetGeometry, UNetNames
 from finetune.export.ldm import ClipCheckpoint
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 
 # the U-Net block layout of the real models (what a LoRA file for them is named after)
+#: a U-Net's blocks for regional compile: its down, middle and up blocks
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 SD_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(False, True, True, True))
 SDXL_GEOMETRY = UNetGeometry(layers_per_block=2, up_attention=(True, True, False))
 
@@ -98,6 +101,13 @@ class Family:
     #: the denoiser's block lists (ModuleList attributes), in order: what `train.block_swap` streams from the
     #: CPU (families whose gradient checkpointing wraps each block of these lists)
     swap_blocks: tuple[str, ...] = ()
+    #: what `train.compile: blocks` compiles, one block at a time (attributes: a block list or one block); empty:
+    #: the swap_blocks, else the denoiser's own `_repeated_blocks` (diffusers' regional-compile classes)
+    compile_blocks: tuple[str, ...] = ()
+    #: how `train.routing` (TREAD) finds the image tokens in the swap_blocks' arguments: 'text_first_rope'
+    #: (`hidden_states`, and `image_rotary_emb` over text-then-image positions: FLUX), 'plain' (`hidden_states`,
+    #: positions added before the blocks: SD3); None: no token routing (finetune/train/routing.py)
+    token_routing: str | None = None
     #: cache text embeddings (and release the encoders) unless the recipe says otherwise: large encoders
     cache_text_by_default: bool = False
     #: new token embeddings (Textual Inversion, pivotal tuning) are supported for this family's encoders
@@ -110,7 +120,7 @@ class Family:
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
     #: conditioning images (data.conditioning: an edit's input, reference photos) one example can carry; 0: the
-    #: family takes none. How they enter the denoiser is `predict`'s business (batch["conditions"])
+    #: family takes none. How they enter the denoiser is `predict`'s business (batch["references"])
     max_conditions: int = 0
     #: the pipeline that takes conditioning images (validation pairs, `tools/generate.py --image`)
     edit_pipeline_class: str | None = None
@@ -123,8 +133,25 @@ class Family:
     controlnet_family: str | None = None
     #: the conditioning images reach `predict` as pixels in [-1, 1] (a U-Net ControlNet's input), not as latents
     control_pixels: bool = False
-    #: pipeline components besides the denoiser, VAE, encoders and tokenizers (Qwen-Image-Edit: its 'processor')
-    extra_components: tuple[str, ...] = ()
+    #: how the family's undistilled bases sample (steps, guidance), where its publisher says; None: the recipe's
+    #: defaults and `default_guidance` (finetune/models/sampling.py)
+    sampling: Sampling | None = None
+    #: the family's distilled (and other) published variants, told apart by config values or name words: the
+    #: first that fits a base gives its sampling defaults and what it was distilled for
+    variants: tuple[Variant, ...] = ()
+    #: bases with several denoisers that split the noise levels between them (Wan 2.2 A14B's high- and
+    #: low-noise experts): `model.experts` value -> pipeline slot. Each trained expert trains only on the
+    #: timesteps it owns (`expert_ranges`); several take turns by optimizer step
+    experts: dict[str, str] = field(default_factory=dict)
+    #: frozen pipeline parts besides the denoiser, VAE, text encoders and tokenizers that the family reads (Wan 2.1
+    #: image-to-video: the CLIP image encoder and its processor; Qwen-Image-Edit: its 'processor'); loaded with
+    #: the base (or by `load_component`), moved and cast with it, handed to every pipeline built over it
+    extra_parts: tuple[str, ...] = ()
+    #: the latents have a time axis ([B, C, F, H, W]): the data path samples clips of frames for it
+    video: bool = False
+    #: sampling starts from an image (image-to-video): validation passes the pipeline `image`, the first frame
+    #: of the first training clip
+    start_image: bool = False
 
     # ------------------------------------------------------------------------------------- detection
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
@@ -155,7 +182,7 @@ class Family:
         return self.encode_prompt(comps, captions, device)
 
     def load_component(self, name: str, where: str, revision: str | None = None) -> Any:
-        """One of `extra_components`, loaded by the family from the base `where` (a folder or hub id); None lets
+        """One of `extra_parts`, loaded by the family from the base `where` (a folder or hub id); None lets
         diffusers load it with the pipeline."""
         return None
 
@@ -199,7 +226,23 @@ class Family:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents.float() - shift) * vae.config.scaling_factor
 
+    def encode_conditions(self, comps: Components, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditioning derived from the training target itself (image-to-video: the first frame, encoded as
+        the pipeline encodes its input image), keyed by name; computed (and cached) with the latents and
+        handed to `predict` as `batch["conditions"]`. Default: none."""
+        return {}
+
+
     # ------------------------------------------------------------------------------------- denoiser
+    def training_scheduler(self, scheduler):
+        """The flow-matching scheduler the objective draws noise levels from, built from the base's own
+        sampler (default: a copy of it; Wan ships UniPC and trains on the matching FlowMatch grid)."""
+        return type(scheduler).from_config(scheduler.config)
+
+    def expert_ranges(self, pipeline_config: dict[str, Any], scheduler) -> dict[str, tuple[float, float]]:
+        """Timesteps (0..num_train_timesteps) each expert slot owns, as the pipeline switches between them."""
+        return {}
+
     def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor],
                 batch: dict[str, Any]) -> torch.Tensor:
         """The denoiser's output for noisy latents in the VAE's latent layout [B, C, H, W]."""
@@ -221,9 +264,18 @@ class Family:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
         self._check_conditioning(recipe)
+        if recipe.train.routing is not None and self.token_routing is None:
+            raise ValueError(f"train.routing (token routing) is available for flux and sd3; the {self.name} family's "
+                             "blocks do not route tokens here: remove train.routing")
         if recipe.train.block_swap and not self.swap_blocks:
             raise ValueError(f"train.block_swap streams transformer blocks (sd3, flux); the {self.name} family's "
                              "denoiser has no block lists to swap: set train.block_swap: 0")
+        if recipe.data.video is not None and not self.video:
+            raise ValueError(f"data.video: the {self.name} family makes images, not clips; remove data.video and the "
+                             "video sources (or use a video base: Wan)")
+        if model.experts != "all" and model.experts not in self.experts:
+            can = f"one of all, {', '.join(self.experts)}" if self.experts else "all (it has one denoiser)"
+            raise ValueError(f"model.experts: '{model.experts}' is not an expert of a {self.name} base; use {can}")
         bad = [n for n in model.drop_text_encoders if n not in self.optional_text_encoders]
         if bad:
             can = ", ".join(self.optional_text_encoders) or "none"
@@ -268,6 +320,10 @@ class Family:
         if self.prompt_reads_conditions and recipe.data.random_flip and cond.role == "spatial":
             raise ValueError(f"data.random_flip: the {self.name} family's text encoder sees the conditioning images, "
                              "and a flipped pair would need its prompt encoded twice; set random_flip: false")
+    def export_groups(self, trained: list[str]) -> list[tuple[str, dict[str, str]]]:
+        """How the trained modules split into adapter files: (file-name suffix, {module: the component name it
+        has in that file}). Default: one file, named as they are (Wan 2.2: one file per expert)."""
+        return [("", {n: n for n in trained})]
 
     def unused_modules(self, denoiser) -> list[str]:
         """Modules of `denoiser` whose output never reaches the prediction (Qwen-Image: the last block's text

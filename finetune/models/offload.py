@@ -17,12 +17,21 @@ forward hook then never runs, its weights would keep pointing at the device copi
 backward every swapped block would sit on the device. So the denoiser's checkpoints here recompute each
 block to its end (tests/test_offload.py catches the difference).
 
-Copies are synchronous (from pinned memory on CUDA); overlapping the next block's copy with this block's
-compute on a side stream is not done here (docs/memory.md gives the measured and the computed cost).
+One-way: a frozen weight is only ever copied host -> device, from pinned memory on CUDA; the device copy is
+dropped, never copied back (its home copy is unchanged: nothing trains it). Per step each swapped block is
+uploaded twice (its forward and its recomputed forward), so `bytes_moved` per step is twice the swapped
+weights; a two-way swap (each upload paired with a copy back, as sd-scripts / musubi-tuner did before their
+H2D-only mode) moves twice that.
+
+Overlap (`prefetch`, on by default on CUDA): when block i starts, block i+1's upload (i-1's while the backward
+recomputes) is queued on a side stream, so it runs while block i computes;
+block i+1 waits for that copy's event before it starts. Two blocks' copies are then on the device at once
+instead of one.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,7 +41,7 @@ from finetune.errors import ModelError
 
 
 class BlockSwap:
-    def __init__(self, denoiser: torch.nn.Module, family, count: int, device: Any):
+    def __init__(self, denoiser: torch.nn.Module, family, count: int, device: Any, prefetch: bool | None = None):
         blocks = swappable_blocks(denoiser, family)
         if not blocks:
             raise ModelError(f"train.block_swap: the {family.name} family's denoiser has no block lists to swap "
@@ -43,12 +52,16 @@ class BlockSwap:
         self.device = torch.device(device)
         self.blocks = blocks[len(blocks) - count:]
         self.home: dict[torch.nn.Parameter, torch.Tensor] = {}
-        self.resident = self.max_resident = self.bytes_moved = self.loads = 0
+        self.resident = self.max_resident = self.bytes_moved = self.loads = self.prefetched = 0
+        cuda = self.device.type == "cuda"
+        self.prefetch = cuda if prefetch is None else prefetch
+        self.stream = torch.cuda.Stream(self.device) if cuda and self.prefetch else None
+        self.pending: dict[int, tuple[dict, Any]] = {}  # block index -> (param -> copy, the copy's CUDA event)
         self._place(denoiser)
         _recompute_to_the_end(denoiser)
-        for block in self.blocks:
-            block.register_forward_pre_hook(self._load)
-            block.register_forward_hook(self._unload)
+        for i, block in enumerate(self.blocks):
+            block.register_forward_pre_hook(lambda b, args, i=i: self._load(i))
+            block.register_forward_hook(lambda b, args, out, i=i: self._unload(i))
 
     # --------------------------------------------------------------------------------------- set-up
     def _place(self, denoiser: torch.nn.Module) -> None:
@@ -75,19 +88,49 @@ class BlockSwap:
     def _frozen(self, block: torch.nn.Module):
         return [p for p in block.parameters() if p in self.home]
 
-    def _load(self, block, args) -> None:
-        moved = 0
-        for p in self._frozen(block):
+    def _upload(self, i: int) -> tuple[dict, Any]:
+        """Copies of block i's frozen weights on the device (on the side stream when there is one)."""
+        stream = self.stream
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
             # copy=True: a real copy even when device and home are the same (the CPU tests exercise it)
-            p.data = self.home[p].to(self.device, non_blocking=True, copy=True)
+            copies = {p: self.home[p].to(self.device, non_blocking=True, copy=True) for p in self._frozen(self.blocks[i])}
+            event = stream.record_event() if stream is not None else None
+        self.bytes_moved += sum(t.numel() * t.element_size() for t in copies.values())
+        return copies, event
+
+    def _load(self, i: int) -> None:
+        copies, event = self.pending.pop(i, None) or self._upload(i)
+        for j in list(self.pending):  # a guess that did not come true: its copies go
+            del self.pending[j]
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in copies.values():  # the allocator must not reuse them while this stream computes
+                t.record_stream(current)
+        moved = 0
+        for p, copy in copies.items():
+            p.data = copy
             moved += p.numel() * p.element_size()
         self.loads += 1
-        self.bytes_moved += moved
         self.resident += moved
-        self.max_resident = max(self.max_resident, self.resident)
+        nxt = self._next(i)
+        if self.prefetch and nxt is not None:
+            self.pending[nxt] = self._upload(nxt)
+            self.prefetched += 1
+        self.max_resident = max(self.max_resident, self.resident + self._pending_bytes())
 
-    def _unload(self, block, args, output) -> None:
-        for p in self._frozen(block):
+    def _next(self, i: int) -> int | None:
+        """The block that runs next: the following one in a forward, the previous one while the backward
+        recomputes (torch's checkpoint asks the same question of the autograd engine)."""
+        in_backward = torch._C._current_graph_task_id() != -1
+        nxt = i - 1 if in_backward else i + 1
+        return nxt if 0 <= nxt < len(self.blocks) else None
+
+    def _pending_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for copies, _ in self.pending.values() for t in copies.values())
+
+    def _unload(self, i: int) -> None:
+        for p in self._frozen(self.blocks[i]):
             self.resident -= p.numel() * p.element_size()
             p.data = self.home[p]  # the device copy lives on only where the autograd graph holds it
 

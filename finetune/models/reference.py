@@ -2,14 +2,18 @@
 
 finetune/models/configs/<name>/ holds, for each reference base, the published `model_index.json` and each
 component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
-SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B. They are
+SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD
+(its transformer config is diffusers' ChromaTransformer2DModel defaults, which are Chroma's; T5-XXL, the FLUX.1
+VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Wan 2.1 T2V
+1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
+writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
 real shapes (tests/test_real_shapes.py); the benchmarks build some with random weights (timing and memory need
 the shapes, not trained weights, and nothing can be downloaded).
 
 The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses); the T5 and
-Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`): what matters at real shapes is how
-many tokens a caption becomes, not the vocabulary.
+Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`; Wan's UMT5 tokenizer is a
+T5TokenizerFast too): what matters at real shapes is how many tokens a caption becomes, not the vocabulary.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ REFERENCE_IDS = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev", "black-forest-labs/FLUX.1-schnell": "flux1-schnell",
     "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
+    "lodestones/Chroma1-HD": "chroma1-hd", "lodestones/Chroma1-Base": "chroma1-hd",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
 }
 
 
@@ -49,14 +57,17 @@ def reference_config(name: str, component: str) -> dict:
 
 def stand_in_tokenizer(cls_name: str):
     """A tokenizer of the kind `cls_name` names, for a folder that ships none: CLIP's own BPE (the toy's), or a
-    small T5 / Qwen tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
+    small T5 / Qwen / Mistral tokenizer built offline (Qwen's: its chat template, and Qwen-Image's 34-token template
     head, finetune/models/tiny.py)."""
     import tempfile
 
-    from finetune.models.tiny import clip_tokenizer, qwen_tokenizer, t5_tokenizer
+    from finetune.models.tiny import clip_tokenizer, mistral_tokenizer, qwen_tokenizer, t5_tokenizer
 
     if cls_name.startswith("CLIP"):
         return clip_tokenizer()
+    if cls_name.startswith("Pixtral"):  # FLUX.2 [dev]'s Mistral processor: its tokenizer and chat template
+        with tempfile.TemporaryDirectory() as tmp:
+            return mistral_tokenizer(qwen_tokenizer(Path(tmp) / "tokenizer"))
     for prefix, build in (("T5", t5_tokenizer), ("Qwen2", qwen_tokenizer)):
         if cls_name.startswith(prefix):
             with tempfile.TemporaryDirectory() as tmp:
@@ -92,13 +103,20 @@ SD3_VAE = reference_config("sd35-medium", "vae")
 SD3_SCHEDULER = reference_config("sd35-medium", "scheduler")
 
 
+#: benchmark name -> a published config folder built with random weights in bf16 (`build_random_folder`)
+FROM_CONFIGS = {"flux-dev": "flux1-dev"}
+
+
 def build_reference_base(model: str, path: Path) -> Path:
-    """Write (once) a diffusers folder of `model` ('sd15', 'sd21', 'sdxl') with random weights; return its path."""
+    """Write (once) a diffusers folder of `model` ('sd15', 'sd21', 'sdxl', 'sd35m', 'flux-dev') with random
+    weights; return its path."""
     if (path / "model_index.json").is_file():
         return path
+    if model in FROM_CONFIGS:
+        return build_random_folder(FROM_CONFIGS[model], path)
     builders = {"sd15": _sd15, "sd21": _sd21, "sdxl": _sdxl, "sd35m": _sd35m}
     if model not in builders:
-        raise ValueError(f"no reference config for {model!r}; known: {sorted(builders)}")
+        raise ValueError(f"no reference config for {model!r}; known: {sorted([*builders, *FROM_CONFIGS])}")
     pipe = builders[model]()
     tmp = path.with_name(path.name + ".tmp")
     pipe.save_pretrained(tmp)
@@ -192,3 +210,78 @@ def _sd35m():
         tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer, pad_token="!"), tokenizer_3=None,
         scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
     )
+
+
+def build_random_folder(name: str | Path, path: Path, device: str | None = None, dtype: str = "bfloat16") -> Path:
+    """A reference config folder (`name`, or any diffusers folder's configs) as a loadable diffusers folder:
+    every model built at its published
+    shape with random weights, made directly in `dtype` on `device` (the GPU when there is one: a 12B FLUX
+    transformer is built in seconds there, minutes on a CPU), stand-in tokenizers, the published scheduler.
+    `device="meta"` builds and writes nothing (tests check the shapes)."""
+    import shutil
+
+    import torch
+
+    folder = name if isinstance(name, Path) else reference_folder(name)
+    index = json.loads((folder / "model_index.json").read_text())
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        for component, (_, cls_name) in ((k, v) for k, v in index.items() if isinstance(v, list) and v[1]):
+            if "Tokenizer" in cls_name:
+                part = stand_in_tokenizer(cls_name)
+            elif "Scheduler" in cls_name:
+                import diffusers
+
+                cls = getattr(diffusers, cls_name)
+                part = cls.from_config(cls.load_config(folder / component))
+            else:
+                part = meta_module(folder / component, cls_name).to_empty(device=device)
+                _fill(part)
+                if hasattr(part, "tie_weights"):  # to_empty gives tied weights (T5's embeddings) storages of their own
+                    part.tie_weights()
+            if device != "meta":
+                part.save_pretrained(tmp / component)
+    finally:
+        torch.set_default_dtype(previous)
+    if device == "meta":
+        return path
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    tmp.rename(path)
+    return path
+
+
+def _fill(module) -> None:
+    """Random weights of a sensible scale (a normal of std 0.02, norms' scales 1, biases 0): timing and memory
+    need values that stay finite through the layers, not trained ones."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name or name.endswith("scale") else 0.0)
+            else:
+                p.normal_(0.0, 0.02)
+        for b in module.buffers():
+            if b.is_floating_point():
+                b.zero_()
+
+
+def meta_module(folder: Path, cls_name: str):  # -> torch.nn.Module (torch imported only inside)
+    """The diffusers or transformers model `cls_name` of a config folder, built on the meta device."""
+    import diffusers
+    import torch
+    import transformers
+
+    if hasattr(diffusers, cls_name) and hasattr(getattr(diffusers, cls_name), "load_config"):
+        cls = getattr(diffusers, cls_name)
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(folder))
+    cls = getattr(transformers, cls_name)
+    config = cls.config_class.from_pretrained(folder)
+    with torch.device("meta"):
+        return cls(config)

@@ -7,7 +7,8 @@ tokens, as with the real tokenizer (the pipeline drops exactly 34), and the chat
 the way Qwen3's does.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
-    build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein"
+    build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
+                                   # "wan_i2v", "wan_experts"
 """
 
 from __future__ import annotations
@@ -133,6 +134,29 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True, kontext:
     pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
         transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159), text_encoder=clip,
         tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_t5_tokenizer")
+    return folder
+
+
+def build_tiny_chroma(folder: Path, seed: int = 0) -> Path:
+    """Chroma-shaped: FLUX's tiny layout (one double- and one single-stream block, 2 heads of 16, rotary axes
+    4 + 6 + 6, 64 packed input channels) with Chroma's approximator (2 layers 32 wide) in place of the
+    modulation linears, a T5 encoder 32 wide and no CLIP, FLUX's VAE factors and resolution-shift scheduler."""
+    import torch
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = t5_tokenizer(folder / "_t5_tokenizer")
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=16,
+        approximator_hidden_dim=32, approximator_layers=2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = ChromaPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+                          text_encoder=_t5(len(tok), 32), tokenizer=tok, scheduler=scheduler)
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "_t5_tokenizer")
     return folder
@@ -322,38 +346,175 @@ FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting
                        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="exponential")
 
 
-def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) -> Path:
-    """FLUX.2 [klein]-shaped: one double- and one single-stream block (2 heads of 16, rotary axes 4 x 4), no
-    guidance input, reading hidden states 9, 18 and 27 of a Qwen3 causal LM (28 layers 16 wide: the layers the
-    pipeline reads exist), a VAE of 4 latent channels patchified 2x2 (16 transformer channels) with non-trivial
-    batch-norm statistics; `distilled=False`: [klein] Base (the pipeline then samples with CFG)."""
+def _flux2_parts(guidance: bool = False):
+    """One double- and one single-stream FLUX.2 block (2 heads of 16, rotary axes 4 x 4) reading 3 x 16 wide text
+    states, and a VAE of 4 latent channels (16 after the 2x2 patchify) with batch-norm statistics far from (0, 1),
+    as the real VAE's are, so that the normalisation matters."""
     import torch
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    folder, tok = _seeded(folder, seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+        joint_attention_dim=3 * 16, timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance)
     vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                              up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
                              layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
                              use_quant_conv=False, use_post_quant_conv=False)
-    with torch.no_grad():  # the real VAE's statistics are far from (0, 1): make the normalisation matter
+    with torch.no_grad():
         vae.bn.running_mean.uniform_(-0.5, 0.5)
         vae.bn.running_var.uniform_(0.5, 2.0)
+    return transformer, vae
+
+
+def _flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)
+
+
+def build_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = True) -> Path:
+    """FLUX.2 [klein]-shaped: `_flux2_parts` without a guidance input, reading hidden states 9, 18 and 27 of a
+    Qwen3 causal LM (28 layers 16 wide: the layers the pipeline reads exist); `distilled=False`: [klein] Base
+    (the pipeline then samples with CFG)."""
+    from diffusers import Flux2KleinPipeline
+
+    folder, tok = _seeded(folder, seed)
+    transformer, vae = _flux2_parts()
     pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=_qwen3(len(tok), 16, 28, causal_lm=True),
-                              tokenizer=tok, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER),
-                              is_distilled=distilled)
+                              tokenizer=tok, scheduler=_flux2_scheduler(), is_distilled=distilled)
     return _save(pipe, folder)
 
 
+# Mistral's chat template as FLUX.2 [dev] renders it: system and user turns with text parts, no generation prompt
+MISTRAL_TEMPLATE = (
+    "{{- bos_token -}}{%- for m in messages -%}"
+    "{%- set text = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -%}"
+    "{%- if m['role'] == 'system' -%}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' -}}"
+    "{%- else -%}{{- '[INST]' + text + '[/INST]' -}}{%- endif -%}{%- endfor -%}"
+)
+
+
+def mistral_tokenizer(qwen):
+    """A Mistral-style tokenizer over `qwen_tokenizer`'s byte-level BPE: <s> / </s> / <pad> and the instruction
+    specials, Mistral's chat template (system and user turns, text parts)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, chat_template=MISTRAL_TEMPLATE)
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "additional_special_tokens":
+                            ["[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"]})
+    tok.model_max_length = 32768
+    return tok
+
+
+def build_tiny_flux2_dev(folder: Path, seed: int = 0) -> Path:
+    """FLUX.2 [dev]-shaped: [klein]'s tiny layout with a guidance input, reading hidden states 10, 20 and 30 of
+    a Mistral-3 encoder (30 layers 16 wide, a one-layer Pixtral vision tower it never uses), and the byte-level BPE
+    of `qwen_tokenizer` with Mistral's specials and chat template (FLUX.2's system message is then ~150 tokens)."""
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    folder, qwen = _seeded(folder, seed)
+    tok = mistral_tokenizer(qwen)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": len(tok) + 8, "hidden_size": 16, "intermediate_size": 32,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 32, "image_size": 28, "patch_size": 14, "head_dim": 8},
+        image_token_index=len(tok) + 1, spatial_merge_size=1)
+    transformer, vae = _flux2_parts(guidance=True)
+    pipe = Flux2Pipeline(transformer=transformer, vae=vae, text_encoder=Mistral3ForConditionalGeneration(config),
+                         tokenizer=tok, scheduler=_flux2_scheduler())
+    return _save(pipe, folder)
+
+
+# Wan 2.1 text-to-video, 2.1 image-to-video (CLIP image encoder) and 2.2 with two experts split at a boundary:
+# UMT5 32 wide over the T5-style tokenizer, a causal video VAE with 16 latent channels (4x time, 8x space),
+# Wan's UniPC sampler on flow sigmas
+WAN_KINDS = ("t2v", "i2v", "experts")
+
+
+def tiny_wan_transformer(in_channels: int = 16, image_dim: int | None = None, layers: int = 2):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=layers, rope_max_seq_len=32, image_dim=image_dim,
+        added_kv_proj_dim=24 if image_dim else None)
+
+
+def tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    # latents_mean / latents_std: Wan's own 16 per-channel statistics (the config's defaults)
+    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
+
+
+def wan_sampler(flow_shift: float = 3.0):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                   num_train_timesteps=1000)
+
+
+def umt5_encoder(vocab: int, width: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                       num_heads=2, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                       is_encoder_decoder=False))
+
+
+def _clip_image_parts():
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, projection_dim=16, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, intermediate_size=32,
+                                               patch_size=8))
+    return {"image_encoder": encoder, "image_processor": CLIPImageProcessor(crop_size=32, size=32)}
+
+
+def build_tiny_wan(folder: Path, kind: str = "t2v", seed: int = 0, boundary_ratio: float = 0.875) -> Path:
+    """A WanPipeline ('t2v', 'experts': Wan 2.2's two experts at `boundary_ratio`) or WanImageToVideoPipeline
+    ('i2v', Wan 2.1's: CLIP image encoder, 36 input channels) folder."""
+    import shutil
+
+    import torch
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    if kind not in WAN_KINDS:
+        raise ValueError(f"kind must be one of {WAN_KINDS}")
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = t5_tokenizer(folder / "_tokenizer")
+    parts = dict(tokenizer=tok, text_encoder=umt5_encoder(len(tok)), vae=tiny_wan_vae(), scheduler=wan_sampler())
+    if kind == "i2v":
+        image = _clip_image_parts()
+        parts |= image
+        pipe = WanImageToVideoPipeline(transformer=tiny_wan_transformer(36, image["image_encoder"].config.hidden_size),
+                                       **parts)
+    elif kind == "experts":
+        pipe = WanPipeline(transformer=tiny_wan_transformer(), transformer_2=tiny_wan_transformer(),
+                           boundary_ratio=boundary_ratio, **parts)
+    else:
+        pipe = WanPipeline(transformer=tiny_wan_transformer(), **parts)
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_tokenizer")
+    return folder
+
+
+def _wan(kind: str):
+    def build(folder: Path, **kwargs) -> Path:
+        return build_tiny_wan(folder, kind, **kwargs)
+
+    return build
+
+
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tiny_z_image,
-            "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein,
+            "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein, "chroma": build_tiny_chroma,
+            "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts"),
             "flux_kontext": partial(build_tiny_flux, kontext=True), "qwen_image_edit": build_tiny_qwen_image_edit,
             "qwen_image_edit_plus": partial(build_tiny_qwen_image_edit, plus=True)}
 

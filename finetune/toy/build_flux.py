@@ -15,6 +15,7 @@ import shutil
 
 import torch
 
+from finetune.export.io import replace_folder
 from finetune.toy import toy_base_path, world
 
 # 64 px images -> the toy VAE's 16x16x4 latents -> FluxPipeline packs 2x2 patches: 8x8 = 64 tokens of 16.
@@ -232,10 +233,5 @@ def save_flux_pipeline(out: pathlib.Path, parts: dict, info: dict) -> float:
         shutil.copy(toy_base_path() / "tokenizer" / name, tok_dir / name)
     _name_t5_tokenizer_fast(tmp)
     (tmp / "toy_build.json").write_text(json.dumps(info, indent=2) + "\n")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
     return folder_size_mb(out)

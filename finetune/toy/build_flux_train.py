@@ -130,17 +130,37 @@ def _save_checkpoint(path: pathlib.Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def optimizer_step(model, opt, sched, ema, loss: torch.Tensor) -> None:
+    """Backward, clip to norm 1, AdamW and lr-schedule step, EMA update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.step(model.parameters())
+
+
+def add_time(spent: dict, clock: tuple[float, float]) -> tuple[float, float]:
+    """Add the wall and CPU minutes since `clock` (time, process_time) to `spent`; returns the new clock."""
+    now = (time.time(), time.process_time())
+    spent["minutes"] += (now[0] - clock[0]) / 60
+    spent["cpu_minutes"] += (now[1] - clock[1]) / 60
+    return now
+
+
 class Trainer:
     """AdamW + warm-up/cosine + EMA over the transformer, with a resumable checkpoint."""
 
-    def __init__(self, steps: int, seed: int, lr: float, ckpt: pathlib.Path, batch: int = 32):
+    def __init__(self, steps: int, seed: int, lr: float, ckpt: pathlib.Path, batch: int = 32, model=None,
+                 warm: int = 200, ema_decay: float = 0.999, steps_flag: str = "--flux-steps"):
+        """`model`: the transformer to train (default: a fresh one, adaLN-Zero initialised)."""
         from diffusers.training_utils import EMAModel
 
-        self.steps, self.batch, self.ckpt = steps, batch, ckpt
-        self.model = adaln_zero(build_flux.make_transformer(seed)).train()
-        self.ema = EMAModel(self.model.parameters(), decay=0.999)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=1e-2)
-        warm = 200
+        self.steps, self.batch, self.ckpt, self.steps_flag = steps, batch, ckpt, steps_flag
+        self.model = (model if model is not None else adaln_zero(build_flux.make_transformer(seed))).train()
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]  # all, or an adapter's
+        self.ema = EMAModel(self.trained, decay=ema_decay)
+        self.opt = torch.optim.AdamW(self.trained, lr=lr, weight_decay=1e-2)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt,
             lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()),
@@ -155,7 +175,7 @@ class Trainer:
 
     def _load(self, st: dict) -> None:
         if st["steps"] != self.steps:
-            raise SystemExit(f"error: {self.ckpt} is a {st['steps']}-step run; pass --flux-steps {st['steps']}")
+            raise SystemExit(f"error: {self.ckpt} is a {st['steps']}-step run; pass {self.steps_flag} {st['steps']}")
         self.model.load_state_dict(st["model"])
         self.ema.load_state_dict(st["ema"])
         self.opt.load_state_dict(st["opt"])
@@ -165,10 +185,7 @@ class Trainer:
 
     def tick(self) -> dict:
         """Add the wall and CPU time since the last tick to `spent` (CPU time: the cost on an unshared core)."""
-        now = (time.time(), time.process_time())
-        self.spent["minutes"] += (now[0] - self._clock[0]) / 60
-        self.spent["cpu_minutes"] += (now[1] - self._clock[1]) / 60
-        self._clock = now
+        self._clock = add_time(self.spent, self._clock)
         return self.spent
 
     def save(self) -> None:
@@ -190,21 +207,24 @@ class Trainer:
 
     def train_step(self, objective: FlowObjective, data: dict, uncond: float) -> float:
         raw, t5, pooled = _batch(data, self.batch, uncond, self.gen)
-        loss = objective.loss(self.model, raw, t5, pooled, self.gen)
+        return self.update(objective.loss(self.model, raw, t5, pooled, self.gen))
+
+    def update(self, loss: torch.Tensor) -> float:
+        """Back-propagate one batch's loss and take the optimizer, schedule and EMA steps."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
         self.opt.step()
         self.sched.step()
-        self.ema.step(self.model.parameters())
+        self.ema.step(self.trained)
         self.step += 1
         self.running = loss.item() if self.running is None else 0.98 * self.running + 0.02 * loss.item()
         return loss.item()
 
     def ema_model(self):
-        model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.ema.copy_to(model.parameters())
-        return model
+        model = copy.deepcopy(self.model).eval()
+        self.ema.copy_to([p for p in model.parameters() if p.requires_grad])
+        return model.requires_grad_(False)
 
 
 def quick_eval(parts: dict, model, seeds=(0,)) -> dict:

@@ -15,8 +15,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from finetune.export.io import replace_folder
 from finetune.toy import world
 from finetune.toy.build import SCHEDULER_CONFIG, TEXT_CONFIG, UNET_CONFIG, encode_all, log, to_tensor
+from finetune.toy.build_flux_train import optimizer_step
 
 
 def make_text_encoder(seed: int):
@@ -104,12 +106,7 @@ def train_unet(
         loss = (
             F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * snr.clamp(max=5.0) / snr
         ).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
+        optimizer_step(unet, opt, sched, ema, loss)
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
         if step % 100 == 0 or step == steps:
             el = time.time() - t0
@@ -137,12 +134,7 @@ def save_pipeline(out: pathlib.Path, vae, text_encoder, tokenizer, unet, info: d
     pipe.save_pretrained(tmp, safe_serialization=True)
     ship_tokenizer(pathlib.Path(tokenizer.name_or_path), tmp / "tokenizer")
     (tmp / "toy_build.json").write_text(json.dumps(info, indent=2) + "\n")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
     text_encoder.float()
     unet.float()
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6

@@ -155,12 +155,3 @@ def _same_length(a: dict, b: dict) -> tuple[dict, dict]:
         out_a[k], out_b[k] = both[:1], both[1:]
     return out_a, out_b
 
-
-def edit_grid(inputs: list[list[Image.Image]], rows: list[list[Image.Image]], labels: list[str], title: str = ""):
-    """The validation grid of pairs: each row's input(s) (resized to the outputs' size), then its outputs."""
-    from finetune.train.validation import grid
-
-    w, h = rows[0][0].size
-    full = [[im.resize((w, h), Image.Resampling.LANCZOS) for im in ins] + outs
-            for ins, outs in zip(inputs, rows, strict=True)]
-    return grid(full, [f"{label}  (input | outputs)" for label in labels], title=title)

@@ -111,6 +111,10 @@ def _epochs(t) -> bool:
 
 def _after_step(t, logs) -> None:
     cfg, step, acc = t.cfg, t.state.step, t.acc
+    watch = t.compile_watch
+    if acc.is_main_process and watch is not None and len(watch.per_step) > 2 and watch.per_step[-1]:
+        t.progress.write(f"compile: {watch.per_step[-1]} graphs recompiled at step {step} (a shape or setting that "
+                         "changes between steps; TORCH_LOGS=recompiles says which)")
     if acc.is_main_process:  # logs are host floats already: the step's one read brought them (train/sync.py)
         loss = logs["loss"]
         lr = t.lr_scheduler.get_last_lr()[0]
@@ -164,32 +168,34 @@ def resume_command(out: Path, processes: int = 1) -> str:
 
 @torch.no_grad()
 def validate(t, step: int) -> Path | None:
-    """Render the validation grid on the main process (the others wait)."""
-    from finetune.train.edits import edit_grid
-    from finetune.train.validation import grid, make_pipeline, save_grid
+    """Render the validation grid on the main process (the others wait); with validation.training_adapter: both,
+    a second grid with model.training_adapter applied."""
+    from finetune.train.validation import edit_grid, grid, render_rows, save_grid
 
     acc, v = t.acc, t.recipe.validation
-    path = None
+    path = rows = extra = None
     # a sharded denoiser gathers its weights inside forward: every process renders, the main one saves
     if acc.is_main_process or is_sharded(acc):
-        name = t.comps.denoiser_name
-        denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else t.comps.denoiser
-        encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
-                    for n, e in zip(t.comps.text_encoder_names, t.comps.text_encoders, strict=True)]
-        was = t.training
-        t.set_training(False)  # samples without dropout
-        pipe = make_pipeline(t.comps, v, denoiser=denoiser, text_encoders=encoders)
         shown = acc.is_main_process and t.recipe.logging.progress
-        with acc.autocast(), t.vae_on_device():
-            rows = _render(t, pipe, f"grid at step {step}:" if shown else None)
-        t.set_training(was)
+        clip = {"frames": clip_frames(t), "image": start_image(t)}  # video families: clips from a first frame
+        rows = render_rows(t, training_adapter=v.training_adapter == "on",
+                           progress=f"grid at step {step}:" if shown else None, **clip)
+        extra = render_rows(t, training_adapter=True, progress=f"grid at step {step}, with the training adapter:"
+                            if shown else None, **clip) if v.training_adapter == "both" else None
     if acc.is_main_process:
         image = (edit_grid(t.pair_inputs, rows, v.prompts, title=f"step {step}") if v.images else
                  grid(rows, v.prompts, title=f"step {step}"))
         path = save_grid(image, t.out / "samples", step)
+        if clip_frames(t):
+            save_clips(t, rows, path)
+        if extra is not None:
+            save_grid(grid(extra, v.prompts, title=f"step {step}, with the training adapter"), t.out / "samples",
+                      step, "_with_adapter")
         _log_image(t, image, step)
         if v.score_subject:
             _score(t, rows, step)
+        if v.score_clips:
+            _score_clips(t, rows, step)
         t.last_grid = path
         if getattr(t, "run_metrics", None) is not None:
             _metrics(t, rows, step)
@@ -197,20 +203,36 @@ def validate(t, step: int) -> Path | None:
     return path
 
 
-def _render(t, pipe, progress: str | None = None):
-    """The grid's outputs: prompts x seeds, or (validation pairs) each prompt's inputs through the edit pipeline;
-    `progress` labels the pipeline's progress bar (None: silent)."""
-    from finetune.train.edits import render_edits
-    from finetune.train.validation import render
+def clip_frames(t) -> int | None:
+    """Frames per validation clip for a video family (None: images)."""
+    if not t.comps.family.video:
+        return None
+    d = t.recipe.data.video
+    return t.recipe.validation.frames or (d.frames if d is not None else 1)
 
-    v, res, acc = t.recipe.validation, t.recipe.data.resolution, t.acc
-    size = (v.width or res, v.height or res)
-    length = t.comps.family.sequence_length(t.comps)
-    if v.images:
-        return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, t.comps.family,
-                            text=t.prompt_cache, max_sequence_length=length, progress=progress)
-    return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=t.comps.family,
-                  max_sequence_length=length, progress=progress)
+
+def start_image(t):
+    """Image-to-video families: the first frame of the first training example, as a PIL image (else None)."""
+    if not t.comps.family.start_image:
+        return None
+    from PIL import Image
+
+    ex = t.data.plan(0)[0][0]
+    px, _, _ = t.data.render.pixels(ex.record, ex.bucket)
+    first = px[:, 0] if px.ndim == 4 else px
+    return Image.fromarray(((first + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+
+
+def save_clips(t, rows, grid_path: Path) -> None:
+    """Beside a video run's frame-strip grid: an animated GIF of every sample (prompts down, seeds across) and
+    an MP4 of each prompt's first seed."""
+    from finetune.eval.video import save_gif, save_mp4
+
+    v, d = t.recipe.validation, t.recipe.data.video
+    fps = round(v.fps or (d.fps if d is not None and d.fps else 16))
+    save_gif(rows, grid_path.with_suffix(".gif"), fps)
+    for i, row in enumerate(rows):
+        save_mp4(row[0], grid_path.with_name(f"{grid_path.stem}-prompt{i}.mp4"), fps)
 
 
 def _score(t, rows, step: int) -> None:
@@ -240,6 +262,22 @@ def _score(t, rows, step: int) -> None:
         t.acc.log({f"drift/{k}": s for k, s in drift.items()}, step=step)
 
 
+def _score_clips(t, rows, step: int) -> None:
+    """Toy video runs: per prompt, the share of its clips whose colour, shape and motion all match it."""
+    import json
+
+    from finetune.export.io import write_text_atomic
+    from finetune.toy.video_score import score_clip
+
+    prompts = t.recipe.validation.prompts
+    scores = {p: sum(score_clip(c, p)["all_ok"] for c in row) / len(row) for p, row in zip(prompts, rows, strict=True)}
+    t.progress.write(f"step {step}: clips matching their prompt " + ", ".join(f"'{p}' {s:.2f}" for p, s in scores.items()))
+    path = t.out / "samples" / "scores.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    history[str(step)] = scores
+    write_text_atomic(path, json.dumps(history, indent=2))
+
+
 def _drift_line(drift: dict[str, float], n: int) -> str:
     prompts = dict.fromkeys(k.split(" | ")[0] for k in drift)
     parts = []
@@ -256,16 +294,10 @@ def _base_rows(t):
     rows = getattr(t, "base_rows", None)
     if rows is not None or not t.method.config.switchable_adapters():
         return rows
-    from finetune.train.preserve import adapters_off
-    from finetune.train.validation import make_pipeline
+    from finetune.train.validation import render_rows
 
-    modules = [t.comps.named_modules()[n] for n in t.trained_names]
-    was = t.training
-    t.set_training(False)
-    with adapters_off(modules), t.acc.autocast():
-        t.base_rows = _render(t, make_pipeline(t.comps, t.recipe.validation),
-                              "the base's grid (adapters off):" if t.recipe.logging.progress else None)
-    t.set_training(was)
+    t.base_rows = render_rows(t, adapters=False, training_adapter=t.recipe.validation.training_adapter == "on",
+                              progress="the base's grid (adapters off):" if t.recipe.logging.progress else None)
     return t.base_rows
 
 
@@ -337,6 +369,8 @@ def finish(t) -> None:
         written = t.method.export(t.comps, t.out, ctx)
         for p in written:
             t.progress.write(f"wrote {p}")
+        if t.compile_watch is not None:
+            t.progress.write(t.compile_watch.line())
         print(f"done: {t.state.step} steps in {time.perf_counter() - t.t_start:.0f}s; outputs in {t.out}")
     acc.wait_for_everyone()
     acc.end_training()

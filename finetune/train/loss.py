@@ -57,7 +57,7 @@ def offset_noise(noise: torch.Tensor, g: torch.Generator, noise_offset: float) -
     after everything else of the example, so switching it on changes nothing else."""
     if not noise_offset:
         return noise
-    return noise + noise_offset * torch.randn((noise.shape[0], 1, 1), generator=g)
+    return noise + noise_offset * torch.randn((noise.shape[0], *[1] * (noise.ndim - 1)), generator=g)  # [C, (F,) H, W]
 
 
 def hash_seed(*parts: int) -> int:

@@ -42,7 +42,7 @@ class DDPMObjective:
         self.scheduler, self.min_snr_gamma, self.noise_offset = scheduler, min_snr_gamma, noise_offset
         self.prediction_type = scheduler.config.prediction_type
 
-    def example(self, latents: torch.Tensor, gens: list[torch.Generator]) -> Example:
+    def example(self, latents: torch.Tensor, gens: list[torch.Generator], t_range=None) -> Example:
         noise, timesteps = ddpm_draws(latents, self.scheduler.config.num_train_timesteps, gens, self.noise_offset)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = target_for(self.scheduler, latents, noise, timesteps)
@@ -85,13 +85,27 @@ class FlowObjective:
                                                      logit_std=self.logit_std, mode_scale=self.mode_scale,
                                                      generator=g)
 
-    def sigmas_for(self, u: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        n = self.scheduler.config.num_train_timesteps
-        index = (u * n).long().clamp(0, n - 1)
+    def sigmas_for(self, u: torch.Tensor, latents: torch.Tensor, t_range=None) -> torch.Tensor:
+        first, count = self.grid_window(t_range)
+        index = (first + (u * count).long()).clamp(first, first + count - 1)
         sigmas = self.scheduler.sigmas[index].float()
         if self.resolution_shift:
             sigmas = self.scheduler.time_shift(self.mu(latents), 1.0, sigmas)
         return sigmas
+
+    def grid_window(self, t_range) -> tuple[int, int]:
+        """(first index, count) of the training grid's sigmas whose timestep lies in `t_range` = [lo, hi)
+        (an expert's share, hi = num_train_timesteps included); the whole grid for None. u then maps into that
+        window, so the density keeps its shape, squeezed to the expert's noise levels."""
+        n = self.scheduler.config.num_train_timesteps
+        if t_range is None:
+            return 0, n
+        t = self.scheduler.sigmas[:n].float() * n
+        lo, hi = t_range
+        inside = ((t >= lo) & ((t < hi) | (hi >= n))).nonzero().flatten()
+        if not len(inside):
+            raise ValueError(f"no training timestep lies in {t_range}")
+        return int(inside[0]), int(inside[-1]) - int(inside[0]) + 1
 
     def mu(self, latents: torch.Tensor) -> float:
         """The resolution-dependent shift exponent for this latent size (tokens after 2x2 patching)."""
@@ -102,7 +116,8 @@ class FlowObjective:
         return calculate_shift(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
                                c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
-    def example(self, latents: torch.Tensor, gens: list[torch.Generator]) -> Example:
+    def example(self, latents: torch.Tensor, gens: list[torch.Generator], t_range=None) -> Example:
+        """`t_range`: [lo, hi) timesteps the examples must fall in (an expert's share of the schedule)."""
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         noises, us = [], []
@@ -111,7 +126,7 @@ class FlowObjective:
             us.append(self.draw_u(g))
             noises.append(offset_noise(noise, g, self.noise_offset))
         noise = host_to(torch.stack(noises), latents.device, latents.dtype)
-        sigmas = host_to(self.sigmas_for(torch.cat(us), latents), latents.device)
+        sigmas = host_to(self.sigmas_for(torch.cat(us), latents, t_range), latents.device)
         s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
         noisy = (1.0 - s) * latents + s * noise
         weights = None

@@ -49,6 +49,8 @@ def take(batch: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
             out[k] = [x[idx.to(x.device)] for x in v]  # conditioning image, each [B, ...]
         elif isinstance(v, list) and len(v) == n:
             out[k] = [v[i] for i in idx.tolist()]
+        elif isinstance(v, dict):  # per-example tensors by name (the family's conditions)
+            out[k] = take(v, idx, n)
         else:
             out[k] = v
     return out
@@ -83,7 +85,8 @@ def base_predictions(t, example, text: dict[str, torch.Tensor], batch: dict[str,
         else:
             sub_text = take(text, idx, n)
         dev = example.noisy.device
-        base = comps.family.predict(comps.denoiser, example.noisy[idx.to(dev)], example.timesteps[idx.to(dev)],
+        expert = comps.experts[comps.expert_at(t.state.step)[0]]  # the step's denoiser (Wan 2.2: an expert)
+        base = comps.family.predict(expert, example.noisy[idx.to(dev)], example.timesteps[idx.to(dev)],
                                     sub_text, sub)
     out = example.target.clone()
     out[idx.to(out.device)] = base.to(out.dtype)

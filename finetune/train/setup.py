@@ -176,3 +176,26 @@ def resolve_text_cache(recipe: Recipe, family, method) -> bool:
     varies = any(d.caption_rules(src).varies for src in d.sources)
     return bool(family.cache_text_by_default and not method.config.trains_text_encoder() and not varies
                 and not hasattr(method, "prepare_captions"))
+
+
+def scan_first(recipe, acc):
+    """Every data source read and checked (videos probed) before the base loads: bad data is one line, fast.
+    With prior preservation the class images may not exist yet (they are generated with the base): the data is
+    scanned again then, and this returns None."""
+    from finetune.data.scan import scan_data
+
+    scan = scan_data(recipe.data, verbose=acc.is_main_process and recipe.logging.progress, need_prior=False)
+    return scan if recipe.data.prior is None else None
+
+
+def prepare_denoisers(comps, cfg) -> None:
+    """`train.gradient_checkpointing` and `channels_last` on the denoiser, or on each trained expert (the trainer
+    compiles them after: train/compile.py)."""
+    import torch
+
+    for name in comps.trained_experts:
+        denoiser = comps.experts[name]
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        if cfg.channels_last:
+            denoiser.to(memory_format=torch.channels_last)

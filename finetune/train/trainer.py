@@ -8,20 +8,21 @@ only does the step, and keeps the run safe: checkpoints, clean interrupts, non-f
 
 from __future__ import annotations
 
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.errors import NonFiniteError
+from finetune.errors import NonFiniteError, RunError
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt
 from finetune.train.loss import example_generator, example_keys
 from finetune.train.objectives import build_objective
 from finetune.train.preserve import base_predictions, base_rows, training_loss
-from finetune.train.setup import DTYPES, StopFlag, resume_fingerprint
+from finetune.train.setup import DTYPES, StopFlag, prepare_denoisers, resume_fingerprint, scan_first
 from finetune.train.sync import StepWatch
 from finetune.train.timing import PhaseTimer
 
@@ -44,37 +45,48 @@ class Trainer:
     def __init__(self, recipe: Recipe, acc):
         from accelerate.utils import set_seed
 
-        from finetune.data.scan import prescan
         from finetune.models.components import cast_frozen, load_components
         from finetune.recipe import complete_base
+        from finetune.routes import recipe_warnings
         from finetune.train.edits import validation_pairs
+        from finetune.train.target import attach_training_adapter, load_target
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
         self.out = Path(self.cfg.output_dir)
         self.t_start = time.perf_counter()
         set_seed(self.cfg.seed)
+        self.scan = scan_first(recipe, acc)  # bad data is one line before any model loads
         self.dtype = DTYPES[self.cfg.mixed_precision]
-        # bad data (a missing pair, a corrupt image) stops here, before any model loads
-        self.scan = prescan(recipe.data, acc.is_main_process and recipe.logging.progress)
+        from finetune.models.attention import check_device
+
+        check_device(recipe.model.attention, acc.device)  # before loading anything
         complete_base(recipe)  # a family that shows only now (a hub id's configs just fetched): its rules run
+        if acc.is_main_process:
+            for line in recipe_warnings(recipe):
+                print(f"warning: {line}", file=sys.stderr)
         comps = load_components(recipe.base, recipe.model.load_options(), self._precision())
+        self.training_adapter = attach_training_adapter(recipe, comps)  # model.training_adapter (or None)
         self.method = recipe.method.build()
         groups = self.method.setup(comps, self.cfg.lr)
         vae_dtype = self._vae_dtype(comps.family)
         cast_frozen(comps, self.dtype, vae_dtype)
+        self.target = load_target(recipe, comps, self._precision())  # validation.base (or None)
         self.objective = build_objective(comps.family, comps.scheduler, self.cfg)  # before the scheduler moves
+        prepare_denoisers(comps, self.cfg)  # checkpointing, channels_last: each trained expert
         denoiser = comps.denoiser
-        if self.cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
-        if self.cfg.channels_last:
-            denoiser.to(memory_format=torch.channels_last)
-        if self.cfg.compile:
-            denoiser.compile()  # in place: parameter names (checkpoints, exports) stay the same
+        self.compile_watch = None  # train.compile (whole or per block): each trained expert
+        for name in comps.trained_experts:
+            self.compile_watch = self._compile(comps.experts[name], comps.family)
+        self.router = None
+        if self.cfg.routing is not None:  # TREAD: hooks on the window's blocks (train/routing.py)
+            from finetune.train.routing import TokenRouter
+
+            self.router = TokenRouter(denoiser, comps.family, self.cfg.routing, self.cfg.seed)
         device = acc.device
         comps.vae.to(device)
-        for enc in comps.text_encoders:
+        for enc in [*comps.text_encoders, *comps.part_modules().values()]:
             enc.to(device)  # (quantized encoders are quantized on this move)
-        self.comps, self.swap = comps, None
+        self.comps, self.swap, self.swaps = comps, None, None
         if recipe.data.prior is not None:
             self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
@@ -106,17 +118,30 @@ class Trainer:
         vae = self._vae_dtype(self.recipe.base.family)
         return LoadPrecision(self.dtype, vae, self.recipe.method.trains_in_place())
 
+    def _compile(self, denoiser, family):
+        """`train.compile`: the whole denoiser or each repeated block, in place (parameter names, so
+        checkpoints and exports, stay the same); graphs per step are counted (train/compile.py)."""
+        if not self.cfg.compile:
+            return None
+        from finetune.train.compile import CompileWatch, compile_denoiser
+
+        compile_denoiser(denoiser, family, self.cfg.compile, dynamic=self.recipe.data.buckets.enabled)
+        return CompileWatch()
+
     def _place_denoiser(self) -> None:
         """Move the denoiser to the device (nf4 / int8 layers are quantized on this move); with
         `train.block_swap` the last blocks' frozen weights stay on the CPU and stream in (models/offload.py)."""
-        if self.swap is not None:
+        if self.swaps is not None:
             return
-        if self.cfg.block_swap:
-            from finetune.models.offload import BlockSwap
+        self.swaps = {}
+        for name, expert in self.comps.experts.items():  # every denoiser the base has (Wan 2.2: two experts)
+            if self.cfg.block_swap:
+                from finetune.models.offload import BlockSwap
 
-            self.swap = BlockSwap(self.comps.denoiser, self.comps.family, self.cfg.block_swap, self.acc.device)
-        else:
-            self.comps.denoiser.to(self.acc.device)
+                self.swaps[name] = BlockSwap(expert, self.comps.family, self.cfg.block_swap, self.acc.device)
+            else:
+                expert.to(self.acc.device)
+        self.swap = self.swaps.get(self.comps.denoiser_name)
 
     def _release_vae(self) -> bool:
         """With every latent cached, the VAE only decodes validation grids: it waits on the CPU and
@@ -178,7 +203,7 @@ class Trainer:
         # every process encodes its share of the missing cache entries, then all read all of them
         return build_train_data(
             self.recipe, num_replicas=acc.num_processes, rank=acc.process_index,
-            latent_encoder=self.encode_latents, latent_key=key,
+            latent_encoder=self.encode_for_cache, latent_key=key,
             text_encoder=self.encode_text_frozen, text_key=text_key,
             show_progress=acc.is_main_process and self.recipe.logging.progress,
             barrier=acc.wait_for_everyone, scan=self.scan, text_reads_conditions=comps.family.prompt_reads_conditions,
@@ -201,16 +226,28 @@ class Trainer:
         acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         acc.register_load_state_pre_hook(lambda models, inp: models.clear())
         # a block-swapped denoiser is placed already: accelerate must not move its CPU-held blocks to the device
-        placement = [self.swap is None or n != self.comps.denoiser_name for n in self.trained_names]
+        placement = [n not in self.swaps for n in self.trained_names]
         prepared = acc.prepare(*[modules[n] for n in self.trained_names], optimizer, scheduler,
                                device_placement=[*placement, True, True])
         self.wrapped = dict(zip(self.trained_names, prepared[: len(self.trained_names)], strict=True))
         self.optimizer, self.lr_scheduler = prepared[-2], prepared[-1]
         self.params = ckpt.trainable_params({n: acc.unwrap_model(m) for n, m in self.wrapped.items()})
+        self.in_backward = self._in_backward()
         self.ema = None
         if self.cfg.ema.enabled:
             self.ema = EMAModel(list(self.params.values()), decay=self.cfg.ema.decay, foreach=True)
             self.ema.to(acc.device)
+
+    def _in_backward(self):
+        """`train.optimizer_in_backward`: each trained tensor steps from its gradient hook (train/in_backward.py)."""
+        if not self.cfg.optimizer_in_backward:
+            return None
+        if self.acc.num_processes > 1:
+            raise RunError("train.optimizer_in_backward runs on one process only (with several, a tensor would "
+                           "step before its gradient is averaged); set it to false, or launch one process")
+        from finetune.train.in_backward import StepInBackward
+
+        return StepInBackward(self.optimizer.optimizer, list(self.params.values()))
 
     # ------------------------------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -222,17 +259,25 @@ class Trainer:
             raise NonFiniteError(VAE_NON_FINITE)
         return latents
 
-    def condition_latents(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+    def reference_latents(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """The latents of each conditioning image of the batch ([B, C, h, w] each): cached, or encoded now."""
-        if "conditions" in batch:
-            return [c.to(self.acc.device, non_blocking=True).float() for c in batch["conditions"]]
+        if "references" in batch:
+            return [c.to(self.acc.device, non_blocking=True).float() for c in batch["references"]]
         if self.comps.family.control_pixels:  # a U-Net ControlNet reads the images themselves
-            return [p.to(self.acc.device, non_blocking=True).float() for p in batch["condition_pixels"]]
+            return [p.to(self.acc.device, non_blocking=True).float() for p in batch["reference_pixels"]]
         out = []
-        for pixels in batch["condition_pixels"]:
+        for pixels in batch["reference_pixels"]:
             out.append(self.encode_latents(pixels, check=False))
             self.watch.note("latents", out[-1])
         return out
+
+    @torch.no_grad()
+    def encode_for_cache(self, pixel_values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the latent cache keeps per entry: the latents, with the conditions the family derives from the
+        same pixels (image-to-video's first frame) under 'cond.<name>'."""
+        latents = self.encode_latents(pixel_values)
+        conds = self.comps.family.encode_conditions(self.comps, pixel_values)
+        return {"latents": latents, **{f"cond.{k}": v for k, v in conds.items()}} if conds else latents
 
     @torch.no_grad()
     def encode_text_frozen(self, captions: list[str], images: list[torch.Tensor] | None = None
@@ -261,25 +306,31 @@ class Trainer:
         with timer("vae_encode"):
             if "latents" in batch:  # the loader pins its batches on a GPU: copies need not stall the host
                 latents = batch["latents"].to(acc.device, non_blocking=True).float()
+                conds = {k: v.to(acc.device, non_blocking=True) for k, v in batch.get("conditions", {}).items()}
             else:
                 latents = self.encode_latents(batch["pixel_values"], check=False)
+                conds = comps.family.encode_conditions(comps, batch["pixel_values"])
                 self.watch.note("latents", latents)
         # each example's random stream, keyed by where the planner put it in the step's global batch: the
         # same however the step is split into micro-batches and processes
         keys = example_keys(cfg.seed, self.state.step, batch["positions"], self.data.examples_per_step)
         with timer("text_encode"):
-            text = batch.get("text") or self.encode_text(batch["captions"], keys, batch.get("condition_pixels"))
+            text = batch.get("text") or self.encode_text(batch["captions"], keys, batch.get("reference_pixels"))
             text = {k: v.to(acc.device, non_blocking=True) for k, v in text.items()}
-        if "conditions" in batch or "condition_pixels" in batch:  # paired data: the family appends them
+        if "references" in batch or "reference_pixels" in batch:  # paired data: the family appends them
             with timer("vae_encode"):
-                batch = {**batch, "conditions": self.condition_latents(batch)}
-        example = self.objective.example(latents, [example_generator(k) for k in keys])
-        denoiser = self.wrapped.get(comps.denoiser_name, comps.denoiser)
+                batch = {**batch, "references": self.reference_latents(batch)}
+        # a base with experts (Wan 2.2): the step's expert, on timesteps of its own range only
+        expert, t_range = comps.expert_at(self.state.step)
+        example = self.objective.example(latents, [example_generator(k) for k in keys], t_range)
+        denoiser = self.wrapped.get(expert, comps.experts[expert])
+        batch = {**batch, "conditions": conds}  # what the family derived from the target (image-to-video)
         if comps.added:  # what a method trains beside the base (a ControlNet), as the step runs it
             batch = {**batch, "modules": {n: self.wrapped.get(n, m) for n, m in comps.added.items()}}
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
-        with timer("denoiser_forward"), acc.autocast():
+        routing = self.router.routing(self.state.step) if self.router is not None else nullcontext()
+        with timer("denoiser_forward"), acc.autocast(), routing:
             pred = comps.family.predict(denoiser, example.noisy, example.timesteps, text, batch)
         target, base = example.target, None
         need = base_rows(self, batch)  # data.preservation, masks toward the base (host tensors: no sync)
@@ -299,17 +350,23 @@ class Trainer:
         """One micro-batch; returns (an optimizer step happened, logs: host floats when it did)."""
         acc, cfg = self.acc, self.cfg
         self.comps.extras["step"] = self.state.step  # steps done before this one: methods with phases read it
+        if self.compile_watch is not None:
+            self.compile_watch.before_step()
         with acc.accumulate(*self.wrapped.values()):
             loss, logs = self.compute_loss(batch)
             # finiteness is read once per optimizer step, not per micro-batch: a non-finite loss is still
             # back-propagated (its gradients are non-finite too) and the whole step is dropped below
             self.watch.note("loss", loss)
             self.watch.note_batch(batch)
+            if self.in_backward is not None:  # the last micro-batch's backward steps each tensor as it goes
+                self.in_backward.arm(acc.sync_gradients, self._resting())
             with self.timer("backward"):
                 acc.backward(loss)
             if not acc.sync_gradients:
                 return False, logs
             stepped, logs = self._optimizer_step(logs)
+        if self.compile_watch is not None:
+            self.compile_watch.after_step()
         if not stepped:
             return False, logs
         self.method.after_step(self.comps)
@@ -325,8 +382,11 @@ class Trainer:
         GradScaler inside accelerate's optimizer skips that update and lowers the scale, the step still
         counts, and the learning-rate schedule does not advance (accelerate's optimizer_step_was_skipped).
         """
-        self._rest_groups()
-        report = self.watch.read(self.acc, self._grad_norm(), logs, self.stop.requested)
+        in_backward = self.in_backward is not None  # then the tensors stepped already, in the backward
+        if not in_backward:
+            self._rest_groups()
+        norm = self.in_backward.norm(self.acc.device) if in_backward else self._grad_norm()
+        report = self.watch.read(self.acc, norm, logs, self.stop.requested)
         self.stop_seen = report.stop
         logs = report.logs | {"grad_norm": report.norm}
         if report.bad["latents"]:
@@ -339,19 +399,24 @@ class Trainer:
                 self.acc.scaler.update()
             return False, logs
         with self.timer("optimizer"):
-            self.optimizer.step()
+            if not in_backward:
+                self.optimizer.step()
             if not self.acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return True, logs
 
+    def _resting(self) -> set[int]:
+        """Ids of the tensors whose parameter group is outside its `active_steps` window this step."""
+        step = self.state.step
+        return {id(p) for group in self.optimizer.param_groups
+                if not _active(group.get("active_steps"), step) for p in group["params"]}
+
     def _rest_groups(self) -> None:
         """A parameter group outside its `active_steps` window (e.g. pivotal's phases) gets no gradient: no
         update, no weight decay, no optimizer moments, no share of the clipped norm."""
-        step = self.state.step
         for group in self.optimizer.param_groups:
-            first, stop = group.get("active_steps") or (0, None)
-            if step < first or (stop is not None and step >= stop):
+            if not _active(group.get("active_steps"), self.state.step):
                 for p in group["params"]:
                     p.grad = None
 
@@ -408,6 +473,11 @@ def training_mode(module: torch.nn.Module, adapters_only: bool, on: bool = True)
             for name, child in sub.named_children():  # bitsandbytes 4-bit layer in eval repacks its weights)
                 if name != "base_layer":
                     child.train(on)
+
+
+def _active(window: tuple[int, int | None] | None, step: int) -> bool:
+    first, stop = window or (0, None)
+    return first <= step and (stop is None or step < stop)
 
 
 def _with_encoders(comps, encoders):

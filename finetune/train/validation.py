@@ -38,13 +38,17 @@ def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=No
 
 @torch.no_grad()
 def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, size: tuple[int, int], device,
-           text: dict | None = None, family=None, max_sequence_length: int | None = None, progress: str | None = None
-           ) -> list[list[Image.Image]]:
-    """rows[p][s]: one image per prompt and seed. Seeds are per image, so a grid is comparable across steps.
-    `text` holds pre-encoded prompts ({prompt: embeddings}) when the text encoders were released;
-    `max_sequence_length` the T5 length the run encodes captions at (pipelines default to their longest).
-    `progress`: a label for the pipeline's own progress bar over each prompt's denoising steps (None: silent)."""
+           text: dict | None = None, family=None, max_sequence_length: int | None = None, frames: int | None = None,
+           image: Image.Image | None = None, progress: str | None = None) -> list[list[Image.Image]]:
+    """rows[p][s]: one image per prompt and seed (video families, `frames` given: one clip, a list of frames).
+    Seeds are per image, so a grid is comparable across steps. `text` holds pre-encoded prompts ({prompt:
+    embeddings}) when the text encoders were released; `max_sequence_length` the T5 length the run encodes
+    captions at (pipelines default to their longest). `progress`: a label for the pipeline's own progress bar
+    over each prompt's denoising steps (None: silent)."""
     width, height = size
+    clip = {"num_frames": frames} if frames else {}
+    if image is not None:  # image-to-video: every sample starts from this frame
+        clip["image"] = image
     rows = []
     for i, prompt in enumerate(prompts):
         if progress is not None:  # sampling is minutes on a CPU: say what runs, as the pipeline counts its steps
@@ -68,14 +72,65 @@ def render(pipe, prompts: list[str], seeds: list[int], cfg: ValidationSection, s
             guide = family.guidance_kwargs(pipe, cfg.guidance_scale)
         if "true_cfg_scale" in guide and text is None:  # true CFG runs only with a negative, even an empty one
             words["negative_prompt"] = [cfg.negative_prompt] * len(seeds)
-        out = pipe(**words, **guide, num_inference_steps=cfg.steps, generator=gens,
+        out = pipe(**words, **guide, **clip, num_inference_steps=cfg.steps, generator=gens,
                    width=width, height=height, output_type="pil")
-        rows.append(list(out.images))
+        rows.append(list(out.frames) if frames else list(out.images))  # video pipelines return frames
     return rows
 
 
+@torch.no_grad()
+def render_rows(t, adapters: bool = True, training_adapter: bool = False, progress: str | None = None,
+                frames: int | None = None, image: Image.Image | None = None) -> list[list[Image.Image]]:
+    """The run's validation prompts x seeds as the grids show them, from the trainer `t`: with the trained
+    adapters (or, `adapters=False`, without: the base's own samples), on validation.base when it is set (the
+    adapters copied there first), and with model.training_adapter only when `training_adapter`. Sampling steps
+    and guidance: the recipe's, else the sampling base's own (finetune/train/target.py); `progress`, `frames`, `image`: render's."""
+    from contextlib import ExitStack
+
+    from finetune.train.preserve import adapters_off
+    from finetune.train.target import grid_settings
+
+    acc, comps = t.acc, t.comps
+    v = grid_settings(t, t.recipe.validation)
+    name = comps.denoiser_name
+    denoiser = acc.unwrap_model(t.wrapped[name]) if name in t.wrapped else comps.denoiser
+    encoders = [acc.unwrap_model(t.wrapped[n]) if n in t.wrapped else e
+                for n, e in zip(comps.text_encoder_names, comps.text_encoders, strict=True)]
+    adapted = [comps.named_modules()[n] for n in t.trained_names]
+    with ExitStack() as stack:
+        if t.target is not None:
+            t.target.sync(denoiser)
+            comps, denoiser = t.target.view(comps), t.target.denoiser
+            adapted = [denoiser, *(m for m in adapted if m is not t.comps.denoiser)]
+            stack.enter_context(t.target.on_device(acc.device))
+        if t.training_adapter is not None and not training_adapter:
+            stack.enter_context(t.training_adapter.off())
+        if not adapters:
+            stack.enter_context(adapters_off(adapted))
+        was = t.training
+        t.set_training(False)  # samples without dropout
+        stack.callback(t.set_training, was)
+        pipe = make_pipeline(comps, v, denoiser=denoiser, text_encoders=encoders)
+        res = t.recipe.data.resolution
+        stack.enter_context(acc.autocast())
+        stack.enter_context(t.vae_on_device())
+        size, length = (v.width or res, v.height or res), comps.family.sequence_length(comps)
+        if v.images:  # validation pairs: each prompt's inputs through the family's edit pipeline
+            from finetune.train.edits import render_edits
+
+            return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, comps.family,
+                                text=t.prompt_cache, max_sequence_length=length, progress=progress)
+        return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=comps.family,
+                      max_sequence_length=length, frames=frames, image=image, progress=progress)
+
+
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
-    """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row."""
+    """A labelled grid: one row per prompt, one column per seed; the prompt is written above each row. Clips
+    are shown as frame strips, one row per seed."""
+    if isinstance(rows[0][0], list):
+        from finetune.eval.video import strip_grid
+
+        return strip_grid(dict(zip(labels, rows, strict=True)), title)
     w, h = rows[0][0].size
     label_h = 14
     top = label_h if title else 0
@@ -92,9 +147,17 @@ def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> I
     return canvas
 
 
-def save_grid(image: Image.Image, samples_dir: Path, step: int) -> Path:
+def edit_grid(inputs: list[list[Image.Image]], rows: list[list[Image.Image]], labels: list[str], title: str = ""):
+    """The validation grid of pairs: each row's input(s) (resized to the outputs' size), then its outputs."""
+    w, h = rows[0][0].size
+    full = [[im.resize((w, h), Image.Resampling.LANCZOS) for im in ins] + outs
+            for ins, outs in zip(inputs, rows, strict=True)]
+    return grid(full, [f"{label}  (input | outputs)" for label in labels], title=title)
+
+
+def save_grid(image: Image.Image, samples_dir: Path, step: int, suffix: str = "") -> Path:
     samples_dir.mkdir(parents=True, exist_ok=True)
-    path = samples_dir / f"step-{step:06d}.png"
+    path = samples_dir / f"step-{step:06d}{suffix}.png"
     tmp = path.with_suffix(".png.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(path)

@@ -7,7 +7,9 @@ here plus one line in `REGISTERED` (docs/adding-a-family.md). Nothing here impor
 
 from __future__ import annotations
 
+from finetune.models.families.chroma import CHROMA
 from finetune.models.families.flux import FLUX
+from finetune.models.families.flux2_dev import FLUX2_DEV
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.flux_control import FLUX_CONTROL
 from finetune.models.families.flux_controlnet import FLUX_CONTROLNET
@@ -18,11 +20,13 @@ from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
 from finetune.models.families.sdxl_controlnet import SDXL_CONTROLNET
+from finetune.models.families.wan import WAN, WAN_I2V
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_CONTROLNET, FLUX_KONTEXT, QWEN_IMAGE,
-                                  QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD2, SD3, SDXL, SDXL_CONTROLNET, Z_IMAGE)
+                                  QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD2, SD3, SDXL, SDXL_CONTROLNET, WAN,
+                                  WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:

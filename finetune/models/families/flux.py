@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
 from finetune.models.family import Family
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +124,7 @@ class FluxFamily(Family):
 
     def references(self, batch) -> list:
         """Conditioning latents appended as reference tokens (Kontext); the control variant takes them itself."""
-        return batch.get("conditions") or []
+        return batch.get("references") or []
 
 
 def _with_references(packed, img_ids, conditions, dtype):
@@ -150,6 +151,16 @@ def denoiser_config(denoiser) -> dict:
     return dict(inner.config)
 
 
+# FLUX.1 [dev] (and Krea, fine-tunes of it) takes the guidance as an input (guidance-distilled; BFL's 28-50 steps
+# at 3.5); FLUX.1 [schnell] is also step-distilled: 1-4 steps, no guidance input, a static shift of 1 (its
+# scheduler config; BFL and diffusers sample it at 4 steps, guidance 0). A FLUX transformer with neither (the
+# FLUX toy, de-distilled community bases) samples with true CFG against a negative prompt.
+FLUX_VARIANTS = (
+    Variant(Sampling(28, 3.5, distilled=("guidance",), what="FLUX.1 [dev]"), {"transformer.guidance_embeds": True}),
+    Variant(Sampling(4, 0.0, distilled=("guidance", "steps"), what="FLUX.1 [schnell]"),
+            {"transformer.guidance_embeds": False, "scheduler.use_dynamic_shifting": False}),
+)
+
 FLUX = FluxFamily(
     "flux",
     pipeline_class="FluxPipeline",
@@ -175,6 +186,7 @@ FLUX = FluxFamily(
     default_guidance=3.5,
     cache_text_by_default=True,
     swap_blocks=("transformer_blocks", "single_transformer_blocks"),
+    token_routing="text_first_rope",
     textual_inversion=True,  # new rows in CLIP-L and T5 (both see the token)
     # a FLUX.1 base trains edits the Kontext way (the toy edit does): one reference, FluxKontextPipeline samples
     max_conditions=1,
@@ -186,4 +198,5 @@ FLUX = FluxFamily(
     single_file_text={},
     single_file_signs=("double_blocks.", "model.diffusion_model.double_blocks."),
     priority=30,
+    variants=FLUX_VARIANTS,
 )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ModuleNames
 from finetune.models.family import Family, llm_flow_transformer
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -99,15 +100,29 @@ class Flux2KleinFamily(Family):
         ids = Pipe._prepare_latent_ids(noisy).to(noisy.device)
         tokens = Pipe._pack_latents(noisy)
         all_tokens, all_ids = tokens, ids
-        refs = batch.get("conditions") or []
+        refs = batch.get("references") or []
         if refs:  # reference images: packed one token per latent pixel, told apart by their time coordinate
             ref_ids = Pipe._prepare_image_ids([r[:1] for r in refs]).to(noisy.device)  # 10, 20, ... per image
             all_tokens = torch.cat([tokens, *[Pipe._pack_latents(r.to(noisy.dtype)) for r in refs]], dim=1)
             all_ids = torch.cat([ids, ref_ids.expand(noisy.shape[0], -1, -1)], dim=1)
-        out = denoiser(hidden_states=all_tokens, timestep=timesteps / 1000, guidance=None,
+        guidance = train_guidance(denoiser, batch, noisy)  # None for [klein]; FLUX.2 [dev] takes one
+        out = denoiser(hidden_states=all_tokens, timestep=timesteps / 1000, guidance=guidance,
                        encoder_hidden_states=embeds, txt_ids=Pipe._prepare_text_ids(embeds).to(noisy.device),
                        img_ids=all_ids, return_dict=False)[0]
         return Pipe._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
+
+
+def train_guidance(denoiser, batch, noisy):
+    """The guidance input of a guidance-distilled transformer while training (`model.guidance`, else FLUX's
+    TRAIN_GUIDANCE); None for a transformer without one."""
+    import torch
+
+    from finetune.models.families.flux import TRAIN_GUIDANCE, denoiser_config
+
+    if not denoiser_config(denoiser).get("guidance_embeds"):
+        return None
+    value = TRAIN_GUIDANCE if batch.get("guidance") is None else batch["guidance"]
+    return torch.full((noisy.shape[0],), float(value), device=noisy.device, dtype=torch.float32)
 
 
 FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
@@ -132,4 +147,9 @@ FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
     # is what we allow per example, though the pipeline takes any number
     max_conditions=4,
     edit_pipeline_class="Flux2KleinPipeline",
+    # BFL: [klein] 4B / 9B are step- and guidance-distilled (4 steps; the pipeline ignores the scale when
+    # model_index.json says is_distilled), [klein] Base 4B / 9B neither (CFG 4 over 50 steps, diffusers' example)
+    sampling=Sampling(50, 4.0, what="FLUX.2 [klein] Base"),
+    variants=(Variant(Sampling(4, 1.0, distilled=("guidance", "steps"), what="FLUX.2 [klein] (distilled)"),
+                      {"model_index.is_distilled": True}),),
 ))

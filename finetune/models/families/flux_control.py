@@ -72,7 +72,7 @@ class FluxControlFamily(FluxFamily):
         import torch
         from diffusers import FluxControlPipeline
 
-        (control,) = batch["conditions"]
+        (control,) = batch["references"]
         tokens = FluxControlPipeline._pack_latents(noisy, *noisy.shape)
         return torch.cat([tokens, FluxControlPipeline._pack_latents(control.to(noisy.dtype), *control.shape)], dim=2)
 

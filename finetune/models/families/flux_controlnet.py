@@ -55,7 +55,7 @@ class FluxControlNetFamily(FluxFamily):
     def control_residuals(self, inputs: dict, batch) -> dict:
         from diffusers import FluxControlNetPipeline
 
-        (control,) = batch["conditions"]
+        (control,) = batch["references"]
         noisy = inputs["hidden_states"]
         cond = FluxControlNetPipeline._pack_latents(control.to(noisy.dtype), *control.shape)
         net = batch["modules"]["controlnet"]

@@ -55,7 +55,7 @@ class QwenImageEditFamily(QwenImageFamily):
 
         pictures = self.condition_images(comps, images) if images else [[] for _ in captions]
         texts = [self.template(len(p)).format(c) for c, p in zip(captions, pictures, strict=True)]
-        processor = comps.extras["components"]["processor"]
+        processor = comps.parts["processor"]
         flat = [im for p in pictures for im in p]
         inputs = processor(text=texts, images=flat or None, padding=True, return_tensors="pt").to(device)
         lm = getattr(comps.encoder("text_encoder"), "model", comps.encoder("text_encoder"))
@@ -115,7 +115,7 @@ class QwenImageEditFamily(QwenImageFamily):
         from diffusers import QwenImageEditPlusPipeline as Pipe
 
         b, c, h, w = noisy.shape
-        refs = batch.get("conditions") or []
+        refs = batch.get("references") or []
         tokens = [Pipe._pack_latents(noisy, b, c, h, w)]
         tokens += [Pipe._pack_latents(r.to(noisy.dtype), b, c, *r.shape[-2:]) for r in refs]
         shapes = [[(1, h // 2, w // 2), *[(1, r.shape[-2] // 2, r.shape[-1] // 2) for r in refs]]] * b
@@ -164,7 +164,7 @@ def _edit_family(name: str, pipeline: str, plus: bool, max_conditions: int) -> Q
     base = {f.name: getattr(QWEN_IMAGE, f.name) for f in fields(QWEN_IMAGE)}
     return QwenImageEditFamily(**{
         **base, "name": name, "pipeline_class": pipeline, "edit_pipeline_class": pipeline, "plus": plus,
-        "max_conditions": max_conditions, "prompt_reads_conditions": True, "extra_components": ("processor",),
+        "max_conditions": max_conditions, "prompt_reads_conditions": True, "extra_parts": ("processor",),
         "modelspec_arch": {"flow": name.replace("_", "-")}, "priority": QWEN_IMAGE.priority + 10,
     })
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.export.ldm import OpenClipCheckpoint
-from finetune.models.family import Family
+from finetune.models.family import UNET_BLOCKS, Family
 
 # LoRA target presets for SD-style U-Nets (module-name suffixes as peft matches them)
 UNET_PRESETS: dict[str, list[str]] = {
@@ -29,6 +29,7 @@ SD_SINGLE_FILE = {"sd1": ("cond_stage_model.transformer.",), "sd2": ("cond_stage
 
 @dataclass(frozen=True)
 class SDFamily(Family):
+    compile_blocks: tuple[str, ...] = UNET_BLOCKS
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
                 text_encoder_config: dict[str, Any]) -> bool:
         if not super().matches(model_index, denoiser_config, text_encoder_config):

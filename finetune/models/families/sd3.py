@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import TRANSFORMER_WORDS, ClipNames, ModuleNames
 from finetune.models.family import Family
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -93,9 +94,14 @@ SD3 = SD3Family(
     default_guidance=7.0,
     cache_text_by_default=True,
     swap_blocks=("transformer_blocks",),
+    token_routing="plain",
     textual_inversion=False,  # three encoders incl. T5: not wired yet (refused at recipe time, one line)
     single_file_writer=False,
     single_file_text={},
     single_file_signs=("model.diffusion_model.joint_blocks.", "joint_blocks."),
     priority=30,
+    # SD 3.5 Medium / Large: 28-40 steps at CFG 4.5-7 (Stability's cards; diffusers' examples 28 at 3.5-7.0); SD 3.5
+    # Large Turbo (adversarial diffusion distillation, same configs) samples in 4 steps without CFG
+    sampling=Sampling(28, 7.0, what="SD 3.5"),
+    variants=(Variant(Sampling(4, 0.0, distilled=("guidance", "steps"), what="SD 3.5 Large Turbo"), names=("turbo",)),),
 )

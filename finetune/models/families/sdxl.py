@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from finetune.export.layouts import ClipNames, UNetNames
 from finetune.export.ldm import ClipCheckpoint, OpenClipCheckpoint
 from finetune.models.families.sd import UNET_PRESETS
-from finetune.models.family import SDXL_GEOMETRY, Family
+from finetune.models.family import SDXL_GEOMETRY, UNET_BLOCKS, Family
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SDXLFamily(Family):
+    compile_blocks: tuple[str, ...] = UNET_BLOCKS
     def matches(self, model_index: dict[str, Any], denoiser_config: dict[str, Any],
                 text_encoder_config: dict[str, Any]) -> bool:
         if not super().matches(model_index, denoiser_config, text_encoder_config):

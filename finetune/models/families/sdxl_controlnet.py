@@ -37,7 +37,7 @@ class SDXLControlNetFamily(SDXLFamily):
         return {"image": images[0]}
 
     def predict(self, denoiser, noisy, timesteps, text, batch):
-        (control,) = batch["conditions"]  # pixels in [-1, 1] (control_pixels)
+        (control,) = batch["references"]  # pixels in [-1, 1] (control_pixels)
         kwargs = self.unet_kwargs(text, batch)
         net = batch["modules"]["controlnet"]
         down, mid = net(noisy, timesteps, controlnet_cond=(control.to(noisy) + 1) / 2, conditioning_scale=1.0,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.export.layouts import ModuleNames
 from finetune.models.family import Family, llm_flow_transformer
+from finetune.models.sampling import Sampling, Variant
 
 if TYPE_CHECKING:
     import torch
@@ -89,4 +90,9 @@ Z_IMAGE = ZImageFamily("z_image", **llm_flow_transformer(
     lora_presets=Z_IMAGE_PRESETS,
     default_guidance=0.0,
     frozen_text_encoder="Qwen3-4B",
+    # Z-Image (base, Tongyi-MAI/Z-Image) is the undistilled model: CFG ~4 over up to 50 steps (its card; ai-toolkit
+    # samples 30). Turbo has the same configs: its name tells it. 9 steps = 8 transformer calls (diffusers' and the
+    # card's example), guidance 0: no CFG.
+    sampling=Sampling(50, 4.0, what="Z-Image"),
+    variants=(Variant(Sampling(9, 0.0, distilled=("guidance", "steps"), what="Z-Image-Turbo"), names=("turbo",)),),
 ))

@@ -1,0 +1,253 @@
+"""Train the toy video base from scratch: a causal video VAE on toy clips, then a Wan transformer with
+rectified flow on the VAE's latents, exactly as the Wan family trains (finetune/models/families/wan.py):
+latents are the posterior's mode normalised per channel with the VAE's `latents_mean` / `latents_std` (measured
+here over the training clips and written into the VAE's config, as Wan ships them), x_s = (1 - s) x0 + s e
+with the model predicting e - x0 at timestep s x 1000, s drawn logit-normal on the FlowMatch grid shifted by
+the sampler's `flow_shift`. Captions are encoded once by the frozen UMT5 at 16 tokens, zeroed past each
+caption (WanPipeline's padding); 10% are dropped to the empty caption so classifier-free guidance works.
+
+Each stage checkpoints every few hundred steps under --workdir and resumes from there, so the one command
+can be stopped and started again. Held-out motions never appear here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from finetune.toy import build_video, video_world
+from finetune.toy.build import log
+
+VAE_BATCH, DIT_BATCH = 2, 16
+
+
+def clips_uint8(clips) -> torch.Tensor:
+    """uint8 [N, 3, F, H, W] from (frames, caption) pairs (a quarter of the float size in memory)."""
+    return torch.from_numpy(np.stack([video_world.to_array(f) for f, _ in clips])).permute(0, 4, 1, 2, 3)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], the range the VAE takes."""
+    return x.float().div(127.5).sub(1.0)
+
+
+def clips_tensor(clips) -> torch.Tensor:
+    return to_unit(clips_uint8(clips))
+
+
+def _save(path: pathlib.Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: pathlib.Path) -> dict:
+    """A checkpoint of this module (weights only; the first builds kept numpy floats in the lr schedule)."""
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    with torch.serialization.safe_globals([scalar, np.dtype, type(np.dtype("float64"))]):
+        return torch.load(path, weights_only=True)
+
+
+class Stage:
+    """One resumable training stage: model, AdamW with warm-up + cosine, EMA, generator, spent time."""
+
+    def __init__(self, model, steps: int, lr: float, seed: int, ckpt: pathlib.Path, ema: float = 0.999):
+        from diffusers.training_utils import EMAModel
+
+        self.model, self.steps, self.ckpt = model.train(), steps, ckpt
+        self.ema = EMAModel(model.parameters(), decay=ema)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+        warm = max(1, min(200, steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: float(min(1.0, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step, self.running, self.spent = 0, None, {"minutes": 0.0, "cpu_minutes": 0.0}
+        self._clock = (time.time(), time.process_time())
+        if ckpt.exists():
+            st = _load(ckpt)
+            if st["steps"] != steps:
+                raise SystemExit(f"error: {ckpt} is a {st['steps']}-step run; pass the same step count")
+            for name in ("model", "ema", "opt", "sched"):
+                getattr(self, name).load_state_dict(st[name])
+            self.gen.set_state(st["gen"])
+            self.step, self.running, self.spent = st["step"], st["running"], st["spent"]
+            log(f"resumed {ckpt.name} at step {self.step}/{steps}")
+
+    def tick(self) -> dict:
+        from finetune.toy.build_flux_train import add_time
+
+        self._clock = add_time(self.spent, self._clock)
+        return self.spent
+
+    def save(self) -> None:
+        self.tick()
+        _save(self.ckpt, {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                          "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+                          "step": self.step, "steps": self.steps, "running": self.running, "spent": self.spent})
+
+    def update(self, loss: torch.Tensor) -> None:
+        from finetune.toy.build_flux_train import optimizer_step
+
+        optimizer_step(self.model, self.opt, self.sched, self.ema, loss)
+        self.step += 1
+        v = float(loss.detach())
+        self.running = v if self.running is None else 0.98 * self.running + 0.02 * v
+
+    def ema_model(self):
+        model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.ema.copy_to(model.parameters())
+        return model
+
+    def run(self, loss_fn, name: str, every: int = 50) -> None:
+        t0, c0, first = time.time(), time.process_time(), self.step
+        while self.step < self.steps:
+            self.update(loss_fn(self.gen))
+            s = self.step
+            if s % every == 0 or s == self.steps:
+                rate, cpu = (time.time() - t0) / (s - first), (time.process_time() - c0) / (s - first)
+                log(f"{name} step {s}/{self.steps} loss {self.running:.4f} lr {self.sched.get_last_lr()[0]:.2e} "
+                    f"{rate:.2f} s/step ({cpu:.2f} CPU s/step), ETA {(self.steps - s) * rate / 60:.0f} min")
+            if s % 250 == 0 or s == self.steps:
+                self.save()
+
+
+# ---------------------------------------------------------------------------------------------- VAE
+# whole 9-frame clips: a causal Wan VAE runs each 4-frame chunk with the cached features of the one before, and
+# one trained on 5-frame windows (frame 0 + one chunk) decoded the second chunk wrongly
+VAE_WINDOW = video_world.FRAMES
+
+
+def vae_stage(workdir: pathlib.Path, steps: int, seed: int, n_clips: int = 3000):
+    """A deterministic autoencoder on the posterior's mode (what the family encodes), with a little latent
+    noise so the decoder tolerates a transformer's small errors; returns the EMA VAE with measured stats.
+    The reconstruction error counts 10x more on the shape's (saturated) pixels than on the plain background,
+    which covers ~95% of a frame: plain MSE first settles on drawing the background alone."""
+    data = clips_uint8(video_world.world_clips(n_clips, seed=seed + 100))
+    stage = Stage(build_video.make_vae(seed), steps, 1e-3, seed, workdir / "video_vae.pt")
+    log(f"VAE: {sum(p.numel() for p in stage.model.parameters()) / 1e6:.2f} M params, {len(data)} clips, "
+        f"{steps} steps at batch {VAE_BATCH} of {VAE_WINDOW} frames")
+
+    def loss(gen):
+        idx = torch.randint(len(data), (VAE_BATCH,), generator=gen)
+        start = int(torch.randint(video_world.FRAMES - VAE_WINDOW + 1, (1,), generator=gen))
+        x = to_unit(data[idx, :, start:start + VAE_WINDOW])
+        z = stage.model.encode(x).latent_dist.mode()
+        z = z + 0.05 * z.detach().std() * torch.randn(z.shape, generator=gen)
+        rec = stage.model.decode(z).sample
+        shape = ((x.amax(dim=1) - x.amin(dim=1)) > 0.25).float().unsqueeze(1)  # saturated: the shape
+        return ((1 + 9 * shape) * (rec - x) ** 2).mean() + 1e-4 * z.pow(2).mean()
+
+    stage.run(loss, "vae")
+    vae = stage.ema_model()
+    mean, std = latent_stats(vae, to_unit(data[:512]))
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    return vae, stage.spent
+
+
+@torch.no_grad()
+def latent_stats(vae, clips: torch.Tensor) -> tuple[list[float], list[float]]:
+    z = torch.cat([vae.encode(clips[i:i + 32]).latent_dist.mode() for i in range(0, len(clips), 32)])
+    return z.mean(dim=(0, 2, 3, 4)).tolist(), z.std(dim=(0, 2, 3, 4)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- data
+@torch.no_grad()
+def prepare(vae, parts: dict, n_clips: int, seed: int) -> dict:
+    """Normalised latents of every clip, and the UMT5 states of every distinct caption (row 0: empty)."""
+    from diffusers import WanPipeline
+
+    from finetune.models.families.wan import normalise
+
+    clips = video_world.world_clips(n_clips, seed=seed)
+    lat = []
+    for i in range(0, n_clips, 64):
+        x = clips_tensor(clips[i:i + 64])
+        lat.append(normalise(vae, vae.encode(x).latent_dist.mode()))
+    table = ["", *sorted({c for _, c in clips})]
+    index = {c: i for i, c in enumerate(table)}
+    pipe = WanPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=None, scheduler=None)
+    text, _ = pipe.encode_prompt(table, do_classifier_free_guidance=False,
+                                 max_sequence_length=build_video.MAX_SEQUENCE_LENGTH, device="cpu")
+    log(f"data: {n_clips} clips, {len(table)} distinct captions")
+    return {"latents": torch.cat(lat), "caps": torch.tensor([index[c] for _, c in clips]), "text": text.float()}
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+@torch.no_grad()
+def adaln_zero(model):
+    """DiT's adaLN-Zero start, in Wan's terms: the timestep projection, every block's modulation table and
+    the output projection at zero, so each block's gated self-attention and feed-forward start shut and the
+    model starts as 'predict 0' (from-scratch DiTs train markedly faster so; finetune/toy/build_flux_train.py)."""
+    for p in (model.condition_embedder.time_proj.weight, model.condition_embedder.time_proj.bias,
+              model.proj_out.weight, model.proj_out.bias, *(b.scale_shift_table for b in model.blocks)):
+        p.zero_()
+    return model
+
+
+def transformer_stage(workdir: pathlib.Path, data: dict, steps: int, seed: int, lr: float = 1e-3):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    grid = FlowMatchEulerDiscreteScheduler(shift=build_video.FLOW_SHIFT).sigmas[:1000]
+    stage = Stage(adaln_zero(build_video.make_transformer(seed)), steps, lr, seed, workdir / "video_transformer.pt")
+    log(f"transformer: {sum(p.numel() for p in stage.model.parameters()) / 1e6:.2f} M params, {steps} steps "
+        f"at batch {DIT_BATCH}, from step {stage.step}")
+
+    def loss(gen):
+        idx = torch.randint(len(data["latents"]), (DIT_BATCH,), generator=gen)
+        x0, cap = data["latents"][idx], data["caps"][idx].clone()
+        cap[torch.rand(DIT_BATCH, generator=gen) < 0.1] = 0
+        noise = torch.randn(x0.shape, generator=gen)
+        u = compute_density_for_timestep_sampling("logit_normal", DIT_BATCH, 0.0, 1.0, generator=gen)
+        s = grid[(u * 1000).long().clamp(0, 999)]
+        xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        pred = stage.model(hidden_states=xs, timestep=s * 1000, encoder_hidden_states=data["text"][cap],
+                           return_dict=False)[0]
+        return F.mse_loss(pred, noise - x0)
+
+    stage.run(loss, "transformer")
+    return stage.ema_model(), stage.spent
+
+
+def build_video_base(workdir: pathlib.Path, out: pathlib.Path, vae_steps: int, dit_steps: int, seed: int = 0,
+                     n_clips: int = 8000) -> float:
+    """Build the whole toy video base into `out`; every stage resumes from `workdir` if interrupted."""
+    from safetensors.torch import load_file, save_file
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = build_video.tokenizer()
+    parts = {"tokenizer": tok, "text_encoder": build_video.text_encoder(len(tok), seed)}
+    vae_file = workdir / "video_vae_final.pt"
+    if vae_file.exists():
+        st = _load(vae_file)
+        vae = build_video.make_vae(seed, st["mean"], st["std"])
+        vae.load_state_dict(st["model"])
+        vae_spent = st["spent"]
+    else:
+        vae, vae_spent = vae_stage(workdir, vae_steps, seed)
+        _save(vae_file, {"model": vae.state_dict(), "mean": list(vae.config.latents_mean),
+                         "std": list(vae.config.latents_std), "spent": vae_spent})
+    vae = vae.eval().requires_grad_(False)
+    cache = workdir / f"video_latents_{n_clips}_seed{seed}.safetensors"
+    if cache.exists():
+        data = load_file(cache)
+    else:
+        data = prepare(vae, parts, n_clips, seed)
+        save_file({k: v.contiguous() for k, v in data.items()}, cache)
+    transformer, spent = transformer_stage(workdir, data, dit_steps, seed)
+    info = {"vae": {"steps": vae_steps, "batch": VAE_BATCH, "config": build_video.VAE_CONFIG},
+            "transformer": {"steps": dit_steps, "batch": DIT_BATCH, "clips": n_clips, "ema": 0.999,
+                            "timesteps": f"logit_normal(0, 1), shift {build_video.FLOW_SHIFT}",
+                            "caption_dropout": 0.1},
+            "build_minutes": round(vae_spent["minutes"] + spent["minutes"], 1),
+            "build_cpu_minutes": round(vae_spent["cpu_minutes"] + spent["cpu_minutes"], 1),
+            "sampler": dict(build_video.SAMPLER, max_sequence_length=build_video.MAX_SEQUENCE_LENGTH)}
+    size = build_video.save_video_pipeline(out, {**parts, "vae": vae, "transformer": transformer}, info)
+    log(f"wrote {out} ({size:.1f} MB); build {info['build_minutes']} min, {info['build_cpu_minutes']} CPU min")
+    return size
