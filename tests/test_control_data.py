@@ -98,3 +98,27 @@ def test_control_needs_one_spatial_conditioning_image(tmp_path):
                         data={"control": {"compute": "canny"}}, method=METHOD)
     with pytest.raises(Exception, match="data.conditioning"):
         load_recipe(path, [])
+
+
+def test_validation_renders_control_pairs_through_the_stock_control_pipeline_and_scores_them(tmp_path):
+    """A control | outputs grid from FluxControlPipeline at the end, and each row's fidelity (edge F1) saved."""
+    import json
+
+    from tests.helpers import run_trainer
+
+    img = targets(tmp_path / "img")
+    path = write_recipe(tmp_path, "toy-flux", img, method=METHOD, data=data_section("canny"),
+                        model={"max_sequence_length": 32, "guidance": None},
+                        train={"max_steps": 2, "batch_size": 2},
+                        validation={"prompts": ["a box", "a box"], "images": [str(img / "0.png"), str(img / "3.png")],
+                                    "seeds": [0, 1], "steps": 2, "every": 1})
+    t = run_trainer(path)
+    assert type(t.comps.pipeline(edit=True)).__name__ == "FluxControlPipeline"
+    scores = json.loads((Path(t.cfg.output_dir) / "samples" / "control_scores.json").read_text())
+    assert set(scores) >= {"1"} and 0.0 <= scores["1"]["mean"] <= 1.0 and set(scores["1"]) == {"a box", "mean"}
+    grid = Image.open(sorted((Path(t.cfg.output_dir) / "samples").glob("step-*.png"))[-1])
+    assert grid.width >= 3 * 64  # the control, then one output per seed
+    # the rows' controls are computed from the given pictures as training computes them from its targets
+    from finetune.data.control import canny
+
+    assert np.array_equal(np.asarray(t.pair_inputs[1][0]), np.asarray(canny(Image.open(img / "3.png").convert("RGB"))))

@@ -35,12 +35,17 @@ def toy_mask(img: Image.Image) -> Image.Image:
 COMPUTE = {"canny": lambda img, cfg: canny(img, cfg.low, cfg.high), "toy_mask": lambda img, cfg: toy_mask(img)}
 
 
+def control_image(img: Image.Image, cfg) -> Image.Image:
+    """The control image data.control makes of a picture (a target, or a validation pair's image)."""
+    return COMPUTE[cfg.compute](img, cfg)
+
+
 def control_png(data: bytes, cfg) -> bytes:
     """The control image of an encoded target, PNG-encoded."""
     from finetune.data.images import decode
 
     buf = io.BytesIO()
-    COMPUTE[cfg.compute](decode(data), cfg).save(buf, format="PNG")
+    control_image(decode(data), cfg).save(buf, format="PNG")
     return buf.getvalue()
 
 

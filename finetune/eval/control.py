@@ -66,3 +66,16 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     if count <= 1:
         return mask.astype(bool)
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def row_scores(control_cfg, inputs: list[list[Image.Image]], rows: list[list[Image.Image]], prompts: list[str]
+               ) -> dict[str, float]:
+    """Validation pairs: each prompt's mean fidelity over its seeds to its row's control image (data.control says
+    which kind), and their mean ('mean')."""
+    scores = {}
+    for prompt, (control, *_), outs in zip(prompts, inputs, rows, strict=True):
+        control = control.resize(outs[0].size, Image.Resampling.NEAREST)
+        scores[prompt] = sum(fidelity(o, control, control_cfg.compute, control_cfg.low, control_cfg.high)
+                             for o in outs) / len(outs)
+    scores["mean"] = sum(scores.values()) / len(prompts)
+    return scores
