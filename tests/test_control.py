@@ -313,74 +313,96 @@ def test_controlnet_sigkill_then_resume_is_bit_identical(tmp_path, base):
     assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
 
 
-# ------------------------------------------------------------------------------------------ controlnet (SDXL)
-def sdxl_recipe(tmp_path: Path, base: Path, **sections) -> Path:
+# ------------------------------------------------------------------------------- controlnet (SD 1.x and SDXL)
+UNETS = {"sd1": ("tiny_base", "StableDiffusionControlNetPipeline"),
+         "sdxl": ("tiny_sdxl_base", "StableDiffusionXLControlNetPipeline")}
+
+
+def unet_recipe(tmp_path: Path, base: Path, **sections) -> Path:
     return recipe(tmp_path, base, model={"max_sequence_length": None}, **CONTROLNET, **sections)
 
 
-def sdxl_controlnet_prediction(pipe, batch, noise, steps):
-    """(clean latents, prediction) as StableDiffusionXLControlNetPipeline's loop computes them: its prompt and
-    size/crop conditioning, its control image processor, the ControlNet's residuals into the U-Net."""
+def unet_controlnet_prediction(pipe, batch, noise, steps, xl: bool):
+    """(clean latents, prediction) as Stable Diffusion (XL)'s ControlNet pipeline loop computes them: its prompt
+    (and SDXL's size/crop conditioning), its control image processor, the ControlNet's residuals into the U-Net."""
     from diffusers import DDPMScheduler
 
     px = batch["pixel_values"]
     b = px.shape[0]
     latents = pipe.vae.encode(px).latent_dist.mode() * pipe.vae.config.scaling_factor
     noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(latents, noise, steps)
-    embeds, _, pooled, _ = pipe.encode_prompt(batch["captions"], device="cpu", do_classifier_free_guidance=False)
-    ids = torch.cat([pipe._get_add_time_ids(tuple(batch["original_size"][i].tolist()),
-                                            tuple(batch["crop_top_left"][i].tolist()),
-                                            tuple(batch["target_size"][i].tolist()), torch.float32,
-                                            text_encoder_projection_dim=pooled.shape[1]) for i in range(b)])
+    if xl:
+        embeds, _, pooled, _ = pipe.encode_prompt(batch["captions"], device="cpu", do_classifier_free_guidance=False)
+        ids = torch.cat([pipe._get_add_time_ids(tuple(batch["original_size"][i].tolist()),
+                                                tuple(batch["crop_top_left"][i].tolist()),
+                                                tuple(batch["target_size"][i].tolist()), torch.float32,
+                                                text_encoder_projection_dim=pooled.shape[1]) for i in range(b)])
+        extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+    else:
+        embeds, _ = pipe.encode_prompt(batch["captions"], "cpu", 1, False)
+        extra = {}
     pil = [Image.fromarray(((c.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
            for c in batch["reference_pixels"][0]]
     image = pipe.control_image_processor.preprocess(pil, height=px.shape[2], width=px.shape[3])
-    added = {"text_embeds": pooled, "time_ids": ids}
     down, mid = pipe.controlnet(noisy, steps, encoder_hidden_states=embeds, controlnet_cond=image,
-                                conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=added, return_dict=False)
-    pred = pipe.unet(noisy, steps, encoder_hidden_states=embeds, added_cond_kwargs=added, return_dict=False,
+                                conditioning_scale=1.0, guess_mode=False, return_dict=False, **extra)
+    pred = pipe.unet(noisy, steps, encoder_hidden_states=embeds, return_dict=False, **extra,
                      down_block_additional_residuals=down, mid_block_additional_residual=mid)[0]
     return latents, pred
 
 
-def test_sdxl_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, tiny_sdxl_base):
-    from diffusers import StableDiffusionXLControlNetPipeline
+@pytest.mark.parametrize("name", list(UNETS))
+def test_unet_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, request, name):
+    import diffusers
 
     from finetune.train.loss import ddpm_draws
     from tests.helpers import first_step_generators
 
-    t = trainer(sdxl_recipe(tmp_path, tiny_sdxl_base))
-    assert t.comps.family.name == "sdxl_controlnet"
+    fixture, pipeline = UNETS[name]
+    base = request.getfixturevalue(fixture)
+    t = trainer(unet_recipe(tmp_path, base))
+    assert t.comps.family.name == f"{name}_controlnet"
     batch = next(iter(t.data.loader(0)))
     net = t.comps.added["controlnet"]
     with torch.no_grad():  # the zero-initialised residuals made nonzero, so the ControlNet's path counts
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(tiny_sdxl_base, controlnet=net)
+    pipe = getattr(diffusers, pipeline).from_pretrained(base, controlnet=net, safety_checker=None,
+                                                        requires_safety_checker=False)
     with torch.no_grad():
         loss, _ = t.compute_loss(batch)
         b = batch["pixel_values"].shape[0]
         shape = (b, 4, 16, 16)
         noise, steps = ddpm_draws(torch.zeros(shape), 1000, first_step_generators(t.recipe.train.seed, 0, 0, b), 0.0)
-        latents, pred = sdxl_controlnet_prediction(pipe, batch, noise, steps)
-        ref = ((pred - noise) ** 2).reshape(b, -1).mean(1).mean()
+        latents, pred = unet_controlnet_prediction(pipe, batch, noise, steps, xl=name == "sdxl")
+        target = noise if t.comps.prediction_type == "epsilon" else pipe.scheduler.get_velocity(latents, noise, steps)
+        ref = ((pred - target) ** 2).reshape(b, -1).mean(1).mean()
     assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
 
 
 @pytest.fixture(scope="module")
-def sdxl_run(tmp_path_factory):
-    from tests.helpers import build_tiny_sdxl
+def unet_runs(tmp_path_factory):
+    from tests.helpers import build_tiny_sd, build_tiny_sdxl
 
-    folder = tmp_path_factory.mktemp("sdxl_controlnet_run")
-    base = build_tiny_sdxl(folder / "base")
-    return base, run_trainer(sdxl_recipe(folder, base, train={"lr": 1e-1}), "logging.progress=false")
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            folder = tmp_path_factory.mktemp(f"{name}_controlnet_run")
+            base = (build_tiny_sdxl if name == "sdxl" else build_tiny_sd)(folder / "base")
+            made[name] = base, run_trainer(unet_recipe(folder, base, train={"lr": 1e-1}), "logging.progress=false")
+        return made[name]
+
+    return get
 
 
-def test_the_sdxl_controlnet_exports_load_in_the_stock_pipeline(sdxl_run):
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+@pytest.mark.parametrize("name", list(UNETS))
+def test_the_unet_controlnet_exports_load_in_the_stock_pipeline(unet_runs, name):
+    import diffusers
+    from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
-    base, run = sdxl_run
+    base, run = unet_runs(name)
     out = Path(run.recipe.train.output_dir)
     image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
 
@@ -389,8 +411,9 @@ def test_the_sdxl_controlnet_exports_load_in_the_stock_pipeline(sdxl_run):
         return pipe(prompt="red", image=control, height=64, width=64, num_inference_steps=2,
                     generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
-        base, controlnet=ControlNetModel.from_pretrained(out / "controlnet"))
+    pipe = getattr(diffusers, UNETS[name][1]).from_pretrained(
+        base, controlnet=ControlNetModel.from_pretrained(out / "controlnet"), safety_checker=None,
+        requires_safety_checker=False)
     loaded = render(pipe, image)
     ours = render(run.comps.pipeline(edit=True, scheduler=pipe.scheduler), image)  # the base's sampler
     other = render(run.comps.pipeline(edit=True, scheduler=pipe.scheduler), Image.fromarray(255 - np.asarray(image)))
@@ -400,8 +423,8 @@ def test_the_sdxl_controlnet_exports_load_in_the_stock_pipeline(sdxl_run):
     assert "controlnet_cond_embedding.conv_in.weight" in single  # ComfyUI's sign of a diffusers-form ControlNet
 
 
-def test_an_sdxl_controlnet_refuses_cached_latents(tmp_path, tiny_sdxl_base):
+def test_a_unet_controlnet_refuses_cached_latents(tmp_path, tiny_sdxl_base):
     from finetune.recipe import load_recipe
 
     with pytest.raises(Exception, match="data.cache_latents"):
-        load_recipe(sdxl_recipe(tmp_path, tiny_sdxl_base, data={"cache_latents": True}), [])
+        load_recipe(unet_recipe(tmp_path, tiny_sdxl_base, data={"cache_latents": True}), [])

@@ -19,14 +19,14 @@ from finetune.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE
 from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
-from finetune.models.families.sdxl_controlnet import SDXL_CONTROLNET
+from finetune.models.families.unet_controlnet import SD1_CONTROLNET, SDXL_CONTROLNET
 from finetune.models.families.wan import WAN, WAN_I2V
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_CONTROLNET, FLUX_KONTEXT, QWEN_IMAGE,
-                                  QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD2, SD3, SDXL, SDXL_CONTROLNET, WAN,
-                                  WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV)
+                                  QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD1_CONTROLNET, SD2, SD3, SDXL,
+                                  SDXL_CONTROLNET, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
