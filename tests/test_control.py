@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.edit_families import flow_draws, pairs
+from tests.edit_families import flow_draw, pairs
 from tests.helpers import killed_and_resumed, one_vs_two_processes, run_trainer, write_recipe
 
 
@@ -56,10 +56,9 @@ def stock(base: Path):
     return pipe
 
 
-def control_prediction(pipe, batch, draw, max_sequence_length: int):
-    """(clean target latents, prediction) as FluxControlPipeline computes them for a batch: its VAE encoding and
-    packing of the target and of the control image, concatenated on the feature axis, its ids and unpacking. The
-    pipeline's transformer is widened first as diffusers' loader widens it for a Control LoRA (zero columns)."""
+def flux_parts(pipe, batch, draw, max_sequence_length: int) -> dict:
+    """A batch as a FLUX.1 control pipeline prepares it: the target's and the control image's latents (its VAE
+    encoding) packed, the noisy target, the ids, the encoded prompt."""
     px, control = batch["pixel_values"], batch["reference_pixels"][0]
     b, _, height, width = px.shape
 
@@ -70,13 +69,22 @@ def control_prediction(pipe, batch, draw, max_sequence_length: int):
     latents = encode(px)
     noisy, sigmas = draw(latents)
     c, h, w = noisy.shape[1:]
-    packed = torch.cat([pipe._pack_latents(noisy, b, c, h, w), pipe._pack_latents(encode(control), b, c, h, w)], 2)
-    ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
     embeds, pooled, text_ids = pipe.encode_prompt(batch["captions"], None, device="cpu",
                                                   max_sequence_length=max_sequence_length)
-    out = pipe.transformer(hidden_states=packed, timestep=sigmas, guidance=torch.ones(b), pooled_projections=pooled,
-                           encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=ids, return_dict=False)[0]
-    return latents, pipe._unpack_latents(out, height, width, pipe.vae_scale_factor)
+    return {"latents": latents, "size": (height, width), "noisy": pipe._pack_latents(noisy, b, c, h, w),
+            "control": pipe._pack_latents(encode(control), b, c, h, w),
+            "call": {"timestep": sigmas, "guidance": torch.ones(b), "pooled_projections": pooled,
+                     "encoder_hidden_states": embeds, "txt_ids": text_ids, "return_dict": False,
+                     "img_ids": pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)}}
+
+
+def control_prediction(pipe, batch, draw, max_sequence_length: int):
+    """(clean target latents, prediction) as FluxControlPipeline computes them for a batch: the control's packed
+    latents concatenated with the target's on the feature axis. The pipeline's transformer is widened first as
+    diffusers' loader widens it for a Control LoRA (zero columns)."""
+    p = flux_parts(pipe, batch, draw, max_sequence_length)
+    out = pipe.transformer(hidden_states=torch.cat([p["noisy"], p["control"]], 2), **p["call"])[0]
+    return p["latents"], pipe._unpack_latents(out, *p["size"], pipe.vae_scale_factor)
 
 
 def widened(pipe, lora: dict | None = None):
@@ -107,7 +115,6 @@ def test_the_widened_base_predicts_what_the_base_does(base):
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_batch_loss_equals_the_stock_control_pipelines_own_computation(tmp_path, base, cached):
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
     flow = {"timestep_sampling": "uniform", "resolution_shift": False}
     t = trainer(recipe(tmp_path, base, train={"flow": flow}, data={"cache_text": cached}))
@@ -121,14 +128,8 @@ def test_batch_loss_equals_the_stock_control_pipelines_own_computation(tmp_path,
         t.comps.denoiser.x_embedder.base_layer.weight.copy_(w)
         loss, _ = t.compute_loss(batch)
         b = batch["pixel_values"].shape[0]
-        sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
         drawn = {}
-
-        def draw(latents):
-            noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
-            drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
-            s = sigmas.view(-1, 1, 1, 1)
-            return (1 - s) * latents + s * noise, sigmas
+        draw = flow_draw(t, b, drawn)
 
         latents, pred = control_prediction(pipe, batch, draw, 32)
         ref = ((pred - (drawn["noise"] - latents)) ** 2).reshape(b, -1).mean(1).mean()
@@ -204,25 +205,12 @@ CONTROLNET = {"method": {"name": "controlnet"}, "export": {"formats": ["diffuser
 def controlnet_prediction(pipe, batch, draw, max_sequence_length: int):
     """(clean target latents, prediction) as FluxControlNetPipeline computes them: the control image encoded and
     packed like the target, the ControlNet on the transformer's inputs, its residuals into the transformer."""
-    px, control = batch["pixel_values"], batch["reference_pixels"][0]
-    b, _, height, width = px.shape
-
-    def encode(x):
-        z = pipe.vae.encode(x).latent_dist.mode()
-        return (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-
-    latents = encode(px)
-    noisy, sigmas = draw(latents)
-    c, h, w = noisy.shape[1:]
-    packed, cond = pipe._pack_latents(noisy, b, c, h, w), pipe._pack_latents(encode(control), b, c, h, w)
-    ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
-    embeds, pooled, text_ids = pipe.encode_prompt(batch["captions"], None, device="cpu",
-                                                  max_sequence_length=max_sequence_length)
-    common = {"hidden_states": packed, "timestep": sigmas, "guidance": torch.ones(b), "pooled_projections": pooled,
-              "encoder_hidden_states": embeds, "txt_ids": text_ids, "img_ids": ids, "return_dict": False}
-    blocks, singles = pipe.controlnet(controlnet_cond=cond, controlnet_mode=None, conditioning_scale=1.0, **common)
-    out = pipe.transformer(controlnet_block_samples=blocks, controlnet_single_block_samples=singles, **common)[0]
-    return latents, pipe._unpack_latents(out, height, width, pipe.vae_scale_factor)
+    p = flux_parts(pipe, batch, draw, max_sequence_length)
+    blocks, singles = pipe.controlnet(hidden_states=p["noisy"], controlnet_cond=p["control"], controlnet_mode=None,
+                                      conditioning_scale=1.0, **p["call"])
+    out = pipe.transformer(hidden_states=p["noisy"], controlnet_block_samples=blocks,
+                           controlnet_single_block_samples=singles, **p["call"])[0]
+    return p["latents"], pipe._unpack_latents(out, *p["size"], pipe.vae_scale_factor)
 
 
 def test_the_controlnet_starts_from_the_bases_blocks_and_changes_nothing(tmp_path, base):
@@ -236,7 +224,7 @@ def test_the_controlnet_starts_from_the_bases_blocks_and_changes_nothing(tmp_pat
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, base, cached):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetPipeline
+    from diffusers import FluxControlNetPipeline
 
     flow = {"timestep_sampling": "uniform", "resolution_shift": False}
     t = trainer(recipe(tmp_path, base, train={"flow": flow}, data={"cache_text": cached}, **CONTROLNET))
@@ -249,14 +237,8 @@ def test_controlnet_loss_equals_the_stock_pipelines_own_computation(tmp_path, ba
     with torch.no_grad():
         loss, _ = t.compute_loss(batch)
         b = batch["pixel_values"].shape[0]
-        sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
         drawn = {}
-
-        def draw(latents):
-            noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
-            drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
-            s = sigmas.view(-1, 1, 1, 1)
-            return (1 - s) * latents + s * noise, sigmas
+        draw = flow_draw(t, b, drawn)
 
         latents, pred = controlnet_prediction(pipe, batch, draw, 32)
         ref = ((pred - (drawn["noise"] - latents)) ** 2).reshape(b, -1).mean(1).mean()

@@ -27,8 +27,25 @@ PIPELINE = "FluxControlPipeline"
 INPUT = "x_embedder"
 
 
+class ControlPipelineCalls:
+    """How FLUX.1's control pipelines (FluxControlPipeline, FluxControlNetPipeline) are called: a `control_image`,
+    [dev]'s distilled guidance, no true classifier-free guidance and no negative prompt."""
+
+    def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
+        """[dev]'s distilled guidance; a transformer without one (the toy) samples unguided."""
+        if denoiser_config(pipe.transformer).get("guidance_embeds"):
+            return {"guidance_scale": self.default_guidance if scale is None else scale}
+        return {}
+
+    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
+        return {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
+
+    def edit_kwargs(self, images, size) -> dict[str, Any]:
+        return {"control_image": images[0]}
+
+
 @dataclass(frozen=True)
-class FluxControlFamily(FluxFamily):
+class FluxControlFamily(ControlPipelineCalls, FluxFamily):
     def matches(self, model_index, denoiser_config, text_encoder_config) -> bool:
         return model_index.get("_class_name") == PIPELINE and super().matches(
             model_index, denoiser_config, text_encoder_config)
@@ -54,18 +71,6 @@ class FluxControlFamily(FluxFamily):
         setattr(denoiser, INPUT, new)
         denoiser.register_to_config(in_channels=2 * channels, out_channels=denoiser.config.out_channels or channels)
         return INPUT
-
-    def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
-        """[dev]'s distilled guidance; a transformer without one (the toy) samples unguided (no true CFG here)."""
-        if denoiser_config(pipe.transformer).get("guidance_embeds"):
-            return {"guidance_scale": self.default_guidance if scale is None else scale}
-        return {}
-
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        return {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
-
-    def edit_kwargs(self, images, size) -> dict[str, Any]:
-        return {"control_image": images[0]}
 
     def pack_inputs(self, noisy, batch) -> torch.Tensor:
         """The target's tokens with the control image's latents packed alike beside them on the feature axis."""

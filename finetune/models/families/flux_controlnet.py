@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
 from finetune.models.families.flux import FLUX, FluxFamily
+from finetune.models.families.flux_control import ControlPipelineCalls
 
 PIPELINE = "FluxControlNetPipeline"
 
 
 @dataclass(frozen=True)
-class FluxControlNetFamily(FluxFamily):
+class FluxControlNetFamily(ControlPipelineCalls, FluxFamily):
     def matches(self, model_index, denoiser_config, text_encoder_config) -> bool:
         return False  # a base with a ControlNet is its base's family; a controlnet method makes this one
 
@@ -34,20 +34,6 @@ class FluxControlNetFamily(FluxFamily):
             num_single_layers=min(single_layers if single_layers is not None else c.num_single_layers,
                                   c.num_single_layers),
             attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads)
-
-    def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
-        """The pipeline's distilled guidance; it has no true classifier-free guidance."""
-        from finetune.models.families.flux import denoiser_config
-
-        if denoiser_config(pipe.transformer).get("guidance_embeds"):
-            return {"guidance_scale": self.default_guidance if scale is None else scale}
-        return {}
-
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        return {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
-
-    def edit_kwargs(self, images, size) -> dict[str, Any]:
-        return {"control_image": images[0]}
 
     def references(self, batch) -> list:
         return []  # the control image goes to the ControlNet
