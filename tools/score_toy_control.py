@@ -32,20 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _check(args) -> None:
-    """Every value before a model loads: one line naming it."""
-    from finetune.errors import UserError
-
-    for name in ("n", "steps", "columns"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
-    if not Path(args.lora).exists():
-        raise UserError(f"{args.lora}: no such run folder or LoRA file; pass the run's output_dir")
-    for name in ("results.json", "grid.png"):
-        if (Path(args.out) / name).exists() and not args.overwrite:
-            raise UserError(f"{Path(args.out) / name} exists; choose another --out or pass --overwrite")
-
-
 def main(argv=None) -> int:
     from finetune.errors import UserError
     from finetune.export.io import atomic_path, write_text_atomic
@@ -53,7 +39,7 @@ def main(argv=None) -> int:
     from finetune.train.validation import grid
 
     args = parse_args(argv)
-    _check(args)
+    _common.check_score_args(args, ("n", "steps", "columns"))
     _common.quiet()
     try:
         tuned = control.pipelines(args.lora)
