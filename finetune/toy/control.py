@@ -33,9 +33,9 @@ def pipelines(lora: str | None):
     from finetune.toy import toy_flux_base_path
 
     if lora is None:
-        pipe = FluxPipeline.from_pretrained(toy_flux_base_path())
+        pipe = FluxPipeline.from_pretrained(toy_flux_base_path(), dtype=torch.float32)
     else:
-        pipe = FluxControlPipeline.from_pretrained(toy_flux_base_path())
+        pipe = FluxControlPipeline.from_pretrained(toy_flux_base_path(), dtype=torch.float32)
         pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     return pipe
