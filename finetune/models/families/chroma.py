@@ -61,13 +61,6 @@ class ChromaFamily(Family):
         keep = torch.arange(length, device=device)[None] <= mask.sum(1, keepdim=True)
         return {"prompt_embeds": embeds, MASK: keep.long()}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK].bool()}
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_" + MASK] = negative[MASK].bool()
-        return kwargs
-
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         import torch
         from diffusers import ChromaPipeline
@@ -96,6 +89,7 @@ CHROMA = ChromaFamily(
     # (sd-scripts' 'flux_shift', ai-toolkit, SimpleTuner); diffusers has no Chroma training script
     flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
     patch_size=2,
+    text_masks={MASK: "bool"},  # boolean: SDPA hides it then (a float 0/1 mask would be added to the scores)
     max_sequence_length=512,
     # ComfyUI's Chroma model subclasses its Flux model, so comfy/lora.py maps 'lora_transformer_<diffusers
     # path>' (OneTrainer's spelling) through flux_to_diffusers onto Chroma's fused BFL weights

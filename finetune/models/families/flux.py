@@ -76,13 +76,6 @@ class FluxFamily(Family):
             return {"guidance_scale": 0.0}  # ignored by a transformer without a guidance input
         return {"true_cfg_scale": scale}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
-        if negative is not None:  # used only with true_cfg_scale > 1 (FLUX [dev] is guidance-distilled)
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
-        return kwargs
-
     def edit_kwargs(self, images, size) -> dict[str, Any]:
         """FluxKontextPipeline takes one image; without its auto-resize (to Kontext's preferred ~1 MP sizes) it
         keeps the image's own size and `max_area` keeps the output at `size`."""
