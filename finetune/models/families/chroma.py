@@ -65,11 +65,11 @@ class ChromaFamily(Family):
         import torch
         from diffusers import ChromaPipeline
 
-        b, c, h, w = noisy.shape
-        packed = ChromaPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        from finetune.models.families.flux import packed_tokens
+
+        b, _, h, w = noisy.shape
         embeds = text["prompt_embeds"]
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        packed, img_ids, txt_ids = packed_tokens(noisy, embeds)  # ChromaPipeline's helpers are FluxPipeline's
         image = torch.ones(b, packed.shape[1], device=noisy.device, dtype=torch.bool)
         mask = torch.cat([text[MASK].to(noisy.device).bool(), image], dim=1)
         out = denoiser(hidden_states=packed, timestep=timesteps / 1000, encoder_hidden_states=embeds,
