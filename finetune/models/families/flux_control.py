@@ -72,14 +72,13 @@ class FluxControlFamily(ControlPipelineCalls, FluxFamily):
         denoiser.register_to_config(in_channels=2 * channels, out_channels=denoiser.config.out_channels or channels)
         return INPUT
 
-    def pack_inputs(self, noisy, batch) -> torch.Tensor:
+    def pack_inputs(self, tokens, batch) -> torch.Tensor:
         """The target's tokens with the control image's latents packed alike beside them on the feature axis."""
         import torch
         from diffusers import FluxControlPipeline
 
         (control,) = batch["references"]
-        tokens = FluxControlPipeline._pack_latents(noisy, *noisy.shape)
-        return torch.cat([tokens, FluxControlPipeline._pack_latents(control.to(noisy.dtype), *control.shape)], dim=2)
+        return torch.cat([tokens, FluxControlPipeline._pack_latents(control.to(tokens.dtype), *control.shape)], dim=2)
 
     def references(self, batch) -> list:
         return []  # the control rides every token; nothing is appended
