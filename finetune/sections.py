@@ -399,7 +399,8 @@ class ValidationSection(StrictModel):
         default_factory=list,
         description="Edit and reference models: the conditioning images of validation pairs, one per prompt (or "
         "one for every prompt; a list where examples carry several): an image path, or 'toy:<colour> <shape>' for "
-        "a toy world drawing. Each grid row shows the input, then one output per seed.",
+        "a toy world drawing. With data.control the control image is computed from it as from a target. Each grid "
+        "row shows the input, then one output per seed.",
     )
     targets: list[ImageRef | None] = Field(
         default_factory=list,

@@ -87,6 +87,22 @@ def flow_draws(seed: int, shape, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(noise), torch.cat(u)
 
 
+def flow_draw(t, b: int, drawn: dict):
+    """`draw(clean latents) -> (noisy, sigmas)` with the trainer's noise and timesteps (uniform on the unshifted
+    grid) for a first step of b examples; the noise lands in drawn['noise']."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
+
+    def draw(latents):
+        noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
+        drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
+        s = sigmas.view(-1, 1, 1, 1)
+        return (1 - s) * latents + s * noise, sigmas
+
+    return draw
+
+
 # ------------------------------------------------------------------------- each pipeline's own computation
 # `draw(clean latents) -> (noisy latents, sigmas)`: the trainer's noise and timesteps for the batch
 def kontext_prediction(pipe, batch, draw, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -468,9 +468,11 @@ def one_vs_two_processes(recipe: Path, tmp_path: Path, timeout: float = 900) -> 
     return tuple(load_file(tmp_path / n / "pytorch_lora_weights.safetensors") for n in ("two", "one"))
 
 
-def killed_and_resumed(recipe: Path, tmp_path: Path, kill_after: int = 4) -> tuple[dict, dict]:
-    """The LoRA of a run SIGKILLed once its step-`kill_after` checkpoint is complete and then resumed, and
-    of the same run uninterrupted (the recipe checkpoints at that step and trains well past it)."""
+def killed_and_resumed(recipe: Path, tmp_path: Path, kill_after: int = 4,
+                       weights: str = "pytorch_lora_weights.safetensors") -> tuple[dict, dict]:
+    """The `weights` file (default: the LoRA) of a run SIGKILLed once its step-`kill_after` checkpoint is complete
+    and then resumed, and of the same run uninterrupted (the recipe checkpoints at that step and trains well past
+    it)."""
     import signal
     import subprocess
     import sys
@@ -492,8 +494,7 @@ def killed_and_resumed(recipe: Path, tmp_path: Path, kill_after: int = 4) -> tup
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert marker.exists() and not (out / "pytorch_lora_weights.safetensors").exists(), "killed too early or late"
+    assert marker.exists() and not (out / weights).exists(), "killed too early or late"
     resumed = run(f"train.output_dir={out}", "train.resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    return (load_file(out / "pytorch_lora_weights.safetensors"),
-            load_file(tmp_path / "ref" / "pytorch_lora_weights.safetensors"))
+    return load_file(out / weights), load_file(tmp_path / "ref" / weights)

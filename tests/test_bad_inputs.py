@@ -238,6 +238,7 @@ def value_cases(box, base) -> list[tuple[str, str, list]]:
         *evaluate_cases(box, base),
         ("a_file", "caption", [p(box, "a_file"), "--dry-run"]),
         *score_toy_edit_cases(box),
+        *score_toy_control_cases(box),
     ]
 
 
@@ -251,6 +252,19 @@ def score_toy_edit_cases(box) -> list[tuple[str, str, list]]:
         ("--guidance", "score_toy_edit", [box["good"], "--guidance", "nan", *out]),
         ("truncated.safetensors", "score_toy_edit", [p(box, "truncated.safetensors"), "--n", 1, "--steps", 1, *out]),
         ("results.json", "score_toy_edit", [box["good"], "--out", p(box, "scored")]),
+    ]
+
+
+def score_toy_control_cases(box) -> list[tuple[str, str, list]]:
+    """tools/score_toy_control.py: values and the run folder checked before a model loads; a bad LoRA named."""
+    out = ["--out", p(box, "scores")]
+    return [
+        ("missing_folder", "score_toy_control", [p(box, "missing_folder"), *out]),
+        ("--n", "score_toy_control", [box["good"], "--n", 0, *out]),
+        ("--steps", "score_toy_control", [box["good"], "--steps", 0, *out]),
+        ("truncated.safetensors", "score_toy_control", [p(box, "truncated.safetensors"), "--n", 1, "--steps", 1,
+                                                        *out]),
+        ("results.json", "score_toy_control", [box["good"], "--out", p(box, "scored")]),
     ]
 
 
@@ -281,7 +295,7 @@ def all_cases(box, base) -> list[tuple[str, str, list]]:
 
 
 TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption", "evaluate",
-              "score_toy_edit"]
+              "score_toy_edit", "score_toy_control"]
 
 
 @pytest.mark.parametrize("tool_name", TOOL_NAMES)

@@ -69,9 +69,8 @@ def test_detected_from_the_folder_never_as_the_text_to_image_sibling(bases, name
 def test_batch_loss_equals_the_stock_pipelines_own_computation(tmp_path, bases, name, cached):
     """Uniform timesteps on the unshifted grid (so the sigmas are the scheduler's own), the trainer's noise; text
     encoded in the step or cached (Qwen-Image-Edit: keyed on the images its encoder saw, padded per batch)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from tests.edit_families import flow_draws
+    from tests.edit_families import flow_draw
 
     case, base = CASES[name], bases(name)
     flow = {"timestep_sampling": "uniform", "resolution_shift": False}
@@ -82,14 +81,8 @@ def test_batch_loss_equals_the_stock_pipelines_own_computation(tmp_path, bases, 
     with torch.no_grad():
         loss, _ = t.compute_loss(batch)
         b = batch["pixel_values"].shape[0]
-        sched = FlowMatchEulerDiscreteScheduler.from_config(t.comps.scheduler.config)
         drawn = {}
-
-        def draw(latents):
-            noise, u = flow_draws(t.recipe.train.seed, latents.shape[1:], b)
-            drawn["noise"], sigmas = noise, sched.sigmas[(u * 1000).long()]
-            s = sigmas.view(-1, 1, 1, 1)
-            return (1 - s) * latents + s * noise, sigmas
+        draw = flow_draw(t, b, drawn)
 
         if case.family == "flux_kontext":
             latents, pred = kontext_prediction(pipe, batch, draw, 32)

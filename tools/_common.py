@@ -97,3 +97,18 @@ def add_base_args(p) -> None:
     p.add_argument("--config", help="for a single-file base: a diffusers folder with the matching configs")
     p.add_argument("--allow-pickle", action="store_true",
                    help="read .ckpt/.pt/.bin files (weights_only=True); refused otherwise")
+
+
+def check_score_args(args, counts: tuple[str, ...], files: tuple[str, ...] = ("results.json", "grid.png")) -> None:
+    """The toy scoring tools' shared checks, before a model loads: each count at least 1, the run folder there,
+    the results not overwritten without --overwrite. One line naming the value."""
+    from finetune.errors import UserError
+
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if not pathlib.Path(args.lora).exists():
+        raise UserError(f"{args.lora}: no such run folder or LoRA file; pass the run's output_dir")
+    for name in files:
+        if (pathlib.Path(args.out) / name).exists() and not args.overwrite:
+            raise UserError(f"{pathlib.Path(args.out) / name} exists; choose another --out or pass --overwrite")

@@ -43,17 +43,9 @@ def _check(args) -> None:
 
     from finetune.errors import UserError
 
-    for name in ("n", "steps", "columns"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} {getattr(args, name)}: must be at least 1")
     if not math.isfinite(args.guidance) or args.guidance < 1:
         raise UserError(f"--guidance {args.guidance}: must be a finite number >= 1 (1: no true CFG)")
-    if not Path(args.lora).exists():
-        raise UserError(f"{args.lora}: no such run folder or LoRA file; pass the run's output_dir")
-    out = Path(args.out)
-    for name in ("results.json", "grid.png"):
-        if (out / name).exists() and not args.overwrite:
-            raise UserError(f"{out / name} exists; choose another --out or pass --overwrite")
+    _common.check_score_args(args, ("n", "steps", "columns"))
 
 
 def _pipelines(lora):

@@ -295,6 +295,24 @@ class ConditioningSection(StrictModel):
 PAIRED_SOURCES = ("folder", "metadata", "hf", "toy")  # source types that can carry conditioning images
 
 
+class ControlSection(StrictModel):
+    """Control images computed from each target instead of read from files (finetune/data/control.py): made once
+    at the scan, then bucketed, cropped, flipped and cached with the target like a control/ folder's images."""
+
+    compute: Literal["canny", "toy_mask"] = Field(
+        description="'canny': the target's edges (OpenCV's Canny on the grey image, white on black); 'toy_mask': "
+        "the toy world's object mask (white on the shape, black elsewhere: finetune/toy/score.py's foreground).",
+    )
+    low: int = Field(100, ge=0, le=1000, description="canny: the lower hysteresis threshold.")
+    high: int = Field(200, ge=1, le=1000, description="canny: the upper hysteresis threshold.")
+
+    @model_validator(mode="after")
+    def _thresholds(self):
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
 class DataSection(StrictModel):
     sources: list[Source] = Field(min_length=1, description="Image sets to train on (subsets).")
     resolution: int = Field(512, ge=64, le=4096, multiple_of=64, description="Training resolution (side of the pixel-area budget).")
@@ -322,6 +340,10 @@ class DataSection(StrictModel):
     conditioning: ConditioningSection | None = Field(
         None, description="Paired data: conditioning images (edit inputs, references) beside every target.",
     )
+    control: ControlSection | None = Field(
+        None, description="Compute each target's control image (canny edges, the toy's masks) instead of pairing "
+        "files; needs data.conditioning {count: 1, role: spatial}.",
+    )
     video: VideoSection | None = Field(
         None, description="Video clips (video families: Wan): frames per clip, rate, sampling, frame-count "
         "buckets; image sources then train as one-frame clips.")
@@ -345,7 +367,11 @@ class DataSection(StrictModel):
         return self
 
     def _check_conditioning(self) -> None:
-        if self.conditioning is None:
+        c = self.conditioning
+        if self.control is not None and (c is None or c.count != 1 or c.role != "spatial"):
+            raise ValueError("data.control computes one control image per target: set data.conditioning: "
+                             "{count: 1, role: spatial}")
+        if c is None:
             return
         for i, src in enumerate(self.sources):
             if src.type not in PAIRED_SOURCES:

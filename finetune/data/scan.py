@@ -84,8 +84,14 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
     lo, _ = data.buckets.sides(data.resolution)
     probs = Problems(data.on_bad_image, min_side=min(lo, data.resolution), verbose=verbose)
     subsets = []
+    # computed control images: the sources scan plain targets, each then gets its control image
+    plain = data if data.control is None else data.model_copy(update={"conditioning": None})
     for i, src in enumerate(data.sources):
-        for sub in SCANNERS[src.type](src, data, probs, f"data.sources.{i}"):
+        for sub in SCANNERS[src.type](src, plain, probs, f"data.sources.{i}"):
+            if data.control is not None:
+                from finetune.data.control import with_controls
+
+                sub.records = with_controls(sub.records, data.control, probs)
             if not sub.records:
                 raise DataError(
                     f"{sub.name}: subset has no usable images ({len(probs.skipped)} file(s) skipped so far); "

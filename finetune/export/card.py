@@ -20,6 +20,11 @@ LOAD_SNIPPETS = {
         "pipe.load_textual_inversion(\"{folder}\")\n"
     ),
     "full": "pipe = {pipeline}.from_pretrained(\"{folder}/model\", torch_dtype={dtype}).to(device)\n",
+    "controlnet": (
+        "from diffusers import AutoModel\n"
+        "controlnet = AutoModel.from_pretrained(\"{folder}/controlnet\", torch_dtype={dtype})\n"
+        "pipe = {pipeline}.from_pretrained({base}, controlnet=controlnet, torch_dtype={dtype}).to(device)\n"
+    ),
     "pivotal": (
         "pipe = {pipeline}.from_pretrained({base}, torch_dtype={dtype}).to(device)\n"
         "pipe.load_textual_inversion(\"{folder}\")\n"
@@ -34,6 +39,8 @@ UI_NOTES = {
     "folder; write its file name in the prompt.",
     "pivotal": "For ComfyUI and AUTOMATIC1111 use both `.safetensors`: the one named after the run is the LoRA "
     "(`models/Lora`), the `_emb` one the embedding (`embeddings/`, write its file name where the token goes).",
+    "controlnet": "`{folder}_controlnet.safetensors` (diffusers names in one file) loads in ComfyUI's ControlNet "
+    "loader (`models/controlnet`).",
     "full": "The single `.safetensors` checkpoint loads in ComfyUI (`models/checkpoints`) and AUTOMATIC1111 "
     "(`models/Stable-diffusion`); diffusers opens it with `from_single_file(path, config=\"{folder}/model\")`.",
 }

@@ -49,6 +49,11 @@ class MethodConfig(StrictModel):
         """Checks that need the base's family (LoRA presets, export forms). They run as soon as the family is
         known: while the recipe validates, or once a base that was not on this machine has loaded."""
 
+    def conditioning_family(self, family):
+        """The family that takes the conditioning images (data.conditioning) when this method trains a base of
+        `family`: the family itself, or the variant a control method turns it into."""
+        return family
+
     def build(self) -> Method:
         raise NotImplementedError
 

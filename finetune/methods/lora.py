@@ -163,7 +163,7 @@ class LoRAMethod:
         groups = []
         for name in comps.trained_experts:  # one denoiser, or each trained expert (Wan 2.2) its own adapter
             denoiser = comps.experts[name]
-            config = peft_adapter_config(cfg, cfg.rank, alpha, cfg.denoiser_targets(comps.family))
+            config = peft_adapter_config(cfg, cfg.rank, alpha, self.denoiser_targets(comps))
             # modules whose output reaches nothing (Qwen-Image's last text stream) would never train, and DDP
             # refuses parameters without gradients: the family names them, peft leaves them out
             config.exclude_modules = comps.family.unused_modules(denoiser) or None
@@ -184,6 +184,10 @@ class LoRAMethod:
                 groups.append({"params": _trainable(encoder), "lr": te.lr or train_lr})
                 self.adapted.append(name)
         return groups
+
+    def denoiser_targets(self, comps) -> list[str] | str:
+        """What the denoiser's adapter reaches (the recipe's targets; a subclass may add modules)."""
+        return self.config.denoiser_targets(comps.family)
 
     def trained_modules(self) -> list[str]:
         return list(self.adapted)

@@ -42,6 +42,9 @@ class Components:
     text_encoder_names: tuple[str, ...] = ()
     max_sequence_length: int | None = None  # T5-style encoders: tokens per caption (None: family default)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: modules a method adds beside the base, by their pipeline component name (a ControlNet): trained, handed to
+    #: the family's `predict` (batch["modules"]) and to the pipelines
+    added: dict[str, Any] = field(default_factory=dict)
     #: every denoiser of the base by pipeline slot (one, unless the family has experts: Wan 2.2 A14B has two);
     #: `denoiser` is the first of `trained_experts`
     experts: dict[str, Any] = field(default_factory=dict)
@@ -99,7 +102,7 @@ class Components:
         for name, enc in zip(self.text_encoder_names, self.text_encoders, strict=True):
             mods[name] = enc
         mods |= self.part_modules()
-        return mods
+        return mods | self.added
 
     def part_modules(self) -> dict[str, torch.nn.Module]:
         """The family's extra parts that are modules (frozen with the base, moved to the device with it)."""
@@ -114,7 +117,7 @@ class Components:
         cls = getattr(diffusers, family.edit_pipeline_class if edit else family.pipeline_class)
         encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
         parts: dict[str, Any] = {**self.experts, self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
-                                 "scheduler": scheduler or self.scheduler, **self.parts}
+                                 "scheduler": scheduler or self.scheduler, **self.parts, **self.added}
         for name, tok_name in zip(family.text_encoder_names, family.tokenizer_names, strict=True):
             parts[name] = encoders.get(name)
             parts[tok_name] = self.tokenizer_for(name) if name in encoders else None

@@ -130,6 +130,12 @@ class Family:
     #: the text encoder sees the conditioning images too (Qwen-Image-Edit's vision-language encoder): prompts are
     #: encoded with them (`encode_conditioned_prompt`) and cached text is keyed on them
     prompt_reads_conditions: bool = False
+    #: the family a control method (control_lora) turns a base of this family into, by name (None: no control)
+    control_family: str | None = None
+    #: the family a `controlnet` method turns a base of this family into (a ControlNet beside the frozen base)
+    controlnet_family: str | None = None
+    #: the conditioning images reach `predict` as pixels in [-1, 1] (a U-Net ControlNet's input), not as latents
+    control_pixels: bool = False
     #: how the family's undistilled bases sample (steps, guidance), where its publisher says; None: the recipe's
     #: defaults and `default_guidance` (finetune/models/sampling.py)
     sampling: Sampling | None = None
@@ -309,12 +315,13 @@ class Family:
                 raise ValueError("validation.images are the conditioning images of validation pairs: they need "
                                  "paired training data (data.conditioning)")
             return
-        if not self.max_conditions:
+        taker = recipe.method.conditioning_family(self)  # a control method's variant takes them (controlnet)
+        if not taker.max_conditions:
             raise ValueError(f"data.conditioning: the {self.name} family takes no conditioning images; use a base "
                              "of a family that does (FLUX.1 / Kontext, FLUX.2 [klein], Qwen-Image-Edit: README's "
                              "family table)")
-        if cond.count > self.max_conditions:
-            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {self.max_conditions} "
+        if cond.count > taker.max_conditions:
+            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {taker.max_conditions} "
                              f"conditioning image(s) per example (got {cond.count})")
         if self.prompt_reads_conditions and recipe.data.random_flip and cond.role == "spatial":
             raise ValueError(f"data.random_flip: the {self.name} family's text encoder sees the conditioning images, "

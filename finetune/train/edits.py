@@ -70,8 +70,13 @@ def pair_images(recipe, size: tuple[int, int]) -> list[list[Image.Image]]:
         if len(specs) != cond.count:
             raise DataError(f"validation.images.{i}: {len(specs)} image(s), but data.conditioning.count is "
                             f"{cond.count}; give each prompt {cond.count}")
-        rows.append([fit(open_image(s, f"validation.images.{i}" + (f".{j}" if len(specs) > 1 else "")), own)
-                     for j, s in enumerate(specs)])
+        images = [open_image(s, f"validation.images.{i}" + (f".{j}" if len(specs) > 1 else ""))
+                  for j, s in enumerate(specs)]
+        if d.control is not None:  # computed controls: made from the given pictures as from training's targets
+            from finetune.data.control import control_image
+
+            images = [control_image(im, d.control) for im in images]
+        rows.append([fit(im, own) for im in images])
     return rows
 
 

@@ -196,6 +196,8 @@ def validate(t, step: int) -> Path | None:
             _score(t, rows, step)
         if v.score_clips:
             _score_clips(t, rows, step)
+        if v.images and t.recipe.data.control is not None:
+            _score_control(t, rows, step)
         t.last_grid = path
         if getattr(t, "run_metrics", None) is not None:
             _metrics(t, rows, step)
@@ -233,6 +235,23 @@ def save_clips(t, rows, grid_path: Path) -> None:
     save_gif(rows, grid_path.with_suffix(".gif"), fps)
     for i, row in enumerate(rows):
         save_mp4(row[0], grid_path.with_name(f"{grid_path.stem}-prompt{i}.mp4"), fps)
+
+
+def _score_control(t, rows, step: int) -> None:
+    """Control runs: how closely each row's outputs follow its control image (finetune/eval/control.py)."""
+    import json
+
+    from finetune.eval.control import row_scores
+    from finetune.export.io import write_text_atomic
+
+    scores = row_scores(t.recipe.data.control, t.pair_inputs, rows, t.recipe.validation.prompts)
+    kind = "mask IoU" if t.recipe.data.control.compute == "toy_mask" else "edge F1"
+    t.progress.write(f"step {step}: control fidelity ({kind}) {scores['mean']:.3f}")
+    path = t.out / "samples" / "control_scores.json"
+    history = json.loads(path.read_text()) if path.is_file() else {}
+    write_text_atomic(path, json.dumps(history | {str(step): scores}, indent=2))
+    if t.recipe.logging.report_to:
+        t.acc.log({"control_fidelity": scores["mean"]}, step=step)
 
 
 def _score(t, rows, step: int) -> None:

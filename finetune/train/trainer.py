@@ -263,6 +263,8 @@ class Trainer:
         """The latents of each conditioning image of the batch ([B, C, h, w] each): cached, or encoded now."""
         if "references" in batch:
             return [c.to(self.acc.device, non_blocking=True).float() for c in batch["references"]]
+        if self.comps.family.control_pixels:  # a U-Net ControlNet reads the images themselves
+            return [p.to(self.acc.device, non_blocking=True).float() for p in batch["reference_pixels"]]
         out = []
         for pixels in batch["reference_pixels"]:
             out.append(self.encode_latents(pixels, check=False))
@@ -323,6 +325,8 @@ class Trainer:
         example = self.objective.example(latents, [example_generator(k) for k in keys], t_range)
         denoiser = self.wrapped.get(expert, comps.experts[expert])
         batch = {**batch, "conditions": conds}  # what the family derived from the target (image-to-video)
+        if comps.added:  # what a method trains beside the base (a ControlNet), as the step runs it
+            batch = {**batch, "modules": {n: self.wrapped.get(n, m) for n, m in comps.added.items()}}
         if self.recipe.model.guidance is not None:  # guidance-distilled denoisers (FLUX [dev]) take a value
             batch = {**batch, "guidance": self.recipe.model.guidance}
         routing = self.router.routing(self.state.step) if self.router is not None else nullcontext()

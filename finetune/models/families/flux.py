@@ -87,19 +87,33 @@ class FluxFamily(Family):
 
         b, _, h, w = noisy.shape
         packed, img_ids, txt_ids = packed_tokens(noisy, text["prompt_embeds"])
+        packed = self.pack_inputs(packed, batch)
         n = packed.shape[1]
-        packed, img_ids = _with_references(packed, img_ids, batch.get("references") or [], noisy.dtype)
+        packed, img_ids = _with_references(packed, img_ids, self.references(batch), noisy.dtype)
         guidance = None
         if denoiser_config(denoiser).get("guidance_embeds"):
             value = batch.get("guidance")
             value = TRAIN_GUIDANCE if value is None else value  # an explicit 0 trains at guidance 0
             guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
-        out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
-                       pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=text["prompt_embeds"],
-                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        inputs = {"hidden_states": packed, "timestep": timesteps / 1000, "guidance": guidance,
+                  "pooled_projections": text["pooled_prompt_embeds"], "encoder_hidden_states": text["prompt_embeds"],
+                  "txt_ids": txt_ids, "img_ids": img_ids}
+        out = denoiser(**inputs, **self.control_residuals(inputs, batch), return_dict=False)[0]
         # the target's tokens only (the loss never sees the references); the inverse of the packing:
         # vae_scale_factor 1 makes _unpack_latents take latent-space sizes
         return FluxPipeline._unpack_latents(out[:, :n], h, w, 1)
+
+    def pack_inputs(self, tokens, batch) -> torch.Tensor:
+        """The transformer's image tokens from the target's packed ones (the control variant adds its features)."""
+        return tokens
+
+    def control_residuals(self, inputs: dict, batch) -> dict:
+        """More keyword arguments of the transformer call, from its other inputs (a ControlNet's residuals)."""
+        return {}
+
+    def references(self, batch) -> list:
+        """Conditioning latents appended as reference tokens (Kontext); the control variant takes them itself."""
+        return batch.get("references") or []
 
 
 def packed_tokens(noisy, embeds):
@@ -178,6 +192,8 @@ FLUX = FluxFamily(
     # a FLUX.1 base trains edits the Kontext way (the toy edit does): one reference, FluxKontextPipeline samples
     max_conditions=1,
     edit_pipeline_class="FluxKontextPipeline",
+    control_family="flux_control",  # control_lora widens the input (families/flux_control.py)
+    controlnet_family="flux_controlnet",  # controlnet trains a FluxControlNetModel beside it
     lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,
     single_file_text={},

@@ -33,6 +33,8 @@ FLUX_KONTEXT = FluxKontextFamily(**{
     "name": "flux_kontext",
     "pipeline_class": PIPELINE,
     "edit_pipeline_class": PIPELINE,
+    "control_family": None,  # Kontext's references are appended tokens: no control variants
+    "controlnet_family": None,
     "modelspec_arch": {"flow": "flux-1-kontext-dev"},
     "default_guidance": 2.5,
     "single_file_signs": (),  # a FLUX.1 checkpoint's keys: detected as flux, chosen with model.family

@@ -39,7 +39,8 @@ class SDFamily(Family):
         return openclip if self.name == "sd2" else True  # sd1 is the U-Net fallback (lowest priority)
 
 
-SD1 = SDFamily("sd1", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd1"])
+SD1 = SDFamily("sd1", lora_presets=UNET_PRESETS, single_file_signs=SD_SINGLE_FILE["sd1"],
+               controlnet_family="sd1_controlnet")  # controlnet trains a ControlNetModel beside it
 SD2 = SDFamily(
     "sd2",
     lora_presets=UNET_PRESETS,

@@ -82,5 +82,6 @@ SDXL = SDXLFamily(
     pipeline_kwargs={"add_watermarker": False},
     lora_presets=UNET_PRESETS,
     single_file_signs=("conditioner.embedders.1.model.",),
+    controlnet_family="sdxl_controlnet",  # controlnet trains a ControlNetModel beside it
     priority=20,
 )
