@@ -1,6 +1,6 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
-Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3): tiny bases, recipes, a trainer, and a fixed
-denoiser call per family for before/after comparisons."""
+Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 with
+Gemma 2): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ class Case:
     masked: str | None  # the text mask's key, where the family has one
     targets: str  # the preset that reaches every block kind of the tiny model
     tokens: int = 32  # caption tokens (FLUX.2 [dev]'s system message alone is 99 tokens of the tiny tokenizer)
+    comfy_targets: tuple[str, ...] = ()  # what the ComfyUI-form run trains, where the form cannot hold `targets`
 
 
 CASES = {
@@ -32,6 +33,11 @@ CASES = {
     "flux2_klein": Case("flux2_klein", "Flux2KleinPipeline", (16, 8, 8), 48, None, "all_linear"),
     "chroma": Case("chroma", "ChromaPipeline", (16, 16, 16), 32, "prompt_attention_mask", "all_linear"),
     "flux2_dev": Case("flux2_dev", "Flux2Pipeline", (16, 8, 8), 48, None, "all_linear", tokens=128),
+    # the system prompt alone is 27 tokens of the tiny Gemma tokenizer
+    # ComfyUI's Lumina 2 map cannot place grouped k / v (finetune/models/families/lumina2.py)
+    "lumina2": Case("lumina2", "Lumina2Pipeline", (16, 8, 8), 16, "prompt_attention_mask", "attention_mlp", tokens=48,
+                    comfy_targets=("attn.to_q", "attn.to_out.0", "feed_forward.linear_1", "feed_forward.linear_2",
+                                   "feed_forward.linear_3")),
 }
 
 

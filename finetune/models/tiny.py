@@ -8,7 +8,7 @@ the way Qwen3's does.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
     build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
-                                   # "wan_i2v", "wan_experts"
+                                   # "wan_i2v", "wan_experts", "lumina2" (finetune/models/tiny_gemma.py)
 """
 
 from __future__ import annotations
@@ -466,6 +466,18 @@ def _wan(kind: str):
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tiny_z_image,
             "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein, "chroma": build_tiny_chroma,
             "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts")}
+
+
+def _gemma_family(name: str):
+    def build(folder: Path, **kwargs) -> Path:  # finetune/models/tiny_gemma.py imports this module
+        from finetune.models import tiny_gemma
+
+        return getattr(tiny_gemma, f"build_tiny_{name}")(folder, **kwargs)
+
+    return build
+
+
+BUILDERS |= {name: _gemma_family(name) for name in ("lumina2",)}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

@@ -1,0 +1,89 @@
+"""Tiny random models of the families conditioned by Gemma 2 (Lumina 2, Sana), built offline like those of
+finetune/models/tiny.py: a Gemma-style tokenizer (BPE with byte fallback, `<bos>` first, pad id 0, Gemma's
+space-to-'▁' normaliser) trained here on a few sentences, a Gemma-2 encoder 16 wide, and each family's denoiser
+and VAE at a few hundred kB.
+
+    build_tiny("lumina2", folder)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.models.tiny import WORDS
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as Gemma's
+
+
+def gemma_tokenizer(folder: Path, corpus: tuple[str, ...] = ()):
+    """A GemmaTokenizer over our words (and `corpus`, e.g. a pipeline's system prompt, so that it takes about as
+    many tokens as with the real tokenizer), written to `folder` and loaded back from it."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")  # merges stay in words
+    fallback = [f"<0x{i:02X}>" for i in range(256)]  # Gemma's byte-fallback pieces: any character tokenizes
+    trainer = trainers.BpeTrainer(vocab_size=3000, min_frequency=1, show_progress=False,
+                                  special_tokens=GEMMA_SPECIALS + fallback)
+    bpe.train_from_iterator([*corpus, " ".join(WORDS)], trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    GemmaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True).save_pretrained(folder)
+    return GemmaTokenizer.from_pretrained(folder)
+
+
+def _gemma2(vocab: int, hidden: int = 16, layers: int = 2):
+    from transformers import Gemma2Config, Gemma2Model
+
+    return Gemma2Model(Gemma2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=8, max_position_embeddings=1024, sliding_window=64))
+
+
+def _vae16_by8(scaling_factor: float, shift_factor: float):
+    """FLUX.1's 16-channel VAE layout at 8x downsampling (Lumina2Pipeline assumes 8; tiny.py's is 4x)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                         norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor)
+
+
+def _seeded(folder: Path, seed: int, corpus: tuple[str, ...]):
+    import torch
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    return folder, gemma_tokenizer(folder / "_gemma_tokenizer", corpus)
+
+
+def _save(pipe, folder: Path) -> Path:
+    import shutil
+
+    pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "_gemma_tokenizer", ignore_errors=True)
+    return folder
+
+
+def build_tiny_lumina2(folder: Path, seed: int = 0) -> Path:
+    """Lumina 2-shaped: a Next-DiT of 2 joint layers after 1 context and 1 noise refiner, 32 wide with 2 query
+    heads over 1 key/value head (grouped as the real 24 over 8), rotary axes 4 + 6 + 6, reading the second-to-last
+    hidden state of a Gemma-2 encoder 16 wide; a VAE with FLUX.1's factors at 8x (64 px: 8x8 latents); the flow-matching scheduler with Lumina 2's
+    static shift 6 (the pipeline's resolution mu is ignored by a scheduler that does not shift dynamically)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    from finetune.models.families.lumina2 import PROMPT_START, system_prompt
+
+    folder, tok = _seeded(folder, seed, (system_prompt() + PROMPT_START,))
+    transformer = Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, hidden_size=32, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 64, 64),
+        cap_feat_dim=16)
+    pipe = Lumina2Pipeline(transformer=transformer, vae=_vae16_by8(0.3611, 0.1159),
+                           text_encoder=_gemma2(len(tok)), tokenizer=tok,
+                           scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0))
+    return _save(pipe, folder)
