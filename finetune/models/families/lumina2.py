@@ -122,9 +122,15 @@ class Lumina2Family(Family):
         return kwargs
 
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
+        import torch
+
+        mask = text[MASK]
+        # the transformer reads each caption's length from the mask; the memory estimate runs on the meta
+        # device, where none can be read: it gets the longest caption (every token kept)
+        mask = torch.ones(mask.shape, dtype=torch.long) if mask.is_meta else mask.to(noisy.device).long()
         t = 1 - timesteps / 1000  # Lumina2Pipeline: 1 - t / num_train_timesteps, t = sigma * 1000
         out = denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=text["prompt_embeds"],
-                       encoder_attention_mask=text[MASK].to(noisy.device).long(), return_dict=False)[0]
+                       encoder_attention_mask=mask, return_dict=False)[0]
         return -out  # the model predicts x0 - noise; the flow target is noise - x0
 
 
