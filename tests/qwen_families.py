@@ -1,6 +1,6 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
-Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 with
-Gemma 2): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
+Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 and
+Sana with Gemma 2): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ CASES = {
     "lumina2": Case("lumina2", "Lumina2Pipeline", (16, 8, 8), 16, "prompt_attention_mask", "attention_mlp", tokens=48,
                     comfy_targets=("attn.to_q", "attn.to_out.0", "feed_forward.linear_1", "feed_forward.linear_2",
                                    "feed_forward.linear_3")),
+    # DC-AE: 64 px -> 16x16 latents of 8 channels, patch 1; the caption window is 32 tokens after the instruction
+    "sana": Case("sana", "SanaPipeline", (8, 16, 16), 16, "prompt_attention_mask", "attention_mlp"),
 }
 
 

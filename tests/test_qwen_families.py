@@ -168,7 +168,7 @@ def runs(tmp_path_factory, bases):
     return get
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n in COMFY_PREFIX])  # ComfyUI has no Sana model
 def test_every_comfy_key_names_a_weight_comfy_maps_at_the_trained_strength(runs, name):
     t, out = runs(name)
     model = t.comps.denoiser

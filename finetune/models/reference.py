@@ -5,7 +5,9 @@ component's `config.json` (a diffusers folder with no weights and no tokenizer f
 SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD
 (its transformer config is diffusers' ChromaTransformer2DModel defaults, which are Chroma's; T5-XXL, the FLUX.1
 VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Lumina-Image 2.0 (diffusers' Lumina2Transformer2DModel
-defaults with Gemma-2-2B's width as the caption width, google/gemma-2-2b's config, the FLUX.1 VAE), Wan 2.1 T2V
+defaults with Gemma-2-2B's width as the caption width, google/gemma-2-2b's config, the FLUX.1 VAE), Sana 1600M
+1024 px (the values diffusers' scripts/convert_sana_to_diffusers.py and convert_dcae_to_diffusers.py write; Gemma-2-2B-it
+has Gemma-2-2B's config), Wan 2.1 T2V
 1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
 writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
@@ -34,6 +36,7 @@ REFERENCE_IDS = {
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
     "lodestones/Chroma1-HD": "chroma1-hd", "lodestones/Chroma1-Base": "chroma1-hd",
     "black-forest-labs/FLUX.2-dev": "flux2-dev", "Alpha-VLLM/Lumina-Image-2.0": "lumina-image-2",
+    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana-1600m-1024px",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
 }

@@ -8,7 +8,7 @@ the way Qwen3's does.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
     build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
-                                   # "wan_i2v", "wan_experts", "lumina2" (finetune/models/tiny_gemma.py)
+                                   # "wan_i2v", "wan_experts", "lumina2", "sana" (tiny_gemma.py)
 """
 
 from __future__ import annotations
@@ -477,7 +477,7 @@ def _gemma_family(name: str):
     return build
 
 
-BUILDERS |= {name: _gemma_family(name) for name in ("lumina2",)}
+BUILDERS |= {name: _gemma_family(name) for name in ("lumina2", "sana")}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

@@ -4,6 +4,7 @@ space-to-'▁' normaliser) trained here on a few sentences, a Gemma-2 encoder 16
 and VAE at a few hundred kB.
 
     build_tiny("lumina2", folder)
+    build_tiny("sana", folder)
 """
 
 from __future__ import annotations
@@ -86,4 +87,30 @@ def build_tiny_lumina2(folder: Path, seed: int = 0) -> Path:
     pipe = Lumina2Pipeline(transformer=transformer, vae=_vae16_by8(0.3611, 0.1159),
                            text_encoder=_gemma2(len(tok)), tokenizer=tok,
                            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0))
+    return _save(pipe, folder)
+
+
+def build_tiny_sana(folder: Path, seed: int = 0, **transformer) -> Path:
+    """Sana-shaped: 2 blocks 32 wide (linear self-attention with 2 heads of 16, softmax cross-attention with 2
+    heads of 16 over Gemma-2 states 16 wide, the GLUMBConv feed-forward), a DC-AE of 3 stages (4x, 8 latent
+    channels, the last stage EfficientViT) with a scaling factor far from 1, and Sana's DPM-Solver flow sampler
+    (flow_shift 3). `transformer`: config overrides (Sana Sprint's guidance input and time scale, for detection)."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    from finetune.models.families.sana import complex_human_instruction
+
+    folder, tok = _seeded(folder, seed, ("\n".join(complex_human_instruction()),))
+    denoiser = SanaTransformer2DModel(**{
+        "in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+        "num_cross_attention_heads": 2, "cross_attention_head_dim": 16, "cross_attention_dim": 32,
+        "caption_channels": 16, "sample_size": 16, **transformer})
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks,
+                        decoder_block_types=blocks, encoder_block_out_channels=(8, 16, 16),
+                        decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
+                        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), (5,)),
+                        decoder_qkv_multiscales=((), (), (5,)), scaling_factor=0.41407)
+    sampler = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                          use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tok, text_encoder=_gemma2(len(tok)), vae=vae, transformer=denoiser, scheduler=sampler)
     return _save(pipe, folder)

@@ -13,6 +13,7 @@ from finetune.models.families.flux2_dev import FLUX2_DEV
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.lumina2 import LUMINA2
 from finetune.models.families.qwen_image import QWEN_IMAGE
+from finetune.models.families.sana import SANA
 from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
@@ -21,7 +22,7 @@ from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA,
-                                   FLUX2_DEV, LUMINA2)
+                                   FLUX2_DEV, LUMINA2, SANA)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
