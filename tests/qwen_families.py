@@ -1,6 +1,7 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
 Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 and
-Sana with Gemma 2): tiny bases, recipes, a trainer, and a fixed denoiser call per family for before/after comparisons."""
+Sana with Gemma 2; Krea 2 with Qwen3-VL): tiny bases, recipes, a trainer, and a fixed denoiser call per family
+for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Case:
     family: str
     pipeline: str
     latent: tuple[int, int, int]  # one image's latents at 64 px in the family's layout
-    text_width: int
+    text_width: int | tuple[int, ...]  # per token (Krea 2: stacked encoder layers x width)
     masked: str | None  # the text mask's key, where the family has one
     targets: str  # the preset that reaches every block kind of the tiny model
     tokens: int = 32  # caption tokens (FLUX.2 [dev]'s system message alone is 99 tokens of the tiny tokenizer)
@@ -40,7 +41,12 @@ CASES = {
                                    "feed_forward.linear_3")),
     # DC-AE: 64 px -> 16x16 latents of 8 channels, patch 1; the caption window is 32 tokens after the instruction
     "sana": Case("sana", "SanaPipeline", (8, 16, 16), 16, "prompt_attention_mask", "attention_mlp"),
+    "krea2": Case("krea2", "Krea2Pipeline", (16, 16, 16), (2, 16), "prompt_embeds_mask", "attention_mlp"),
 }
+
+
+def text_dims(case: Case) -> tuple[int, ...]:
+    return case.text_width if isinstance(case.text_width, tuple) else (case.text_width,)
 
 
 def build(name: str, folder: Path, **kwargs) -> Path:
@@ -75,11 +81,12 @@ def trainer(path: Path, *overrides: str):
 
 def fixed_text(case: Case, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Two captions of 8 tokens, the second with 3 padding tokens where the family masks padding."""
-    text = {"prompt_embeds": torch.randn(2, 8, case.text_width, generator=g)}
+    dims = text_dims(case)
+    text = {"prompt_embeds": torch.randn(2, 8, *dims, generator=g)}
     if case.masked:
         mask = torch.ones(2, 8)
         mask[1, 5:] = 0
-        text["prompt_embeds"] = text["prompt_embeds"] * mask[..., None]
+        text["prompt_embeds"] = text["prompt_embeds"] * mask.view(2, 8, *[1] * len(dims))
         text[case.masked] = mask
     return text
 

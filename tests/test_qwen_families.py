@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
-from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, trainer
+from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, text_dims, trainer
 
 NAMES = list(CASES)
 
@@ -96,7 +96,7 @@ def test_text_is_cached_and_validation_renders_from_the_cache(tmp_path, bases, n
                                                                 "steps": 2, "width": 64, "height": 64}))
     assert t.recipe.data.cache_text is True and set(t.prompt_cache) == {"a red circle", ""}
     batch = next(iter(t.data.loader(0)))
-    assert batch["text"]["prompt_embeds"].shape == (2, case.tokens, case.text_width)  # fixed length: entries stack
+    assert batch["text"]["prompt_embeds"].shape == (2, case.tokens, *text_dims(case))  # fixed length: entries stack
     t.run()
     assert (tmp_path / "out" / "samples" / "step-000003.png").is_file()
 

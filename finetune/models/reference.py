@@ -72,8 +72,8 @@ def stand_in_tokenizer(cls_name: str):
     if cls_name.startswith("Pixtral"):  # FLUX.2 [dev]'s Mistral processor: its tokenizer and chat template
         with tempfile.TemporaryDirectory() as tmp:
             return mistral_tokenizer(qwen_tokenizer(Path(tmp) / "tokenizer"))
-    if cls_name.startswith("Gemma"):  # Lumina 2's (finetune/models/tiny_gemma.py)
-        from finetune.models.tiny_gemma import gemma_tokenizer
+    if cls_name.startswith("Gemma"):  # Lumina 2's (finetune/models/tiny_llm.py)
+        from finetune.models.tiny_llm import gemma_tokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             return gemma_tokenizer(Path(tmp) / "tokenizer")

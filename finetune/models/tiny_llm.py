@@ -1,10 +1,11 @@
-"""Tiny random models of the families conditioned by Gemma 2 (Lumina 2, Sana), built offline like those of
-finetune/models/tiny.py: a Gemma-style tokenizer (BPE with byte fallback, `<bos>` first, pad id 0, Gemma's
-space-to-'▁' normaliser) trained here on a few sentences, a Gemma-2 encoder 16 wide, and each family's denoiser
-and VAE at a few hundred kB.
+"""Tiny random models of the newer language-model-conditioned families, built offline like those of
+finetune/models/tiny.py: Lumina 2 and Sana on a Gemma-style tokenizer (BPE with byte fallback, `<bos>` first, pad
+id 0, Gemma's space-to-'▁' normaliser) trained here on a few sentences and a Gemma-2 encoder 16 wide; Krea 2 on
+tiny.py's Qwen tokenizer and a Qwen3-VL encoder; each family's denoiser and VAE at a few hundred kB.
 
     build_tiny("lumina2", folder)
     build_tiny("sana", folder)
+    build_tiny("krea2", folder)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.models.tiny import WORDS
+from finetune.models.tiny_text import WORDS
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as Gemma's
 
@@ -114,3 +115,50 @@ def build_tiny_sana(folder: Path, seed: int = 0, **transformer) -> Path:
                                           use_flow_sigmas=True, flow_shift=3.0)
     pipe = SanaPipeline(tokenizer=tok, text_encoder=_gemma2(len(tok)), vae=vae, transformer=denoiser, scheduler=sampler)
     return _save(pipe, folder)
+
+
+def _qwen3_vl(vocab: int, hidden: int = 16, layers: int = 3):
+    """A Qwen3-VL model (text 16 wide, multimodal rotary sections 2 + 1 + 1, a one-block vision tower never used)."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    return Qwen3VLModel(Qwen3VLConfig(
+        text_config={"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": layers, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "max_position_embeddings": 1024,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 1, 1],
+                                         "mrope_interleaved": True}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden,
+                       "deepstack_visual_indexes": []},
+        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4))
+
+
+def build_tiny_krea2(folder: Path, seed: int = 0, distilled: bool = False) -> Path:
+    """Krea 2-shaped: 2 single-stream blocks (2 query heads of 16 over 1 key/value head, rotary axes 4 + 6 + 6) after
+    a text fusion of 1 layer-wise and 1 refiner block over 2 stacked Qwen3-VL states (layers 1 and 3 of 3, 16 wide),
+    Qwen-Image's tiny VAE (4x) with its per-channel statistics, and Krea 2's scheduler (exponential shift, mu 0.5 at
+    256 tokens to 1.15 at 6400); `distilled`: the few-step checkpoint's pipeline setting."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        Krea2Pipeline,
+        Krea2Transformer2DModel,
+    )
+
+    from finetune.models.tiny_text import _save as save_qwen
+    from finetune.models.tiny_text import _seeded as seeded_qwen
+
+    folder, tok = seeded_qwen(folder, seed)
+    transformer = Krea2Transformer2DModel(
+        in_channels=64, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True])
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=6400)
+    pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3_vl(len(tok)), tokenizer=tok,
+                         transformer=transformer, text_encoder_select_layers=(1, 3), is_distilled=distilled)
+    return save_qwen(pipe, folder)
