@@ -143,3 +143,91 @@ def test_comfy_form_with_keys_or_values_is_refused_before_loading(tmp_path, base
     out = check()
     assert out.returncode == 2 and "export.formats: 'kohya'" in out.stderr and "Traceback" not in out.stderr
     assert check(targets=["attn.to_q", "attn.to_out.0"]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def nextdit_run(tmp_path_factory, base):
+    """A LoRA on every linear the presets reach (q/k/v/out and the MLPs), written in diffusers and Next-DiT form."""
+    tmp = tmp_path_factory.mktemp("nextdit")
+    t = trainer(recipe(tmp, base, CASES["lumina2"], export={"formats": ["diffusers", "nextdit"], "name": "subject"}))
+    t.run()
+    return t, tmp / "out"
+
+
+def native_weights(model) -> dict[str, tuple[int, int]]:
+    """The Next-DiT (ComfyUI / original) linear weights of a diffusers Lumina 2 model and their shapes: q, k and v
+    stacked into attention.qkv (diffusers' convert_lumina2_to_diffusers splits them back), the rest renamed."""
+    from finetune.models.families.lumina2_nextdit import RENAMES
+
+    shapes = {}
+    for name, m in model.named_modules():
+        name = name.replace(".base_layer", "")  # an adapted linear (peft keeps the weight there)
+        if not isinstance(m, torch.nn.Linear) or "lora_" in name \
+                or not name.startswith(("layers.", "noise_refiner.", "context_refiner.")):
+            continue
+        block, tail = ".".join(name.split(".")[:2]), ".".join(name.split(".")[2:])
+        if tail in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            rows, cols = shapes.get(f"{block}.attention.qkv", (0, m.in_features))
+            shapes[f"{block}.attention.qkv"] = (rows + m.out_features, cols)
+        elif tail in RENAMES:
+            shapes[f"{block}.{RENAMES[tail]}"] = (m.out_features, m.in_features)
+    return shapes
+
+
+def test_nextdit_keys_are_comfys_own_weights_and_each_part_is_exact(nextdit_run):
+    """Every key is 'lora_unet_' + a Next-DiT weight ComfyUI's Lumina2 model has (comfy/lora.py maps that for any
+    weight), its delta has that weight's shape, and each of q / k / v (grouped: k and v half of q here) gets exactly
+    its own diffusers delta at its rows, at the trained strength (alpha 2 / rank 4)."""
+    from safetensors.torch import load_file
+
+    from finetune.models.families.lumina2_nextdit import PREFIX, RENAMES
+
+    back = {v: k for k, v in RENAMES.items()}
+    t, out = nextdit_run
+    model = t.comps.denoiser
+    native = {f"{PREFIX}_{n}".replace(".", "_"): (n, s) for n, s in native_weights(model).items()}
+    fused, diffusers = load_file(out / "subject_nextdit.safetensors"), load_file(out / "pytorch_lora_weights.safetensors")
+    stems = {k.split(".")[0] for k in fused}
+    assert len(stems) == 4 * 5  # 4 blocks (2 joint, 1 noise, 1 context refiner): qkv, out, w1, w2, w3
+    d = model.config.hidden_size
+    for stem in stems:
+        name, shape = native[stem]  # KeyError: a weight ComfyUI's model does not have
+        up, down, alpha = (fused[f"{stem}.{s}"] for s in ("lora_up.weight", "lora_down.weight", "alpha"))
+        delta = up @ down * float(alpha) / down.shape[0]
+        assert tuple(delta.shape) == shape
+        block = ".".join(name.split(".")[:2])
+        parts = {"attn.to_q": (0, d), "attn.to_k": (d, d // 2), "attn.to_v": (d + d // 2, d // 2)} \
+            if name.endswith("qkv") else {name.split(".", 2)[2]: (0, shape[0])}
+        for tail, (lo, rows) in parts.items():
+            module = tail if name.endswith("qkv") else back[tail]
+            b = diffusers[f"transformer.{block}.{module}.lora_B.weight"]
+            a = diffusers[f"transformer.{block}.{module}.lora_A.weight"]
+            assert torch.allclose(delta[lo: lo + rows], b @ a * 0.5, atol=1e-7), (stem, tail)
+
+
+def test_nextdit_converts_both_ways_exactly_and_reloads(tmp_path, nextdit_run, base):
+    from diffusers import Lumina2Pipeline
+    from safetensors.torch import load_file
+
+    from finetune.export.convert import convert_lora
+    from tests.qwen_families import fixed_output
+
+    t, out = nextdit_run
+    back = load_file(convert_lora(out / "subject_nextdit.safetensors", tmp_path / "d", "diffusers"))
+    original = load_file(out / "pytorch_lora_weights.safetensors")
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    again = load_file(convert_lora(out / "pytorch_lora_weights.safetensors", tmp_path / "n.safetensors", "nextdit"))
+    fused = load_file(out / "subject_nextdit.safetensors")
+    assert again.keys() == fused.keys() and all(torch.equal(again[k], fused[k]) for k in fused)
+    pipe = Lumina2Pipeline.from_pretrained(base)
+    pipe.load_lora_weights(tmp_path / "d")
+    case = CASES["lumina2"]
+    assert float((fixed_output(case, pipe.transformer) - fixed_output(case, t.comps.denoiser)).abs().max()) < 1e-4
+
+
+def test_nextdit_holds_plain_lora_only(tmp_path, base):
+    from finetune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="nextdit"):
+        trainer(recipe(tmp_path, base, CASES["lumina2"], method={"adapter": "loha"},
+                       export={"formats": ["diffusers", "nextdit"]}))

@@ -17,10 +17,11 @@ prompt; with cached text, validation's negative is encoded as training encodes a
 ComfyUI loads Lumina 2 as its `Lumina2` model (original names: a fused `attention.qkv`, `attention.out`,
 `feed_forward.w1/w2/w3`). comfy/lora.py maps diffusers-style LoRA keys onto it through `z_image_to_diffusers`,
 which spells the modules as Z-Image's diffusers model does (`attention.to_q`, `feed_forward.w1`) and slices q, k
-and v out of the fused weight at the full width each. `ComfyNames` writes those spellings ('lycoris_...'). Lumina
-2's keys and values are a third of that width (8 of 24 heads): ComfyUI's slice would run past the weight, so an
-adapter on `to_k` / `to_v` is refused in that form (one line) and kept in the diffusers file. Writing them fused
-into `attention.qkv` under ComfyUI's own names (as sd-scripts writes Lumina 2 LoRAs) is not done yet.
+and v out of the fused weight at the full width each. `ComfyNames` writes those spellings ('lycoris_...', the
+'kohya' format). Lumina 2's keys and values are a third of that width (8 of 24 heads): ComfyUI's slice would run
+past the weight, so an adapter on `to_k` / `to_v` is refused in that form (one line). The 'nextdit' format
+(lumina2_nextdit.py) holds every module: ComfyUI's own weight names ('lora_unet_layers_0_attention_qkv', which
+comfy/lora.py maps for any model), q/k/v fused exactly, as sd-scripts writes Lumina 2 LoRAs.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ComfyNames(ModuleNames):
         if self.grouped and path.endswith(("attn.to_k", "attn.to_v")):
             raise ModelError(f"'{path}': ComfyUI's Lumina 2 LoRA map slices k and v out of the fused qkv weight at the "
                              "full width, and this model's keys / values are narrower (grouped-query attention); "
-                             "export the diffusers file, or train without to_k / to_v for the ComfyUI form")
+                             "export the 'nextdit' form (ComfyUI's own names, q/k/v fused) instead")
         for ours, theirs in COMFY_RENAMES:
             path = path.replace(ours, theirs)
         return path
@@ -112,7 +113,7 @@ class Lumina2Family(Family):
                 and reaches_keys_or_values(method.denoiser_targets(self)):
             raise ValueError("export.formats: 'kohya' (ComfyUI) cannot hold Lumina 2's to_k / to_v adapters (its "
                              "keys and values are grouped, and ComfyUI's map slices them at the full width): export "
-                             "diffusers only, or list method.targets without attn.to_k / attn.to_v")
+                             "'nextdit' for ComfyUI (its own names, q/k/v fused) instead of 'kohya'")
 
     def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
         kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK].long()}
@@ -152,6 +153,7 @@ LUMINA2 = Lumina2Family("lumina2", **llm_flow_transformer(
     patch_size=2,
     max_sequence_length=256,  # Lumina2Pipeline's and sd-scripts' default Gemma length
     kohya_names={"transformer": ComfyNames("lycoris", words=COMFY_WORDS)},
+    lora_layouts={"nextdit": "finetune.models.families.lumina2_nextdit"},
     base_version="lumina2",
     modelspec_arch={"flow": "lumina-image-2"},
     lora_presets=LUMINA2_PRESETS,
