@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.models.tiny_text import WORDS
+from finetune.models.tiny_text import WORDS, _save
+from finetune.models.tiny_text import _seeded as seeded
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # ids 0-4, as Gemma's
 
@@ -56,19 +57,8 @@ def _vae16_by8(scaling_factor: float, shift_factor: float):
 
 
 def _seeded(folder: Path, seed: int, corpus: tuple[str, ...]):
-    import torch
-
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    return folder, gemma_tokenizer(folder / "_gemma_tokenizer", corpus)
-
-
-def _save(pipe, folder: Path) -> Path:
-    import shutil
-
-    pipe.save_pretrained(folder)
-    shutil.rmtree(folder / "_gemma_tokenizer", ignore_errors=True)
-    return folder
+    """tiny_text's seeded folder with a Gemma tokenizer (over `corpus` too) in it."""
+    return seeded(folder, seed, tokenizer=lambda where: gemma_tokenizer(where, corpus))
 
 
 def build_tiny_lumina2(folder: Path, seed: int = 0) -> Path:
@@ -145,10 +135,7 @@ def build_tiny_krea2(folder: Path, seed: int = 0, distilled: bool = False) -> Pa
         Krea2Transformer2DModel,
     )
 
-    from finetune.models.tiny_text import _save as save_qwen
-    from finetune.models.tiny_text import _seeded as seeded_qwen
-
-    folder, tok = seeded_qwen(folder, seed)
+    folder, tok = seeded(folder, seed)
     transformer = Krea2Transformer2DModel(
         in_channels=64, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
         intermediate_size=64, timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
@@ -161,4 +148,4 @@ def build_tiny_krea2(folder: Path, seed: int = 0, distilled: bool = False) -> Pa
                                                 max_image_seq_len=6400)
     pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3_vl(len(tok)), tokenizer=tok,
                          transformer=transformer, text_encoder_select_layers=(1, 3), is_distilled=distilled)
-    return save_qwen(pipe, folder)
+    return _save(pipe, folder)

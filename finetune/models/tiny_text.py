@@ -70,16 +70,18 @@ def qwen_tokenizer(folder: Path, vision: bool = False):
     return Qwen2Tokenizer.from_pretrained(folder)
 
 
-def _seeded(folder: Path, seed: int, vision: bool = False):
-    """(folder, a Qwen tokenizer written inside it for `_save` to remove) with torch's generator seeded."""
+def _seeded(folder: Path, seed: int, vision: bool = False, tokenizer=None):
+    """(folder, a tokenizer written inside it for `_save` to remove) with torch's generator seeded; the tokenizer
+    is `qwen_tokenizer`'s unless `tokenizer` (a function of the folder to write it to) builds another."""
     import torch
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    return folder, qwen_tokenizer(folder / "_qwen_tokenizer", vision)
+    build = tokenizer or (lambda where: qwen_tokenizer(where, vision))
+    return folder, build(folder / "_tokenizer")
 
 
 def _save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder)
-    shutil.rmtree(folder / "_qwen_tokenizer", ignore_errors=True)
+    shutil.rmtree(folder / "_tokenizer", ignore_errors=True)
     return folder
