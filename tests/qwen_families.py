@@ -1,7 +1,7 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
 Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 and
-Sana with Gemma 2; Krea 2 with Qwen3-VL): tiny bases, recipes, a trainer, and a fixed denoiser call per family
-for before/after comparisons."""
+Sana with Gemma 2; Krea 2 with Qwen3-VL; HiDream-I1 with Llama 3.1, T5 and two CLIPs): tiny bases, recipes, a
+trainer, and a fixed denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class Case:
     targets: str  # the preset that reaches every block kind of the tiny model
     tokens: int = 32  # caption tokens (FLUX.2 [dev]'s system message alone is 99 tokens of the tiny tokenizer)
     comfy_targets: tuple[str, ...] = ()  # what the ComfyUI-form run trains, where the form cannot hold `targets`
+    extra_text: tuple[tuple[str, tuple[int, ...]], ...] = ()  # more text tensors per caption (HiDream: Llama, pooled)
 
 
 CASES = {
@@ -42,6 +43,8 @@ CASES = {
     # DC-AE: 64 px -> 16x16 latents of 8 channels, patch 1; the caption window is 32 tokens after the instruction
     "sana": Case("sana", "SanaPipeline", (8, 16, 16), 16, "prompt_attention_mask", "attention_mlp"),
     "krea2": Case("krea2", "Krea2Pipeline", (16, 16, 16), (2, 16), "prompt_embeds_mask", "attention_mlp"),
+    "hidream": Case("hidream", "HiDreamImagePipeline", (16, 16, 16), 32, None, "attention_mlp",
+                    extra_text=(("llama_embeds", (2, 8, 16)), ("pooled_prompt_embeds", (32,)))),
 }
 
 
@@ -88,6 +91,8 @@ def fixed_text(case: Case, g: torch.Generator) -> dict[str, torch.Tensor]:
         mask[1, 5:] = 0
         text["prompt_embeds"] = text["prompt_embeds"] * mask.view(2, 8, *[1] * len(dims))
         text[case.masked] = mask
+    for key, shape in case.extra_text:
+        text[key] = torch.randn(2, *shape, generator=g)
     return text
 
 
@@ -108,10 +113,11 @@ def pipeline_class(case: Case):
     return getattr(diffusers, case.pipeline)
 
 
-def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int):
+def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int | None):
     """(noise, sigmas) of a trainer's first step, drawn as the trainer draws them: its per-sample generators,
     diffusers' density helper (logit-normal by default; uniform where the test's `flow` override is given), the
-    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off."""
+    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off or
+    `tokens` is None (families on a statically shifted grid)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -123,7 +129,7 @@ def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tok
         u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
                                                        logit_std=1.0, generator=g))
     sigmas = sched.sigmas[(torch.cat(u) * 1000).long()]
-    if not flow:
+    if not flow and tokens is not None:
         c = sched.config
         mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
         sigmas = sched.time_shift(mu, 1.0, sigmas)

@@ -75,10 +75,8 @@ def test_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, flow):
     timestep sigma * 1000 * timestep_scale, the velocity output against noise - x0; sigmas from the FlowMatch grid
     shifted by flow_shift 3, logit-normal (default) or uniform."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline
-    from diffusers.training_utils import compute_density_for_timestep_sampling
 
     from finetune.models.families.sana import complex_human_instruction
-    from tests.helpers import first_step_generators
 
     t = trainer(recipe(tmp_path, base, CASES["sana"], train={"flow": flow}, data={"cache_text": False}))
     pipe = SanaPipeline.from_pretrained(base)
@@ -90,16 +88,7 @@ def test_flow_loss_equals_the_pipelines_own_computation(tmp_path, base, flow):
                                               device="cpu", max_sequence_length=32,
                                               complex_human_instruction=list(complex_human_instruction()))
         sched = FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler.config.flow_shift)
-        if flow:
-            noise, sigmas = first_step_noise_and_sigmas(t, latents, sched, flow, 0)
-        else:
-            gens = first_step_generators(t.recipe.train.seed, 0, 0, latents.shape[0])
-            noise, u = [], []
-            for g in gens:
-                noise.append(torch.randn(latents.shape[1:], generator=g))
-                u.append(compute_density_for_timestep_sampling("logit_normal", 1, logit_mean=0.0, logit_std=1.0,
-                                                               generator=g))
-            noise, sigmas = torch.stack(noise), sched.sigmas[(torch.cat(u) * 1000).long()]
+        noise, sigmas = first_step_noise_and_sigmas(t, latents, sched, flow, None)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
         out = pipe.transformer(noisy, encoder_hidden_states=embeds, encoder_attention_mask=mask,

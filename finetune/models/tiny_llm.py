@@ -149,3 +149,53 @@ def build_tiny_krea2(folder: Path, seed: int = 0, distilled: bool = False) -> Pa
     pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen3_vl(len(tok)), tokenizer=tok,
                          transformer=transformer, text_encoder_select_layers=(1, 3), is_distilled=distilled)
     return _save(pipe, folder)
+
+
+def build_tiny_hidream(folder: Path, seed: int = 0) -> Path:
+    """HiDream-I1-shaped: one double- and one single-stream block (4 heads of 8, rotary axes 4 + 2 + 2) whose image
+    feed-forward has a shared and 4 routed experts (2 per token), two CLIP encoders with projections (16 + 16 = the
+    pooled width 32), a T5 encoder 32 wide, a Llama encoder of 2 layers 16 wide over `qwen_tokenizer`'s BPE, FLUX's
+    16-channel VAE factors and the flow-matching scheduler with HiDream's static shift 3."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        HiDreamImagePipeline,
+        HiDreamImageTransformer2DModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
+    from finetune.models.tiny_text import _t5, _vae16, clip_tokenizer, t5_tokenizer
+
+    folder, qwen = seeded(folder, seed)
+    llama_tok = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer)
+    llama_tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                                  "pad_token": "<|end_of_text|>"})
+    llama_tok.model_max_length = 128
+    clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer(folder / "_tokenizer_t5")
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=clip_tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=16, hidden_act="gelu"))
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(llama_tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                         max_position_embeddings=256))
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_channels=[32, 16], text_emb_dim=32, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=(0, 1))
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=clip(), tokenizer=clip_tok, text_encoder_2=clip(), tokenizer_2=clip_tok,
+        text_encoder_3=_t5(len(t5_tok), 32), tokenizer_3=t5_tok, text_encoder_4=llama, tokenizer_4=llama_tok,
+        transformer=transformer)
+    import shutil
+
+    shutil.rmtree(folder / "_tokenizer_t5", ignore_errors=True)
+    return _save(pipe, folder)

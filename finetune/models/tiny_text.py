@@ -1,5 +1,6 @@
 """Offline tokenizers and the small helpers the tiny builders share (finetune/models/tiny.py, tiny_llm.py): the
-words every tiny tokenizer keeps whole, and for the Qwen-family language models (Z-Image, Qwen-Image, FLUX.2, Krea
+words every tiny tokenizer keeps whole, a T5-style Unigram tokenizer, the toy base's CLIP tokenizer, tiny CLIP and
+T5 encoders and FLUX's 16-channel VAE layout, and for the Qwen-family language models (Z-Image, Qwen-Image, FLUX.2, Krea
 2) a byte-level BPE with Qwen's own pre-tokenizer, trained here on a few sentences so that every word of them is
 one token: the Qwen-Image prompt template's system part is then 34 tokens, as with the real tokenizer (the pipeline
 drops exactly 34), and the chat template renders a user turn the way Qwen3's does."""
@@ -85,3 +86,56 @@ def _save(pipe, folder: Path) -> Path:
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "_tokenizer", ignore_errors=True)
     return folder
+
+
+def t5_tokenizer(folder: Path, words: tuple[str, ...] | list[str] = tuple(WORDS)):
+    """A T5-style tokenizer (Unigram over `words`, SentencePiece-like Metaspace, `</s>` appended, pad id 0)
+    written to `folder`; characters cover any other word, so every caption tokenizes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?():;"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)] + [("\u2581", -3.0)] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+    t5.model_max_length = 512
+    t5.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    from finetune.toy import toy_base_path
+
+    return CLIPTokenizer.from_pretrained(toy_base_path() / "tokenizer")
+
+
+def _clip(vocab: int, hidden: int, projection: int, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection, hidden_act=act))
+
+
+def _t5(vocab: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
+                                   num_heads=2, relative_attention_num_buckets=8, dense_act_fn="gelu_new",
+                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+
+
+def _vae16(**extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                         norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, **extra)

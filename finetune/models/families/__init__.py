@@ -12,6 +12,7 @@ from finetune.models.families.flux import FLUX
 from finetune.models.families.flux2_dev import FLUX2_DEV
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.flux_kontext import FLUX_KONTEXT
+from finetune.models.families.hidream import HIDREAM
 from finetune.models.families.krea2 import KREA2
 from finetune.models.families.lumina2 import LUMINA2
 from finetune.models.families.qwen_image import QWEN_IMAGE
@@ -26,7 +27,7 @@ from finetune.models.family import Family
 
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_KONTEXT, QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS,
                                   SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV, LUMINA2,
-                                  SANA, KREA2)
+                                  SANA, KREA2, HIDREAM)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
