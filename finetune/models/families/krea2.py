@@ -65,12 +65,6 @@ class Krea2Family(Family):
         states, mask = text_only.get_text_hidden_states(list(captions), self.sequence_length(comps), device)
         return {"prompt_embeds": states, MASK: mask}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK].bool()}
-        if negative is not None:
-            kwargs |= {"negative_prompt_embeds": negative["prompt_embeds"], "negative_" + MASK: negative[MASK].bool()}
-        return kwargs
-
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         from diffusers import Krea2Pipeline
 
@@ -98,6 +92,7 @@ KREA2 = Krea2Family("krea2", **llm_flow_transformer(
     base_version="krea2",
     modelspec_arch={"flow": "krea-2"},
     lora_presets=KREA2_PRESETS,
+    text_masks={MASK: "bool"},  # an SDPA key mask: boolean hides padding (a float one would be added)
     default_guidance=4.5,
     frozen_text_encoder="Qwen3-VL-4B",
     sampling=Sampling(28, 4.5, what="Krea 2"),  # the pipeline's example for the base (distilled: 8 steps, 0.0)

@@ -115,13 +115,6 @@ class Lumina2Family(Family):
                              "keys and values are grouped, and ComfyUI's map slices them at the full width): export "
                              "'nextdit' for ComfyUI (its own names, q/k/v fused) instead of 'kohya'")
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK].long()}
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_" + MASK] = negative[MASK].long()
-        return kwargs
-
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         import torch
 
@@ -157,6 +150,7 @@ LUMINA2 = Lumina2Family("lumina2", **llm_flow_transformer(
     base_version="lumina2",
     modelspec_arch={"flow": "lumina-image-2"},
     lora_presets=LUMINA2_PRESETS,
+    text_masks={MASK: "long"},  # the transformer counts each caption's tokens from it
     default_guidance=4.0,  # Lumina2Pipeline's guidance_scale (real CFG, renormalised)
     frozen_text_encoder="Gemma-2-2B",
     # the model card's example: 50 steps at guidance 4.0 (the pipeline's own default is 30 steps)

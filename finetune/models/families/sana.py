@@ -79,10 +79,9 @@ class SanaFamily(Family):
         return {"prompt_embeds": states[:, keep], MASK: mask[:, keep]}
 
     def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK]}
+        kwargs = super().pipeline_prompt_kwargs(text, negative)
         if negative is not None:  # SanaPipeline's negative_prompt defaults to "", which it refuses beside embeddings
-            kwargs |= {"negative_prompt": None, "negative_prompt_embeds": negative["prompt_embeds"],
-                       "negative_" + MASK: negative[MASK]}
+            kwargs["negative_prompt"] = None
         return kwargs
 
     def encode_latents(self, vae, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -134,6 +133,7 @@ SANA = SanaFamily("sana", **llm_flow_transformer(
     base_version="sana",
     modelspec_arch={"flow": "sana"},
     lora_presets=SANA_PRESETS,
+    text_masks={MASK: "long"},  # the cross-attention turns it into a bias
     default_guidance=4.5,  # SanaPipeline's guidance_scale (real CFG)
     frozen_text_encoder="Gemma-2-2B-it",
     sampling=Sampling(20, 4.5, what="Sana"),  # the pipeline's defaults (and the model cards' examples)
