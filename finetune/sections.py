@@ -526,14 +526,15 @@ class ValidationSection(StrictModel):
         return self
 
 
-ExportFormat = Literal["diffusers", "kohya", "bfl", "a1111", "single_file"]
+ExportFormat = Literal["diffusers", "kohya", "bfl", "nextdit", "a1111", "single_file"]
 
 
 class ExportSection(StrictModel):
     formats: list[ExportFormat] | None = Field(
         None,
         description="What the run writes: 'diffusers' (peft/diffusers files), 'kohya' (ComfyUI/A1111 LoRA), "
-        "'bfl' (FLUX LoRA in Black Forest Labs names: sd-scripts, Forge), 'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors); "
+        "'bfl' (FLUX LoRA in Black Forest Labs names: sd-scripts, Forge), 'nextdit' (Lumina 2 LoRA in its original "
+        "names, q/k/v fused: ComfyUI, sd-scripts), 'a1111' (A1111/ComfyUI embedding), 'single_file' (a whole model as one original-SD .safetensors); "
         "default: every format the method writes.",
     )
     name: str | None = Field(None, description="File stem for the kohya/A1111 exports; default the run folder's name.")

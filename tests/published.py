@@ -22,7 +22,10 @@ PUBLISHED = {
 #: model cards that give a rounded count only: reference name -> {component: (billions, the card's decimals)}
 CARDS = {"chroma1-hd": {"transformer": (8.9, 1)},  # "8.9B parameters" (lodestones/Chroma1-HD, diffusers' docs)
          "flux2-dev": {"transformer": (32, 0),  # "a 32 billion parameter rectified flow transformer" (FLUX.2-dev)
-                       "text_encoder": (24, 0)}}  # Mistral-Small-3.1-24B-Instruct-2503, vision tower included
+                       "text_encoder": (24, 0)},  # Mistral-Small-3.1-24B-Instruct-2503, vision tower included
+         # "2.6B" (Lumina-Image 2.0's paper and card); Gemma 2 2B: "2.6B" (Gemma 2's report)
+         "lumina-image-2": {"transformer": (2.6, 1), "text_encoder": (2.6, 1)},
+         "sana-1600m-1024px": {"transformer": (1.6, 1)}}  # "Sana_1600M" (its card: 1.6B)
 #: SD 3.5 Large minus Medium, MMDiT parameters and position embeddings (keras-hub presets' difference)
 SD35_LARGE_MINUS_MEDIUM = 9_048_410_595 - 3_371_793_763
 #: Qwen3 model cards (Qwen3-4B, Qwen3-8B): total and non-embedding parameters in billions, and half a unit of

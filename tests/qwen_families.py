@@ -1,6 +1,7 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
-Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3): tiny bases, recipes, a trainer, and a fixed
-denoiser call per family for before/after comparisons."""
+Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 and
+Sana with Gemma 2; Krea 2 with Qwen3-VL; HiDream-I1 with Llama 3.1, T5 and two CLIPs): tiny bases, recipes, a
+trainer, and a fixed denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ class Case:
     family: str
     pipeline: str
     latent: tuple[int, int, int]  # one image's latents at 64 px in the family's layout
-    text_width: int
+    text_width: int | tuple[int, ...]  # per token (Krea 2: stacked encoder layers x width)
     masked: str | None  # the text mask's key, where the family has one
     targets: str  # the preset that reaches every block kind of the tiny model
     tokens: int = 32  # caption tokens (FLUX.2 [dev]'s system message alone is 99 tokens of the tiny tokenizer)
+    comfy_targets: tuple[str, ...] = ()  # what the ComfyUI-form run trains, where the form cannot hold `targets`
+    extra_text: tuple[tuple[str, tuple[int, ...]], ...] = ()  # more text tensors per caption (HiDream: Llama, pooled)
 
 
 CASES = {
@@ -32,7 +35,21 @@ CASES = {
     "flux2_klein": Case("flux2_klein", "Flux2KleinPipeline", (16, 8, 8), 48, None, "all_linear"),
     "chroma": Case("chroma", "ChromaPipeline", (16, 16, 16), 32, "prompt_attention_mask", "all_linear"),
     "flux2_dev": Case("flux2_dev", "Flux2Pipeline", (16, 8, 8), 48, None, "all_linear", tokens=128),
+    # the system prompt alone is 27 tokens of the tiny Gemma tokenizer
+    # ComfyUI's Lumina 2 map cannot place grouped k / v (finetune/models/families/lumina2.py)
+    "lumina2": Case("lumina2", "Lumina2Pipeline", (16, 8, 8), 16, "prompt_attention_mask", "attention_mlp", tokens=48,
+                    comfy_targets=("attn.to_q", "attn.to_out.0", "feed_forward.linear_1", "feed_forward.linear_2",
+                                   "feed_forward.linear_3")),
+    # DC-AE: 64 px -> 16x16 latents of 8 channels, patch 1; the caption window is 32 tokens after the instruction
+    "sana": Case("sana", "SanaPipeline", (8, 16, 16), 16, "prompt_attention_mask", "attention_mlp"),
+    "krea2": Case("krea2", "Krea2Pipeline", (16, 16, 16), (2, 16), "prompt_embeds_mask", "attention_mlp"),
+    "hidream": Case("hidream", "HiDreamImagePipeline", (16, 16, 16), 32, None, "attention_mlp",
+                    extra_text=(("llama_embeds", (2, 8, 16)), ("pooled_prompt_embeds", (32,)))),
 }
+
+
+def text_dims(case: Case) -> tuple[int, ...]:
+    return case.text_width if isinstance(case.text_width, tuple) else (case.text_width,)
 
 
 def build(name: str, folder: Path, **kwargs) -> Path:
@@ -67,12 +84,15 @@ def trainer(path: Path, *overrides: str):
 
 def fixed_text(case: Case, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Two captions of 8 tokens, the second with 3 padding tokens where the family masks padding."""
-    text = {"prompt_embeds": torch.randn(2, 8, case.text_width, generator=g)}
+    dims = text_dims(case)
+    text = {"prompt_embeds": torch.randn(2, 8, *dims, generator=g)}
     if case.masked:
         mask = torch.ones(2, 8)
         mask[1, 5:] = 0
-        text["prompt_embeds"] = text["prompt_embeds"] * mask[..., None]
+        text["prompt_embeds"] = text["prompt_embeds"] * mask.view(2, 8, *[1] * len(dims))
         text[case.masked] = mask
+    for key, shape in case.extra_text:
+        text[key] = torch.randn(2, *shape, generator=g)
     return text
 
 
@@ -93,10 +113,11 @@ def pipeline_class(case: Case):
     return getattr(diffusers, case.pipeline)
 
 
-def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int):
+def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tokens: int | None):
     """(noise, sigmas) of a trainer's first step, drawn as the trainer draws them: its per-sample generators,
     diffusers' density helper (logit-normal by default; uniform where the test's `flow` override is given), the
-    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off."""
+    scheduler's grid, shifted by FLUX's `calculate_shift` for `tokens` image tokens unless `flow` turns it off or
+    `tokens` is None (families on a statically shifted grid)."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
@@ -108,7 +129,7 @@ def first_step_noise_and_sigmas(t, latents: torch.Tensor, sched, flow: dict, tok
         u.append(compute_density_for_timestep_sampling("none" if flow else "logit_normal", 1, logit_mean=0.0,
                                                        logit_std=1.0, generator=g))
     sigmas = sched.sigmas[(torch.cat(u) * 1000).long()]
-    if not flow:
+    if not flow and tokens is not None:
         c = sched.config
         mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
         sigmas = sched.time_shift(mu, 1.0, sigmas)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
-from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, trainer
+from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, text_dims, trainer
 
 NAMES = list(CASES)
 
@@ -96,7 +96,7 @@ def test_text_is_cached_and_validation_renders_from_the_cache(tmp_path, bases, n
                                                                 "steps": 2, "width": 64, "height": 64}))
     assert t.recipe.data.cache_text is True and set(t.prompt_cache) == {"a red circle", ""}
     batch = next(iter(t.data.loader(0)))
-    assert batch["text"]["prompt_embeds"].shape == (2, case.tokens, case.text_width)  # fixed length: entries stack
+    assert batch["text"]["prompt_embeds"].shape == (2, case.tokens, *text_dims(case))  # fixed length: entries stack
     t.run()
     assert (tmp_path / "out" / "samples" / "step-000003.png").is_file()
 
@@ -123,6 +123,9 @@ def comfy_names(name: str, model) -> set[str]:
         return set(weights)
     if name == "z_image":
         return {w for w in weights if re.match(r"(layers|noise_refiner|context_refiner)\.\d+\.", w)}
+    if name == "lumina2":  # the same map (ComfyUI's Lumina2 model), the linears spelled as Z-Image's
+        block = r"(layers|noise_refiner|context_refiner)\.\d+\."
+        return {w for w in weights if re.fullmatch(block + r"(attn\.(to_[qkv]|to_out\.0)|feed_forward\.linear_[123])", w)}
     double = r"transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|ff(_context)?\.linear_(in|out))"
     single = r"single_transformer_blocks\.\d+\.attn\.(to_qkv_mlp_proj|to_out)"
     if name == "chroma":  # FLUX.1's names (ComfyUI's Chroma is its Flux model): MLPs as net.0.proj / net.2,
@@ -133,7 +136,17 @@ def comfy_names(name: str, model) -> set[str]:
 
 
 COMFY_PREFIX = {"z_image": "lycoris_", "qwen_image": "lycoris_", "flux2_klein": "lora_transformer_",
-                "chroma": "lora_transformer_", "flux2_dev": "lora_transformer_"}
+                "chroma": "lora_transformer_", "flux2_dev": "lora_transformer_", "lumina2": "lycoris_"}
+
+
+def comfy_spelling(name: str, path: str) -> str:
+    """The module as comfy/utils.py `z_image_to_diffusers` spells it for ComfyUI's Lumina2 model (which Lumina 2
+    and Z-Image share): Lumina 2's attn / linear_1..3 as Z-Image's attention / w1..w3; else diffusers' path."""
+    if name != "lumina2":
+        return path
+    for ours, theirs in (("attn.", "attention."), ("linear_1", "w1"), ("linear_2", "w2"), ("linear_3", "w3")):
+        path = path.replace(ours, theirs)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +157,10 @@ def runs(tmp_path_factory, bases):
     def get(name: str):
         if name not in done:
             tmp = tmp_path_factory.mktemp(f"run_{name}")
-            t = trainer(recipe(tmp, bases(name), CASES[name], export={"formats": ["diffusers", "kohya"],
-                                                                      "name": "subject"}))
+            case = CASES[name]
+            method = {"targets": list(case.comfy_targets)} if case.comfy_targets else {}
+            t = trainer(recipe(tmp, bases(name), case, method=method,
+                               export={"formats": ["diffusers", "kohya"], "name": "subject"}))
             t.run()
             done[name] = (t, tmp / "out")
         return done[name]
@@ -153,12 +168,12 @@ def runs(tmp_path_factory, bases):
     return get
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n in COMFY_PREFIX])  # ComfyUI has no Sana model
 def test_every_comfy_key_names_a_weight_comfy_maps_at_the_trained_strength(runs, name):
     t, out = runs(name)
     model = t.comps.denoiser
     weights = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-    mapped = {COMFY_PREFIX[name] + n.replace(".", "_"): n for n in comfy_names(name, model)}
+    mapped = {COMFY_PREFIX[name] + comfy_spelling(name, n).replace(".", "_"): n for n in comfy_names(name, model)}
     comfy = load_file(out / "subject.safetensors")
     diffusers = load_file(out / "pytorch_lora_weights.safetensors")
     stems = {k.split(".")[0] for k in comfy}

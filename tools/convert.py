@@ -21,8 +21,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("kind", choices=["lora", "embedding"], help="what the input file is")
     p.add_argument("input", type=Path, help="file (or diffusers folder) to convert")
-    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "bfl", "a1111"],
-                   help="output form (bfl: FLUX LoRAs in Black Forest Labs names, for sd-scripts and Forge)")
+    p.add_argument("--to", required=True, choices=["diffusers", "kohya", "bfl", "nextdit", "a1111"],
+                   help="output form (bfl: FLUX LoRAs in Black Forest Labs names, for sd-scripts and Forge; nextdit: "
+                        "Lumina 2 LoRAs in its original names, q/k/v fused, for ComfyUI and sd-scripts)")
     p.add_argument("--out", required=True, type=Path, help="output file (.safetensors) or folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output (never the input)")
     p.add_argument("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin inputs (weights_only=True)")
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         path = convert_lora(args.input, args.out, fmt, allow_pickle=args.allow_pickle,
                             family=_common.family_of(args.family), overwrite=args.overwrite)
     else:
-        if args.to in ("kohya", "bfl"):
+        if args.to in ("kohya", "bfl", "nextdit"):
             raise ModelError("embeddings convert to 'diffusers' or 'a1111'")
         path = convert_embedding(args.input, args.out, args.to, allow_pickle=args.allow_pickle,
                                  family=_common.family_of(args.family), overwrite=args.overwrite)

@@ -32,7 +32,7 @@ class TextEncoderLoRA(StrictModel):
 @register_method
 class LoRAConfig(MethodConfig):
     name: Literal["lora"] = "lora"
-    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya", "bfl"})
+    export_formats: ClassVar[frozenset[str]] = frozenset({"diffusers", "kohya", "bfl", "nextdit"})
 
     adapter: str = Field(
         "lora", description="Adapter kind (finetune.kinds): lora (with optional DoRA), loha or lokr (peft)."

@@ -4,15 +4,18 @@ finetune/models/configs/<name>/ holds, for each reference base, the published `m
 component's `config.json` (a diffusers folder with no weights and no tokenizer files, a few KB): SD 1.5, SDXL,
 SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD
 (its transformer config is diffusers' ChromaTransformer2DModel defaults, which are Chroma's; T5-XXL, the FLUX.1
-VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Wan 2.1 T2V
+VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Lumina-Image 2.0 (diffusers' Lumina2Transformer2DModel
+defaults with Gemma-2-2B's width as the caption width, google/gemma-2-2b's config, the FLUX.1 VAE), Sana 1600M
+1024 px (the values diffusers' scripts/convert_sana_to_diffusers.py and convert_dcae_to_diffusers.py write; Gemma-2-2B-it
+has Gemma-2-2B's config), Wan 2.1 T2V
 1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
 writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
 real shapes (tests/test_real_shapes.py); the benchmarks build some with random weights (timing and memory need
 the shapes, not trained weights, and nothing can be downloaded).
 
-The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses); the T5 and
-Qwen tokenizers are small stand-ins built offline (`stand_in_tokenizer`; Wan's UMT5 tokenizer is a
+The tokenizer is the CLIP BPE tokenizer shipped with the toy base (the same vocabulary SD uses); the T5, Qwen,
+Mistral and Gemma tokenizers are small stand-ins built offline (`stand_in_tokenizer`; Wan's UMT5 tokenizer is a
 T5TokenizerFast too): what matters at real shapes is how many tokens a caption becomes, not the vocabulary.
 """
 
@@ -32,7 +35,8 @@ REFERENCE_IDS = {
     "Qwen/Qwen-Image": "qwen-image", "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
     "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b", "black-forest-labs/FLUX.2-klein-9B": "flux2-klein-9b",
     "lodestones/Chroma1-HD": "chroma1-hd", "lodestones/Chroma1-Base": "chroma1-hd",
-    "black-forest-labs/FLUX.2-dev": "flux2-dev",
+    "black-forest-labs/FLUX.2-dev": "flux2-dev", "Alpha-VLLM/Lumina-Image-2.0": "lumina-image-2",
+    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana-1600m-1024px",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
 }
@@ -68,6 +72,11 @@ def stand_in_tokenizer(cls_name: str):
     if cls_name.startswith("Pixtral"):  # FLUX.2 [dev]'s Mistral processor: its tokenizer and chat template
         with tempfile.TemporaryDirectory() as tmp:
             return mistral_tokenizer(qwen_tokenizer(Path(tmp) / "tokenizer"))
+    if cls_name.startswith("Gemma"):  # Lumina 2's (finetune/models/tiny_llm.py)
+        from finetune.models.tiny_llm import gemma_tokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return gemma_tokenizer(Path(tmp) / "tokenizer")
     for prefix, build in (("T5", t5_tokenizer), ("Qwen2", qwen_tokenizer)):
         if cls_name.startswith(prefix):
             with tempfile.TemporaryDirectory() as tmp:

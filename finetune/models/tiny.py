@@ -1,14 +1,11 @@
 """Tiny random models of each family, built offline from configs (tests, benchmarks and plumbing checks: shapes
 and wiring, not learning). Tokenizers come from the toy base (CLIP BPE) or are built here, so nothing is
 downloaded: a T5-style Unigram tokenizer over a small vocabulary, and for the Qwen-family language models
-(Z-Image, Qwen-Image, FLUX.2 [klein]) a byte-level BPE with Qwen's own pre-tokenizer, trained here on a few
-sentences so that every word of them is one token: the Qwen-Image prompt template's system part is then 34
-tokens, as with the real tokenizer (the pipeline drops exactly 34), and the chat template renders a user turn
-the way Qwen3's does.
+(Z-Image, Qwen-Image, FLUX.2 [klein]) the byte-level BPE of finetune/models/tiny_text.py.
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
     build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
-                                   # "wan_i2v", "wan_experts"
+                                   # "wan_i2v", "wan_experts", "lumina2", "sana", "krea2", "hidream" (tiny_llm.py)
 """
 
 from __future__ import annotations
@@ -18,64 +15,20 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-WORDS = (
-    "a an the of on in with and at by photo picture painting drawing of sks ohwx dog cat person man woman "
-    "red yellow green blue purple orange pink black white gray brown circle square triangle star heart "
-    "lined dotted checkered striped background big small tiny large close-up portrait style"
-).split()
-
-
-def t5_tokenizer(folder: Path, words: tuple[str, ...] | list[str] = tuple(WORDS)):
-    """A T5-style tokenizer (Unigram over `words`, SentencePiece-like Metaspace, `</s>` appended, pad id 0)
-    written to `folder`; characters cover any other word, so every caption tokenizes."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'!?():;"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)] + [("\u2581", -3.0)] + [(c, -5.0) for c in chars]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
-    t5.model_max_length = 512
-    t5.save_pretrained(folder)
-    return T5TokenizerFast.from_pretrained(folder)
-
-
-def clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    from finetune.toy import toy_base_path
-
-    return CLIPTokenizer.from_pretrained(toy_base_path() / "tokenizer")
-
-
-def _clip(vocab: int, hidden: int, projection: int, act: str = "quick_gelu"):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection, hidden_act=act))
-
-
-def _t5(vocab: int, width: int):
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8, d_ff=2 * width, num_layers=2,
-                                   num_heads=2, relative_attention_num_buckets=8, dense_act_fn="gelu_new",
-                                   feed_forward_proj="gated-gelu", is_encoder_decoder=False))
-
-
-def _vae16(**extra):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 3,
-                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
-                         norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, **extra)
+# shared with tiny_llm.py (re-exported: reference.py and the tests import them from here)
+from finetune.models.tiny_text import (  # noqa: F401
+    EDIT_SYSTEM,
+    QWEN_IMAGE_SYSTEM,
+    WORDS,
+    _clip,
+    _save,
+    _seeded,
+    _t5,
+    _vae16,
+    clip_tokenizer,
+    qwen_tokenizer,
+    t5_tokenizer,
+)
 
 
 def build_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
@@ -162,59 +115,6 @@ def build_tiny_chroma(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-# Qwen-Image's system prompt (QwenImagePipeline.prompt_template_encode): the words the tokenizer must keep whole
-QWEN_IMAGE_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-                     "relationships of the objects and background:")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-VISION_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# Qwen-Image-Edit's system prompt (QwenImageEditPipeline.prompt_template_encode)
-EDIT_SYSTEM = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
-               "then explain how the user's text instruction should alter or modify the image. Generate a new image "
-               "that meets the user's requirements while maintaining consistency with the original input where "
-               "appropriate.")
-
-# A user turn as Qwen3's chat template writes it: the assistant header follows when a generation prompt is asked
-# for, and with thinking switched off an empty think block closes it (Z-Image asks with thinking on, FLUX.2
-# [klein] with it off)
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
-
-
-def qwen_tokenizer(folder: Path, vision: bool = False):
-    """A Qwen2Tokenizer (byte-level BPE, Qwen's split regex, ChatML specials, pad = <|endoftext|>, right
-    padding) over our words, written to `folder` and loaded back from it. `vision`: also Qwen2.5-VL's image
-    specials and the edit system prompt's words (Qwen-Image-Edit), so its 64 dropped tokens are that prompt."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    corpus = [QWEN_IMAGE_SYSTEM, "system\nuser\nassistant\n", " ".join(WORDS)] + ([EDIT_SYSTEM] if vision else [])
-    trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(corpus, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:] + (VISION_SPECIALS if vision else [])})
-    tok.chat_template = CHAT_TEMPLATE
-    tok.model_max_length = 32768
-    tok.save_pretrained(folder)
-    return Qwen2Tokenizer.from_pretrained(folder)
-
-
 def _qwen3(vocab: int, hidden: int, layers: int, causal_lm: bool = False):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
@@ -223,21 +123,6 @@ def _qwen3(vocab: int, hidden: int, layers: int, causal_lm: bool = False):
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024)
     model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
     return model.to(torch.float32)
-
-
-def _seeded(folder: Path, seed: int, vision: bool = False):
-    """(folder, a Qwen tokenizer written inside it for `_save` to remove) with torch's generator seeded."""
-    import torch
-
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    return folder, qwen_tokenizer(folder / "_qwen_tokenizer", vision)
-
-
-def _save(pipe, folder: Path) -> Path:
-    pipe.save_pretrained(folder)
-    shutil.rmtree(folder / "_qwen_tokenizer", ignore_errors=True)
-    return folder
 
 
 def build_tiny_z_image(folder: Path, seed: int = 0) -> Path:
@@ -517,6 +402,18 @@ BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tin
             "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts"),
             "flux_kontext": partial(build_tiny_flux, kontext=True), "qwen_image_edit": build_tiny_qwen_image_edit,
             "qwen_image_edit_plus": partial(build_tiny_qwen_image_edit, plus=True)}
+
+
+def _llm_family(name: str):
+    def build(folder: Path, **kwargs) -> Path:  # finetune/models/tiny_llm.py imports this module
+        from finetune.models import tiny_llm
+
+        return getattr(tiny_llm, f"build_tiny_{name}")(folder, **kwargs)
+
+    return build
+
+
+BUILDERS |= {name: _llm_family(name) for name in ("lumina2", "sana", "krea2", "hidream")}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

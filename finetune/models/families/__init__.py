@@ -14,8 +14,12 @@ from finetune.models.families.flux2_klein import FLUX2_KLEIN
 from finetune.models.families.flux_control import FLUX_CONTROL
 from finetune.models.families.flux_controlnet import FLUX_CONTROLNET
 from finetune.models.families.flux_kontext import FLUX_KONTEXT
+from finetune.models.families.hidream import HIDREAM
+from finetune.models.families.krea2 import KREA2
+from finetune.models.families.lumina2 import LUMINA2
 from finetune.models.families.qwen_image import QWEN_IMAGE
 from finetune.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
+from finetune.models.families.sana import SANA
 from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
@@ -26,7 +30,8 @@ from finetune.models.family import Family
 
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_CONTROLNET, FLUX_KONTEXT, QWEN_IMAGE,
                                   QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD1_CONTROLNET, SD2, SD3, SDXL,
-                                  SDXL_CONTROLNET, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV)
+                                  SDXL_CONTROLNET, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV, LUMINA2, SANA, KREA2,
+                                  HIDREAM)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
