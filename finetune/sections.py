@@ -384,6 +384,17 @@ class ValidationSection(StrictModel):
         "'dreambench_live' (animals, people), 'dreambench_toy' (toy world), filled with token and class_word.",
     )
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
+    images: list[str | list[str]] = Field(
+        default_factory=list,
+        description="Edit and reference models: the conditioning images of validation pairs, one per prompt (or "
+        "one for every prompt; a list where examples carry several): an image path, or 'toy:<colour> <shape>' for "
+        "a toy world drawing. Each grid row shows the input, then one output per seed.",
+    )
+    targets: list[str | None] = Field(
+        default_factory=list,
+        description="Edit pairs: the image each prompt's output should look like (path or 'toy:<colour> <shape>'; "
+        "null where none), for clip_i / dino against the target instead of the training images.",
+    )
     seeds: list[Annotated[int, Field(ge=0, le=2**64 - 1)]] = Field(
         default_factory=lambda: [0, 1], description="One grid column per seed.")
     every: int = Field(0, ge=0, description="Render a grid every N steps (0: only at the start and the end).")
@@ -477,6 +488,20 @@ class ValidationSection(StrictModel):
         if len(set(v)) != len(v):
             raise ValueError("lists a metric twice")
         return v
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        for key, items in (("images", self.images), ("targets", self.targets)):
+            if items and len(items) not in (1, len(self.prompts)):
+                raise ValueError(f"validation.{key}: give one per prompt ({len(self.prompts)}) or one for all "
+                                 f"(got {len(items)})")
+        if self.targets and not self.images:
+            raise ValueError("validation.targets are the outputs of validation pairs: set validation.images too")
+        subject = {"clip_i", "dino"} & set(self.metrics)
+        if self.images and subject and not any(self.targets):
+            raise ValueError(f"{' and '.join(sorted(subject))} score validation pairs against their targets: set "
+                             "validation.targets (or keep clip_t only)")
+        return self
 
     @model_validator(mode="after")
     def _metrics_need(self):

@@ -134,6 +134,8 @@ def box(tiny_base, tmp_path_factory) -> dict[str, Path]:
     (root / "photo_cut.png").write_bytes((root / "photo.png").read_bytes()[:40])
     (root / "existing.safetensors").write_bytes(b"someone else's file")
     (root / "existing.png").write_bytes(b"someone else's image")
+    (root / "scored").mkdir()
+    (root / "scored" / "results.json").write_text("{}")  # an earlier score_toy_edit run's
     shutil.copytree(tiny_base, root / "broken_base")
     (root / "broken_base" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipel')
     (root / "base.ckpt").write_bytes(b"PK\x03\x04 not really a torch zip")
@@ -235,6 +237,20 @@ def value_cases(box, base) -> list[tuple[str, str, list]]:
         ("missing_folder", "caption", [p(box, "missing_folder"), "--dry-run"]),
         *evaluate_cases(box, base),
         ("a_file", "caption", [p(box, "a_file"), "--dry-run"]),
+        *score_toy_edit_cases(box),
+    ]
+
+
+def score_toy_edit_cases(box) -> list[tuple[str, str, list]]:
+    """tools/score_toy_edit.py: values and the run folder checked before a model loads; a bad LoRA named."""
+    out = ["--out", p(box, "scores")]
+    return [
+        ("missing_folder", "score_toy_edit", [p(box, "missing_folder"), *out]),
+        ("--instructions", "score_toy_edit", [box["good"], "--instructions", "make it sparkle", *out]),
+        ("--n", "score_toy_edit", [box["good"], "--n", 0, *out]),
+        ("--guidance", "score_toy_edit", [box["good"], "--guidance", "nan", *out]),
+        ("truncated.safetensors", "score_toy_edit", [p(box, "truncated.safetensors"), "--n", 1, "--steps", 1, *out]),
+        ("results.json", "score_toy_edit", [box["good"], "--out", p(box, "scored")]),
     ]
 
 
@@ -264,7 +280,8 @@ def all_cases(box, base) -> list[tuple[str, str, list]]:
     return cases + out_cases(box, base) + value_cases(box, base)
 
 
-TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption", "evaluate"]
+TOOL_NAMES = ["convert", "resize", "merge", "inspect_file", "generate", "dataset", "caption", "evaluate",
+              "score_toy_edit"]
 
 
 @pytest.mark.parametrize("tool_name", TOOL_NAMES)

@@ -4,6 +4,8 @@
     python tools/generate.py "a sks circle" "a (red:1.3) square" --base toy --lora out/run:0.8 --seeds 0 1 2
     python tools/generate.py "a sks circle" --base toy --embedding out/ti/sks.safetensors --out grid.png
     python tools/generate.py "a watercolor" --base toy --init-image photo.png --strength 0.6
+    python tools/generate.py "make it blue" --base toy-flux --lora out/toy-flux-edit --image input.png \
+        --guidance 5 --steps 28 --max-sequence-length 32
 
 LoRAs (diffusers, kohya, DoRA, LoHa, LoKr; `PATH[:SCALE]`) are fused into the weights before sampling.
 Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`), through every text
@@ -39,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
-                   help="sampler (default: the family's, e.g. ddim for SD, the base's own for FLUX and Wan)")
+                   help="sampler (default: the family's, e.g. ddim for SD, the base's own for flow models and Wan)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda when available)")
     p.add_argument("--width", type=int, default=None, help="image width (default: the base's)")
@@ -51,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps", type=int, default=16, help="video bases: frame rate of the GIF / MP4s written (default 16)")
     p.add_argument("--strength", type=float, default=0.6,
                    help="image-to-image: how much to change, 0..1 (default 0.6)")
+    p.add_argument("--image", type=Path, action="append", default=[],
+                   help="edit and reference models: a conditioning image (repeat for several), through the "
+                   "family's edit pipeline; each grid row starts with the input(s)")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens the base reads (the toy FLUX base: 32)")
     p.add_argument("--out", type=Path, default=None,
                    help="grid image to write (default: output/generated/NAME-NNN.png, NAME the first --lora's (or the "
                    "base's) name, NNN the next free number; video bases: frame strips, and an animated GIF beside it)")
@@ -98,13 +105,16 @@ def check_args(args, seeds: list[int]):
         raise ModelError(f"--seeds {seeds}: seeds must be in 0 .. 2^64-1")
     if args.out.suffix.lower() not in Image.registered_extensions():
         raise ModelError(f"--out {args.out}: unknown image type '{args.out.suffix}'; use .png or .jpg")
-    inputs = [Path(args.base), args.init_image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
+    inputs = [Path(args.base), args.init_image, *args.image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
               *(Path(s) for s in args.lora + args.embedding)]
     check_output(args.out, inputs, args.overwrite)
     if args.save_images is not None:
         for i in range(len(args.prompts)):
             for seed in seeds:
                 check_output(args.save_images / f"p{i:02d}-s{seed}.png", inputs, args.overwrite, "--save-images")
+    if args.image and args.init_image is not None:
+        raise ModelError("--image (an edit model's input) and --init-image (image-to-image) do not mix; use one")
+    args.image_pil = [_open_image(path, "--image") for path in args.image]
     if args.init_image is None:
         return None
     if not 0.0 < args.strength <= 1.0:
@@ -112,13 +122,21 @@ def check_args(args, seeds: list[int]):
     if int(args.steps * args.strength) < 1:
         raise ModelError(f"--steps {args.steps} at --strength {args.strength} leaves no denoising step; "
                          "raise --steps or --strength")
-    if not args.init_image.is_file():
-        raise ModelError(f"{args.init_image}: no such image")
+    return _open_image(args.init_image, "--init-image")
+
+
+def _open_image(path: Path, flag: str):
+    from PIL import Image
+
+    from finetune.errors import ModelError
+
+    if not path.is_file():
+        raise ModelError(f"{path}: no such image ({flag})")
     try:
-        with Image.open(args.init_image) as im:
+        with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ModelError(f"{args.init_image}: not a readable image ({str(e).splitlines()[0][:120]}); "
+        raise ModelError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]}); "
                          "give a PNG or JPEG") from None
 
 
@@ -138,7 +156,12 @@ def build_pipeline(args):
     specs = [LoraSpec.parse(s) for s in args.lora]
     adapters = read_all(specs, args.allow_pickle, comps.family, comps.named_modules())
     fuse_all(comps, adapters, [s.weight for s in specs])
-    pipe = comps.pipeline()
+    if args.image and not comps.family.edit_pipeline_class:
+        from finetune.errors import ModelError
+
+        raise ModelError(f"--image: the {comps.family.name} family takes no conditioning images; leave --image out "
+                         "or use an edit base (Kontext, Qwen-Image-Edit, FLUX.2 [klein], a FLUX.1 edit LoRA)")
+    pipe = comps.pipeline(edit=bool(args.image))
     choice = args.scheduler or comps.family.default_sampler
     if choice != "base":
         import diffusers
@@ -197,31 +220,49 @@ def main(argv=None) -> int:
     init = check_args(args, seeds)
     print(f"loading {args.base}" + (f" with {len(args.lora)} LoRA(s)" if args.lora else ""), flush=True)
     pipe, comps, _ = build_pipeline(args)
+    guide = {"guidance_scale": args.guidance}
     video = comps.family.video
     if video:
         extra = _video_inputs(args, comps, init)
     elif init is not None:
         extra = {"image": init, "strength": args.strength}
     else:
-        size = comps.denoiser.config.sample_size * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+        size = None if args.width and args.height else _default_size(pipe, comps)
         extra = {"width": args.width or size, "height": args.height or size}
+    if args.image_pil:  # an edit: the inputs cut to the output size, handed over as the family's pipeline takes them
+        from finetune.train.edits import fit
+
+        inputs = [fit(im, (extra["height"], extra["width"])) for im in args.image_pil]
+        extra |= comps.family.edit_kwargs(inputs, (extra["width"], extra["height"]))
+        guide = comps.family.guidance_kwargs(pipe, args.guidance)
+    if args.max_sequence_length:
+        extra["max_sequence_length"] = args.max_sequence_length
     rows = []
     bar = tqdm(total=len(args.prompts) * len(seeds), desc="generating", unit="image", file=sys.stderr)
     for prompt in args.prompts:
         text = encode(pipe, comps.family, prompt, args.negative)
+        if "true_cfg_scale" in guide and "prompt" in text:  # true CFG runs only with a negative, even an empty one
+            text["negative_prompt"] = args.negative
         images = []
         for seed in seeds:
             g = torch.Generator("cpu").manual_seed(seed)
             pipe.set_progress_bar_config(desc=f"  seed {seed}", leave=False, file=sys.stderr)  # the steps
             with torch.no_grad():
-                out = pipe(**text, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=g,
-                           **extra)
+                out = pipe(**text, num_inference_steps=args.steps, generator=g, **guide, **extra)
             images.append(out.frames[0] if video else out.images[0])
             bar.update(1)
         rows.append(images)
     bar.close()
-    _save(args, rows, seeds)
+    _save(args, rows, seeds, inputs if args.image_pil else None)
     return 0
+
+
+def _default_size(pipe, comps) -> int:
+    """The base's own image size: a U-Net's sample size in pixels, else the pipeline's default (transformers)."""
+    sample = getattr(comps.denoiser.config, "sample_size", None)
+    if sample is not None and hasattr(comps.vae.config, "block_out_channels"):
+        return sample * 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    return pipe.default_sample_size * pipe.vae_scale_factor
 
 
 def _video_inputs(args, comps, init) -> dict:
@@ -247,11 +288,12 @@ def _video_inputs(args, comps, init) -> dict:
     return extra
 
 
-def _save(args, rows, seeds) -> None:
-    from finetune.train.validation import grid
+def _save(args, rows, seeds, inputs=None) -> None:
+    from finetune.train.validation import edit_grid, grid
 
     title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
-    image = grid(rows, args.prompts, title=f"{title} | seeds {seeds}"[:200])
+    title = f"{title} | seeds {seeds}"[:200]
+    image = edit_grid([inputs] * len(rows), rows, args.prompts, title) if inputs else grid(rows, args.prompts, title)
     _save_image(image, args.out)
     print(f"wrote {args.out}")
     if isinstance(rows[0][0], list):  # clips: an animated GIF beside the frame strips, MP4s on request

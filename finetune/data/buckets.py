@@ -63,3 +63,11 @@ def buckets_for(data) -> list[tuple[int, int]]:
         return square_bucket(data.resolution)
     lo, hi = data.buckets.sides(data.resolution)
     return make_buckets(data.resolution, lo, hi, data.buckets.max_aspect)
+
+
+def reference_bucket(bucket: tuple[int, int], resolution: int, own: int) -> tuple[int, int]:
+    """A reference image's bucket (data.conditioning.role: reference): the target bucket's aspect ratio at the
+    references' own pixel budget `own` (of `resolution`), each side a multiple of 16 (the VAE's 8 x 2x2 packing),
+    so a batch's references stack whatever their own shapes."""
+    scale = own / resolution
+    return tuple(max(16, round(side * scale / 16) * 16) for side in bucket)

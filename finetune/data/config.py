@@ -106,11 +106,33 @@ class ToySource(_Source):
     masks: bool = Field(
         False, description="Give every image its object mask (white on the shape, black elsewhere) for data.masks.",
     )
+    edits: list[str] | None = Field(
+        None, description="Draw edit pairs instead (with data.conditioning): each record a target, its input image "
+        "as conditioning and its instruction as caption, e.g. ['make it red', 'make it a circle'] (finetune/toy/"
+        "edits.py), cycling through the instructions.",
+    )
+    held_out: bool = Field(
+        False, description="Edit pairs: draw inputs from what training never shows as an input (a purple object, a "
+        "circle) instead of the training inputs.",
+    )
 
     @model_validator(mode="after")
     def _variants(self):
         if self.variants and self.subject != "world":
             raise ValueError("variants applies to subject: world (held-out subjects have one caption form)")
+        if self.edits is not None:
+            from finetune.toy.edits import parse  # numpy + PIL only
+
+            for i, text in enumerate(self.edits):
+                try:
+                    parse(text)
+                except ValueError as e:
+                    raise ValueError(f"edits.{i}: {e}") from None
+            if not self.edits or self.subject != "world" or self.masks or self.variants:
+                raise ValueError("edits draws pairs of world objects: give at least one instruction, and leave "
+                                 "subject, masks and variants out")
+        elif self.held_out:
+            raise ValueError("held_out applies to edit pairs (set edits)")
         return self
 
 
@@ -231,6 +253,43 @@ class MaskSection(StrictModel):
     required: bool = Field(False, description="Every image needs a mask (file or alpha); else it trains unmasked.")
 
 
+class ConditioningSection(StrictModel):
+    """Paired data: every record carries conditioning images beside its target (an edit's input image, reference
+    photos of a subject, a control map). They travel with the target through buckets, crops, flips and the latent
+    cache; the family decides how they enter the denoiser (finetune/models/families)."""
+
+    role: Literal["spatial", "reference"] = Field(
+        "spatial", description="'spatial': pixel-aligned with the target (an edit's input, a control map): resized, "
+        "cropped and flipped exactly as the target, and must have its aspect ratio; 'reference': a picture of a "
+        "subject or style, resized on its own (a centre crop at `resolution`, never flipped).",
+    )
+    count: int = Field(1, ge=1, le=8, description="Conditioning images per record (several references: 2, 3, ...).")
+    resolution: int | None = Field(
+        None, ge=64, le=4096, multiple_of=64,
+        description="References: the side of their own pixel-area budget (their bucket has the target's aspect "
+        "ratio so a batch stacks); default data.resolution. Spatial images always take the target's size.",
+    )
+    folder: str = Field(
+        "control", description="Folder sources: the sub-folder of conditioning images beside `target_folder`, "
+        "matched to targets by file stem; with count > 1, '<folder>_1', '<folder>_2', ...",
+    )
+    target_folder: str = Field("target", description="Folder sources: the sub-folder of target images and captions.")
+    column: str = Field(
+        "control_image", description="Metadata and hf sources: the column of conditioning images (a path or a list "
+        "of paths / images; or '<column>_1', '<column>_2', ... columns).",
+    )
+
+    @model_validator(mode="after")
+    def _role(self):
+        if self.role == "spatial" and self.resolution is not None:
+            raise ValueError("resolution applies to role: reference; spatial images take their target's size "
+                             "(remove it, or set role: reference)")
+        return self
+
+
+PAIRED_SOURCES = ("folder", "metadata", "hf", "toy")  # source types that can carry conditioning images
+
+
 class DataSection(StrictModel):
     sources: list[Source] = Field(min_length=1, description="Image sets to train on (subsets).")
     resolution: int = Field(512, ge=64, le=4096, multiple_of=64, description="Training resolution (side of the pixel-area budget).")
@@ -255,6 +314,9 @@ class DataSection(StrictModel):
         None, description="Base-prediction preservation: regularisation examples train toward the base's prediction.",
     )
     masks: MaskSection | None = Field(None, description="Masked loss from mask files or alpha channels.")
+    conditioning: ConditioningSection | None = Field(
+        None, description="Paired data: conditioning images (edit inputs, references) beside every target.",
+    )
     video: VideoSection | None = Field(
         None, description="Video clips (video families: Wan): frames per clip, rate, sampling, frame-count "
         "buckets; image sources then train as one-frame clips.")
@@ -273,8 +335,23 @@ class DataSection(StrictModel):
                 f"buckets.min_side {lo} .. max_side {hi} must include the resolution {self.resolution}"
             )
         self._check_preservation()
+        self._check_conditioning()
         self._check_video()
         return self
+
+    def _check_conditioning(self) -> None:
+        if self.conditioning is None:
+            return
+        for i, src in enumerate(self.sources):
+            if src.type not in PAIRED_SOURCES:
+                raise ValueError(f"data.sources.{i}: type '{src.type}' has no paired layout for data.conditioning; "
+                                 f"use one of {', '.join(PAIRED_SOURCES)} (a folder with target/ and control/)")
+        if self.prior is not None or self.masks is not None:
+            key = "data.prior" if self.prior is not None else "data.masks"
+            raise ValueError(f"{key} is not supported with data.conditioning yet; remove one of them")
+        if self.video is not None:
+            raise ValueError("data.conditioning with data.video (video edits, references for clips) is not "
+                             "supported yet; remove one of them")
 
     def _check_video(self) -> None:
         clips = [i for i, s in enumerate(self.sources) if s.type in VIDEO_SOURCES]

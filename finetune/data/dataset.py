@@ -23,6 +23,7 @@ from finetune.data.cache import Cache, entry_key, fill, split_batch
 from finetune.data.captions import apply_rules
 from finetune.data.images import BadImage, Cover, cover, crop_flip, decode, resize
 from finetune.data.masks import mask_digest, mask_pixels, to_latent
+from finetune.data.pairs import Pairs, cond_name
 from finetune.data.plan import Example, Planner
 from finetune.data.scan import Scan, scan_data, summarize
 from finetune.data.video import BadVideo
@@ -35,11 +36,12 @@ class Render:
     """Turns planned examples into tensors. Lives in DataLoader workers, so it holds only picklable state."""
 
     def __init__(self, records, crop: str, latents: Cache | None, latent_key: str, flips: bool,
-                 text: Cache | None, text_key: str, masks=None):
+                 text: Cache | None, text_key: str, masks=None, pairs: Pairs | None = None):
         self.records, self.crop, self.masks = records, crop, masks
         self.latents, self.latent_key, self.flips = latents, latent_key, flips
         self.text, self.text_key = text, text_key
-        self.memo: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
+        self.pairs = pairs  # paired data: how conditioning images are sized, and who reads them
+        self.memo: dict[tuple, np.ndarray] = {}
         self.memo_bytes = 0
 
     def cover(self, ex_record: int, bucket, seed: int = 0) -> Cover:
@@ -52,40 +54,65 @@ class Render:
             parts.append(list(rec.clip))
         if self.masks is not None:  # the entry holds the mask too: a changed mask is a new entry
             parts.append(mask_digest(rec, self.masks))
+        if rec.conditions:  # ... and the conditioning latents: every input is in the key
+            parts.append(self.condition_parts(record, bucket))
         return entry_key(*parts)
+
+    def condition_parts(self, record: int, bucket) -> list:
+        """What makes a record's conditioning images what they are at this bucket: bytes, role, geometry."""
+        parts = []
+        for c in self.records[record].conditions:
+            size, cut, own = self.pairs.geometry(c, self.cover(record, bucket), bucket)
+            parts.append([c.digest, c.role, list(size), [cut.top, cut.left], list(own)])
+        return parts
 
     def mask(self, record: int, bucket, flip: bool = False, seed: int = 0) -> torch.Tensor:
         """[1, H, W] in [0, 1]: the record's loss mask, resized, cropped and flipped like its pixels."""
         arr = mask_pixels(self.records[record], self.masks, self.cover(record, bucket, seed), bucket, flip)
         return torch.from_numpy(arr)[None]
 
-    def text_entry(self, caption: str) -> str:
+    def text_entry(self, caption: str, record: int | None = None, bucket=None) -> str:
+        if self.pairs is not None and self.pairs.text_reads:  # the text encoder sees the conditioning images
+            return entry_key("text", caption, self.text_key, self.condition_parts(record, bucket))
         return entry_key("text", caption, self.text_key)
+
+    def conditions(self, record: int, bucket, flip: bool = False, seed: int = 0) -> list[torch.Tensor]:
+        """The record's conditioning images, each [3, h, w] in [-1, 1]: spatial ones cut exactly as the target
+        (same resize, crop and flip), references resized on their own (data.conditioning.role)."""
+        c, out = self.cover(record, bucket, seed), []
+        for j, cond in enumerate(self.records[record].conditions):
+            size, cut, own = self.pairs.geometry(cond, c, bucket)
+            arr = self._decoded(("condition", record, j, size), cond, size)
+            arr, _ = crop_flip(arr, cut, own, flip and cond.role == "spatial")
+            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0))
+        return out
 
     def resized(self, record: int, bucket, c: Cover) -> np.ndarray:
         """The image resized to cover the bucket: decoded once, then reused while the budget allows."""
-        arr = self.memo.get((record, bucket))
+        return self._decoded((record, bucket), self.records[record], (c.rh, c.rw))
+
+    def _decoded(self, key: tuple, image, size: tuple[int, int]) -> np.ndarray:
+        arr = self.memo.get(key)
         if arr is not None:
             return arr
-        rec = self.records[record]
         try:
-            arr = self._decoded(rec, c)
+            arr = self._decode_media(image, size)
         except (BadImage, BadVideo, OSError) as e:
-            raise DataError(f"{rec.key}: {e}; it changed since the data was scanned, fix it and restart") from None
+            raise DataError(f"{image.key}: {e}; it changed since the data was scanned, fix it and restart") from None
         if self.memo_bytes + arr.nbytes <= MEMO_BYTES:
-            self.memo[(record, bucket)] = arr
+            self.memo[key] = arr
             self.memo_bytes += arr.nbytes
         return arr
 
     @staticmethod
-    def _decoded(rec, c: Cover) -> np.ndarray:
-        """uint8 [rh, rw, 3] (an image) or [F, rh, rw, 3] (a clip's frames), resized to cover the bucket."""
-        if rec.clip is None:
-            return resize(decode(rec.read(), need=(c.rh, c.rw)), c.rh, c.rw)
+    def _decode_media(image, size: tuple[int, int]) -> np.ndarray:
+        """uint8 [h, w, 3] (an image) or [F, h, w, 3] (a clip's frames), resized to `size`."""
+        if getattr(image, "clip", None) is None:  # an image, or a conditioning image
+            return resize(decode(image.read(), need=size), *size)
         from finetune.data.video import clip_pixels
         from finetune.data.video_sources import decode_clip
 
-        return clip_pixels(decode_clip(rec), c.rh, c.rw)
+        return clip_pixels(decode_clip(image), *size)
 
     def pixels(self, record: int, bucket, flip: bool = False, seed: int = 0) -> tuple[torch.Tensor, int, int]:
         """[3, H, W] in [-1, 1] ([3, F, H, W] for a clip; with data.video an image is [3, 1, H, W]), and the crop's
@@ -99,7 +126,7 @@ class Render:
         return t.div_(127.5).sub_(1.0), c.top, left
 
     def batch(self, examples: list[Example]) -> dict:
-        tops, pix, lat, masks, conds = [], [], [], [], []
+        tops, pix, lat, masks, conds, refs, ref_pix = [], [], [], [], [], [], []
         for ex in examples:
             if self.latents is not None:
                 c = self.cover(ex.record, ex.bucket)
@@ -111,22 +138,30 @@ class Render:
                 tops.append((c.top, c.rw - c.left - ex.bucket[1] if ex.flip else c.left))
                 if self.masks is not None:
                     masks.append(entry["mask_flip" if ex.flip else "mask"].float())
+                refs.append([entry[cond_name(j, ex.flip and f"cond_{j}_flip" in entry)].float()
+                             for j in range(len(self.records[ex.record].conditions))])
             else:
                 t, top, left = self.pixels(ex.record, ex.bucket, ex.flip, ex.crop_seed)
                 pix.append(t)
                 tops.append((top, left))
                 if self.masks is not None:
                     masks.append(self.mask(ex.record, ex.bucket, ex.flip, ex.crop_seed))
+            if self.pairs is not None and (self.latents is None or self.pairs.text_reads and self.text is None):
+                ref_pix.append(self.conditions(ex.record, ex.bucket, ex.flip, ex.crop_seed))
         out = {"latents": torch.stack(lat)} if lat else {"pixel_values": torch.stack(pix)}
         if conds and conds[0]:  # cached conditions of the family (image-to-video's first frame)
             out["conditions"] = {k: torch.stack([c[k] for c in conds]) for k in conds[0]}
+        if any(refs):  # paired data, one tensor per conditioning image: [B, C, h, w] latents ...
+            out["references"] = [torch.stack(group) for group in zip(*refs, strict=True)]
+        if ref_pix:  # ... or [B, 3, H, W] pixels
+            out["reference_pixels"] = [torch.stack(group) for group in zip(*ref_pix, strict=True)]
         if masks:  # in [0, 1]; the loss weighs it (data.masks.unmasked_weight / unmasked_target)
             out["loss_mask"] = torch.stack(masks)
             out["masked"] = torch.tensor([bool(float(m.min()) < 1.0) for m in masks], dtype=torch.bool)
         out["captions"] = [ex.caption for ex in examples]
         if self.text is not None:
-            entries = [self.text.get(self.text_entry(ex.caption)) for ex in examples]
-            out["text"] = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+            entries = [self.text.get(self.text_entry(ex.caption, ex.record, ex.bucket)) for ex in examples]
+            out["text"] = {k: stack_padded([e[k] for e in entries]) for k in entries[0]}
         out["original_size"] = torch.tensor([self.records[ex.record].size for ex in examples], dtype=torch.long)
         out["crop_top_left"] = torch.tensor(tops, dtype=torch.long)
         out["target_size"] = torch.tensor([ex.bucket[:2] for ex in examples], dtype=torch.long)
@@ -135,6 +170,17 @@ class Render:
         out["preserve"] = torch.tensor([ex.preserve for ex in examples], dtype=torch.bool)
         out["positions"] = torch.tensor([ex.position for ex in examples], dtype=torch.long)
         return out
+
+
+def stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack cached text of one key; prompts of different lengths (a family that pads each batch to its longest
+    and masks the padding: Qwen-Image-Edit) are right-padded with zeros, which their masks mark as padding."""
+    if tensors[0].ndim == 0 or all(t.shape == tensors[0].shape for t in tensors):
+        return torch.stack(tensors)
+    longest = max(t.shape[0] for t in tensors)
+    if all(t.shape[0] == longest for t in tensors):
+        return torch.stack(tensors)
+    return torch.stack([torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])]) for t in tensors])
 
 
 class _Batches(Dataset):
@@ -255,6 +301,13 @@ def _encode_latents(render: Render, encoder: Callable, flips: bool):
         out = encoded(px)
         if flips:
             out |= {f"{k}_flip": v for k, v in encoded(px.flip(-1)).items()}
+        if render.pairs is not None:  # the conditioning images, in the same entry (their inputs are in its key)
+            conds = [render.conditions(r, b) for r, b in payloads]
+            for j, cond in enumerate(render.records[payloads[0][0]].conditions):
+                cpx = torch.stack([c[j] for c in conds])
+                out[f"cond_{j}"] = encoded(cpx)["latents"]
+                if flips and cond.role == "spatial":
+                    out[f"cond_{j}_flip"] = encoded(cpx.flip(-1))["latents"]
         if render.masks is not None:  # stored at the latent grid: what the loss reads
             m = torch.stack([render.mask(r, b) for r, b in payloads])
             out["mask"] = to_latent(m, out["latents"].shape[-2:]).to(out["latents"].device)
@@ -268,8 +321,38 @@ def _encode_latents(render: Render, encoder: Callable, flips: bool):
 def _fixed_captions(planner: Planner) -> set[str]:
     """Every caption training will use; fixed because the recipe refuses text caching with varying rules
     (class images keep their class prompt as is)."""
-    return {rec.caption if rules is None else apply_rules(rec.caption, rules)
-            for rec, rules in zip(planner.records, planner.rules, strict=True)}
+    return {_fixed_caption(planner, r) for r in range(len(planner.records))}
+
+
+def _fixed_caption(planner: Planner, r: int) -> str:
+    rec, rules = planner.records[r], planner.rules[r]
+    return rec.caption if rules is None else apply_rules(rec.caption, rules)
+
+
+def _text_jobs(planner: Planner, render: Render):
+    """(key, group, payload) per caption to encode; where the text encoder sees the conditioning images, per
+    caption and record (grouped by bucket: one encoder call takes images of one size)."""
+    if render.pairs is None or not render.pairs.text_reads:
+        return [(render.text_entry(c), 0, (c, None, None)) for c in sorted(_fixed_captions(planner))]
+    jobs = []
+    for _, bucket, (r, b) in _latent_jobs(planner, render):
+        captions = {_fixed_caption(planner, r)}
+        if planner.preservation is not None and planner.preservation.prompt and r in planner.pool:
+            captions.add(planner.preservation.prompt)
+        jobs += [(render.text_entry(c, r, b), bucket, (c, r, b)) for c in sorted(captions)]
+    return jobs
+
+
+def _encode_text(render: Render, encoder: Callable):
+    def run(payloads):
+        captions = [c for c, _, _ in payloads]
+        if payloads[0][1] is None:
+            return split_batch(encoder(captions), len(payloads))
+        conds = [render.conditions(r, b) for _, r, b in payloads]
+        images = [torch.stack(group) for group in zip(*conds, strict=True)]
+        return split_batch(encoder(captions, images), len(payloads))
+
+    return run
 
 
 def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show, share, barrier) -> list[str]:
@@ -288,12 +371,13 @@ def _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show, sh
         render.memo.clear()  # pixels are not needed again once latents exist
         render.memo_bytes = 0
     if render.text is not None:
-        jobs = [(render.text_entry(c), 0, c) for c in sorted(_fixed_captions(planner))]
+        jobs = _text_jobs(planner, render)
         if text_encoder is None and any(not render.text.has(k) for k, _, _ in jobs):
             raise ValueError("data.cache_text needs a text_encoder to fill missing cache entries")
-        encode = lambda caps: split_batch(text_encoder(list(caps)), len(caps))  # noqa: E731
+        encode = _encode_text(render, text_encoder)
         n = _fill_shared(render.text, jobs, bs, encode, "caching text embeddings", show, share, barrier)
-        notes.append(f"text cache: {len(jobs)} captions, {n} encoded now ({render.text.root or 'in memory'})")
+        notes.append(f"text cache: {len({k for k, _, _ in jobs})} captions, {n} encoded now "
+                     f"({render.text.root or 'in memory'})")
     return notes
 
 
@@ -316,11 +400,14 @@ def build_train_data(
     show_progress: bool = True,
     barrier: Callable[[], None] | None = None,
     scan: Scan | None = None,
+    text_reads_conditions: bool = False,
 ) -> TrainData:
-    """Scan the sources, plan batches for this rank and fill the caches the recipe asks for.
-    With several processes and a `barrier` (every process calls this together) each encodes and writes its
-    share of the missing cache entries, then all read all of them. Without a barrier only rank 0 writes
-    cache files and other ranks encode what is missing into memory: run rank 0 first then."""
+    """Scan the sources (unless `scan` is the scan already made), plan batches for this rank and fill the caches
+    the recipe asks for. With several processes and a `barrier` (every process calls this together) each encodes
+    and writes its share of the missing cache entries, then all read all of them. Without a barrier only rank 0
+    writes cache files and other ranks encode what is missing into memory: run rank 0 first then.
+    `text_reads_conditions`: the text encoder also takes the conditioning images (`text_encoder(captions,
+    images)`), so cached text is keyed on them."""
     d = recipe.data
     scan = scan or scan_data(d, verbose=show_progress)  # `scan`: the trainer's, done before any model loaded
     planner = Planner(scan, recipe.train.batch_size, recipe.train.seed, num_replicas, rank,
@@ -328,7 +415,8 @@ def build_train_data(
     write = rank == 0 or barrier is not None
     latents = Cache(_cache_root(recipe, "latents"), write=write) if d.cache_latents else None
     text = Cache(_cache_root(recipe, "text"), write=write) if d.cache_text is True else None
-    render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key, d.masks)
+    pairs = Pairs(d.conditioning, d.resolution, text_reads_conditions) if d.conditioning else None
+    render = Render(planner.records, d.crop, latents, latent_key, d.random_flip, text, text_key, d.masks, pairs)
     share = (rank, num_replicas) if barrier is not None else (0, 1)
     notes = _fill_caches(recipe, planner, render, latent_encoder, text_encoder, show_progress, share,
                          barrier)

@@ -1,4 +1,4 @@
-"""Records (one captioned image each), subsets, and the bookkeeping of bad input.
+"""Records (a captioned image and its conditioning images), subsets, and the bookkeeping of bad input.
 
 A record carries what every later stage needs without touching the image again: its (h, w) after EXIF
 orientation, a content digest (cache keys, fingerprint) and where its bytes live. Scanning reads each
@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.data.config import CaptionRules
@@ -20,14 +20,36 @@ from finetune.errors import DataError
 
 
 @dataclass(frozen=True)
-class Record:
-    key: str  # what errors and batches name: a file path, 'toy:world#3', 'hf:user/set#12'
-    caption: str  # before caption rules
+class ImageFile:
+    """One image's bytes and what is known about them without decoding again."""
+
+    key: str  # what errors name: a file path, 'toy:world#3', 'hf:user/set#12'
     size: tuple[int, int]  # (h, w), upright
     digest: str  # hash of the encoded bytes
     path: str | None = None  # the bytes are read from here ...
     blob: bytes | None = field(default=None, repr=False)  # ... or kept here (toy, hf)
+
+    def read(self) -> bytes:
+        if self.blob is not None:
+            return self.blob
+        return Path(self.path).read_bytes()
+
+
+@dataclass(frozen=True)
+class Conditioning(ImageFile):
+    """A conditioning image of a record: 'spatial' (pixel-aligned with the target: an edit's input, a control
+    map) or 'reference' (a subject or style picture, resized on its own); see data.conditioning."""
+
+    role: str = "spatial"
+
+
+@dataclass(frozen=True)
+class Record(ImageFile):
+    """One training example: a target image, its caption, and the conditioning images that travel with it."""
+
+    caption: str = ""  # before caption rules
     mask: bytes | None = field(default=None, repr=False)  # a loss mask that came with the image (toy subjects)
+    conditions: tuple[Conditioning, ...] = ()
     #: a video clip: its frames' indices in the source (None: an image). `media` says how the source is held:
     #: 'video' (a file PyAV decodes), 'frames' (a folder of frame images, `members` in order) or 'strip'
     #: (frames tiled left to right in `blob`, `total` of them: toy clips)
@@ -40,11 +62,6 @@ class Record:
     def frames(self) -> int:
         """Frames in the clip (1 for an image)."""
         return len(self.clip) if self.clip is not None else 1
-
-    def read(self) -> bytes:
-        if self.blob is not None:
-            return self.blob
-        return Path(self.path).read_bytes()
 
 
 @dataclass
@@ -142,22 +159,41 @@ def _load(path: Path) -> tuple[str, tuple[int, int]] | BadImage | OSError:
         return e
 
 
-def load_images(items: list[tuple[Path, str]], probs: Problems) -> list[Record]:
-    """(path, caption) pairs -> records, reading and checking every image; bad ones go through `probs`."""
+def load_images(items: list[tuple[Path, str]], probs: Problems,
+                controls: dict[Path, list[Path]] | None = None, role: str = "spatial") -> list[Record]:
+    """(path, caption) pairs -> records, reading and checking every image; bad ones go through `probs`.
+    `controls`: each target's conditioning files (paired data), read and checked the same way; a pair with a bad
+    conditioning image is reported (and, skipping, left out whole). Whether they fit their target is
+    `finetune.data.pairs.fitting`'s to say."""
+    extra = [c for p, _ in items for c in (controls or {}).get(p, ())]
     workers = min(8, (os.cpu_count() or 1) + 2)
     with ThreadPoolExecutor(workers) as pool:
-        loaded = list(pool.map(_load, [p for p, _ in items]))
+        loaded = list(pool.map(_load, [p for p, _ in items] + extra))
+    got_of = dict(zip([p for p, _ in items] + extra, loaded, strict=True))
     out = []
-    for (path, caption), got in zip(items, loaded, strict=True):
-        if isinstance(got, Exception):
-            why = str(got) if isinstance(got, BadImage) else f"cannot be read ({got.strerror or got})"
-            probs.bad(str(path), why, "replace or delete the file")
-            continue
-        hashed, size = got
-        rec = Record(str(path), caption, size, hashed, path=str(path))
-        if check_size(rec, probs):
+    for path, caption in items:
+        rec = _checked(path, got_of[path], probs, lambda key, h, size, c=caption: Record(key, size, h, path=key,
+                                                                                          caption=c))
+        if rec is not None and controls is not None:  # whether they fit it: finetune.data.pairs.fitting
+            conds = [_checked(c, got_of[c], probs, lambda key, h, size: Conditioning(key, size, h, path=key,
+                                                                                       role=role), pair=str(path))
+                     for c in controls.get(path, ())]
+            rec = None if None in conds else replace(rec, conditions=tuple(conds))
+        if rec is not None:
             out.append(rec)
     return out
+
+
+def _checked(path: Path, got, probs: Problems, make, pair: str | None = None):
+    """The image read from `path` (made by `make(key, digest, size)`), or None after reporting it."""
+    if isinstance(got, Exception):
+        why = str(got) if isinstance(got, BadImage) else f"cannot be read ({got.strerror or got})"
+        of = f" (the conditioning image of {pair})" if pair else ""
+        probs.bad(str(path), why + of, "replace or delete the file" + (" or its pair" if pair else ""))
+        return None
+    hashed, size = got
+    image = make(str(path), hashed, size)
+    return image if pair is not None or check_size(image, probs) else None
 
 
 def check_size(rec: Record, probs: Problems) -> bool:
@@ -179,5 +215,15 @@ def blob_record(key: str, caption: str, data: bytes, probs: Problems) -> Record 
     except BadImage as e:
         probs.bad(key, str(e), "fix or remove that row")
         return None
-    rec = Record(key, caption, size, digest(data), blob=data)
+    rec = Record(key, size, digest(data), blob=data, caption=caption)
     return rec if check_size(rec, probs) else None
+
+
+def blob_condition(key: str, data: bytes, role: str, probs: Problems, pair: str) -> Conditioning | None:
+    """A conditioning image held in memory (hf cells, toy drawings), or None after reporting it."""
+    try:
+        size = probe(data)
+    except BadImage as e:
+        probs.bad(key, f"{e} (the conditioning image of {pair})", "fix or remove that row")
+        return None
+    return Conditioning(key, size, digest(data), blob=data, role=role)

@@ -45,8 +45,9 @@ class Scan:
         for s in self.subsets + ([self.prior] if self.prior else []):
             h.update(json.dumps([s.name, s.kind, s.repeats, s.is_prior] + ([True] if s.preserve else [])).encode())
             for r in s.records:
+                conds = [[c.key, c.digest, c.role] for c in r.conditions]  # paired data: every input counts
                 clip = [list(r.clip)] if r.clip is not None else []  # which frames: the sampling settings
-                h.update(json.dumps([r.key, r.digest, r.caption, r.size, *clip]).encode())
+                h.update(json.dumps([r.key, r.digest, r.caption, r.size, *clip] + ([conds] if conds else [])).encode())
         return h.hexdigest()
 
 
@@ -90,6 +91,7 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
                     f"{sub.name}: subset has no usable images ({len(probs.skipped)} file(s) skipped so far); "
                     "fix or add images, or remove the source"
                 )
+            _check_counts(sub, data)
             sub.preserve = src.preserve
             subsets.append(sub)
     prior = None
@@ -101,6 +103,17 @@ def scan_data(data: DataSection, verbose: bool = True, need_prior: bool = True) 
         if data.video is not None:  # spatio-temporal buckets: (h, w, frames); an image is a one-frame clip
             scan.assigned[i] = [(*b, r.frames) for b, r in zip(scan.assigned[i], sub.records, strict=True)]
     return scan
+
+
+def _check_counts(sub: Subset, data: DataSection) -> None:
+    """Paired data: every record carries data.conditioning.count images (a source that draws no pairs, or pairs
+    in a recipe without data.conditioning, is a mistake worth one line)."""
+    want = data.conditioning.count if data.conditioning else 0
+    for rec in sub.records:
+        if len(rec.conditions) != want:
+            fix = ("set data.conditioning (and its count)" if not want else
+                   "give every record its conditioning images (a folder with target/ and control/, a metadata column)")
+            raise DataError(f"{rec.key}: has {len(rec.conditions)} conditioning image(s), the recipe wants {want}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -124,6 +137,11 @@ def summarize(scan: Scan, seed: int = 0, extra: list[str] | None = None) -> str:
             f"  prior    {d.prior.class_dir}: {have} of {d.prior.num_class_images} class images "
             f"({d.prior.class_prompt!r}, loss weight {d.prior.loss_weight})"
         )
+    if d.conditioning is not None:
+        c = d.conditioning
+        how = ("resized, cropped and flipped with their target" if c.role == "spatial" else
+               f"resized on their own to {c.resolution or d.resolution} px area, centre crop, never flipped")
+        lines.append(f"conditioning: {c.count} {c.role} image(s) per record, {how}")
     mode = "aspect buckets" if d.buckets.enabled else "square, bucketing off"
     lines.append(f"buckets ({mode}, {d.crop} crop, WxH: images): {describe(scan.bucket_counts())}")
     lines.append("captions after the rules (samples):")

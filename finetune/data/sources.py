@@ -16,10 +16,20 @@ from dataclasses import replace
 from pathlib import Path
 
 from finetune.data.captions import apply_rules
+from finetune.data.pairs import (
+    column_values,
+    fitting,
+    folder_pairs,
+    hf_condition_columns,
+    metadata_controls,
+    target_dir,
+    with_conditions,
+)
 from finetune.data.records import (
     Problems,
     Record,
     Subset,
+    blob_condition,
     blob_record,
     confined,
     image_files,
@@ -86,9 +96,13 @@ def _missing_note(sub: Subset, missing: list[Path], ext: str, fallback: str) -> 
 # ----------------------------------------------------------------------------------------------- sources
 def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
     root = need_dir(src.path, key)
-    files = image_files(root, src.recursive)
+    cond = data.conditioning
+    images = target_dir(root, cond) if cond else root  # paired data: targets in target/, beside control/
+    files = image_files(images, src.recursive, within=root)
     if not files:
-        raise _no_images(root, src.recursive)
+        raise _no_images(images, src.recursive)
+    controls = folder_pairs(root, files, cond, src.recursive, probs) if cond else None
+    files = [f for f in files if controls is None or f in controls]
     sub = _subset(src, data, probs)
     pairs, missing = _with_captions(files, src.caption_ext, "", probs, root)
     if len(missing) == len(files):
@@ -98,7 +112,7 @@ def scan_folder(src, data, probs: Problems, key: str) -> list[Subset]:
                 f"{root}: no {src.caption_ext} caption files, but the images have {other} captions; "
                 f"set caption_ext: '{other}' in {key}"
             )
-    sub.records = load_images(pairs, probs)
+    sub.records = fitting(load_images(pairs, probs, controls, cond.role if cond else "spatial"), probs)
     template = apply_rules("", sub.rules)
     _missing_note(sub, missing, src.caption_ext,
                   f"the template alone ({template!r})" if template else "an empty caption")
@@ -181,7 +195,8 @@ def scan_metadata(src, data, probs: Problems, key: str) -> list[Subset]:
     rows = _metadata_rows(meta)
     if not rows:
         raise DataError(f"{meta}: has no rows; add one line per image")
-    pairs = []
+    pairs, cond = [], data.conditioning
+    controls: dict[Path, list[Path]] | None = {} if cond else None
     for line, row in rows:
         where = f"{meta}:{line}"
         for col in ("file_name", src.caption_column):
@@ -194,11 +209,17 @@ def scan_metadata(src, data, probs: Problems, key: str) -> list[Subset]:
         if not path.is_file():
             probs.bad(f"{where}", f"file_name '{row['file_name']}' does not exist in {root}", "fix the row")
             continue
+        if cond is not None:
+            found = metadata_controls(row, cond, root, where, probs)
+            if found is None:
+                continue
+            controls[path] = found
         caption = row[src.caption_column]
         pairs.append((path, " ".join(str(caption if caption is not None else "").split())))
     sub = _subset(src, data, probs)
-    sub.records = load_images(pairs, probs)
-    unlisted = len(image_files(root, recursive=True)) - len(pairs)
+    sub.records = fitting(load_images(pairs, probs, controls, cond.role if cond else "spatial"), probs)
+    listed = {p for p, _ in pairs} | {c for cs in (controls or {}).values() for c in cs}
+    unlisted = len(set(image_files(root, recursive=True)) - listed)
     if unlisted > 0:
         sub.notes.append(f"{unlisted} image(s) in {root} are not listed in {meta.name} and are not used")
     return [sub]
@@ -236,38 +257,67 @@ def scan_hf(src, data, probs: Problems, key: str) -> list[Subset]:
                 f"{src.path}: no column '{col}' (columns: {', '.join(ds.column_names)}); "
                 f"set image_column / caption_column in {key}"
             )
-    if isinstance(ds.features[src.image_column], datasets.Image):
-        # keep the encoded bytes: we decode ourselves (EXIF, modes, draft) and hash them for the caches
-        ds = ds.cast_column(src.image_column, datasets.Image(decode=False))
+    cond = data.conditioning
+    columns = [src.image_column, src.caption_column] + (hf_condition_columns(ds, cond, src.path) if cond else [])
+    for col in columns[2:] + columns[:1]:
+        ds = _undecoded(ds, col, datasets)
     if not len(ds):
         raise DataError(f"{src.path}: split '{src.split}' has no rows")
     sub = _subset(src, data, probs)
-    for i, row in enumerate(ds.select_columns([src.image_column, src.caption_column])):
-        rec = _hf_record(src, i, row, probs)
+    for i, row in enumerate(ds.select_columns(columns)):
+        rec = _hf_record(src, i, row, probs, cond)
         if rec is not None:
             sub.records.append(rec)
     return [sub]
 
 
-def _hf_record(src, i: int, row: dict, probs: Problems) -> Record | None:
-    cell, caption = row[src.image_column], row[src.caption_column]
-    where = f"hf:{src.path}#{i}"
+def _undecoded(ds, col: str, datasets):
+    """Keep a column's encoded bytes (an image, or a list of images): we decode ourselves (EXIF, modes, draft)
+    and hash them for the caches."""
+    feature = ds.features[col]
+    if isinstance(feature, datasets.Image):
+        return ds.cast_column(col, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.Image):
+        return ds.cast_column(col, type(feature)(datasets.Image(decode=False)))
+    return ds
+
+
+def _hf_bytes(cell, where: str, col: str, probs: Problems) -> bytes | None:
     if isinstance(cell, dict) and cell.get("bytes"):
-        data = cell["bytes"]
-    elif isinstance(cell, dict) and cell.get("path") or isinstance(cell, str):
+        return cell["bytes"]
+    if isinstance(cell, dict) and cell.get("path") or isinstance(cell, str):
         path = cell["path"] if isinstance(cell, dict) else cell
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes()
         except OSError as e:
             probs.bad(where, f"image file {path} cannot be read ({e.strerror})", "fix the dataset")
             return None
-    else:
-        probs.bad(where, f"column '{src.image_column}' holds no image", "set image_column to the image column")
+    probs.bad(where, f"column '{col}' holds no image", f"set the {col} column to an image column")
+    return None
+
+
+def _hf_record(src, i: int, row: dict, probs: Problems, cond=None) -> Record | None:
+    where = f"hf:{src.path}#{i}"
+    data = _hf_bytes(row[src.image_column], where, src.image_column, probs)
+    if data is None:
         return None
-    return blob_record(where, " ".join(str(caption or "").split()), data, probs)
+    rec = blob_record(where, " ".join(str(row[src.caption_column] or "").split()), data, probs)
+    if rec is None or cond is None:
+        return rec
+    conds = []
+    for j, cell in enumerate(column_values(row, cond, where)):
+        blob = _hf_bytes(cell, f"{where} ({cond.column} {j + 1})", cond.column, probs)
+        c = None if blob is None else blob_condition(f"{where}/{cond.column}/{j + 1}", blob, cond.role, probs, where)
+        if c is None:
+            return None
+        conds.append(c)
+    return with_conditions(rec, conds, probs)
 
 
 def scan_toy(src, data, probs: Problems, key: str) -> list[Subset]:
+    if src.edits is not None:
+        return [_toy_edits(src, data, probs)]
     sub = _subset(src, data, probs)
     for i, (png, caption, mask) in enumerate(_toy_drawn(src.subject, src.count, src.seed, src.variants, src.masks)):
         rec = blob_record(f"toy:{src.subject}#{i}", src.prompt if src.prompt is not None else caption, png, probs)
@@ -292,6 +342,28 @@ def _toy_drawn(subject: str, count: int, seed: int, variants: bool, masks: bool)
         img.save(buf, format="PNG")
         out.append((buf.getvalue(), caption, _toy_mask(img) if masks else None))
     return tuple(out)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _toy_edits(src, data, probs: Problems) -> Subset:
+    """Edit pairs of the toy world: the target, its input as conditioning, the instruction as caption."""
+    from finetune.toy.edits import pairs
+
+    if data.conditioning is None:
+        raise DataError("toy edits are pairs: add data.conditioning (role: spatial) to train on them")
+    sub = _subset(src, data, probs, name=src.name or f"toy:edits{' (held out)' if src.held_out else ''}")
+    for i, p in enumerate(pairs(src.edits, src.count, src.seed, src.held_out)):
+        key = f"toy:edits#{i}"
+        rec = blob_record(key, src.prompt if src.prompt is not None else p.instruction.text, _png(p.target), probs)
+        cond = blob_condition(f"{key}/input", _png(p.input), data.conditioning.role, probs, key)
+        if rec is not None and cond is not None:
+            sub.records.append(replace(rec, conditions=(cond,)))
+    return sub
 
 
 def _toy_mask(img) -> bytes:

@@ -77,7 +77,7 @@ def scan_video(src, data, probs: Problems, key: str) -> list[Subset]:
         except (BadVideo, OSError) as e:
             probs.bad(str(f), str(e), "replace or remove the file")
             continue
-        base = Record(str(f), caption, info.size, _file_digest(f), path=str(f), media="video", total=info.frames)
+        base = Record(str(f), info.size, _file_digest(f), path=str(f), caption=caption, media="video", total=info.frames)
         sub.records += _clips(base, info, data, probs)
     return [sub]
 
@@ -112,7 +112,7 @@ def scan_frames(src, data, probs: Problems, key: str) -> list[Subset]:
                 probs.bad(str(d), f"has frames of {len(sizes)} different sizes", "give every frame one size")
             continue
         info = VideoInfo(len(frames), src.fps, sizes.pop())
-        base = Record(str(d), caption, info.size, h.hexdigest(), path=str(d), media="frames",
+        base = Record(str(d), info.size, h.hexdigest(), path=str(d), caption=caption, media="frames",
                       members=tuple(f.name for f in frames), total=len(frames))
         sub.records += _clips(base, info, data, probs)
     return [sub]
@@ -127,8 +127,9 @@ def scan_toy_video(src, data, probs: Problems, key: str) -> list[Subset]:
     for i, (frames, caption) in enumerate(clips):
         blob = encode_strip(frames)
         info = VideoInfo(len(frames), float(data.video.fps or 16.0), (frames[0].height, frames[0].width))
-        base = Record(f"toy_video:{src.motion}#{i}", src.prompt if src.prompt is not None else caption, info.size,
-                      hashlib.blake2b(blob, digest_size=16).hexdigest(), blob=blob, media="strip", total=len(frames))
+        base = Record(f"toy_video:{src.motion}#{i}", info.size, hashlib.blake2b(blob, digest_size=16).hexdigest(),
+                      blob=blob, caption=src.prompt if src.prompt is not None else caption, media="strip",
+                      total=len(frames))
         sub.records += _clips(base, info, data, probs)
     return [sub]
 

@@ -59,8 +59,14 @@ class RunMetrics:
                        "reference images; once, at the first grid", file=sys.stderr)
             models = EvalModels(v.clip_model, v.dino_model, self.dtype,
                                 keys=("validation.clip_model", "validation.dino_model"))
-            self._scorer = Scorer(self.metrics, models, reference_images(self.recipe), v.token, v.class_word,
-                                  self.device)
+            if v.images:  # edit pairs: subject fidelity to each row's own target, where it has one
+                from finetune.train.edits import target_images
+
+                self._scorer = Scorer(self.metrics, models, [], v.token, v.class_word, self.device,
+                                      row_targets=target_images(self.recipe))
+            else:
+                self._scorer = Scorer(self.metrics, models, reference_images(self.recipe), v.token, v.class_word,
+                                      self.device)
             self.n_references = len(self._scorer.references)
         return self._scorer
 

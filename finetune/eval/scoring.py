@@ -43,13 +43,20 @@ class Scores:
 
 
 class Scorer:
+    """`row_targets` (edit pairs): each row's own target image, or None; CLIP-I and DINO then compare a row's
+    images with its target, over the rows that have one, instead of with shared references."""
+
     def __init__(self, metrics, models: EvalModels, references: list, token: str | None = None,
-                 class_word: str | None = None, device="cpu"):
+                 class_word: str | None = None, device="cpu", row_targets: list | None = None):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRICS)}")
+        self.row_targets = row_targets
+        if row_targets is not None:
+            references = [t for t in row_targets if t is not None]
         if not references and any(m in SUBJECT_METRICS for m in metrics):
-            raise ValueError("CLIP-I and DINO need reference images")
+            raise ValueError("CLIP-I and DINO need reference images" + (" (validation.targets)" if row_targets
+                                                                         is not None else ""))
         self.metrics = [m for m in METRICS if m in metrics]  # a fixed order for tables and plots
         self.models, self.references, self.device = models, references, device
         self.token, self.class_word = token, class_word
@@ -79,21 +86,36 @@ class Scorer:
                     texts = [clip_text(p, self.token, self.class_word) for p, n in zip(prompts, sizes, strict=True)
                              for _ in range(n)]
                     values = prompt_fidelity(emb, self.models.clip.texts(texts))
+                elif self.row_targets is not None:  # each row against its own target (none: no values)
+                    out[metric] = self._against_targets(emb, sizes, self._references(metric))
+                    continue
                 else:
                     values = subject_fidelity(emb, self._references(metric))
                 out[metric] = list(torch.split(values, sizes))
+        return out
+
+    def _against_targets(self, emb: torch.Tensor, sizes: list[int], targets: torch.Tensor) -> list[torch.Tensor]:
+        out, k = [], 0
+        for row, target in zip(torch.split(emb, sizes), self.row_targets, strict=True):
+            if target is None:
+                out.append(torch.full((len(row),), float("nan")))
+                continue
+            out.append(subject_fidelity(row, targets[k : k + 1]))
+            k += 1
         return out
 
     def score(self, rows: list[list], prompts: list[str]) -> Scores:
         if len(rows) != len(prompts):
             raise ValueError(f"{len(rows)} rows of images but {len(prompts)} prompts")
         values = self.per_image(rows, prompts)
-        subject = [shows_subject(p, self.token) for p in prompts]
+        subject = ([t is not None for t in self.row_targets] if self.row_targets is not None
+                   else [shows_subject(p, self.token) for p in prompts])
         overall = {}
         for metric, per_row in values.items():
             keep = [v for v, s in zip(per_row, subject, strict=True) if s or metric not in SUBJECT_METRICS]
             if keep:
                 overall[metric] = bootstrap(torch.cat(keep).numpy())
-        table = [{"prompt": p, "subject": s, **{m: float(values[m][i].mean()) for m in values}}
+        table = [{"prompt": p, "subject": s, **{m: float(values[m][i].mean()) for m in values
+                                                if not torch.isnan(values[m][i]).any()}}
                  for i, (p, s) in enumerate(zip(prompts, subject, strict=True))]
         return Scores(overall, table)

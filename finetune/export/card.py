@@ -60,6 +60,9 @@ def write_model_card(out_dir: Path, ctx, files: list[Path], kind: str, dora: boo
 
     family = FAMILIES.get(ctx.family)
     pipeline = family.pipeline_class if family else "StableDiffusionPipeline"
+    edit = family is not None and family.edit_pipeline_class and (ctx.recipe.get("data") or {}).get("conditioning")
+    if edit:  # an edit or reference model: its edit pipeline, with an input image
+        pipeline = family.edit_pipeline_class
     target = getattr(ctx, "target", "") or ctx.base  # the base the export is for (route 1: the distilled one)
     real = (getattr(ctx, "model", None) or {}).get("base") if target == ctx.base else None
     base, imports = _base_expression(target, real, out_dir)
@@ -104,7 +107,7 @@ import torch
 from diffusers import {pipeline}
 {imports}
 device = "cuda" if torch.cuda.is_available() else "cpu"
-{snippet}{_sample_line(family, ctx, prompt, files)}
+{snippet}{_edit_call(family, ctx, prompt, base) if edit else _sample_line(family, ctx, prompt, files)}
 ```
 
 {_sampling_note(family, ctx)}
@@ -171,6 +174,43 @@ def _guidance(family, ctx) -> float:
     g = (getattr(ctx, "sampling", None) or {}).get("guidance")
     g = _validation(ctx).get("guidance_scale") if g is None else g
     return float(g) if g is not None else (family.default_guidance if family else 7.5)
+
+
+def _edit_call(family, ctx, prompt: str, base: str) -> str:
+    """An edit model's call: an input image (a toy drawing for the toy bases, so the snippet runs offline), the
+    prompt the grids used first, and the family's own way to hand the pipeline the image at the trained size.
+    The 64 px toy needs FluxKontextPipeline's auto-resize off, max_area 64*64, its 32 T5 tokens and true CFG (it
+    has no guidance input)."""
+    from types import SimpleNamespace
+
+    v, model = _validation(ctx), ctx.recipe.get("model") or {}
+    size = (v.get("width") or ctx.resolution, v.get("height") or ctx.resolution)
+    prompt = (v.get("prompts") or [prompt])[0]
+    toy = base.startswith("toy_")
+    load = ('from finetune.toy import world\nimage = world.draw("star", "purple")  # an input the toy can edit\n'
+            if toy else 'from diffusers.utils import load_image\nimage = load_image("input.png")  # your input\n')
+    words = {k: (v if k != "image" else "IMAGE") for k, v in family.edit_kwargs(["IMAGE"], size).items()}
+    config = _transformer_config(ctx.base, model.get("base"))
+    words |= family.guidance_kwargs(SimpleNamespace(transformer=SimpleNamespace(config=config)), _guidance(family, ctx))
+    if "true_cfg_scale" in words:
+        words["negative_prompt"] = v.get("negative_prompt", "")
+    if model.get("max_sequence_length"):
+        words["max_sequence_length"] = model["max_sequence_length"]
+    words |= {"height": size[1], "width": size[0], "num_inference_steps": v.get("steps", 30)}
+    args = ", ".join(f"{k}={'image' if w == 'IMAGE' else '[image]' if w == ['IMAGE'] else repr(w)}"
+                     for k, w in words.items())
+    return f'{load}image = pipe(prompt="{prompt}", {args}).images[0]'
+
+
+def _transformer_config(base: str, real: str | None) -> dict:
+    """The base transformer's config where it is on this machine (a guidance input or not); else FLUX [dev]'s."""
+    import json
+
+    from finetune.toy import toy_path
+
+    folder = toy_path(base) or (Path(real).expanduser() if real else None)
+    path = folder / "transformer" / "config.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else {"guidance_embeds": True}
 
 
 def _call_args(family, ctx) -> str:

@@ -105,12 +105,13 @@ class Components:
         """The family's extra parts that are modules (frozen with the base, moved to the device with it)."""
         return {n: p for n, p in self.parts.items() if isinstance(p, torch.nn.Module)}
 
-    def pipeline(self, denoiser=None, text_encoders=None, scheduler=None):
-        """A diffusers pipeline over these components (for validation and class-image generation)."""
+    def pipeline(self, denoiser=None, text_encoders=None, scheduler=None, edit: bool = False):
+        """A diffusers pipeline over these components (for validation and class-image generation); `edit`: the
+        family's pipeline that takes conditioning images."""
         import diffusers
 
         family = self.family
-        cls = getattr(diffusers, family.pipeline_class)
+        cls = getattr(diffusers, family.edit_pipeline_class if edit else family.pipeline_class)
         encoders = dict(zip(self.text_encoder_names, text_encoders or self.text_encoders, strict=True))
         parts: dict[str, Any] = {**self.experts, self.denoiser_name: denoiser or self.denoiser, "vae": self.vae,
                                  "scheduler": scheduler or self.scheduler, **self.parts}
@@ -268,6 +269,7 @@ def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | 
                               "variant": options.variant}
     if vae is not None:
         kwargs["vae"] = vae
+    kwargs.update(_extra_components(base))
     for name in options.drop_text_encoders:  # e.g. SD3 without T5: the pipeline then pads with zeros
         kwargs[name] = None
         kwargs[name.replace("text_encoder", "tokenizer")] = None
@@ -277,6 +279,19 @@ def _load_pretrained(base: Base, options: LoadOptions, vae=None, dtypes: dict | 
         return cls.from_pretrained(base.location, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(load_failure(base.name, base.form, e)) from None
+
+
+def _extra_components(base: Base) -> dict[str, Any]:
+    """Pipeline parts the family loads itself (Qwen-Image-Edit's processor); the others diffusers loads."""
+    out = {}
+    for name in base.family.extra_parts if base.family is not None else ():
+        try:
+            part = base.family.load_component(name, base.location, base.revision)
+        except (OSError, ValueError) as e:
+            raise ModelError(load_failure(base.name, base.form, e, key=f"model.base ({name})")) from None
+        if part is not None:
+            out[name] = part
+    return out
 
 
 def _load_single_file(base: Base, vae=None, dtype=torch.float32):

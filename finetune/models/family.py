@@ -119,6 +119,14 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: conditioning images (data.conditioning: an edit's input, reference photos) one example can carry; 0: the
+    #: family takes none. How they enter the denoiser is `predict`'s business (batch["references"])
+    max_conditions: int = 0
+    #: the pipeline that takes conditioning images (validation pairs, `tools/generate.py --image`)
+    edit_pipeline_class: str | None = None
+    #: the text encoder sees the conditioning images too (Qwen-Image-Edit's vision-language encoder): prompts are
+    #: encoded with them (`encode_conditioned_prompt`) and cached text is keyed on them
+    prompt_reads_conditions: bool = False
     #: how the family's undistilled bases sample (steps, guidance), where its publisher says; None: the recipe's
     #: defaults and `default_guidance` (finetune/models/sampling.py)
     sampling: Sampling | None = None
@@ -129,8 +137,9 @@ class Family:
     #: low-noise experts): `model.experts` value -> pipeline slot. Each trained expert trains only on the
     #: timesteps it owns (`expert_ranges`); several take turns by optimizer step
     experts: dict[str, str] = field(default_factory=dict)
-    #: frozen pipeline parts besides the text encoders that the family's conditioning reads (Wan 2.1
-    #: image-to-video: the CLIP image encoder and its processor); loaded, moved and cast with the base
+    #: frozen pipeline parts besides the denoiser, VAE, text encoders and tokenizers that the family reads (Wan 2.1
+    #: image-to-video: the CLIP image encoder and its processor; Qwen-Image-Edit: its 'processor'); loaded with
+    #: the base (or by `load_component`), moved and cast with it, handed to every pipeline built over it
     extra_parts: tuple[str, ...] = ()
     #: the latents have a time axis ([B, C, F, H, W]): the data path samples clips of frames for it
     video: bool = False
@@ -159,6 +168,22 @@ class Family:
         (ids,) = self.tokenize(comps, captions)
         encoder = comps.text_encoders[0]
         return {"prompt_embeds": encoder(ids.to(device), return_dict=False)[0]}
+
+    def encode_conditioned_prompt(self, comps: Components, captions: list[str], images: list[torch.Tensor] | None,
+                                  device: Any) -> dict[str, torch.Tensor]:
+        """Captions with the example's conditioning images (each [B, 3, H, W] in [-1, 1]) -> text conditioning.
+        Only families whose text encoder sees the images (`prompt_reads_conditions`) read them."""
+        return self.encode_prompt(comps, captions, device)
+
+    def load_component(self, name: str, where: str, revision: str | None = None) -> Any:
+        """One of `extra_parts`, loaded by the family from the base `where` (a folder or hub id); None lets
+        diffusers load it with the pipeline."""
+        return None
+
+    def edit_kwargs(self, images: list, size: tuple[int, int]) -> dict[str, Any]:
+        """Validation conditioning images (PIL, already at the training geometry) as the edit pipeline's keyword
+        arguments for an output of `size` (width, height). Most edit pipelines take a list."""
+        return {"image": list(images)}
 
     def sequence_length(self, comps: Components) -> int | None:
         """Tokens per caption of the T5-style / LLM encoder: the recipe's `model.max_sequence_length`, else this
@@ -232,6 +257,7 @@ class Family:
         if recipe.method.adds_tokens() and not self.textual_inversion:
             raise ValueError(f"method.name: '{recipe.method.name}' (new token embeddings) is not supported for the "
                              f"{self.name} family yet; use lora or full")
+        self._check_conditioning(recipe)
         if recipe.train.routing is not None and self.token_routing is None:
             raise ValueError(f"train.routing (token routing) is available for flux and sd3; the {self.name} family's "
                              "blocks do not route tokens here: remove train.routing")
@@ -270,6 +296,23 @@ class Family:
             raise ValueError(f"train.flow.{changed[0]} applies to rectified-flow families (sd3, flux, ...); the "
                              f"{self.name} family trains with DDPM: remove it")
 
+    def _check_conditioning(self, recipe) -> None:
+        cond = recipe.data.conditioning
+        if cond is None:
+            if recipe.validation.images:
+                raise ValueError("validation.images are the conditioning images of validation pairs: they need "
+                                 "paired training data (data.conditioning)")
+            return
+        if not self.max_conditions:
+            raise ValueError(f"data.conditioning: the {self.name} family takes no conditioning images; use a base "
+                             "of a family that does (FLUX.1 / Kontext, FLUX.2 [klein], Qwen-Image-Edit: README's "
+                             "family table)")
+        if cond.count > self.max_conditions:
+            raise ValueError(f"data.conditioning.count: the {self.name} family takes at most {self.max_conditions} "
+                             f"conditioning image(s) per example (got {cond.count})")
+        if self.prompt_reads_conditions and recipe.data.random_flip and cond.role == "spatial":
+            raise ValueError(f"data.random_flip: the {self.name} family's text encoder sees the conditioning images, "
+                             "and a flipped pair would need its prompt encoded twice; set random_flip: false")
     def export_groups(self, trained: list[str]) -> list[tuple[str, dict[str, str]]]:
         """How the trained modules split into adapter files: (file-name suffix, {module: the component name it
         has in that file}). Default: one file, named as they are (Wan 2.2: one file per expert)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 WORDS = (
@@ -103,13 +104,19 @@ def build_tiny_sd3(folder: Path, seed: int = 0, t5: bool = True) -> Path:
     return folder
 
 
-def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
+def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True, kontext: bool = False) -> Path:
     """FLUX-shaped: one double-stream and one single-stream block (2 heads of 16, rotary axes 4 + 6 + 6), a
     CLIP-L-style encoder whose pooled output (16 wide) feeds pooled_projections, a T5 encoder 32 wide, a
     16-channel VAE with FLUX's shift and scale factors (2x2 packing: 64 input channels), guidance embedding
-    as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler."""
+    as in [dev] (`guidance=False`: [schnell]) and FLUX's resolution-dependent scheduler. `kontext`: saved as a
+    FLUX.1 Kontext pipeline (the same parts; model_index.json names FluxKontextPipeline)."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
@@ -124,9 +131,9 @@ def build_tiny_flux(folder: Path, seed: int = 0, guidance: bool = True) -> Path:
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = FluxPipeline(transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159),
-                        text_encoder=clip, tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2,
-                        scheduler=scheduler)
+    pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
+        transformer=transformer, vae=_vae16(scaling_factor=0.3611, shift_factor=0.1159), text_encoder=clip,
+        tokenizer=tok, text_encoder_2=_t5(len(tok2), 32), tokenizer_2=tok2, scheduler=scheduler)
     pipe.save_pretrained(folder)
     shutil.rmtree(folder / "_t5_tokenizer")
     return folder
@@ -159,6 +166,12 @@ def build_tiny_chroma(folder: Path, seed: int = 0) -> Path:
 QWEN_IMAGE_SYSTEM = ("Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
                      "relationships of the objects and background:")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+VISION_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Qwen-Image-Edit's system prompt (QwenImageEditPipeline.prompt_template_encode)
+EDIT_SYSTEM = ("Describe the key features of the input image (color, shape, size, texture, objects, background), "
+               "then explain how the user's text instruction should alter or modify the image. Generate a new image "
+               "that meets the user's requirements while maintaining consistency with the original input where "
+               "appropriate.")
 
 # A user turn as Qwen3's chat template writes it: the assistant header follows when a generation prompt is asked
 # for, and with thinking switched off an empty think block closes it (Z-Image asks with thinking on, FLUX.2
@@ -176,9 +189,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer(folder: Path):
+def qwen_tokenizer(folder: Path, vision: bool = False):
     """A Qwen2Tokenizer (byte-level BPE, Qwen's split regex, ChatML specials, pad = <|endoftext|>, right
-    padding) over our words, written to `folder` and loaded back from it."""
+    padding) over our words, written to `folder` and loaded back from it. `vision`: also Qwen2.5-VL's image
+    specials and the edit system prompt's words (Qwen-Image-Edit), so its 64 dropped tokens are that prompt."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -187,14 +201,14 @@ def qwen_tokenizer(folder: Path):
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    corpus = [QWEN_IMAGE_SYSTEM, "system\nuser\nassistant\n", " ".join(WORDS)]
+    corpus = [QWEN_IMAGE_SYSTEM, "system\nuser\nassistant\n", " ".join(WORDS)] + ([EDIT_SYSTEM] if vision else [])
     trainer = trainers.BpeTrainer(vocab_size=4000, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(corpus, trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:] + (VISION_SPECIALS if vision else [])})
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = 32768
     tok.save_pretrained(folder)
@@ -211,13 +225,13 @@ def _qwen3(vocab: int, hidden: int, layers: int, causal_lm: bool = False):
     return model.to(torch.float32)
 
 
-def _seeded(folder: Path, seed: int):
+def _seeded(folder: Path, seed: int, vision: bool = False):
     """(folder, a Qwen tokenizer written inside it for `_save` to remove) with torch's generator seeded."""
     import torch
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    return folder, qwen_tokenizer(folder / "_qwen_tokenizer")
+    return folder, qwen_tokenizer(folder / "_qwen_tokenizer", vision)
 
 
 def _save(pipe, folder: Path) -> Path:
@@ -254,19 +268,22 @@ QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shi
                             time_shift_type="exponential", shift_terminal=0.02)
 
 
-def _qwen25_vl(vocab: int, hidden: int):
+def _qwen25_vl(vocab: int, hidden: int, tok=None):
+    """A Qwen2.5-VL model; with `tok` (a vision tokenizer) its image token ids are that tokenizer's."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    ids = ([tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                   "<|vision_end|>")] if tok is not None
+           else [vocab - 1, vocab - 2, vocab - 3, vocab - 4])
     config = Qwen2_5_VLConfig(
         text_config={"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
                      "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "max_position_embeddings": 1024, "bos_token_id": None, "eos_token_id": None,
+                     "max_position_embeddings": 4096, "bos_token_id": None, "eos_token_id": None,
                      "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
                        "out_hidden_size": hidden},
-        image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
-        vision_end_token_id=vocab - 4)
+        image_token_id=ids[0], video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3])
     return Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
 
 
@@ -290,6 +307,38 @@ def build_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
     pipe = QwenImagePipeline(transformer=transformer, vae=vae, text_encoder=_qwen25_vl(len(tok), 32), tokenizer=tok,
                              scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER))
     return _save(pipe, folder)
+
+
+def build_tiny_qwen_image_edit(folder: Path, seed: int = 0, plus: bool = False, zero_cond_t: bool = False) -> Path:
+    """Qwen-Image-Edit-shaped: the tiny Qwen-Image parts, a Qwen2.5-VL encoder that sees images (one vision block,
+    its image tokens the tokenizer's), the processor that turns images into those tokens, saved as a
+    QwenImageEditPipeline; `plus`: a QwenImageEditPlusPipeline (Edit-2509), with `zero_cond_t` (Edit-2511)."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2VLImageProcessorPil
+
+    from finetune.models.families.qwen_image_edit import image_processor_only
+
+    folder, tok = _seeded(folder, seed, vision=True)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6), zero_cond_t=zero_cond_t)
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                 temperal_downsample=[False, True])
+    processor = image_processor_only()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok)
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    pipe = cls(transformer=transformer, vae=vae, text_encoder=_qwen25_vl(len(tok), 32, tok), tokenizer=tok,
+               processor=processor, scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER))
+    _save(pipe, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]  # as the real bases name it
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
 
 
 # FLUX.2's scheduler (inference shifts by an empirical, step-dependent mu; see the family file)
@@ -465,7 +514,9 @@ def _wan(kind: str):
 
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "z_image": build_tiny_z_image,
             "qwen_image": build_tiny_qwen_image, "flux2_klein": build_tiny_flux2_klein, "chroma": build_tiny_chroma,
-            "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts")}
+            "flux2_dev": build_tiny_flux2_dev, "wan": _wan("t2v"), "wan_i2v": _wan("i2v"), "wan_experts": _wan("experts"),
+            "flux_kontext": partial(build_tiny_flux, kontext=True), "qwen_image_edit": build_tiny_qwen_image_edit,
+            "qwen_image_edit_plus": partial(build_tiny_qwen_image_edit, plus=True)}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

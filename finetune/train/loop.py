@@ -170,7 +170,7 @@ def resume_command(out: Path, processes: int = 1) -> str:
 def validate(t, step: int) -> Path | None:
     """Render the validation grid on the main process (the others wait); with validation.training_adapter: both,
     a second grid with model.training_adapter applied."""
-    from finetune.train.validation import grid, render_rows, save_grid
+    from finetune.train.validation import edit_grid, grid, render_rows, save_grid
 
     acc, v = t.acc, t.recipe.validation
     path = rows = extra = None
@@ -183,7 +183,8 @@ def validate(t, step: int) -> Path | None:
         extra = render_rows(t, training_adapter=True, progress=f"grid at step {step}, with the training adapter:"
                             if shown else None, **clip) if v.training_adapter == "both" else None
     if acc.is_main_process:
-        image = grid(rows, v.prompts, title=f"step {step}")
+        image = (edit_grid(t.pair_inputs, rows, v.prompts, title=f"step {step}") if v.images else
+                 grid(rows, v.prompts, title=f"step {step}"))
         path = save_grid(image, t.out / "samples", step)
         if clip_frames(t):
             save_clips(t, rows, path)

@@ -45,6 +45,8 @@ def take(batch: dict[str, Any], idx: torch.Tensor, n: int) -> dict[str, Any]:
     for k, v in batch.items():
         if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n:
             out[k] = v[idx.to(v.device)]
+        elif isinstance(v, list) and v and all(isinstance(x, torch.Tensor) for x in v):  # one tensor per
+            out[k] = [x[idx.to(x.device)] for x in v]  # conditioning image, each [B, ...]
         elif isinstance(v, list) and len(v) == n:
             out[k] = [v[i] for i in idx.tolist()]
         elif isinstance(v, dict):  # per-example tensors by name (the family's conditions)

@@ -48,6 +48,7 @@ class Trainer:
         from finetune.models.components import cast_frozen, load_components
         from finetune.recipe import complete_base
         from finetune.routes import recipe_warnings
+        from finetune.train.edits import validation_pairs
         from finetune.train.target import attach_training_adapter, load_target
 
         self.recipe, self.acc, self.cfg = recipe, acc, recipe.train
@@ -90,6 +91,7 @@ class Trainer:
             self._place_denoiser()  # class images are drawn with the whole pipeline
             self._ensure_class_images()
         self._resolve_text_cache()
+        self.pair_inputs = validation_pairs(recipe)  # validation pairs' inputs, as training cuts them
         self.data = self._build_data(vae_dtype)
         self.prompt_cache = self._release_text_encoders()
         self.vae_released = self._release_vae()
@@ -182,7 +184,12 @@ class Trainer:
             return None
         v = self.recipe.validation
         prompts = list(dict.fromkeys([*v.prompts, v.negative_prompt]))
-        cache = {p: self.encode_text_frozen([p]) for p in prompts} if prompts else {}
+        if self.comps.family.prompt_reads_conditions:  # the text encoder sees each pair's images
+            from finetune.train.edits import pair_text
+
+            cache = pair_text(self.encode_text_frozen, v.prompts, self.pair_inputs, v.negative_prompt)
+        else:
+            cache = {p: self.encode_text_frozen([p]) for p in prompts} if prompts else {}
         for enc in self.comps.text_encoders:
             enc.to("cpu")
         return cache
@@ -199,7 +206,7 @@ class Trainer:
             latent_encoder=self.encode_for_cache, latent_key=key,
             text_encoder=self.encode_text_frozen, text_key=text_key,
             show_progress=acc.is_main_process and self.recipe.logging.progress,
-            barrier=acc.wait_for_everyone, scan=self.scan,
+            barrier=acc.wait_for_everyone, scan=self.scan, text_reads_conditions=comps.family.prompt_reads_conditions,
         )
 
     def _build_optimization(self, groups) -> None:
@@ -252,6 +259,16 @@ class Trainer:
             raise NonFiniteError(VAE_NON_FINITE)
         return latents
 
+    def reference_latents(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """The latents of each conditioning image of the batch ([B, C, h, w] each): cached, or encoded now."""
+        if "references" in batch:
+            return [c.to(self.acc.device, non_blocking=True).float() for c in batch["references"]]
+        out = []
+        for pixels in batch["reference_pixels"]:
+            out.append(self.encode_latents(pixels, check=False))
+            self.watch.note("latents", out[-1])
+        return out
+
     @torch.no_grad()
     def encode_for_cache(self, pixel_values: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """What the latent cache keeps per entry: the latents, with the conditions the family derives from the
@@ -261,10 +278,12 @@ class Trainer:
         return {"latents": latents, **{f"cond.{k}": v for k, v in conds.items()}} if conds else latents
 
     @torch.no_grad()
-    def encode_text_frozen(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        return {k: v.float().cpu() for k, v in self.encode_text(captions).items()}
+    def encode_text_frozen(self, captions: list[str], images: list[torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+        return {k: v.float().cpu() for k, v in self.encode_text(captions, images=images).items()}
 
-    def encode_text(self, captions: list[str], keys: list[int] | None = None) -> dict[str, torch.Tensor]:
+    def encode_text(self, captions: list[str], keys: list[int] | None = None,
+                    images: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         # a method may rewrite captions first (Textual Inversion expands '<tok>' into its vectors and fills
         # empty captions from templates, drawn with each example's key)
         prepare = getattr(self.method, "prepare_captions", None)
@@ -274,6 +293,8 @@ class Trainer:
                                                        self.comps.text_encoders, strict=True)]
         comps = self.comps
         view = comps if encoders == comps.text_encoders else _with_encoders(comps, encoders)
+        if images is not None and comps.family.prompt_reads_conditions:  # a vision-language encoder
+            return comps.family.encode_conditioned_prompt(view, captions, images, self.acc.device)
         return comps.family.encode_prompt(view, captions, self.acc.device)
 
     # ---------------------------------------------------------------------------------------- a step
@@ -292,8 +313,11 @@ class Trainer:
         # same however the step is split into micro-batches and processes
         keys = example_keys(cfg.seed, self.state.step, batch["positions"], self.data.examples_per_step)
         with timer("text_encode"):
-            text = batch.get("text") or self.encode_text(batch["captions"], keys)
+            text = batch.get("text") or self.encode_text(batch["captions"], keys, batch.get("reference_pixels"))
             text = {k: v.to(acc.device, non_blocking=True) for k, v in text.items()}
+        if "references" in batch or "reference_pixels" in batch:  # paired data: the family appends them
+            with timer("vae_encode"):
+                batch = {**batch, "references": self.reference_latents(batch)}
         # a base with experts (Wan 2.2): the step's expert, on timesteps of its own range only
         expert, t_range = comps.expert_at(self.state.step)
         example = self.objective.example(latents, [example_generator(k) for k in keys], t_range)

@@ -20,9 +20,10 @@ SCHEDULERS = {
 
 
 def make_pipeline(comps, cfg: ValidationSection, denoiser=None, text_encoders=None, device=None, dtype=None):
+    """The validation pipeline: the family's edit pipeline when validation has pairs (validation.images)."""
     import diffusers
 
-    pipe = comps.pipeline(denoiser=denoiser, text_encoders=text_encoders)
+    pipe = comps.pipeline(denoiser=denoiser, text_encoders=text_encoders, edit=bool(cfg.images))
     choice = comps.family.default_sampler if cfg.scheduler == "auto" else cfg.scheduler
     if choice == "base":
         pipe.scheduler = comps.extras.get("sampler", pipe.scheduler)
@@ -113,9 +114,14 @@ def render_rows(t, adapters: bool = True, training_adapter: bool = False, progre
         res = t.recipe.data.resolution
         stack.enter_context(acc.autocast())
         stack.enter_context(t.vae_on_device())
-        return render(pipe, v.prompts, v.seeds, v, (v.width or res, v.height or res), acc.device,
-                      text=t.prompt_cache, family=comps.family, max_sequence_length=comps.family.sequence_length(comps),
-                      frames=frames, image=image, progress=progress)
+        size, length = (v.width or res, v.height or res), comps.family.sequence_length(comps)
+        if v.images:  # validation pairs: each prompt's inputs through the family's edit pipeline
+            from finetune.train.edits import render_edits
+
+            return render_edits(pipe, v.prompts, t.pair_inputs, v.seeds, v, size, acc.device, comps.family,
+                                text=t.prompt_cache, max_sequence_length=length, progress=progress)
+        return render(pipe, v.prompts, v.seeds, v, size, acc.device, text=t.prompt_cache, family=comps.family,
+                      max_sequence_length=length, frames=frames, image=image, progress=progress)
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> Image.Image:
@@ -139,6 +145,14 @@ def grid(rows: list[list[Image.Image]], labels: list[str], title: str = "") -> I
         for j, img in enumerate(row):
             canvas.paste(img.convert("RGB"), (j * w, y + label_h))
     return canvas
+
+
+def edit_grid(inputs: list[list[Image.Image]], rows: list[list[Image.Image]], labels: list[str], title: str = ""):
+    """The validation grid of pairs: each row's input(s) (resized to the outputs' size), then its outputs."""
+    w, h = rows[0][0].size
+    full = [[im.resize((w, h), Image.Resampling.LANCZOS) for im in ins] + outs
+            for ins, outs in zip(inputs, rows, strict=True)]
+    return grid(full, [f"{label}  (input | outputs)" for label in labels], title=title)
 
 
 def save_grid(image: Image.Image, samples_dir: Path, step: int, suffix: str = "") -> Path:

@@ -11,7 +11,9 @@ from finetune.models.families.chroma import CHROMA
 from finetune.models.families.flux import FLUX
 from finetune.models.families.flux2_dev import FLUX2_DEV
 from finetune.models.families.flux2_klein import FLUX2_KLEIN
+from finetune.models.families.flux_kontext import FLUX_KONTEXT
 from finetune.models.families.qwen_image import QWEN_IMAGE
+from finetune.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from finetune.models.families.sd import SD1, SD2
 from finetune.models.families.sd3 import SD3
 from finetune.models.families.sdxl import SDXL
@@ -19,8 +21,8 @@ from finetune.models.families.wan import WAN, WAN_I2V
 from finetune.models.families.z_image import Z_IMAGE
 from finetune.models.family import Family
 
-REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA,
-                                   FLUX2_DEV)
+REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_KONTEXT, QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS,
+                                  SD1, SD2, SD3, SDXL, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:

@@ -83,6 +83,11 @@ class FluxFamily(Family):
             kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
         return kwargs
 
+    def edit_kwargs(self, images, size) -> dict[str, Any]:
+        """FluxKontextPipeline takes one image; without its auto-resize (to Kontext's preferred ~1 MP sizes) it
+        keeps the image's own size and `max_area` keeps the output at `size`."""
+        return {"image": images[0], "_auto_resize": False, "max_area": size[0] * size[1]}
+
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         import torch
         from diffusers import FluxPipeline
@@ -90,6 +95,8 @@ class FluxFamily(Family):
         b, c, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        n = packed.shape[1]
+        packed, img_ids = _with_references(packed, img_ids, batch.get("references") or [], noisy.dtype)
         embeds = text["prompt_embeds"]
         txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
@@ -100,8 +107,26 @@ class FluxFamily(Family):
         out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                        pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=embeds,
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        # the inverse of the packing: vae_scale_factor 1 makes _unpack_latents take latent-space sizes
-        return FluxPipeline._unpack_latents(out, h, w, 1)
+        # the target's tokens only (the loss never sees the references); the inverse of the packing:
+        # vae_scale_factor 1 makes _unpack_latents take latent-space sizes
+        return FluxPipeline._unpack_latents(out[:, :n], h, w, 1)
+
+
+def _with_references(packed, img_ids, conditions, dtype):
+    """FLUX.1 Kontext's reference tokens, as FluxKontextPipeline.prepare_latents makes them: each conditioning
+    latent packed in 2x2 patches and appended to the sequence, its position ids the target grid's with the first
+    axis set to 1 (so the model tells them from the target tokens at 0)."""
+    import torch
+    from diffusers import FluxKontextPipeline
+
+    tokens, ids = [packed], [img_ids]
+    for ref in conditions:
+        b, c, h, w = ref.shape
+        tokens.append(FluxKontextPipeline._pack_latents(ref.to(packed.dtype), b, c, h, w))
+        ref_ids = FluxKontextPipeline._prepare_latent_image_ids(b, h // 2, w // 2, packed.device, dtype)
+        ref_ids[..., 0] = 1
+        ids.append(ref_ids)
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=0)
 
 
 def denoiser_config(denoiser) -> dict:
@@ -148,6 +173,9 @@ FLUX = FluxFamily(
     swap_blocks=("transformer_blocks", "single_transformer_blocks"),
     token_routing="text_first_rope",
     textual_inversion=True,  # new rows in CLIP-L and T5 (both see the token)
+    # a FLUX.1 base trains edits the Kontext way (the toy edit does): one reference, FluxKontextPipeline samples
+    max_conditions=1,
+    edit_pipeline_class="FluxKontextPipeline",
     lora_layouts={"bfl": "finetune.models.families.flux_bfl"},
     single_file_writer=False,
     single_file_text={},

@@ -8,7 +8,10 @@ shared modulation) trained with rectified flow, driven exactly as `Flux2KleinPip
 - latents: the 32-channel FLUX.2 VAE, patchified 2x2 into 128 channels (`_patchify_latents`) and normalised with
   the VAE's batch-norm running statistics; our latent layout is that [B, 128, H/16, W/16] tensor, packed into
   tokens (`_pack_latents`) with (0, row, column, 0) ids (`_prepare_latent_ids`) and unpacked after;
-- timestep: sigma (the pipeline passes t / 1000); no guidance input ([klein] has no guidance embedding).
+- timestep: sigma (the pipeline passes t / 1000); no guidance input ([klein] has no guidance embedding);
+- reference images (data.conditioning): each one's latents packed like the target's and appended to the
+  sequence, with ids whose time coordinate is 10, 20, ... (`_prepare_image_ids`); the prediction keeps the
+  target's tokens, so the loss never sees the references.
 
 Guidance: [klein] 4B / 9B are step-distilled (4 steps) and sample without CFG (`is_distilled` in the base's
 model_index.json: the pipeline then ignores the guidance scale); [klein] Base samples with CFG 4 over ~50
@@ -90,16 +93,23 @@ class Flux2KleinFamily(Family):
         return (z - mean) / std
 
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
-        from diffusers import Flux2KleinPipeline
+        import torch
+        from diffusers import Flux2KleinPipeline as Pipe
 
         embeds = text["prompt_embeds"]
-        ids = Flux2KleinPipeline._prepare_latent_ids(noisy).to(noisy.device)
-        tokens = Flux2KleinPipeline._pack_latents(noisy)
+        ids = Pipe._prepare_latent_ids(noisy).to(noisy.device)
+        tokens = Pipe._pack_latents(noisy)
+        all_tokens, all_ids = tokens, ids
+        refs = batch.get("references") or []
+        if refs:  # reference images: packed one token per latent pixel, told apart by their time coordinate
+            ref_ids = Pipe._prepare_image_ids([r[:1] for r in refs]).to(noisy.device)  # 10, 20, ... per image
+            all_tokens = torch.cat([tokens, *[Pipe._pack_latents(r.to(noisy.dtype)) for r in refs]], dim=1)
+            all_ids = torch.cat([ids, ref_ids.expand(noisy.shape[0], -1, -1)], dim=1)
         guidance = train_guidance(denoiser, batch, noisy)  # None for [klein]; FLUX.2 [dev] takes one
-        out = denoiser(hidden_states=tokens, timestep=timesteps / 1000, guidance=guidance,
-                       encoder_hidden_states=embeds, txt_ids=Flux2KleinPipeline._prepare_text_ids(embeds).to(noisy.device),
-                       img_ids=ids, return_dict=False)[0]
-        return Flux2KleinPipeline._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
+        out = denoiser(hidden_states=all_tokens, timestep=timesteps / 1000, guidance=guidance,
+                       encoder_hidden_states=embeds, txt_ids=Pipe._prepare_text_ids(embeds).to(noisy.device),
+                       img_ids=all_ids, return_dict=False)[0]
+        return Pipe._unpack_latents_with_ids(out[:, : tokens.shape[1]], ids, *noisy.shape[-2:])
 
 
 def train_guidance(denoiser, batch, noisy):
@@ -133,6 +143,10 @@ FLUX2_KLEIN = Flux2KleinFamily("flux2_klein", **llm_flow_transformer(
     lora_presets=FLUX2_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Qwen3",
+    # reference images enter as appended tokens with time offsets (Flux2KleinPipeline.prepare_image_latents); four
+    # is what we allow per example, though the pipeline takes any number
+    max_conditions=4,
+    edit_pipeline_class="Flux2KleinPipeline",
     # BFL: [klein] 4B / 9B are step- and guidance-distilled (4 steps; the pipeline ignores the scale when
     # model_index.json says is_distilled), [klein] Base 4B / 9B neither (CFG 4 over 50 steps, diffusers' example)
     sampling=Sampling(50, 4.0, what="FLUX.2 [klein] Base"),
