@@ -220,7 +220,8 @@ def build_video_base(workdir: pathlib.Path, out: pathlib.Path, vae_steps: int, d
     transformer, spent = transformer_stage(workdir, data, dit_steps, seed)
     info = {"vae": {"steps": vae_steps, "clips": build_video_vae.VAE_CLIPS, "frames": build_video_vae.VAE_FRAMES,
                     "lr": build_video_vae.VAE_LR, "colour_probe": build_video_vae.PROBE_WEIGHT,
-                    "chroma": build_video_vae.CHROMA_WEIGHT, "config": build_video.VAE_CONFIG,
+                    "chroma": build_video_vae.CHROMA_WEIGHT,
+                    "chroma_from": build_video_vae.CHROMA_FROM, "config": build_video.VAE_CONFIG,
                     "check": check},
             "transformer": {"steps": dit_steps, "batch": DIT_BATCH, "clips": n_clips, "ema": 0.999,
                             "timesteps": f"logit_normal(0, 1), shift {build_video.FLOW_SHIFT}",

@@ -22,9 +22,11 @@ from finetune.toy import build_video, video_world
 from finetune.toy.build import log
 
 VAE_CLIPS, VAE_FRAMES = 2, 8  # per step: whole 9-frame clips + single frames from other clips
-VAE_LR = 2e-3
+VAE_LR = 1e-3
 PROBE_WEIGHT = 1.0
-CHROMA_WEIGHT = 3.0  # extra weight on the colour-difference (YUV U, V) part of the pixel error
+# extra weight on the colour-difference (YUV U, V) part of the pixel error, from CHROMA_FROM x steps on: switched
+# on from the start (before the latents carry colour) it drove the decoder into a flat output (MSE 0.55, stuck)
+CHROMA_WEIGHT, CHROMA_FROM = 3.0, 0.2
 # RGB -> the U and V rows of YUV (BT.601): the part of an error that changes hue, not brightness
 _CHROMA = torch.tensor([[-0.169, -0.331, 0.5], [0.5, -0.419, -0.081]])
 CHECKPOINT = "video_vae_colour.pt"  # not video_vae.pt: older workdirs hold a probe-less VAE
@@ -53,14 +55,14 @@ def colour_targets(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(frames, (1, s, s))
 
 
-def vae_loss(model: ColourProbe, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def vae_loss(model: ColourProbe, x: torch.Tensor, gen: torch.Generator, chroma: float = CHROMA_WEIGHT) -> torch.Tensor:
     """Weighted reconstruction (+ chroma) of the posterior's mode with a little latent noise (so the decoder
     tolerates a transformer's small errors), the colour probe, and a tiny pull of the latents to 0."""
     z = model.vae.encode(x).latent_dist.mode()
     rec = model.vae.decode(z + 0.05 * z.detach().std() * torch.randn(z.shape, generator=gen)).sample
     err = rec - x
-    chroma = torch.einsum("ij,bj...->bi...", _CHROMA, err)
-    per_pixel = err.pow(2).mean(1, keepdim=True) + CHROMA_WEIGHT * chroma.pow(2).sum(1, keepdim=True)
+    uv = torch.einsum("ij,bj...->bi...", _CHROMA, err)
+    per_pixel = err.pow(2).mean(1, keepdim=True) + chroma * uv.pow(2).sum(1, keepdim=True)
     recon = (shape_weight(x) * per_pixel).mean()
     target = colour_targets(x, z)
     probe = (shape_weight(target) * (model.probe(z) - target) ** 2).mean()
@@ -88,7 +90,8 @@ def vae_stage(workdir: pathlib.Path, steps: int, seed: int, n_clips: int = 3000)
 
     def loss(gen):
         clips, frames = vae_batch(data, gen)
-        return vae_loss(stage.model, clips, gen) + vae_loss(stage.model, frames, gen)
+        chroma = CHROMA_WEIGHT if stage.step >= CHROMA_FROM * steps else 0.0
+        return vae_loss(stage.model, clips, gen, chroma) + vae_loss(stage.model, frames, gen, chroma)
 
     stage.run(loss, "vae", on_save=lambda: vae_check(stage.ema_model().vae))
     vae = stage.ema_model().vae
