@@ -55,12 +55,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 #: tiny transformers (finetune/models/tiny.py): the families block swap works on, small enough for a CPU
-TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3"}
+TINY = {"flux-tiny": "flux", "sd3-tiny": "sd3", "wan-tiny": "wan"}
+#: video bases: frames per clip (Wan 2.1 1.3B at its 81 frames; the tiny Wan at 9: 3 latent frames)
+VIDEO = {"wan-1.3b": 81, "wan-tiny": 9}
 #: the shipped toy bases (trained weights, CPU-sized): the SD-shaped U-Net and the FLUX-shaped transformer
 TOYS = ("toy", "toy-flux")
-RESOLUTION = {"toy": 64, "toy-flux": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512}
+RESOLUTION = {"toy": 64, "toy-flux": 64, "flux-tiny": 64, "sd3-tiny": 64, "sd15": 512, "sdxl": 1024, "sd35m": 1024, "flux-dev": 512,
+              "wan-1.3b": 480, "wan-tiny": 64}
 TARGETS = {"toy": "locon", "toy-flux": "all_linear", "sd35m": "attention", "sd3-tiny": "attention", "flux-tiny": "attention_mlp",
-           "flux-dev": "attention"}
+           "flux-dev": "attention", "wan-1.3b": "attention", "wan-tiny": "attention"}
 
 
 def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, adapter: str,
@@ -79,9 +82,7 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
         "model": {"base": model if model in TOYS else str(random_base(model, build)), "quantize": quantize,
                   **({"max_sequence_length": 32} if model in TINY or model == "toy-flux" else {}),
                   **({"max_sequence_length": 512, "guidance": 1.0} if model == "flux-dev" else {})},
-        # the toy world's 64 px drawings, upscaled to the model's size (timing needs the shapes only)
-        "data": {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}],
-                 "resolution": RESOLUTION[model], "buckets": {"enabled": False, "min_side": 64}},
+        "data": _data(model, small, build),
         "method": {"name": "lora", "rank": rank, "adapter": adapter,
                    "targets": TARGETS.get(model, "attention_ff")},
         "train": train,
@@ -91,9 +92,48 @@ def base_recipe(model: str, batch: int, steps: int, precision: str, rank: int, a
     }
 
 
+def _data(model: str, small: bool, build: bool) -> dict[str, Any]:
+    """The toy world's 64 px drawings, upscaled to the model's size (timing needs the shapes only); for a video
+    base, clips of its frame count at its size (a square moving across: bench_clips)."""
+    data: dict[str, Any] = {"resolution": RESOLUTION[model], "buckets": {"enabled": False, "min_side": 64}}
+    if model not in VIDEO:
+        return data | {"sources": [{"type": "toy", "subject": "world", "count": 64 if small else 16}]}
+    frames = VIDEO[model]
+    folder = bench_clips(frames, RESOLUTION[model], 8 if small else 4, build)
+    return data | {"sources": [{"type": "frames", "path": str(folder), "fps": 16.0}],
+                   "video": {"frames": frames, "fps": 16.0}}
+
+
+def bench_clips(frames: int, size: int, count: int, build: bool = True) -> Path:
+    """`count` clip folders of `frames` PNG frames, `size` px square: a coloured square crossing a gray field,
+    captioned. Written once (temp + rename) under output/bench."""
+    import shutil
+
+    from PIL import Image, ImageDraw
+
+    folder = ROOT / "output" / "bench" / f"clips-{frames}f-{size}px-{count}"
+    if not build or folder.is_dir():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    side = size // 4
+    for i in range(count):
+        clip = tmp / f"clip{i:02d}"
+        clip.mkdir(parents=True)
+        colour = ((60 * i) % 256, 200 - 20 * i % 200, 40 + 50 * i % 200)
+        for f in range(frames):
+            im = Image.new("RGB", (size, size), (128, 128, 128))
+            x = (size - side) * f // max(frames - 1, 1)
+            ImageDraw.Draw(im).rectangle([x, size // 3, x + side, size // 3 + side], fill=colour)
+            im.save(clip / f"{f:03d}.png")
+        (clip / "caption.txt").write_text(f"a coloured square moving right, clip {i}")
+    tmp.rename(folder)
+    return folder
+
+
 def random_base(model: str, build: bool = True) -> Path:
-    """SD 1.5 / SDXL / SD 3.5 Medium / FLUX.1 [dev] built from their public configs with random weights (timing
-    needs no trained weights), or a tiny FLUX / SD3 transformer."""
+    """SD 1.5 / SDXL / SD 3.5 Medium / FLUX.1 [dev] / Wan 2.1 1.3B built from their public configs with random weights (timing
+    needs no trained weights), or a tiny FLUX / SD3 / Wan transformer."""
     folder = ROOT / "output" / "bench" / f"{model}-random"
     if not build:
         return folder
@@ -246,10 +286,12 @@ def bare_denoiser(recipe_data: dict[str, Any], warmup: int, steps: int) -> dict[
     cast_frozen(comps, dtype, dtype)
     denoiser = comps.denoiser.to(device)
     opt = build_optimizer(groups, recipe.train)
-    # latent side = image side / the VAE's downsampling (8 for SD, 4 for the toy VAE)
-    factor = 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    b, res = recipe.train.batch_size, recipe.data.resolution // factor
-    latents = torch.randn(b, comps.vae.config.latent_channels, res, res, device=device)
+    from finetune.memory.estimate import latent_shape
+
+    # the latents the family's own encoding makes (image or clip), sized on a meta VAE: it is not needed here
+    b, frames = recipe.train.batch_size, recipe.data.video.frames if recipe.data.video is not None else 1
+    comps.vae.to("meta")
+    latents = torch.randn(latent_shape(comps, recipe.data.resolution, b, frames), device=device)
     with torch.no_grad():  # real conditioning shapes from the family's own encoding (on the CPU)
         text = {k: v.to(device, dtype) for k, v in comps.family.encode_prompt(comps, [""] * b, "cpu").items()}
     size = torch.tensor([[recipe.data.resolution] * 2] * b, device=device)

@@ -26,6 +26,7 @@ class PathRef:
 
     hub: bool = False  # the value may instead be a hub id ('org/name'), which is no path
     names: tuple[str, ...] = ()  # values that name something built in rather than a path ('latest', 'toy')
+    prefixes: tuple[str, ...] = ()  # value beginnings that name something built in ('toy:red circle')
     within: Literal["cwd", "source", "image"] = "cwd"  # where a relative value starts: the working folder, the
     # folder in the sibling `path` field (a file of a data source), or each image's own folder
 
@@ -35,6 +36,16 @@ HubOrPath = Annotated[str, PathRef(hub=True)]
 BaseRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_BASES))]  # a base: also 'toy' / 'toy-flux'
 EvalModel = Annotated[str, PathRef(hub=True, names=("toy",))]  # 'toy': the toy world's shipped tiny model
 AdapterRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_ADAPTERS))]  # a LoRA file or folder, hub, or a toy's
+ImageRef = Annotated[str, PathRef(prefixes=("toy:",))]  # an image file, or 'toy:<colour> <shape>' (a toy drawing)
+
+
+def plain_name(v: str | None) -> str | None:
+    """A file or folder name joined to a folder the recipe names: no separators, no leading '.' or '~', so it
+    cannot reach outside that folder (pydantic validator body; raises ValueError)."""
+    if v is not None and (not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0")
+                          or v.startswith((".", "~"))):
+        raise ValueError(f"{v!r} is not a plain name: no folders, no leading '.' or '~'")
+    return v
 
 
 class StrictModel(BaseModel):
@@ -384,13 +395,13 @@ class ValidationSection(StrictModel):
         "'dreambench_live' (animals, people), 'dreambench_toy' (toy world), filled with token and class_word.",
     )
     negative_prompt: str = Field("", description="Negative prompt for every sample.")
-    images: list[str | list[str]] = Field(
+    images: list[ImageRef | list[ImageRef]] = Field(
         default_factory=list,
         description="Edit and reference models: the conditioning images of validation pairs, one per prompt (or "
         "one for every prompt; a list where examples carry several): an image path, or 'toy:<colour> <shape>' for "
         "a toy world drawing. Each grid row shows the input, then one output per seed.",
     )
-    targets: list[str | None] = Field(
+    targets: list[ImageRef | None] = Field(
         default_factory=list,
         description="Edit pairs: the image each prompt's output should look like (path or 'toy:<colour> <shape>'; "
         "null where none), for clip_i / dino against the target instead of the training images.",
@@ -544,11 +555,7 @@ class ExportSection(StrictModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
-        # the name becomes '<output_dir>/<name>.safetensors': it must not reach outside the output folder
-        if v is not None and (not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0")
-                              or v.startswith((".", "~"))):
-            raise ValueError(f"{v!r} is not a plain file name: no folders, no leading '.' or '~'")
-        return v
+        return plain_name(v)  # the name becomes '<output_dir>/<name>.safetensors': it stays in that folder
 
 
 class LoggingSection(StrictModel):

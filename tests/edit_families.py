@@ -1,5 +1,5 @@
 """Shared cases for the edit and reference families (FLUX.1 Kontext, Qwen-Image-Edit / Edit-2509 / Edit-2511,
-FLUX.2 [klein] references): tiny bases, paired data, recipes, and each pipeline's own computation of a batch's
+FLUX.2 [klein] and [dev] references): tiny bases, paired data, recipes, and each pipeline's own computation of a batch's
 prediction (its encode, pack, ids and slicing helpers), written out independently of the family code."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ CASES = {
     "qwen_image_edit_2511": Case("qwen_image_edit_plus", "qwen_image_edit_plus", "QwenImageEditPlusPipeline", 1,
                                  "attention_mlp", {"zero_cond_t": True}),
     "flux2_klein": Case("flux2_klein", "flux2_klein", "Flux2KleinPipeline", 2, "all_linear"),
+    "flux2_dev": Case("flux2_dev", "flux2_dev", "Flux2Pipeline", 2, "all_linear"),
 }
 CAPTIONS = ["make it red", "turn the square into a circle", "make it blue", "red"]
 
@@ -141,8 +142,9 @@ def qwen_edit_prediction(pipe, batch, draw, plus: bool) -> tuple[torch.Tensor, t
 
 
 def klein_prediction(pipe, batch, draw, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clean target latents, prediction) as Flux2KleinPipeline computes them; its reference helper takes one
-    example's images at a time (it repeats them over a batch)."""
+    """(clean target latents, prediction) as Flux2KleinPipeline (or Flux2Pipeline: FLUX.2 [dev], with its
+    guidance input at the trainer's 1.0) computes them; its reference helper takes one example's images at a
+    time (it repeats them over a batch)."""
     px = batch["pixel_values"]
     b = px.shape[0]
     latents = pipe._encode_vae_image(px, generator=None)
@@ -153,6 +155,7 @@ def klein_prediction(pipe, batch, draw, max_sequence_length: int) -> tuple[torch
                               strict=True)
     embeds, text_ids = pipe.encode_prompt(batch["captions"], device="cpu", max_sequence_length=max_sequence_length)
     out = pipe.transformer(hidden_states=torch.cat([packed, torch.cat(ref_tokens)], dim=1), timestep=sigmas,
-                           guidance=None, encoder_hidden_states=embeds, txt_ids=text_ids,
+                           guidance=torch.ones(b) if pipe.transformer.config.guidance_embeds else None,
+                           encoder_hidden_states=embeds, txt_ids=text_ids,
                            img_ids=torch.cat([ids, torch.cat(ref_ids)], dim=1), return_dict=False)[0]
     return latents, pipe._unpack_latents_with_ids(out[:, : packed.shape[1]], ids)

@@ -93,7 +93,7 @@ def test_batch_loss_equals_the_stock_pipelines_own_computation(tmp_path, bases, 
 
         if case.family == "flux_kontext":
             latents, pred = kontext_prediction(pipe, batch, draw, 32)
-        elif case.family == "flux2_klein":
+        elif case.family in ("flux2_klein", "flux2_dev"):
             latents, pred = klein_prediction(pipe, batch, draw, 32)
         else:
             latents, pred = qwen_edit_prediction(pipe, batch, draw, plus=case.family.endswith("plus"))

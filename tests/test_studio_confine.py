@@ -21,6 +21,10 @@ NOT_PATHS = {
     "method.blocks": "module paths inside the model, not files",
     "method.lora.blocks": "module paths inside the model, not files",
     "train.compile": "true / false / 'blocks', a choice (its help text mentions what compiles)",
+    "data.conditioning.column": "a column name of the metadata table (its help text mentions paths in it)",
+    "data.conditioning.folder": "a sub-folder name inside each folder source: the schema refuses separators, a "
+    "leading '.' or '~'",
+    "data.conditioning.target_folder": "a sub-folder name inside each folder source, as data.conditioning.folder",
 }
 LOOKS_LIKE_A_PATH = re.compile(r"folder|file|path|director|checkpoint|hub id|_dir$|_model$|^config$|^vae$", re.I)
 FIELDS = schema_path_fields()
@@ -41,7 +45,7 @@ def _leaves(spec, prefix=""):
 
 
 def test_every_field_that_looks_like_a_path_is_typed_as_one():
-    typed = {key for key, _, _ in FIELDS}
+    typed = {key.removesuffix(".*") for key, _, _ in FIELDS}  # a list of paths is typed by its items
     assert {"train.output_dir", "data.masks.folder", "validation.reference_dir", "validation.clip_model",
             "validation.dino_model", "data.sources.*.path", "data.sources.*.file", "model.base"} <= typed
     suspects = {key for key, text in _leaves(form_spec())
@@ -115,6 +119,18 @@ def test_a_path_field_inside_the_root_is_launched_absolute(world, field):  # noq
     slots = {s.key: s.value for s in path_slots(checked.launch)}
     assert slots[key.replace("*", "0")] == str(root / "sets" / "inner")
     assert key.replace("*", "0") not in {e["key"] for e in checked.errors}
-    for name in ref.names:  # built-in names ('latest', 'toy') are no paths and pass as they are
+    # built-in names ('latest', 'toy') and prefixed ones ('toy:red circle') are no paths and pass as they are
+    for name in [*ref.names, *(p + "red circle" for p in ref.prefixes)]:
         checked = check_recipe(_place(steps, name), root)
         assert {s.key: s.value for s in path_slots(checked.launch)}[key.replace("*", "0")] == name
+
+
+def test_a_list_of_paths_inside_a_list_is_confined_item_by_item(world):  # noqa: F811
+    """validation.images takes a path or a list of paths per prompt (several references): every path in the
+    inner lists is confined too, and 'toy:' drawings pass as they are."""
+    from finetune.studio.recipes import check_recipe
+
+    root, outside = world
+    data = {"validation": {"prompts": ["make it red"], "images": [["../outside.png", "toy:red circle", str(outside)]]}}
+    keys = {e["key"] for e in check_recipe(data, root).errors}
+    assert {"validation.images.0.0", "validation.images.0.2"} <= keys and "validation.images.0.1" not in keys

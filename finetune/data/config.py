@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from finetune.sections import HubOrPath, LocalPath, PathRef, StrictModel
+from finetune.sections import HubOrPath, LocalPath, PathRef, StrictModel, plain_name
 
 
 class CaptionRules(StrictModel):
@@ -278,6 +278,11 @@ class ConditioningSection(StrictModel):
         "control_image", description="Metadata and hf sources: the column of conditioning images (a path or a list "
         "of paths / images; or '<column>_1', '<column>_2', ... columns).",
     )
+
+    @field_validator("folder", "target_folder")
+    @classmethod
+    def _sub_folder(cls, v: str) -> str:
+        return plain_name(v)  # a sub-folder of each folder source: it must not lead out of the dataset
 
     @model_validator(mode="after")
     def _role(self):

@@ -119,6 +119,9 @@ class Family:
     #: the text encoder is a large language model used frozen (its outputs cached): its name, for the one-line
     #: refusal of a recipe that would train it
     frozen_text_encoder: str | None = None
+    #: text masks the pipeline takes beside the embeddings (validation with pre-encoded prompts): pipeline
+    #: keyword (as in the encoded text) -> the dtype it wants ('bool', 'long'); the negative's as 'negative_<key>'
+    text_masks: dict[str, str] = field(default_factory=dict)
     #: conditioning images (data.conditioning: an edit's input, reference photos) one example can carry; 0: the
     #: family takes none. How they enter the denoiser is `predict`'s business (batch["references"])
     max_conditions: int = 0
@@ -201,14 +204,17 @@ class Family:
 
     def pipeline_prompt_kwargs(self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
                                ) -> dict[str, Any]:
-        """Pre-encoded text as the pipeline's keyword arguments (validation with the encoders released)."""
-        kwargs = {"prompt_embeds": text["prompt_embeds"]}
-        if "pooled_prompt_embeds" in text:
-            kwargs["pooled_prompt_embeds"] = text["pooled_prompt_embeds"]
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            if "pooled_prompt_embeds" in negative:
-                kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
+        """Pre-encoded text as the pipeline's keyword arguments (validation with the encoders released): the
+        embeddings, pooled ones where the family has them, and its `text_masks`; the negative's under
+        'negative_' (a negative is used only where the pipeline samples with CFG)."""
+        import torch
+
+        kwargs: dict[str, Any] = {}
+        for prefix, part in (("", text), ("negative_", negative)):
+            if part is None:
+                continue
+            kwargs |= {prefix + k: part[k] for k in ("prompt_embeds", "pooled_prompt_embeds") if k in part}
+            kwargs |= {prefix + k: part[k].to(getattr(torch, dtype)) for k, dtype in self.text_masks.items()}
         return kwargs
 
     # ------------------------------------------------------------------------------------- latents

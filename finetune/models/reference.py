@@ -104,11 +104,11 @@ SD3_SCHEDULER = reference_config("sd35-medium", "scheduler")
 
 
 #: benchmark name -> a published config folder built with random weights in bf16 (`build_random_folder`)
-FROM_CONFIGS = {"flux-dev": "flux1-dev"}
+FROM_CONFIGS = {"flux-dev": "flux1-dev", "wan-1.3b": "wan2.1-1.3b"}
 
 
 def build_reference_base(model: str, path: Path) -> Path:
-    """Write (once) a diffusers folder of `model` ('sd15', 'sd21', 'sdxl', 'sd35m', 'flux-dev') with random
+    """Write (once) a diffusers folder of `model` ('sd15', 'sd21', 'sdxl', 'sd35m', 'flux-dev', 'wan-1.3b') with random
     weights; return its path."""
     if (path / "model_index.json").is_file():
         return path

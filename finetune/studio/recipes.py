@@ -182,7 +182,8 @@ def _confine(data: dict[str, Any], root: Path) -> tuple[dict[str, Any], list[dic
 def _local(root: Path, slot) -> Path | None:
     """The confined folder or file a path field names, or None when its value names no local path."""
     value = slot.value
-    if value in slot.ref.names or (slot.ref.hub and not _looks_local(root, value)):
+    if value in slot.ref.names or (isinstance(value, str) and value.startswith(slot.ref.prefixes)) \
+            or (slot.ref.hub and not _looks_local(root, value)):
         return None
     return confine(root, value, slot.key)
 

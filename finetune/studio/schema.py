@@ -187,6 +187,13 @@ def _models(tp: Any, info: FieldInfo | None) -> tuple[list[type[BaseModel]], str
     return ([tp], None) if isinstance(tp, type) and issubclass(tp, BaseModel) else ([], None)
 
 
+def _list_member(tp: Any) -> Any | None:
+    """The item type of a union's list member (`str | list[str]`: str), else None."""
+    if typing.get_origin(tp) not in _UNIONS:
+        return None
+    return next((i for i in map(_item_type, typing.get_args(tp)) if i is not None), None)
+
+
 def _item_type(tp: Any) -> Any | None:
     tp, _ = _split_optional(tp)
     return typing.get_args(tp)[0] if typing.get_origin(tp) in (list, tuple) else None
@@ -211,11 +218,12 @@ def _model_slots(model: type[BaseModel], node: Any, prefix: str):
 def _value_slots(tp: Any, info: FieldInfo | None, owner, name, key: str):
     value = owner[name]
     ref = path_ref(tp, info)
-    if ref is not None:
-        if isinstance(value, str):
-            yield PathSlot(key, value, ref, owner, name)
+    if ref is not None and isinstance(value, str):
+        yield PathSlot(key, value, ref, owner, name)
         return
-    item = _item_type(tp)
+    item = _item_type(tp) or _list_member(tp)  # a path or a list of paths (validation.images' items)
+    if ref is not None and not (item is not None and isinstance(value, list)):
+        return
     if item is not None and isinstance(value, list):
         for i in range(len(value)):
             yield from _value_slots(item, None, value, i, f"{key}.{i}")

@@ -61,22 +61,15 @@ class ChromaFamily(Family):
         keep = torch.arange(length, device=device)[None] <= mask.sum(1, keepdim=True)
         return {"prompt_embeds": embeds, MASK: keep.long()}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], MASK: text[MASK].bool()}
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_" + MASK] = negative[MASK].bool()
-        return kwargs
-
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         import torch
         from diffusers import ChromaPipeline
 
-        b, c, h, w = noisy.shape
-        packed = ChromaPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = ChromaPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        from finetune.models.families.flux import packed_tokens
+
+        b, _, h, w = noisy.shape
         embeds = text["prompt_embeds"]
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        packed, img_ids, txt_ids = packed_tokens(noisy, embeds)  # ChromaPipeline's helpers are FluxPipeline's
         image = torch.ones(b, packed.shape[1], device=noisy.device, dtype=torch.bool)
         mask = torch.cat([text[MASK].to(noisy.device).bool(), image], dim=1)
         out = denoiser(hidden_states=packed, timestep=timesteps / 1000, encoder_hidden_states=embeds,
@@ -96,6 +89,7 @@ CHROMA = ChromaFamily(
     # (sd-scripts' 'flux_shift', ai-toolkit, SimpleTuner); diffusers has no Chroma training script
     flow_defaults={"sampling": "logit_normal", "resolution_shift": True},
     patch_size=2,
+    text_masks={MASK: "bool"},  # boolean: SDPA hides it then (a float 0/1 mask would be added to the scores)
     max_sequence_length=512,
     # ComfyUI's Chroma model subclasses its Flux model, so comfy/lora.py maps 'lora_transformer_<diffusers
     # path>' (OneTrainer's spelling) through flux_to_diffusers onto Chroma's fused BFL weights

@@ -76,13 +76,6 @@ class FluxFamily(Family):
             return {"guidance_scale": 0.0}  # ignored by a transformer without a guidance input
         return {"true_cfg_scale": scale}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], "pooled_prompt_embeds": text["pooled_prompt_embeds"]}
-        if negative is not None:  # used only with true_cfg_scale > 1 (FLUX [dev] is guidance-distilled)
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_pooled_prompt_embeds"] = negative["pooled_prompt_embeds"]
-        return kwargs
-
     def edit_kwargs(self, images, size) -> dict[str, Any]:
         """FluxKontextPipeline takes one image; without its auto-resize (to Kontext's preferred ~1 MP sizes) it
         keeps the image's own size and `max_area` keeps the output at `size`."""
@@ -92,24 +85,33 @@ class FluxFamily(Family):
         import torch
         from diffusers import FluxPipeline
 
-        b, c, h, w = noisy.shape
-        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        b, _, h, w = noisy.shape
+        packed, img_ids, txt_ids = packed_tokens(noisy, text["prompt_embeds"])
         n = packed.shape[1]
         packed, img_ids = _with_references(packed, img_ids, batch.get("references") or [], noisy.dtype)
-        embeds = text["prompt_embeds"]
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
         if denoiser_config(denoiser).get("guidance_embeds"):
             value = batch.get("guidance")
             value = TRAIN_GUIDANCE if value is None else value  # an explicit 0 trains at guidance 0
             guidance = torch.full((b,), float(value), device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
-                       pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=embeds,
+                       pooled_projections=text["pooled_prompt_embeds"], encoder_hidden_states=text["prompt_embeds"],
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         # the target's tokens only (the loss never sees the references); the inverse of the packing:
         # vae_scale_factor 1 makes _unpack_latents take latent-space sizes
         return FluxPipeline._unpack_latents(out[:, :n], h, w, 1)
+
+
+def packed_tokens(noisy, embeds):
+    """The sequence a FLUX.1-style transformer (FLUX.1, Chroma) reads, as FluxPipeline makes it: [B, C, H, W]
+    latents packed in 2x2 patches, their (0, row, column) position ids, and the text's all-zero ids."""
+    import torch
+    from diffusers import FluxPipeline
+
+    b, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+    return packed, img_ids, torch.zeros(embeds.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
 
 
 def _with_references(packed, img_ids, conditions, dtype):

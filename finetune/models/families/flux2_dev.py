@@ -74,4 +74,8 @@ FLUX2_DEV = Flux2DevFamily("flux2_dev", **llm_flow_transformer(
     lora_presets=FLUX2_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Mistral Small 3.1",
+    # reference images as [klein] takes them (Flux2Pipeline.prepare_image_latents: appended tokens with time
+    # offsets; predict is [klein]'s); BFL allows up to 10 per prompt, we allow 4 per example as for [klein]
+    max_conditions=4,
+    edit_pipeline_class="Flux2Pipeline",
 ))

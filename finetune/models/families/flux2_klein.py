@@ -76,12 +76,6 @@ class Flux2KleinFamily(Family):
         states = torch.stack([out.hidden_states[k] for k in LAYERS], dim=2)  # [B, L, 3, D]
         return {"prompt_embeds": states.flatten(2)}
 
-    def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"]}
-        if negative is not None:  # used by [klein] Base (CFG); the distilled models ignore it
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-        return kwargs
-
     def encode_latents(self, vae, pixel_values: torch.Tensor) -> torch.Tensor:
         import torch
         from diffusers import Flux2KleinPipeline

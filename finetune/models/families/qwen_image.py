@@ -66,12 +66,7 @@ class QwenImageFamily(Family):
         return {"prompt_embeds": hidden * mask[..., None].to(hidden.dtype), "prompt_embeds_mask": mask}
 
     def pipeline_prompt_kwargs(self, text, negative) -> dict[str, Any]:
-        kwargs = {"prompt_embeds": text["prompt_embeds"], "prompt_embeds_mask": text["prompt_embeds_mask"].long(),
-                  "max_sequence_length": text["prompt_embeds"].shape[1]}
-        if negative is not None:
-            kwargs["negative_prompt_embeds"] = negative["prompt_embeds"]
-            kwargs["negative_prompt_embeds_mask"] = negative["prompt_embeds_mask"].long()
-        return kwargs
+        return super().pipeline_prompt_kwargs(text, negative) | {"max_sequence_length": text["prompt_embeds"].shape[1]}
 
     def guidance_kwargs(self, pipe, scale: float | None) -> dict[str, Any]:
         # `guidance_scale` is for guidance-distilled variants only
@@ -128,4 +123,5 @@ QWEN_IMAGE = QwenImageFamily("qwen_image", **llm_flow_transformer(
     lora_presets=QWEN_IMAGE_PRESETS,
     default_guidance=4.0,
     frozen_text_encoder="Qwen2.5-VL-7B",
+    text_masks={"prompt_embeds_mask": "long"},
 ))
