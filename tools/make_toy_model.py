@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter-steps", type=int, default=40, help="training-adapter steps at batch 32")
     p.add_argument("--adapter-images", type=int, default=512, help="world images the training adapter learns on")
     p.add_argument("--video", action="store_true", help="build / evaluate the Wan-shaped toy video base instead")
-    p.add_argument("--video-vae-steps", type=int, default=1500, help="video VAE steps at batch 2 (whole clips)")
+    p.add_argument("--video-vae-steps", type=int, default=1500, help="video VAE steps (2 whole clips + 8 single frames each)")
     p.add_argument("--video-steps", type=int, default=6000, help="video transformer steps at batch 16")
     p.add_argument(
         "--out",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from finetune.toy import build_video, video_world
 from finetune.toy.build import log
 
-VAE_BATCH, DIT_BATCH = 2, 16
+DIT_BATCH = 16
 
 
 def clips_uint8(clips) -> torch.Tensor:
@@ -104,7 +104,8 @@ class Stage:
         self.ema.copy_to(model.parameters())
         return model
 
-    def run(self, loss_fn, name: str, every: int = 50) -> None:
+    def run(self, loss_fn, name: str, every: int = 50, on_save=None) -> None:
+        """Train to the last step; `on_save()` runs after each checkpoint (a progress check)."""
         t0, c0, first = time.time(), time.process_time(), self.step
         while self.step < self.steps:
             self.update(loss_fn(self.gen))
@@ -115,39 +116,12 @@ class Stage:
                     f"{rate:.2f} s/step ({cpu:.2f} CPU s/step), ETA {(self.steps - s) * rate / 60:.0f} min")
             if s % 250 == 0 or s == self.steps:
                 self.save()
+                if on_save is not None:
+                    on_save()
 
 
 # ---------------------------------------------------------------------------------------------- VAE
-# whole 9-frame clips: a causal Wan VAE runs each 4-frame chunk with the cached features of the one before, and
-# one trained on 5-frame windows (frame 0 + one chunk) decoded the second chunk wrongly
-VAE_WINDOW = video_world.FRAMES
-
-
-def vae_stage(workdir: pathlib.Path, steps: int, seed: int, n_clips: int = 3000):
-    """A deterministic autoencoder on the posterior's mode (what the family encodes), with a little latent
-    noise so the decoder tolerates a transformer's small errors; returns the EMA VAE with measured stats.
-    The reconstruction error counts 10x more on the shape's (saturated) pixels than on the plain background,
-    which covers ~95% of a frame: plain MSE first settles on drawing the background alone."""
-    data = clips_uint8(video_world.world_clips(n_clips, seed=seed + 100))
-    stage = Stage(build_video.make_vae(seed), steps, 1e-3, seed, workdir / "video_vae.pt")
-    log(f"VAE: {sum(p.numel() for p in stage.model.parameters()) / 1e6:.2f} M params, {len(data)} clips, "
-        f"{steps} steps at batch {VAE_BATCH} of {VAE_WINDOW} frames")
-
-    def loss(gen):
-        idx = torch.randint(len(data), (VAE_BATCH,), generator=gen)
-        start = int(torch.randint(video_world.FRAMES - VAE_WINDOW + 1, (1,), generator=gen))
-        x = to_unit(data[idx, :, start:start + VAE_WINDOW])
-        z = stage.model.encode(x).latent_dist.mode()
-        z = z + 0.05 * z.detach().std() * torch.randn(z.shape, generator=gen)
-        rec = stage.model.decode(z).sample
-        shape = ((x.amax(dim=1) - x.amin(dim=1)) > 0.25).float().unsqueeze(1)  # saturated: the shape
-        return ((1 + 9 * shape) * (rec - x) ** 2).mean() + 1e-4 * z.pow(2).mean()
-
-    stage.run(loss, "vae")
-    vae = stage.ema_model()
-    mean, std = latent_stats(vae, to_unit(data[:512]))
-    vae.register_to_config(latents_mean=mean, latents_std=std)
-    return vae, stage.spent
+# the VAE stage itself (and why it trains a colour probe) is finetune/toy/build_video_vae.py
 
 
 @torch.no_grad()
@@ -220,28 +194,35 @@ def build_video_base(workdir: pathlib.Path, out: pathlib.Path, vae_steps: int, d
     """Build the whole toy video base into `out`; every stage resumes from `workdir` if interrupted."""
     from safetensors.torch import load_file, save_file
 
+    from finetune.toy import build_video_vae
+
     workdir.mkdir(parents=True, exist_ok=True)
     tok = build_video.tokenizer()
     parts = {"tokenizer": tok, "text_encoder": build_video.text_encoder(len(tok), seed)}
-    vae_file = workdir / "video_vae_final.pt"
+    vae_file = workdir / build_video_vae.CHECKPOINT.replace(".pt", "_final.pt")
     if vae_file.exists():
         st = _load(vae_file)
         vae = build_video.make_vae(seed, st["mean"], st["std"])
         vae.load_state_dict(st["model"])
         vae_spent = st["spent"]
     else:
-        vae, vae_spent = vae_stage(workdir, vae_steps, seed)
+        vae, vae_spent = build_video_vae.vae_stage(workdir, vae_steps, seed)
         _save(vae_file, {"model": vae.state_dict(), "mean": list(vae.config.latents_mean),
                          "std": list(vae.config.latents_std), "spent": vae_spent})
     vae = vae.eval().requires_grad_(False)
-    cache = workdir / f"video_latents_{n_clips}_seed{seed}.safetensors"
+    check = build_video_vae.vae_check(vae)
+    cache = workdir / f"video_latents_colour_{n_clips}_seed{seed}.safetensors"
     if cache.exists():
         data = load_file(cache)
     else:
         data = prepare(vae, parts, n_clips, seed)
         save_file({k: v.contiguous() for k, v in data.items()}, cache)
     transformer, spent = transformer_stage(workdir, data, dit_steps, seed)
-    info = {"vae": {"steps": vae_steps, "batch": VAE_BATCH, "config": build_video.VAE_CONFIG},
+    info = {"vae": {"steps": vae_steps, "clips": build_video_vae.VAE_CLIPS, "frames": build_video_vae.VAE_FRAMES,
+                    "lr": build_video_vae.VAE_LR, "colour_probe": build_video_vae.PROBE_WEIGHT,
+                    "chroma": build_video_vae.CHROMA_WEIGHT,
+                    "chroma_from": build_video_vae.CHROMA_FROM, "config": build_video.VAE_CONFIG,
+                    "check": check},
             "transformer": {"steps": dit_steps, "batch": DIT_BATCH, "clips": n_clips, "ema": 0.999,
                             "timesteps": f"logit_normal(0, 1), shift {build_video.FLOW_SHIFT}",
                             "caption_dropout": 0.1},
