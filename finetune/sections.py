@@ -39,12 +39,12 @@ AdapterRef = Annotated[str, PathRef(hub=True, names=tuple(TOY_ADAPTERS))]  # a L
 ImageRef = Annotated[str, PathRef(prefixes=("toy:",))]  # an image file, or 'toy:<colour> <shape>' (a toy drawing)
 
 
-def plain_name(v: str | None) -> str | None:
+def plain_name(v: str | None, what: str = "file name") -> str | None:
     """A file or folder name joined to a folder the recipe names: no separators, no leading '.' or '~', so it
     cannot reach outside that folder (pydantic validator body; raises ValueError)."""
     if v is not None and (not v.strip() or v.strip(".") == "" or any(c in v for c in "/\\\0")
                           or v.startswith((".", "~"))):
-        raise ValueError(f"{v!r} is not a plain name: no folders, no leading '.' or '~'")
+        raise ValueError(f"{v!r} is not a plain {what}: no folders, no leading '.' or '~'")
     return v
 
 

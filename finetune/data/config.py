@@ -282,7 +282,7 @@ class ConditioningSection(StrictModel):
     @field_validator("folder", "target_folder")
     @classmethod
     def _sub_folder(cls, v: str) -> str:
-        return plain_name(v)  # a sub-folder of each folder source: it must not lead out of the dataset
+        return plain_name(v, "folder name")  # a sub-folder of each folder source: it must not lead out of the dataset
 
     @model_validator(mode="after")
     def _role(self):

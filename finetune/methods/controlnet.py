@@ -1,6 +1,6 @@
 """`controlnet`: a ControlNet trained beside the frozen base, initialised from the base's own blocks as diffusers'
 reference scripts do (train_controlnet_flux.py: `FluxControlNetModel.from_transformer`; train_controlnet_sdxl.py:
-`ControlNetModel.from_unet`), its outputs zero at the start so training begins at the base's prediction.
+`ControlNetModel` built from the base's own denoiser), its outputs zero at the start so training begins at the base's prediction.
 
 The base's family names its ControlNet variant (`Family.controlnet_family`), which builds the ControlNet
 (`make_controlnet`) and feeds it as the stock ControlNet pipeline does; the ControlNet is added to the components
