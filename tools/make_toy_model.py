@@ -164,10 +164,10 @@ def main(argv=None) -> int:
 
 
 def _video(args) -> int:
-    from finetune.toy import build_video_train, video_evaluate
+    from finetune.toy import build_video_base, video_evaluate
 
     if not args.eval_only:
-        build_video_train.build_video_base(args.workdir, args.out, args.video_vae_steps, args.video_steps, args.seed)
+        build_video_base.build_video_base(args.workdir, args.out, args.video_vae_steps, args.video_steps, args.seed)
     video_evaluate.report(args.out, grid_path=args.grid)
     return 0
 
