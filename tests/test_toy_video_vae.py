@@ -29,7 +29,7 @@ def test_the_stage_resumes_and_ships_a_stock_wan_vae(tmp_path):
 
     torch.set_num_threads(1)
     vae, _ = build_video_vae.vae_stage(tmp_path, 2, 0, n_clips=6)
-    state = torch.load(tmp_path / build_video_vae.CHECKPOINT, weights_only=False)
+    state = torch.load(tmp_path / build_video_vae.CHECKPOINT, weights_only=True)
     assert {"probe.weight", "probe.bias"} <= set(state["model"])  # the probe trains and resumes with the VAE
     again, _ = build_video_vae.vae_stage(tmp_path, 2, 0, n_clips=6)  # resumes at 2/2: the same EMA VAE
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), again.state_dict().values(), strict=True))
