@@ -112,3 +112,18 @@ def check_score_args(args, counts: tuple[str, ...], files: tuple[str, ...] = ("r
     for name in files:
         if (pathlib.Path(args.out) / name).exists() and not args.overwrite:
             raise UserError(f"{pathlib.Path(args.out) / name} exists; choose another --out or pass --overwrite")
+
+
+def write_score_results(out: str | pathlib.Path, results: dict, rows: list, labels: list[str]) -> None:
+    """A toy scoring tool's outputs, each written atomically: OUT/results.json and the labelled grid OUT/grid.png."""
+    import json
+
+    from finetune.export.io import atomic_path, write_text_atomic
+    from finetune.train.validation import grid
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    with atomic_path(out / "grid.png") as tmp:
+        grid(rows, labels).save(tmp, format="PNG")
+    print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")

@@ -13,8 +13,6 @@ IoU >= 0.5). Writes results.json and grid.png (masks | the base's outputs | the 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import _common
 
@@ -34,9 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     from finetune.errors import UserError
-    from finetune.export.io import atomic_path, write_text_atomic
     from finetune.toy import control
-    from finetune.train.validation import grid
 
     args = parse_args(argv)
     _common.check_score_args(args, ("n", "steps", "columns"))
@@ -53,15 +49,10 @@ def main(argv=None) -> int:
     scores = {k: control.score(v, items) for k, v in outputs.items()}
     for k, s in scores.items():
         print(f"{k}: mask IoU {s['iou']:.3f}, IoU >= 0.5 in {s['hit']:.2f} of {s['n']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "results.json", json.dumps({"args": vars(args), **scores}, indent=2))
     k = args.columns
     rows = [[c.mask for c in items[:k]], outputs["base"][:k], outputs["lora"][:k]]
     labels = ["control (held-out masks)", "untouched base (caption only)", "Control LoRA (caption + mask)"]
-    with atomic_path(out / "grid.png") as tmp:
-        grid(rows, labels).save(tmp, format="PNG")
-    print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
+    _common.write_score_results(args.out, {"args": vars(args), **scores}, rows, labels)
     return 0
 
 

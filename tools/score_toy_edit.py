@@ -14,8 +14,6 @@ instruction: inputs, the base's outputs, the LoRA's) to --out.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import _common
 
@@ -65,9 +63,7 @@ def _pipelines(lora):
 
 def main(argv=None) -> int:
     from finetune.errors import UserError
-    from finetune.export.io import atomic_path, write_text_atomic
     from finetune.toy import edits
-    from finetune.train.validation import grid
 
     args = parse_args(argv)
     _check(args)
@@ -80,10 +76,6 @@ def main(argv=None) -> int:
         outputs[name] = edits.run(pipe, ps, steps=args.steps, guidance=args.guidance)
         scores[name] = edits.score(outputs[name], ps)
         print(f"{name}:\n{edits.describe(scores[name])}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "results.json", json.dumps({"args": vars(args), "base": scores["base"],
-                                                        "lora": scores["lora"]}, indent=2))
     rows, labels = [], []
     for k, text in enumerate(args.instructions):
         idx = list(range(k, len(ps), len(args.instructions)))[: args.columns]  # pairs cycle through instructions
@@ -91,9 +83,8 @@ def main(argv=None) -> int:
                              ("LoRA", outputs["lora"])):
             rows.append([images[i] for i in idx])
             labels.append(f"{text}: {what}")
-    with atomic_path(out / "grid.png") as tmp:
-        grid(rows, labels).save(tmp, format="PNG")
-    print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
+    _common.write_score_results(args.out, {"args": vars(args), "base": scores["base"], "lora": scores["lora"]},
+                                rows, labels)
     return 0
 
 
