@@ -98,6 +98,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    own_process = argv is None  # the command line, not a caller sharing its interpreter (and its imports)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["env"] or argv[:1] == ["--env"]:
         from finetune.env import main as env_main
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
             print(check_data(recipe))
             return
         from finetune.env import check_compatibility
+        from finetune.startup import leave_out_bitsandbytes
+
+        if own_process:  # before diffusers / peft import it: ~0.9 CPU-s a process (finetune/startup.py)
+            leave_out_bitsandbytes(recipe)
         from finetune.train.distributed import die_with_launcher
         from finetune.train.trainer import train
 
