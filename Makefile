@@ -12,6 +12,11 @@ LOCK_ARGS = --generate-hashes --python-version 3.11 --python-platform x86_64-man
 # torch's CPU build: from this machine's wheel folder when it has one, else from PyTorch's CPU index
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
+# test processes: each runs its tests on one torch thread (tests/conftest.py), so two use a 2-core machine; files
+# stay whole on one process (--dist loadfile), so a module's shared training runs are made once
+TEST_WORKERS ?= 2
+PYTEST  = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY = 1
 export TOKENIZERS_PARALLELISM = false
@@ -35,10 +40,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 env: setup
 	$(PY) -m finetune env

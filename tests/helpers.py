@@ -458,13 +458,19 @@ def wait_gone(proc, seconds: float = 30) -> list[int]:
 
 
 def one_vs_two_processes(recipe: Path, tmp_path: Path, timeout: float = 900) -> tuple[dict, dict]:
-    """The LoRA of 2 processes at batch 1 and of 1 process at batch 2 (the same global batch)."""
+    """The LoRA of 2 processes at batch 1 (accelerate launch) and of 1 process at batch 2 (the same global batch;
+    started as `python -m finetune`, which is what a one-process `accelerate launch` runs, without the launcher's
+    own interpreter start)."""
+    import subprocess
+    import sys
+
     from safetensors.torch import load_file
 
-    for name, launcher, batch in (("two", DDP_CPU, 1), ("one", ["--num_processes", "1"], 2)):
-        done = launch(recipe, launcher, f"train.output_dir={tmp_path / name}", f"train.batch_size={batch}",
-                      timeout=timeout)
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = launch(recipe, DDP_CPU, f"train.output_dir={tmp_path / 'two'}", "train.batch_size=1", timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "finetune", str(recipe), f"train.output_dir={tmp_path / 'one'}",
+                           "train.batch_size=2"], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
     return tuple(load_file(tmp_path / n / "pytorch_lora_weights.safetensors") for n in ("two", "one"))
 
 
