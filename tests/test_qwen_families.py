@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
-from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, text_dims, trainer
+from tests.qwen_families import CASES, build, fixed_output, load_lora, pipeline_class, recipe, text_dims, trainer
 
 NAMES = list(CASES)
 
@@ -70,7 +70,7 @@ def test_every_adapter_trains_and_reloads_in_a_stock_pipeline(tmp_path, bases, n
     assert float((trained - before).abs().max()) > 1e-3
     pipe = cls.from_pretrained(base)
     if adapter == "lora":
-        pipe.load_lora_weights(tmp_path / "out")
+        load_lora(pipe, tmp_path / "out")
     else:
         load_peft_adapter(tmp_path / "out" / "peft_adapter.safetensors", {"transformer": pipe.transformer})
     assert float((fixed_output(case, pipe.transformer) - trained).abs().max()) < 1e-4
@@ -203,7 +203,7 @@ def test_conversions_both_ways_are_exact_and_load(tmp_path, runs, bases, name):
         assert f.metadata()["finetune.family"] == name
     case = CASES[name]
     pipe = pipeline_class(case).from_pretrained(bases(name))
-    pipe.load_lora_weights(tmp_path / "d")
+    load_lora(pipe, tmp_path / "d")
     assert float((fixed_output(case, pipe.transformer) - fixed_output(case, t.comps.denoiser)).abs().max()) < 1e-4
 
 

@@ -199,3 +199,38 @@ def build_tiny_hidream(folder: Path, seed: int = 0) -> Path:
 
     shutil.rmtree(folder / "_tokenizer_t5", ignore_errors=True)
     return _save(pipe, folder)
+
+
+def build_tiny_hunyuanimage(folder: Path, seed: int = 0) -> Path:
+    """HunyuanImage-2.1-shaped: one double- and one single-stream block (2 heads of 16, rotary axes 8 + 8, patch 1)
+    after a token refiner of 1 block, reading the third-to-last hidden state of a Qwen2.5-VL encoder 32 wide
+    (tiny.py's) and byT5 glyph states (ByT5's byte tokenizer, built offline, and a T5 encoder 16 wide), a
+    16-channel HunyuanImage VAE at 4x, the flow-matching scheduler with the base's static shift 5, and the adaptive
+    projected guiders the base ships (one for prompts with quoted text)."""
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from transformers import ByT5Tokenizer
+
+    from finetune.models.tiny import _qwen25_vl
+    from finetune.models.tiny_text import _t5
+
+    folder, tok = seeded(folder, seed)
+    byt5_tok = ByT5Tokenizer()
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=(1, 1), text_embed_dim=32,
+        text_embed_2_dim=16, rope_axes_dim=(8, 8))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
+                                    layers_per_block=1, spatial_compression_ratio=4, sample_size=64,
+                                    scaling_factor=0.75289)
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0), vae=vae,
+        text_encoder=_qwen25_vl(len(tok), 32), tokenizer=tok, text_encoder_2=_t5(len(byt5_tok), 16),
+        tokenizer_2=byt5_tok, transformer=transformer, guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5),
+        ocr_guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5))
+    return _save(pipe, folder)
