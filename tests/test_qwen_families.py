@@ -17,7 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
-from tests.qwen_families import CASES, build, fixed_output, load_lora, pipeline_class, recipe, text_dims, trainer
+from tests.qwen_families import (
+    CASES,
+    build,
+    fixed_output,
+    load_lora,
+    pipeline_class,
+    recipe,
+    text_dims,
+    trainer,
+)
 
 NAMES = list(CASES)
 
