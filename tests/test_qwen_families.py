@@ -22,8 +22,8 @@ from tests.qwen_families import (
     build,
     fixed_output,
     load_lora,
-    pipeline_class,
     recipe,
+    stock,
     text_dims,
     trainer,
 )
@@ -69,15 +69,14 @@ def test_every_adapter_trains_and_reloads_in_a_stock_pipeline(tmp_path, bases, n
     from finetune.export.lora import load_peft_adapter
 
     case, base = CASES[name], bases(name)
-    cls = pipeline_class(case)
     # lr 5e-2: three steps move every kind (LoHa and LoKr start slowest; on the tiny FLUX.2 [klein] they move
     # the output by ~6e-4 at 1e-2) far more than the reload tolerance
     t = trainer(recipe(tmp_path, base, case, method={"adapter": adapter, "use_dora": dora}, train={"lr": 5e-2}))
-    before = fixed_output(case, cls.from_pretrained(base).transformer)
+    before = fixed_output(case, stock(case, base).transformer)
     t.run()
     trained = fixed_output(case, t.comps.denoiser)
     assert float((trained - before).abs().max()) > 1e-3
-    pipe = cls.from_pretrained(base)
+    pipe = stock(case, base)
     if adapter == "lora":
         load_lora(pipe, tmp_path / "out")
     else:
@@ -94,7 +93,7 @@ def test_full_trains_and_reloads(tmp_path, bases, name):
     t.run()
     trained = fixed_output(case, t.comps.denoiser)
     assert float((trained - before).abs().max()) > 1e-5
-    reloaded = pipeline_class(case).from_pretrained(tmp_path / "out" / "model")
+    reloaded = stock(case, tmp_path / "out" / "model")
     assert float((fixed_output(case, reloaded.transformer) - trained).abs().max()) < 1e-5
 
 
@@ -211,7 +210,7 @@ def test_conversions_both_ways_are_exact_and_load(tmp_path, runs, bases, name):
     with safe_open(str(out / "subject.safetensors"), "pt") as f:
         assert f.metadata()["finetune.family"] == name
     case = CASES[name]
-    pipe = pipeline_class(case).from_pretrained(bases(name))
+    pipe = stock(case, bases(name))
     load_lora(pipe, tmp_path / "d")
     assert float((fixed_output(case, pipe.transformer) - fixed_output(case, t.comps.denoiser)).abs().max()) < 1e-4
 

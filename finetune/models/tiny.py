@@ -6,7 +6,7 @@ downloaded: a T5-style Unigram tokenizer over a small vocabulary, and for the Qw
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
     build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
                                    # "wan_i2v", "wan_experts", "lumina2", "sana", "krea2", "hidream",
-                                   # "hunyuanimage" (tiny_llm.py)
+                                   # "hunyuanimage", "qwen_image21" (tiny_llm.py)
 """
 
 from __future__ import annotations
@@ -414,7 +414,8 @@ def _llm_family(name: str):
     return build
 
 
-BUILDERS |= {name: _llm_family(name) for name in ("lumina2", "sana", "krea2", "hidream", "hunyuanimage")}
+BUILDERS |= {name: _llm_family(name) for name in ("lumina2", "sana", "krea2", "hidream", "hunyuanimage",
+                                                       "qwen_image21")}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

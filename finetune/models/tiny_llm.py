@@ -234,3 +234,61 @@ def build_tiny_hunyuanimage(folder: Path, seed: int = 0) -> Path:
         tokenizer_2=byt5_tok, transformer=transformer, guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5),
         ocr_guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5))
     return _save(pipe, folder)
+
+
+# a Qwen3-VL-style chat template over the tiny tokenizer: message content as a string or as a list of text parts
+# (how QwenImage21Pipeline asks for its system message's tokens)
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for part in message['content'] -%}{{- part['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def build_tiny_qwen_image21(folder: Path, seed: int = 0) -> Path:
+    """Qwen-Image-2.1-shaped: 2 single-stream block-causal blocks (2 heads of 16, rotary axes 4 + 6 + 6, patch 1)
+    reading the last state of a Qwen3-VL encoder 16 wide through its processor (tiny.py's Qwen tokenizer with the
+    vision specials and a Qwen3-VL-style chat template; no video processor), an RGBA VAE at 16x with 16 latent
+    channels and per-channel statistics far from (0, 1), and the pipeline's resolution-shift scheduler (mu 0.5 at
+    256 tokens to 1.15 at 4096)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from finetune.models.families.qwen_image21 import text_processor
+
+    folder, tok = seeded(folder, seed, vision=True)
+    processor = text_processor()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
+                                 chat_template=QWEN3_VL_TEMPLATE)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                   "<|vision_end|>")]
+    encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 1024,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 1, 1],
+                                         "mrope_interleaved": True}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
+                       "deepstack_visual_indexes": []},
+        image_token_id=ids[0], video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3]))
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=3, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True, True], latents_mean=torch.linspace(-0.5, 0.5, 16).tolist(),
+        latents_std=torch.linspace(0.5, 2.0, 16).tolist())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, processor=processor,
+                               transformer=transformer)
+    _save(pipe, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["processor"] == ["transformers", "Qwen3VLProcessor"]  # as the real base names it
+    return folder
