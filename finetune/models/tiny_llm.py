@@ -216,8 +216,7 @@ def build_tiny_hunyuanimage(folder: Path, seed: int = 0) -> Path:
     from diffusers.guiders import AdaptiveProjectedMixGuidance
     from transformers import ByT5Tokenizer
 
-    from finetune.models.tiny import _qwen25_vl
-    from finetune.models.tiny_text import _t5
+    from finetune.models.tiny_text import _qwen25_vl, _t5
 
     folder, tok = seeded(folder, seed)
     byt5_tok = ByT5Tokenizer()
