@@ -18,6 +18,7 @@ PUBLISHED = {
     "flux1-schnell": {"transformer": 23_782_357_120 // 2, "text_encoder_2": 9_524_621_312 // 2},  # index
     "qwen-image": {"transformer": 40_860_802_176 // 2, "text_encoder": 16_584_333_312 // 2},  # index
     "flux2-klein-4b": {"vae": 84_046_115},  # its VAE safetensors (250 weights + batch-norm statistics)
+    "hunyuanimage-2.1": {"text_encoder": 16_584_333_312 // 2},  # index: Qwen2.5-VL-7B-Instruct, as Qwen-Image's
 }
 #: model cards that give a rounded count only: reference name -> {component: (billions, the card's decimals)}
 CARDS = {"chroma1-hd": {"transformer": (8.9, 1)},  # "8.9B parameters" (lodestones/Chroma1-HD, diffusers' docs)

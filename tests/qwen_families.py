@@ -1,6 +1,7 @@
 """Shared cases for the tests of the transformer families conditioned by one large frozen text encoder (Z-Image,
 Qwen-Image, FLUX.2 [klein] with Qwen-family encoders; Chroma with T5; FLUX.2 [dev] with Mistral 3; Lumina 2 and
-Sana with Gemma 2; Krea 2 with Qwen3-VL; HiDream-I1 with Llama 3.1, T5 and two CLIPs): tiny bases, recipes, a
+Sana with Gemma 2; Krea 2 with Qwen3-VL; HiDream-I1 with Llama 3.1, T5 and two CLIPs; HunyuanImage 2.1 with
+Qwen2.5-VL and byT5; Qwen-Image 2.1 with Qwen3-VL): tiny bases, recipes, a
 trainer, and a fixed denoiser call per family for before/after comparisons."""
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ CASES = {
     "krea2": Case("krea2", "Krea2Pipeline", (16, 16, 16), (2, 16), "prompt_embeds_mask", "attention_mlp"),
     "hidream": Case("hidream", "HiDreamImagePipeline", (16, 16, 16), 32, None, "attention_mlp",
                     extra_text=(("llama_embeds", (2, 8, 16)), ("pooled_prompt_embeds", (32,)))),
+    # the byT5 glyph states (128 tokens, 16 wide) and their mask ride beside Qwen's
+    # 16x RGBA VAE: 64 px -> 4x4 latents of 16 channels, one token each; captions keep their own length
+    "qwen_image21": Case("qwen_image21", "QwenImage21Pipeline", (16, 4, 4), 16, "prompt_embeds_mask", "attention_mlp"),
+    "hunyuanimage": Case("hunyuanimage", "HunyuanImagePipeline", (16, 16, 16), 32, "prompt_embeds_mask",
+                         "all_linear_mod", extra_text=(("prompt_embeds_2", (128, 16)), ("prompt_embeds_mask_2", (128,)))),
 }
 
 
@@ -105,6 +111,27 @@ def fixed_output(case: Case, denoiser) -> torch.Tensor:
     text = fixed_text(case, g)
     with torch.no_grad():
         return FAMILIES[case.family].predict(denoiser, latents, torch.tensor([300.0, 800.0]), text, {})
+
+
+def load_lora(pipe, folder: Path) -> None:
+    """The diffusers LoRA file in `folder` into a stock pipeline: its LoRA loader, or, for a pipeline without one
+    (HunyuanImagePipeline in diffusers 0.42.1), the transformer's own (PeftAdapterMixin.load_lora_adapter; the file
+    named, so that diffusers reads alpha and rank from its header)."""
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(folder)
+    else:
+        pipe.transformer.load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors",
+                                           prefix="transformer")
+
+
+def stock(case: Case, folder: Path):
+    """The stock pipeline from a folder, with the parts its family loads itself (Qwen-Image 2.1's processor, which
+    transformers would load with a video processor that needs torchvision)."""
+    from finetune.models.families import FAMILIES
+
+    family = FAMILIES[case.family]
+    parts = {n: family.load_component(n, str(folder)) for n in family.extra_parts}
+    return pipeline_class(case).from_pretrained(folder, **{n: p for n, p in parts.items() if p is not None})
 
 
 def pipeline_class(case: Case):

@@ -17,7 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, killed_and_resumed, one_vs_two_processes
-from tests.qwen_families import CASES, build, fixed_output, pipeline_class, recipe, text_dims, trainer
+from tests.qwen_families import (
+    CASES,
+    build,
+    fixed_output,
+    load_lora,
+    recipe,
+    stock,
+    text_dims,
+    trainer,
+)
 
 NAMES = list(CASES)
 
@@ -60,17 +69,16 @@ def test_every_adapter_trains_and_reloads_in_a_stock_pipeline(tmp_path, bases, n
     from finetune.export.lora import load_peft_adapter
 
     case, base = CASES[name], bases(name)
-    cls = pipeline_class(case)
     # lr 5e-2: three steps move every kind (LoHa and LoKr start slowest; on the tiny FLUX.2 [klein] they move
     # the output by ~6e-4 at 1e-2) far more than the reload tolerance
     t = trainer(recipe(tmp_path, base, case, method={"adapter": adapter, "use_dora": dora}, train={"lr": 5e-2}))
-    before = fixed_output(case, cls.from_pretrained(base).transformer)
+    before = fixed_output(case, stock(case, base).transformer)
     t.run()
     trained = fixed_output(case, t.comps.denoiser)
     assert float((trained - before).abs().max()) > 1e-3
-    pipe = cls.from_pretrained(base)
+    pipe = stock(case, base)
     if adapter == "lora":
-        pipe.load_lora_weights(tmp_path / "out")
+        load_lora(pipe, tmp_path / "out")
     else:
         load_peft_adapter(tmp_path / "out" / "peft_adapter.safetensors", {"transformer": pipe.transformer})
     assert float((fixed_output(case, pipe.transformer) - trained).abs().max()) < 1e-4
@@ -85,7 +93,7 @@ def test_full_trains_and_reloads(tmp_path, bases, name):
     t.run()
     trained = fixed_output(case, t.comps.denoiser)
     assert float((trained - before).abs().max()) > 1e-5
-    reloaded = pipeline_class(case).from_pretrained(tmp_path / "out" / "model")
+    reloaded = stock(case, tmp_path / "out" / "model")
     assert float((fixed_output(case, reloaded.transformer) - trained).abs().max()) < 1e-5
 
 
@@ -202,8 +210,8 @@ def test_conversions_both_ways_are_exact_and_load(tmp_path, runs, bases, name):
     with safe_open(str(out / "subject.safetensors"), "pt") as f:
         assert f.metadata()["finetune.family"] == name
     case = CASES[name]
-    pipe = pipeline_class(case).from_pretrained(bases(name))
-    pipe.load_lora_weights(tmp_path / "d")
+    pipe = stock(case, bases(name))
+    load_lora(pipe, tmp_path / "d")
     assert float((fixed_output(case, pipe.transformer) - fixed_output(case, t.comps.denoiser)).abs().max()) < 1e-4
 
 

@@ -1,6 +1,6 @@
 """The reference bases at their real shapes: the published configs of SD 1.5, SDXL, SD 3.5 Medium / Large,
 FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX.2 [klein] 4B / 9B, FLUX.2 [dev], Chroma1-HD, Lumina-Image
-2.0, Sana 1600M, Wan 2.1 T2V 1.3B / 14B and Wan 2.2 T2V A14B / TI2V 5B (finetune/models/configs/) built on the meta
+2.0, Sana 1600M, Wan 2.1 T2V 1.3B / 14B, Wan 2.2 T2V A14B / TI2V 5B and HunyuanImage 2.1 (finetune/models/configs/) built on the meta
 device, no weights, and every quantity that depends on real shapes checked against the published checkpoints and
 the pipelines' own code: parameter counts, image tokens and the resolution-shift mu at 512 / 768 / 1024 px and
 at non-square buckets (Wan: video tokens of 480p x 81-frame clips), caption tokens per variant, which weights
@@ -23,7 +23,7 @@ FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd
           "flux2-klein-4b": "flux2_klein", "flux2-klein-9b": "flux2_klein", "chroma1-hd": "chroma",
           "flux2-dev": "flux2_dev", "lumina-image-2": "lumina2", "sana-1600m-1024px": "sana",
           "wan2.1-1.3b": "wan", "wan2.1-14b": "wan", "wan2.2-a14b": "wan",
-          "wan2.2-5b": "wan"}
+          "wan2.2-5b": "wan", "hunyuanimage-2.1": "hunyuanimage"}
 WAN = [name for name, family in FAMILY.items() if family == "wan"]
 FLOW = [name for name, family in FAMILY.items() if family not in ("sd1", "sdxl", "wan")]  # image flow families
 SIZES = [(512, 512), (768, 768), (1024, 1024), (832, 1216), (1216, 832), (1344, 768)]  # (height, width)
@@ -124,6 +124,7 @@ def our_tokens(comps, text, height: int, width: int) -> tuple[int, torch.Tensor]
     if x.ndim == 3:  # packed tokens [B, N, C]
         return x.shape[1], latents
     patch = den.config.get("patch_size") or den.config["all_patch_size"][0]  # SD3 / Z-Image patch inside
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # HunyuanImage: (1, 1)
     return (x.shape[-2] // patch) * (x.shape[-1] // patch), latents
 
 
@@ -137,6 +138,7 @@ def pipeline_tokens(pipe, height: int, width: int) -> int:
     if latents.ndim == 3:  # packed
         return latents.shape[1]
     p = pipe.transformer.config.get("patch_size") or 2  # SD3, Lumina 2 and Z-Image count 2x2 patches; Sana 1x1
+    p = p[-1] if isinstance(p, (list, tuple)) else p  # HunyuanImage: (1, 1)
     return (latents.shape[-2] // p) * (latents.shape[-1] // p)
 
 
@@ -159,14 +161,15 @@ def test_image_tokens_and_resolution_shift_are_the_pipelines(name):
         text = comps.family.encode_prompt(comps, ["a photo"], "meta")
     for height, width in SIZES:
         tokens, latents = our_tokens(comps, text, height, width)
-        side = 32 if comps.family.name == "sana" else 16  # Sana: the 32x DC-AE, patch 1
+        side = 32 if comps.family.name in ("sana", "hunyuanimage") else 16  # the 32x DC-AE / VAE, patch 1
         assert tokens == pipeline_tokens(pipe, height, width) == (height // side) * (width // side)
         if objective.resolution_shift:
             mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
             assert abs(objective.mu(latents) - mu) < 1e-9, (name, height, width)
     if not objective.resolution_shift:  # the static grid the pipeline samples on (SD 3.5, Z-Image: shift 3; Sana:
-        # the flow_shift 3 its DPM-Solver samples with)
-        assert not c.use_dynamic_shifting and objective.scheduler.config.shift == c.shift == 3.0
+        # the flow_shift 3 its DPM-Solver samples with; HunyuanImage 2.1: 5)
+        static = 5.0 if comps.family.name == "hunyuanimage" else 3.0
+        assert not c.use_dynamic_shifting and objective.scheduler.config.shift == c.shift == static
     else:
         # [schnell]: see docs/families.md; Lumina 2's pipeline computes FLUX's mu, but its scheduler shifts
         # statically (6): ours follows sd-scripts' 'nextdit_shift' (finetune/models/families/lumina2.py)
@@ -205,10 +208,12 @@ def test_wan_clip_tokens_are_the_pipelines(name):
 
 
 #: caption tokens per variant: SD3 joins CLIP's 77 to T5's; [schnell] was trained with 256 T5 tokens
-CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256}
+CAPTION_TOKENS = {"sd15": 77, "sdxl": 77, "sd35-medium": 77 + 256, "sd35-large": 77 + 256, "flux1-schnell": 256,
+                  "hunyuanimage-2.1": 1000}  # HunyuanImagePipeline.tokenizer_max_length (its __call__ takes none)
 PIPELINES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline", "z_image": "ZImagePipeline",
              "flux2_klein": "Flux2KleinPipeline", "sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline",
-             "flux2_dev": "Flux2Pipeline", "lumina2": "Lumina2Pipeline", "sana": "SanaPipeline", "wan": "WanPipeline"}
+             "flux2_dev": "Flux2Pipeline", "lumina2": "Lumina2Pipeline", "sana": "SanaPipeline", "wan": "WanPipeline",
+             "hunyuanimage": "HunyuanImagePipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY))
@@ -231,7 +236,8 @@ def test_caption_tokens_and_width_per_variant(name):
             "max_sequence_length"].default == 256
     c = comps.denoiser.config
     width = (c.get("caption_channels") or c.get("cross_attention_dim") or c.get("joint_attention_dim")  # Sana: caption_
-             or c.get("cap_feat_dim") or c.get("text_dim"))  # channels (Gemma's width; it projects to 2240 itself)
+             or c.get("cap_feat_dim") or c.get("text_dim") or c.get("text_embed_dim"))  # channels (Gemma's width;
+    # it projects to 2240 itself)
     assert tuple(text["prompt_embeds"].shape) == (1, length, width)
 
 
@@ -255,8 +261,8 @@ def test_weights_kept_in_fp32_after_our_cast(name):
             assert all(parts & set(n.split(".")) for n in den)
             assert len(den) == len(comps.experts) * (5 + 3 * comps.denoiser.config.num_layers), (name, len(den))
             fp32 = [n for n in fp32 if n not in den]
-        if t5 is not None and dtype == torch.float16:
-            assert len(fp32) == t5.config.num_layers == 24
+        if t5 is not None and dtype == torch.float16:  # T5-XXL's 24; HunyuanImage's byT5-small glyph encoder's 12
+            assert len(fp32) == t5.config.num_layers == (12 if comps.family.name == "hunyuanimage" else 24)
             assert all(n.endswith("layer.1.DenseReluDense.wo.weight") for n in fp32), fp32[:3]
         else:
             assert fp32 == [], (name, dtype)
@@ -272,6 +278,10 @@ TARGETS = {
     ("flux", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
     ("flux", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
     ("flux", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
+    # HunyuanImage 2.1: FLUX's block modules (its presets keep out of the token refiner in front of the blocks)
+    ("hunyuanimage", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
+    ("hunyuanimage", "all_linear"): lambda c: _per_block(c, num_layers=12, num_single_layers=5),
+    ("hunyuanimage", "all_linear_mod"): lambda c: _per_block(c, num_layers=14, num_single_layers=6),
     # Chroma: FLUX's blocks without modulation linears
     ("chroma", "attention"): lambda c: _per_block(c, num_layers=8, num_single_layers=3),
     ("chroma", "attention_mlp"): lambda c: _per_block(c, num_layers=12, num_single_layers=3),
@@ -307,12 +317,12 @@ TARGETS = {
     # and the feed-forward's two linears
     ("wan", "attention"): lambda c: 8 * c["num_layers"], ("wan", "attention_ffn"): lambda c: 10 * c["num_layers"],
 }
-#: FLUX's fused BFL modules per preset (sd-scripts' own FLUX LoRA: 304, its "all blocks" count)
-BFL_STEMS = {"attention": 19 * 4 + 38, "attention_mlp": 19 * 8 + 38, "all_linear": 19 * 8 + 38 * 2,
-             "all_linear_mod": 19 * 10 + 38 * 3}
+#: fused BFL modules per preset, per (double, single) block (sd-scripts' own FLUX LoRA: 19 x 10 + 38 x 3 = 304, its
+#: "all blocks" count; HunyuanImage 2.1's: 20 x 10 + 40 x 3 = 320)
+BFL_STEMS = {"attention": (4, 1), "attention_mlp": (8, 1), "all_linear": (8, 2), "all_linear_mod": (10, 3)}
 CASES = [(name, preset) for name in ("sd15", "sdxl", "sd35-medium", "flux1-dev", "qwen-image", "z-image-turbo",
                                       "flux2-klein-4b", "chroma1-hd", "lumina-image-2", "sana-1600m-1024px",
-                                      "wan2.1-1.3b")
+                                      "wan2.1-1.3b", "hunyuanimage-2.1")
           for (family, preset) in TARGETS
           if family == FAMILY[name]]
 CASES += [("sd35-large", "attention"), ("flux2-klein-9b", "all_linear"), ("flux2-dev", "all_linear"),
@@ -342,11 +352,14 @@ def test_lora_targets_and_kohya_keys_per_preset(name, preset):
     stems = {names.key(path): path for path in adapted}
     assert len(stems) == len(adapted)  # 3 * len(adapted) tensors in the file
     assert all(names.canonical(names.path_of(stem)) == names.canonical(path) for stem, path in stems.items())
-    if comps.family.name == "flux":
+    if "bfl" in comps.family.lora_layouts:  # FLUX.1, and HunyuanImage 2.1's ComfyUI form
         from finetune.models.families.flux_bfl import geometry_of_model, owner
 
-        owners = owner(geometry_of_model(dict(comps.denoiser.config)))
-        assert len({owners[p][0] for p in adapted}) == BFL_STEMS[preset]
+        c = dict(comps.denoiser.config)
+        owners = owner(geometry_of_model(c))
+        per_double, per_single = BFL_STEMS[preset]
+        stems = per_double * c["num_layers"] + per_single * c["num_single_layers"]
+        assert len({owners[p][0] for p in adapted}) == stems, (name, preset)
 
 
 @pytest.mark.parametrize("name,precision", [(name, "bf16") for name in FAMILY]

@@ -172,7 +172,9 @@ def trace_step(comps, recipe) -> int:
         p.data = p.data.to(dtype)
     den.train()
     if recipe.train.gradient_checkpointing:
-        den.enable_gradient_checkpointing()
+        from finetune.models.offload import checkpoint_block
+
+        den.enable_gradient_checkpointing(checkpoint_block)
     with torch.no_grad(), meta_safe():
         text = comps.family.encode_prompt(comps, ["a photo"] * b, device) if comps.text_encoders else {}
     text = {k: v.to(dtype) for k, v in text.items()}

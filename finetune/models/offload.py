@@ -142,9 +142,16 @@ def _recompute_to_the_end(denoiser: torch.nn.Module) -> None:
         inner.enable_gradient_checkpointing(_checkpoint_whole_block)
 
 
-def _checkpoint_whole_block(module, *args):
-    # diffusers' own function, with the recomputation run to the block's end so its forward hook fires
-    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, early_stop=False)
+def checkpoint_block(module, *args, **kwargs):
+    """diffusers' gradient-checkpointing function (non-reentrant), keyword arguments passed on too: some
+    transformers hand their blocks keywords (HunyuanImage's attention_mask), which diffusers' own drops with a
+    TypeError (diffusers 0.42.1)."""
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_whole_block(module, *args, **kwargs):
+    # checkpoint_block, with the recomputation run to the block's end so its forward hook fires
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, early_stop=False, **kwargs)
 
 
 def _unwrapped(denoiser: torch.nn.Module) -> torch.nn.Module:

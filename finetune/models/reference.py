@@ -7,7 +7,10 @@ SD 3.5 Medium / Large, FLUX.1 [dev] / [schnell], Qwen-Image, Z-Image-Turbo, FLUX
 VAE and FLUX.1 [dev]'s scheduler, which Chroma reuses), Lumina-Image 2.0 (diffusers' Lumina2Transformer2DModel
 defaults with Gemma-2-2B's width as the caption width, google/gemma-2-2b's config, the FLUX.1 VAE), Sana 1600M
 1024 px (the values diffusers' scripts/convert_sana_to_diffusers.py and convert_dcae_to_diffusers.py write; Gemma-2-2B-it
-has Gemma-2-2B's config), Wan 2.1 T2V
+has Gemma-2-2B's config), HunyuanImage 2.1 (the transformer and VAE values diffusers'
+scripts/convert_hunyuan_image_to_diffusers.py writes; Qwen2.5-VL-7B as Qwen-Image's; byT5-small's encoder for the glyphs;
+the scheduler's static shift 5.0 is sd-scripts' HunyuanImage default, the published scheduler config not being on this
+machine; the guiders, which hold no weights, are left out), Wan 2.1 T2V
 1.3B / 14B, Wan 2.2 T2V A14B (two experts) and TI2V 5B (the values diffusers' scripts/convert_wan_to_diffusers.py
 writes: UniPC's flow_shift 3.0, 5.0 for TI2V; boundary_ratio 0.875; the 48-channel VAE's latents_mean/std). They are
 built on the meta device by `finetune estimate` when a hub base is not in the local cache, and by the tests at
@@ -39,6 +42,7 @@ REFERENCE_IDS = {
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana-1600m-1024px",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-14B-Diffusers": "wan2.1-14b",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan2.2-a14b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "wan2.2-5b",
+    "hunyuanvideo-community/HunyuanImage-2.1-Diffusers": "hunyuanimage-2.1",
 }
 
 
@@ -72,6 +76,10 @@ def stand_in_tokenizer(cls_name: str):
     if cls_name.startswith("Pixtral"):  # FLUX.2 [dev]'s Mistral processor: its tokenizer and chat template
         with tempfile.TemporaryDirectory() as tmp:
             return mistral_tokenizer(qwen_tokenizer(Path(tmp) / "tokenizer"))
+    if cls_name.startswith("ByT5"):  # bytes: nothing to build (HunyuanImage's glyph tokenizer)
+        from transformers import ByT5Tokenizer
+
+        return ByT5Tokenizer()
     if cls_name.startswith("Gemma"):  # Lumina 2's (finetune/models/tiny_llm.py)
         from finetune.models.tiny_llm import gemma_tokenizer
 

@@ -5,7 +5,8 @@ downloaded: a T5-style Unigram tokenizer over a small vocabulary, and for the Qw
 
     build_tiny("sd3", folder)      # a StableDiffusion3Pipeline folder, a few MB
     build_tiny("z_image", folder)  # also: "flux", "qwen_image", "flux2_klein", "chroma", "flux2_dev", "wan",
-                                   # "wan_i2v", "wan_experts", "lumina2", "sana", "krea2", "hidream" (tiny_llm.py)
+                                   # "wan_i2v", "wan_experts", "lumina2", "sana", "krea2", "hidream",
+                                   # "hunyuanimage", "qwen_image21" (tiny_llm.py)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from finetune.models.tiny_text import (  # noqa: F401
     QWEN_IMAGE_SYSTEM,
     WORDS,
     _clip,
+    _qwen25_vl,
     _save,
     _seeded,
     _t5,
@@ -151,25 +153,6 @@ def build_tiny_z_image(folder: Path, seed: int = 0) -> Path:
 QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
                             max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
                             time_shift_type="exponential", shift_terminal=0.02)
-
-
-def _qwen25_vl(vocab: int, hidden: int, tok=None):
-    """A Qwen2.5-VL model; with `tok` (a vision tokenizer) its image token ids are that tokenizer's."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = ([tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                   "<|vision_end|>")] if tok is not None
-           else [vocab - 1, vocab - 2, vocab - 3, vocab - 4])
-    config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "max_position_embeddings": 4096, "bos_token_id": None, "eos_token_id": None,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": hidden},
-        image_token_id=ids[0], video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3])
-    return Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
 
 
 def build_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
@@ -413,7 +396,8 @@ def _llm_family(name: str):
     return build
 
 
-BUILDERS |= {name: _llm_family(name) for name in ("lumina2", "sana", "krea2", "hidream")}
+BUILDERS |= {name: _llm_family(name) for name in ("lumina2", "sana", "krea2", "hidream", "hunyuanimage",
+                                                       "qwen_image21")}
 
 
 def build_tiny(family: str, folder: Path, **kwargs) -> Path:

@@ -199,3 +199,95 @@ def build_tiny_hidream(folder: Path, seed: int = 0) -> Path:
 
     shutil.rmtree(folder / "_tokenizer_t5", ignore_errors=True)
     return _save(pipe, folder)
+
+
+def build_tiny_hunyuanimage(folder: Path, seed: int = 0) -> Path:
+    """HunyuanImage-2.1-shaped: one double- and one single-stream block (2 heads of 16, rotary axes 8 + 8, patch 1)
+    after a token refiner of 1 block, reading the third-to-last hidden state of a Qwen2.5-VL encoder 32 wide
+    (tiny.py's) and byT5 glyph states (ByT5's byte tokenizer, built offline, and a T5 encoder 16 wide), a
+    16-channel HunyuanImage VAE at 4x, the flow-matching scheduler with the base's static shift 5, and the adaptive
+    projected guiders the base ships (one for prompts with quoted text)."""
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+    from transformers import ByT5Tokenizer
+
+    from finetune.models.tiny_text import _qwen25_vl, _t5
+
+    folder, tok = seeded(folder, seed)
+    byt5_tok = ByT5Tokenizer()
+    transformer = HunyuanImageTransformer2DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=4.0, patch_size=(1, 1), text_embed_dim=32,
+        text_embed_2_dim=16, rope_axes_dim=(8, 8))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 64),
+                                    layers_per_block=1, spatial_compression_ratio=4, sample_size=64,
+                                    scaling_factor=0.75289)
+    pipe = HunyuanImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=5.0), vae=vae,
+        text_encoder=_qwen25_vl(len(tok), 32), tokenizer=tok, text_encoder_2=_t5(len(byt5_tok), 16),
+        tokenizer_2=byt5_tok, transformer=transformer, guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5),
+        ocr_guider=AdaptiveProjectedMixGuidance(guidance_scale=3.5))
+    return _save(pipe, folder)
+
+
+# a Qwen3-VL-style chat template over the tiny tokenizer: message content as a string or as a list of text parts
+# (how QwenImage21Pipeline asks for its system message's tokens)
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for part in message['content'] -%}{{- part['text'] -}}{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def build_tiny_qwen_image21(folder: Path, seed: int = 0) -> Path:
+    """Qwen-Image-2.1-shaped: 2 single-stream block-causal blocks (2 heads of 16, rotary axes 4 + 6 + 6, patch 1)
+    reading the last state of a Qwen3-VL encoder 16 wide through its processor (tiny.py's Qwen tokenizer with the
+    vision specials and a Qwen3-VL-style chat template; no video processor), an RGBA VAE at 16x with 16 latent
+    channels and per-channel statistics far from (0, 1), and the pipeline's resolution-shift scheduler (mu 0.5 at
+    256 tokens to 1.15 at 4096)."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen2VLImageProcessorPil, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from finetune.models.families.qwen_image21 import text_processor
+
+    folder, tok = seeded(folder, seed, vision=True)
+    processor = text_processor()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok,
+                                 chat_template=QWEN3_VL_TEMPLATE)
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                   "<|vision_end|>")]
+    encoder = Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 1024,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 1, 1],
+                                         "mrope_interleaved": True}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16,
+                       "deepstack_visual_indexes": []},
+        image_token_id=ids[0], video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3]))
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=3, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True, True], latents_mean=torch.linspace(-0.5, 0.5, 16).tolist(),
+        latents_std=torch.linspace(0.5, 2.0, 16).tolist())
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    pipe = QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=encoder, processor=processor,
+                               transformer=transformer)
+    _save(pipe, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["processor"] == ["transformers", "Qwen3VLProcessor"]  # as the real base names it
+    return folder

@@ -139,3 +139,22 @@ def _vae16(**extra):
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
                          norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False, **extra)
+
+
+def _qwen25_vl(vocab: int, hidden: int, tok=None):
+    """A Qwen2.5-VL model; with `tok` (a vision tokenizer) its image token ids are that tokenizer's."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = ([tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                   "<|vision_end|>")] if tok is not None
+           else [vocab - 1, vocab - 2, vocab - 3, vocab - 4])
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 4096, "bos_token_id": None, "eos_token_id": None,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": hidden},
+        image_token_id=ids[0], video_token_id=ids[1], vision_start_token_id=ids[2], vision_end_token_id=ids[3])
+    return Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)

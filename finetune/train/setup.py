@@ -193,9 +193,11 @@ def prepare_denoisers(comps, cfg) -> None:
     compiles them after: train/compile.py)."""
     import torch
 
+    from finetune.models.offload import checkpoint_block
+
     for name in comps.trained_experts:
         denoiser = comps.experts[name]
         if cfg.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing(checkpoint_block)
         if cfg.channels_last:
             denoiser.to(memory_format=torch.channels_last)

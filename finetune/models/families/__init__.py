@@ -15,9 +15,11 @@ from finetune.models.families.flux_control import FLUX_CONTROL
 from finetune.models.families.flux_controlnet import FLUX_CONTROLNET
 from finetune.models.families.flux_kontext import FLUX_KONTEXT
 from finetune.models.families.hidream import HIDREAM
+from finetune.models.families.hunyuanimage import HUNYUANIMAGE
 from finetune.models.families.krea2 import KREA2
 from finetune.models.families.lumina2 import LUMINA2
 from finetune.models.families.qwen_image import QWEN_IMAGE
+from finetune.models.families.qwen_image21 import QWEN_IMAGE21
 from finetune.models.families.qwen_image_edit import QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from finetune.models.families.sana import SANA
 from finetune.models.families.sd import SD1, SD2
@@ -31,7 +33,7 @@ from finetune.models.family import Family
 REGISTERED: tuple[Family, ...] = (FLUX, FLUX2_KLEIN, FLUX_CONTROL, FLUX_CONTROLNET, FLUX_KONTEXT, QWEN_IMAGE,
                                   QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS, SD1, SD1_CONTROLNET, SD2, SD3, SDXL,
                                   SDXL_CONTROLNET, WAN, WAN_I2V, Z_IMAGE, CHROMA, FLUX2_DEV, LUMINA2, SANA, KREA2,
-                                  HIDREAM)
+                                  HIDREAM, HUNYUANIMAGE, QWEN_IMAGE21)
 
 
 def _by_name(families: tuple[Family, ...]) -> dict[str, Family]:
