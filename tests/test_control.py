@@ -136,9 +136,9 @@ def test_batch_loss_equals_the_stock_control_pipelines_own_computation(tmp_path,
     assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
 
 
-def _render(pipe, image, seed: int = 0):
+def _render(pipe, image, seed: int = 0, **kw):
     return pipe(prompt="red", control_image=image, height=64, width=64, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+                generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images[0]
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +410,75 @@ def test_a_unet_controlnet_refuses_cached_latents(tmp_path, tiny_sdxl_base):
 
     with pytest.raises(Exception, match="data.cache_latents"):
         load_recipe(unet_recipe(tmp_path, tiny_sdxl_base, data={"cache_latents": True}), [])
+
+
+# ------------------------------------------------------------------------- tools/generate.py --image (control)
+def _generated(tmp_path: Path, name: str, *argv) -> np.ndarray:
+    """tools/generate.py's one image (seed 0, 2 steps, 64 px) for `argv`, as saved (0..255)."""
+    from tests.test_tools_export import run_tool
+
+    assert run_tool("generate", "red", *argv, "--steps", 2, "--seeds", 0, "--width", 64, "--height", 64,
+                    "--save-images", tmp_path / name, "--out", tmp_path / f"{name}.png") == 0
+    return np.asarray(Image.open(tmp_path / name / "p00-s0.png"), dtype=np.float32)
+
+
+def _png_close(saved: np.ndarray, stock: np.ndarray) -> float:
+    """Largest difference of a saved image from a stock pipeline's float output, on the saved 0..255 scale."""
+    return float(np.abs(saved - (stock * 255).round()).max())
+
+
+def test_generate_image_drives_the_stock_control_pipeline_for_a_control_lora(tmp_path, base, run):
+    """A Control LoRA given to tools/generate.py with --image: told by its shapes, the base widened, the LoRA fused,
+    FluxControlPipeline run: the image the stock pipeline's own loader gives (to the PNG's rounding)."""
+    out = Path(run.recipe.train.output_dir)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    image.save(tmp_path / "control.png")
+    Image.fromarray(255 - np.asarray(image)).save(tmp_path / "other.png")
+    args = ("--base", base, "--lora", out, "--guidance", 3.5)
+    ours = _generated(tmp_path, "a", *args, "--image", tmp_path / "control.png")
+    other = _generated(tmp_path, "b", *args, "--image", tmp_path / "other.png")
+    pipe = stock(base)
+    pipe.load_lora_weights(out)
+    assert _png_close(ours, _render(pipe, image, guidance_scale=3.5)) <= 1.0
+    assert np.abs(ours - other).max() >= 1.0  # the control image steers it
+
+
+@pytest.mark.parametrize("name", ["flux", "sd1"])
+def test_generate_image_drives_the_stock_controlnet_pipeline(tmp_path, base, controlnet_run, unet_runs, name):
+    """--controlnet RUN --image CONTROL: the family's stock ControlNet pipeline with the exported ControlNet."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    image.save(tmp_path / "control.png")
+    if name == "flux":
+        folder = Path(controlnet_run.recipe.train.output_dir)
+        extra = ("--guidance", 3.5)
+        expected = _render(stock_controlnet(base, folder / "controlnet"), image, guidance_scale=3.5)
+    else:
+        base, run = unet_runs(name)
+        folder = Path(run.recipe.train.output_dir)
+        extra = ("--scheduler", "base", "--guidance", 3.0)
+        pipe = getattr(diffusers, UNETS[name][1]).from_pretrained(
+            base, controlnet=ControlNetModel.from_pretrained(folder / "controlnet"), safety_checker=None,
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe(prompt="red", image=image, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ours = _generated(tmp_path, "a", "--base", base, "--controlnet", folder, "--image", tmp_path / "control.png",
+                      *extra)
+    assert _png_close(ours, expected) <= 1.0
+
+
+def test_generate_refuses_a_controlnet_it_cannot_use(tmp_path, base, run, controlnet_run, capsys):
+    from tests.test_tools_export import run_tool
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "c.png")
+    lora, flux_net = Path(run.recipe.train.output_dir), Path(controlnet_run.recipe.train.output_dir)
+    cases = [(("--base", base, "--controlnet", lora, "--image", tmp_path / "c.png"), "no diffusers ControlNet here"),
+             (("--base", base, "--controlnet", flux_net), "give one --image"),
+             (("--base", base, "--lora", lora), "a Control LoRA; give its control image with --image")]
+    for argv, words in cases:
+        assert run_tool("generate", "red", *argv, "--max-sequence-length", 32, "--out", tmp_path / "o.png") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
