@@ -482,3 +482,38 @@ def test_generate_refuses_a_controlnet_it_cannot_use(tmp_path, base, run, contro
         assert run_tool("generate", "red", *argv, "--max-sequence-length", 32, "--out", tmp_path / "o.png") == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_train_norm_layers_trains_the_qk_norms_and_every_loader_applies_them(tmp_path, base):
+    """method.train_norm_layers (diffusers' --train_norm_layers): the attention's q/k norm scales train whole, are
+    checkpointed with the LoRA, go into its file, and both the stock FluxControlPipeline loader and
+    tools/generate.py (our reader, fused) give the trained model's images."""
+    from safetensors.torch import load_file
+
+    t = run_trainer(recipe(tmp_path, base, method={"name": "control_lora", "rank": 4, "alpha": 2,
+                                                   "targets": "attention", "train_norm_layers": True},
+                           train={"lr": 5e-2}), "logging.progress=false")
+    norms = [n for n in t.params if ".norm_" in n]
+    assert norms and all(n.endswith(".weight") and ("lora" in n or ".norm_" in n) for n in t.params)
+    out = Path(t.recipe.train.output_dir)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    key = "transformer.transformer_blocks.0.attn.norm_q.weight"
+    pipe = stock(base)
+    base_norms = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if ".norm_" in k}
+    assert key in saved and float((saved[key] - base_norms[key[12:]]).abs().max()) > 1e-3  # trained
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ours = _render(t.comps.pipeline(edit=True), image, guidance_scale=3.5)
+    pipe.load_lora_weights(out)
+    assert np.abs(_render(pipe, image, guidance_scale=3.5) - ours).max() < 1e-4
+    pipe.transformer.load_state_dict(base_norms, strict=False)  # the LoRA without its norms: another model
+    assert np.abs(_render(pipe, image, guidance_scale=3.5) - ours).max() > 1e-3
+    image.save(tmp_path / "control.png")
+    generated = _generated(tmp_path, "g", "--base", base, "--lora", out, "--image", tmp_path / "control.png",
+                           "--guidance", 3.5)
+    assert _png_close(generated, ours) <= 1.0
+    from finetune.errors import ModelError
+    from finetune.export.adapters import read_adapter
+    from finetune.export.lora import save_adapter
+
+    with pytest.raises(ModelError, match="no place for"):  # a layout without the norms refuses, never drops them
+        save_adapter(read_adapter(out), tmp_path / "k.safetensors", "kohya", {})

@@ -81,22 +81,24 @@ def load(run: str | Path) -> Scored:
 
 @torch.no_grad()
 def render(pipe, items: list[Case], steps: int, guidance: float | None = None, controlled: bool = True,
-           conditioning_scale: float = 1.0) -> list[Image.Image]:
-    """One image per case at 64 px, seed i for case i (the same for the trained model and the base). `guidance`:
-    the CFG scale of an SD pipeline (None: a FLUX toy pipeline, sampled without CFG at the T5 length it was
-    trained at). `controlled`: the case's mask goes in as the pipeline's control image; ControlNet pipelines
-    scale the ControlNet's residuals by `conditioning_scale`."""
+           conditioning_scale: float = 1.0, chunk: int = 16) -> list[Image.Image]:
+    """One image per case at 64 px, seed i for case i (the same for the trained model and the base), `chunk`
+    cases per pipeline call (each with its own generator: the same images as one by one, to float rounding).
+    `guidance`: the CFG scale of an SD pipeline (None: a FLUX toy pipeline, sampled without CFG at the T5 length
+    it was trained at). `controlled`: the case's mask goes in as the pipeline's control image; ControlNet
+    pipelines scale the ControlNet's residuals by `conditioning_scale`."""
     params = inspect.signature(pipe.__call__).parameters
     extra = {"guidance_scale": guidance} if guidance is not None else {"guidance_scale": 0.0,
                                                                        "max_sequence_length": 32}
     if "controlnet_conditioning_scale" in params:
         extra["controlnet_conditioning_scale"] = conditioning_scale
     out = []
-    for i, case in enumerate(items):
+    for first in range(0, len(items), chunk):
+        part = items[first:first + chunk]
         if controlled:
-            extra["control_image" if "control_image" in params else "image"] = case.mask
-        out.append(pipe(prompt=case.caption, height=64, width=64, num_inference_steps=steps,
-                        generator=torch.Generator().manual_seed(i), **extra).images[0])
+            extra["control_image" if "control_image" in params else "image"] = [c.mask for c in part]
+        out += pipe(prompt=[c.caption for c in part], height=64, width=64, num_inference_steps=steps,
+                    generator=[torch.Generator().manual_seed(first + i) for i in range(len(part))], **extra).images
     return out
 
 
