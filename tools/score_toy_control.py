@@ -8,9 +8,9 @@ n held-out world images (drawn with --seed; the recipes train on seed 0) give ca
 says which toy it is: a Control LoRA (recipes/toy/flux_control.yaml) renders through the stock FluxControlPipeline
 on the FLUX toy (its loader widens the toy's input projection); a ControlNet (recipes/toy/controlnet.yaml, the SD
 toy; or a FluxControlNetModel on the FLUX toy) through the stock ControlNet pipeline. The untouched base of the
-same toy renders the caption alone: its chance of putting the object where the mask is. Both are sampled as the
-toy is (SD: DDIM with CFG; FLUX: Euler without) and scored by mask IoU of the output's object with the mask (mean,
-and the share with IoU >= 0.5). Writes results.json and grid.png (masks | the base's outputs | the trained
+same toy renders the caption alone: its chance of putting the object where the mask is. Both are sampled alike
+(SD: DDIM with CFG, --guidance; FLUX: Euler without) and scored by mask IoU of the output's object with the mask
+(mean, and the share with IoU >= 0.5). Writes results.json and grid.png (masks | the base's outputs | the trained
 model's) to --out.
 """
 
@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=32, help="held-out masks")
     p.add_argument("--seed", type=int, default=1, help="which held-out images are drawn (training draws seed 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the toy's own, SD 25, FLUX 28)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="the SD toy's CFG scale (default: the toy's own, 6; the FLUX toy samples without CFG)")
     p.add_argument("--conditioning-scale", type=float, default=1.0,
                    help="a ControlNet's residual scale (the pipelines' controlnet_conditioning_scale)")
     p.add_argument("--columns", type=int, default=8, help="samples in the grid")
@@ -43,9 +45,17 @@ def _check(args) -> None:
 
     from finetune.errors import UserError
 
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 1):
+        raise UserError(f"--guidance {args.guidance}: must be a finite number >= 1 (1: no CFG)")
     if not math.isfinite(args.conditioning_scale) or args.conditioning_scale < 0:
         raise UserError(f"--conditioning-scale {args.conditioning_scale}: must be a finite number >= 0")
     _common.check_score_args(args, ("n", "columns") + (("steps",) if args.steps is not None else ()))
+    if args.guidance is not None:
+        from finetune.export.controlnet import controlnet_folder
+
+        found = controlnet_folder(args.lora)
+        if found is None or found[1] != "ControlNetModel":
+            raise UserError(f"--guidance: {args.lora} is a FLUX toy run, sampled without CFG; leave --guidance out")
 
 
 def main(argv=None) -> int:
@@ -65,9 +75,10 @@ def main(argv=None) -> int:
                         f"({type(e).__name__}: {first})") from None
     items = control.cases(args.n, args.seed)
     steps = args.steps or run.steps
-    outputs = {"trained": control.render(run.tuned, items, steps, run.guidance,
+    guidance = run.guidance if args.guidance is None else args.guidance
+    outputs = {"trained": control.render(run.tuned, items, steps, guidance,
                                          conditioning_scale=args.conditioning_scale),
-               "base": control.render(run.base, items, steps, run.guidance, controlled=False)}
+               "base": control.render(run.base, items, steps, guidance, controlled=False)}
     scores = {k: control.score(v, items) for k, v in outputs.items()}
     for k, s in scores.items():
         print(f"{k}: mask IoU {s['iou']:.3f}, IoU >= 0.5 in {s['hit']:.2f} of {s['n']}", flush=True)
@@ -75,7 +86,7 @@ def main(argv=None) -> int:
     rows = [[c.mask for c in items[:k]], outputs["base"][:k], outputs["trained"][:k]]
     labels = ["control (held-out masks)", "untouched base (caption only)", f"{run.kind} (caption + mask)"]
     _common.write_score_results(args.out, {"args": vars(args), "model": run.kind, "steps": steps,
-                                           "guidance": run.guidance, **scores}, rows, labels)
+                                           "guidance": guidance, **scores}, rows, labels)
     return 0
 
 
