@@ -256,12 +256,15 @@ def score_toy_edit_cases(box) -> list[tuple[str, str, list]]:
 
 
 def score_toy_control_cases(box) -> list[tuple[str, str, list]]:
-    """tools/score_toy_control.py: values and the run folder checked before a model loads; a bad LoRA named."""
+    """tools/score_toy_control.py: values and the run folder checked before a model loads; a bad LoRA named;
+    --guidance refused for a FLUX toy run (sampled without CFG)."""
     out = ["--out", p(box, "scores")]
     return [
         ("missing_folder", "score_toy_control", [p(box, "missing_folder"), *out]),
         ("--n", "score_toy_control", [box["good"], "--n", 0, *out]),
         ("--steps", "score_toy_control", [box["good"], "--steps", 0, *out]),
+        ("--conditioning-scale", "score_toy_control", [box["good"], "--conditioning-scale", "nan", *out]),
+        ("--guidance", "score_toy_control", [box["good"], "--guidance", 3, *out]),  # a LoRA: the FLUX toy, no CFG
         ("truncated.safetensors", "score_toy_control", [p(box, "truncated.safetensors"), "--n", 1, "--steps", 1,
                                                         *out]),
         ("results.json", "score_toy_control", [box["good"], "--out", p(box, "scored")]),

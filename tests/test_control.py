@@ -136,9 +136,9 @@ def test_batch_loss_equals_the_stock_control_pipelines_own_computation(tmp_path,
     assert abs(float(loss) - float(ref)) < 1e-6, (float(loss), float(ref))
 
 
-def _render(pipe, image, seed: int = 0):
+def _render(pipe, image, seed: int = 0, **kw):
     return pipe(prompt="red", control_image=image, height=64, width=64, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+                generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images[0]
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +410,110 @@ def test_a_unet_controlnet_refuses_cached_latents(tmp_path, tiny_sdxl_base):
 
     with pytest.raises(Exception, match="data.cache_latents"):
         load_recipe(unet_recipe(tmp_path, tiny_sdxl_base, data={"cache_latents": True}), [])
+
+
+# ------------------------------------------------------------------------- tools/generate.py --image (control)
+def _generated(tmp_path: Path, name: str, *argv) -> np.ndarray:
+    """tools/generate.py's one image (seed 0, 2 steps, 64 px) for `argv`, as saved (0..255)."""
+    from tests.test_tools_export import run_tool
+
+    assert run_tool("generate", "red", *argv, "--steps", 2, "--seeds", 0, "--width", 64, "--height", 64,
+                    "--save-images", tmp_path / name, "--out", tmp_path / f"{name}.png") == 0
+    return np.asarray(Image.open(tmp_path / name / "p00-s0.png"), dtype=np.float32)
+
+
+def _png_close(saved: np.ndarray, stock: np.ndarray) -> float:
+    """Largest difference of a saved image from a stock pipeline's float output, on the saved 0..255 scale."""
+    return float(np.abs(saved - (stock * 255).round()).max())
+
+
+def test_generate_image_drives_the_stock_control_pipeline_for_a_control_lora(tmp_path, base, run):
+    """A Control LoRA given to tools/generate.py with --image: told by its shapes, the base widened, the LoRA fused,
+    FluxControlPipeline run: the image the stock pipeline's own loader gives (to the PNG's rounding)."""
+    out = Path(run.recipe.train.output_dir)
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    image.save(tmp_path / "control.png")
+    Image.fromarray(255 - np.asarray(image)).save(tmp_path / "other.png")
+    args = ("--base", base, "--lora", out, "--guidance", 3.5)
+    ours = _generated(tmp_path, "a", *args, "--image", tmp_path / "control.png")
+    other = _generated(tmp_path, "b", *args, "--image", tmp_path / "other.png")
+    pipe = stock(base)
+    pipe.load_lora_weights(out)
+    assert _png_close(ours, _render(pipe, image, guidance_scale=3.5)) <= 1.0
+    assert np.abs(ours - other).max() >= 1.0  # the control image steers it
+
+
+@pytest.mark.parametrize("name", ["flux", "sd1"])
+def test_generate_image_drives_the_stock_controlnet_pipeline(tmp_path, base, controlnet_run, unet_runs, name):
+    """--controlnet RUN --image CONTROL: the family's stock ControlNet pipeline with the exported ControlNet."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    image.save(tmp_path / "control.png")
+    if name == "flux":
+        folder = Path(controlnet_run.recipe.train.output_dir)
+        extra = ("--guidance", 3.5)
+        expected = _render(stock_controlnet(base, folder / "controlnet"), image, guidance_scale=3.5)
+    else:
+        base, run = unet_runs(name)
+        folder = Path(run.recipe.train.output_dir)
+        extra = ("--scheduler", "base", "--guidance", 3.0)
+        pipe = getattr(diffusers, UNETS[name][1]).from_pretrained(
+            base, controlnet=ControlNetModel.from_pretrained(folder / "controlnet"), safety_checker=None,
+            requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe(prompt="red", image=image, height=64, width=64, num_inference_steps=2, guidance_scale=3.0,
+                        generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    ours = _generated(tmp_path, "a", "--base", base, "--controlnet", folder, "--image", tmp_path / "control.png",
+                      *extra)
+    assert _png_close(ours, expected) <= 1.0
+
+
+def test_generate_refuses_a_controlnet_it_cannot_use(tmp_path, base, run, controlnet_run, capsys):
+    from tests.test_tools_export import run_tool
+
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "c.png")
+    lora, flux_net = Path(run.recipe.train.output_dir), Path(controlnet_run.recipe.train.output_dir)
+    cases = [(("--base", base, "--controlnet", lora, "--image", tmp_path / "c.png"), "no diffusers ControlNet here"),
+             (("--base", base, "--controlnet", flux_net), "give one --image"),
+             (("--base", base, "--lora", lora), "a Control LoRA; give its control image with --image")]
+    for argv, words in cases:
+        assert run_tool("generate", "red", *argv, "--max-sequence-length", 32, "--out", tmp_path / "o.png") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+
+
+def test_train_norm_layers_trains_the_qk_norms_and_every_loader_applies_them(tmp_path, base):
+    """method.train_norm_layers (diffusers' --train_norm_layers): the attention's q/k norm scales train whole, are
+    checkpointed with the LoRA, go into its file, and both the stock FluxControlPipeline loader and
+    tools/generate.py (our reader, fused) give the trained model's images."""
+    from safetensors.torch import load_file
+
+    t = run_trainer(recipe(tmp_path, base, method={"name": "control_lora", "rank": 4, "alpha": 2,
+                                                   "targets": "attention", "train_norm_layers": True},
+                           train={"lr": 5e-2}), "logging.progress=false")
+    norms = [n for n in t.params if ".norm_" in n]
+    assert norms and all(n.endswith(".weight") and ("lora" in n or ".norm_" in n) for n in t.params)
+    out = Path(t.recipe.train.output_dir)
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    key = "transformer.transformer_blocks.0.attn.norm_q.weight"
+    pipe = stock(base)
+    base_norms = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if ".norm_" in k}
+    assert key in saved and float((saved[key] - base_norms[key[12:]]).abs().max()) > 1e-3  # trained
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ours = _render(t.comps.pipeline(edit=True), image, guidance_scale=3.5)
+    pipe.load_lora_weights(out)
+    assert np.abs(_render(pipe, image, guidance_scale=3.5) - ours).max() < 1e-4
+    pipe.transformer.load_state_dict(base_norms, strict=False)  # the LoRA without its norms: another model
+    assert np.abs(_render(pipe, image, guidance_scale=3.5) - ours).max() > 1e-3
+    image.save(tmp_path / "control.png")
+    generated = _generated(tmp_path, "g", "--base", base, "--lora", out, "--image", tmp_path / "control.png",
+                           "--guidance", 3.5)
+    assert _png_close(generated, ours) <= 1.0
+    from finetune.errors import ModelError
+    from finetune.export.adapters import read_adapter
+    from finetune.export.lora import save_adapter
+
+    with pytest.raises(ModelError, match="no place for"):  # a layout without the norms refuses, never drops them
+        save_adapter(read_adapter(out), tmp_path / "k.safetensors", "kohya", {})

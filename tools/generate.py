@@ -6,10 +6,17 @@
     python tools/generate.py "a watercolor" --base toy --init-image photo.png --strength 0.6
     python tools/generate.py "make it blue" --base toy-flux --lora out/toy-flux-edit --image input.png \
         --guidance 5 --steps 28 --max-sequence-length 32
+    python tools/generate.py "a red star on a white background" --base toy --controlnet out/toy-controlnet \
+        --image mask.png --guidance 6 --steps 25
+    python tools/generate.py "a red star on a white background" --base toy-flux --lora out/toy-flux-control \
+        --image mask.png --steps 28 --max-sequence-length 32
 
 LoRAs (diffusers, kohya, DoRA, LoHa, LoKr; `PATH[:SCALE]`) are fused into the weights before sampling.
 Prompt weighting: `(word:1.3)` (A1111 style) or compel's own syntax (`word++`, `(word)1.3`), through every text
 encoder of the family (SDXL: both, with the pooled embedding); image-to-image with any family.
+Control: `--image` is the control image of a ControlNet (`--controlnet`, through the family's stock ControlNet
+pipeline) or of a Control LoRA (told by its shapes: its input layer reads the control latents too; the base's input
+projection is widened for it as FluxControlPipeline's loader does, then the LoRA is fused).
 """
 
 from __future__ import annotations
@@ -55,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image-to-image: how much to change, 0..1 (default 0.6)")
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="edit and reference models: a conditioning image (repeat for several), through the "
-                   "family's edit pipeline; each grid row starts with the input(s)")
+                   "family's edit pipeline; control models (--controlnet, a Control LoRA): the control image; each "
+                   "grid row starts with the input(s)")
+    p.add_argument("--controlnet", type=Path, default=None,
+                   help="a ControlNet steering the base: a controlnet run's folder or its controlnet/ folder "
+                   "(with --image, the control image)")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens the base reads (the toy FLUX base: 32)")
     p.add_argument("--out", type=Path, default=None,
@@ -65,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace existing output images (never an input)")
     args = p.parse_args(argv)
     if args.out is None:
-        args.out = default_out(args.lora[0] if args.lora else args.base)
+        args.out = default_out(args.lora[0] if args.lora else str(args.controlnet or args.base))
     return args
 
 
@@ -105,7 +116,8 @@ def check_args(args, seeds: list[int]):
         raise ModelError(f"--seeds {seeds}: seeds must be in 0 .. 2^64-1")
     if args.out.suffix.lower() not in Image.registered_extensions():
         raise ModelError(f"--out {args.out}: unknown image type '{args.out.suffix}'; use .png or .jpg")
-    inputs = [Path(args.base), args.init_image, *args.image, *(Path(s.rpartition(":")[0] or s) for s in args.lora),
+    inputs = [Path(args.base), args.init_image, *args.image, args.controlnet,
+              *(Path(s.rpartition(":")[0] or s) for s in args.lora),
               *(Path(s) for s in args.lora + args.embedding)]
     check_output(args.out, inputs, args.overwrite)
     if args.save_images is not None:
@@ -114,6 +126,11 @@ def check_args(args, seeds: list[int]):
                 check_output(args.save_images / f"p{i:02d}-s{seed}.png", inputs, args.overwrite, "--save-images")
     if args.image and args.init_image is not None:
         raise ModelError("--image (an edit model's input) and --init-image (image-to-image) do not mix; use one")
+    if args.controlnet is not None and len(args.image) != 1:
+        raise ModelError(f"--controlnet: a ControlNet is steered by one control image; give one --image (got "
+                         f"{len(args.image)})")
+    if args.controlnet is not None and not args.controlnet.exists():
+        raise ModelError(f"{args.controlnet}: no such folder (--controlnet); give a controlnet run's folder")
     args.image_pil = [_open_image(path, "--image") for path in args.image]
     if args.init_image is None:
         return None
@@ -155,12 +172,14 @@ def build_pipeline(args):
     comps = _common.load_base(args.base, args.family, args.config, args.allow_pickle)
     specs = [LoraSpec.parse(s) for s in args.lora]
     adapters = read_all(specs, args.allow_pickle, comps.family, comps.named_modules())
+    _as_control(args, comps, adapters)
     fuse_all(comps, adapters, [s.weight for s in specs])
     if args.image and not comps.family.edit_pipeline_class:
         from finetune.errors import ModelError
 
-        raise ModelError(f"--image: the {comps.family.name} family takes no conditioning images; leave --image out "
-                         "or use an edit base (Kontext, Qwen-Image-Edit, FLUX.2 [klein], a FLUX.1 edit LoRA)")
+        raise ModelError(f"--image: the {comps.family.name} family takes no conditioning images; leave --image out, "
+                         "give a --controlnet, or use an edit base (Kontext, Qwen-Image-Edit, FLUX.2 [klein], a FLUX.1 "
+                         "edit LoRA)")
     pipe = comps.pipeline(edit=bool(args.image))
     choice = args.scheduler or comps.family.default_sampler
     if choice != "base":
@@ -180,6 +199,34 @@ def build_pipeline(args):
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe, comps, tokens
+
+
+def _as_control(args, comps, adapters) -> None:
+    """The base as its family's control variant when the inputs make it one: `--controlnet` joins it (the
+    family's ControlNet pipeline then runs), or a Control LoRA among the LoRAs (its input layer reads the control
+    latents too) widens the base's input projection with zero columns, as FluxControlPipeline's loader does,
+    before the LoRAs are fused."""
+    from finetune.errors import ModelError
+    from finetune.models.families import FAMILIES
+
+    if args.controlnet is not None:
+        variant = FAMILIES.get(comps.family.controlnet_family or "")
+        if variant is None:
+            raise ModelError(f"--controlnet: the {comps.family.name} family has no ControlNet pipeline here (README's "
+                             "family table lists those with one)")
+        from finetune.export.controlnet import read_controlnet
+
+        comps.added["controlnet"] = read_controlnet(args.controlnet, variant.controlnet_class)
+        comps.family = variant
+        return
+    variant = FAMILIES.get(comps.family.control_family or "")
+    control = [a for a in adapters if variant is not None and variant.reads_control(a, comps.denoiser)]
+    if not control:
+        return
+    if not args.image:
+        raise ModelError(f"{control[0].path}: a Control LoRA; give its control image with --image")
+    comps.family = variant
+    variant.widen_input(comps.denoiser)
 
 
 def encode(pipe, family, prompt: str, negative: str) -> dict:
@@ -212,6 +259,8 @@ def encode(pipe, family, prompt: str, negative: str) -> dict:
 
 
 def main(argv=None) -> int:
+    import inspect
+
     import torch
     from tqdm import tqdm
 
@@ -237,10 +286,21 @@ def main(argv=None) -> int:
         guide = comps.family.guidance_kwargs(pipe, args.guidance)
     if args.max_sequence_length:
         extra["max_sequence_length"] = args.max_sequence_length
+    takes = inspect.signature(pipe.__call__).parameters
+    if "negative_prompt" not in takes and "negative_prompt_embeds" not in takes:
+        if args.negative:
+            from finetune.errors import ModelError
+
+            raise ModelError(f"--negative: {type(pipe).__name__} takes no negative prompt; leave --negative out")
+        takes_negative = False
+    else:
+        takes_negative = True
     rows = []
     bar = tqdm(total=len(args.prompts) * len(seeds), desc="generating", unit="image", file=sys.stderr)
     for prompt in args.prompts:
         text = encode(pipe, comps.family, prompt, args.negative)
+        if not takes_negative:  # a pipeline without CFG (FluxControlPipeline)
+            text.pop("negative_prompt", None)
         if "true_cfg_scale" in guide and "prompt" in text:  # true CFG runs only with a negative, even an empty one
             text["negative_prompt"] = args.negative
         images = []
@@ -291,7 +351,8 @@ def _video_inputs(args, comps, init) -> dict:
 def _save(args, rows, seeds, inputs=None) -> None:
     from finetune.train.validation import edit_grid, grid
 
-    title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in args.lora + args.embedding)
+    parts = args.lora + args.embedding + ([f"controlnet {Path(args.controlnet).name}"] if args.controlnet else [])
+    title = f"{Path(args.base).name} | " + " ".join(Path(s).name for s in parts)
     title = f"{title} | seeds {seeds}"[:200]
     image = edit_grid([inputs] * len(rows), rows, args.prompts, title) if inputs else grid(rows, args.prompts, title)
     _save_image(image, args.out)

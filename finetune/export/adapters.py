@@ -22,6 +22,7 @@ from finetune.export.layers import (  # noqa: F401 - re-exported: the adapter AP
     DIFFUSERS_FILE,
     PEFT_FILE,
     PEFT_META,
+    REPLACED_MODULES,
     Adapter,
     Layer,
 )
@@ -63,6 +64,7 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modu
             log.warning(f"note: {path.name} has no alpha tensors: alpha taken as each layer's rank (scale 1), "
                         "as ComfyUI and AUTOMATIC1111 do")
     else:
+        replaced = {k: tensors.pop(k) for k in list(tensors) if replaces_weight(k)}
         configs = peft_configs(meta)
         if not configs:
             log.warning(f"note: {path.name} has no adapter config in its header: alpha taken as each layer's rank "
@@ -70,7 +72,14 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, family=None, modu
         layers = peft_layers(tensors, configs, path)
         layers = {_canonical(n, names): layer for n, layer in layers.items()}
         fmt = "peft" if PEFT_META in meta else "diffusers"
+        return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name, replaced=replaced)
     return Adapter(layers=layers, format=fmt, metadata=meta, path=path, family=family.name)
+
+
+def replaces_weight(key: str) -> bool:
+    """A diffusers-file key that is a whole weight replacing the base's (REPLACED_MODULES), not an adapter's."""
+    module, _, leaf = key.rpartition(".")
+    return leaf == "weight" and module.rpartition(".")[2] in REPLACED_MODULES and "." in module
 
 
 def _family_layout(tensors, family=None):
@@ -184,8 +193,10 @@ def locate_layer(name: str, modules: dict, names, where: str) -> torch.nn.Module
 def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float = 1.0, names=None) -> int:
     """Add the adapter's deltas (times `strength`) into the weights of `modules`; returns layers fused.
 
-    `names` is the base's family table (`Family.kohya_names`). All layers are checked before any weight
-    changes (and a file missing layers its config names is refused), so a bad file leaves the model untouched.
+    `names` is the base's family table (`Family.kohya_names`). Whole weights the file carries (`replaced`: a
+    FLUX Control LoRA's trained norm scales) replace the base's, unscaled, as diffusers' loader does. All layers are
+    checked before any weight changes (and a file missing layers its config names is refused), so a bad file
+    leaves the model untouched.
     """
     import torch
 
@@ -204,10 +215,26 @@ def fuse(adapter: Adapter, modules: dict[str, torch.nn.Module], strength: float 
             raise ModelError(f"{adapter.path}: layer '{name}' does not fit the base weight "
                              f"{tuple(weight.shape)} (a LoRA for another family or base?)") from None
         targets.append((weight, d))
+    replaced = [(_replaced_weight(adapter, key, value, modules), value) for key, value in adapter.replaced.items()]
     with torch.no_grad():
         for weight, d in targets:
             weight.add_((strength * d).to(weight.dtype))
-    return len(targets)
+        for weight, value in replaced:  # whole weights, as diffusers' loader writes them: not scaled by strength
+            weight.copy_(value.to(weight.dtype))
+    return len(targets) + len(replaced)
+
+
+def _replaced_weight(adapter: Adapter, key: str, value, modules):
+    """The base parameter a whole weight of the file replaces ('<component>.<parameter path>'), checked."""
+    component, _, name = key.partition(".")
+    try:
+        weight = modules[component].get_parameter(name)
+    except (KeyError, AttributeError):
+        raise ModelError(f"{adapter.path}: '{key}' names no weight of the base (a LoRA for another base?)") from None
+    if tuple(weight.shape) != tuple(value.shape):
+        raise ModelError(f"{adapter.path}: '{key}' of {tuple(value.shape)} does not fit the base weight "
+                         f"{tuple(weight.shape)} (a LoRA for another family or base?)")
+    return weight
 
 
 def check_complete(adapter: Adapter, modules: dict[str, torch.nn.Module], names) -> None:

@@ -29,3 +29,44 @@ def export_controlnet(net, out_dir: Path, ctx: ExportContext) -> list[Path]:
     if ctx.model_card:
         written.append(write_model_card(Path(out_dir), ctx, written, kind="controlnet"))
     return written
+
+
+def controlnet_folder(path: str | Path) -> tuple[Path, str] | None:
+    """(folder, class name) of the diffusers ControlNet a path holds: a run folder's `controlnet/`, or such a folder
+    itself; None when it holds none (a LoRA, a file)."""
+    import json
+
+    path = Path(path)
+    for folder in (path / FOLDER, path):
+        config = folder / "config.json"
+        if config.is_file() and (folder / WEIGHTS).is_file():
+            try:
+                cls = json.loads(config.read_text()).get("_class_name", "")
+            except (ValueError, AttributeError):
+                continue
+            if cls.endswith("ControlNetModel"):
+                return folder, cls
+    return None
+
+
+def read_controlnet(path: str | Path, cls: str):
+    """The ControlNet a run exported (its folder, or the run folder), as diffusers class `cls` (the base family's):
+    a one-line ModelError naming the path for anything else."""
+    import diffusers
+    import torch
+
+    from finetune.errors import ModelError
+
+    found = controlnet_folder(path)
+    if found is None:
+        raise ModelError(f"{path}: no diffusers ControlNet here (config.json + {WEIGHTS}); give a controlnet run's "
+                         f"folder or its {FOLDER}/ folder")
+    folder, have = found
+    if have != cls:
+        raise ModelError(f"{folder}: a {have}, but this base takes a {cls}; give a ControlNet trained on this "
+                         "base's family")
+    try:
+        return getattr(diffusers, cls).from_pretrained(folder, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - safetensors and diffusers each raise their own types
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"{folder}: not a ControlNet diffusers loads ({type(e).__name__}: {first})") from None

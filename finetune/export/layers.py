@@ -21,6 +21,10 @@ DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 PEFT_FILE = "peft_adapter.safetensors"
 ADAPTER_META = "lora_adapter_metadata"  # the header key diffusers reads the peft config from
 PEFT_META = "finetune.peft_config"
+#: modules whose whole weights a LoRA file may carry beside its adapters: the attention's q/k norm scales a FLUX
+#: Control LoRA trains with `method.train_norm_layers` (diffusers' FLUX LoRA loader accepts these names and
+#: writes them into the transformer as they are)
+REPLACED_MODULES = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 @dataclass
@@ -47,6 +51,8 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     family: str | None = None  # the family whose key names were used to read it
+    #: whole weights that replace the base's ('<component>.<module path>.weight': REPLACED_MODULES), not deltas
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:

@@ -67,7 +67,9 @@ def lora_metadata(cfg, configs: dict[str, dict]) -> dict[str, str]:
     }
 
 
-def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
+def export_lora(comps, method, out_dir: Path, ctx: ExportContext, replaced: dict | None = None) -> list[Path]:
+    """`replaced`: whole trained weights ('<module>.<parameter path>') written beside the adapter in the diffusers
+    file, which diffusers' loader writes into the model (a FLUX Control LoRA's norm scales)."""
     cfg = method.config
     all_tensors, all_configs = adapter_states(comps, method.trained_modules())
     names = bound_names(comps.family.kohya_names, comps.named_modules())
@@ -79,16 +81,18 @@ def export_lora(comps, method, out_dir: Path, ctx: ExportContext) -> list[Path]:
         configs = {renamed[m]: c for m, c in all_configs.items() if m in renamed}
         meta = common_metadata(ctx, lora_metadata(cfg, configs)) | layout_metadata(names)
         meta |= {"finetune.expert": suffix.lstrip("_")} if suffix else {}
-        written += _write_lora_files(comps, cfg, ctx, out_dir, suffix, tensors, configs, names, meta)
+        whole = {k: v.detach().to("cpu", DTYPES[ctx.dtype]).contiguous() for k, v in (replaced or {}).items()}
+        written += _write_lora_files(comps, cfg, ctx, out_dir, suffix, tensors, configs, names, meta, whole)
     if ctx.model_card:
         written.append(write_model_card(out_dir, ctx, written, kind="lora", dora=cfg.use_dora))
     return written
 
 
-def _write_lora_files(comps, cfg, ctx, out_dir: Path, suffix: str, tensors, configs, names, meta) -> list[Path]:
+def _write_lora_files(comps, cfg, ctx, out_dir: Path, suffix: str, tensors, configs, names, meta,
+                      whole: dict | None = None) -> list[Path]:
     written: list[Path] = []
     if "diffusers" in ctx.formats:
-        written.append(save_diffusers_lora(tensors, configs, out_dir, meta, cfg.adapter, suffix))
+        written.append(save_diffusers_lora({**tensors, **(whole or {})}, configs, out_dir, meta, cfg.adapter, suffix))
     if "kohya" in ctx.formats:
         layers = peft_layers(tensors, configs, "trained adapter")
         kohya = layers_to_kohya(layers, names, "trained adapter")
@@ -132,6 +136,9 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
     family = family or FAMILIES[adapter.family or "sd1"]
     meta = {k: v for k, v in meta.items() if k not in (ADAPTER_META, PEFT_META, LAYOUT_META)}
     names = bound_names(family.kohya_names, meta=adapter.metadata)
+    if adapter.replaced and fmt != "diffusers":
+        raise ModelError(f"{adapter.path}: carries whole norm weights (a Control LoRA trained with "
+                         f"train_norm_layers), which the {fmt} layout has no place for; keep the diffusers file")
     if fmt in family_layouts(family):
         tensors = layout_module(family, fmt).write(adapter.layers, names, str(adapter.path))
         return save_safetensors(tensors, out, meta | {LAYOUT_META: fmt})
@@ -142,6 +149,7 @@ def save_adapter(adapter, out: Path, fmt: str, meta: dict[str, str], family=None
     layers = runtime_layers(adapter.layers, names)  # peft configs and diffusers name modules as models have them
     configs = configs_for(layers)
     tensors = {f"{name}.{k}": v for name, layer in layers.items() for k, v in layer.tensors.items()}
+    tensors |= adapter.replaced  # whole weights keep their model names, as diffusers' loader reads them
     kind = adapter.kind
     if kind == "mixed":
         raise ModelError(f"{adapter.path}: mixes adapter kinds; cannot write one peft config per module")

@@ -69,6 +69,10 @@ def check_same_base(adapters: list[Adapter]) -> None:
 def concat(adapters: list[Adapter], weights: list[float]) -> Adapter:
     """One LoRA equal to applying all of them (with their weights) together; its rank is the sum of ranks."""
     check_same_base(adapters)
+    for adapter in adapters:
+        if adapter.replaced:
+            raise ModelError(f"{adapter.path}: carries whole norm weights (a Control LoRA trained with "
+                             "train_norm_layers), which cannot be added to another LoRA's; apply it on its own")
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for adapter, w in zip(adapters, weights, strict=True):
         for name, layer in adapter.layers.items():
@@ -126,7 +130,7 @@ def resize(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         energy_k = kept / total if total else 1.0
         reports.append(LayerReport(name, layer.rank, k, energy_k, max(0.0, 1.0 - energy_k) ** 0.5))
     out = Adapter(layers=layers, format=adapter.format, metadata=dict(adapter.metadata), path=adapter.path,
-                  family=adapter.family)
+                  family=adapter.family, replaced=dict(adapter.replaced))
     return out, reports
 
 

@@ -28,6 +28,11 @@ class ControlLoRAConfig(LoRAConfig):
         "attention", description="Denoiser modules besides the input projection (always adapted): a preset of "
         "the family or a list of module-name suffixes.",
     )
+    train_norm_layers: bool = Field(
+        False, description="Also train the attention's q/k norm scales whole (norm_q, norm_k, norm_added_q, "
+        "norm_added_k), as diffusers' train_control_lora_flux.py --train_norm_layers does; they go into the LoRA "
+        "file, and FluxControlPipeline.load_lora_weights writes them into the transformer.",
+    )
 
     def check_recipe(self, recipe) -> None:
         super().check_recipe(recipe)
@@ -62,7 +67,28 @@ class ControlLoRAMethod(LoRAMethod):
         if comps.family.control_family is not None:
             comps.family = FAMILIES[comps.family.control_family]
         self.input_name = comps.family.widen_input(comps.denoiser)
-        return super().setup(comps, train_lr)
+        groups = super().setup(comps, train_lr)
+        self.norms = norm_parameters(comps.denoiser) if self.config.train_norm_layers else {}
+        if self.config.train_norm_layers and not self.norms:
+            from finetune.errors import ModelError
+
+            raise ModelError(f"method.train_norm_layers: the {comps.family.name} denoiser has no q/k norm layers "
+                             "to train; set it false")
+        for p in self.norms.values():
+            p.requires_grad_(True)
+        return groups + ([{"params": list(self.norms.values()), "lr": train_lr}] if self.norms else [])
+
+    def trainable_state(self, comps) -> dict:
+        return super().trainable_state(comps) | self.norm_state(comps)
+
+    def norm_state(self, comps) -> dict:
+        """The trained norm scales, '<denoiser>.<parameter path>' (what diffusers' loader reads)."""
+        return {f"{comps.family.denoiser_name}.{n}": p for n, p in getattr(self, "norms", {}).items()}
+
+    def export(self, comps, out_dir, ctx) -> list:
+        from finetune.export.lora import export_lora
+
+        return export_lora(comps, self, out_dir, ctx, replaced=self.norm_state(comps))
 
     def denoiser_targets(self, comps) -> list[str] | str:
         import re
@@ -71,3 +97,11 @@ class ControlLoRAMethod(LoRAMethod):
         if isinstance(targets, str):  # a regex peft full-matches: the input projection as one more alternative
             return f"(?:{targets})|{re.escape(self.input_name)}"
         return [*targets, self.input_name]
+
+
+def norm_parameters(denoiser) -> dict:
+    """The weights of the denoiser's attention q/k norms (finetune.export.layers.REPLACED_MODULES), by name."""
+    from finetune.export.layers import REPLACED_MODULES
+
+    return {n: p for n, p in denoiser.named_parameters()
+            if n.endswith(".weight") and n.rsplit(".", 2)[-2] in REPLACED_MODULES}

@@ -72,6 +72,14 @@ class FluxControlFamily(ControlPipelineCalls, FluxFamily):
         denoiser.register_to_config(in_channels=2 * channels, out_channels=denoiser.config.out_channels or channels)
         return INPUT
 
+    def reads_control(self, adapter, denoiser) -> bool:
+        """Whether a LoRA file (finetune.export.layers.Adapter) is a Control LoRA for this base: its layer on the
+        input projection reads more features than the base's input has (the control latents too), the shapes
+        diffusers' loader widens a stock base for."""
+        layer = adapter.layers.get(f"{self.denoiser_name}.{INPUT}")
+        down = None if layer is None else layer.tensors.get("lora_A.weight")
+        return down is not None and down.shape[1] > getattr(denoiser, INPUT).in_features
+
     def pack_inputs(self, tokens, batch) -> torch.Tensor:
         """The target's tokens with the control image's latents packed alike beside them on the feature axis."""
         import torch

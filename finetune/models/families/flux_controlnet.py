@@ -20,6 +20,9 @@ PIPELINE = "FluxControlNetPipeline"
 
 @dataclass(frozen=True)
 class FluxControlNetFamily(ControlPipelineCalls, FluxFamily):
+    #: the diffusers class of its ControlNet (what an exported one loads as)
+    controlnet_class = "FluxControlNetModel"
+
     def matches(self, model_index, denoiser_config, text_encoder_config) -> bool:
         return False  # a base with a ControlNet is its base's family; a controlnet method makes this one
 

@@ -24,6 +24,9 @@ EMBEDDING_WIDTHS = (16, 32, 96, 256)
 class UNetControlNet:
     """What a U-Net family's ControlNet variant adds (mixed in before the family's own class)."""
 
+    #: the diffusers class of its ControlNet (what an exported one loads as)
+    controlnet_class = "ControlNetModel"
+
     def matches(self, model_index, denoiser_config, text_encoder_config) -> bool:
         return False  # a base with a ControlNet is its base's family; a controlnet method makes this one
 
