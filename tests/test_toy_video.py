@@ -57,3 +57,23 @@ def test_a_toy_base_not_built_here_is_one_line_naming_its_build(monkeypatch, tmp
     (tmp_path / "base_video").mkdir()
     (tmp_path / "base_video" / "model_index.json").write_text("{}")  # built (an empty index: detection's problem)
     assert "not built" not in (resolve_base("toy-video").problem or "")
+
+
+def test_the_committed_base_loads_in_a_stock_wan_pipeline_and_samples_a_clip():
+    import torch
+    from diffusers import WanPipeline
+
+    from finetune.models.base import resolve_base
+    from finetune.toy import build_video, toy_path
+
+    assert resolve_base("toy-video").problem is None
+    pipe = WanPipeline.from_pretrained(toy_path("toy-video"), torch_dtype=torch.float32)
+    assert {k: pipe.transformer.config[k] for k in build_video.TRANSFORMER_CONFIG} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in build_video.TRANSFORMER_CONFIG.items()}
+    assert len(pipe.vae.config.latents_std) == build_video.LATENT_CHANNELS and min(pipe.vae.config.latents_std) > 0
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle moving left", height=64, width=64, num_frames=video_world.FRAMES, num_inference_steps=2,
+               guidance_scale=1.0, max_sequence_length=build_video.MAX_SEQUENCE_LENGTH, output_type="np",
+               generator=torch.Generator().manual_seed(0)).frames
+    assert out.shape == (1, video_world.FRAMES, 64, 64, 3) and 0.0 <= out.min() <= out.max() <= 1.0
+    assert out.std() > 0.05  # a picture, not a flat field
