@@ -45,9 +45,10 @@ def needs_bitsandbytes(recipe) -> bool:
 
 def _may_be_quantized(base) -> bool:
     if base.form == "file":
-        config = None if base.config is None else _local_folder(base.config)
-        return _file_is_quantized(Path(base.location)) or (base.config is not None and
-                                                           (config is None or _folder_is_quantized(config)))
+        if _file_is_quantized(Path(base.location)):
+            return True
+        config = None if base.config is None else _local_folder(base.config)  # its configs: a folder or hub id
+        return base.config is not None and (config is None or _folder_is_quantized(config))
     if base.folder is None:  # a hub id not in the cache: unknown until it downloads
         return True
     return _folder_is_quantized(Path(base.folder))

@@ -73,13 +73,7 @@ class QwenImageFamily(Family):
         return {"true_cfg_scale": self.default_guidance if scale is None else scale}
 
     def encode_latents(self, vae, pixel_values: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        frames = pixel_values.to(vae.device, vae.dtype).unsqueeze(2)  # one frame: [B, 3, 1, H, W]
-        z = vae.encode(frames).latent_dist.mode().float()
-        mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-        return ((z - mean) / std).squeeze(2)
+        return image_latents(vae, pixel_values.to(vae.device, vae.dtype))
 
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         from diffusers import QwenImagePipeline
@@ -125,3 +119,14 @@ QWEN_IMAGE = QwenImageFamily("qwen_image", **llm_flow_transformer(
     frozen_text_encoder="Qwen2.5-VL-7B",
     text_masks={"prompt_embeds_mask": "long"},
 ))
+
+
+def image_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] through a Qwen-Image-style video VAE as one frame: the mode, normalised per channel
+    with the VAE's latents_mean / latents_std, as the pipelines' `_encode_vae_image` does."""
+    import torch
+
+    z = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().float()  # one frame: [B, C, 1, H, W]
+    mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+    return ((z - mean) / std).squeeze(2)

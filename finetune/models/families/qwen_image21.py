@@ -122,13 +122,12 @@ class QwenImage21Family(Family):
         the mode, normalised per channel as the pipeline's `_encode_vae_image` does."""
         import torch
 
+        from finetune.models.families.qwen_image import image_latents
+
         pixels = pixel_values.to(vae.device, vae.dtype)
         if pixels.shape[1] == 3 and vae.config.in_channels == 4:
             pixels = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
-        z = vae.encode(pixels.unsqueeze(2)).latent_dist.mode().float()
-        mean = torch.tensor(vae.config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
-        return ((z - mean) / std).squeeze(2)
+        return image_latents(vae, pixels)
 
     def predict(self, denoiser, noisy, timesteps, text, batch) -> torch.Tensor:
         import torch
